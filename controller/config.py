@@ -1,0 +1,389 @@
+"""Site configuration: one TOML file parsed once into frozen, cross-checked models.
+
+Bad configuration stops startup with the offending path (``shelves[3].sku: unknown SKU ...``).
+Secrets never live in the file: credentials are read from the environment variables the file
+names (``username_env`` / ``password_env``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+"""Ids appear in MQTT topics and metric labels: no '/', '+', '#', spaces."""
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ConfigError(Exception):
+    """The site file is unreadable or inconsistent. ``errors`` holds ``(path, message)`` pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]) -> None:
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
+        super().__init__(f"{source}: {len(errors)} configuration error(s)\n{lines}")
+
+
+class TlsConfig(_Frozen):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False
+
+
+class MqttConfig(_Frozen):
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: Identifier = "floorhand"
+    protocol: Literal[4, 5] = 5
+    username_env: str | None = "FLOORHAND_MQTT_USERNAME"
+    password_env: str | None = "FLOORHAND_MQTT_PASSWORD"
+    topic_prefix: Identifier = "floorhand"
+    keepalive_s: Annotated[float, Field(ge=1, le=600)] = 10.0
+    session_expiry_s: Annotated[int, Field(ge=0)] = 86_400
+    receive_maximum: Annotated[int, Field(ge=1, le=65_535)] = 4_000
+    max_payload_bytes: Annotated[int, Field(ge=64, le=16_777_216)] = 262_144
+    tls: TlsConfig = TlsConfig()
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError("scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError("missing host")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return v
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        if parts.port:
+            return parts.port
+        return 8883 if parts.scheme in ("mqtts", "ssl") else 1883
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls.enabled or urlsplit(self.url).scheme in ("mqtts", "ssl")
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """Username and password from the environment (``None`` when unset)."""
+        user = os.environ.get(self.username_env) if self.username_env else None
+        password = os.environ.get(self.password_env) if self.password_env else None
+        return user or None, password or None
+
+
+class JournalConfig(_Frozen):
+    path: Path = Path("var/floorhand/journal.sqlite")
+    max_outbox_rows: Annotated[int, Field(ge=1_000)] = 5_000_000
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    dead_letter_keep: Annotated[int, Field(ge=0)] = 10_000
+
+
+class ApiConfig(_Frozen):
+    bind: str = "127.0.0.1:8080"
+
+    @field_validator("bind")
+    @classmethod
+    def _check_bind(cls, v: str) -> str:
+        split_bind(v)
+        return v
+
+
+class HistoryConfig(_Frozen):
+    backend: Literal["none"] = "none"
+
+
+class ZoneConfig(_Frozen):
+    id: Identifier
+    name: str = ""
+
+
+class SkuConfig(_Frozen):
+    id: Identifier
+    name: str = ""
+    reorder_point: Annotated[int, Field(ge=0)]
+    safety_stock: Annotated[int, Field(ge=0)]
+    max_stock: Annotated[int, Field(gt=0)]
+    lead_time_d: NonNegFloat = 7.0
+    hysteresis_units: Annotated[int, Field(ge=0)] | None = None
+    dwell_s: NonNegFloat = 5.0
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> Self:
+        if self.safety_stock > self.reorder_point:
+            raise ValueError(
+                f"safety_stock ({self.safety_stock}) > reorder_point ({self.reorder_point})"
+            )
+        if self.reorder_point > self.max_stock:
+            raise ValueError(f"reorder_point ({self.reorder_point}) > max_stock ({self.max_stock})")
+        return self
+
+
+class ScaleConfig(_Frozen):
+    """A weighing device. ``format='native'`` publishes Floorhand JSON readings on
+    ``<prefix>/<site>/<zone>/scale/<id>``; ``format='esphome'`` is off-the-shelf ESPHome
+    firmware publishing ``<node>/sensor/<sensor>/state`` with a plain number in grams.
+    """
+
+    id: Identifier
+    zone: Identifier
+    format: Literal["native", "esphome"] = "native"
+    channels: Annotated[int, Field(ge=1, le=64)] = 1
+    esphome_node: Identifier | None = None
+    esphome_sensors: tuple[Identifier, ...] = ()
+    reporting_interval_s: PositiveFloat = 5.0
+    max_weight_g: PositiveFloat = 100_000.0
+
+    @model_validator(mode="after")
+    def _esphome(self) -> Self:
+        if self.format == "esphome":
+            if not self.esphome_node:
+                raise ValueError("esphome scales need esphome_node")
+            if len(self.esphome_sensors) != self.channels:
+                raise ValueError(
+                    f"esphome_sensors lists {len(self.esphome_sensors)} sensor(s) "
+                    f"for {self.channels} channel(s)"
+                )
+        return self
+
+
+class ShelfReorderConfig(_Frozen):
+    reorder_point: Annotated[int, Field(ge=0)]
+    safety_stock: Annotated[int, Field(ge=0)] = 0
+
+
+class ShelfConfig(_Frozen):
+    id: Identifier
+    zone: Identifier
+    location: str = ""
+    scale: Identifier
+    channel: Annotated[int, Field(ge=0)] = 0
+    sku: Identifier
+    unit_weight_g: PositiveFloat
+    tare_g: NonNegFloat = 0.0
+    capacity_units: Annotated[int, Field(gt=0)]
+    tolerance_frac: Annotated[float, Field(gt=0, le=0.5)] = 0.3
+    reorder: ShelfReorderConfig | None = None
+
+
+class SiteInfo(_Frozen):
+    id: Identifier
+    name: str = ""
+    stale_after_intervals: Annotated[float, Field(ge=1.5)] = 3.0
+    """A scale is STALE after this many missed reporting intervals."""
+    max_clock_skew_s: PositiveFloat = 300.0
+    """Readings stamped further in the future than this are rejected."""
+
+
+class SiteConfig(_Frozen):
+    site: SiteInfo
+    mqtt: MqttConfig = MqttConfig()
+    journal: JournalConfig = JournalConfig()
+    api: ApiConfig = ApiConfig()
+    history: HistoryConfig = HistoryConfig()
+    zones: tuple[ZoneConfig, ...]
+    skus: tuple[SkuConfig, ...]
+    scales: tuple[ScaleConfig, ...]
+    shelves: tuple[ShelfConfig, ...]
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Self:
+        errors: list[tuple[str, str]] = []
+        _unique(errors, "zones", [z.id for z in self.zones])
+        _unique(errors, "skus", [s.id for s in self.skus])
+        _unique(errors, "scales", [s.id for s in self.scales])
+        _unique(errors, "shelves", [s.id for s in self.shelves])
+        zones = {z.id for z in self.zones}
+        skus = {s.id: s for s in self.skus}
+        scales = {s.id: s for s in self.scales}
+        nodes: dict[str, int] = {}
+        for i, scale in enumerate(self.scales):
+            if scale.zone not in zones:
+                errors.append((f"scales[{i}].zone", f"unknown zone {scale.zone!r}"))
+            if scale.esphome_node:
+                if scale.esphome_node in nodes:
+                    errors.append(
+                        (
+                            f"scales[{i}].esphome_node",
+                            f"node {scale.esphome_node!r} already used by "
+                            f"scales[{nodes[scale.esphome_node]}]",
+                        )
+                    )
+                nodes[scale.esphome_node] = i
+        channels: dict[tuple[str, int], int] = {}
+        for i, shelf in enumerate(self.shelves):
+            where = f"shelves[{i}]"
+            if shelf.zone not in zones:
+                errors.append((f"{where}.zone", f"unknown zone {shelf.zone!r}"))
+            if shelf.sku not in skus:
+                errors.append((f"{where}.sku", f"unknown SKU {shelf.sku!r}"))
+            scale = scales.get(shelf.scale)
+            if scale is None:
+                errors.append((f"{where}.scale", f"unknown scale {shelf.scale!r}"))
+                continue
+            if shelf.channel >= scale.channels:
+                errors.append(
+                    (
+                        f"{where}.channel",
+                        f"scale {scale.id!r} has {scale.channels} channel(s); "
+                        f"channel {shelf.channel} does not exist",
+                    )
+                )
+            if scale.zone != shelf.zone:
+                errors.append(
+                    (f"{where}.zone", f"shelf in zone {shelf.zone!r} but scale in {scale.zone!r}")
+                )
+            key = (shelf.scale, shelf.channel)
+            if key in channels:
+                errors.append(
+                    (
+                        f"{where}.channel",
+                        f"scale {shelf.scale!r} channel {shelf.channel} is already used by "
+                        f"shelves[{channels[key]}] ({self.shelves[channels[key]].id})",
+                    )
+                )
+            channels[key] = i
+            full_g = shelf.tare_g + shelf.capacity_units * shelf.unit_weight_g
+            if full_g > scale.max_weight_g:
+                errors.append(
+                    (
+                        f"{where}.capacity_units",
+                        f"a full shelf weighs {full_g:.0f} g, over the scale's "
+                        f"max_weight_g {scale.max_weight_g:.0f}",
+                    )
+                )
+            if shelf.reorder and shelf.reorder.safety_stock > shelf.reorder.reorder_point:
+                errors.append((f"{where}.reorder", "safety_stock > reorder_point"))
+        if errors:
+            raise _CrossCheckError(errors)
+        return self
+
+    # Lookups built once; the models are frozen so caching on first use is safe.
+    def sku(self, sku_id: str) -> SkuConfig:
+        for s in self.skus:
+            if s.id == sku_id:
+                return s
+        raise KeyError(sku_id)
+
+
+class _CrossCheckError(ValueError):
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{p}: {m}" for p, m in errors))
+
+
+def _unique(errors: list[tuple[str, str]], section: str, ids: list[str]) -> None:
+    seen: dict[str, int] = {}
+    for i, ident in enumerate(ids):
+        if ident in seen:
+            errors.append((f"{section}[{i}].id", f"duplicate id {ident!r} (first at [{seen[ident]}])"))
+        seen[ident] = i
+
+
+def split_bind(bind: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` → ``("127.0.0.1", 8080)``; raises ValueError with a clear message."""
+    host, sep, port = bind.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"bind address {bind!r} must be HOST:PORT")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ValueError(f"bind address {bind!r}: port {port!r} is not a number") from None
+    if not 0 <= port_n <= 65_535:
+        raise ValueError(f"bind address {bind!r}: port out of range")
+    return host.strip("[]"), port_n
+
+
+def parse_site(data: dict[str, object], source: str = "<site>") -> SiteConfig:
+    """Validate an already-decoded TOML document."""
+    try:
+        return SiteConfig.model_validate(data)
+    except ValidationError as exc:
+        errors: list[tuple[str, str]] = []
+        for err in exc.errors():
+            ctx = err.get("ctx") or {}
+            inner = ctx.get("error")
+            if isinstance(inner, _CrossCheckError):
+                errors.extend(inner.errors)
+                continue
+            path = _format_loc(err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            errors.append((path, msg))
+        raise ConfigError(source, errors) from None
+
+
+def load_site(path: str | Path, overrides: dict[str, str] | None = None) -> SiteConfig:
+    """Read and validate a site TOML file.
+
+    ``overrides`` may set ``mqtt_url``, ``mqtt_protocol``, ``api_bind`` and ``journal_path``;
+    otherwise the environment variables ``FLOORHAND_MQTT_URL``, ``FLOORHAND_MQTT_PROTOCOL``,
+    ``FLOORHAND_API_BIND`` and ``FLOORHAND_JOURNAL`` apply, so one site file runs anywhere."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(str(p), [("<file>", exc.strerror or str(exc))]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(p), [("<toml>", str(exc))]) from None
+    ov = dict(overrides or {})
+    url = ov.get("mqtt_url") or os.environ.get("FLOORHAND_MQTT_URL")
+    bind = ov.get("api_bind") or os.environ.get("FLOORHAND_API_BIND")
+    protocol = ov.get("mqtt_protocol") or os.environ.get("FLOORHAND_MQTT_PROTOCOL")
+    journal_path = ov.get("journal_path") or os.environ.get("FLOORHAND_JOURNAL")
+    if url:
+        mqtt = data.setdefault("mqtt", {})
+        if isinstance(mqtt, dict):
+            mqtt["url"] = url
+    if bind:
+        api = data.setdefault("api", {})
+        if isinstance(api, dict):
+            api["bind"] = bind
+    if protocol:
+        mqtt = data.setdefault("mqtt", {})
+        if isinstance(mqtt, dict):
+            mqtt["protocol"] = int(protocol) if protocol.isdigit() else protocol
+    if journal_path:
+        journal = data.setdefault("journal", {})
+        if isinstance(journal, dict):
+            journal["path"] = journal_path
+    return parse_site(data, str(p))
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<root>"
