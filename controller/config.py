@@ -22,7 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+Identifier = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+]
 """Ids appear in MQTT topics and metric labels: no '/', '+', '#', spaces."""
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -304,7 +306,9 @@ def _unique(errors: list[tuple[str, str]], section: str, ids: list[str]) -> None
     seen: dict[str, int] = {}
     for i, ident in enumerate(ids):
         if ident in seen:
-            errors.append((f"{section}[{i}].id", f"duplicate id {ident!r} (first at [{seen[ident]}])"))
+            errors.append(
+                (f"{section}[{i}].id", f"duplicate id {ident!r} (first at [{seen[ident]}])")
+            )
         seen[ident] = i
 
 

@@ -115,7 +115,7 @@ def parse_native(payload: bytes) -> list[RawReading | Rejected] | Rejected:
     except orjson.JSONDecodeError as exc:
         # orjson rejects NaN/Infinity literals as invalid JSON; report those precisely.
         low = payload[:4096].lower()
-        if b"nan" in low or b"infinity" in low:
+        if b"nan" in low or b"infinity" in low or "is infinity" in str(exc):
             return _bad("not_finite", "NaN/Infinity is not valid JSON")
         return _bad("bad_json", str(exc)[:200])
     if isinstance(doc, list):

@@ -1,0 +1,117 @@
+"""The ``floorhand`` command line.
+
+    floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
+    floorhand check-config SITE.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from controller.config import ConfigError, SiteConfig, load_site, split_bind
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    out: dict[str, str] = {}
+    if getattr(args, "mqtt_url", None):
+        out["mqtt_url"] = args.mqtt_url
+    if getattr(args, "api_bind", None):
+        out["api_bind"] = args.api_bind
+    if getattr(args, "journal", None):
+        out["journal_path"] = args.journal
+    return out
+
+
+def _load(args: argparse.Namespace) -> SiteConfig:
+    try:
+        return load_site(args.site, _overrides(args))
+    except ConfigError as exc:
+        print(f"floorhand: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    site = _load(args)
+    per_zone = Counter(s.zone for s in site.shelves)
+    formats = Counter(s.format for s in site.scales)
+    print(f"site {site.site.id} ({site.site.name or 'unnamed'}): configuration OK")
+    print(f"  zones   {len(site.zones)}: " + ", ".join(f"{z.id} ({per_zone[z.id]} shelves)" for z in site.zones))
+    print(f"  SKUs    {len(site.skus)}")
+    print(f"  shelves {len(site.shelves)}")
+    print(f"  scales  {len(site.scales)}: " + ", ".join(f"{n} {f}" for f, n in sorted(formats.items())))
+    print(f"  mqtt    {site.mqtt.url} (MQTT {'5' if site.mqtt.protocol == 5 else '3.1.1'}, client id {site.mqtt.client_id}, prefix {site.mqtt.topic_prefix})")
+    print(f"  journal {site.journal.path}")
+    print(f"  api     http://{site.api.bind}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    site = _load(args)
+    import uvicorn
+
+    from controller.api.app import create_app
+
+    host, port = split_bind(site.api.bind)
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_runtime_exit(exc: BaseException | None) -> None:
+        nonlocal exit_code
+        if exc is not None:
+            exit_code = 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(site, on_runtime_exit=on_runtime_exit)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    logging.getLogger("floorhand").info(
+        "floorhand %s: site %s, mqtt %s, api http://%s", "0.1.0", site.site.id, site.mqtt.url, site.api.bind
+    )
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:
+        pass
+    if not server.started and exit_code == 0:
+        exit_code = 1
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="floorhand", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--log-level", default=os.environ.get("FLOORHAND_LOG_LEVEL", "INFO"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run the controller for a site")
+    p_run.add_argument("site", type=Path)
+    p_run.add_argument("--mqtt-url", help="override [mqtt] url (env FLOORHAND_MQTT_URL)")
+    p_run.add_argument("--api-bind", help="override [api] bind HOST:PORT (env FLOORHAND_API_BIND)")
+    p_run.add_argument("--journal", help="override [journal] path (env FLOORHAND_JOURNAL)")
+    p_run.set_defaults(fn=cmd_run)
+    p_chk = sub.add_parser("check-config", help="validate a site file and print a summary")
+    p_chk.add_argument("site", type=Path)
+    p_chk.set_defaults(fn=cmd_check_config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    rc: int = args.fn(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

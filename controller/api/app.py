@@ -1,0 +1,284 @@
+"""The HTTP API: an adapter over the runtime. The app's lifespan owns the runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from controller.api.schemas import (
+    AlertPublic,
+    DeadLetterPublic,
+    DevicePublic,
+    HealthPublic,
+    IngestStats,
+    LinkPublic,
+    Problem,
+    ShelfPublic,
+    SkuStockPublic,
+)
+from controller.config import SiteConfig
+from controller.domain.model import ShelfStatus
+from controller.domain.reorder import classify
+from controller.runtime import Runtime
+
+log = logging.getLogger("floorhand.api")
+
+PROBLEM = "application/problem+json"
+
+
+def create_app(
+    site: SiteConfig,
+    *,
+    runtime: Runtime | None = None,
+    on_runtime_exit: Callable[[BaseException | None], None] | None = None,
+) -> FastAPI:
+    """Build the app. The lifespan starts the runtime and stops it on shutdown; if the runtime
+    dies (fatal MQTT error, journal locked) ``on_runtime_exit`` is told, so the server can exit."""
+
+    rt = runtime or Runtime(site)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = asyncio.Event()
+        task = asyncio.create_task(rt.run(on_started=started.set), name="runtime")
+
+        def _done(t: asyncio.Task[None]) -> None:
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None:
+                log.critical("runtime stopped: %s", exc, exc_info=exc)
+            if on_runtime_exit is not None:
+                on_runtime_exit(exc)
+
+        task.add_done_callback(_done)
+        waiter = asyncio.ensure_future(started.wait())
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task.done():
+            task.result()  # raises the startup error (journal locked, bad TLS files…)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(
+        title="Floorhand",
+        version="0.1.0",
+        summary="Warehouse stock monitoring and automation controller",
+        lifespan=lifespan,
+        responses={422: {"model": Problem, "content": {PROBLEM: {}}}},
+    )
+    app.state.runtime = rt
+    _install_problem_handlers(app)
+    _routes(app)
+    return app
+
+
+def get_runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def _shelf_public(rt: Runtime, shelf_id: str) -> ShelfPublic:
+    spec = rt.specs[shelf_id]
+    cfg = next(s for s in rt.site.shelves if s.id == shelf_id)
+    st = rt.ingest.states[shelf_id]
+    return ShelfPublic(
+        id=shelf_id,
+        zone=spec.zone,
+        location=cfg.location,
+        sku=spec.sku,
+        scale=spec.scale_id,
+        channel=spec.channel,
+        status=st.status.value,
+        units=st.units,
+        weight_g=st.weight_g,
+        last_reading_ts=st.last_ts_s,
+        capacity_units=spec.capacity_units,
+    )
+
+
+def _sku_public(rt: Runtime, sku_id: str) -> SkuStockPublic:
+    sku = rt.site.sku(sku_id)
+    target = rt.alerts.targets[sku_id]
+    level = rt.alerts.level_of(sku_id)
+    return SkuStockPublic(
+        sku=sku.id,
+        name=sku.name,
+        level=level,
+        state=classify(level, target.policy).value,  # type: ignore[arg-type]
+        reorder_point=sku.reorder_point,
+        safety_stock=sku.safety_stock,
+        max_stock=sku.max_stock,
+        lead_time_d=sku.lead_time_d,
+        shelves=[_shelf_public(rt, s) for s in target.shelves],
+    )
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/api/v1/stock", response_model=list[SkuStockPublic], tags=["stock"])
+    def list_stock(
+        rt: RuntimeDep,
+        zone: Annotated[str | None, Query(description="only SKUs with a shelf in this zone")] = None,
+        state: Annotated[str | None, Query(pattern="^(ok|low|critical|out|unknown)$")] = None,
+    ) -> list[SkuStockPublic]:
+        """Stock per SKU: the sum of its shelves' unit counts."""
+        out = [_sku_public(rt, s.id) for s in rt.site.skus]
+        if zone is not None:
+            out = [s for s in out if any(sh.zone == zone for sh in s.shelves)]
+        if state is not None:
+            out = [s for s in out if s.state == state]
+        return out
+
+    @app.get(
+        "/api/v1/stock/{sku}",
+        response_model=SkuStockPublic,
+        tags=["stock"],
+        responses={404: {"model": Problem}},
+    )
+    def get_stock(rt: RuntimeDep, sku: str) -> SkuStockPublic:
+        if sku not in rt.alerts.targets or sku.startswith("shelf:"):
+            raise HTTPException(404, f"unknown SKU {sku!r}")
+        return _sku_public(rt, sku)
+
+    @app.get("/api/v1/shelves", response_model=list[ShelfPublic], tags=["stock"])
+    def list_shelves(
+        rt: RuntimeDep, zone: str | None = None, status: str | None = None
+    ) -> list[ShelfPublic]:
+        out = [_shelf_public(rt, sid) for sid in rt.specs]
+        if zone is not None:
+            out = [s for s in out if s.zone == zone]
+        if status is not None:
+            out = [s for s in out if s.status == status]
+        return out
+
+    @app.get("/api/v1/alerts", response_model=list[AlertPublic], tags=["alerts"])
+    def list_alerts(
+        rt: RuntimeDep,
+        active: Annotated[bool | None, Query(description="true: only raised episodes")] = None,
+    ) -> list[AlertPublic]:
+        """Reorder alert state of every SKU (and configured shelf)."""
+        out = [AlertPublic(**rt.alerts.public(k)) for k in rt.alerts.targets]
+        if active is not None:
+            out = [a for a in out if a.active is active]
+        return out
+
+    @app.get("/api/v1/devices", response_model=list[DevicePublic], tags=["devices"])
+    def list_devices(rt: RuntimeDep) -> list[DevicePublic]:
+        now = rt.clock()
+        out = []
+        for sc in rt.site.scales:
+            info = rt.ingest.devices[sc.id]
+            stale_after = sc.reporting_interval_s * rt.site.site.stale_after_intervals
+            out.append(
+                DevicePublic(
+                    id=sc.id,
+                    zone=sc.zone,
+                    format=sc.format,
+                    last_seen=info.last_seen_s,
+                    stale=info.last_seen_s is None or now - info.last_seen_s > stale_after,
+                    online=info.online,
+                    readings=info.readings,
+                    gaps=info.gaps,
+                    missing_readings=info.missing_readings,
+                )
+            )
+        return out
+
+    @app.get(
+        "/api/v1/ingest/dead-letters", response_model=list[DeadLetterPublic], tags=["ingest"]
+    )
+    def dead_letters(
+        rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    ) -> list[DeadLetterPublic]:
+        """The most recent rejected messages, kept for inspection."""
+        return [DeadLetterPublic(**d) for d in rt.journal.dead_letters(limit)]
+
+    @app.get("/api/v1/health", response_model=HealthPublic, tags=["health"])
+    def health(rt: RuntimeDep) -> HealthPublic:
+        return _health(rt)
+
+    @app.get(
+        "/api/v1/ready",
+        response_model=HealthPublic,
+        tags=["health"],
+        responses={503: {"model": HealthPublic}},
+    )
+    def ready(rt: RuntimeDep) -> Any:
+        """200 when the journal is open and the broker link is up, else 503."""
+        h = _health(rt)
+        if not h.ready:
+            return JSONResponse(h.model_dump(), status_code=503)
+        return h
+
+
+def _health(rt: Runtime) -> HealthPublic:
+    now = rt.clock()
+    link = rt.link
+    ing = rt.ingest
+    stale = sum(1 for s in ing.states.values() if s.status is ShelfStatus.STALE)
+    active = sum(1 for a in rt.alerts.alerts.values() if a.episode is not None)
+    ready = rt.ready
+    degraded = rt.backpressure or ing.last_commit_error is not None
+    status = "starting" if not rt.started.is_set() else ("degraded" if degraded or not ready else "ok")
+    return HealthPublic(
+        status=status,  # type: ignore[arg-type]
+        ready=ready,
+        site=rt.site.site.id,
+        uptime_s=now - rt.started_at_s if rt.started_at_s else 0.0,
+        mqtt=LinkPublic(
+            state=link.state.value,  # type: ignore[arg-type]
+            since_s=link.watch.age_s(),
+            session_present=link.session_present,
+            connects=link.stats.connects,
+        ),
+        ingest=IngestStats(
+            messages=ing.messages,
+            readings=ing.readings,
+            commits=ing.commits,
+            commit_failures=ing.commit_failures,
+            rejected=dict(ing.rejected),
+            outbox_rows=rt.journal.outbox_rows,
+            backpressure=rt.backpressure,
+            last_commit_error=ing.last_commit_error,
+        ),
+        alerts_active=active,
+        stale_shelves=stale,
+    )
+
+
+def _install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = Problem(title=_title(exc.status_code), status=exc.status_code, detail=str(exc.detail))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, media_type=PROBLEM)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{loc}: {err.get('msg')}")
+        body = Problem(title="Invalid request", status=422, detail="; ".join(parts))
+        return JSONResponse(body.model_dump(), status_code=422, media_type=PROBLEM)
+
+
+def _title(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

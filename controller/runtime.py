@@ -1,0 +1,176 @@
+"""Composition root: builds the journal, links and services; one TaskGroup owns every task.
+
+Shutdown is cancellation. Nothing safety-relevant lives in ``finally``: a controller killed with
+SIGKILL loses nothing that was acknowledged, because acknowledgement follows the journal commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from controller.adapters.journal import Journal
+from controller.bus import Bus
+from controller.config import SiteConfig
+from controller.services.alerts import AlertService
+from controller.services.ingest import IngestService, shelf_specs, subscriptions
+from devices.link.mqtt import MqttLink, MqttLinkConfig
+from devices.link.state import LinkState
+
+log = logging.getLogger("floorhand.runtime")
+
+TICK_S = 0.5
+"""Supervision period: staleness, alert dwell timers, outbox housekeeping."""
+
+RETAIN_READINGS = 1_000_000
+"""With history disabled the journal keeps this many recent readings for inspection."""
+
+
+def build_ssl_context(site: SiteConfig) -> ssl.SSLContext | None:
+    mqtt = site.mqtt
+    if not mqtt.uses_tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(mqtt.tls.ca_file) if mqtt.tls.ca_file else None)
+    if mqtt.tls.cert_file:
+        ctx.load_cert_chain(
+            str(mqtt.tls.cert_file), str(mqtt.tls.key_file) if mqtt.tls.key_file else None
+        )
+    if mqtt.tls.insecure_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Runtime:
+    def __init__(self, site: SiteConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.site = site
+        self.clock = clock
+        self.bus = Bus()
+        self.journal = Journal(site.journal.path, synchronous=site.journal.synchronous)
+        self.specs = shelf_specs(site)
+        user, password = site.mqtt.credentials()
+        self.link = MqttLink(
+            MqttLinkConfig(
+                host=site.mqtt.host,
+                port=site.mqtt.port,
+                client_id=site.mqtt.client_id,
+                username=user,
+                password=password,
+                ssl_context=build_ssl_context(site),
+                protocol=site.mqtt.protocol,
+                keepalive_s=site.mqtt.keepalive_s,
+                session_expiry_s=site.mqtt.session_expiry_s,
+                clean_start=False,
+                receive_maximum=site.mqtt.receive_maximum,
+                subscriptions=subscriptions(site),
+                max_packet_bytes=site.mqtt.max_payload_bytes + 1024,
+            ),
+            self._on_messages,
+            name="mqtt",
+            on_oversize=self._on_oversize,
+            logger=logging.getLogger("floorhand.mqtt"),
+        )
+        self.ingest = IngestService(
+            site, self.journal, self.link, self.bus.publish, clock=clock, shelf_specs=self.specs
+        )
+        self.alerts = AlertService(
+            site, self.journal, self.link, self.bus.publish, self.ingest.states, self.specs
+        )
+        self.bus.add_listener(self._after_commit)
+        self.started = asyncio.Event()
+        self.started_at_s: float | None = None
+        self.backpressure = False
+        self.oversize = 0
+
+    # -- wiring -----------------------------------------------------------------------------------
+    def _on_messages(self, msgs: list[Any]) -> None:
+        self.ingest.on_messages(msgs)
+
+    def _on_oversize(self, topic: str, size: int) -> None:
+        self.oversize += 1
+        self.ingest.rejected["oversize"] += 1
+        log.warning("dropped an oversize message on %s (%d bytes)", topic, size)
+
+    def _after_commit(self, events: list[dict[str, Any]]) -> None:
+        self.alerts.on_events(events)
+        self.alerts.evaluate_dirty(self.clock())
+
+    @property
+    def ready(self) -> bool:
+        return self.started.is_set() and self.link.state is LinkState.UP
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def run(self, on_started: Callable[[], None] | None = None) -> None:
+        t0 = time.monotonic()
+        restored = self.journal.open()
+        try:
+            self.ingest.restore(restored.cursors, restored.shelf_states)
+            self.alerts.restore(restored.alert_states)
+            log.info(
+                "journal %s open: %d device cursor(s), %d shelf state(s), %d alert state(s), "
+                "%d outbox row(s)",
+                self.site.journal.path,
+                len(restored.cursors),
+                len(restored.shelf_states),
+                len(restored.alert_states),
+                restored.outbox_rows,
+            )
+            self.alerts.tick(self.clock())
+            self.alerts.republish_all()
+            self.started_at_s = self.clock()
+            self.started.set()
+            log.info("runtime started in %.0f ms", (time.monotonic() - t0) * 1000)
+            if on_started is not None:
+                on_started()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.link.run(), name="mqtt-link")
+                tg.create_task(self._supervise(), name="supervision")
+        finally:
+            self.journal.close()
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            now = self.clock()
+            self.ingest.tick(now)
+            self.alerts.tick(now)
+            self._housekeeping()
+
+    def _housekeeping(self) -> None:
+        journal = self.journal
+        try:
+            if self.site.history.backend == "none":
+                # No historian: keep a bounded window of recent readings and events.
+                excess = journal.outbox_rows - RETAIN_READINGS
+                if excess > 10_000:
+                    rows = journal.read_readings(0, 1)
+                    first = rows[0][0] if rows else 0
+                    journal.delete_confirmed(first + excess, None)
+            journal.trim_dead_letters(self.site.journal.dead_letter_keep)
+        except Exception as exc:
+            log.error("journal housekeeping failed: %s", exc)
+        full = journal.outbox_rows >= self.site.journal.max_outbox_rows
+        if full and not self.backpressure:
+            self.backpressure = True
+            self.link.pause_reading()
+            log.error(
+                "outbox full (%d rows): backpressure on, not reading from the broker",
+                journal.outbox_rows,
+            )
+        elif not full and self.backpressure:
+            self.backpressure = False
+            self.link.resume_reading()
+            log.info("outbox below its bound again: backpressure off")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Health figures for the API and logs."""
+        return {
+            "ready": self.ready,
+            "link": self.link.state.value,
+            "outbox_rows": self.journal.outbox_rows,
+            "backpressure": self.backpressure,
+        }

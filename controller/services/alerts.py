@@ -1,0 +1,215 @@
+"""Reorder alerts: SKU (and configured shelf) levels → alert state machine → journal → MQTT.
+
+Runs after the ingest commit (a bus listener) for the SKUs whose stock changed, and on a tick so
+dwell timers complete and missing data turns a level UNKNOWN. Transitions are committed to the
+journal before they are published; the alert topic carries the retained state of each SKU, so a
+restart republishes the same episode (same ``episode`` id), never a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from controller.config import SiteConfig
+from controller.domain.model import ReorderPolicy, ShelfSpec, ShelfStatus
+from controller.domain.reorder import AlertState, classify, evaluate, suggested_order_qty
+from controller.domain.stock import ShelfState, sku_level
+from controller.ports import EventRow, JournalPort, MessageLink
+
+log = logging.getLogger("floorhand.alerts")
+
+_STOCK_EVENTS = frozenset({"stock_changed", "shelf_status_changed"})
+
+
+@dataclass(frozen=True, slots=True)
+class AlertTarget:
+    """What an alert watches: a SKU (sum of its shelves) or a single shelf."""
+
+    key: str
+    sku: str
+    shelves: tuple[str, ...]
+    policy: ReorderPolicy
+
+
+class AlertService:
+    def __init__(
+        self,
+        site: SiteConfig,
+        journal: JournalPort,
+        link: MessageLink,
+        publish_events: Callable[[list[dict[str, Any]]], None],
+        shelf_states: dict[str, ShelfState],
+        shelf_specs: dict[str, ShelfSpec],
+    ) -> None:
+        self._journal = journal
+        self._link = link
+        self._publish_events = publish_events
+        self._states = shelf_states  # owned by ingest; read only here
+        self._specs = shelf_specs
+        self._topic_base = f"{site.mqtt.topic_prefix}/{site.site.id}/alerts"
+        self.targets: dict[str, AlertTarget] = {}
+        self._by_sku: dict[str, list[str]] = {}
+        self._by_shelf: dict[str, list[str]] = {}
+        for sku in site.skus:
+            shelves = tuple(s.id for s in site.shelves if s.sku == sku.id)
+            policy = ReorderPolicy(
+                reorder_point=sku.reorder_point,
+                safety_stock=sku.safety_stock,
+                max_stock=sku.max_stock,
+                hysteresis_units=(
+                    sku.hysteresis_units
+                    if sku.hysteresis_units is not None
+                    else max(1, round(0.1 * sku.reorder_point))
+                ),
+                dwell_s=sku.dwell_s,
+            )
+            self._add(AlertTarget(sku.id, sku.id, shelves, policy))
+        for shelf in site.shelves:
+            if shelf.reorder is not None:
+                sku = site.sku(shelf.sku)
+                policy = ReorderPolicy(
+                    reorder_point=shelf.reorder.reorder_point,
+                    safety_stock=shelf.reorder.safety_stock,
+                    max_stock=shelf.capacity_units,
+                    hysteresis_units=max(1, round(0.1 * shelf.reorder.reorder_point)),
+                    dwell_s=sku.dwell_s,
+                )
+                self._add(AlertTarget(f"shelf:{shelf.id}", shelf.sku, (shelf.id,), policy))
+        self.alerts: dict[str, AlertState] = {k: AlertState.initial(k) for k in self.targets}
+        self.levels: dict[str, int | None] = dict.fromkeys(self.targets)
+        self.published = 0
+        self.raised = 0
+        self.commit_failures = 0
+        self._dirty: set[str] = set()
+
+    def _add(self, target: AlertTarget) -> None:
+        self.targets[target.key] = target
+        self._by_sku.setdefault(target.sku, []).append(target.key)
+        for sid in target.shelves:
+            self._by_shelf.setdefault(sid, []).append(target.key)
+
+    def restore(self, saved: dict[str, dict[str, Any]]) -> None:
+        for key, body in saved.items():
+            if key not in self.targets:
+                continue
+            try:
+                self.alerts[key] = AlertState.from_dict(body)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("discarding unreadable saved alert %s: %s", key, exc)
+
+    def republish_all(self) -> None:
+        """Retained state of every target (at start: same episodes, no new notification)."""
+        for key in self.targets:
+            self._publish_state(key)
+
+    # -- triggers -------------------------------------------------------------------------------
+    def on_events(self, events: list[dict[str, Any]]) -> None:
+        """Bus listener: called after the ingest commit with the group's events."""
+        for ev in events:
+            if ev["kind"] in _STOCK_EVENTS:
+                keys = self._by_shelf.get(ev["shelf_id"])
+                if keys:
+                    self._dirty.update(keys)
+
+    def evaluate_dirty(self, now_s: float) -> None:
+        if self._dirty:
+            keys, self._dirty = self._dirty, set()
+            self._evaluate(keys, now_s)
+
+    def tick(self, now_s: float) -> None:
+        """Every target: completes dwell timers, notices levels that became unknown."""
+        self._dirty.clear()
+        self._evaluate(self.targets.keys(), now_s)
+
+    def level_of(self, key: str) -> int | None:
+        target = self.targets[key]
+        return sku_level([self._states[s] for s in target.shelves])
+
+    def _evaluate(self, keys: Any, now_s: float) -> None:
+        changed: dict[str, AlertState] = {}
+        old: dict[str, AlertState] = {}
+        events: list[dict[str, Any]] = []
+        for key in keys:
+            target = self.targets[key]
+            level = self.level_of(key)
+            self.levels[key] = level
+            state = self.alerts[key]
+            new, transitions = evaluate(state, target.policy, level, now_s)
+            if new != state:
+                old[key] = state
+                changed[key] = new
+                self.alerts[key] = new
+            for tr in transitions:
+                body = tr.as_dict()
+                body["sku"] = target.sku
+                body["suggested_order_qty"] = (
+                    suggested_order_qty(level, target.policy) if level is not None else None
+                )
+                events.append(body)
+        if not changed:
+            return
+        try:
+            self._journal.commit(
+                (),
+                alert_states={k: v.to_dict() for k, v in changed.items()},
+                events=[EventRow(now_s, e["kind"], e) for e in events],
+            )
+        except Exception as exc:
+            self.commit_failures += 1
+            for k, v in old.items():
+                self.alerts[k] = v
+                self._dirty.add(k)
+            log.error("alert state commit failed, will retry: %s", exc)
+            return
+        for e in events:
+            if e["kind"] == "alert_raised":
+                self.raised += 1
+                log.warning("reorder alert %s: %s level %s", e["key"], e.get("severity"), e.get("level"))
+        for key, new in changed.items():
+            prev = old[key]
+            if events or _public(prev) != _public(new):
+                self._publish_state(key)
+        if events:
+            self._publish_events(events)
+
+    # -- output ----------------------------------------------------------------------------------
+    def public(self, key: str) -> dict[str, Any]:
+        target = self.targets[key]
+        state = self.alerts[key]
+        level = self.levels.get(key)
+        ep = state.episode
+        return {
+            "key": key,
+            "sku": target.sku,
+            "shelves": list(target.shelves),
+            "state": state.state.value,
+            "level": level,
+            "reorder_point": target.policy.reorder_point,
+            "safety_stock": target.policy.safety_stock,
+            "threshold": target.policy.reorder_point,
+            "active": ep is not None,
+            "episode": ep.episode_id if ep else None,
+            "severity": ep.severity.value if ep else None,
+            "since": ep.raised_at_s if ep else None,
+            "suggested_order_qty": (
+                suggested_order_qty(level, target.policy) if level is not None else None
+            ),
+        }
+
+    def _publish_state(self, key: str) -> None:
+        topic = f"{self._topic_base}/{key.replace(':', '/')}"
+        self._link.publish(topic, orjson.dumps(self.public(key)), qos=1, retain=True)
+        self.published += 1
+
+
+def _public(state: AlertState) -> tuple[Any, ...]:
+    ep = state.episode
+    return (state.state, ep.episode_id if ep else None, ep.severity if ep else None)
+
+
+__all__ = ["AlertService", "AlertTarget", "ShelfStatus", "classify"]

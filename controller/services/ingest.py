@@ -1,0 +1,428 @@
+"""Ingest: MQTT messages → validated readings → journal commit → broker ack → stock events.
+
+``on_messages`` is called synchronously by the MQTT link with every message read in one socket
+chunk. The whole group is validated, applied to the in-memory shelf states, and committed to the
+journal in ONE transaction (readings, dead letters, cursors, shelf states, events); only after
+the commit are the messages acknowledged and the events published. If the commit fails the
+in-memory changes of the group are rolled back, nothing is acknowledged, reading from the broker
+is paused, and the same group is retried with backoff: the broker's in-flight window is the
+backpressure, nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+from controller.config import ScaleConfig, SiteConfig
+from controller.domain.model import Reading, ShelfSpec
+from controller.domain.stock import ShelfState, apply_reading, check_stale
+from controller.ports import Cursor, DeadLetter, EventRow, JournalPort, MessageLink, ReadingRow
+from devices.link.mqtt import MqttMessage
+from devices.shelf_scale import (
+    RawReading,
+    Rejected,
+    esphome_state_topic,
+    esphome_status_topic,
+    native_filter,
+    native_topic,
+    parse_esphome_state,
+    parse_esphome_status,
+    parse_native,
+)
+
+log = logging.getLogger("floorhand.ingest")
+
+WINDOW: Final = 256
+"""Sequence numbers below a device's highest that are remembered for duplicate detection."""
+_WINDOW_MASK: Final = (1 << WINDOW) - 1
+
+_NATIVE, _ESP_STATE, _ESP_STATUS = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: int
+    scale: ScaleConfig
+    channel: int = 0
+
+
+@dataclass(slots=True)
+class DeviceInfo:
+    """What the API shows per scale."""
+
+    scale_id: str
+    zone: str
+    format: str
+    last_seen_s: float | None = None
+    online: bool | None = None
+    readings: int = 0
+    rejected: int = 0
+    gaps: int = 0
+    missing_readings: int = 0
+
+
+class IngestService:
+    def __init__(
+        self,
+        site: SiteConfig,
+        journal: JournalPort,
+        link: MessageLink,
+        publish_events: Callable[[list[dict[str, Any]]], None],
+        *,
+        clock: Callable[[], float] = time.time,
+        shelf_specs: dict[str, ShelfSpec],
+    ) -> None:
+        self.site = site
+        self._journal = journal
+        self._link = link
+        self._publish_events = publish_events
+        self._clock = clock
+        self._max_payload = site.mqtt.max_payload_bytes
+        self._max_skew_s = site.site.max_clock_skew_s
+        self.specs = shelf_specs
+        self.states: dict[str, ShelfState] = {sid: ShelfState(s) for sid, s in shelf_specs.items()}
+        self._by_channel: dict[tuple[str, int], ShelfSpec] = {
+            (s.scale_id, s.channel): s for s in shelf_specs.values()
+        }
+        self.cursors: dict[str, Cursor] = {}
+        self.devices: dict[str, DeviceInfo] = {
+            sc.id: DeviceInfo(sc.id, sc.zone, sc.format) for sc in site.scales
+        }
+        self.routes: dict[str, Route] = {}
+        prefix, site_id = site.mqtt.topic_prefix, site.site.id
+        for sc in site.scales:
+            if sc.format == "native":
+                self.routes[native_topic(prefix, site_id, sc.zone, sc.id)] = Route(_NATIVE, sc)
+            else:
+                assert sc.esphome_node is not None
+                for ch, sensor in enumerate(sc.esphome_sensors):
+                    topic = esphome_state_topic(sc.esphome_node, sensor)
+                    self.routes[topic] = Route(_ESP_STATE, sc, ch)
+                self.routes[esphome_status_topic(sc.esphome_node)] = Route(_ESP_STATUS, sc)
+        self._native_prefix = f"{prefix}/{site_id}/"
+        self.rejected: Counter[str] = Counter()
+        self.messages = 0
+        self.readings = 0
+        self.commits = 0
+        self.commit_failures = 0
+        self._retry: list[MqttMessage] = []
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._retry_delay_s = 0.05
+        self._paused_by_failure = False
+        self.last_commit_error: str | None = None
+
+    # -- restart -----------------------------------------------------------------------------
+    def restore(self, cursors: dict[str, Cursor], shelf_states: dict[str, dict[str, Any]]) -> None:
+        self.cursors.update(cursors)
+        for sid, body in shelf_states.items():
+            spec = self.specs.get(sid)
+            if spec is None:
+                log.warning("journal has state for shelf %s, which the site no longer has", sid)
+                continue
+            try:
+                self.states[sid] = ShelfState.from_dict(body, spec)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("discarding unreadable saved state of shelf %s: %s", sid, exc)
+        for device, cur in cursors.items():
+            info = self.devices.get(device)
+            if info is not None:
+                info.last_seen_s = cur.ts_s
+
+    # -- the hot path ---------------------------------------------------------------------------
+    def on_messages(self, msgs: list[MqttMessage]) -> None:
+        if self._retry:
+            # A failed group is waiting for its retry: keep arrival order, commit together.
+            self._retry.extend(msgs)
+            return
+        self._process(msgs)
+
+    def _process(self, msgs: list[MqttMessage]) -> None:
+        now = self._clock()
+        batch = _Batch()
+        for msg in msgs:
+            self._handle(msg, now, batch)
+        try:
+            self._journal.commit(
+                batch.rows,
+                batch.dead,
+                {d: self.cursors[d] for d in batch.old_cursors},
+                {s: self.states[s].to_dict() for s in batch.old_states},
+                batch.events,
+            )
+        except Exception as exc:
+            self._rollback(batch)
+            self.commit_failures += 1
+            self.last_commit_error = str(exc)
+            if not self._retry:
+                log.error("journal commit failed, holding %d message(s) unacked: %s", len(msgs), exc)
+            self._retry = list(msgs)
+            self._schedule_retry()
+            return
+        self.commits += 1
+        self.messages += len(msgs)
+        self.readings += len(batch.rows)
+        for reason in batch.reasons:
+            self.rejected[reason] += 1
+        for device, info_delta in batch.seen.items():
+            info = self.devices.get(device)
+            if info is not None:
+                info.last_seen_s = info_delta
+        ids = [m.packet_id for m in msgs if m.packet_id]
+        if ids:
+            self._link.ack(ids)
+        if batch.bus_events:
+            self._publish_events(batch.bus_events)
+
+    def _handle(self, msg: MqttMessage, now: float, batch: _Batch) -> None:
+        route = self.routes.get(msg.topic)
+        if route is None:
+            if msg.topic.startswith(self._native_prefix) and "/scale/" in msg.topic:
+                self._reject(batch, msg, "unknown_device", "no scale with this topic in the site")
+            else:
+                self._reject(batch, msg, "bad_topic", "topic not handled")
+            return
+        if len(msg.payload) > self._max_payload:
+            self._reject(batch, msg, "oversize", f"{len(msg.payload)} bytes")
+            return
+        scale = route.scale
+        if route.kind == _NATIVE:
+            parsed = parse_native(msg.payload)
+            if isinstance(parsed, Rejected):
+                self._reject(batch, msg, parsed.reason, parsed.detail)
+                return
+            single = len(parsed) == 1
+            for item in parsed:
+                if isinstance(item, Rejected):
+                    self._reject(batch, msg, item.reason, item.detail, element=None if single else item)
+                    continue
+                problem = self._accept(scale, item, now, batch)
+                if problem is not None:
+                    self._reject(
+                        batch, msg, problem[0], problem[1], element=None if single else item
+                    )
+        elif route.kind == _ESP_STATE:
+            value = parse_esphome_state(msg.payload)
+            if isinstance(value, Rejected):
+                self._reject(batch, msg, value.reason, value.detail)
+                return
+            cur = self.cursors.get(scale.id)
+            seq = cur.seq + 1 if cur is not None else 0
+            reading = RawReading(scale.id, route.channel, 0, seq, now, value)
+            problem = self._accept(scale, reading, now, batch)
+            if problem is not None:
+                self._reject(batch, msg, problem[0], problem[1])
+        else:
+            status = parse_esphome_status(msg.payload)
+            if isinstance(status, Rejected):
+                self._reject(batch, msg, status.reason, status.detail)
+                return
+            info = self.devices[scale.id]
+            if info.online is not status:
+                log.info("scale %s %s", scale.id, "online" if status else "offline")
+            info.online = status
+
+    def _accept(
+        self, scale: ScaleConfig, r: RawReading, now: float, batch: _Batch
+    ) -> tuple[str, str] | None:
+        """Validate one reading against the site and its device's sequence; apply it."""
+        if r.device != scale.id:
+            return "device_mismatch", f"payload device {r.device!r} on the topic of {scale.id!r}"
+        if r.channel >= scale.channels:
+            return "unknown_device", f"channel {r.channel} of a {scale.channels}-channel scale"
+        if r.weight_g < 0:
+            return "negative", f"{r.weight_g} g"
+        if r.weight_g > scale.max_weight_g:
+            return "over_range", f"{r.weight_g} g > max_weight_g {scale.max_weight_g}"
+        if r.ts_s > now + self._max_skew_s:
+            return "ts_future", f"ts {r.ts_s:.3f} is {r.ts_s - now:.0f} s ahead of the controller"
+        device = r.device
+        cur = self.cursors.get(device)
+        if cur is None or r.epoch > cur.epoch:
+            new = Cursor(r.epoch, r.seq, 0, r.ts_s)
+            if cur is not None:
+                log.info("scale %s restarted (epoch %d → %d)", device, cur.epoch, r.epoch)
+        elif r.epoch < cur.epoch:
+            return "stale_epoch", f"epoch {r.epoch} < current {cur.epoch}"
+        elif r.seq > cur.seq:
+            shift = r.seq - cur.seq
+            window = ((cur.window << 1) | 1) << (shift - 1) & _WINDOW_MASK if shift <= WINDOW else 0
+            if shift > 1:
+                self._gap(batch, device, cur.seq, r.seq, r.ts_s)
+            new = Cursor(cur.epoch, r.seq, window, r.ts_s)
+        elif r.seq == cur.seq:
+            return "duplicate", f"seq {r.seq} already applied"
+        else:
+            back = cur.seq - r.seq  # ≥ 1
+            if back <= WINDOW and (cur.window >> (back - 1)) & 1:
+                return "duplicate", f"seq {r.seq} already applied"
+            return "out_of_order", f"seq {r.seq} older than applied {cur.seq}"
+        spec = self._by_channel.get((device, r.channel))
+        if device not in batch.old_cursors:
+            batch.old_cursors[device] = cur
+        self.cursors[device] = new
+        batch.seen[device] = now
+        if spec is None:
+            return None  # an unused channel: the reading is valid but feeds no shelf
+        sid = spec.shelf_id
+        state = self.states[sid]
+        if sid not in batch.old_states:
+            batch.old_states[sid] = state.to_dict()  # for rollback: apply mutates in place
+        reading = Reading(device, r.channel, r.epoch, r.seq, r.ts_s, r.weight_g)
+        state, events = apply_reading(state, spec, reading, now)
+        self.states[sid] = state
+        batch.rows.append(ReadingRow(device, r.channel, r.epoch, r.seq, r.ts_s, r.weight_g, sid))
+        if events:
+            for ev in events:
+                body = ev.as_dict()
+                batch.bus_events.append(body)
+                batch.events.append(EventRow(r.ts_s, ev.kind, body))
+        return None
+
+    def _gap(self, batch: _Batch, device: str, last_seq: int, seq: int, ts_s: float) -> None:
+        """Readings were lost upstream (e.g. a broker crash): report it, keep going."""
+        info = self.devices[device]
+        info.gaps += 1
+        info.missing_readings += seq - last_seq - 1
+        body = {
+            "kind": "seq_gap",
+            "ts": ts_s,
+            "device": device,
+            "after_seq": last_seq,
+            "seq": seq,
+            "missing": seq - last_seq - 1,
+        }
+        batch.bus_events.append(body)
+        batch.events.append(EventRow(ts_s, "seq_gap", body))
+        batch.gaps.append((device, last_seq, seq))
+
+    def _reject(
+        self,
+        batch: _Batch,
+        msg: MqttMessage,
+        reason: str,
+        detail: str,
+        element: RawReading | Rejected | None = None,
+    ) -> None:
+        batch.reasons.append(reason)
+        if reason == "duplicate":
+            return  # QoS 1 redelivery is normal protocol behaviour: counted, not dead-lettered
+        payload = msg.payload
+        if element is not None and isinstance(element, RawReading):
+            payload = orjson.dumps(
+                {
+                    "device": element.device,
+                    "ch": element.channel,
+                    "epoch": element.epoch,
+                    "seq": element.seq,
+                    "ts": element.ts_s,
+                    "grams": element.weight_g,
+                }
+            )
+        batch.dead.append(DeadLetter(self._clock(), msg.topic, reason, detail[:300], payload))
+
+    def _rollback(self, batch: _Batch) -> None:
+        for device, cur in batch.old_cursors.items():
+            if cur is None:
+                self.cursors.pop(device, None)
+            else:
+                self.cursors[device] = cur
+        for sid, saved in batch.old_states.items():
+            self.states[sid] = ShelfState.from_dict(saved, self.specs[sid])
+
+    def _schedule_retry(self) -> None:
+        self._link.pause_reading()
+        self._paused_by_failure = True
+        loop = asyncio.get_running_loop()
+        self._retry_handle = loop.call_later(self._retry_delay_s, self._do_retry)
+        self._retry_delay_s = min(self._retry_delay_s * 2, 2.0)
+
+    def _do_retry(self) -> None:
+        msgs, self._retry = self._retry, []
+        self._process(msgs)
+        if not self._retry:
+            log.info("journal writable again: %d held message(s) committed", len(msgs))
+            self._retry_delay_s = 0.05
+            self.last_commit_error = None
+            if self._paused_by_failure:
+                self._paused_by_failure = False
+                self._link.resume_reading()
+
+    # -- periodic ----------------------------------------------------------------------------
+    def tick(self, now: float) -> list[dict[str, Any]]:
+        """Staleness: a shelf whose scale missed its reporting intervals becomes STALE."""
+        out: list[dict[str, Any]] = []
+        for sid, spec in self.specs.items():
+            state, events = check_stale(self.states[sid], spec, now)
+            if events:
+                self.states[sid] = state
+                out.extend(ev.as_dict() for ev in events)
+        if out:
+            self._publish_events(out)
+        return out
+
+
+@dataclass(slots=True)
+class _Batch:
+    rows: list[ReadingRow]
+    dead: list[DeadLetter]
+    events: list[EventRow]
+    bus_events: list[dict[str, Any]]
+    old_cursors: dict[str, Cursor | None]
+    old_states: dict[str, dict[str, Any]]
+    reasons: list[str]
+    gaps: list[tuple[str, int, int]]
+    seen: dict[str, float]
+
+    def __init__(self) -> None:
+        self.rows = []
+        self.dead = []
+        self.events = []
+        self.bus_events = []
+        self.old_cursors = {}
+        self.old_states = {}
+        self.reasons = []
+        self.gaps = []
+        self.seen = {}
+
+
+def subscriptions(site: SiteConfig) -> tuple[tuple[str, int], ...]:
+    """Topic filters (QoS 1) that cover every scale of the site."""
+    subs: list[tuple[str, int]] = []
+    if any(sc.format == "native" for sc in site.scales):
+        subs.append((native_filter(site.mqtt.topic_prefix, site.site.id), 1))
+    for sc in site.scales:
+        if sc.format == "esphome":
+            subs.append((f"{sc.esphome_node}/sensor/+/state", 1))
+            subs.append((esphome_status_topic(sc.esphome_node or ""), 1))
+    return tuple(subs)
+
+
+def shelf_specs(site: SiteConfig) -> dict[str, ShelfSpec]:
+    """Domain specs of every shelf, from the site configuration."""
+    scales = {s.id: s for s in site.scales}
+    stale_factor = site.site.stale_after_intervals
+    out: dict[str, ShelfSpec] = {}
+    for sh in site.shelves:
+        scale = scales[sh.scale]
+        out[sh.id] = ShelfSpec(
+            shelf_id=sh.id,
+            zone=sh.zone,
+            sku=sh.sku,
+            scale_id=sh.scale,
+            channel=sh.channel,
+            unit_weight_g=sh.unit_weight_g,
+            tare_g=sh.tare_g,
+            capacity_units=sh.capacity_units,
+            tolerance_frac=sh.tolerance_frac,
+            stale_after_s=scale.reporting_interval_s * stale_factor,
+            max_weight_g=scale.max_weight_g,
+        )
+    return out

@@ -1,0 +1,98 @@
+"""Link state as an explicit enum that other components can watch."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Callable
+
+_log = logging.getLogger(__name__)
+
+StateListener = Callable[["LinkState", "LinkState"], None]
+
+
+class LinkState(enum.Enum):
+    """Connection state of a device link."""
+
+    CONNECTING = "connecting"
+    UP = "up"
+    DOWN = "down"
+
+
+class StateWatch:
+    """The current state of one link, when it was entered, and ways to follow it.
+
+    Only the link that owns the watch calls `set`. Listeners are called synchronously with
+    ``(old, new)`` on every change; a listener that raises is logged and otherwise ignored.
+    """
+
+    __slots__ = ("_listeners", "_since", "_state", "_waiters")
+
+    def __init__(self, initial: LinkState = LinkState.DOWN) -> None:
+        self._state = initial
+        self._since = time.monotonic()
+        self._listeners: list[StateListener] = []
+        self._waiters: list[tuple[LinkState, asyncio.Future[None]]] = []
+
+    @property
+    def state(self) -> LinkState:
+        """The current state."""
+        return self._state
+
+    @property
+    def since(self) -> float:
+        """``time.monotonic()`` when the current state was entered."""
+        return self._since
+
+    def add_listener(self, callback: StateListener) -> None:
+        """Call ``callback(old, new)`` on every state change."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: StateListener) -> None:
+        """Stop calling ``callback``; unknown callbacks are ignored."""
+        try:
+            self._listeners.remove(callback)
+        except ValueError:
+            pass
+
+    def set(self, new: LinkState, now: float | None = None) -> None:
+        """Enter ``new`` (no-op if already in it), then notify waiters and listeners."""
+        old = self._state
+        if new is old:
+            return
+        self._state = new
+        self._since = time.monotonic() if now is None else now
+        if self._waiters:
+            keep: list[tuple[LinkState, asyncio.Future[None]]] = []
+            for wanted, fut in self._waiters:
+                if fut.done():
+                    continue
+                if wanted is new:
+                    fut.set_result(None)
+                else:
+                    keep.append((wanted, fut))
+            self._waiters = keep
+        for callback in tuple(self._listeners):
+            try:
+                callback(old, new)
+            except Exception:
+                _log.exception("link state listener %r failed", callback)
+
+    async def wait_for(self, state: LinkState, timeout_s: float) -> None:
+        """Return once the link is in ``state``; raise `TimeoutError` after ``timeout_s``."""
+        if self._state is state:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((state, fut))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await fut
+        finally:
+            if not fut.done():
+                fut.cancel()
+                try:
+                    self._waiters.remove((state, fut))
+                except ValueError:
+                    pass

@@ -1,0 +1,273 @@
+"""Ingest against a real SQLite journal; the broker side is a fake of our own MessageLink port."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controller.adapters.journal import Journal, JournalError
+from controller.config import SiteConfig, load_site
+from controller.ports import ReadingRow
+from controller.services.ingest import IngestService, shelf_specs
+from devices.link.mqtt import MqttMessage
+from devices.shelf_scale import REASONS
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "firmware-configs" / "sites" / "demo.toml"
+T_A01 = "floorhand/demo/A/scale/scale-a01"
+NOW = 1_764_067_200.0
+
+
+class FakeLink:
+    """Records what ingest asks of the broker link (our own port, not a third-party surface)."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.published: list[tuple[str, bytes, int, bool]] = []
+        self.paused = 0
+        self.resumed = 0
+
+    def ack(self, packet_ids: Sequence[int]) -> None:
+        self.acked.extend(packet_ids)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.published.append((topic, payload, qos, retain))
+
+    def pause_reading(self) -> None:
+        self.paused += 1
+
+    def resume_reading(self) -> None:
+        self.resumed += 1
+
+
+class Harness:
+    def __init__(self, tmp: Path, site: SiteConfig) -> None:
+        self.journal = Journal(tmp / "j.sqlite")
+        restored = self.journal.open()
+        self.link = FakeLink()
+        self.events: list[dict[str, Any]] = []
+        self.now = NOW
+        self.ingest = IngestService(
+            site,
+            self.journal,
+            self.link,
+            self.events.extend,
+            clock=lambda: self.now,
+            shelf_specs=shelf_specs(site),
+        )
+        self.ingest.restore(restored.cursors, restored.shelf_states)
+        self._pid = 0
+
+    def msg(self, topic: str, payload: bytes | str, qos: int = 1) -> MqttMessage:
+        self._pid = self._pid % 65535 + 1
+        data = payload.encode() if isinstance(payload, str) else payload
+        return MqttMessage(topic, data, qos, False, self._pid if qos else 0, False)
+
+    def send(self, *msgs: MqttMessage) -> None:
+        self.ingest.on_messages(list(msgs))
+
+
+@pytest.fixture
+def site() -> SiteConfig:
+    return load_site(DEMO)
+
+
+@pytest.fixture
+def h(tmp_path: Path, site: SiteConfig) -> Harness:
+    harness = Harness(tmp_path, site)
+    yield harness
+    harness.journal.close()
+
+
+def reading(seq: int, grams: float, ts: float = NOW, device: str = "scale-a01", **kw: Any) -> bytes:
+    return orjson.dumps({"device": device, "seq": seq, "ts": ts, "grams": grams, **kw})
+
+
+def load_corpus() -> list[dict[str, Any]]:
+    lines = (ROOT / "tests" / "data" / "poison_corpus.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def corpus_payload(case: dict[str, Any]) -> bytes:
+    if "payload_repeat" in case:
+        ch, n = case["payload_repeat"]
+        return str(ch).encode() * int(n)
+    if "payload_batch" in case:
+        return orjson.dumps(
+            [
+                {"device": "scale-a01", "seq": i, "ts": NOW, "grams": 1000.0}
+                for i in range(case["payload_batch"])
+            ]
+        )
+    return str(case["payload"]).encode("utf-8")
+
+
+@pytest.mark.parametrize("case", load_corpus(), ids=lambda c: c["name"])
+def test_poison_is_rejected_counted_dead_lettered_and_acked(h: Harness, case: dict[str, Any]) -> None:
+    good_before = h.msg(T_A01, reading(1, 1500.0))
+    h.send(good_before)
+    poison = h.msg(case["topic"], corpus_payload(case))
+    h.send(poison)
+    assert h.ingest.rejected[case["reason"]] == 1, dict(h.ingest.rejected)
+    assert case["reason"] in REASONS
+    assert poison.packet_id in h.link.acked, "poison must be acked, or the broker redelivers it"
+    letters = h.journal.dead_letters(5)
+    assert letters[0]["reason"] == case["reason"]
+    assert letters[0]["size"] == len(poison.payload)
+    # The next good message is processed normally.
+    h.send(h.msg(T_A01, reading(2, 1500.0)))
+    assert h.ingest.readings == 2
+    assert h.journal.count("readings") == 2
+
+
+def test_batch_with_one_bad_element_keeps_the_good_ones(h: Harness) -> None:
+    batch = orjson.dumps(
+        [
+            {"device": "scale-a01", "seq": 1, "ts": NOW, "grams": 1500.0},
+            {"device": "scale-a01", "seq": 2, "ts": NOW, "grams": -3.0},
+            {"device": "scale-a01", "seq": 3, "ts": NOW, "ch": 1, "grams": 1600.0},
+        ]
+    )
+    h.send(h.msg(T_A01, batch))
+    assert h.ingest.readings == 2
+    assert h.ingest.rejected["negative"] == 1
+    assert h.journal.dead_letters(1)[0]["payload"].startswith('{"device":"scale-a01"')
+
+
+def test_duplicates_and_reordering(h: Harness) -> None:
+    h.send(*(h.msg(T_A01, reading(s, 1500.0, NOW + s)) for s in (1, 2, 3, 5)))
+    assert h.ingest.readings == 4
+    h.send(h.msg(T_A01, reading(3, 1500.0, NOW + 3)))  # redelivered
+    h.send(h.msg(T_A01, reading(5, 1500.0, NOW + 5)))  # redelivered newest
+    assert h.ingest.rejected["duplicate"] == 2
+    h.send(h.msg(T_A01, reading(4, 1500.0, NOW + 4)))  # late: older never overwrites newer
+    assert h.ingest.rejected["out_of_order"] == 1
+    assert h.ingest.readings == 4
+    assert h.ingest.devices["scale-a01"].gaps == 1
+    assert any(e["kind"] == "seq_gap" and e["missing"] == 1 for e in h.events)
+
+
+def test_new_epoch_is_a_new_session_and_old_epoch_is_refused(h: Harness) -> None:
+    h.send(h.msg(T_A01, reading(100, 1500.0)))
+    h.send(h.msg(T_A01, reading(0, 1500.0, NOW + 1, epoch=1)))  # rebooted: seq restarts
+    assert h.ingest.readings == 2
+    h.send(h.msg(T_A01, reading(101, 1500.0, NOW + 2)))  # the old boot's straggler
+    assert h.ingest.rejected["stale_epoch"] == 1
+
+
+def test_restart_restores_cursors_so_redelivery_is_not_applied_twice(
+    tmp_path: Path, site: SiteConfig
+) -> None:
+    a = Harness(tmp_path, site)
+    msgs = [a.msg(T_A01, reading(s, 1500.0 + 0.1 * s, NOW + s)) for s in range(1, 50)]
+    a.send(*msgs)
+    states_before = {k: v.to_dict() for k, v in a.ingest.states.items()}
+    a.journal.close()
+    b = Harness(tmp_path, site)
+    b.send(*msgs)  # the broker redelivers everything (acks lost with the crash)
+    assert b.ingest.readings == 0
+    assert b.ingest.rejected["duplicate"] == len(msgs)
+    assert {k: v.to_dict() for k, v in b.ingest.states.items()} == states_before
+    assert b.journal.count("readings") == len(msgs)
+    b.journal.close()
+
+
+def test_stock_counts_from_weight(h: Harness, site: SiteConfig) -> None:
+    shelf = next(s for s in site.shelves if s.scale == "scale-a01" and s.channel == 0)
+    grams = shelf.tare_g + 12 * shelf.unit_weight_g
+    h.send(*(h.msg(T_A01, reading(s, grams + 0.2, NOW + s)) for s in range(1, 8)))
+    assert h.ingest.states[shelf.id].units == 12
+    assert any(e["kind"] == "stock_changed" and e["new_units"] == 12 for e in h.events)
+
+
+class FailingJournal(Journal):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.fail = 0
+
+    def commit(self, readings: Sequence[ReadingRow], *args: Any, **kwargs: Any) -> None:
+        if self.fail:
+            self.fail -= 1
+            raise JournalError("journal commit failed: database or disk is full")
+        super().commit(readings, *args, **kwargs)
+
+
+async def test_commit_failure_holds_acks_rolls_back_and_retries(
+    tmp_path: Path, site: SiteConfig
+) -> None:
+    import asyncio
+
+    h = Harness(tmp_path, site)
+    h.journal.close()
+    h.journal = FailingJournal(tmp_path / "j.sqlite")
+    h.journal.open()
+    h.ingest._journal = h.journal
+    h.send(h.msg(T_A01, reading(1, 1500.0)))
+    h.journal.fail = 2
+    m2 = h.msg(T_A01, reading(2, 1501.0, NOW + 1))
+    h.send(m2)
+    assert m2.packet_id not in h.link.acked
+    assert h.link.paused == 1
+    assert h.ingest.cursors["scale-a01"].seq == 1, "in-memory state must roll back"
+    m3 = h.msg(T_A01, reading(3, 1502.0, NOW + 2))
+    h.send(m3)  # arrives while the retry is pending: held, order kept
+    async with asyncio.timeout(5):
+        while h.link.resumed == 0:
+            await asyncio.sleep(0.01)  # polling a condition with a deadline, not a fixed sleep
+    assert {m2.packet_id, m3.packet_id} <= set(h.link.acked)
+    assert h.journal.count("readings") == 3
+    assert h.ingest.cursors["scale-a01"].seq == 3
+    h.journal.close()
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=8), children, max_size=6),
+    max_leaves=20,
+)
+_reading_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "device": st.sampled_from(["scale-a01", "scale-a02", "", "x"]) | st.integers(),
+        "seq": st.integers(-5, 2**64 - 1) | st.floats() | st.text(max_size=3),
+        "ts": st.floats() | st.integers() | st.just(NOW),
+        "grams": st.floats() | st.integers() | st.text(max_size=3),
+        "ch": st.integers(-2, 3),
+        "epoch": st.integers(-2, 3),
+    },
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    payloads=st.lists(
+        st.binary(max_size=200)
+        | _json_values.map(orjson.dumps)
+        | _reading_like.map(orjson.dumps)
+        | st.lists(_reading_like, max_size=4).map(orjson.dumps),
+        min_size=1,
+        max_size=8,
+    ),
+    topic=st.sampled_from([T_A01, "floorhand/demo/A/scale/nope", "shelf-c01/sensor/shelf_weight/state", "x/y"]),
+)
+def test_fuzz_never_crashes_and_everything_is_acked_and_accounted(
+    h: Harness, payloads: list[bytes], topic: str
+) -> None:
+    before_acked = len(h.link.acked)
+    before = h.ingest.readings + sum(h.ingest.rejected.values())
+    msgs = [h.msg(topic, p) for p in payloads]
+    h.send(*msgs)
+    assert len(h.link.acked) - before_acked == len(msgs)
+    after = h.ingest.readings + sum(h.ingest.rejected.values())
+    assert after - before >= len(msgs), "every message is applied or rejected with a reason"
+    assert set(h.ingest.rejected) <= set(REASONS)
+    for state in h.ingest.states.values():
+        assert state.units is None or state.units >= 0

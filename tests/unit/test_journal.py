@@ -1,0 +1,91 @@
+"""The SQLite journal: atomic groups, restore, single owner, bounded dead letters."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from controller.adapters.journal import Journal, JournalError, JournalLocked
+from controller.ports import Cursor, DeadLetter, EventRow, ReadingRow
+
+
+def row(seq: int, device: str = "d1") -> ReadingRow:
+    return ReadingRow(device, 0, 0, seq, 1.0 + seq, 100.0, "shelf-1")
+
+
+def test_commit_and_restore(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    assert j.open().outbox_rows == 0
+    j.commit(
+        [row(1), row(2)],
+        [DeadLetter(1.0, "t", "bad_json", "x", b"x" * 10_000)],
+        {"d1": Cursor(0, 2, 1, 3.0)},
+        {"shelf-1": {"units": 3}},
+        [EventRow(1.0, "stock_changed", {"kind": "stock_changed"})],
+        {"SKU-1": {"state": "low"}},
+    )
+    j.close()
+    j2 = Journal(tmp_path / "j.sqlite")
+    restored = j2.open()
+    assert restored.cursors == {"d1": Cursor(0, 2, 1, 3.0)}
+    assert restored.shelf_states == {"shelf-1": {"units": 3}}
+    assert restored.alert_states == {"SKU-1": {"state": "low"}}
+    assert restored.outbox_rows == 3
+    letter = j2.dead_letters(1)[0]
+    assert letter["size"] == 10_000 and len(letter["payload"]) == 4096
+    j2.close()
+
+
+def test_reinserted_identity_is_ignored(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit([row(1)])
+    j.commit([row(1)])
+    assert j.count("readings") == 1
+    j.close()
+
+
+def test_second_owner_is_refused(tmp_path: Path) -> None:
+    a = Journal(tmp_path / "j.sqlite")
+    a.open()
+    with pytest.raises(JournalLocked, match="in use by another controller"):
+        Journal(tmp_path / "j.sqlite").open()
+    a.close()
+    b = Journal(tmp_path / "j.sqlite")
+    b.open()
+    b.close()
+
+
+def test_failed_group_writes_nothing(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit([row(1)])
+    j.db.execute("CREATE TRIGGER boom BEFORE INSERT ON events BEGIN SELECT RAISE(FAIL, 'boom'); END")
+    with pytest.raises(JournalError, match="boom"):
+        j.commit([row(2)], events=[EventRow(1.0, "k", {})], cursors={"d1": Cursor(0, 2, 0, 1.0)})
+    assert j.count("readings") == 1
+    assert j.db.execute("SELECT count(*) FROM device_cursors").fetchone()[0] == 0
+    j.close()
+
+
+def test_outbox_drain_and_dead_letter_bound(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit([row(i) for i in range(10)], [DeadLetter(1.0, "t", "r", "", b"") for _ in range(30)])
+    rows = j.read_readings(0, 4)
+    assert [r[4] for r in rows] == [0, 1, 2, 3]
+    assert j.delete_confirmed(rows[-1][0], None) == 4
+    assert j.outbox_rows == 6
+    j.trim_dead_letters(10)
+    assert j.count("dead_letters") == 10
+    j.close()
+
+
+def test_corrupt_file_is_reported(tmp_path: Path) -> None:
+    p = tmp_path / "j.sqlite"
+    p.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalError):
+        Journal(p).open()
+    assert not isinstance(JournalError("x"), sqlite3.Error)
