@@ -58,6 +58,8 @@ class JournalPort(Protocol):
         alert_states: dict[str, dict[str, Any]] | None = None,
     ) -> None: ...
 
+    def has_reading(self, device: str, epoch: int, seq: int) -> bool: ...
+
 
 class MessageLink(Protocol):
     """The broker side of ingest: acknowledge, publish, apply backpressure."""

@@ -168,14 +168,18 @@ def broker_main(args: argparse.Namespace) -> int:
 async def stop_process(
     proc: asyncio.subprocess.Process, *, timeout_s: float = 5.0, name: str = "process"
 ) -> int:
-    """SIGTERM ``proc`` (by its PID), wait up to ``timeout_s``, then SIGKILL. Returns its exit code."""
+    """SIGTERM ``proc`` (by its PID), wait up to ``timeout_s``, then SIGKILL.
+
+    Returns the exit code."""
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), timeout_s)
         except TimeoutError:
-            log.warning("%s (pid %d) ignored SIGTERM for %.1f s: SIGKILL", name, proc.pid, timeout_s)
+            log.warning(
+                "%s (pid %d) ignored SIGTERM for %.1f s: SIGKILL", name, proc.pid, timeout_s
+            )
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()

@@ -78,6 +78,9 @@ POISON_KINDS: Final = (
 ESPHOME_POISON_KINDS: Final = ("nan", "not_a_number", "negative", "huge", "binary")
 
 
+DEFAULT_PICK_RATE_PER_MIN: Final = 15.0
+
+
 class ScaleSimError(RuntimeError):
     """The simulator could not start (broker unreachable, login refused) or was misused."""
 
@@ -86,7 +89,7 @@ class ScaleSimError(RuntimeError):
 class ScaleSimOptions:
     """Behaviour knobs. Durations and rates are in simulated time (divided by ``speed``)."""
 
-    pick_rate_per_min: float = 15.0
+    pick_rate_per_min: float = DEFAULT_PICK_RATE_PER_MIN
     """Mean picks per shelf per minute (Poisson). The default drains a demo SKU from ~80 % to
     its ~30 % reorder point in about a minute."""
     pick_units: tuple[int, int] = (1, 3)
@@ -181,7 +184,9 @@ class _Channel:
             self.settle = None
             return target
         tau = s.duration_s / 6.0
-        return target + (s.from_g - target) * math.exp(-dt / tau) * math.cos(2 * math.pi * s.freq_hz * dt)
+        return target + (s.from_g - target) * math.exp(-dt / tau) * math.cos(
+            2 * math.pi * s.freq_hz * dt
+        )
 
 
 @dataclass(slots=True)
@@ -384,7 +389,9 @@ class WarehouseScales:
         missing = []
         for dev in self._devices.values():
             if not dev.connected.wait(max(0.0, deadline - time.monotonic())):
-                missing.append(f"{dev.client_id}{': ' + dev.last_refusal if dev.last_refusal else ''}")
+                missing.append(
+                    f"{dev.client_id}{': ' + dev.last_refusal if dev.last_refusal else ''}"
+                )
         if missing:
             self._shutdown_clients(flush_timeout_s=0.5)
             raise ScaleSimError(
@@ -397,15 +404,29 @@ class WarehouseScales:
             now = 0.0
             for dev in self._devices.values():
                 # Stagger first reports over one interval, like devices powered up at random.
-                self._push(now + self._rng.uniform(0, dev.scale.reporting_interval_s), self._report_cb(dev, dev.gen))
+                self._push(
+                    now + self._rng.uniform(0, dev.scale.reporting_interval_s),
+                    self._report_cb(dev, dev.gen),
+                )
                 if self.options.dropout_rate_per_h > 0:
-                    self._push(now + self._exp(self.options.dropout_rate_per_h / 3600.0), self._random_dropout_cb(dev))
+                    self._push(
+                        now + self._exp(self.options.dropout_rate_per_h / 3600.0),
+                        self._random_dropout_cb(dev),
+                    )
             if self.options.pick_rate_per_min > 0:
                 for shelf_id in self._shelves:
-                    self._push(now + self._exp(self.options.pick_rate_per_min / 60.0), self._pick_cb(shelf_id))
+                    self._push(
+                        now + self._exp(self.options.pick_rate_per_min / 60.0),
+                        self._pick_cb(shelf_id),
+                    )
         self._thread = threading.Thread(target=self._run, name="scale-sim", daemon=True)
         self._thread.start()
-        log.info("%d scale(s), %d shelves publishing to %s", len(self._devices), len(self._shelves), self.url)
+        log.info(
+            "%d scale(s), %d shelves publishing to %s",
+            len(self._devices),
+            len(self._shelves),
+            self.url,
+        )
 
     def stop(self, flush_timeout_s: float = 2.0) -> None:
         """Stop the clock, flush held messages, publish ESPHome ``offline``, disconnect."""
@@ -479,7 +500,9 @@ class WarehouseScales:
                 return
             if dev.esphome:
                 assert dev.scale.esphome_node is not None
-                c.publish(esphome_status_topic(dev.scale.esphome_node), b"online", ESPHOME_QOS, True)
+                c.publish(
+                    esphome_status_topic(dev.scale.esphome_node), b"online", ESPHOME_QOS, True
+                )
             dev.connected.set()
 
         def on_disconnect(c: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
@@ -489,7 +512,9 @@ class WarehouseScales:
         client.on_disconnect = on_disconnect
         return client
 
-    def _raw_publish(self, dev: _Device, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    def _raw_publish(
+        self, dev: _Device, topic: str, payload: bytes, qos: int, retain: bool
+    ) -> None:
         if dev.client is None:
             return
         info = dev.client.publish(topic, payload, qos, retain)
@@ -573,7 +598,10 @@ class WarehouseScales:
                 if shelf.id not in self._shelves:
                     continue
                 ch = self._shelves[shelf.id][1]
-                n = min(ch.fill_units, round(ch.fill_units * self._rng.uniform(*self.options.restock_fill)))
+                n = min(
+                    ch.fill_units,
+                    round(ch.fill_units * self._rng.uniform(*self.options.restock_fill)),
+                )
                 self.restock(shelf.id, max(n, ch.count))
             log.info("restocked %s", sku_id)
 
@@ -618,13 +646,26 @@ class WarehouseScales:
         if not self.options.auto_restock or shelf.sku in self._restock_pending:
             return
         sku = self.site.sku(shelf.sku)
-        level = sum(self._shelves[s.id][1].count for s in self.site.shelves_of_sku(sku.id) if s.id in self._shelves)
-        shelf_low = shelf.reorder_point is not None and self._shelves[shelf.id][1].count <= shelf.reorder_point
+        level = sum(
+            self._shelves[s.id][1].count
+            for s in self.site.shelves_of_sku(sku.id)
+            if s.id in self._shelves
+        )
+        shelf_low = (
+            shelf.reorder_point is not None
+            and self._shelves[shelf.id][1].count <= shelf.reorder_point
+        )
         if level <= sku.reorder_point or shelf_low:
             self._restock_pending.add(sku.id)
             delay = self._rng.uniform(*self.options.restock_delay_s)
             self._push(self._sim_now() + delay, self._restock_cb(sku.id))
-            log.info("%s at %d units (reorder point %d): restock in %.0f s", sku.id, level, sku.reorder_point, delay)
+            log.info(
+                "%s at %d units (reorder point %d): restock in %.0f s",
+                sku.id,
+                level,
+                sku.reorder_point,
+                delay,
+            )
 
     def _measure(self, ch: _Channel, now: float) -> float:
         w = ch.weight_g(now)
@@ -664,15 +705,21 @@ class WarehouseScales:
         self._stats.readings += len(readings)
 
     # ---------------------------------------------------------------- poison
-    def _maybe_poison_native(self, dev: _Device, group: list[dict[str, object]], ts: float) -> bytes:
-        if not (self.options.malformed_rate > 0 and self._rng.random() < self.options.malformed_rate):
+    def _maybe_poison_native(
+        self, dev: _Device, group: list[dict[str, object]], ts: float
+    ) -> bytes:
+        if not (
+            self.options.malformed_rate > 0 and self._rng.random() < self.options.malformed_rate
+        ):
             return encode_native(group)
         kind = self._rng.choice(POISON_KINDS)
         self._stats.poison[kind] += 1
         return poison_native(kind, dict(group[0]), ts, self._rng, other_devices=self.scale_ids)
 
     def _maybe_poison_esphome(self, payload: bytes) -> bytes:
-        if not (self.options.malformed_rate > 0 and self._rng.random() < self.options.malformed_rate):
+        if not (
+            self.options.malformed_rate > 0 and self._rng.random() < self.options.malformed_rate
+        ):
             return payload
         kind = self._rng.choice(ESPHOME_POISON_KINDS)
         self._stats.poison[kind] += 1

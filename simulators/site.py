@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 ScaleFormat = Literal["native", "esphome"]
 
@@ -98,7 +98,9 @@ class Site:
 
     def shelves_on(self, scale_id: str) -> tuple[Shelf, ...]:
         """The shelves weighed by one scale, by channel."""
-        return tuple(sorted((s for s in self.shelves if s.scale == scale_id), key=lambda s: s.channel))
+        return tuple(
+            sorted((s for s in self.shelves if s.scale == scale_id), key=lambda s: s.channel)
+        )
 
     def shelves_of_sku(self, sku_id: str) -> tuple[Shelf, ...]:
         return tuple(s for s in self.shelves if s.sku == sku_id)
@@ -143,13 +145,13 @@ class _Reader:
                 return _placeholder(kind)
             return default
         if kind is float and type(value) is int:
-            value = float(value)
+            return cast(_T, float(value))
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             self.errors.append((where, f"must be {kind.__name__}, got {type(value).__name__}"))
             return _placeholder(kind)
         if isinstance(value, float) and not math.isfinite(value):
             self.errors.append((where, "must be finite"))
-        return value
+        return cast(_T, value)
 
     def positive(self, value: float, where: str) -> None:
         if value <= 0:
@@ -264,11 +266,13 @@ def parse_site(data: Mapping[str, object], source: str = "<site>") -> Site:
         p = f"shelves[{i}]"
         if shelf.sku not in sku_ids:
             r.errors.append((f"{p}.sku", f"unknown SKU {shelf.sku!r}"))
-        scale = scale_by_id.get(shelf.scale)
-        if scale is None:
+        target = scale_by_id.get(shelf.scale)
+        if target is None:
             r.errors.append((f"{p}.scale", f"unknown scale {shelf.scale!r}"))
-        elif shelf.channel >= scale.channels:
-            r.errors.append((f"{p}.channel", f"scale {scale.id!r} has {scale.channels} channel(s)"))
+        elif shelf.channel >= target.channels:
+            r.errors.append(
+                (f"{p}.channel", f"scale {target.id!r} has {target.channels} channel(s)")
+            )
         key = (shelf.scale, shelf.channel)
         if key in used:
             r.errors.append((f"{p}.channel", f"channel already used by shelf {used[key]!r}"))

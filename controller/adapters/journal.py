@@ -59,12 +59,15 @@ CREATE TABLE IF NOT EXISTS device_cursors (
     device TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    window INTEGER NOT NULL,
+    window BLOB NOT NULL,
     ts REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS shelf_states (shelf TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_states (key TEXT PRIMARY KEY, body BLOB NOT NULL);
 """
+
+_WINDOW_BYTES = 64
+"""Room for a cursor's duplicate-detection bitmap (up to 512 sequence numbers)."""
 
 DEAD_LETTER_PAYLOAD_MAX = 4096
 """Bytes of a rejected payload kept for inspection (a 10 MB poison is not stored whole)."""
@@ -171,7 +174,7 @@ class Journal:
     def _restore(self) -> Restored:
         db = self.db
         cursors = {
-            device: Cursor(epoch, seq, window, ts)
+            device: Cursor(epoch, seq, int.from_bytes(window, "little"), ts)
             for device, epoch, seq, window, ts in db.execute(
                 "SELECT device, epoch, seq, window, ts FROM device_cursors"
             )
@@ -232,7 +235,10 @@ class Journal:
                 db.executemany(
                     "INSERT OR REPLACE INTO device_cursors(device, epoch, seq, window, ts) "
                     "VALUES (?,?,?,?,?)",
-                    [(k, c.epoch, c.seq, c.window, c.ts_s) for k, c in cursors.items()],
+                    [
+                        (k, c.epoch, c.seq, c.window.to_bytes(_WINDOW_BYTES, "little"), c.ts_s)
+                        for k, c in cursors.items()
+                    ],
                 )
             if shelf_states:
                 db.executemany(
@@ -250,11 +256,20 @@ class Journal:
                     [(e.ts_s, e.kind, orjson.dumps(e.body)) for e in events],
                 )
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+        except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
+            # Roll back whatever failed, a bad value included: never leave a transaction open.
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
             raise JournalError(f"journal commit failed: {exc}") from exc
         self.outbox_rows += len(readings) + len(events)
+
+    def has_reading(self, device: str, epoch: int, seq: int) -> bool:
+        """Whether this reading is in the outbox (a redelivery older than the cursor window)."""
+        row = self.db.execute(
+            "SELECT 1 FROM readings WHERE device=? AND epoch=? AND seq=?", (device, epoch, seq)
+        ).fetchone()
+        return row is not None
 
     # -- outbox drain (the historian) --------------------------------------------------------
     def read_readings(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -240,7 +241,7 @@ def _health(rt: Runtime) -> HealthPublic:
         uptime_s=now - rt.started_at_s if rt.started_at_s else 0.0,
         mqtt=LinkPublic(
             state=link.state.value,  # type: ignore[arg-type]
-            since_s=link.watch.age_s(),
+            since_s=time.monotonic() - link.watch.since,
             session_present=link.session_present,
             connects=link.stats.connects,
         ),

@@ -97,6 +97,17 @@ class ScaleConditioner:
             return self._settled, self._median, True
         if self.pending:
             self.pending.clear()
+        # Inlined _refresh: this is the per-reading path.
         window.append(weight_g)
-        self._refresh(spec)
-        return self._settled, self._median, False
+        size = spec.settle_window
+        n = len(window)
+        if n > size:
+            del window[: n - size]
+            n = size
+        ordered = sorted(window)
+        mid = n >> 1
+        median_g = ordered[mid] if n & 1 else (ordered[mid - 1] + ordered[mid]) / 2.0
+        settled = n >= (size if size < 3 else 3) and ordered[-1] - ordered[0] <= spec.settle_band_g
+        self._median = median_g
+        self._settled = settled
+        return settled, median_g, False

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from controller.config import SiteConfig
-from controller.domain.model import ReorderPolicy, ShelfSpec, ShelfStatus
+from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec, ShelfStatus
 from controller.domain.reorder import AlertState, classify, evaluate, suggested_order_qty
 from controller.domain.stock import ShelfState, sku_level
 from controller.ports import EventRow, JournalPort, MessageLink
@@ -62,9 +62,7 @@ class AlertService:
                 safety_stock=sku.safety_stock,
                 max_stock=sku.max_stock,
                 hysteresis_units=(
-                    sku.hysteresis_units
-                    if sku.hysteresis_units is not None
-                    else max(1, round(0.1 * sku.reorder_point))
+                    sku.hysteresis_units if sku.hysteresis_units is not None else DERIVE
                 ),
                 dwell_s=sku.dwell_s,
             )
@@ -76,11 +74,10 @@ class AlertService:
                     reorder_point=shelf.reorder.reorder_point,
                     safety_stock=shelf.reorder.safety_stock,
                     max_stock=shelf.capacity_units,
-                    hysteresis_units=max(1, round(0.1 * shelf.reorder.reorder_point)),
                     dwell_s=sku.dwell_s,
                 )
                 self._add(AlertTarget(f"shelf:{shelf.id}", shelf.sku, (shelf.id,), policy))
-        self.alerts: dict[str, AlertState] = {k: AlertState.initial(k) for k in self.targets}
+        self.alerts: dict[str, AlertState] = {k: AlertState(k) for k in self.targets}
         self.levels: dict[str, int | None] = dict.fromkeys(self.targets)
         self.published = 0
         self.raised = 0

@@ -261,7 +261,11 @@ class IngestService:
             return "duplicate", f"seq {r.seq} already applied"
         else:
             back = cur.seq - r.seq  # ≥ 1
-            if back <= WINDOW and (cur.window >> (back - 1)) & 1:
+            if back <= WINDOW:
+                if (cur.window >> (back - 1)) & 1:
+                    return "duplicate", f"seq {r.seq} already applied"
+            elif self._journal.has_reading(device, r.epoch, r.seq):
+                # Older than the window (a large redelivered group): the journal knows.
                 return "duplicate", f"seq {r.seq} already applied"
             return "out_of_order", f"seq {r.seq} older than applied {cur.seq}"
         spec = self._by_channel.get((device, r.channel))

@@ -8,9 +8,9 @@ import random
 class Backoff:
     """Delays for successive retries: ``initial_s * factor**n``, jittered, never above ``max_s``.
 
-    Jitter is relative: with ``jitter=0.2`` each delay is scaled by a uniform factor in
-    [0.8, 1.2] before the cap, so many clients restarting together spread out while the cap
-    still bounds how long a recovered peer waits for us.
+    Jitter only shortens: with ``jitter=0.2`` each delay is the capped exponential value
+    times a uniform factor in [0.8, 1.0], so clients restarting together spread out, and
+    ``max_s`` still bounds how long a recovered peer waits for us.
     """
 
     __slots__ = ("_attempt", "_rng", "factor", "initial_s", "jitter", "max_s")
@@ -45,11 +45,11 @@ class Backoff:
     def next_delay(self) -> float:
         """The delay before the next retry, in seconds; advances the sequence."""
         # Cap the exponent so factor**n cannot overflow after very long outages.
-        base = self.initial_s * self.factor ** min(self._attempt, 64)
+        delay = min(self.initial_s * self.factor ** min(self._attempt, 64), self.max_s)
         self._attempt += 1
         if self.jitter:
-            base *= 1.0 + self.jitter * (2.0 * self._rng.random() - 1.0)
-        return min(base, self.max_s)
+            delay *= 1.0 - self.jitter * self._rng.random()
+        return delay
 
     def reset(self) -> None:
         """Start again from ``initial_s`` (call after a successful connection)."""

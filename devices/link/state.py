@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -52,10 +53,8 @@ class StateWatch:
 
     def remove_listener(self, callback: StateListener) -> None:
         """Stop calling ``callback``; unknown callbacks are ignored."""
-        try:
+        with contextlib.suppress(ValueError):
             self._listeners.remove(callback)
-        except ValueError:
-            pass
 
     def set(self, new: LinkState, now: float | None = None) -> None:
         """Enter ``new`` (no-op if already in it), then notify waiters and listeners."""
@@ -92,7 +91,5 @@ class StateWatch:
         finally:
             if not fut.done():
                 fut.cancel()
-                try:
+                with contextlib.suppress(ValueError):
                     self._waiters.remove((state, fut))
-                except ValueError:
-                    pass

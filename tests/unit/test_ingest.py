@@ -115,7 +115,8 @@ def test_poison_is_rejected_counted_dead_lettered_and_acked(h: Harness, case: di
     h.send(good_before)
     poison = h.msg(case["topic"], corpus_payload(case))
     h.send(poison)
-    assert h.ingest.rejected[case["reason"]] == 1, dict(h.ingest.rejected)
+    # One rejection per message, or per element of a batch; all for the expected reason.
+    assert set(h.ingest.rejected) == {case["reason"]}, dict(h.ingest.rejected)
     assert case["reason"] in REASONS
     assert poison.packet_id in h.link.acked, "poison must be acked, or the broker redelivers it"
     letters = h.journal.dead_letters(5)
@@ -166,7 +167,7 @@ def test_restart_restores_cursors_so_redelivery_is_not_applied_twice(
     tmp_path: Path, site: SiteConfig
 ) -> None:
     a = Harness(tmp_path, site)
-    msgs = [a.msg(T_A01, reading(s, 1500.0 + 0.1 * s, NOW + s)) for s in range(1, 50)]
+    msgs = [a.msg(T_A01, reading(s, 1500.0 + 0.1 * s, NOW + s)) for s in range(1, 300)]
     a.send(*msgs)
     states_before = {k: v.to_dict() for k, v in a.ingest.states.items()}
     a.journal.close()
@@ -236,10 +237,10 @@ _json_values = st.recursive(
 _reading_like = st.fixed_dictionaries(
     {},
     optional={
-        "device": st.sampled_from(["scale-a01", "scale-a02", "", "x"]) | st.integers(),
+        "device": st.sampled_from(["scale-a01", "scale-a02", "", "x"]) | st.integers(-5, 5),
         "seq": st.integers(-5, 2**64 - 1) | st.floats() | st.text(max_size=3),
-        "ts": st.floats() | st.integers() | st.just(NOW),
-        "grams": st.floats() | st.integers() | st.text(max_size=3),
+        "ts": st.floats() | st.integers(-5, 2**63) | st.just(NOW),
+        "grams": st.floats() | st.integers(-(2**63), 2**63) | st.text(max_size=3),
         "ch": st.integers(-2, 3),
         "epoch": st.integers(-2, 3),
     },

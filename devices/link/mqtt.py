@@ -1,0 +1,902 @@
+"""An asyncio-native MQTT 5 / 3.1.1 client link for high-rate QoS 1 ingest with manual acks.
+
+The wire protocol runs on `asyncio.Protocol`: each `data_received` chunk is parsed in one pass
+(`PacketParser`) and every complete PUBLISH in it goes to ``on_messages`` as one batch, so the
+consumer can commit the batch durably and then `MqttLink.ack` it with a single write.
+
+One supervisor loop, `MqttLink.run`, owns connecting, subscribing, keepalive and reconnecting
+with capped, jittered backoff. Callers never retry: they watch `MqttLink.watch` or await
+`MqttLink.wait_up`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from devices.errors import (
+    AuthError,
+    DeviceConfigError,
+    DeviceError,
+    DeviceUnavailable,
+    ProtocolError,
+    SessionTakenOver,
+)
+from devices.link.backoff import Backoff
+from devices.link.mqtt_codec import (
+    CONNACK,
+    DISCONNECT,
+    DISCONNECT_PACKET,
+    MAX_PACKET_ID,
+    MAX_REMAINING_LENGTH,
+    PINGREQ_PACKET,
+    PINGRESP,
+    PROP_MAXIMUM_PACKET_SIZE,
+    PROP_RECEIVE_MAXIMUM,
+    PROP_SERVER_KEEP_ALIVE,
+    PROTOCOL_V5,
+    PROTOCOL_V311,
+    PUBACK,
+    SUBACK,
+    UNSUBACK,
+    MqttMessage,
+    PacketParser,
+    decode_connack,
+    decode_disconnect,
+    decode_puback,
+    decode_suback,
+    encode_connect,
+    encode_pubacks,
+    encode_publish,
+    encode_subscribe,
+    prop_int,
+)
+from devices.link.state import LinkState, StateWatch
+
+__all__ = ["MqttLink", "MqttLinkConfig", "MqttLinkStats", "MqttMessage"]
+
+# CONNACK codes meaning "these credentials will never work" (v5: 0x86, 0x87; v3.1.1: 4, 5).
+_AUTH_REFUSED = {PROTOCOL_V5: frozenset({0x86, 0x87}), PROTOCOL_V311: frozenset({0x04, 0x05})}
+_V5_SESSION_TAKEN_OVER = 0x8E
+_V5_DISCONNECT_PROTOCOL_ERROR = b"\xe0\x01\x82"
+# Fixed header of a packet whose remaining length is at the MQTT maximum.
+_MAX_FIXED_HEADER = 5
+# MQTT 3.1.1 (and mosquitto 2.0.11 even over v5) signals a session takeover only by closing
+# the old connection. Two clients sharing an id then evict each other in turn, forever. We
+# call it a takeover when the broker cleanly closes this many connections in a row, each
+# within the window after accepting it, with every reconnect accepted at the first attempt
+# (a restarting broker refuses at least one attempt). The client evicted first reaches the
+# count first and stops; the other one keeps the session.
+_EVICTIONS_BEFORE_TAKEOVER = 3
+_EVICTION_WINDOW_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class MqttLinkConfig:
+    """Connection settings of one `MqttLink`; checked when the link is built."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "floorhand"
+    username: str | None = None
+    password: str | None = None
+    ssl_context: ssl.SSLContext | None = None
+    protocol: int = 5  # 5, or 4 for MQTT 3.1.1
+    keepalive_s: float = 10.0
+    session_expiry_s: int = 3600  # v5 Session Expiry Interval; v3.1.1: >0 means Clean Session 0
+    clean_start: bool = False
+    receive_maximum: int = 2000  # v5 window of unacked QoS 1 messages the broker may send us
+    subscriptions: tuple[tuple[str, int], ...] = ()  # (topic filter, max QoS)
+    connect_timeout_s: float = 5.0
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+    max_packet_bytes: int = 1_048_576  # larger PUBLISHes are skipped, acked, reported
+    max_queued_publishes: int = 10_000  # bound of the outgoing queue while down
+    will: tuple[str, bytes, int, bool] | None = None  # (topic, payload, qos, retain)
+
+
+@dataclass(slots=True)
+class MqttLinkStats:
+    """Counters of one link (monotonic over its lifetime)."""
+
+    connects: int = 0
+    disconnects: int = 0
+    messages_in: int = 0
+    bytes_in: int = 0
+    acks_sent: int = 0
+    publishes_out: int = 0
+    publish_acked: int = 0
+    dropped_publishes: int = 0
+    pings: int = 0
+    last_rx_monotonic: float = 0.0
+    invalid_in: int = 0  # PUBLISHes whose topic is not UTF-8: acked, not delivered
+    oversize_in: int = 0  # PUBLISHes above max_packet_bytes: acked, reported, not delivered
+    callback_errors: int = 0  # on_messages raised; that batch was not acked
+    publish_errors: int = 0  # PUBACK with a failure reason code, or a packet the broker refuses
+
+
+def _check_config(cfg: MqttLinkConfig) -> None:
+    def bad(field: str, why: str) -> DeviceConfigError:
+        return DeviceConfigError(f"mqtt config {field}: {why}")
+
+    if cfg.protocol not in (PROTOCOL_V5, PROTOCOL_V311):
+        raise bad("protocol", f"must be 5 or 4 (3.1.1), got {cfg.protocol}")
+    if not 0 < cfg.port < 65536:
+        raise bad("port", f"out of range: {cfg.port}")
+    if len(cfg.client_id.encode("utf-8")) > 0xFFFF:
+        raise bad("client_id", "longer than 65535 bytes")
+    if not cfg.client_id and not cfg.clean_start:
+        raise bad("client_id", "a persistent session needs a non-empty client id")
+    if cfg.protocol == PROTOCOL_V311 and cfg.password is not None and cfg.username is None:
+        raise bad("password", "MQTT 3.1.1 does not allow a password without a username")
+    if not 0 < cfg.keepalive_s <= 0xFFFF:
+        raise bad("keepalive_s", f"must be in (0, 65535], got {cfg.keepalive_s}")
+    if not 0 <= cfg.session_expiry_s <= 0xFFFFFFFF:
+        raise bad("session_expiry_s", f"out of range: {cfg.session_expiry_s}")
+    if not 0 < cfg.receive_maximum <= 0xFFFF:
+        raise bad("receive_maximum", f"must be in 1..65535, got {cfg.receive_maximum}")
+    if cfg.connect_timeout_s <= 0:
+        raise bad("connect_timeout_s", "must be > 0")
+    if not 0 < cfg.backoff_initial_s <= cfg.backoff_max_s:
+        raise bad("backoff_initial_s", "need 0 < backoff_initial_s <= backoff_max_s")
+    if not 16 <= cfg.max_packet_bytes <= MAX_REMAINING_LENGTH:
+        raise bad("max_packet_bytes", f"must be in 16..{MAX_REMAINING_LENGTH}")
+    if cfg.max_queued_publishes < 0:
+        raise bad("max_queued_publishes", "must be >= 0")
+    for index, (topic_filter, qos) in enumerate(cfg.subscriptions):
+        if not topic_filter or len(topic_filter.encode("utf-8")) > 0xFFFF:
+            raise bad(f"subscriptions[{index}]", f"invalid topic filter {topic_filter!r}")
+        if qos not in (0, 1, 2):
+            raise bad(f"subscriptions[{index}]", f"QoS must be 0, 1 or 2, got {qos}")
+    if cfg.will is not None:
+        will_topic, _, will_qos, _ = cfg.will
+        if not will_topic or "+" in will_topic or "#" in will_topic:
+            raise bad("will", f"invalid will topic {will_topic!r}")
+        if will_qos not in (0, 1, 2):
+            raise bad("will", f"QoS must be 0, 1 or 2, got {will_qos}")
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP/TLS connection to the broker; forwards everything to its link."""
+
+    def __init__(self, link: MqttLink, parser: PacketParser) -> None:
+        self.link = link
+        self.parser = parser
+        self.transport: asyncio.Transport | None = None
+        self.connected = False  # CONNACK accepted: acks and publishes may be written
+        self.up = False  # SUBACK received
+        self.closing = False
+        self.evicted = False  # the broker closed it cleanly while we were connected
+        self.close_reason = ""
+        self.fatal: DeviceError | None = None
+        self.expect_type = 0
+        self.expect_fut: asyncio.Future[bytes] | None = None
+        self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.timer: asyncio.TimerHandle | None = None
+        self.keepalive_s = 0.0
+        self.last_ping = 0.0
+        self.callback_failed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.link._on_connection_made(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.link._on_data(self, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link._on_connection_lost(self, exc)
+
+    def expect(self, packet_type: int) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.expect_type = packet_type
+        self.expect_fut = fut
+        return fut
+
+
+class MqttLink:
+    """A supervised MQTT client connection with manual QoS 1 acknowledgement.
+
+    ``on_messages`` is called synchronously from the transport's data callback with every
+    complete PUBLISH of one received chunk. It may call `ack` itself (e.g. after a group
+    commit); if it raises, the batch is logged, counted and not acked, and the link carries on.
+    ``on_oversize(topic, size)`` reports PUBLISHes whose remaining length exceeds
+    ``max_packet_bytes``; they are skipped and acked.
+    """
+
+    def __init__(
+        self,
+        config: MqttLinkConfig,
+        on_messages: Callable[[list[MqttMessage]], None],
+        *,
+        name: str = "mqtt",
+        on_oversize: Callable[[str, int], None] | None = None,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        _check_config(config)
+        self._config = config
+        self._on_messages = on_messages
+        self._on_oversize = on_oversize
+        self.name = name
+        self._log = logger if logger is not None else logging.getLogger(__name__)
+        self.watch = StateWatch(LinkState.DOWN)
+        self.stats = MqttLinkStats()
+        self.session_present = False
+        self._subscriptions = tuple((flt, min(qos, 1)) for flt, qos in config.subscriptions)
+        self._connect_packet = encode_connect(
+            protocol=config.protocol,
+            client_id=config.client_id,
+            keepalive_s=min(0xFFFF, max(1, math.ceil(config.keepalive_s))),
+            clean_start=config.clean_start
+            or (config.protocol == PROTOCOL_V311 and config.session_expiry_s == 0),
+            session_expiry_s=config.session_expiry_s,
+            receive_maximum=config.receive_maximum,
+            maximum_packet_size=min(config.max_packet_bytes + _MAX_FIXED_HEADER, 0xFFFFFFFF),
+            username=config.username,
+            password=config.password,
+            will=config.will,
+        )
+        self._conn: _Connection | None = None
+        self._epoch = 0
+        self._unacked_in: set[int] = set()
+        self._inflight: dict[int, bytes] = {}
+        self._queue: deque[tuple[str, bytes, int, bool]] = deque()
+        self._queued_qos0 = 0
+        self._next_packet_id = 1
+        self._send_window = MAX_PACKET_ID - 1
+        self._server_max_packet = 0
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._paused = False
+        self._running = False
+        self._closing = False
+        self._closing_event = asyncio.Event()
+        self._ever_up = False
+        self._up_since = 0.0
+        self._down_since = 0.0
+        self._logged_failure = False
+        self._logged_queue_full = False
+
+    # -- public surface -------------------------------------------------------------------
+
+    @property
+    def config(self) -> MqttLinkConfig:
+        return self._config
+
+    @property
+    def state(self) -> LinkState:
+        """The link state (same as ``watch.state``)."""
+        return self.watch.state
+
+    @property
+    def epoch(self) -> int:
+        """Number of the current connection; increases on every (re)connect.
+
+        Packet ids are only meaningful within one connection. A consumer that acks after an
+        ``await`` should read ``epoch`` inside ``on_messages`` and pass it to `ack`, so a late
+        ack cannot acknowledge a different message that reuses the id after a reconnect.
+        """
+        return self._epoch
+
+    @property
+    def inflight_publishes(self) -> int:
+        """Outgoing QoS 1 publishes sent and not yet PUBACKed."""
+        return len(self._inflight)
+
+    @property
+    def queued_publishes(self) -> int:
+        """Outgoing publishes waiting for the link (or for the broker's receive window)."""
+        return len(self._queue)
+
+    async def run(self) -> None:
+        """Connect, subscribe, serve and reconnect until cancelled, `disconnect`-ed or fatal.
+
+        Raises `SessionTakenOver`, `AuthError` or `DeviceConfigError` (the broker refused a
+        subscription) without reconnecting; re-raises `asyncio.CancelledError`.
+        """
+        if self._running:
+            raise RuntimeError(f"{self.name}: run() is already running")
+        self._running = True
+        self._closing = False
+        self._closing_event.clear()
+        cfg = self._config
+        backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        failed_attempts = 0  # since the last connection ended
+        evictions = 0
+        try:
+            while not self._closing:
+                self.watch.set(LinkState.CONNECTING)
+                try:
+                    conn = await self._handshake()
+                except (AuthError, DeviceConfigError, SessionTakenOver) as exc:
+                    self._enter_down(str(exc))
+                    self._log.error("%s stopped: %s", self.name, exc)
+                    raise
+                except (OSError, TimeoutError, DeviceError) as exc:
+                    reason = _describe(exc)
+                    failed_attempts += 1
+                else:
+                    backoff.reset()
+                    accepted_at_once = failed_attempts == 0
+                    failed_attempts = 0
+                    self._enter_up()
+                    reason = await conn.closed
+                    if conn.fatal is None and conn.evicted and accepted_at_once:
+                        if time.monotonic() - self.watch.since < _EVICTION_WINDOW_S:
+                            evictions += 1
+                        else:
+                            evictions = 1
+                        if evictions >= _EVICTIONS_BEFORE_TAKEOVER:
+                            conn.fatal = SessionTakenOver(
+                                f"{self.name}: the broker closed the connection right after "
+                                f"accepting it {evictions} times in a row: another client is "
+                                f"probably using client id {cfg.client_id!r}"
+                            )
+                    else:
+                        evictions = 0
+                    if conn.fatal is not None:
+                        self._enter_down(reason)
+                        self._log.error("%s stopped: %s", self.name, conn.fatal)
+                        raise conn.fatal
+                self._enter_down(reason, expected=self._closing)
+                if self._closing:
+                    break
+                await self._sleep_unless_closing(backoff.next_delay())
+        finally:
+            conn_left = self._conn
+            if conn_left is not None and not conn_left.closing:
+                # Cancellation is our shutdown: leave politely so the broker keeps the
+                # session and does not publish the will.
+                self._close(conn_left, "link stopped", polite=True)
+            if self.watch.state is not LinkState.DOWN:
+                self._enter_down("link stopped", expected=True)
+            self._running = False
+
+    def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None:
+        """Send PUBACKs for these QoS 1 packet ids in one write.
+
+        Ids of 0, ids not delivered on the current connection or already acked, and (when
+        given) an ``epoch`` other than the current one are ignored; when the link is down
+        nothing is sent: the broker redelivers.
+        """
+        conn = self._conn
+        if conn is None or not conn.connected or (epoch is not None and epoch != self._epoch):
+            return
+        pending = self._unacked_in
+        ids = [pid for pid in packet_ids if pid in pending]
+        if not ids:
+            return
+        if len(ids) > 1:
+            ids = list(dict.fromkeys(ids))
+        pending.difference_update(ids)
+        assert conn.transport is not None
+        conn.transport.write(encode_pubacks(ids))
+        self.stats.acks_sent += len(ids)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        """Send a PUBLISH without waiting (QoS 0 or 1).
+
+        QoS 1 stays in flight until PUBACKed and is re-sent after a reconnect. While the link
+        is down publishes are queued; when the queue is full the oldest queued QoS 0 publish
+        is dropped, and if there is none the new publish is rejected with `DeviceUnavailable`
+        (both counted in ``stats.dropped_publishes``).
+        """
+        if qos not in (0, 1):
+            raise ValueError(f"{self.name}: publish supports QoS 0 and 1, got {qos}")
+        if not topic or "+" in topic or "#" in topic:
+            raise ValueError(f"{self.name}: invalid topic name {topic!r}")
+        conn = self._conn
+        if (
+            conn is not None
+            and conn.connected
+            and not self._queue
+            and (qos == 0 or len(self._inflight) < self._send_window)
+        ):
+            packet = self._encode_publish(topic, payload, qos, retain)
+            if packet is not None:
+                assert conn.transport is not None
+                conn.transport.write(packet)
+            return
+        self._enqueue(topic, payload, qos, retain)
+
+    def pause_reading(self) -> None:
+        """Stop reading from the broker (backpressure) until `resume_reading`.
+
+        Stays in force across reconnects (reading resumes only for each handshake). While
+        paused the keepalive does not declare the link dead for lack of incoming data.
+        """
+        self._paused = True
+        conn = self._conn
+        if conn is not None and conn.up and conn.transport is not None and not conn.closing:
+            conn.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Undo `pause_reading`."""
+        if not self._paused:
+            return
+        self._paused = False
+        self.stats.last_rx_monotonic = time.monotonic()
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not conn.closing:
+            conn.transport.resume_reading()
+
+    async def wait_up(self, timeout_s: float) -> None:
+        """Return when the link is UP; raise `DeviceUnavailable` after ``timeout_s``."""
+        try:
+            await self.watch.wait_for(LinkState.UP, timeout_s)
+        except TimeoutError:
+            raise DeviceUnavailable(f"{self.name} not up after {timeout_s:g} s") from None
+
+    async def drain_publishes(self, timeout_s: float) -> bool:
+        """Wait until every QoS 1 publish was PUBACKed; False if ``timeout_s`` passed first."""
+        if self._drained():
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drain_waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            if fut in self._drain_waiters:
+                self._drain_waiters.remove(fut)
+
+    async def disconnect(self) -> None:
+        """Send DISCONNECT (reason 0: the session is kept), close, and make `run` return."""
+        self._closing = True
+        self._closing_event.set()
+        conn = self._conn
+        if conn is None:
+            return
+        if not conn.closing:
+            self._close(conn, "disconnect requested", polite=True)
+        try:
+            async with asyncio.timeout(self._config.connect_timeout_s):
+                await asyncio.shield(conn.closed)
+        except TimeoutError:
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    # -- supervisor helpers ---------------------------------------------------------------
+
+    async def _handshake(self) -> _Connection:
+        cfg = self._config
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, PacketParser(cfg.protocol, cfg.max_packet_bytes))
+        try:
+            async with asyncio.timeout(cfg.connect_timeout_s):
+                await loop.create_connection(
+                    lambda: conn,
+                    cfg.host,
+                    cfg.port,
+                    ssl=cfg.ssl_context,
+                    server_hostname=cfg.host if cfg.ssl_context is not None else None,
+                )
+                assert conn.transport is not None
+                if self._closing:
+                    raise DeviceUnavailable("disconnect requested")
+                connack = conn.expect(CONNACK)
+                conn.transport.write(self._connect_packet)
+                await connack
+                if self._subscriptions and not conn.closing:
+                    suback = conn.expect(SUBACK)
+                    packet_id = self._allocate_packet_id()
+                    conn.transport.write(
+                        encode_subscribe(packet_id, self._subscriptions, cfg.protocol)
+                    )
+                    await suback
+        except TimeoutError:
+            self._close(conn, "handshake timed out", abort=True)
+            raise TimeoutError(
+                f"no answer from {cfg.host}:{cfg.port} within {cfg.connect_timeout_s:g} s"
+            ) from None
+        except BaseException:
+            self._close(conn, "handshake failed", abort=True)
+            raise
+        if self._closing:
+            self._close(conn, "disconnect requested", polite=True)
+        if conn.closing:
+            raise DeviceUnavailable(conn.close_reason or "connection closed during handshake")
+        conn.up = True
+        if self._paused and conn.transport is not None:
+            conn.transport.pause_reading()
+        return conn
+
+    async def _sleep_unless_closing(self, delay_s: float) -> None:
+        try:
+            async with asyncio.timeout(delay_s):
+                await self._closing_event.wait()
+        except TimeoutError:
+            pass
+
+    def _enter_up(self) -> None:
+        now = time.monotonic()
+        cfg = self._config
+        if self._ever_up:
+            self._log.info("%s back after %.1f s", self.name, now - self._down_since)
+        else:
+            self._log.info(
+                "%s up (%s:%d, MQTT %s, session present: %s)",
+                self.name,
+                cfg.host,
+                cfg.port,
+                "5" if cfg.protocol == PROTOCOL_V5 else "3.1.1",
+                self.session_present,
+            )
+        self._ever_up = True
+        self._logged_failure = False
+        self._logged_queue_full = False
+        self._up_since = now
+        self.watch.set(LinkState.UP, now)
+
+    def _enter_down(self, reason: str, *, expected: bool = False) -> None:
+        now = time.monotonic()
+        if self.watch.state is LinkState.UP:
+            self._log.log(
+                logging.INFO if expected else logging.WARNING,
+                "%s down after %.1f s: %s",
+                self.name,
+                now - self._up_since,
+                reason,
+            )
+            self._down_since = now
+        elif expected:
+            self._log.debug("%s stopped while %s", self.name, self.watch.state.value)
+        elif not self._ever_up and not self._logged_failure:
+            self._logged_failure = True
+            self._down_since = now
+            self._log.warning(
+                "%s cannot connect to %s:%d: %s (retrying)",
+                self.name,
+                self._config.host,
+                self._config.port,
+                reason,
+            )
+        else:
+            self._log.debug("%s connect attempt failed: %s", self.name, reason)
+        self.watch.set(LinkState.DOWN, now)
+
+    # -- protocol callbacks ---------------------------------------------------------------
+
+    def _on_connection_made(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._epoch += 1
+        self._unacked_in.clear()
+        self.stats.last_rx_monotonic = time.monotonic()
+
+    def _on_connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if not conn.closing:
+            conn.closing = True
+            conn.evicted = exc is None and conn.connected
+            conn.close_reason = (
+                f"connection lost: {_describe(exc)}" if exc else "connection closed by the broker"
+            )
+        if conn.connected:
+            self.stats.disconnects += 1
+        conn.connected = False
+        if self._conn is conn:
+            self._conn = None
+        fut = conn.expect_fut
+        if fut is not None and not fut.done():
+            fut.set_exception(conn.fatal or DeviceUnavailable(conn.close_reason))
+        if not conn.closed.done():
+            conn.closed.set_result(conn.close_reason)
+
+    def _close(
+        self, conn: _Connection, reason: str, *, abort: bool = False, polite: bool = False
+    ) -> None:
+        """Close ``conn`` for ``reason``; `_on_connection_lost` finishes the bookkeeping."""
+        if conn.closing:
+            return
+        conn.closing = True
+        conn.close_reason = reason
+        transport = conn.transport
+        if polite and conn.connected and transport is not None:
+            transport.write(DISCONNECT_PACKET)
+        conn.connected = False
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if transport is None:
+            if not conn.closed.done():
+                conn.closed.set_result(reason)
+            return
+        if abort:
+            transport.abort()
+        else:
+            transport.close()
+
+    def _protocol_error(self, conn: _Connection, exc: ProtocolError) -> None:
+        if conn.closing:
+            return
+        self._log.error("%s protocol error from the broker: %s", self.name, exc)
+        if self._config.protocol == PROTOCOL_V5 and conn.transport is not None:
+            conn.transport.write(_V5_DISCONNECT_PROTOCOL_ERROR)
+        self._close(conn, f"protocol error: {exc}")
+
+    def _on_data(self, conn: _Connection, data: bytes) -> None:
+        if conn.closing:
+            return
+        stats = self.stats
+        stats.bytes_in += len(data)
+        stats.last_rx_monotonic = time.monotonic()
+        parser = conn.parser
+        try:
+            messages = parser.feed(data)
+            if parser.control:
+                control = parser.control
+                parser.control = []
+                for packet_type, flags, body in control:
+                    self._on_control(conn, packet_type, flags, body)
+        except ProtocolError as exc:
+            self._protocol_error(conn, exc)
+            return
+        if conn.closing:
+            return
+        if messages:
+            stats.messages_in += len(messages)
+            self._unacked_in.update([m.packet_id for m in messages if m.packet_id])
+            try:
+                self._on_messages(messages)
+            except Exception:
+                stats.callback_errors += 1
+                if not conn.callback_failed:
+                    conn.callback_failed = True
+                    self._log.exception(
+                        "%s on_messages failed; batch of %d not acked (later failures on "
+                        "this connection are only counted)",
+                        self.name,
+                        len(messages),
+                    )
+        if parser.auto_ack or parser.oversized or parser.invalid:
+            self._on_undeliverable(conn, parser)
+
+    def _on_undeliverable(self, conn: _Connection, parser: PacketParser) -> None:
+        ids = parser.auto_ack
+        parser.auto_ack = []
+        if parser.invalid:
+            if not self.stats.invalid_in:
+                self._log.warning("%s dropped a PUBLISH whose topic is not UTF-8", self.name)
+            self.stats.invalid_in += parser.invalid
+            parser.invalid = 0
+        oversized = parser.oversized
+        parser.oversized = []
+        for topic, size, packet_id in oversized:
+            self.stats.oversize_in += 1
+            if packet_id:
+                ids.append(packet_id)
+            if self._on_oversize is not None:
+                try:
+                    self._on_oversize(topic, size)
+                except Exception:
+                    self._log.exception("%s on_oversize failed", self.name)
+        if ids:
+            self._unacked_in.update(ids)
+            self.ack(ids)
+
+    def _on_control(self, conn: _Connection, packet_type: int, flags: int, body: bytes) -> None:
+        proto = self._config.protocol
+        if packet_type == PUBACK:
+            packet_id, reason = decode_puback(body, proto)
+            if self._inflight.pop(packet_id, None) is None:
+                return
+            self.stats.publish_acked += 1
+            if reason >= 0x80:
+                self.stats.publish_errors += 1
+                self._log.warning(
+                    "%s broker refused publish %d: reason 0x%02x", self.name, packet_id, reason
+                )
+            if self._queue:
+                self._flush_queue(conn)
+            if self._drain_waiters and self._drained():
+                self._wake_drainers()
+        elif packet_type == PINGRESP:
+            pass
+        elif packet_type == CONNACK and conn.expect_type == CONNACK:
+            self._on_connack(conn, body)
+        elif packet_type == SUBACK and conn.expect_type == SUBACK:
+            packet_id, codes = decode_suback(body, proto)
+            refused = [
+                (flt, code)
+                for (flt, _), code in zip(self._subscriptions, codes, strict=False)
+                if code >= 0x80
+            ]
+            if refused:
+                listing = ", ".join(f"{flt!r} (0x{code:02x})" for flt, code in refused)
+                self._resolve_expect(
+                    conn, DeviceConfigError(f"{self.name}: broker refused subscription {listing}")
+                )
+                self._close(conn, "subscription refused")
+            else:
+                self._resolve_expect(conn, body)
+        elif packet_type == DISCONNECT:
+            reason, text = decode_disconnect(body, proto)
+            detail = f"0x{reason:02x}" + (f" {text}" if text else "")
+            if reason == _V5_SESSION_TAKEN_OVER:
+                conn.fatal = SessionTakenOver(
+                    f"{self.name}: session taken over by another client with id "
+                    f"{self._config.client_id!r}"
+                )
+                self._resolve_expect(conn, conn.fatal)
+            self._close(conn, f"broker sent DISCONNECT {detail}")
+        elif packet_type == UNSUBACK:
+            pass
+        else:
+            raise ProtocolError(f"unexpected packet type {packet_type} from the broker")
+
+    def _resolve_expect(self, conn: _Connection, outcome: bytes | BaseException) -> None:
+        fut = conn.expect_fut
+        conn.expect_type = 0
+        conn.expect_fut = None
+        if fut is None or fut.done():
+            return
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+
+    def _on_connack(self, conn: _Connection, body: bytes) -> None:
+        cfg = self._config
+        connack = decode_connack(body, cfg.protocol)
+        code = connack.reason_code
+        if code:
+            error: DeviceError
+            if code in _AUTH_REFUSED[cfg.protocol]:
+                error = AuthError(f"{self.name}: broker refused our credentials (0x{code:02x})")
+            else:
+                error = DeviceUnavailable(f"broker refused the connection (0x{code:02x})")
+            self._resolve_expect(conn, error)
+            self._close(conn, str(error))
+            return
+        self.session_present = connack.session_present
+        props = connack.properties
+        self._send_window = min(prop_int(props, PROP_RECEIVE_MAXIMUM, 0xFFFF), MAX_PACKET_ID - 1)
+        self._server_max_packet = prop_int(props, PROP_MAXIMUM_PACKET_SIZE, 0)
+        keepalive_s = float(prop_int(props, PROP_SERVER_KEEP_ALIVE, 0)) or cfg.keepalive_s
+        conn.connected = True
+        self.stats.connects += 1
+        self._resend(conn)
+        self._start_keepalive(conn, keepalive_s)
+        self._resolve_expect(conn, body)
+
+    # -- keepalive ------------------------------------------------------------------------
+
+    def _start_keepalive(self, conn: _Connection, keepalive_s: float) -> None:
+        conn.keepalive_s = keepalive_s
+        conn.last_ping = time.monotonic()
+        conn.timer = asyncio.get_running_loop().call_later(
+            keepalive_s / 4, self._keepalive_tick, conn
+        )
+
+    def _keepalive_tick(self, conn: _Connection) -> None:
+        conn.timer = None
+        if conn.closing or conn.transport is None:
+            return
+        now = time.monotonic()
+        keepalive_s = conn.keepalive_s
+        silent_s = now - self.stats.last_rx_monotonic
+        if not self._paused and silent_s >= keepalive_s:
+            self._close(
+                conn,
+                f"nothing received for {silent_s:.1f} s (keepalive {keepalive_s:g} s)",
+                abort=True,
+            )
+            return
+        if now - conn.last_ping >= keepalive_s / 2:
+            conn.transport.write(PINGREQ_PACKET)
+            conn.last_ping = now
+            self.stats.pings += 1
+        conn.timer = asyncio.get_running_loop().call_later(
+            keepalive_s / 4, self._keepalive_tick, conn
+        )
+
+    # -- outgoing publishes ---------------------------------------------------------------
+
+    def _allocate_packet_id(self) -> int:
+        packet_id = self._next_packet_id
+        inflight = self._inflight
+        while packet_id in inflight:
+            packet_id = packet_id % MAX_PACKET_ID + 1
+        self._next_packet_id = packet_id % MAX_PACKET_ID + 1
+        return packet_id
+
+    def _encode_publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> bytes | None:
+        packet_id = self._allocate_packet_id() if qos else 0
+        packet = encode_publish(topic, payload, qos, retain, packet_id, self._config.protocol)
+        if self._server_max_packet and len(packet) > self._server_max_packet:
+            self.stats.publish_errors += 1
+            self._log.warning(
+                "%s dropped a %d-byte publish to %r: above the broker's maximum packet size %d",
+                self.name,
+                len(packet),
+                topic,
+                self._server_max_packet,
+            )
+            return None
+        if qos:
+            self._inflight[packet_id] = packet
+        self.stats.publishes_out += 1
+        return packet
+
+    def _enqueue(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        queue = self._queue
+        if len(queue) >= self._config.max_queued_publishes:
+            self.stats.dropped_publishes += 1
+            if self._queued_qos0:
+                for index, item in enumerate(queue):
+                    if item[2] == 0:
+                        del queue[index]
+                        self._queued_qos0 -= 1
+                        break
+            else:
+                if not self._logged_queue_full:
+                    self._logged_queue_full = True
+                    self._log.warning(
+                        "%s publish queue full (%d); rejecting publishes until the link is back",
+                        self.name,
+                        len(queue),
+                    )
+                raise DeviceUnavailable(
+                    f"{self.name} is {self.state.value} and its publish queue is full"
+                )
+        queue.append((topic, payload, qos, retain))
+        if qos == 0:
+            self._queued_qos0 += 1
+
+    def _resend(self, conn: _Connection) -> None:
+        """After CONNACK: re-send in-flight QoS 1 (DUP if the session survived), then the queue."""
+        packets = list(self._inflight.values())
+        if packets and self.session_present:
+            packets = [bytes((packet[0] | 0x08,)) + packet[1:] for packet in packets]
+        if packets:
+            assert conn.transport is not None
+            conn.transport.write(b"".join(packets))
+        self._flush_queue(conn)
+
+    def _flush_queue(self, conn: _Connection) -> None:
+        queue = self._queue
+        window = self._send_window
+        packets: list[bytes] = []
+        while queue and conn.connected:
+            topic, payload, qos, retain = queue[0]
+            if qos and len(self._inflight) >= window:
+                break
+            queue.popleft()
+            if qos == 0:
+                self._queued_qos0 -= 1
+            packet = self._encode_publish(topic, payload, qos, retain)
+            if packet is not None:
+                packets.append(packet)
+        if packets and conn.transport is not None:
+            conn.transport.write(b"".join(packets))
+        if self._drain_waiters and self._drained():
+            self._wake_drainers()
+
+    def _drained(self) -> bool:
+        return not self._inflight and len(self._queue) == self._queued_qos0
+
+    def _wake_drainers(self) -> None:
+        for fut in self._drain_waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._drain_waiters = []
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown"
+    text = str(exc)
+    if isinstance(exc, DeviceError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

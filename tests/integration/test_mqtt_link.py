@@ -1,0 +1,411 @@
+"""MqttLink against a real mosquitto 2.0 on loopback, with paho-mqtt as the independent peer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from devices.errors import DeviceError, DeviceUnavailable, SessionTakenOver
+from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage
+from devices.link.state import LinkState
+from tests.mosquitto import (
+    MosquittoBroker,
+    free_port,
+    paho_collect,
+    paho_publish,
+    running_mosquitto,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[MosquittoBroker]:
+    async with running_mosquitto(tmp_path / "mosquitto") as running:
+        try:
+            yield running
+        finally:
+            print(f"--- mosquitto log tail ---\n{running.log_tail()}")
+
+
+class Collector:
+    """``on_messages`` for tests: records every batch and acks what ``should_ack`` allows."""
+
+    def __init__(self, should_ack: Callable[[MqttMessage], bool] = lambda m: True) -> None:
+        self.should_ack = should_ack
+        self.messages: list[MqttMessage] = []
+        self.link: MqttLink | None = None
+        self._changed = asyncio.Event()
+
+    def __call__(self, batch: list[MqttMessage]) -> None:
+        self.messages.extend(batch)
+        if self.link is not None:
+            self.link.ack([m.packet_id for m in batch if self.should_ack(m)])
+        self._changed.set()
+
+    def payloads(self) -> list[bytes]:
+        return [m.payload for m in self.messages]
+
+    async def wait_until(
+        self, predicate: Callable[[list[MqttMessage]], bool], timeout_s: float = 10.0
+    ) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not predicate(self.messages):
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_for_payload(self, payload: bytes, timeout_s: float = 10.0) -> None:
+        await self.wait_until(lambda ms: any(m.payload == payload for m in ms), timeout_s)
+
+
+def make_link(
+    port: int,
+    collector: Collector,
+    *,
+    name: str = "mqtt",
+    on_oversize: Callable[[str, int], None] | None = None,
+    **overrides: object,
+) -> MqttLink:
+    settings: dict[str, object] = {
+        "port": port,
+        "client_id": "floorhand-test",
+        "subscriptions": (("shelf/#", 1),),
+        "keepalive_s": 5.0,
+        "connect_timeout_s": 2.0,
+    }
+    settings.update(overrides)
+    link = MqttLink(
+        MqttLinkConfig(**settings),  # type: ignore[arg-type]
+        collector,
+        name=name,
+        on_oversize=on_oversize,
+    )
+    collector.link = link
+    return link
+
+
+@contextlib.asynccontextmanager
+async def running(link: MqttLink) -> AsyncIterator[None]:
+    """Run the link's supervisor for the block; leave with a clean DISCONNECT."""
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(link.run(), name=f"{link.name}.run")
+        try:
+            yield
+        finally:
+            await link.disconnect()
+
+
+async def publish(port: int, messages: list[tuple[str, bytes]], protocol: int = 5) -> None:
+    await asyncio.to_thread(paho_publish, port, messages, protocol=protocol)
+
+
+def numbered(count: int, start: int = 0) -> list[tuple[str, bytes]]:
+    return [(f"shelf/{i}/weight_g", str(i).encode()) for i in range(start, start + count)]
+
+
+# -- 2 + 7: manual ack, redelivery of what was not acked -------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [5, 4])
+async def test_unacked_messages_are_redelivered_and_acked_ones_are_not(
+    broker: MosquittoBroker, protocol: int
+) -> None:
+    first = Collector(should_ack=lambda m: int(m.payload) % 2 == 0)
+    link = make_link(broker.port, first, protocol=protocol)
+    async with running(link):
+        await link.wait_up(5)
+        assert link.state is LinkState.UP
+        assert not link.session_present
+        await publish(broker.port, numbered(20), protocol)
+        await first.wait_until(lambda ms: len(ms) >= 20)
+    assert sorted(int(p) for p in first.payloads()) == list(range(20))
+    assert not any(m.dup for m in first.messages)
+    assert all(m.qos == 1 and m.packet_id for m in first.messages)
+    assert link.stats.acks_sent == 10
+    assert link.state is LinkState.DOWN
+
+    second = Collector()
+    relink = make_link(broker.port, second, protocol=protocol)
+    async with running(relink):
+        await relink.wait_up(5)
+        assert relink.session_present
+        await second.wait_until(lambda ms: len(ms) >= 10)
+        await publish(broker.port, [("shelf/end", b"end")], protocol)
+        await second.wait_for_payload(b"end")
+    redelivered = [m for m in second.messages if m.payload != b"end"]
+    assert sorted(int(m.payload) for m in redelivered) == list(range(1, 20, 2))
+    assert all(m.dup for m in redelivered)
+    assert second.payloads().count(b"end") == 1
+
+
+async def test_a_failing_callback_does_not_ack_or_kill_the_link(broker: MosquittoBroker) -> None:
+    class FailingCollector(Collector):
+        def __call__(self, batch: list[MqttMessage]) -> None:
+            if any(m.payload == b"boom" for m in batch):
+                self.messages.extend(batch)
+                self._changed.set()
+                raise RuntimeError("journal full")
+            super().__call__(batch)
+
+    collector = FailingCollector()
+    link = make_link(broker.port, collector, client_id="cb")
+    async with running(link):
+        await link.wait_up(5)
+        await publish(broker.port, [("shelf/x", b"boom")])
+        await collector.wait_for_payload(b"boom")
+        await publish(broker.port, [("shelf/x", b"fine")])
+        await collector.wait_for_payload(b"fine")
+        assert link.state is LinkState.UP
+        assert link.stats.callback_errors == 1
+        assert link.stats.acks_sent == 1
+    assert collector.payloads() == [b"boom", b"fine"]
+
+    again = Collector()
+    relink = make_link(broker.port, again, client_id="cb")
+    async with running(relink):
+        await again.wait_for_payload(b"boom")  # the failed batch was not acked
+    assert again.messages[0].dup
+    assert again.payloads() == [b"boom"]
+
+
+# -- 3: broker restart ------------------------------------------------------------------------
+
+
+async def test_broker_restart_resumes_session_without_loss(broker: MosquittoBroker) -> None:
+    held = {b"45", b"46", b"47", b"48", b"49"}  # still unacked when the broker stops
+    collector = Collector(should_ack=lambda m: m.payload not in held or m.dup)
+    link = make_link(broker.port, collector, client_id="restart")
+    attempts = 0
+    retrying = asyncio.Event()
+
+    def count_attempts(old: LinkState, new: LinkState) -> None:
+        nonlocal attempts
+        if new is LinkState.CONNECTING:
+            attempts += 1
+            if attempts >= 7:  # backoff has reached its cap
+                retrying.set()
+
+    link.watch.add_listener(count_attempts)
+    async with running(link):
+        await link.wait_up(5)
+        await publish(broker.port, numbered(50))
+        await collector.wait_until(lambda ms: len(ms) >= 50)
+
+        await broker.stop()
+        await link.watch.wait_for(LinkState.DOWN, 5)
+        await asyncio.wait_for(retrying.wait(), 15)
+        listening_at = await broker.start()
+        await link.wait_up(5)
+        reconnect_s = link.watch.since - listening_at
+        print(f"reconnected {reconnect_s:.2f} s after the broker listened")
+        assert reconnect_s <= 2.5, reconnect_s
+        assert link.session_present
+
+        await publish(broker.port, numbered(50, start=50))
+        expected = {str(i).encode() for i in range(100)}
+        await collector.wait_until(lambda ms: {m.payload for m in ms} >= expected)
+        redelivered = {m.payload for m in collector.messages if m.dup}
+        assert redelivered >= held
+    assert link.stats.connects == 2
+    assert link.stats.disconnects >= 1
+
+
+# -- 4: outgoing QoS 1 survives a reconnect ---------------------------------------------------
+
+
+async def test_retained_qos1_publishes_survive_a_reconnect(broker: MosquittoBroker) -> None:
+    link = make_link(broker.port, Collector(), client_id="publisher", subscriptions=())
+    async with running(link):
+        await link.wait_up(5)
+        link.publish("cfg/warm", b"W", qos=1, retain=True)
+        assert await link.drain_publishes(5)
+
+        # Frozen broker: the next publish reaches its socket but is never read.
+        broker.freeze()
+        link.publish("cfg/a", b"A", qos=1, retain=True)
+        assert link.inflight_publishes == 1
+        await broker.kill()
+        await link.watch.wait_for(LinkState.DOWN, 5)
+        link.publish("cfg/b", b"B", qos=1, retain=True)
+        assert link.queued_publishes == 1
+
+        await broker.start()
+        assert await link.drain_publishes(10)
+        assert link.inflight_publishes == 0
+        assert link.queued_publishes == 0
+        assert link.stats.publish_acked == 3
+    # cfg/warm died with the SIGKILLed broker (never saved); a and b were re-sent.
+    got = await asyncio.to_thread(paho_collect, broker.port, "cfg/#", 2)
+    assert sorted(got) == [("cfg/a", b"A", True), ("cfg/b", b"B", True)]
+
+
+def test_publish_queue_overflow_drops_oldest_qos0_then_rejects() -> None:
+    link = MqttLink(MqttLinkConfig(port=free_port(), max_queued_publishes=3), lambda b: None)
+    link.publish("t/a", b"0", qos=0)
+    link.publish("t/b", b"1", qos=1)
+    link.publish("t/c", b"2", qos=0)
+    link.publish("t/d", b"3", qos=1)  # drops t/a
+    link.publish("t/e", b"4", qos=1)  # drops t/c
+    assert link.stats.dropped_publishes == 2
+    with pytest.raises(DeviceUnavailable, match="queue is full"):
+        link.publish("t/f", b"5", qos=1)
+    assert link.stats.dropped_publishes == 3
+    assert link.queued_publishes == 3
+    with pytest.raises(ValueError, match="QoS"):
+        link.publish("t/g", b"", qos=2)
+
+
+# -- 5: keepalive notices a half-open link ----------------------------------------------------
+
+
+async def test_keepalive_detects_a_frozen_broker(broker: MosquittoBroker) -> None:
+    keepalive_s = 2.0
+    link = make_link(broker.port, Collector(), keepalive_s=keepalive_s)
+    async with running(link):
+        await link.wait_up(5)
+        broker.freeze()
+        frozen_at = time.monotonic()
+        try:
+            await link.watch.wait_for(LinkState.DOWN, 1.5 * keepalive_s + 1)
+            noticed_s = time.monotonic() - frozen_at
+        finally:
+            broker.thaw()
+        print(f"half-open link noticed after {noticed_s:.2f} s")
+        assert noticed_s <= 1.5 * keepalive_s + 1
+        await link.wait_up(10)  # and it comes back once the broker answers again
+    assert link.stats.pings >= 1
+
+
+# -- 6: session taken over --------------------------------------------------------------------
+
+
+async def test_session_taken_over_is_fatal_and_not_retried(broker: MosquittoBroker) -> None:
+    first = make_link(broker.port, Collector(), name="first", client_id="twin")
+    second_collector = Collector()
+    second = make_link(broker.port, second_collector, name="second", client_id="twin")
+
+    async def run_first() -> DeviceError:
+        try:
+            await first.run()
+        except DeviceError as exc:
+            return exc
+        raise AssertionError("run() returned without an error")
+
+    async with asyncio.TaskGroup() as tg:
+        outcome = tg.create_task(run_first(), name="first.run")
+        await first.wait_up(5)
+        async with running(second):
+            await second.wait_up(5)
+            error = await asyncio.wait_for(outcome, 10)
+            assert isinstance(error, SessionTakenOver)
+            assert first.state is LinkState.DOWN
+            first_connects = first.stats.connects
+            # mosquitto 2.0.11 closes the old connection without DISCONNECT 0x8E, so each
+            # client is evicted a few times before the first one recognises the pattern.
+            assert first_connects <= 4
+            # The survivor keeps the session.
+            await second.wait_up(5)
+            await publish(broker.port, [("shelf/after", b"after")])
+            await second_collector.wait_for_payload(b"after")
+            assert second.state is LinkState.UP
+    assert first.stats.connects == first_connects
+
+
+# -- 8: oversized payloads --------------------------------------------------------------------
+
+
+async def test_oversized_publish_is_skipped_acked_and_reported_v311(
+    broker: MosquittoBroker,
+) -> None:
+    oversized: list[tuple[str, int]] = []
+    collector = Collector()
+    settings: dict[str, object] = {"protocol": 4, "max_packet_bytes": 4_096, "client_id": "big"}
+    link = make_link(broker.port, collector, on_oversize=lambda t, n: oversized.append((t, n)), **settings)
+    big = b"x" * 300_000
+    async with running(link):
+        await link.wait_up(5)
+        await publish(broker.port, [("shelf/big", big), ("shelf/small", b"small")], 4)
+        await collector.wait_for_payload(b"small")
+    assert collector.payloads() == [b"small"]
+    assert oversized == [("shelf/big", 2 + len("shelf/big") + 2 + len(big))]
+    assert link.stats.oversize_in == 1
+
+    # It was acked: a resumed session does not bring it back.
+    again = Collector()
+    relink = make_link(broker.port, again, on_oversize=lambda t, n: oversized.append((t, n)), **settings)
+    async with running(relink):
+        await relink.wait_up(5)
+        assert relink.session_present
+        await publish(broker.port, [("shelf/end", b"end")], 4)
+        await again.wait_for_payload(b"end")
+    assert again.payloads() == [b"end"]
+    assert len(oversized) == 1
+
+
+async def test_oversized_publish_is_withheld_by_the_broker_v5(broker: MosquittoBroker) -> None:
+    collector = Collector()
+    link = make_link(broker.port, collector, max_packet_bytes=4_096, client_id="big5")
+    async with running(link):
+        await link.wait_up(5)
+        await publish(broker.port, [("shelf/big", b"x" * 300_000), ("shelf/small", b"small")])
+        await collector.wait_for_payload(b"small")
+    assert collector.payloads() == [b"small"]
+
+
+# -- odds and ends ----------------------------------------------------------------------------
+
+
+async def test_wait_up_fails_fast_without_a_broker() -> None:
+    link = make_link(free_port(), Collector())
+    states: list[LinkState] = []
+    link.watch.add_listener(lambda old, new: states.append(new))
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(link.run(), name="mqtt.run")
+        with pytest.raises(DeviceUnavailable, match="not up"):
+            await link.wait_up(0.3)
+        await link.disconnect()
+    assert LinkState.CONNECTING in states
+    assert link.state is LinkState.DOWN
+    link.ack([1, 2])  # down: silently ignored
+
+
+async def test_pause_reading_holds_messages_until_resumed(broker: MosquittoBroker) -> None:
+    collector = Collector()
+    link = make_link(broker.port, collector, client_id="paused")
+    async with running(link):
+        await link.wait_up(5)
+        link.pause_reading()
+        await publish(broker.port, numbered(10))
+        assert collector.messages == []
+        link.resume_reading()
+        await collector.wait_until(lambda ms: len(ms) >= 10)
+
+
+async def test_stale_epoch_acks_are_ignored(broker: MosquittoBroker) -> None:
+    epochs: list[int] = []
+    got = asyncio.Event()
+    link: MqttLink | None = None
+
+    def on_messages(batch: list[MqttMessage]) -> None:
+        assert link is not None
+        epochs.append(link.epoch)
+        link.ack([m.packet_id for m in batch], epoch=link.epoch - 1)  # a late, stale ack
+        got.set()
+
+    link = MqttLink(
+        MqttLinkConfig(port=broker.port, client_id="epoch", subscriptions=(("shelf/#", 1),)),
+        on_messages,
+    )
+    async with running(link):
+        await link.wait_up(5)
+        await publish(broker.port, [("shelf/e", b"e")])
+        await asyncio.wait_for(got.wait(), 10)
+        assert link.stats.acks_sent == 0
+        link.ack([999])  # never delivered: ignored
+        assert link.stats.acks_sent == 0
+    assert epochs == [1]
