@@ -1,13 +1,14 @@
 """The ``floorhand`` command line.
 
-    floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
-    floorhand check-config SITE.toml
+floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
+floorhand check-config SITE.toml
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
@@ -41,11 +42,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     per_zone = Counter(s.zone for s in site.shelves)
     formats = Counter(s.format for s in site.scales)
     print(f"site {site.site.id} ({site.site.name or 'unnamed'}): configuration OK")
-    print(f"  zones   {len(site.zones)}: " + ", ".join(f"{z.id} ({per_zone[z.id]} shelves)" for z in site.zones))
+    print(
+        f"  zones   {len(site.zones)}: "
+        + ", ".join(f"{z.id} ({per_zone[z.id]} shelves)" for z in site.zones)
+    )
     print(f"  SKUs    {len(site.skus)}")
     print(f"  shelves {len(site.shelves)}")
-    print(f"  scales  {len(site.scales)}: " + ", ".join(f"{n} {f}" for f, n in sorted(formats.items())))
-    print(f"  mqtt    {site.mqtt.url} (MQTT {'5' if site.mqtt.protocol == 5 else '3.1.1'}, client id {site.mqtt.client_id}, prefix {site.mqtt.topic_prefix})")
+    print(
+        f"  scales  {len(site.scales)}: "
+        + ", ".join(f"{n} {f}" for f, n in sorted(formats.items()))
+    )
+    version = "5" if site.mqtt.protocol == 5 else "3.1.1"
+    print(
+        f"  mqtt    {site.mqtt.url} (MQTT {version}, client id {site.mqtt.client_id}, "
+        f"prefix {site.mqtt.topic_prefix})"
+    )
     print(f"  journal {site.journal.path}")
     print(f"  api     http://{site.api.bind}")
     return 0
@@ -79,19 +90,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     logging.getLogger("floorhand").info(
-        "floorhand %s: site %s, mqtt %s, api http://%s", "0.1.0", site.site.id, site.mqtt.url, site.api.bind
+        "floorhand %s: site %s, mqtt %s, api http://%s",
+        "0.1.0",
+        site.site.id,
+        site.mqtt.url,
+        site.api.bind,
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(server.serve())
-    except KeyboardInterrupt:
-        pass
     if not server.started and exit_code == 0:
         exit_code = 1
     return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="floorhand", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="floorhand", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--log-level", default=os.environ.get("FLOORHAND_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run the controller for a site")

@@ -247,21 +247,21 @@ class SiteConfig(_Frozen):
                 errors.append((f"{where}.zone", f"unknown zone {shelf.zone!r}"))
             if shelf.sku not in skus:
                 errors.append((f"{where}.sku", f"unknown SKU {shelf.sku!r}"))
-            scale = scales.get(shelf.scale)
-            if scale is None:
+            sc = scales.get(shelf.scale)
+            if sc is None:
                 errors.append((f"{where}.scale", f"unknown scale {shelf.scale!r}"))
                 continue
-            if shelf.channel >= scale.channels:
+            if shelf.channel >= sc.channels:
                 errors.append(
                     (
                         f"{where}.channel",
-                        f"scale {scale.id!r} has {scale.channels} channel(s); "
+                        f"scale {sc.id!r} has {sc.channels} channel(s); "
                         f"channel {shelf.channel} does not exist",
                     )
                 )
-            if scale.zone != shelf.zone:
+            if sc.zone != shelf.zone:
                 errors.append(
-                    (f"{where}.zone", f"shelf in zone {shelf.zone!r} but scale in {scale.zone!r}")
+                    (f"{where}.zone", f"shelf in zone {shelf.zone!r} but scale in {sc.zone!r}")
                 )
             key = (shelf.scale, shelf.channel)
             if key in channels:
@@ -274,12 +274,12 @@ class SiteConfig(_Frozen):
                 )
             channels[key] = i
             full_g = shelf.tare_g + shelf.capacity_units * shelf.unit_weight_g
-            if full_g > scale.max_weight_g:
+            if full_g > sc.max_weight_g:
                 errors.append(
                     (
                         f"{where}.capacity_units",
                         f"a full shelf weighs {full_g:.0f} g, over the scale's "
-                        f"max_weight_g {scale.max_weight_g:.0f}",
+                        f"max_weight_g {sc.max_weight_g:.0f}",
                     )
                 )
             if shelf.reorder and shelf.reorder.safety_stock > shelf.reorder.reorder_point:

@@ -230,7 +230,9 @@ def paho_publish(
     try:
         if not connected.wait(timeout_s):
             raise TimeoutError("paho publisher did not connect")
-        infos = [client.publish(topic, payload, qos=qos, retain=retain) for topic, payload in messages]
+        infos = [
+            client.publish(topic, payload, qos=qos, retain=retain) for topic, payload in messages
+        ]
         deadline = time.monotonic() + timeout_s
         for info in infos:
             info.wait_for_publish(max(0.0, deadline - time.monotonic()))

@@ -119,7 +119,7 @@ def _sku_public(rt: Runtime, sku_id: str) -> SkuStockPublic:
         sku=sku.id,
         name=sku.name,
         level=level,
-        state=classify(level, target.policy).value,  # type: ignore[arg-type]
+        state=classify(level, target.policy).value,
         reorder_point=sku.reorder_point,
         safety_stock=sku.safety_stock,
         max_stock=sku.max_stock,
@@ -132,7 +132,9 @@ def _routes(app: FastAPI) -> None:
     @app.get("/api/v1/stock", response_model=list[SkuStockPublic], tags=["stock"])
     def list_stock(
         rt: RuntimeDep,
-        zone: Annotated[str | None, Query(description="only SKUs with a shelf in this zone")] = None,
+        zone: Annotated[
+            str | None, Query(description="only SKUs with a shelf in this zone")
+        ] = None,
         state: Annotated[str | None, Query(pattern="^(ok|low|critical|out|unknown)$")] = None,
     ) -> list[SkuStockPublic]:
         """Stock per SKU: the sum of its shelves' unit counts."""
@@ -198,9 +200,7 @@ def _routes(app: FastAPI) -> None:
             )
         return out
 
-    @app.get(
-        "/api/v1/ingest/dead-letters", response_model=list[DeadLetterPublic], tags=["ingest"]
-    )
+    @app.get("/api/v1/ingest/dead-letters", response_model=list[DeadLetterPublic], tags=["ingest"])
     def dead_letters(
         rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> list[DeadLetterPublic]:
@@ -233,14 +233,16 @@ def _health(rt: Runtime) -> HealthPublic:
     active = sum(1 for a in rt.alerts.alerts.values() if a.episode is not None)
     ready = rt.ready
     degraded = rt.backpressure or ing.last_commit_error is not None
-    status = "starting" if not rt.started.is_set() else ("degraded" if degraded or not ready else "ok")
+    status = (
+        "starting" if not rt.started.is_set() else ("degraded" if degraded or not ready else "ok")
+    )
     return HealthPublic(
-        status=status,  # type: ignore[arg-type]
+        status=status,
         ready=ready,
         site=rt.site.site.id,
         uptime_s=now - rt.started_at_s if rt.started_at_s else 0.0,
         mqtt=LinkPublic(
-            state=link.state.value,  # type: ignore[arg-type]
+            state=link.state.value,
             since_s=time.monotonic() - link.watch.since,
             session_present=link.session_present,
             connects=link.stats.connects,
@@ -263,7 +265,9 @@ def _health(rt: Runtime) -> HealthPublic:
 def _install_problem_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = Problem(title=_title(exc.status_code), status=exc.status_code, detail=str(exc.detail))
+        body = Problem(
+            title=_title(exc.status_code), status=exc.status_code, detail=str(exc.detail)
+        )
         return JSONResponse(body.model_dump(), status_code=exc.status_code, media_type=PROBLEM)
 
     @app.exception_handler(RequestValidationError)

@@ -30,7 +30,9 @@ class ShelfPublic(_Public):
 class SkuStockPublic(_Public):
     sku: str
     name: str
-    level: int | None = Field(description="sum of the SKU's shelves; null when any is stale/unknown")
+    level: int | None = Field(
+        description="sum of the SKU's shelves; null when any is stale/unknown"
+    )
     state: StockStateName
     reorder_point: int
     safety_stock: int

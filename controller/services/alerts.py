@@ -166,7 +166,9 @@ class AlertService:
         for e in events:
             if e["kind"] == "alert_raised":
                 self.raised += 1
-                log.warning("reorder alert %s: %s level %s", e["key"], e.get("severity"), e.get("level"))
+                log.warning(
+                    "reorder alert %s: %s level %s", e["key"], e.get("severity"), e.get("level")
+                )
         for key, new in changed.items():
             prev = old[key]
             if events or _public(prev) != _public(new):

@@ -162,7 +162,9 @@ class IngestService:
             self.commit_failures += 1
             self.last_commit_error = str(exc)
             if not self._retry:
-                log.error("journal commit failed, holding %d message(s) unacked: %s", len(msgs), exc)
+                log.error(
+                    "journal commit failed, holding %d message(s) unacked: %s", len(msgs), exc
+                )
             self._retry = list(msgs)
             self._schedule_retry()
             return
@@ -201,7 +203,9 @@ class IngestService:
             single = len(parsed) == 1
             for item in parsed:
                 if isinstance(item, Rejected):
-                    self._reject(batch, msg, item.reason, item.detail, element=None if single else item)
+                    self._reject(
+                        batch, msg, item.reason, item.detail, element=None if single else item
+                    )
                     continue
                 problem = self._accept(scale, item, now, batch)
                 if problem is not None:

@@ -325,7 +325,9 @@ async def test_oversized_publish_is_skipped_acked_and_reported_v311(
     oversized: list[tuple[str, int]] = []
     collector = Collector()
     settings: dict[str, object] = {"protocol": 4, "max_packet_bytes": 4_096, "client_id": "big"}
-    link = make_link(broker.port, collector, on_oversize=lambda t, n: oversized.append((t, n)), **settings)
+    link = make_link(
+        broker.port, collector, on_oversize=lambda t, n: oversized.append((t, n)), **settings
+    )
     big = b"x" * 300_000
     async with running(link):
         await link.wait_up(5)
@@ -337,7 +339,9 @@ async def test_oversized_publish_is_skipped_acked_and_reported_v311(
 
     # It was acked: a resumed session does not bring it back.
     again = Collector()
-    relink = make_link(broker.port, again, on_oversize=lambda t, n: oversized.append((t, n)), **settings)
+    relink = make_link(
+        broker.port, again, on_oversize=lambda t, n: oversized.append((t, n)), **settings
+    )
     async with running(relink):
         await relink.wait_up(5)
         assert relink.session_present

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ class FakeLink:
         self.published: list[tuple[str, bytes, int, bool]] = []
         self.paused = 0
         self.resumed = 0
+        self.resumed_event: asyncio.Event | None = None
 
     def ack(self, packet_ids: Sequence[int]) -> None:
         self.acked.extend(packet_ids)
@@ -45,6 +47,8 @@ class FakeLink:
 
     def resume_reading(self) -> None:
         self.resumed += 1
+        if self.resumed_event is not None:
+            self.resumed_event.set()
 
 
 class Harness:
@@ -110,7 +114,9 @@ def corpus_payload(case: dict[str, Any]) -> bytes:
 
 
 @pytest.mark.parametrize("case", load_corpus(), ids=lambda c: c["name"])
-def test_poison_is_rejected_counted_dead_lettered_and_acked(h: Harness, case: dict[str, Any]) -> None:
+def test_poison_is_rejected_counted_dead_lettered_and_acked(
+    h: Harness, case: dict[str, Any]
+) -> None:
     good_before = h.msg(T_A01, reading(1, 1500.0))
     h.send(good_before)
     poison = h.msg(case["topic"], corpus_payload(case))
@@ -203,8 +209,6 @@ class FailingJournal(Journal):
 async def test_commit_failure_holds_acks_rolls_back_and_retries(
     tmp_path: Path, site: SiteConfig
 ) -> None:
-    import asyncio
-
     h = Harness(tmp_path, site)
     h.journal.close()
     h.journal = FailingJournal(tmp_path / "j.sqlite")
@@ -219,9 +223,9 @@ async def test_commit_failure_holds_acks_rolls_back_and_retries(
     assert h.ingest.cursors["scale-a01"].seq == 1, "in-memory state must roll back"
     m3 = h.msg(T_A01, reading(3, 1502.0, NOW + 2))
     h.send(m3)  # arrives while the retry is pending: held, order kept
+    h.link.resumed_event = asyncio.Event()
     async with asyncio.timeout(5):
-        while h.link.resumed == 0:
-            await asyncio.sleep(0.01)  # polling a condition with a deadline, not a fixed sleep
+        await h.link.resumed_event.wait()
     assert {m2.packet_id, m3.packet_id} <= set(h.link.acked)
     assert h.journal.count("readings") == 3
     assert h.ingest.cursors["scale-a01"].seq == 3
@@ -229,9 +233,14 @@ async def test_commit_failure_holds_acks_rolls_back_and_retries(
 
 
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=6),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=6)
+    ),
     max_leaves=20,
 )
 _reading_like = st.fixed_dictionaries(
@@ -257,7 +266,9 @@ _reading_like = st.fixed_dictionaries(
         min_size=1,
         max_size=8,
     ),
-    topic=st.sampled_from([T_A01, "floorhand/demo/A/scale/nope", "shelf-c01/sensor/shelf_weight/state", "x/y"]),
+    topic=st.sampled_from(
+        [T_A01, "floorhand/demo/A/scale/nope", "shelf-c01/sensor/shelf_weight/state", "x/y"]
+    ),
 )
 def test_fuzz_never_crashes_and_everything_is_acked_and_accounted(
     h: Harness, payloads: list[bytes], topic: str

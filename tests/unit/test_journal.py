@@ -34,7 +34,8 @@ def test_commit_and_restore(tmp_path: Path) -> None:
     assert restored.alert_states == {"SKU-1": {"state": "low"}}
     assert restored.outbox_rows == 3
     letter = j2.dead_letters(1)[0]
-    assert letter["size"] == 10_000 and len(letter["payload"]) == 4096
+    assert letter["size"] == 10_000
+    assert len(letter["payload"]) == 4096
     j2.close()
 
 
@@ -62,7 +63,9 @@ def test_failed_group_writes_nothing(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite")
     j.open()
     j.commit([row(1)])
-    j.db.execute("CREATE TRIGGER boom BEFORE INSERT ON events BEGIN SELECT RAISE(FAIL, 'boom'); END")
+    j.db.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON events BEGIN SELECT RAISE(FAIL, 'boom'); END"
+    )
     with pytest.raises(JournalError, match="boom"):
         j.commit([row(2)], events=[EventRow(1.0, "k", {})], cursors={"d1": Cursor(0, 2, 0, 1.0)})
     assert j.count("readings") == 1
