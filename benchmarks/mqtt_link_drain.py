@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import orjson  # noqa: E402
-import psutil  # noqa: E402
+import orjson
+import psutil
 
-from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage  # noqa: E402
-from devices.link.mqtt_codec import encode_connect, encode_publish  # noqa: E402
-from tests.mosquitto import MosquittoBroker  # noqa: E402
+from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage
+from devices.link.mqtt_codec import encode_connect, encode_publish
+from tests.mosquitto import MosquittoBroker
 
 CLIENT_ID = "bench-sub"
 TOPIC_FILTER = "bench/#"

@@ -36,6 +36,8 @@ class Cursor:
     seq: int
     window: int
     ts_s: float
+    applied: int = 0
+    """Readings of this device applied since the controller first saw it (all epochs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +66,12 @@ class JournalPort(Protocol):
 class MessageLink(Protocol):
     """The broker side of ingest: acknowledge, publish, apply backpressure."""
 
-    def ack(self, packet_ids: Sequence[int]) -> None: ...
+    @property
+    def epoch(self) -> int:
+        """Connection counter: packet ids are only meaningful on the connection they came on."""
+        ...
+
+    def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None: ...
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None: ...
 

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from controller.adapters.journal import Journal
@@ -45,6 +45,50 @@ def build_ssl_context(site: SiteConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+class ReadGate:
+    """Reading from the broker is paused while any holder asks for it (journal failing,
+    outbox full): one holder's release does not undo another's hold."""
+
+    def __init__(self, link: MqttLink) -> None:
+        self._link = link
+        self.holds: set[str] = set()
+
+    def hold(self, reason: str) -> None:
+        if not self.holds:
+            self._link.pause_reading()
+        self.holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        if reason in self.holds:
+            self.holds.discard(reason)
+            if not self.holds:
+                self._link.resume_reading()
+
+
+class _IngestLink:
+    """The MessageLink ingest sees: the MQTT link, with pauses going through the gate."""
+
+    def __init__(self, link: MqttLink, gate: ReadGate) -> None:
+        self._link = link
+        self._gate = gate
+
+    @property
+    def epoch(self) -> int:
+        return self._link.epoch
+
+    def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None:
+        self._link.ack(packet_ids, epoch)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self._link.publish(topic, payload, qos, retain)
+
+    def pause_reading(self) -> None:
+        self._gate.hold("journal")
+
+    def resume_reading(self) -> None:
+        self._gate.release("journal")
+
+
 class Runtime:
     def __init__(self, site: SiteConfig, *, clock: Callable[[], float] = time.time) -> None:
         self.site = site
@@ -74,8 +118,14 @@ class Runtime:
             on_oversize=self._on_oversize,
             logger=logging.getLogger("floorhand.mqtt"),
         )
+        self.gate = ReadGate(self.link)
         self.ingest = IngestService(
-            site, self.journal, self.link, self.bus.publish, clock=clock, shelf_specs=self.specs
+            site,
+            self.journal,
+            _IngestLink(self.link, self.gate),
+            self.bus.publish,
+            clock=clock,
+            shelf_specs=self.specs,
         )
         self.alerts = AlertService(
             site, self.journal, self.link, self.bus.publish, self.ingest.states, self.specs
@@ -156,14 +206,14 @@ class Runtime:
         full = journal.outbox_rows >= self.site.journal.max_outbox_rows
         if full and not self.backpressure:
             self.backpressure = True
-            self.link.pause_reading()
+            self.gate.hold("outbox")
             log.error(
                 "outbox full (%d rows): backpressure on, not reading from the broker",
                 journal.outbox_rows,
             )
         elif not full and self.backpressure:
             self.backpressure = False
-            self.link.resume_reading()
+            self.gate.release("outbox")
             log.info("outbox below its bound again: backpressure off")
 
     def snapshot(self) -> dict[str, Any]:

@@ -78,7 +78,7 @@ POISON_KINDS: Final = (
 ESPHOME_POISON_KINDS: Final = ("nan", "not_a_number", "negative", "huge", "binary")
 
 
-DEFAULT_PICK_RATE_PER_MIN: Final = 15.0
+DEFAULT_PICK_RATE_PER_MIN: Final = 24.0
 
 
 class ScaleSimError(RuntimeError):
@@ -90,8 +90,9 @@ class ScaleSimOptions:
     """Behaviour knobs. Durations and rates are in simulated time (divided by ``speed``)."""
 
     pick_rate_per_min: float = DEFAULT_PICK_RATE_PER_MIN
-    """Mean picks per shelf per minute (Poisson). The default drains a demo SKU from ~80 % to
-    its ~30 % reorder point in about a minute."""
+    """Mean picks per shelf per minute (Poisson), 1–3 units each. The default takes most demo
+    SKUs from their ~80 % start to their ~30 % reorder point within a minute (those with the
+    most stock in ~45 s); smaller ones reach zero before their restock arrives."""
     pick_units: tuple[int, int] = (1, 3)
     auto_restock: bool = True
     restock_delay_s: tuple[float, float] = (10.0, 25.0)
@@ -152,6 +153,22 @@ class SimStats:
             f"messages {self.messages} ({self.readings} readings, {poison} poison, "
             f"{self.duplicates} dup, {self.reordered} reordered), dropouts {self.dropouts}"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SimEvent:
+    """Something that happened in the simulated warehouse (for tests and scenario runners).
+
+    ``kind``: ``pick`` / ``restock`` / ``set_count`` (``shelf``, ``count`` = new count),
+    ``reorder_point_reached`` (``sku``, ``count`` = SKU level), ``dropout`` / ``reboot``
+    (``scale``). ``t_sim`` is simulated seconds since the simulator was created."""
+
+    kind: str
+    t_sim: float
+    shelf: str | None = None
+    sku: str | None = None
+    scale: str | None = None
+    count: int | None = None
 
 
 @dataclass(slots=True)
@@ -230,6 +247,7 @@ class WarehouseScales:
         speed: float = 1.0,
         seed: int | None = None,
         options: ScaleSimOptions | None = None,
+        on_event: Callable[[SimEvent], None] | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("speed must be > 0")
@@ -245,6 +263,8 @@ class WarehouseScales:
         self._password = password
         self.speed = speed
         self.options = options or ScaleSimOptions()
+        self._on_event = on_event
+        self._below_reorder: set[str] = set()
         self._rng = random.Random(seed)
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
@@ -317,9 +337,9 @@ class WarehouseScales:
             _, ch = self._shelf(shelf_id)
             removed = min(units, ch.count)
             if removed:
-                self._set(shelf_id, ch.count - removed)
                 self._stats.picks += 1
                 self._stats.picked_units += removed
+                self._set(shelf_id, ch.count - removed, "pick")
             return removed
 
     def restock(self, shelf_id: str, units: int | None = None) -> int:
@@ -327,13 +347,13 @@ class WarehouseScales:
         with self._lock:
             _, ch = self._shelf(shelf_id)
             n = ch.fill_units if units is None else units
-            self._set(shelf_id, n)
             self._stats.restocks += 1
+            self._set(shelf_id, n, "restock")
             return n
 
     def set_count(self, shelf_id: str, n: int) -> None:
         with self._lock:
-            self._set(shelf_id, n)
+            self._set(shelf_id, n, "set_count")
 
     def report_now(self, scale_id: str | None = None) -> None:
         """Publish a reading from one scale (or all) immediately, then keep the usual rhythm."""
@@ -350,6 +370,7 @@ class WarehouseScales:
             dev.down_until = self._sim_now() + duration_s
             self._stats.dropouts += 1
             log.info("%s drops out for %.1f s", scale_id, duration_s)
+            self._emit_event(SimEvent("dropout", self._sim_now(), scale=scale_id))
 
     def reboot(self, scale_id: str) -> None:
         """Native: ``epoch`` + 1 and ``seq`` restarts at 0. ESPHome: offline, then online."""
@@ -365,6 +386,11 @@ class WarehouseScales:
                 dev.epoch += 1
                 dev.seq = 0
             self._schedule_report(dev, self._sim_now())
+            self._emit_event(SimEvent("reboot", self._sim_now(), scale=scale_id))
+
+    def sim_time(self) -> float:
+        """Simulated seconds since the simulator was created (the clock of ``SimEvent.t_sim``)."""
+        return self._sim_now()
 
     def stats(self) -> SimStats:
         with self._lock:
@@ -400,8 +426,7 @@ class WarehouseScales:
             )
         with self._lock:
             self._stopping = False
-            self._t0 = time.monotonic()
-            now = 0.0
+            now = self._sim_now()
             for dev in self._devices.values():
                 # Stagger first reports over one interval, like devices powered up at random.
                 self._push(
@@ -627,7 +652,14 @@ class WarehouseScales:
         except KeyError:
             raise KeyError(f"unknown scale {scale_id!r}") from None
 
-    def _set(self, shelf_id: str, n: int) -> None:
+    def _emit_event(self, event: SimEvent) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:  # an observer's bug must not stop the warehouse
+                log.exception("on_event callback failed")
+
+    def _set(self, shelf_id: str, n: int, kind: str) -> None:
         dev, ch = self._shelf(shelf_id)
         if not 0 <= n <= ch.shelf.capacity_units:
             raise ValueError(f"{shelf_id}: count {n} outside 0..{ch.shelf.capacity_units}")
@@ -640,11 +672,10 @@ class WarehouseScales:
         ch.settle = _Settle(now, from_g, duration, self._rng.uniform(2.0, 4.0))
         dev.fast_until = max(dev.fast_until, now + duration + self.options.settle_report_interval_s)
         self._schedule_report(dev, now + self.options.settle_report_interval_s)
+        self._emit_event(SimEvent(kind, now, shelf=shelf_id, sku=ch.shelf.sku, count=n))
         self._check_reorder(ch.shelf)
 
     def _check_reorder(self, shelf: Shelf) -> None:
-        if not self.options.auto_restock or shelf.sku in self._restock_pending:
-            return
         sku = self.site.sku(shelf.sku)
         level = sum(
             self._shelves[s.id][1].count
@@ -655,17 +686,26 @@ class WarehouseScales:
             shelf.reorder_point is not None
             and self._shelves[shelf.id][1].count <= shelf.reorder_point
         )
-        if level <= sku.reorder_point or shelf_low:
-            self._restock_pending.add(sku.id)
-            delay = self._rng.uniform(*self.options.restock_delay_s)
-            self._push(self._sim_now() + delay, self._restock_cb(sku.id))
-            log.info(
-                "%s at %d units (reorder point %d): restock in %.0f s",
-                sku.id,
-                level,
-                sku.reorder_point,
-                delay,
+        if not (level <= sku.reorder_point or shelf_low):
+            self._below_reorder.discard(sku.id)
+            return
+        if sku.id not in self._below_reorder:
+            self._below_reorder.add(sku.id)
+            self._emit_event(
+                SimEvent("reorder_point_reached", self._sim_now(), sku=sku.id, count=level)
             )
+        if not self.options.auto_restock or sku.id in self._restock_pending:
+            return
+        self._restock_pending.add(sku.id)
+        delay = self._rng.uniform(*self.options.restock_delay_s)
+        self._push(self._sim_now() + delay, self._restock_cb(sku.id))
+        log.info(
+            "%s at %d units (reorder point %d): restock in %.0f s",
+            sku.id,
+            level,
+            sku.reorder_point,
+            delay,
+        )
 
     def _measure(self, ch: _Channel, now: float) -> float:
         w = ch.weight_g(now)

@@ -208,8 +208,8 @@ def paho_publish(
     messages are not lost if the broker restarts mid-way.
     """
     import paho.mqtt.client as mqtt
-    from paho.mqtt.properties import Properties
     from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
 
     version = mqtt.MQTTv5 if protocol == 5 else mqtt.MQTTv311
     kwargs: dict[str, Any] = {"client_id": client_id, "protocol": version}

@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS device_cursors (
     epoch INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     window BLOB NOT NULL,
-    ts REAL NOT NULL
+    ts REAL NOT NULL,
+    applied INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS shelf_states (shelf TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_states (key TEXT PRIMARY KEY, body BLOB NOT NULL);
@@ -174,9 +175,9 @@ class Journal:
     def _restore(self) -> Restored:
         db = self.db
         cursors = {
-            device: Cursor(epoch, seq, int.from_bytes(window, "little"), ts)
-            for device, epoch, seq, window, ts in db.execute(
-                "SELECT device, epoch, seq, window, ts FROM device_cursors"
+            device: Cursor(epoch, seq, int.from_bytes(window, "little"), ts, applied)
+            for device, epoch, seq, window, ts, applied in db.execute(
+                "SELECT device, epoch, seq, window, ts, applied FROM device_cursors"
             )
         }
         shelves = {
@@ -233,10 +234,18 @@ class Journal:
                 )
             if cursors:
                 db.executemany(
-                    "INSERT OR REPLACE INTO device_cursors(device, epoch, seq, window, ts) "
-                    "VALUES (?,?,?,?,?)",
+                    "INSERT OR REPLACE INTO device_cursors"
+                    "(device, epoch, seq, window, ts, applied) "
+                    "VALUES (?,?,?,?,?,?)",
                     [
-                        (k, c.epoch, c.seq, c.window.to_bytes(_WINDOW_BYTES, "little"), c.ts_s)
+                        (
+                            k,
+                            c.epoch,
+                            c.seq,
+                            c.window.to_bytes(_WINDOW_BYTES, "little"),
+                            c.ts_s,
+                            c.applied,
+                        )
                         for k, c in cursors.items()
                     ],
                 )

@@ -184,6 +184,7 @@ def _routes(app: FastAPI) -> None:
         out = []
         for sc in rt.site.scales:
             info = rt.ingest.devices[sc.id]
+            cur = rt.ingest.cursors.get(sc.id)
             stale_after = sc.reporting_interval_s * rt.site.site.stale_after_intervals
             out.append(
                 DevicePublic(
@@ -193,7 +194,9 @@ def _routes(app: FastAPI) -> None:
                     last_seen=info.last_seen_s,
                     stale=info.last_seen_s is None or now - info.last_seen_s > stale_after,
                     online=info.online,
-                    readings=info.readings,
+                    epoch=cur.epoch if cur else None,
+                    last_seq=cur.seq if cur else None,
+                    applied=cur.applied if cur else 0,
                     gaps=info.gaps,
                     missing_readings=info.missing_readings,
                 )

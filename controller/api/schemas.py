@@ -64,7 +64,9 @@ class DevicePublic(_Public):
     last_seen: float | None
     stale: bool
     online: bool | None = Field(description="ESPHome availability; null for native scales")
-    readings: int
+    epoch: int | None = Field(description="device boot counter of the applied readings")
+    last_seq: int | None = Field(description="highest sequence number applied")
+    applied: int = Field(description="readings applied since the controller first saw the device")
     gaps: int
     missing_readings: int
 

@@ -63,8 +63,6 @@ class DeviceInfo:
     format: str
     last_seen_s: float | None = None
     online: bool | None = None
-    readings: int = 0
-    rejected: int = 0
     gaps: int = 0
     missing_readings: int = 0
 
@@ -114,6 +112,7 @@ class IngestService:
         self.commits = 0
         self.commit_failures = 0
         self._retry: list[MqttMessage] = []
+        self._retry_epoch = 0
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_delay_s = 0.05
         self._paused_by_failure = False
@@ -138,13 +137,18 @@ class IngestService:
 
     # -- the hot path ---------------------------------------------------------------------------
     def on_messages(self, msgs: list[MqttMessage]) -> None:
+        epoch = self._link.epoch
         if self._retry:
             # A failed group is waiting for its retry: keep arrival order, commit together.
+            if epoch != self._retry_epoch:
+                # Reconnected meanwhile: the broker redelivers the old connection's unacked
+                # messages itself (the cursors recognise any we commit twice).
+                self._retry_epoch = epoch
             self._retry.extend(msgs)
             return
-        self._process(msgs)
+        self._process(msgs, epoch)
 
-    def _process(self, msgs: list[MqttMessage]) -> None:
+    def _process(self, msgs: list[MqttMessage], epoch: int) -> None:
         now = self._clock()
         batch = _Batch()
         for msg in msgs:
@@ -166,6 +170,7 @@ class IngestService:
                     "journal commit failed, holding %d message(s) unacked: %s", len(msgs), exc
                 )
             self._retry = list(msgs)
+            self._retry_epoch = epoch
             self._schedule_retry()
             return
         self.commits += 1
@@ -179,7 +184,8 @@ class IngestService:
                 info.last_seen_s = info_delta
         ids = [m.packet_id for m in msgs if m.packet_id]
         if ids:
-            self._link.ack(ids)
+            # Acks for packet ids of an earlier connection are ignored by the link (epoch).
+            self._link.ack(ids, epoch)
         if batch.bus_events:
             self._publish_events(batch.bus_events)
 
@@ -250,7 +256,7 @@ class IngestService:
         device = r.device
         cur = self.cursors.get(device)
         if cur is None or r.epoch > cur.epoch:
-            new = Cursor(r.epoch, r.seq, 0, r.ts_s)
+            new = Cursor(r.epoch, r.seq, 0, r.ts_s, cur.applied + 1 if cur is not None else 1)
             if cur is not None:
                 log.info("scale %s restarted (epoch %d → %d)", device, cur.epoch, r.epoch)
         elif r.epoch < cur.epoch:
@@ -260,7 +266,7 @@ class IngestService:
             window = ((cur.window << 1) | 1) << (shift - 1) & _WINDOW_MASK if shift <= WINDOW else 0
             if shift > 1:
                 self._gap(batch, device, cur.seq, r.seq, r.ts_s)
-            new = Cursor(cur.epoch, r.seq, window, r.ts_s)
+            new = Cursor(cur.epoch, r.seq, window, r.ts_s, cur.applied + 1)
         elif r.seq == cur.seq:
             return "duplicate", f"seq {r.seq} already applied"
         else:
@@ -354,7 +360,7 @@ class IngestService:
 
     def _do_retry(self) -> None:
         msgs, self._retry = self._retry, []
-        self._process(msgs)
+        self._process(msgs, self._retry_epoch)
         if not self._retry:
             log.info("journal writable again: %d held message(s) committed", len(msgs))
             self._retry_delay_s = 0.05

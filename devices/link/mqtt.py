@@ -179,6 +179,7 @@ class _Connection(asyncio.Protocol):
         self.expect_fut: asyncio.Future[bytes] | None = None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.timer: asyncio.TimerHandle | None = None
+        self.linger: asyncio.TimerHandle | None = None
         self.keepalive_s = 0.0
         self.last_ping = 0.0
         self.callback_failed = False
@@ -459,7 +460,7 @@ class MqttLink:
         if not conn.closing:
             self._close(conn, "disconnect requested", polite=True)
         try:
-            async with asyncio.timeout(self._config.connect_timeout_s):
+            async with asyncio.timeout(self._config.connect_timeout_s + 1.0):
                 await asyncio.shield(conn.closed)
         except TimeoutError:
             if conn.transport is not None:
@@ -521,7 +522,14 @@ class MqttLink:
         now = time.monotonic()
         cfg = self._config
         if self._ever_up:
-            self._log.info("%s back after %.1f s", self.name, now - self._down_since)
+            lost = not cfg.clean_start and not self.session_present
+            self._log.log(
+                logging.WARNING if lost else logging.INFO,
+                "%s back after %.1f s%s",
+                self.name,
+                now - self._down_since,
+                ": the broker did not keep our session" if lost else "",
+            )
         else:
             self._log.info(
                 "%s up (%s:%d, MQTT %s, session present: %s)",
@@ -576,6 +584,9 @@ class MqttLink:
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
+        if conn.linger is not None:
+            conn.linger.cancel()
+            conn.linger = None
         if not conn.closing:
             conn.closing = True
             conn.evicted = exc is None and conn.connected
@@ -602,12 +613,23 @@ class MqttLink:
         conn.closing = True
         conn.close_reason = reason
         transport = conn.transport
-        if polite and conn.connected and transport is not None:
-            transport.write(DISCONNECT_PACKET)
+        was_connected = conn.connected
         conn.connected = False
         if conn.timer is not None:
             conn.timer.cancel()
             conn.timer = None
+        if polite and was_connected and transport is not None:
+            transport.write(DISCONNECT_PACKET)
+            # Let the broker close first. Closing now would make our kernel answer anything
+            # the broker still sends with a RST, and a RST discards whatever the broker has
+            # not read yet: our last PUBACKs (redelivered next session) and the DISCONNECT.
+            if transport.can_write_eof():
+                transport.write_eof()
+            transport.resume_reading()  # the broker's EOF must be read even if paused
+            conn.linger = asyncio.get_running_loop().call_later(
+                self._config.connect_timeout_s, transport.abort
+            )
+            return
         if transport is None:
             if not conn.closed.done():
                 conn.closed.set_result(reason)

@@ -244,6 +244,29 @@ async def test_retained_qos1_publishes_survive_a_reconnect(broker: MosquittoBrok
     assert sorted(got) == [("cfg/a", b"A", True), ("cfg/b", b"B", True)]
 
 
+async def test_inflight_publish_is_resent_with_dup_when_the_session_resumes(
+    tmp_path: Path,
+) -> None:
+    async with running_mosquitto(tmp_path / "mosquitto", extra_config="log_type debug") as broker:
+        link = make_link(
+            broker.port, Collector(), client_id="dup-pub", subscriptions=(), keepalive_s=2.0
+        )
+        async with running(link):
+            await link.wait_up(5)
+            broker.freeze()
+            try:
+                link.publish("cfg/dup", b"D", qos=1, retain=True)
+                await link.watch.wait_for(LinkState.DOWN, 5)  # keepalive gives up on it
+            finally:
+                broker.thaw()
+            assert await link.drain_publishes(15)
+            assert link.session_present
+        log = broker.log_path.read_text()
+        assert "Received PUBLISH from dup-pub (d1, q1, r1, m1, 'cfg/dup'" in log
+        got = await asyncio.to_thread(paho_collect, broker.port, "cfg/#", 1)
+        assert got == [("cfg/dup", b"D", True)]
+
+
 def test_publish_queue_overflow_drops_oldest_qos0_then_rejects() -> None:
     link = MqttLink(MqttLinkConfig(port=free_port(), max_queued_publishes=3), lambda b: None)
     link.publish("t/a", b"0", qos=0)

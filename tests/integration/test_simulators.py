@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +37,7 @@ from devices.shelf_scale import (
     parse_native,
 )
 from simulators.broker import BrokerProcess
-from simulators.shelf_scale import ScaleSimOptions, WarehouseScales
+from simulators.shelf_scale import ScaleSimOptions, SimEvent, WarehouseScales
 from simulators.site import Site, SiteError, load_site, parse_site
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -619,3 +621,128 @@ async def test_amqtt_broker_login_and_persistent_session_queue(tmp_path: Path, s
         assert all(m.qos == 1 for m in queued)
     assert broker.proc is not None
     assert broker.proc.returncode is not None
+
+
+# --------------------------------------------------------------------------- demo CLI
+STUB_CONTROLLER = """
+import json, os, signal, socket, sys
+out = sys.argv[1]
+env = {k: v for k, v in os.environ.items() if k.startswith("FLOORHAND_")}
+host, _, port = env["FLOORHAND_API_BIND"].rpartition(":")
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, int(port)))
+srv.listen()
+def bye(*_):
+    with open(out, "w") as f:
+        json.dump({"env": env, "argv": sys.argv[2:], "sigterm": True}, f)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, bye)
+signal.pause()
+"""
+
+
+def test_demo_cli_with_stub_controller(tmp_path: Path) -> None:
+    stub = tmp_path / "stub_controller.py"
+    stub.write_text(STUB_CONTROLLER)
+    record = tmp_path / "controller.json"
+    api_port, broker_port = free_port(), free_port()
+    var_dir = tmp_path / "var"
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulators",
+        "demo",
+        str(DEMO_SITE),
+        "--api-bind",
+        f"127.0.0.1:{api_port}",
+        "--broker-port",
+        str(broker_port),
+        "--var-dir",
+        str(var_dir),
+        "--duration",
+        "2",
+        "--speed",
+        "4",
+        "--controller-cmd",
+        f"{sys.executable} {stub} {record} run {DEMO_SITE}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for path in ("/api/v1/stock", "/api/v1/alerts", "/api/v1/health", "/docs"):
+        assert f"http://127.0.0.1:{api_port}{path}" in out
+    assert f"mqtt://127.0.0.1:{broker_port}" in out
+    assert "mosquitto_sub" in out
+    assert "floorhand/demo/alerts/#" in out
+    assert "controller stopped (exit code 0)" in out
+    assert "broker stopped" in out
+
+    seen = json.loads(record.read_text())
+    assert seen["sigterm"] is True
+    env = seen["env"]
+    assert env["FLOORHAND_MQTT_URL"] == f"mqtt://127.0.0.1:{broker_port}"
+    assert env["FLOORHAND_MQTT_PROTOCOL"] == "4"
+    assert env["FLOORHAND_MQTT_USERNAME"] == "floorhand"
+    assert env["FLOORHAND_MQTT_PASSWORD"]
+    assert env["FLOORHAND_MQTT_PASSWORD"] in out  # printed for the mosquitto_sub line
+    assert env["FLOORHAND_API_BIND"] == f"127.0.0.1:{api_port}"
+    assert env["FLOORHAND_JOURNAL"] == str(var_dir / "journal.sqlite")
+    assert (var_dir / "demo.env").stat().st_mode & 0o077 == 0
+    assert (var_dir / "broker" / "passwd").exists()
+    # Everything it started is gone: nothing listens on the broker port any more.
+    with (
+        pytest.raises(ConnectionRefusedError),
+        socket.create_connection(("127.0.0.1", broker_port), 2),
+    ):
+        pass
+
+
+@needs_mosquitto
+def test_demo_defaults_cross_reorder_points_within_a_minute(
+    mosquitto: Mosquitto, site: Site
+) -> None:
+    """The default pick rate drains most SKUs to their reorder point within a simulated minute,
+    and the automatic restock follows, so a demo shows alerts firing and resolving."""
+    events: list[SimEvent] = []
+    cond = threading.Condition()
+
+    def on_event(ev: SimEvent) -> None:
+        with cond:
+            events.append(ev)
+            cond.notify_all()
+
+    speed = 20.0
+    ws = WarehouseScales(site, mosquitto.url, speed=speed, seed=11, on_event=on_event)
+    ws.start()
+    t0 = ws.sim_time()
+    try:
+
+        def crossed() -> set[str]:
+            return {
+                e.sku or ""
+                for e in events
+                if e.kind == "reorder_point_reached" and e.t_sim - t0 <= 60.0
+            }
+
+        def restocked_after_crossing() -> bool:
+            return any(e.kind == "restock" and e.sku in crossed() for e in events)
+
+        with cond:
+            ok = cond.wait_for(
+                lambda: (
+                    (len(crossed()) >= 0.8 * len(site.skus) and restocked_after_crossing())
+                    or ws.sim_time() - t0 > 120
+                ),
+                timeout=60,
+            )
+            assert ok
+            got = crossed()
+            assert len(got) >= 0.8 * len(site.skus), f"only {sorted(got)} crossed in 60 s"
+            assert restocked_after_crossing()
+    finally:
+        ws.stop()
+    for e in events:
+        if e.kind in ("pick", "restock"):
+            assert e.count is not None
+            assert 0 <= e.count <= site.shelf(e.shelf or "").capacity_units

@@ -36,7 +36,10 @@ class FakeLink:
         self.resumed = 0
         self.resumed_event: asyncio.Event | None = None
 
-    def ack(self, packet_ids: Sequence[int]) -> None:
+    epoch = 1
+
+    def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None:
+        assert epoch in (None, self.epoch)
         self.acked.extend(packet_ids)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:

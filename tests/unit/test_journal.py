@@ -21,7 +21,7 @@ def test_commit_and_restore(tmp_path: Path) -> None:
     j.commit(
         [row(1), row(2)],
         [DeadLetter(1.0, "t", "bad_json", "x", b"x" * 10_000)],
-        {"d1": Cursor(0, 2, 1, 3.0)},
+        {"d1": Cursor(0, 2, 1, 3.0, 7)},
         {"shelf-1": {"units": 3}},
         [EventRow(1.0, "stock_changed", {"kind": "stock_changed"})],
         {"SKU-1": {"state": "low"}},
@@ -29,7 +29,7 @@ def test_commit_and_restore(tmp_path: Path) -> None:
     j.close()
     j2 = Journal(tmp_path / "j.sqlite")
     restored = j2.open()
-    assert restored.cursors == {"d1": Cursor(0, 2, 1, 3.0)}
+    assert restored.cursors == {"d1": Cursor(0, 2, 1, 3.0, 7)}
     assert restored.shelf_states == {"shelf-1": {"units": 3}}
     assert restored.alert_states == {"SKU-1": {"state": "low"}}
     assert restored.outbox_rows == 3

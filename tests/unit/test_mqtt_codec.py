@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 
 import pytest
 
-from devices.errors import ProtocolError
+from devices.errors import DeviceConfigError, ProtocolError
 from devices.link.backoff import Backoff
+from devices.link.mqtt import MqttLink, MqttLinkConfig
 from devices.link.mqtt_codec import (
     PINGRESP,
     PROP_RECEIVE_MAXIMUM,
@@ -161,6 +163,34 @@ def test_connect_v5_carries_session_expiry_receive_maximum_and_packet_size() -> 
     props, after = decode_properties(packet, pos + 10)
     assert props == {0x11: 3600, 0x21: 2000, 0x27: 1_048_581}
     assert packet[after:] == b"\x00\x02fh"
+
+
+def test_connect_v5_will_has_its_own_empty_property_list() -> None:
+    packet = encode_connect(
+        protocol=5, client_id="c", keepalive_s=5, clean_start=False, will=("w", b"x", 0, False)
+    )
+    assert packet.endswith(b"\x00\x01c" + b"\x00" + b"\x00\x01w" + b"\x00\x01x")
+    assert packet[9] == 0x04  # will flag only
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"protocol": 3}, "protocol"),
+        ({"client_id": "", "clean_start": False}, "client_id"),
+        ({"protocol": 4, "password": "secret"}, "password"),
+        ({"keepalive_s": 0}, "keepalive_s"),
+        ({"receive_maximum": 0}, "receive_maximum"),
+        ({"subscriptions": (("a/#", 3),)}, "subscriptions[0]"),
+        ({"will": ("a/+", b"", 0, False)}, "will"),
+        ({"max_packet_bytes": 1}, "max_packet_bytes"),
+    ],
+)
+def test_bad_link_config_is_refused_with_the_field_name(
+    overrides: dict[str, object], field: str
+) -> None:
+    with pytest.raises(DeviceConfigError, match=re.escape(field)):
+        MqttLink(MqttLinkConfig(**overrides), lambda batch: None)  # type: ignore[arg-type]
 
 
 def test_subscribe_v5_sets_retain_handling_and_v311_does_not() -> None:

@@ -1,0 +1,113 @@
+"""Run ``floorhand run`` as a child process (so tests can SIGKILL it) and talk to its API."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.mosquitto import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ControllerProcess:
+    def __init__(self, site: Path, folder: Path, *, env: dict[str, str] | None = None) -> None:
+        self.site = site
+        self.folder = folder
+        self.api_port = free_port()
+        self.env = env or {}
+        self.proc: asyncio.subprocess.Process | None = None
+        self.starts = 0
+        self.log_path = folder / "controller.log"
+        self.ready_after_s: list[float] = []
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    async def start(self, ready_timeout_s: float = 20.0) -> float:
+        """Start and wait until /api/v1/ready answers 200; returns seconds to ready."""
+        env = {**os.environ, **self.env, "FLOORHAND_API_BIND": f"127.0.0.1:{self.api_port}"}
+        log = self.log_path.open("ab")
+        t0 = time.monotonic()
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "controller",
+            "run",
+            str(self.site),
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=str(ROOT),
+        )
+        log.close()
+        self.starts += 1
+        async with httpx.AsyncClient(base_url=self.base, timeout=1.0) as client:
+            deadline = t0 + ready_timeout_s
+            while True:
+                if self.proc.returncode is not None:
+                    raise RuntimeError(
+                        f"controller exited ({self.proc.returncode}):\n{self.tail()}"
+                    )
+                try:
+                    r = await client.get("/api/v1/ready")
+                    if r.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"controller not ready in {ready_timeout_s} s\n{self.tail()}"
+                    )
+                await asyncio.sleep(0.05)  # polling another process's endpoint, bounded
+        elapsed = time.monotonic() - t0
+        self.ready_after_s.append(elapsed)
+        return elapsed
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self, timeout_s: float = 10.0) -> int:
+        if self.proc is None or self.proc.returncode is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.proc.wait()
+        except TimeoutError:
+            self.proc.send_signal(signal.SIGKILL)
+            return await self.proc.wait()
+
+    async def get(self, path: str) -> Any:
+        async with httpx.AsyncClient(base_url=self.base, timeout=5.0) as client:
+            r = await client.get(path)
+            r.raise_for_status()
+            return r.json()
+
+    async def wait_applied(self, max_seq: dict[str, int], timeout_s: float = 30.0) -> None:
+        """Wait until every device's applied cursor reached its highest published seq."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            devices = {d["id"]: d for d in await self.get("/api/v1/devices")}
+            if all(devices[k]["last_seq"] == v for k, v in max_seq.items()):
+                return
+            if time.monotonic() > deadline:
+                got = {k: devices[k]["last_seq"] for k in max_seq}
+                raise TimeoutError(f"not drained: want {max_seq}, have {got}\n{self.tail()}")
+            await asyncio.sleep(0.1)  # polling another process's endpoint, bounded
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
