@@ -1,0 +1,162 @@
+"""Ingest + alert service together on an injected clock: weight oscillating ±1 % around the
+reorder point for a long window raises exactly one alert; missing data changes nothing."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from controller.adapters.journal import Journal
+from controller.bus import Bus
+from controller.config import load_site
+from controller.services.alerts import AlertService
+from controller.services.ingest import IngestService, shelf_specs
+from devices.link.mqtt import MqttMessage
+from tests.sites import TARE_G, UNIT_G, topic, write_small_site
+
+T0 = 1_764_067_200.0
+
+
+class RecordingLink:
+    epoch = 1
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, dict[str, Any]]] = []
+
+    def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None:
+        pass
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        assert retain
+        self.published.append((topic, orjson.loads(payload)))
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class World:
+    def __init__(self, tmp: Path, *, reorder_point: int = 20, dwell_s: float = 2.0) -> None:
+        self.site = load_site(
+            write_small_site(
+                tmp, mqtt_port=1, scales=1, reorder_point=reorder_point, dwell_s=dwell_s
+            )
+        )
+        self.journal = Journal(tmp / "journal.sqlite")
+        self.journal.open()
+        self.link = RecordingLink()
+        self.bus = Bus()
+        self.now = T0
+        specs = shelf_specs(self.site)
+        self.ingest = IngestService(
+            self.site,
+            self.journal,
+            self.link,
+            self.bus.publish,
+            clock=lambda: self.now,
+            shelf_specs=specs,
+        )
+        self.alerts = AlertService(
+            self.site, self.journal, self.link, self.bus.publish, self.ingest.states, specs
+        )
+        self.events: list[dict[str, Any]] = []
+        self.bus.add_listener(self.events.extend)
+        self.bus.add_listener(self._after_commit)
+        self.seq = 0
+
+    def _after_commit(self, events: list[dict[str, Any]]) -> None:
+        self.alerts.on_events(events)
+        self.alerts.evaluate_dirty(self.now)
+
+    def reading(self, weight_g: float) -> None:
+        payload = orjson.dumps({"device": "s0", "seq": self.seq, "ts": self.now, "grams": weight_g})
+        self.seq += 1
+        self.ingest.on_messages([MqttMessage(topic("s0"), payload, 1, False, self.seq, False)])
+
+    def advance(self, dt_s: float) -> None:
+        self.now += dt_s
+        self.ingest.tick(self.now)
+        self.alerts.tick(self.now)
+
+    def kinds(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["kind"] == kind]
+
+
+def test_one_percent_oscillation_around_the_reorder_point_raises_exactly_once(
+    tmp_path: Path,
+) -> None:
+    w = World(tmp_path, reorder_point=20)
+    rng = random.Random(5)
+    # Start well stocked, then hover around the reorder point: ±1 % of the shelf weight, i.e.
+    # the count flips between 19, 20 and 21 units for ten simulated minutes.
+    for _ in range(10):
+        w.reading(TARE_G + 35 * UNIT_G)
+        w.advance(0.5)
+    centre = TARE_G + 20 * UNIT_G
+    for _ in range(1200):
+        w.reading(centre * (1 + rng.uniform(-0.01, 0.01)))
+        w.advance(0.5)
+    raised = w.kinds("alert_raised")
+    assert len(raised) == 1, raised
+    assert not w.kinds("alert_resolved")
+    # The retained alert topic carried one episode id only.
+    episodes = {b["episode"] for t, b in w.link.published if b["active"]}
+    assert len(episodes) == 1
+    # Back above the reorder point plus hysteresis for the dwell: resolved, once.
+    for _ in range(20):
+        w.reading(TARE_G + 35 * UNIT_G)
+        w.advance(0.5)
+    assert len(w.kinds("alert_resolved")) == 1
+
+
+def test_count_flipping_across_the_reorder_point_raises_exactly_once(tmp_path: Path) -> None:
+    w = World(tmp_path, reorder_point=20)  # hysteresis: 2 units
+    rng = random.Random(9)
+    for _ in range(10):
+        w.reading(TARE_G + 35 * UNIT_G)
+        w.advance(0.5)
+    for _ in range(200):  # ten simulated minutes of settled levels 19, 20, 21, 22
+        units = rng.choice([19, 20, 21, 22])
+        for _ in range(6):
+            w.reading(TARE_G + units * UNIT_G + rng.uniform(-2.0, 2.0))
+            w.advance(0.5)
+    assert {e["new_units"] for e in w.kinds("stock_changed")} >= {19, 20, 21, 22}
+    assert len(w.kinds("alert_raised")) == 1
+    assert not w.kinds("alert_resolved")
+
+
+def test_missing_data_neither_raises_nor_resolves(tmp_path: Path) -> None:
+    w = World(tmp_path, reorder_point=20)
+    for _ in range(10):
+        w.reading(TARE_G + 5 * UNIT_G)
+        w.advance(0.5)
+    assert len(w.kinds("alert_raised")) == 1
+    # The scale goes silent for ten minutes: the shelf turns STALE, the level UNKNOWN.
+    for _ in range(1200):
+        w.advance(0.5)
+    assert w.ingest.states["sh0"].status.value == "stale"
+    assert w.alerts.alerts["K0"].state.value == "unknown"
+    assert w.alerts.alerts["K0"].episode is not None, "missing data must not resolve"
+    assert not w.kinds("alert_resolved")
+    assert len(w.kinds("alert_raised")) == 1
+
+
+@pytest.mark.parametrize("level", [0, 2, 5])
+def test_severity_follows_the_level(tmp_path: Path, level: int) -> None:
+    w = World(tmp_path, reorder_point=20)
+    for _ in range(12):
+        w.reading(TARE_G + level * UNIT_G)
+        w.advance(0.5)
+    raised = w.kinds("alert_raised")
+    assert len(raised) == 1
+    expected = "out" if level == 0 else ("critical" if level <= 3 else "low")
+    state = w.alerts.public("K0")
+    assert state["severity"] == expected
+    assert state["suggested_order_qty"] == 40 - level
