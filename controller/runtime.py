@@ -26,7 +26,7 @@ log = logging.getLogger("floorhand.runtime")
 TICK_S = 0.5
 """Supervision period: staleness, alert dwell timers, outbox housekeeping."""
 
-RETAIN_READINGS = 1_000_000
+RETAIN_OUTBOX_ROWS = 1_000_000
 """With history disabled the journal keeps this many recent readings for inspection."""
 
 
@@ -193,13 +193,9 @@ class Runtime:
     def _housekeeping(self) -> None:
         journal = self.journal
         try:
-            if self.site.history.backend == "none":
+            if self.site.history.backend == "none" and journal.outbox_rows > RETAIN_OUTBOX_ROWS:
                 # No historian: keep a bounded window of recent readings and events.
-                excess = journal.outbox_rows - RETAIN_READINGS
-                if excess > 10_000:
-                    rows = journal.read_readings(0, 1)
-                    first = rows[0][0] if rows else 0
-                    journal.delete_confirmed(first + excess, None)
+                journal.trim_outbox(RETAIN_OUTBOX_ROWS, RETAIN_OUTBOX_ROWS // 10)
             journal.trim_dead_letters(self.site.journal.dead_letter_keep)
         except Exception as exc:
             log.error("journal housekeeping failed: %s", exc)

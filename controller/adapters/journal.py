@@ -312,6 +312,22 @@ class Journal:
         self.outbox_rows = max(0, self.outbox_rows - n)
         return n
 
+    def trim_outbox(self, keep_readings: int, keep_events: int) -> int:
+        """With no historian: keep only the most recent rows of the outbox for inspection."""
+        db = self.db
+        try:
+            n = db.execute(
+                "DELETE FROM readings WHERE id <= (SELECT max(id) FROM readings) - ?",
+                (keep_readings,),
+            ).rowcount
+            n += db.execute(
+                "DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (keep_events,)
+            ).rowcount
+        except sqlite3.Error as exc:
+            raise JournalError(f"outbox trim failed: {exc}") from exc
+        self.outbox_rows = max(0, self.outbox_rows - n)
+        return n
+
     def trim_dead_letters(self, keep: int) -> int:
         db = self.db
         try:

@@ -178,6 +178,14 @@ class IngestService:
         self.readings += len(batch.rows)
         for reason in batch.reasons:
             self.rejected[reason] += 1
+        for device, last_seq, seq in batch.gaps:
+            log.warning(
+                "scale %s: %d reading(s) missing upstream (seq %d → %d)",
+                device,
+                seq - last_seq - 1,
+                last_seq,
+                seq,
+            )
         for device, info_delta in batch.seen.items():
             info = self.devices.get(device)
             if info is not None:

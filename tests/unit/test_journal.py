@@ -81,6 +81,11 @@ def test_outbox_drain_and_dead_letter_bound(tmp_path: Path) -> None:
     assert [r[4] for r in rows] == [0, 1, 2, 3]
     assert j.delete_confirmed(rows[-1][0], None) == 4
     assert j.outbox_rows == 6
+    j.commit([], events=[EventRow(1.0, "k", {}) for _ in range(5)])
+    assert j.trim_outbox(keep_readings=2, keep_events=1) == 4 + 4
+    assert j.count("readings") == 2
+    assert j.count("events") == 1
+    assert j.outbox_rows == 3
     j.trim_dead_letters(10)
     assert j.count("dead_letters") == 10
     j.close()
