@@ -89,3 +89,21 @@ async def test_broker_restart_under_load_resumes_the_session_and_loses_nothing(
     assert health["mqtt"]["session_present"] is True
     assert await ctl.stop() in CLEAN_EXIT
     assert_exactly_once(pub, tmp_path / "journal.sqlite")
+
+
+async def test_second_controller_with_the_same_identity_refuses_to_start(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-twin")
+    first = ControllerProcess(site, tmp_path)
+    await first.start()
+    second = ControllerProcess(site, tmp_path / "second")
+    (tmp_path / "second").mkdir()
+    with pytest.raises(RuntimeError, match="exited"):
+        await second.start()
+    assert "in use by another controller" in second.tail()
+    # The first one kept its session: no ping-pong.
+    health = await first.get("/api/v1/health")
+    assert health["mqtt"]["state"] == "up"
+    assert health["mqtt"]["connects"] == 1
+    assert await first.stop() in CLEAN_EXIT

@@ -1,0 +1,1090 @@
+"""End-to-end ingest benchmark: the real controller Runtime against a real mosquitto.
+
+The pipeline measured is the controller's: MqttLink → IngestService (parse, validate, dedup,
+domain apply) → SQLite journal group commit → PUBACK after commit → bus → AlertService. The
+controller (`controller.runtime.Runtime`) runs in THIS process, so ``time.process_time()`` is
+the controller's CPU (link, ingest, journal commits, alerts, event loop); the load generators
+(benchmarks/loadgen.py, pre-encoded raw PUBLISH packets) and the latency probe run in child
+processes; mosquitto is started per stage on 127.0.0.1 with its persistence database saved only
+at shutdown (``autosave_interval 1000000000`` with ``autosave_on_changes``), QoS 0 queueing for
+offline sessions on, ``max_queued_messages 1000000`` and ``max_inflight_messages 0``.
+
+Stages:
+
+1. drain: pre-load N messages into the controller's persistent session (Runtime started once to
+   create it, then stopped), start a new Runtime and time until every message is committed and
+   acknowledged. QoS 1 single readings, QoS 1 batches of 50 readings, QoS 0 single readings.
+2. live: a paced QoS 1 (and QoS 0) publisher in a child process at target rates; consumer rate,
+   controller CPU, backlog at the end of the publishing, and every seq checked in the journal.
+3. latency: 4k msg/s of background load; a probe process moves one shelf far above / far below
+   its reorder point and times publish of the settling reading → alert message received.
+4. profile (``--profile``): py-spy (or cProfile) on a QoS 1 drain; top functions.
+
+    python benchmarks/ingest_e2e.py --quick        # about a minute
+    python benchmarks/ingest_e2e.py                # full default (several minutes)
+
+Results: a table on stdout, JSON and Markdown in ``--out`` (default var/bench/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import random
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import orjson  # noqa: E402
+import psutil  # noqa: E402
+
+from benchmarks.loadgen import device_names, encode_readings, publish_all  # noqa: E402
+from controller.config import SiteConfig, load_site  # noqa: E402
+from controller.runtime import Runtime  # noqa: E402
+from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage  # noqa: E402
+from tests.mosquitto import MOSQUITTO_BIN, MosquittoBroker  # noqa: E402
+from tests.sites import grams, write_small_site  # noqa: E402
+
+LOADGEN = ROOT / "benchmarks" / "loadgen.py"
+DEVICES = 100
+BROKER_CONFIG = "queue_qos0_messages true"
+AUTOSAVE_INTERVAL = 1_000_000_000  # with autosave_on_changes: never during a run
+TARGETS = {
+    "qos1_msg_s": 30_000.0,
+    "qos0_msg_s": 50_000.0,
+    "batched_readings_s": 100_000.0,
+    "cpu_us_per_msg": 25.0,
+    "alert_p99_ms": 5.0,
+}
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The controller under test
+
+
+class BenchRuntime(Runtime):
+    """The real Runtime; `_on_messages` (the link's callback) also signals when ``target``
+    messages have been committed and acknowledged, and counts groups."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        super().__init__(site)
+        self.target = 0
+        self.reached = asyncio.Event()
+        self.groups = 0
+        self.first_group_at = 0.0
+        self.last_group_at = 0.0
+
+    def _on_messages(self, msgs: list[Any]) -> None:
+        super()._on_messages(msgs)
+        now = time.perf_counter()
+        if not self.groups:
+            self.first_group_at = now
+        self.groups += 1
+        self.last_group_at = now
+        if self.target and self.ingest.messages >= self.target:
+            self.reached.set()
+
+    def expect(self, total: int) -> None:
+        self.target = total
+        if self.ingest.messages >= total:
+            self.reached.set()
+        else:
+            self.reached.clear()
+
+    async def wait_reached(self, stall_s: float = 10.0) -> bool:
+        """Wait for ``target``; give up when no message was committed for ``stall_s``."""
+        last = -1
+        while not self.reached.is_set():
+            if self.ingest.messages == last:
+                return False
+            last = self.ingest.messages
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.reached.wait(), stall_s)
+        return True
+
+
+@contextlib.asynccontextmanager
+async def running(rt: Runtime) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(rt.run(), name="bench-runtime")
+    try:
+        async with asyncio.timeout(15):
+            await rt.started.wait()
+            await rt.link.wait_up(15)
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def make_site(folder: Path, port: int, client_id: str) -> SiteConfig:
+    """100 one-channel scales s0..s99, shelf sh<i> of SKU K<i> each (reorder point 10, safety 3,
+    capacity 40, 100 g units on a 500 g tare), dwell 0 s, reporting interval 60 s (so a backlog
+    of old readings is not STALE)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_small_site(
+        folder,
+        mqtt_port=port,
+        scales=DEVICES,
+        client_id=client_id,
+        dwell_s=0.0,
+        reporting_interval_s=60.0,
+        keepalive_s=30.0,
+    )
+    return load_site(path)
+
+
+@contextlib.asynccontextmanager
+async def broker_in(folder: Path) -> AsyncIterator[MosquittoBroker]:
+    broker = MosquittoBroker(
+        folder / "mosquitto", extra_config=BROKER_CONFIG, autosave_interval=AUTOSAVE_INTERVAL
+    )
+    broker.folder.mkdir(parents=True, exist_ok=True)
+    await broker.start()
+    try:
+        yield broker
+    finally:
+        await broker.close()
+
+
+def cpu_of(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(t.user + t.system)
+
+
+def verify_journal(db: sqlite3.Connection, expected: dict[str, int]) -> dict[str, int]:
+    """Every device's seqs 0..expected-1 are in the readings table (UNIQUE: no duplicates)."""
+    found = {
+        device: (count, lo, hi)
+        for device, count, lo, hi in db.execute(
+            "SELECT device, count(*), min(seq), max(seq) FROM readings GROUP BY device"
+        )
+    }
+    lost = 0
+    extra = 0
+    for device, want in expected.items():
+        count, lo, hi = found.get(device, (0, 0, -1))
+        if count == want and lo == 0 and hi == want - 1:
+            continue
+        lost += max(0, want - count)
+        extra += max(0, count - want)
+    return {"expected": sum(expected.values()), "lost": lost, "extra": extra}
+
+
+def per_device(count: int, devices: Sequence[str], batch: int = 1) -> dict[str, int]:
+    n = len(devices)
+    return {d: (count // n + (1 if k < count % n else 0)) * batch for k, d in enumerate(devices)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: drain a pre-loaded persistent session
+
+
+async def drain_once(
+    folder: Path, *, qos: int, messages: int, batch: int, tag: str, profile: str = ""
+) -> dict[str, Any]:
+    async with broker_in(folder) as broker:
+        site = make_site(folder, broker.port, f"bench-{tag}")
+        rt = BenchRuntime(site)
+        async with running(rt):
+            pass  # the persistent session now exists at the broker
+        devices = device_names(DEVICES)
+        enc = encode_readings(devices, messages, qos=qos, batch=batch)
+        load_s = await asyncio.to_thread(publish_all, broker.port, enc, qos=qos)
+        bytes_in = len(enc.buf)
+        del enc
+        rt = BenchRuntime(site)
+        rt.expect(messages)
+        profiler = Profiler(profile, folder) if profile else None
+        if profiler is not None:
+            await profiler.start()
+        broker_cpu0 = cpu_of(broker.pid)
+        cpu0 = time.process_time()
+        wall0 = time.perf_counter()
+        async with running(rt):
+            complete = await rt.wait_reached()
+            wall = time.perf_counter() - wall0
+            cpu = time.process_time() - cpu0
+            broker_cpu = cpu_of(broker.pid) - broker_cpu0
+            if not rt.link.session_present:
+                raise RuntimeError("the controller's persistent session was not resumed")
+            check = verify_journal(rt.journal.db, per_device(messages, devices, batch))
+        hot = await profiler.stop() if profiler is not None else None
+        got = rt.ingest.messages
+        result: dict[str, Any] = {
+            "stage": "drain",
+            "qos": qos,
+            "readings_per_msg": batch,
+            "messages": messages,
+            "received": got,
+            "complete": complete,
+            "preload_s": load_s,
+            "payload_mb": bytes_in / 1e6,
+            "wall_s": wall,
+            "first_to_last_s": rt.last_group_at - rt.first_group_at,
+            "msg_s": got / wall,
+            "readings_s": rt.ingest.readings / wall,
+            "cpu_s": cpu,
+            "cpu_us_per_msg": cpu / max(got, 1) * 1e6,
+            "cpu_us_per_reading": cpu / max(rt.ingest.readings, 1) * 1e6,
+            "controller_cpu_pct": cpu / wall * 100,
+            "broker_cpu_pct": broker_cpu / wall * 100,
+            "groups": rt.groups,
+            "avg_group": got / max(rt.groups, 1),
+            "commits": rt.ingest.commits,
+            "rejected": dict(rt.ingest.rejected),
+            "journal": check,
+        }
+        if hot is not None:
+            result["profile"] = hot
+        return result
+
+
+async def stage_drain(
+    base: Path, *, qos: int, messages: int, batch: int, runs: int
+) -> dict[str, Any]:
+    label = f"drain QoS {qos}, {messages:,} msgs × {batch} reading{'s' if batch > 1 else ''}"
+    results = []
+    for run in range(1, runs + 1):
+        folder = base / f"drain-q{qos}-b{batch}-r{run}"
+        r = await drain_once(folder, qos=qos, messages=messages, batch=batch, tag=f"d{qos}{batch}")
+        results.append(r)
+        say(
+            f"  {label}, run {run}/{runs}: {r['msg_s']:,.0f} msg/s, {r['readings_s']:,.0f} "
+            f"readings/s, {r['cpu_us_per_msg']:.1f} µs CPU/msg, avg group {r['avg_group']:.0f}, "
+            f"mosquitto {r['broker_cpu_pct']:.0f}% CPU, lost {r['journal']['lost']}"
+            + ("" if r["complete"] else "  INCOMPLETE")
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+    best = _median_run(results, "msg_s")
+    best["runs"] = runs
+    best["msg_s_all"] = [r["msg_s"] for r in results]
+    best["label"] = label
+    return best
+
+
+def _median_run(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    ordered = sorted(results, key=lambda r: float(r[key]))
+    return dict(ordered[(len(ordered) - 1) // 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: load generator and latency probe
+
+
+class Child:
+    """A child process speaking the READY / GO / SENT / DONE line protocol on stdin/stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    async def start(cls, *argv: str) -> Child:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=str(ROOT),
+        )
+        return cls(proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def expect(self, word: str, timeout_s: float = 120.0) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(timeout_s):
+            while word not in self.lines:
+                line = await self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"child {self.proc.pid} exited before {word}")
+                key, _, body = line.decode().strip().partition(" ")
+                self.lines[key] = json.loads(body) if body else {}
+        return self.lines[word]
+
+    def tell(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word.encode() + b"\n")
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.is_closing():
+            self.proc.stdin.close()
+        try:
+            async with asyncio.timeout(30):
+                await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+async def start_loadgen(
+    port: int,
+    rate: float,
+    duration_s: float,
+    *,
+    qos: int = 1,
+    devices: int = DEVICES,
+    first_device: int = 0,
+    client_id: str = "loadgen",
+) -> Child:
+    child = await Child.start(
+        str(LOADGEN),
+        "--port",
+        str(port),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration_s),
+        "--devices",
+        str(devices),
+        "--first-device",
+        str(first_device),
+        "--qos",
+        str(qos),
+        "--client-id",
+        client_id,
+    )
+    await child.expect("READY")
+    return child
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: live paced load
+
+
+async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) -> dict[str, Any]:
+    folder = base / f"live-q{qos}-{int(rate)}"
+    async with broker_in(folder) as broker:
+        site = make_site(folder, broker.port, f"bench-live-{qos}-{int(rate)}")
+        rt = BenchRuntime(site)
+        async with running(rt):
+            child = await start_loadgen(broker.port, rate, duration_s, qos=qos)
+            total = int(rate * duration_s)
+            rt.expect(total)
+            samples: list[tuple[float, int]] = []
+            cpu0, broker0, gen0 = time.process_time(), cpu_of(broker.pid), cpu_of(child.pid)
+            t_go = time.perf_counter()
+            child.tell("GO")
+
+            async def sample() -> None:
+                while True:
+                    await asyncio.sleep(0.25)  # sampling period of the backlog curve
+                    samples.append((time.perf_counter() - t_go, rt.ingest.messages))
+
+            sampler = asyncio.create_task(sample(), name="bench-backlog-sampler")
+            sent = await child.expect("SENT", duration_s + 120)
+            t_sent = time.perf_counter()
+            applied_at_sent = rt.ingest.messages
+            cpu_sent = time.process_time() - cpu0
+            broker_cpu = cpu_of(broker.pid) - broker0
+            gen_cpu = cpu_of(child.pid) - gen0
+            complete = await rt.wait_reached()
+            t_all = time.perf_counter()
+            cpu_all = time.process_time() - cpu0
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+            await child.expect("DONE")
+            await child.close()
+            devices = device_names(DEVICES)
+            check = verify_journal(rt.journal.db, per_device(int(sent["sent"]), devices))
+            gaps = sum(info.missing_readings for info in rt.ingest.devices.values())
+        window = t_sent - t_go
+        sent_n = int(sent["sent"])
+        max_backlog = max(
+            (min(sent_n, int(rate * t)) - n for t, n in samples if t <= window), default=0
+        )
+        backlog_end = sent_n - applied_at_sent
+        consumer_rate = applied_at_sent / window
+        kept_up = complete and backlog_end <= rate * 0.25 and consumer_rate >= 0.95 * sent_n / window
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "stage": "live",
+        "qos": qos,
+        "target_msg_s": rate,
+        "duration_s": duration_s,
+        "sent": sent_n,
+        "publisher_msg_s": sent["send_rate"],
+        "publisher_max_lag_s": sent["max_lag_s"],
+        "consumer_msg_s": consumer_rate,
+        "controller_cpu_pct": cpu_sent / window * 100,
+        "cpu_us_per_msg": cpu_all / max(rt.ingest.messages, 1) * 1e6,
+        "broker_cpu_pct": broker_cpu / window * 100,
+        "loadgen_cpu_pct": gen_cpu / window * 100,
+        "backlog_at_end": backlog_end,
+        "max_backlog": max_backlog,
+        "drain_after_s": t_all - t_sent,
+        "complete": complete,
+        "kept_up": kept_up,
+        "received": rt.ingest.messages,
+        "seq_gaps_missing": gaps,
+        "rejected": dict(rt.ingest.rejected),
+        "avg_group": rt.ingest.messages / max(rt.groups, 1),
+        "journal": check,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: reading → alert latency under background load
+
+PROBE_DEVICE = "s0"
+PROBE_SKU = "K0"
+HIGH_UNITS = 30  # far above the reorder point 10
+LOW_UNITS = 2  # at or below safety stock 3: class "critical"
+
+
+async def stage_latency(
+    base: Path, *, rate: float, samples: int, gap_s: float = 0.001
+) -> dict[str, Any]:
+    folder = base / "latency"
+    async with broker_in(folder) as broker:
+        site = make_site(folder, broker.port, "bench-latency")
+        rt = BenchRuntime(site)
+        async with running(rt):
+            budget_s = samples * 0.05 + 60
+            gen = await start_loadgen(
+                broker.port, rate, budget_s, devices=DEVICES - 1, first_device=1
+            )
+            probe = await Child.start(
+                str(Path(__file__).resolve()),
+                "_probe",
+                "--port",
+                str(broker.port),
+                "--samples",
+                str(samples),
+                "--gap-s",
+                str(gap_s),
+            )
+            await probe.expect("READY")
+            gen.tell("GO")
+            rt.expect(int(rate))  # warm-up: one second's worth of background load applied
+            await rt.wait_reached()
+            cpu0, t0, n0 = time.process_time(), time.perf_counter(), rt.ingest.messages
+            probe.tell("GO")
+            result = await probe.expect("RESULT", budget_s)
+            cpu = time.process_time() - cpu0
+            wall = time.perf_counter() - t0
+            background = (rt.ingest.messages - n0) / wall
+            gen.tell("STOP")
+            sent = await gen.expect("DONE")
+            await gen.close()
+            await probe.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    lat = sorted(result["latencies_ms"])
+    return {
+        "stage": "latency",
+        "background_target_msg_s": rate,
+        "background_msg_s": background,
+        "background_sent": sent.get("sent", 0),
+        "samples": len(lat),
+        "timeouts": result["timeouts"],
+        "p50_ms": _pct(lat, 50),
+        "p90_ms": _pct(lat, 90),
+        "p99_ms": _pct(lat, 99),
+        "max_ms": lat[-1] if lat else float("nan"),
+        "mean_ms": statistics.fmean(lat) if lat else float("nan"),
+        "controller_cpu_pct": cpu / wall * 100,
+        "gap_between_readings_ms": gap_s * 1000,
+    }
+
+
+def _pct(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, round(pct / 100 * len(sorted_values) + 0.5) - 1))
+    return sorted_values[k]
+
+
+async def probe_main(port: int, samples: int, gap_s: float) -> None:
+    """Child process: drives shelf sh0 (scale s0, SKU K0) and times the alert messages.
+
+    Each sample publishes three readings at the new level ``gap_s`` apart (the first is held
+    as a suspected spike, the second confirms the step and the shelf is SETTLING, the third
+    settles it); the clock starts just before the third is written to the socket and stops
+    when the alert state of K0 with the expected class arrives at this process's subscriber.
+    """
+    loop = asyncio.get_running_loop()
+    waiting: list[tuple[frozenset[str], asyncio.Future[float]]] = []
+    alert_topic = f"fh/t/alerts/{PROBE_SKU}"
+
+    def on_alert(msgs: list[MqttMessage]) -> None:
+        now = time.perf_counter()
+        for m in msgs:
+            if m.retain:
+                continue  # the retained state sent on subscribe, not a new transition
+            state = orjson.loads(m.payload)["state"]
+            for states, fut in waiting:
+                if state in states and not fut.done():
+                    fut.set_result(now)
+        sub.ack([m.packet_id for m in msgs])
+
+    sub = MqttLink(
+        MqttLinkConfig(
+            port=port,
+            client_id="probe-sub",
+            clean_start=True,
+            session_expiry_s=0,
+            subscriptions=((alert_topic, 1),),
+        ),
+        on_alert,
+        name="probe-sub",
+    )
+    pub = MqttLink(
+        MqttLinkConfig(port=port, client_id="probe-pub", clean_start=True, session_expiry_s=0),
+        lambda msgs: None,
+        name="probe-pub",
+    )
+    seq = 0
+    topic = f"fh/t/Z/scale/{PROBE_DEVICE}"
+
+    async def set_level(units: int, expect: frozenset[str]) -> float | None:
+        nonlocal seq
+        fut: asyncio.Future[float] = loop.create_future()
+        waiting.append((expect, fut))
+        t_pub = 0.0
+        for i in range(3):
+            if i:
+                await asyncio.sleep(gap_s)
+            payload = orjson.dumps(
+                {"device": PROBE_DEVICE, "seq": seq, "ts": time.time(), "grams": grams(units)}
+            )
+            seq += 1
+            t_pub = time.perf_counter()
+            pub.publish(topic, payload, qos=1)
+        try:
+            async with asyncio.timeout(5):
+                t_recv = await fut
+        except TimeoutError:
+            return None
+        finally:
+            waiting.remove((expect, fut))
+        return (t_recv - t_pub) * 1000
+
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(sub.run(), name="probe-sub.run")
+        tg.create_task(pub.run(), name="probe-pub.run")
+        await sub.wait_up(10)
+        await pub.wait_up(10)
+        ok = frozenset({"ok"})
+        low = frozenset({"low", "critical", "out"})
+        if await set_level(HIGH_UNITS, ok) is None:
+            raise RuntimeError("no initial alert state from the controller")
+        print("READY", flush=True)
+        while (await stdin.readline()).strip() != b"GO":
+            pass
+        latencies: list[float] = []
+        timeouts = 0
+        high = True
+        rng = random.Random(1)
+        for _ in range(samples):
+            high = not high
+            ms = await set_level(
+                HIGH_UNITS if high else LOW_UNITS, ok if high else low
+            )
+            if ms is None:
+                timeouts += 1
+            else:
+                latencies.append(ms)
+            await asyncio.sleep(rng.uniform(0.005, 0.02))  # decorrelate from group commits
+        print(
+            "RESULT " + json.dumps({"latencies_ms": latencies, "timeouts": timeouts}), flush=True
+        )
+        await sub.disconnect()
+        await pub.disconnect()
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: hot spots
+
+
+class Profiler:
+    """py-spy attached to this process (sampling, low overhead) or cProfile as a fallback."""
+
+    def __init__(self, kind: str, folder: Path) -> None:
+        self.kind = kind if kind != "auto" else ("py-spy" if _py_spy() else "cprofile")
+        self.out = folder / "profile.txt"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cprofile: Any = None
+
+    async def start(self) -> None:
+        if self.kind == "py-spy":
+            self.proc = subprocess.Popen(
+                [
+                    _py_spy() or "py-spy",
+                    "record",
+                    "--pid",
+                    str(os.getpid()),
+                    "--rate",
+                    "250",
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(self.out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            await asyncio.sleep(1.0)  # let py-spy attach before the drain starts
+        else:
+            import cProfile
+
+            self.cprofile = cProfile.Profile()
+            self.cprofile.enable()
+
+    async def stop(self) -> dict[str, Any]:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGINT)
+            await asyncio.to_thread(self.proc.wait, 30)
+            return {"tool": "py-spy", **_collapse(self.out.read_text())}
+        self.cprofile.disable()
+        import pstats
+
+        stats = pstats.Stats(self.cprofile)
+        raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+        total = sum(v[2] for v in raw.values()) or 1.0
+        rows = sorted(raw.items(), key=lambda kv: kv[1][2], reverse=True)
+        top_self = [(f"{f[2]} ({_short(f[0])}:{f[1]})", v[2] / total * 100) for f, v in rows[:25]]
+        rows = sorted(raw.items(), key=lambda kv: kv[1][3], reverse=True)
+        top_total = [(f"{f[2]} ({_short(f[0])}:{f[1]})", v[3] / total * 100) for f, v in rows[:40]]
+        return {"tool": "cProfile", "self": top_self, "total": top_total, "samples": 0}
+
+
+def _py_spy() -> str | None:
+    here = Path(sys.executable).parent / "py-spy"
+    return str(here) if here.exists() else shutil.which("py-spy")
+
+
+def _short(path: str) -> str:
+    for marker in ("/work/main/", "site-packages/", "lib/python3.11/"):
+        if marker in path:
+            return path.split(marker, 1)[1]
+    return path
+
+
+def _collapse(text: str) -> dict[str, Any]:
+    """py-spy raw output (``frame;frame;… count``) → % of samples by function, self and total."""
+    self_fn: Counter[str] = Counter()
+    self_line: Counter[str] = Counter()
+    total_fn: Counter[str] = Counter()
+    samples = 0
+    for line in text.splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        if not stack or not count_s.isdigit():
+            continue
+        count = int(count_s)
+        frames = stack.split(";")[1:]  # first is the process
+        if not frames or any(f.startswith("_bootstrap_inner ") for f in frames):
+            continue  # only the event loop thread: the others here wait (waitpid, executor)
+        samples += count
+        leaf = frames[-1]
+        self_line[leaf] += count
+        self_fn[_function(leaf)] += count
+        for fn in {_function(f) for f in frames}:
+            total_fn[fn] += count
+    pct = 100.0 / max(samples, 1)
+    return {
+        "samples": samples,
+        "self": [(k, v * pct) for k, v in self_fn.most_common(25)],
+        "self_lines": [(k, v * pct) for k, v in self_line.most_common(25)],
+        "total": [(k, v * pct) for k, v in total_fn.most_common(40)],
+    }
+
+
+def _function(frame: str) -> str:
+    """``name (path:line)`` → ``name (path)``."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def machine() -> dict[str, Any]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mosq = subprocess.run([MOSQUITTO_BIN, "-h"], capture_output=True, text=True, check=False)
+    mosq_version = next(
+        (ln.strip() for ln in (mosq.stdout + mosq.stderr).splitlines() if "version" in ln), "?"
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "sqlite": sqlite3.sqlite_version,
+        "mosquitto": mosq_version,
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+@dataclass
+class Report:
+    mode: str
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    drains: list[dict[str, Any]] = field(default_factory=list)
+    live: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, Any] | None = None
+    profile: dict[str, Any] | None = None
+    verdicts: list[tuple[str, str, str, bool]] = field(default_factory=list)
+
+    def judge(self) -> None:
+        def find(qos: int, batch: int) -> dict[str, Any] | None:
+            return next(
+                (
+                    d
+                    for d in self.drains
+                    if d["qos"] == qos and d["readings_per_msg"] == batch
+                ),
+                None,
+            )
+
+        out: list[tuple[str, str, str, bool]] = []
+        q1 = find(1, 1)
+        if q1:
+            out.append(
+                (
+                    "QoS 1 single-reading drain",
+                    "≥ 30,000 msg/s",
+                    f"{q1['msg_s']:,.0f} msg/s",
+                    q1["msg_s"] >= TARGETS["qos1_msg_s"],
+                )
+            )
+            out.append(
+                (
+                    "controller CPU per message (QoS 1 drain)",
+                    "≤ 25 µs",
+                    f"{q1['cpu_us_per_msg']:.1f} µs",
+                    q1["cpu_us_per_msg"] <= TARGETS["cpu_us_per_msg"],
+                )
+            )
+        q0 = find(0, 1)
+        if q0:
+            out.append(
+                (
+                    "QoS 0 single-reading drain",
+                    "≥ 50,000 msg/s",
+                    f"{q0['msg_s']:,.0f} msg/s",
+                    q0["msg_s"] >= TARGETS["qos0_msg_s"],
+                )
+            )
+        for d in self.drains:
+            if d["readings_per_msg"] > 1:
+                out.append(
+                    (
+                        f"batched drain ({d['readings_per_msg']} readings/msg)",
+                        "≥ 100,000 readings/s",
+                        f"{d['readings_s']:,.0f} readings/s",
+                        d["readings_s"] >= TARGETS["batched_readings_s"],
+                    )
+                )
+        live_ok = [r for r in self.live if r["qos"] == 1 and r["kept_up"]]
+        if self.live:
+            best = max((r["target_msg_s"] for r in live_ok), default=0)
+            out.append(
+                (
+                    "live QoS 1: highest paced rate kept up with, 0 lost",
+                    "≥ 30,000 msg/s",
+                    f"{best:,.0f} msg/s",
+                    best >= TARGETS["qos1_msg_s"]
+                    and all(r["journal"]["lost"] == 0 for r in self.live if r["qos"] == 1),
+                )
+            )
+        if self.latency:
+            lat = self.latency
+            out.append(
+                (
+                    f"reading → alert p99 at {lat['background_target_msg_s']:,.0f} msg/s",
+                    "≤ 5 ms",
+                    f"{lat['p99_ms']:.2f} ms",
+                    lat["p99_ms"] <= TARGETS["alert_p99_ms"] and not lat["timeouts"],
+                )
+            )
+        self.verdicts = out
+
+    def markdown(self) -> str:
+        m = self.machine
+        lines = [
+            f"# Ingest end-to-end benchmark ({self.mode})",
+            "",
+            f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, Linux "
+            f"{m['kernel']}, Python {m['python']}, SQLite {m['sqlite']}, {m['mosquitto']}. "
+            "The controller, mosquitto and the load generator share these CPUs.",
+            "",
+            "## Targets",
+            "",
+            "| what | target | measured | met |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {a} | {b} | {c} | {'yes' if ok else 'NO'} |" for a, b, c, ok in self.verdicts]
+        lines += [
+            "",
+            "## Drain of a pre-loaded persistent session (durable: PUBACK after commit)",
+            "",
+            "| QoS | msgs × readings | msg/s | readings/s | controller CPU µs/msg "
+            "(µs/reading) | controller CPU | mosquitto CPU | avg group | lost | runs (msg/s) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for d in self.drains:
+            lines.append(
+                f"| {d['qos']} | {d['messages']:,} × {d['readings_per_msg']} | "
+                f"{d['msg_s']:,.0f} | {d['readings_s']:,.0f} | {d['cpu_us_per_msg']:.1f} "
+                f"({d['cpu_us_per_reading']:.2f}) | {d['controller_cpu_pct']:.0f}% | "
+                f"{d['broker_cpu_pct']:.0f}% | {d['avg_group']:.0f} | {d['journal']['lost']} | "
+                + ", ".join(f"{x:,.0f}" for x in d["msg_s_all"])
+                + " |"
+            )
+        if self.live:
+            lines += [
+                "",
+                "## Live paced load (publisher in a child process)",
+                "",
+                "| QoS | target msg/s | sent msg/s | consumed msg/s | controller CPU | "
+                "µs CPU/msg | mosquitto CPU | loadgen CPU | max backlog | backlog at end | "
+                "kept up | lost |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in self.live:
+                lines.append(
+                    f"| {r['qos']} | {r['target_msg_s']:,.0f} | {r['publisher_msg_s']:,.0f} | "
+                    f"{r['consumer_msg_s']:,.0f} | {r['controller_cpu_pct']:.0f}% | "
+                    f"{r['cpu_us_per_msg']:.1f} | {r['broker_cpu_pct']:.0f}% | "
+                    f"{r['loadgen_cpu_pct']:.0f}% | {r['max_backlog']:,} | "
+                    f"{r['backlog_at_end']:,} | {'yes' if r['kept_up'] else 'no'} | "
+                    f"{r['journal']['lost']} |"
+                )
+        if self.latency:
+            lat = self.latency
+            lines += [
+                "",
+                "## Reading → alert latency",
+                "",
+                f"Background {lat['background_msg_s']:,.0f} msg/s (target "
+                f"{lat['background_target_msg_s']:,.0f}); {lat['samples']} samples, "
+                f"{lat['timeouts']} timeouts; controller CPU {lat['controller_cpu_pct']:.0f}%.",
+                "",
+                "| p50 | p90 | p99 | max | mean |",
+                "|---|---|---|---|---|",
+                f"| {lat['p50_ms']:.2f} ms | {lat['p90_ms']:.2f} ms | {lat['p99_ms']:.2f} ms | "
+                f"{lat['max_ms']:.2f} ms | {lat['mean_ms']:.2f} ms |",
+            ]
+        if self.profile:
+            p = self.profile["profile"]
+            lines += [
+                "",
+                f"## Hot spots ({p['tool']}, QoS 1 drain, {p['samples']:,} samples; the "
+                f"profiled run drained at {self.profile['msg_s']:,.0f} msg/s)",
+                "",
+                "| self % | function |",
+                "|---|---|",
+            ]
+            lines += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["self"][:15]]
+            lines += ["", "| total % | function |", "|---|---|"]
+            lines += [f"| {pct:.1f} | `{fn}` |" for fn, pct in p["total"][:25]]
+        lines += ["", "Settings: `" + json.dumps(self.settings) + "`", ""]
+        return "\n".join(lines)
+
+
+def print_summary(report: Report) -> None:
+    say("")
+    say("=" * 100)
+    say(report.markdown())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace) -> Report:
+    quick = args.quick
+    n1 = args.messages or (50_000 if quick else 200_000)
+    nb = args.batch_messages or (4_000 if quick else 20_000)
+    runs = args.runs or (1 if quick else 3)
+    rates = args.rates or ([20_000, 40_000] if quick else [10_000, 20_000, 30_000, 40_000])
+    rates0 = args.qos0_rates if args.qos0_rates is not None else [50_000]
+    duration = args.duration or (4.0 if quick else 10.0)
+    samples = args.samples or (200 if quick else 500)
+    settings = {
+        "messages": n1,
+        "batch_messages": nb,
+        "readings_per_batch": args.batch,
+        "runs": runs,
+        "live_rates_qos1": rates,
+        "live_rates_qos0": rates0,
+        "live_duration_s": duration,
+        "latency_samples": samples,
+        "latency_background_msg_s": args.latency_rate,
+        "devices": DEVICES,
+        "broker": f"base tests/mosquitto.py config + {BROKER_CONFIG}, "
+        f"autosave_interval {AUTOSAVE_INTERVAL}",
+        "site": "tests/sites.write_small_site: 100 scales/shelves/SKUs, dwell_s 0, "
+        "reporting_interval_s 60, MQTT 5, receive_maximum 4000, journal synchronous NORMAL",
+    }
+    report = Report("quick" if quick else "full", machine(), settings)
+    base = Path(tempfile.mkdtemp(prefix="ingest-e2e-"))
+    logging.basicConfig(
+        level=logging.WARNING,
+        filename=str(base / "controller.log"),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    m = report.machine
+    say(
+        f"ingest e2e benchmark ({report.mode}): {m['nproc']} CPUs {m['cpu_model']}, Python "
+        f"{m['python']}, {m['mosquitto']}; work folder {base}"
+    )
+    try:
+        if "drain" in args.stages:
+            say("[1/4] drain of a pre-loaded persistent session")
+            for qos, count, batch in ((1, n1, 1), (1, nb, args.batch), (0, n1, 1)):
+                report.drains.append(
+                    await stage_drain(base, qos=qos, messages=count, batch=batch, runs=runs)
+                )
+        if "live" in args.stages:
+            say("[2/4] live paced load")
+            for qos, rate_list in ((1, rates), (0, rates0)):
+                for rate in rate_list:
+                    r = await stage_live(base, rate=rate, duration_s=duration, qos=qos)
+                    report.live.append(r)
+                    say(
+                        f"  live QoS {qos} {rate:,.0f} msg/s for {duration:g} s: sent "
+                        f"{r['publisher_msg_s']:,.0f} msg/s, consumed {r['consumer_msg_s']:,.0f}"
+                        f" msg/s, controller {r['controller_cpu_pct']:.0f}% CPU "
+                        f"({r['cpu_us_per_msg']:.1f} µs/msg), mosquitto "
+                        f"{r['broker_cpu_pct']:.0f}%, loadgen {r['loadgen_cpu_pct']:.0f}%, max "
+                        f"backlog {r['max_backlog']:,}, at end {r['backlog_at_end']:,}, kept up: "
+                        f"{'yes' if r['kept_up'] else 'no'}, lost {r['journal']['lost']}"
+                    )
+        if "latency" in args.stages:
+            say(f"[3/4] reading → alert latency at {args.latency_rate:,.0f} msg/s background")
+            report.latency = await stage_latency(base, rate=args.latency_rate, samples=samples)
+            lat = report.latency
+            say(
+                f"  {lat['samples']} samples ({lat['timeouts']} timeouts), background "
+                f"{lat['background_msg_s']:,.0f} msg/s: p50 {lat['p50_ms']:.2f} ms, p99 "
+                f"{lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"
+            )
+        if args.profile != "off" and "profile" in args.stages:
+            say(f"[4/4] profile of a QoS 1 drain ({args.profile})")
+            folder = base / "profile"
+            report.profile = await drain_once(
+                folder, qos=1, messages=n1, batch=1, tag="prof", profile=args.profile
+            )
+            p = report.profile["profile"]
+            say(f"  {p['tool']}: {p['samples']:,} samples; top self time:")
+            for fn, pct in p["self"][:10]:
+                say(f"    {pct:5.1f}%  {fn}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    report.judge()
+    return report
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_probe":
+        p = argparse.ArgumentParser()
+        p.add_argument("_probe")
+        p.add_argument("--port", type=int, required=True)
+        p.add_argument("--samples", type=int, required=True)
+        p.add_argument("--gap-s", type=float, default=0.001)
+        a = p.parse_args()
+        asyncio.run(probe_main(a.port, a.samples, a.gap_s))
+        return
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="about a minute instead of several")
+    parser.add_argument("--messages", type=int, help="single-reading drain size")
+    parser.add_argument("--batch-messages", type=int, help="batched drain size (messages)")
+    parser.add_argument("--batch", type=int, default=50, help="readings per batched message")
+    parser.add_argument("--runs", type=int, help="drain runs per case (median reported)")
+    parser.add_argument("--rates", type=_floats, help="live QoS 1 rates, e.g. 10000,20000")
+    parser.add_argument("--qos0-rates", type=_floats, help="live QoS 0 rates ('' for none)")
+    parser.add_argument("--duration", type=float, help="seconds per live rate")
+    parser.add_argument("--samples", type=int, help="latency samples")
+    parser.add_argument("--latency-rate", type=float, default=4_000.0)
+    parser.add_argument(
+        "--profile",
+        choices=("off", "auto", "py-spy", "cprofile"),
+        help="profile a QoS 1 drain (default: auto in the full run, off with --quick)",
+    )
+    parser.add_argument(
+        "--stages",
+        type=lambda s: s.split(","),
+        default=["drain", "live", "latency", "profile"],
+        help="comma-separated subset of drain,live,latency,profile",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "bench")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = parser.parse_args()
+    if args.profile is None:
+        args.profile = "off" if args.quick else "auto"
+    t0 = time.monotonic()
+    report = asyncio.run(bench(args))
+    print_summary(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "ingest_e2e" + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(
+        json.dumps(
+            {
+                "mode": report.mode,
+                "machine": report.machine,
+                "settings": report.settings,
+                "targets": TARGETS,
+                "verdicts": report.verdicts,
+                "drains": report.drains,
+                "live": report.live,
+                "latency": report.latency,
+                "profile": report.profile,
+            },
+            indent=1,
+        )
+    )
+    (args.out / f"{stem}.md").write_text(report.markdown())
+    say(f"\nwrote {args.out / stem}.json and .md in {time.monotonic() - t0:.0f} s")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+if __name__ == "__main__":
+    main()
