@@ -117,6 +117,7 @@ class IngestService:
         self._retry_delay_s = 0.05
         self._paused_by_failure = False
         self.last_commit_error: str | None = None
+        self._logged: set[tuple[str, str]] = set()
 
     # -- restart -----------------------------------------------------------------------------
     def restore(self, cursors: dict[str, Cursor], shelf_states: dict[str, dict[str, Any]]) -> None:
@@ -178,6 +179,12 @@ class IngestService:
         self.readings += len(batch.rows)
         for reason in batch.reasons:
             self.rejected[reason] += 1
+        for dead in batch.dead:
+            key = (dead.reason, dead.topic)
+            if key not in self._logged and len(self._logged) < 10_000:
+                # Bad input is logged once per reason and topic; after that it is only counted.
+                self._logged.add(key)
+                log.warning("rejected %s on %s: %s", dead.reason, dead.topic, dead.detail)
         for device, last_seq, seq in batch.gaps:
             log.warning(
                 "scale %s: %d reading(s) missing upstream (seq %d → %d)",
