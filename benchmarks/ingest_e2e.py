@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
-import psutil  # noqa: E402
+import psutil  # type: ignore[import-untyped,unused-ignore]  # noqa: E402
 
 from benchmarks.loadgen import device_names, encode_readings, publish_all  # noqa: E402
 from controller.config import SiteConfig, load_site  # noqa: E402
@@ -64,6 +65,7 @@ from tests.mosquitto import MOSQUITTO_BIN, MosquittoBroker  # noqa: E402
 from tests.sites import grams, write_small_site  # noqa: E402
 
 LOADGEN = ROOT / "benchmarks" / "loadgen.py"
+SELF = Path(__file__).resolve()
 DEVICES = 100
 BROKER_CONFIG = "queue_qos0_messages true"
 AUTOSAVE_INTERVAL = 1_000_000_000  # with autosave_on_changes: never during a run
@@ -106,6 +108,43 @@ class BenchRuntime(Runtime):
         if self.target and self.ingest.messages >= self.target:
             self.reached.set()
 
+    def instrument(self) -> Timings:
+        """Time every journal commit, supervision tick and garbage collection (for the
+        latency stage: what the slow samples overlapped)."""
+        timings = Timings()
+        commit = self.journal.commit
+
+        def timed_commit(*args: Any, **kwargs: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                commit(*args, **kwargs)
+            finally:
+                timings.commits.append((t0, time.perf_counter() - t0))
+
+        self.journal.commit = timed_commit  # type: ignore[method-assign]
+        for owner in (self.ingest, self.alerts):
+            tick = owner.tick
+
+            def timed_tick(now: float, _tick: Any = tick) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return _tick(now)
+                finally:
+                    timings.ticks.append((t0, time.perf_counter() - t0))
+
+            owner.tick = timed_tick  # type: ignore[method-assign]
+        gc_start = [0.0]
+
+        def on_gc(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                gc_start[0] = time.perf_counter()
+            elif info.get("generation", 0) >= 1:
+                timings.gcs.append((gc_start[0], time.perf_counter() - gc_start[0]))
+
+        gc.callbacks.append(on_gc)
+        timings.gc_callback = on_gc
+        return timings
+
     def expect(self, total: int) -> None:
         self.target = total
         if self.ingest.messages >= total:
@@ -123,6 +162,35 @@ class BenchRuntime(Runtime):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.reached.wait(), stall_s)
         return True
+
+
+@dataclass
+class Timings:
+    """``(perf_counter at start, seconds)`` of controller activities."""
+
+    commits: list[tuple[float, float]] = field(default_factory=list)
+    ticks: list[tuple[float, float]] = field(default_factory=list)
+    gcs: list[tuple[float, float]] = field(default_factory=list)
+    gc_callback: Any = None
+
+    def close(self) -> None:
+        if self.gc_callback in gc.callbacks:
+            gc.callbacks.remove(self.gc_callback)
+
+    @staticmethod
+    def summary(spans: list[tuple[float, float]], t0: float, t1: float) -> dict[str, float]:
+        ms = sorted(d * 1000 for start, d in spans if t0 <= start <= t1)
+        return {
+            "count": len(ms),
+            "p50_ms": _pct(ms, 50),
+            "p99_ms": _pct(ms, 99),
+            "max_ms": ms[-1] if ms else 0.0,
+            "over_2ms": sum(1 for x in ms if x > 2.0),
+        }
+
+
+def overlaps(spans: list[tuple[float, float]], t0: float, t1: float, min_s: float) -> bool:
+    return any(d >= min_s and start < t1 and start + d > t0 for start, d in spans)
 
 
 @contextlib.asynccontextmanager
@@ -179,6 +247,24 @@ def cpu_of(pid: int | None) -> float:
     return float(t.user + t.system)
 
 
+class MachineCpu:
+    """Whole-machine CPU over an interval, to show what else ran (other sessions, the kernel):
+    ``other`` = busy core-seconds not used by the processes we measured; ``steal`` = time the
+    hypervisor gave to other guests."""
+
+    def __init__(self) -> None:
+        self.t0 = psutil.cpu_times()
+
+    def delta(self, ours_s: float) -> dict[str, float]:
+        t1 = psutil.cpu_times()
+
+        def busy(t: Any) -> float:
+            return float(t.user + t.nice + t.system + t.irq + t.softirq)
+
+        other = busy(t1) - busy(self.t0) - ours_s
+        return {"other_cpu_s": max(0.0, other), "steal_s": float(t1.steal - self.t0.steal)}
+
+
 def verify_journal(db: sqlite3.Connection, expected: dict[str, int]) -> dict[str, int]:
     """Every device's seqs 0..expected-1 are in the readings table (UNIQUE: no duplicates)."""
     found = {
@@ -226,6 +312,7 @@ async def drain_once(
         if profiler is not None:
             await profiler.start()
         broker_cpu0 = cpu_of(broker.pid)
+        machine_cpu = MachineCpu()
         cpu0 = time.process_time()
         wall0 = time.perf_counter()
         async with running(rt):
@@ -233,10 +320,11 @@ async def drain_once(
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
             broker_cpu = cpu_of(broker.pid) - broker_cpu0
+            rest = machine_cpu.delta(cpu + broker_cpu)
+            hot = await profiler.stop() if profiler is not None else None
             if not rt.link.session_present:
                 raise RuntimeError("the controller's persistent session was not resumed")
             check = verify_journal(rt.journal.db, per_device(messages, devices, batch))
-        hot = await profiler.stop() if profiler is not None else None
         got = rt.ingest.messages
         result: dict[str, Any] = {
             "stage": "drain",
@@ -256,6 +344,8 @@ async def drain_once(
             "cpu_us_per_reading": cpu / max(rt.ingest.readings, 1) * 1e6,
             "controller_cpu_pct": cpu / wall * 100,
             "broker_cpu_pct": broker_cpu / wall * 100,
+            "other_cpu_pct": rest["other_cpu_s"] / wall * 100,
+            "steal_pct": rest["steal_s"] / wall * 100,
             "groups": rt.groups,
             "avg_group": got / max(rt.groups, 1),
             "commits": rt.ingest.commits,
@@ -279,8 +369,8 @@ async def stage_drain(
         say(
             f"  {label}, run {run}/{runs}: {r['msg_s']:,.0f} msg/s, {r['readings_s']:,.0f} "
             f"readings/s, {r['cpu_us_per_msg']:.1f} µs CPU/msg, avg group {r['avg_group']:.0f}, "
-            f"mosquitto {r['broker_cpu_pct']:.0f}% CPU, lost {r['journal']['lost']}"
-            + ("" if r["complete"] else "  INCOMPLETE")
+            f"mosquitto {r['broker_cpu_pct']:.0f}% CPU, other {r['other_cpu_pct']:.0f}%, "
+            f"lost {r['journal']['lost']}" + ("" if r["complete"] else "  INCOMPLETE")
         )
         shutil.rmtree(folder, ignore_errors=True)
     best = _median_run(results, "msg_s")
@@ -392,7 +482,8 @@ async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) ->
             total = int(rate * duration_s)
             rt.expect(total)
             samples: list[tuple[float, int]] = []
-            cpu0, broker0, gen0 = time.process_time(), cpu_of(broker.pid), cpu_of(child.pid)
+            cpu0, broker0 = time.process_time(), cpu_of(broker.pid)
+            machine_cpu = MachineCpu()
             t_go = time.perf_counter()
             child.tell("GO")
 
@@ -407,7 +498,8 @@ async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) ->
             applied_at_sent = rt.ingest.messages
             cpu_sent = time.process_time() - cpu0
             broker_cpu = cpu_of(broker.pid) - broker0
-            gen_cpu = cpu_of(child.pid) - gen0
+            gen_cpu = float(sent["cpu_s"])  # the child's own count: it may have exited by now
+            rest = machine_cpu.delta(cpu_sent + broker_cpu + gen_cpu)
             complete = await rt.wait_reached()
             t_all = time.perf_counter()
             cpu_all = time.process_time() - cpu0
@@ -426,7 +518,9 @@ async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) ->
         )
         backlog_end = sent_n - applied_at_sent
         consumer_rate = applied_at_sent / window
-        kept_up = complete and backlog_end <= rate * 0.25 and consumer_rate >= 0.95 * sent_n / window
+        kept_up = (
+            complete and backlog_end <= rate * 0.25 and consumer_rate >= 0.95 * sent_n / window
+        )
     shutil.rmtree(folder, ignore_errors=True)
     return {
         "stage": "live",
@@ -441,6 +535,8 @@ async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) ->
         "cpu_us_per_msg": cpu_all / max(rt.ingest.messages, 1) * 1e6,
         "broker_cpu_pct": broker_cpu / window * 100,
         "loadgen_cpu_pct": gen_cpu / window * 100,
+        "other_cpu_pct": rest["other_cpu_s"] / window * 100,
+        "steal_pct": rest["steal_s"] / window * 100,
         "backlog_at_end": backlog_end,
         "max_backlog": max_backlog,
         "drain_after_s": t_all - t_sent,
@@ -464,19 +560,27 @@ LOW_UNITS = 2  # at or below safety stock 3: class "critical"
 
 
 async def stage_latency(
-    base: Path, *, rate: float, samples: int, gap_s: float = 0.001
+    base: Path,
+    *,
+    rate: float,
+    samples: int,
+    gap_s: float = 0.001,
+    wal_autocheckpoint: int | None = None,
 ) -> dict[str, Any]:
     folder = base / "latency"
     async with broker_in(folder) as broker:
         site = make_site(folder, broker.port, "bench-latency")
         rt = BenchRuntime(site)
+        timings = rt.instrument()
         async with running(rt):
+            if wal_autocheckpoint is not None:
+                rt.journal.db.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
             budget_s = samples * 0.05 + 60
             gen = await start_loadgen(
                 broker.port, rate, budget_s, devices=DEVICES - 1, first_device=1
             )
             probe = await Child.start(
-                str(Path(__file__).resolve()),
+                str(SELF),
                 "_probe",
                 "--port",
                 str(broker.port),
@@ -494,13 +598,24 @@ async def stage_latency(
             result = await probe.expect("RESULT", budget_s)
             cpu = time.process_time() - cpu0
             wall = time.perf_counter() - t0
-            background = (rt.ingest.messages - n0) / wall
+            probe_msgs = 3 * (len(result["samples"]) + result["timeouts"])
+            background = (rt.ingest.messages - n0 - probe_msgs) / wall
             gen.tell("STOP")
             sent = await gen.expect("DONE")
             await gen.close()
             await probe.close()
+        timings.close()
     shutil.rmtree(folder, ignore_errors=True)
-    lat = sorted(result["latencies_ms"])
+    pairs: list[tuple[float, float]] = result["samples"]  # (perf_counter at publish, ms)
+    lat = sorted(ms for _, ms in pairs)
+    t_first = pairs[0][0] if pairs else 0.0
+    t_last = pairs[-1][0] + pairs[-1][1] / 1000 if pairs else 0.0
+    slow_cut = _pct(lat, 99) if lat else 0.0
+    slow = [(t, ms) for t, ms in pairs if ms >= slow_cut]
+
+    def explained(spans: list[tuple[float, float]]) -> int:
+        return sum(1 for t, ms in slow if overlaps(spans, t, t + ms / 1000, 0.002))
+
     return {
         "stage": "latency",
         "background_target_msg_s": rate,
@@ -515,6 +630,17 @@ async def stage_latency(
         "mean_ms": statistics.fmean(lat) if lat else float("nan"),
         "controller_cpu_pct": cpu / wall * 100,
         "gap_between_readings_ms": gap_s * 1000,
+        "wal_autocheckpoint": wal_autocheckpoint,
+        "commits": Timings.summary(timings.commits, t_first, t_last),
+        "ticks": Timings.summary(timings.ticks, t_first, t_last),
+        "gcs": Timings.summary(timings.gcs, t_first, t_last),
+        "slowest_1pct": {
+            "count": len(slow),
+            "from_ms": slow_cut,
+            "overlap_commit_over_2ms": explained(timings.commits),
+            "overlap_tick_over_2ms": explained(timings.ticks),
+            "overlap_gc_over_2ms": explained(timings.gcs),
+        },
     }
 
 
@@ -567,7 +693,8 @@ async def probe_main(port: int, samples: int, gap_s: float) -> None:
     seq = 0
     topic = f"fh/t/Z/scale/{PROBE_DEVICE}"
 
-    async def set_level(units: int, expect: frozenset[str]) -> float | None:
+    async def set_level(units: int, expect: frozenset[str]) -> tuple[float, float] | None:
+        """Publish three readings at ``units``; ``(publish time of the third, ms to alert)``."""
         nonlocal seq
         fut: asyncio.Future[float] = loop.create_future()
         waiting.append((expect, fut))
@@ -588,7 +715,7 @@ async def probe_main(port: int, samples: int, gap_s: float) -> None:
             return None
         finally:
             waiting.remove((expect, fut))
-        return (t_recv - t_pub) * 1000
+        return t_pub, (t_recv - t_pub) * 1000
 
     stdin = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
@@ -604,23 +731,19 @@ async def probe_main(port: int, samples: int, gap_s: float) -> None:
         print("READY", flush=True)
         while (await stdin.readline()).strip() != b"GO":
             pass
-        latencies: list[float] = []
+        pairs: list[tuple[float, float]] = []
         timeouts = 0
         high = True
         rng = random.Random(1)
         for _ in range(samples):
             high = not high
-            ms = await set_level(
-                HIGH_UNITS if high else LOW_UNITS, ok if high else low
-            )
-            if ms is None:
+            sample = await set_level(HIGH_UNITS if high else LOW_UNITS, ok if high else low)
+            if sample is None:
                 timeouts += 1
             else:
-                latencies.append(ms)
+                pairs.append(sample)
             await asyncio.sleep(rng.uniform(0.005, 0.02))  # decorrelate from group commits
-        print(
-            "RESULT " + json.dumps({"latencies_ms": latencies, "timeouts": timeouts}), flush=True
-        )
+        print("RESULT " + json.dumps({"samples": pairs, "timeouts": timeouts}), flush=True)
         await sub.disconnect()
         await pub.disconnect()
 
@@ -635,27 +758,24 @@ class Profiler:
     def __init__(self, kind: str, folder: Path) -> None:
         self.kind = kind if kind != "auto" else ("py-spy" if _py_spy() else "cprofile")
         self.out = folder / "profile.txt"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: asyncio.subprocess.Process | None = None
         self.cprofile: Any = None
 
     async def start(self) -> None:
         if self.kind == "py-spy":
-            self.proc = subprocess.Popen(
-                [
-                    _py_spy() or "py-spy",
-                    "record",
-                    "--pid",
-                    str(os.getpid()),
-                    "--rate",
-                    "250",
-                    "--nonblocking",
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(self.out),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
+            self.proc = await asyncio.create_subprocess_exec(
+                _py_spy() or "py-spy",
+                "record",
+                "--pid",
+                str(os.getpid()),
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--output",
+                str(self.out),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
             )
             await asyncio.sleep(1.0)  # let py-spy attach before the drain starts
         else:
@@ -667,7 +787,8 @@ class Profiler:
     async def stop(self) -> dict[str, Any]:
         if self.proc is not None:
             self.proc.send_signal(signal.SIGINT)
-            await asyncio.to_thread(self.proc.wait, 30)
+            async with asyncio.timeout(30):
+                await self.proc.wait()
             return {"tool": "py-spy", **_collapse(self.out.read_text())}
         self.cprofile.disable()
         import pstats
@@ -705,13 +826,19 @@ def _collapse(text: str) -> dict[str, Any]:
         if not stack or not count_s.isdigit():
             continue
         count = int(count_s)
-        frames = stack.split(";")[1:]  # first is the process
-        if not frames or any(f.startswith("_bootstrap_inner ") for f in frames):
+        frames = stack.split(";")
+        if any("_bootstrap_inner (" in f for f in frames):
             continue  # only the event loop thread: the others here wait (waitpid, executor)
         samples += count
         leaf = frames[-1]
-        self_line[leaf] += count
-        self_fn[_function(leaf)] += count
+        if leaf.startswith("__create_fn__.<locals>.__init__") and len(frames) > 1:
+            # A dataclass-generated __init__: name it by its call site (which class it is).
+            leaf = f"dataclass __init__ called at {frames[-2]}"
+            self_line[leaf] += count
+            self_fn[leaf] += count
+        else:
+            self_line[leaf] += count
+            self_fn[_function(leaf)] += count
         for fn in {_function(f) for f in frames}:
             total_fn[fn] += count
     pct = 100.0 / max(samples, 1)
@@ -752,6 +879,7 @@ def machine() -> dict[str, Any]:
         "sqlite": sqlite3.sqlite_version,
         "mosquitto": mosq_version,
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg_1m_at_start": round(os.getloadavg()[0], 2),
     }
 
 
@@ -769,11 +897,7 @@ class Report:
     def judge(self) -> None:
         def find(qos: int, batch: int) -> dict[str, Any] | None:
             return next(
-                (
-                    d
-                    for d in self.drains
-                    if d["qos"] == qos and d["readings_per_msg"] == batch
-                ),
+                (d for d in self.drains if d["qos"] == qos and d["readings_per_msg"] == batch),
                 None,
             )
 
@@ -846,8 +970,10 @@ class Report:
             f"# Ingest end-to-end benchmark ({self.mode})",
             "",
             f"Machine: {m['nproc']} CPUs ({m['cpu_model']}), {m['memory_gb']} GB, Linux "
-            f"{m['kernel']}, Python {m['python']}, SQLite {m['sqlite']}, {m['mosquitto']}. "
-            "The controller, mosquitto and the load generator share these CPUs.",
+            f"{m['kernel']}, Python {m['python']}, SQLite {m['sqlite']}, {m['mosquitto']}; "
+            f"load average {m['load_avg_1m_at_start']} at start. The controller, mosquitto "
+            "and the load generator share these CPUs; 'other CPU' is what the rest of the "
+            "machine used meanwhile (core-seconds per second, %).",
             "",
             "## Targets",
             "",
@@ -860,17 +986,17 @@ class Report:
             "## Drain of a pre-loaded persistent session (durable: PUBACK after commit)",
             "",
             "| QoS | msgs × readings | msg/s | readings/s | controller CPU µs/msg "
-            "(µs/reading) | controller CPU | mosquitto CPU | avg group | lost | runs (msg/s) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "(µs/reading) | controller CPU | mosquitto CPU | other CPU | avg group | lost | "
+            "runs (msg/s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for d in self.drains:
             lines.append(
                 f"| {d['qos']} | {d['messages']:,} × {d['readings_per_msg']} | "
                 f"{d['msg_s']:,.0f} | {d['readings_s']:,.0f} | {d['cpu_us_per_msg']:.1f} "
                 f"({d['cpu_us_per_reading']:.2f}) | {d['controller_cpu_pct']:.0f}% | "
-                f"{d['broker_cpu_pct']:.0f}% | {d['avg_group']:.0f} | {d['journal']['lost']} | "
-                + ", ".join(f"{x:,.0f}" for x in d["msg_s_all"])
-                + " |"
+                f"{d['broker_cpu_pct']:.0f}% | {d['other_cpu_pct']:.0f}% | {d['avg_group']:.0f} | "
+                f"{d['journal']['lost']} | " + ", ".join(f"{x:,.0f}" for x in d["msg_s_all"]) + " |"
             )
         if self.live:
             lines += [
@@ -878,16 +1004,18 @@ class Report:
                 "## Live paced load (publisher in a child process)",
                 "",
                 "| QoS | target msg/s | sent msg/s | consumed msg/s | controller CPU | "
-                "µs CPU/msg | mosquitto CPU | loadgen CPU | max backlog | backlog at end | "
-                "kept up | lost |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "µs CPU/msg | avg group | mosquitto CPU | loadgen CPU | other CPU | "
+                "max backlog | backlog at end | kept up | lost |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for r in self.live:
                 lines.append(
                     f"| {r['qos']} | {r['target_msg_s']:,.0f} | {r['publisher_msg_s']:,.0f} | "
                     f"{r['consumer_msg_s']:,.0f} | {r['controller_cpu_pct']:.0f}% | "
-                    f"{r['cpu_us_per_msg']:.1f} | {r['broker_cpu_pct']:.0f}% | "
-                    f"{r['loadgen_cpu_pct']:.0f}% | {r['max_backlog']:,} | "
+                    f"{r['cpu_us_per_msg']:.1f} | {r['avg_group']:.0f} | "
+                    f"{r['broker_cpu_pct']:.0f}% | "
+                    f"{r['loadgen_cpu_pct']:.0f}% | {r['other_cpu_pct']:.0f}% | "
+                    f"{r['max_backlog']:,} | "
                     f"{r['backlog_at_end']:,} | {'yes' if r['kept_up'] else 'no'} | "
                     f"{r['journal']['lost']} |"
                 )
@@ -905,6 +1033,25 @@ class Report:
                 "|---|---|---|---|---|",
                 f"| {lat['p50_ms']:.2f} ms | {lat['p90_ms']:.2f} ms | {lat['p99_ms']:.2f} ms | "
                 f"{lat['max_ms']:.2f} ms | {lat['mean_ms']:.2f} ms |",
+                "",
+                "Controller activity during the samples (ms):",
+                "",
+                "| activity | count | p50 | p99 | max | > 2 ms |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name in ("commits", "ticks", "gcs"):
+                a = lat[name]
+                lines.append(
+                    f"| {name} | {a['count']:,} | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} | "
+                    f"{a['max_ms']:.2f} | {a['over_2ms']} |"
+                )
+            sl = lat["slowest_1pct"]
+            lines += [
+                "",
+                f"The slowest {sl['count']} samples (≥ {sl['from_ms']:.2f} ms) overlapped a "
+                f"journal commit > 2 ms {sl['overlap_commit_over_2ms']} times, a supervision "
+                f"tick > 2 ms {sl['overlap_tick_over_2ms']} times, a GC > 2 ms "
+                f"{sl['overlap_gc_over_2ms']} times.",
             ]
         if self.profile:
             p = self.profile["profile"]
@@ -951,6 +1098,7 @@ async def bench(args: argparse.Namespace) -> Report:
         "live_duration_s": duration,
         "latency_samples": samples,
         "latency_background_msg_s": args.latency_rate,
+        "wal_autocheckpoint": args.wal_autocheckpoint,
         "devices": DEVICES,
         "broker": f"base tests/mosquitto.py config + {BROKER_CONFIG}, "
         f"autosave_interval {AUTOSAVE_INTERVAL}",
@@ -987,24 +1135,40 @@ async def bench(args: argparse.Namespace) -> Report:
                         f"{r['publisher_msg_s']:,.0f} msg/s, consumed {r['consumer_msg_s']:,.0f}"
                         f" msg/s, controller {r['controller_cpu_pct']:.0f}% CPU "
                         f"({r['cpu_us_per_msg']:.1f} µs/msg), mosquitto "
-                        f"{r['broker_cpu_pct']:.0f}%, loadgen {r['loadgen_cpu_pct']:.0f}%, max "
+                        f"{r['broker_cpu_pct']:.0f}%, loadgen {r['loadgen_cpu_pct']:.0f}%, other "
+                        f"{r['other_cpu_pct']:.0f}%, max "
                         f"backlog {r['max_backlog']:,}, at end {r['backlog_at_end']:,}, kept up: "
                         f"{'yes' if r['kept_up'] else 'no'}, lost {r['journal']['lost']}"
                     )
         if "latency" in args.stages:
             say(f"[3/4] reading → alert latency at {args.latency_rate:,.0f} msg/s background")
-            report.latency = await stage_latency(base, rate=args.latency_rate, samples=samples)
+            report.latency = await stage_latency(
+                base,
+                rate=args.latency_rate,
+                samples=samples,
+                wal_autocheckpoint=args.wal_autocheckpoint,
+            )
             lat = report.latency
+            c, sl = lat["commits"], lat["slowest_1pct"]
             say(
                 f"  {lat['samples']} samples ({lat['timeouts']} timeouts), background "
                 f"{lat['background_msg_s']:,.0f} msg/s: p50 {lat['p50_ms']:.2f} ms, p99 "
-                f"{lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms"
+                f"{lat['p99_ms']:.2f} ms, max {lat['max_ms']:.2f} ms; journal commits p50 "
+                f"{c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, max {c['max_ms']:.1f} ms; "
+                f"slowest {sl['count']} samples overlapped a >2 ms commit "
+                f"{sl['overlap_commit_over_2ms']}×, tick {sl['overlap_tick_over_2ms']}×, "
+                f"GC {sl['overlap_gc_over_2ms']}×"
             )
         if args.profile != "off" and "profile" in args.stages:
             say(f"[4/4] profile of a QoS 1 drain ({args.profile})")
             folder = base / "profile"
             report.profile = await drain_once(
-                folder, qos=1, messages=n1, batch=1, tag="prof", profile=args.profile
+                folder,
+                qos=1,
+                messages=max(n1, 200_000),
+                batch=1,
+                tag="prof",
+                profile=args.profile,
             )
             p = report.profile["profile"]
             say(f"  {p['tool']}: {p['samples']:,} samples; top self time:")
@@ -1041,6 +1205,11 @@ def main() -> None:
     parser.add_argument("--duration", type=float, help="seconds per live rate")
     parser.add_argument("--samples", type=int, help="latency samples")
     parser.add_argument("--latency-rate", type=float, default=4_000.0)
+    parser.add_argument(
+        "--wal-autocheckpoint",
+        type=int,
+        help="experiment: set the journal's PRAGMA wal_autocheckpoint in the latency stage",
+    )
     parser.add_argument(
         "--profile",
         choices=("off", "auto", "py-spy", "cprofile"),

@@ -11,9 +11,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from controller.config import ConfigError, SiteConfig, load_site, split_bind
 
@@ -62,6 +66,29 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_class() -> type[Any]:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, so the process would
+        die by the signal; a controller that stopped cleanly exits 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            sigs = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     site = _load(args)
     import uvicorn
@@ -70,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     host, port = split_bind(site.api.bind)
     exit_code = 0
-    server: uvicorn.Server | None = None
+    server: Any = None
 
     def on_runtime_exit(exc: BaseException | None) -> None:
         nonlocal exit_code
@@ -88,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         access_log=False,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     logging.getLogger("floorhand").info(
         "floorhand %s: site %s, mqtt %s, api http://%s",
         "0.1.0",

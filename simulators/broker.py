@@ -33,7 +33,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -112,13 +112,6 @@ async def serve(
         await stop.wait()
     finally:
         await broker.shutdown()
-
-
-def run_broker_cli(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulators broker``: run the broker in the foreground until SIGINT/SIGTERM."""
-    p = argparse.ArgumentParser(prog="python -m simulators broker", description=__doc__)
-    add_broker_arguments(p)
-    return broker_main(p.parse_args(argv))
 
 
 def add_broker_arguments(p: argparse.ArgumentParser) -> None:
@@ -244,6 +237,9 @@ class BrokerProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=None,  # the broker's own log lines go to our stderr
+            # Own process group: a terminal's Ctrl-C reaches only the parent, which stops the
+            # broker after its clients (ordered shutdown instead of everyone at once).
+            start_new_session=True,
         )
         assert self.proc.stdout is not None
         try:

@@ -112,6 +112,10 @@ class ScaleSimOptions:
     dropout_s: tuple[float, float] = (5.0, 15.0)
     keepalive_s: int = 10
     client_id_prefix: str = ""
+    first_epoch: int = 0
+    """Boot counter the native devices start with. A real scale keeps it in flash and bumps it
+    on every boot; the CLI passes the wall-clock second, so a restarted simulator looks like
+    rebooted devices instead of replaying sequence numbers the controller has already seen."""
 
 
 @dataclass(slots=True)
@@ -304,6 +308,7 @@ class WarehouseScales:
                 topic = native_topic(self.site.topic_prefix, self.site.id, scale.zone, scale.id)
                 client_id = scale.id
             dev = _Device(scale, topic, o.client_id_prefix + client_id, channels)
+            dev.epoch = o.first_epoch
             self._devices[scale.id] = dev
             for ch in channels:
                 self._shelves[ch.shelf.id] = (dev, ch)

@@ -73,6 +73,7 @@ def options_from_args(args: argparse.Namespace) -> ScaleSimOptions:
         drift_g_per_h=args.drift,
         batch=args.batch,
         auto_restock=not args.no_restock,
+        first_epoch=int(time.time()),
     )
 
 
@@ -237,7 +238,10 @@ async def _demo(
         cmd = controller_command(args.site, args.controller_cmd)
         print(f"starting controller: {shlex.join(cmd)}", flush=True)
         controller = await asyncio.create_subprocess_exec(
-            *cmd, env={**os.environ, **env_vars}, stdin=asyncio.subprocess.DEVNULL
+            *cmd,
+            env={**os.environ, **env_vars},
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C goes to us; we stop it in order, by PID
         )
         api_ready = await _wait_api(controller, stop, *api_addr, args.api_wait)
         if stop.is_set():

@@ -256,6 +256,7 @@ def _health(rt: Runtime) -> HealthPublic:
             commits=ing.commits,
             commit_failures=ing.commit_failures,
             rejected=dict(ing.rejected),
+            ignored_retained=ing.ignored_retained,
             outbox_rows=rt.journal.outbox_rows,
             backpressure=rt.backpressure,
             last_commit_error=ing.last_commit_error,

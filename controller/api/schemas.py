@@ -77,6 +77,7 @@ class IngestStats(_Public):
     commits: int
     commit_failures: int
     rejected: dict[str, int]
+    ignored_retained: int = Field(description="retained messages skipped (last-known, not fresh)")
     outbox_rows: int
     backpressure: bool
     last_commit_error: str | None

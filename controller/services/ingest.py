@@ -109,6 +109,7 @@ class IngestService:
         self.rejected: Counter[str] = Counter()
         self.messages = 0
         self.readings = 0
+        self.ignored_retained = 0
         self.commits = 0
         self.commit_failures = 0
         self._retry: list[MqttMessage] = []
@@ -206,6 +207,12 @@ class IngestService:
 
     def _handle(self, msg: MqttMessage, now: float, batch: _Batch) -> None:
         route = self.routes.get(msg.topic)
+        if msg.retain and (route is None or route.kind == _ESP_STATE):
+            # Retained copies are last-known values of unknown age, not fresh readings (ESPHome
+            # retains its states); and some brokers hand out retained messages of topics we
+            # never subscribed to (amqtt). Neither is bad input: counted, not applied.
+            self.ignored_retained += 1
+            return
         if route is None:
             if msg.topic.startswith(self._native_prefix) and "/scale/" in msg.topic:
                 self._reject(batch, msg, "unknown_device", "no scale with this topic in the site")

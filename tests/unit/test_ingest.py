@@ -137,6 +137,17 @@ def test_poison_is_rejected_counted_dead_lettered_and_acked(
     assert h.journal.count("readings") == 2
 
 
+def test_retained_copies_are_not_fresh_readings(h: Harness) -> None:
+    h.send(MqttMessage("shelf-c01/sensor/shelf_weight/state", b"1834.5", 0, True, 0, False))
+    h.send(MqttMessage("floorhand/demo/alerts/SKU-0001", b"{}", 1, True, 9, False))
+    assert h.ingest.ignored_retained == 2
+    assert h.ingest.readings == 0
+    assert dict(h.ingest.rejected) == {}
+    assert 9 in h.link.acked
+    h.send(MqttMessage("shelf-c01/sensor/shelf_weight/state", b"1834.5", 0, False, 0, False))
+    assert h.ingest.readings == 1
+
+
 def test_batch_with_one_bad_element_keeps_the_good_ones(h: Harness) -> None:
     batch = orjson.dumps(
         [
