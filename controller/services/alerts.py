@@ -164,11 +164,12 @@ class AlertService:
             log.error("alert state commit failed, will retry: %s", exc)
             return
         for e in events:
-            if e["kind"] == "alert_raised":
+            kind = e["kind"]
+            if kind == "alert_raised":
                 self.raised += 1
-                log.warning(
-                    "reorder alert %s: %s level %s", e["key"], e.get("severity"), e.get("level")
-                )
+                log.warning("reorder alert %s: %s, level %s", e["key"], e["severity"], e["level"])
+            elif kind == "alert_resolved":
+                log.info("reorder alert %s resolved, level %s", e["key"], e["level"])
         for key, new in changed.items():
             prev = old[key]
             if events or _public(prev) != _public(new):

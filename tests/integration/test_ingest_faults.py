@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import sqlite3
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from tests.sites import write_small_site
 pytestmark = pytest.mark.slow
 
 DEVICES = ["s0", "s1", "s2", "s3"]
-CLEAN_EXIT = (0, -signal.SIGTERM)  # uvicorn re-raises the signal after a clean shutdown
 
 
 def journal_accounting(path: Path) -> tuple[set[tuple[str, int]], int, dict[str, int]]:
@@ -45,10 +43,11 @@ def assert_exactly_once(pub: AckedPublisher, journal: Path) -> None:
 
 
 async def test_controller_kill9_under_load_loses_nothing_and_applies_nothing_twice(
-    mosquitto: MosquittoBroker, tmp_path: Path
+    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-kill")
     ctl = ControllerProcess(site, tmp_path)
+    controllers.append(ctl)
     await ctl.start()
     pub = AckedPublisher(mosquitto.port, DEVICES, rate=3000)
     pub.start()
@@ -61,17 +60,18 @@ async def test_controller_kill9_under_load_loses_nothing_and_applies_nothing_twi
     finally:
         await asyncio.to_thread(pub.stop)
     await ctl.wait_applied(pub.max_seq())
-    assert await ctl.stop() in CLEAN_EXIT
+    assert await ctl.stop() == 0
     assert len(pub.acked) > 5000
     assert_exactly_once(pub, tmp_path / "journal.sqlite")
     print(f"ready after restart: {[round(s, 2) for s in ctl.ready_after_s]} s")
 
 
 async def test_broker_restart_under_load_resumes_the_session_and_loses_nothing(
-    mosquitto: MosquittoBroker, tmp_path: Path
+    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-broker")
     ctl = ControllerProcess(site, tmp_path)
+    controllers.append(ctl)
     await ctl.start()
     pub = AckedPublisher(mosquitto.port, DEVICES, rate=3000)
     pub.start()
@@ -87,17 +87,18 @@ async def test_broker_restart_under_load_resumes_the_session_and_loses_nothing(
     assert health["mqtt"]["state"] == "up"
     assert health["mqtt"]["connects"] >= 2
     assert health["mqtt"]["session_present"] is True
-    assert await ctl.stop() in CLEAN_EXIT
+    assert await ctl.stop() == 0
     assert_exactly_once(pub, tmp_path / "journal.sqlite")
 
 
 async def test_second_controller_with_the_same_identity_refuses_to_start(
-    mosquitto: MosquittoBroker, tmp_path: Path
+    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-twin")
     first = ControllerProcess(site, tmp_path)
-    await first.start()
     second = ControllerProcess(site, tmp_path / "second")
+    controllers.extend([first, second])
+    await first.start()
     (tmp_path / "second").mkdir()
     with pytest.raises(RuntimeError, match="exited"):
         await second.start()
@@ -106,4 +107,4 @@ async def test_second_controller_with_the_same_identity_refuses_to_start(
     health = await first.get("/api/v1/health")
     assert health["mqtt"]["state"] == "up"
     assert health["mqtt"]["connects"] == 1
-    assert await first.stop() in CLEAN_EXIT
+    assert await first.stop() == 0
