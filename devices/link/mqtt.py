@@ -487,13 +487,12 @@ class MqttLink:
                 connack = conn.expect(CONNACK)
                 conn.transport.write(self._connect_packet)
                 await connack
-                if self._subscriptions and not conn.closing:
-                    suback = conn.expect(SUBACK)
-                    packet_id = self._allocate_packet_id()
-                    conn.transport.write(
-                        encode_subscribe(packet_id, self._subscriptions, cfg.protocol)
-                    )
-                    await suback
+            if self._subscriptions and not conn.closing:
+                suback = conn.expect(SUBACK)
+                packet_id = self._allocate_packet_id()
+                assert conn.transport is not None
+                conn.transport.write(encode_subscribe(packet_id, self._subscriptions, cfg.protocol))
+                await self._await_while_receiving(suback, cfg.connect_timeout_s)
         except TimeoutError:
             self._close(conn, "handshake timed out", abort=True)
             raise TimeoutError(
@@ -510,6 +509,20 @@ class MqttLink:
         if self._paused and conn.transport is not None:
             conn.transport.pause_reading()
         return conn
+
+    async def _await_while_receiving(self, fut: asyncio.Future[bytes], timeout_s: float) -> None:
+        """Wait for ``fut`` while the broker keeps talking. A resumed session's backlog can
+        arrive before the SUBACK (mosquitto sends queued messages first): that traffic proves
+        the link alive, so the deadline runs from the last byte received, not from the
+        request. Aborting here would drop the backlog's QoS 0 messages and reconnect for
+        nothing."""
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=timeout_s)
+            if done:
+                fut.result()
+                return
+            if time.monotonic() - self.stats.last_rx_monotonic > timeout_s:
+                raise TimeoutError
 
     async def _sleep_unless_closing(self, delay_s: float) -> None:
         try:

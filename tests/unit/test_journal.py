@@ -97,3 +97,23 @@ def test_corrupt_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(JournalError):
         Journal(p).open()
     assert not isinstance(JournalError("x"), sqlite3.Error)
+
+
+def test_checkpoints_run_outside_commits_and_bound_the_wal(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    assert j.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    for g in range(50):
+        j.commit([row(g * 100 + i) for i in range(100)])
+    j.checkpointed.clear()
+    assert j.checkpointed.wait(5), "the checkpoint thread did not run"
+    assert j.checkpoint_error is None
+    # After a checkpoint the next commits reuse the WAL from its start instead of growing it.
+    wal = tmp_path / "j.sqlite-wal"
+    size = wal.stat().st_size
+    for g in range(50, 100):
+        j.commit([row(g * 100 + i) for i in range(100)])
+    j.checkpointed.clear()
+    assert j.checkpointed.wait(5)
+    assert wal.stat().st_size <= max(size * 2, 4 * 1024 * 1024)
+    j.close()
