@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class ReadingRow:
+class ReadingRow(NamedTuple):
+    """One journaled reading. A tuple, in the journal's column order: built once per reading on
+    the hot path and handed to ``executemany`` as is (a frozen dataclass costs 3× more)."""
+
     device: str
     channel: int
     epoch: int
@@ -84,3 +86,104 @@ class Clock(Protocol):
     def __call__(self) -> float:
         """Unix time in seconds."""
         ...
+
+
+# -- history (the historian drains the outbox into a HistorySink) -------------------------------
+
+FieldValue = float | int | bool | str
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPoint:
+    """One point for a history sink: the series is ``(measurement, tags)``; ``ts_ms`` is Unix
+    time in milliseconds (always written with explicit ms precision). ``tags`` and ``fields``
+    are sorted by key with unique keys."""
+
+    measurement: str
+    tags: tuple[tuple[str, str], ...]
+    fields: tuple[tuple[str, FieldValue], ...]
+    ts_ms: int
+
+
+class HistoryError(Exception):
+    """Base of the errors a history sink raises (no client library exception escapes it)."""
+
+
+class SinkUnavailable(HistoryError):
+    """Retryable: connection refused/reset, timeout, 5xx, 429, auth or missing database.
+    Nothing is known to be stored; the caller retries the same points with capped backoff."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class SinkRejected(HistoryError):
+    """Not retryable as is: the server refused (part of) the batch, e.g. HTTP 400 bad line or
+    field type conflict, 413 too large. Some points of the batch may have been stored."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryQuery:
+    """Downsampled history of one shelf or of every shelf of one SKU, ``[from_ms, to_ms)`` in
+    buckets of ``every_ms`` aligned to the Unix epoch."""
+
+    shelf: str | None
+    sku: str | None
+    from_ms: int
+    to_ms: int
+    every_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShelfHistoryRaw:
+    """What a sink answers per shelf: weight aggregates per bucket start (mean, min, max,
+    count), the last unit count per bucket, and the last unit count before ``from_ms``."""
+
+    shelf: str
+    weight: list[tuple[int, float, float, float, int]]
+    units: list[tuple[int, int]]
+    units_before: int | None
+
+
+class HistorySink(Protocol):
+    """Where history goes (InfluxDB v2/v1, embedded SQLite). Writes are idempotent by series
+    and timestamp: writing the same point twice stores it once."""
+
+    backend: str
+
+    async def write(self, points: Sequence[HistoryPoint]) -> None:
+        """Return once the sink confirmed every point; raise SinkUnavailable or SinkRejected."""
+        ...
+
+    async def query(self, query: HistoryQuery) -> list[ShelfHistoryRaw]:
+        """Downsampled server-side; raises SinkUnavailable when the sink cannot answer."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class OutboxPort(Protocol):
+    """The journal as the historian sees it: read in id order, delete once confirmed."""
+
+    outbox_rows: int
+
+    def read_readings(self, after_id: int, limit: int) -> list[tuple[Any, ...]]: ...
+
+    def read_events(self, after_id: int, limit: int) -> list[tuple[Any, ...]]: ...
+
+    def delete_confirmed(self, readings_through: int | None, events_through: int | None) -> int: ...
+
+    def commit(
+        self,
+        readings: Sequence[ReadingRow],
+        dead_letters: Sequence[DeadLetter] = (),
+        cursors: dict[str, Cursor] | None = None,
+        shelf_states: dict[str, dict[str, Any]] | None = None,
+        events: Sequence[EventRow] = (),
+        alert_states: dict[str, dict[str, Any]] | None = None,
+    ) -> None: ...

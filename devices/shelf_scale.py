@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 import orjson
 
@@ -47,9 +47,9 @@ MAX_BATCH: Final = 1_000
 _MAX_SEQ: Final = 2**63 - 1
 
 
-@dataclass(frozen=True, slots=True)
-class RawReading:
-    """A syntactically valid reading, not yet checked against the site (device known, range)."""
+class RawReading(NamedTuple):
+    """A syntactically valid reading, not yet checked against the site (device known, range).
+    A NamedTuple: one is built per reading on the hot path."""
 
     device: str
     channel: int

@@ -261,10 +261,7 @@ class Journal:
                 db.executemany(
                     "INSERT OR IGNORE INTO readings(device, channel, epoch, seq, ts, weight_g, "
                     "shelf) VALUES (?,?,?,?,?,?,?)",
-                    [
-                        (r.device, r.channel, r.epoch, r.seq, r.ts_s, r.weight_g, r.shelf)
-                        for r in readings
-                    ],
+                    readings,  # ReadingRow is a tuple in column order
                 )
             if dead_letters:
                 db.executemany(
