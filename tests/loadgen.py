@@ -14,6 +14,11 @@ from paho.mqtt.properties import Properties
 from tests.sites import grams, topic
 
 
+MAX_MESSAGES = 60_000
+"""The generator stops by itself here: paho's packet ids wrap at 65,535 and the accounting maps
+acknowledgements back to readings by packet id."""
+
+
 class AckedPublisher:
     """Publishes ``rate`` readings/s round-robin over ``devices`` until stopped.
 
@@ -64,7 +69,7 @@ class AckedPublisher:
         seq = dict.fromkeys(self.devices, 0)
         t0 = time.monotonic()
         n = 0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and n < MAX_MESSAGES:
             due = t0 + n / self.rate
             delay = due - time.monotonic()
             if delay > 0:
