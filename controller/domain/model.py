@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 DERIVE: Final = -1
 """Default of the fields whose value is derived from others (``hysteresis_units``,
@@ -175,10 +175,10 @@ class SkuSpec:
         return self.policy.max_stock
 
 
-@dataclass(frozen=True, slots=True)
-class Reading:
+class Reading(NamedTuple):
     """One weight sample from a scale channel. ``epoch`` changes when the device reboots and its
-    ``seq`` restarts; ``ts_s`` is the device's Unix time."""
+    ``seq`` restarts; ``ts_s`` is the device's Unix time. A NamedTuple: one is built per
+    reading on the hot path."""
 
     device: str
     channel: int

@@ -311,7 +311,7 @@ class IngestService:
         state = self.states[sid]
         if sid not in batch.old_states:
             batch.old_states[sid] = state.to_dict()  # for rollback: apply mutates in place
-        reading = Reading(device, r.channel, r.epoch, r.seq, r.ts_s, r.weight_g)
+        reading = Reading(*r)  # same fields, domain type
         state, events = apply_reading(state, spec, reading, now)
         self.states[sid] = state
         batch.rows.append(ReadingRow(device, r.channel, r.epoch, r.seq, r.ts_s, r.weight_g, sid))
