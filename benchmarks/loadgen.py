@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from devices.link.mqtt_codec import encode_varint
+
 TARE_G = 500.0  # tests/sites.py: tare 500 g, 100 g per unit, capacity 40
 UNIT_G = 100.0
 MAX_PACKET_ID = 65_535
@@ -47,18 +49,6 @@ def steady_grams(seq: int, step_every: int) -> float:
     ±1 g of noise: mostly settled readings, and a pick (two shelf events) now and then."""
     units = 39 - (seq // step_every) % 25 if step_every else 30
     return TARE_G + units * UNIT_G + ((seq * 7) % 5 - 2) * 0.5
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 @dataclass
@@ -135,11 +125,19 @@ def encode_readings(
         if qos:
             body_len = len(head) + 2 + len(payload)
             packet = b"".join(
-                (bytes((first,)), _varint(body_len), head, packet_id.to_bytes(2, "big"), payload)
+                (
+                    bytes((first,)),
+                    encode_varint(body_len),
+                    head,
+                    packet_id.to_bytes(2, "big"),
+                    payload,
+                )
             )
             packet_id = packet_id % MAX_PACKET_ID + 1
         else:
-            packet = b"".join((bytes((first,)), _varint(len(head) + len(payload)), head, payload))
+            packet = b"".join(
+                (bytes((first,)), encode_varint(len(head) + len(payload)), head, payload)
+            )
         parts.append(packet)
         pos += len(packet)
         offsets.append(pos)
@@ -150,7 +148,7 @@ def _connect_packet(client_id: str, keepalive_s: int = 60) -> bytes:
     cid = client_id.encode()
     body = b"\x00\x04MQTT\x04\x02" + keepalive_s.to_bytes(2, "big")
     body += len(cid).to_bytes(2, "big") + cid
-    return b"\x10" + _varint(len(body)) + body
+    return b"\x10" + encode_varint(len(body)) + body
 
 
 class RawPublisher:
