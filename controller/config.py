@@ -120,7 +120,75 @@ class ApiConfig(_Frozen):
 
 
 class HistoryConfig(_Frozen):
-    backend: Literal["none"] = "none"
+    """``[history]``: where the historian drains the outbox (docs/influx-schema.md).
+
+    ``none`` keeps a bounded window of recent outbox rows; ``sqlite`` is the embedded default
+    store; ``influxdb2`` is the v2 write API (InfluxDB 2.x/3.x/1.8+); ``influxdb1`` the 1.x
+    ``/write`` + InfluxQL API. Secrets come from the environment variables named here."""
+
+    backend: Literal["none", "sqlite", "influxdb2", "influxdb1"] = "none"
+    url: str | None = None
+    """InfluxDB base URL, ``http(s)://host:port`` (influxdb2, influxdb1)."""
+    org: str | None = None
+    bucket: str | None = None
+    token_env: str | None = "FLOORHAND_INFLUX_TOKEN"
+    db: str | None = None
+    rp: str | None = None
+    username_env: str | None = "FLOORHAND_INFLUX_USERNAME"
+    password_env: str | None = "FLOORHAND_INFLUX_PASSWORD"
+    batch_size: Annotated[int, Field(ge=1, le=5_000)] = 5_000
+    gzip: bool = True
+    timeout_s: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False)] = 10.0
+    backoff_initial_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 0.2
+    backoff_max_s: Annotated[float, Field(gt=0, le=3_600, allow_inf_nan=False)] = 30.0
+    flush_interval_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 1.0
+    sqlite_path: Path = Path("var/floorhand/history.sqlite")
+    retention_days: Annotated[float, Field(gt=0, le=36_500, allow_inf_nan=False)] = 30.0
+    state_path: Path | None = None
+    """The historian's timestamp state; default ``<journal>.history-state.json``."""
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Self:
+        errors: list[tuple[str, str]] = []
+        b = self.backend
+        if b in ("influxdb2", "influxdb1"):
+            if not self.url:
+                errors.append(("history.url", f"required for backend {b!r}"))
+            else:
+                parts = urlsplit(self.url)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    errors.append(("history.url", "must be http(s)://host[:port]"))
+        if b == "influxdb2":
+            for key in ("org", "bucket"):
+                if not getattr(self, key):
+                    errors.append((f"history.{key}", "required for backend 'influxdb2'"))
+            for key in ("db", "rp"):
+                if getattr(self, key):
+                    errors.append(
+                        (f"history.{key}", "used by backend 'influxdb1'; influxdb2 uses bucket")
+                    )
+        if b == "influxdb1":
+            if not self.db:
+                errors.append(("history.db", "required for backend 'influxdb1'"))
+            for key in ("org", "bucket"):
+                if getattr(self, key):
+                    errors.append(
+                        (f"history.{key}", "used by backend 'influxdb2'; influxdb1 uses db/rp")
+                    )
+        if self.backoff_initial_s > self.backoff_max_s:
+            errors.append(
+                (
+                    "history.backoff_initial_s",
+                    f"{self.backoff_initial_s} > backoff_max_s {self.backoff_max_s}",
+                )
+            )
+        if errors:
+            raise _CrossCheckError(errors)
+        return self
+
+    def secret(self, env_name: str | None) -> str | None:
+        """The value of an environment variable named by the file (``None`` when unset)."""
+        return (os.environ.get(env_name) or None) if env_name else None
 
 
 class ZoneConfig(_Frozen):

@@ -13,10 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from controller.adapters.influx import InfluxV1Sink, InfluxV2Sink
 from controller.adapters.journal import Journal
+from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.config import SiteConfig
+from controller.ports import HistorySink
 from controller.services.alerts import AlertService
+from controller.services.history import HistoryService, HistorySettings, Topology
 from controller.services.ingest import IngestService, shelf_specs, subscriptions
 from devices.link.mqtt import MqttLink, MqttLinkConfig
 from devices.link.state import LinkState
@@ -43,6 +47,62 @@ def build_ssl_context(site: SiteConfig) -> ssl.SSLContext | None:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def build_history_sink(site: SiteConfig, clock: Callable[[], float] = time.time) -> HistorySink:
+    """The sink ``[history] backend`` names (not ``none``)."""
+    h = site.history
+    if h.backend == "sqlite":
+        return SqliteHistorySink(h.sqlite_path, retention_days=h.retention_days, clock=clock)
+    assert h.url is not None
+    if h.backend == "influxdb2":
+        assert h.org is not None
+        assert h.bucket is not None
+        return InfluxV2Sink(
+            h.url,
+            h.org,
+            h.bucket,
+            h.secret(h.token_env),
+            timeout_s=h.timeout_s,
+            use_gzip=h.gzip,
+        )
+    if h.backend == "influxdb1":
+        assert h.db is not None
+        return InfluxV1Sink(
+            h.url,
+            h.db,
+            h.rp,
+            username=h.secret(h.username_env),
+            password=h.secret(h.password_env),
+            token=h.secret(h.token_env),
+            timeout_s=h.timeout_s,
+            use_gzip=h.gzip,
+        )
+    raise ValueError(f"no history sink for backend {h.backend!r}")
+
+
+def build_history(
+    site: SiteConfig, journal: Journal, clock: Callable[[], float] = time.time
+) -> HistoryService | None:
+    h = site.history
+    if h.backend == "none":
+        return None
+    state_path = h.state_path or site.journal.path.with_name(
+        site.journal.path.name + ".history-state.json"
+    )
+    return HistoryService(
+        journal,
+        build_history_sink(site, clock),
+        Topology.from_site(site),
+        HistorySettings(
+            batch_size=h.batch_size,
+            backoff_initial_s=h.backoff_initial_s,
+            backoff_max_s=h.backoff_max_s,
+            flush_interval_s=h.flush_interval_s,
+        ),
+        state_path=state_path,
+        clock=clock,
+    )
 
 
 class ReadGate:
@@ -131,6 +191,7 @@ class Runtime:
             site, self.journal, self.link, self.bus.publish, self.ingest.states, self.specs
         )
         self.bus.add_listener(self._after_commit)
+        self.history = build_history(site, self.journal, clock)
         self.started = asyncio.Event()
         self.started_at_s: float | None = None
         self.backpressure = False
@@ -179,6 +240,8 @@ class Runtime:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.link.run(), name="mqtt-link")
                 tg.create_task(self._supervise(), name="supervision")
+                if self.history is not None:
+                    tg.create_task(self.history.run(), name="history")
         finally:
             self.journal.close()
 
@@ -204,8 +267,13 @@ class Runtime:
             self.backpressure = True
             self.gate.hold("outbox")
             log.error(
-                "outbox full (%d rows): backpressure on, not reading from the broker",
+                "outbox full (%d rows): backpressure on, not reading from the broker%s",
                 journal.outbox_rows,
+                (
+                    f" (history {self.history.stats.state}: {self.history.stats.last_error})"
+                    if self.history is not None
+                    else ""
+                ),
             )
         elif not full and self.backpressure:
             self.backpressure = False
@@ -219,4 +287,5 @@ class Runtime:
             "link": self.link.state.value,
             "outbox_rows": self.journal.outbox_rows,
             "backpressure": self.backpressure,
+            "history": self.history.snapshot() if self.history is not None else None,
         }

@@ -13,7 +13,6 @@ from paho.mqtt.properties import Properties
 
 from tests.sites import grams, topic
 
-
 MAX_MESSAGES = 60_000
 """The generator stops by itself here: paho's packet ids wrap at 65,535 and the accounting maps
 acknowledgements back to readings by packet id."""

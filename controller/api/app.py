@@ -19,6 +19,10 @@ from controller.api.schemas import (
     DeadLetterPublic,
     DevicePublic,
     HealthPublic,
+    HistoryBucketPublic,
+    HistoryHealth,
+    HistoryPublic,
+    HistorySeriesPublic,
     IngestStats,
     LinkPublic,
     Problem,
@@ -28,11 +32,15 @@ from controller.api.schemas import (
 from controller.config import SiteConfig
 from controller.domain.model import ShelfStatus
 from controller.domain.reorder import classify
+from controller.ports import HistoryQuery, SinkUnavailable
 from controller.runtime import Runtime
 
 log = logging.getLogger("floorhand.api")
 
 PROBLEM = "application/problem+json"
+
+MAX_HISTORY_BUCKETS = 10_000
+"""Upper bound of buckets one history request may ask for."""
 
 
 def create_app(
@@ -210,6 +218,95 @@ def _routes(app: FastAPI) -> None:
         """The most recent rejected messages, kept for inspection."""
         return [DeadLetterPublic(**d) for d in rt.journal.dead_letters(limit)]
 
+    @app.get(
+        "/api/v1/history",
+        response_model=HistoryPublic,
+        tags=["history"],
+        responses={404: {"model": Problem}, 503: {"model": Problem}},
+    )
+    async def history(
+        rt: RuntimeDep,
+        sku: Annotated[str | None, Query(description="every shelf of this SKU")] = None,
+        shelf: Annotated[str | None, Query(description="one shelf")] = None,
+        from_: Annotated[
+            float | None,
+            Query(alias="from", description="Unix seconds; default: `to` − 1 h", ge=0, le=1e11),
+        ] = None,
+        to: Annotated[
+            float | None, Query(description="Unix seconds; default: now", ge=0, le=1e11)
+        ] = None,
+        every: Annotated[
+            float | None,
+            Query(description="bucket width in seconds; default: (to − from) / 300", ge=0.001),
+        ] = None,
+    ) -> Any:
+        """Stock history of one shelf or of every shelf of a SKU, downsampled by the configured
+        history backend (SQL, InfluxQL or Flux): weight mean/min/max and reading count per
+        bucket, and the unit count carried forward from the last change."""
+        if (sku is None) == (shelf is None):
+            raise RequestValidationError(
+                [{"loc": ("query", "sku|shelf"), "msg": "give exactly one of sku or shelf"}]
+            )
+        if rt.history is None:
+            raise HTTPException(404, 'history is disabled ([history] backend = "none")')
+        if shelf is not None and shelf not in rt.specs:
+            raise HTTPException(404, f"unknown shelf {shelf!r}")
+        if sku is not None and not any(s.id == sku for s in rt.site.skus):
+            raise HTTPException(404, f"unknown SKU {sku!r}")
+        to_s = rt.clock() if to is None else to
+        from_s = to_s - 3600.0 if from_ is None else from_
+        if from_s >= to_s:
+            raise RequestValidationError(
+                [{"loc": ("query", "from"), "msg": "from must be before to"}]
+            )
+        every_s = every if every is not None else max(0.001, (to_s - from_s) / 300)
+        every_ms = max(1, round(every_s * 1000))
+        from_ms, to_ms = int(from_s * 1000), int(to_s * 1000)
+        if (to_ms - from_ms) / every_ms > MAX_HISTORY_BUCKETS:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("query", "every"),
+                        "msg": f"more than {MAX_HISTORY_BUCKETS} buckets: widen every",
+                    }
+                ]
+            )
+        q = HistoryQuery(shelf, sku, from_ms, to_ms, every_ms)
+        try:
+            result = await rt.history.query(q)
+        except SinkUnavailable as exc:
+            raise HTTPException(503, f"history backend unavailable: {exc}") from None
+        series = [
+            HistorySeriesPublic(
+                shelf=r.shelf,
+                zone=r.zone,
+                sku=r.sku,
+                buckets=[
+                    HistoryBucketPublic(
+                        t=b.t_ms / 1000,
+                        weight_g_mean=b.weight_g_mean,
+                        weight_g_min=b.weight_g_min,
+                        weight_g_max=b.weight_g_max,
+                        readings=b.readings,
+                        units=b.units,
+                    )
+                    for b in r.buckets
+                ],
+            )
+            for r in result
+        ]
+        return HistoryPublic.model_validate(
+            {
+                "backend": rt.history.sink.backend,
+                "shelf": shelf,
+                "sku": sku,
+                "from": from_ms / 1000,
+                "to": to_ms / 1000,
+                "every_s": every_ms / 1000,
+                "series": series,
+            }
+        )
+
     @app.get("/api/v1/health", response_model=HealthPublic, tags=["health"])
     def health(rt: RuntimeDep) -> HealthPublic:
         return _health(rt)
@@ -235,7 +332,12 @@ def _health(rt: Runtime) -> HealthPublic:
     stale = sum(1 for s in ing.states.values() if s.status is ShelfStatus.STALE)
     active = sum(1 for a in rt.alerts.alerts.values() if a.episode is not None)
     ready = rt.ready
-    degraded = rt.backpressure or ing.last_commit_error is not None
+    hist = rt.history.snapshot() if rt.history is not None else None
+    degraded = (
+        rt.backpressure
+        or ing.last_commit_error is not None
+        or (hist is not None and hist["state"] == "down")
+    )
     status = (
         "starting" if not rt.started.is_set() else ("degraded" if degraded or not ready else "ok")
     )
@@ -263,6 +365,7 @@ def _health(rt: Runtime) -> HealthPublic:
         ),
         alerts_active=active,
         stale_shelves=stale,
+        history=HistoryHealth(**hist) if hist is not None else None,
     )
 
 

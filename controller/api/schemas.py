@@ -90,6 +90,21 @@ class LinkPublic(_Public):
     connects: int
 
 
+class HistoryHealth(_Public):
+    backend: str
+    state: Literal["starting", "up", "down"]
+    since_s: float = Field(description="seconds in this state")
+    last_error: str | None
+    points_written: int
+    batches: int
+    retries: int = Field(description="write attempts that failed retryably (sink down, 5xx)")
+    rejected_requests: int = Field(description="writes the sink refused (400/413/422)")
+    dead_lettered: int = Field(description="points the sink refused, kept as dead letters")
+    corrupt_rows: int = Field(description="outbox rows that could not become a point")
+    nudged: int = Field(description="points moved by 1 ms to keep their series time unique")
+    lag_s: float = Field(description="age of the newest reading delivered while rows wait")
+
+
 class HealthPublic(_Public):
     status: Literal["ok", "degraded", "starting"]
     ready: bool
@@ -99,6 +114,35 @@ class HealthPublic(_Public):
     ingest: IngestStats
     alerts_active: int
     stale_shelves: int
+    history: HistoryHealth | None = Field(
+        default=None, description="the historian; null with [history] backend = none"
+    )
+
+
+class HistoryBucketPublic(_Public):
+    t: float = Field(description="bucket start, Unix seconds (buckets align to the epoch)")
+    weight_g_mean: float | None
+    weight_g_min: float | None
+    weight_g_max: float | None
+    readings: int = Field(description="readings stored in the bucket")
+    units: int | None = Field(description="unit count at the end of the bucket (carried forward)")
+
+
+class HistorySeriesPublic(_Public):
+    shelf: str
+    zone: str
+    sku: str
+    buckets: list[HistoryBucketPublic]
+
+
+class HistoryPublic(_Public):
+    backend: str
+    shelf: str | None
+    sku: str | None
+    from_: float = Field(alias="from", serialization_alias="from")
+    to: float
+    every_s: float
+    series: list[HistorySeriesPublic]
 
 
 class DeadLetterPublic(_Public):
