@@ -395,12 +395,22 @@ class IngestService:
     def tick(self, now: float) -> list[dict[str, Any]]:
         """Staleness: a shelf whose scale missed its reporting intervals becomes STALE."""
         out: list[dict[str, Any]] = []
+        changed: dict[str, dict[str, Any]] = {}
         for sid, spec in self.specs.items():
             state, events = check_stale(self.states[sid], spec, now)
             if events:
                 self.states[sid] = state
+                changed[sid] = state.to_dict()
                 out.extend(ev.as_dict() for ev in events)
         if out:
+            # Journaled like every other event (the historian stores them); staleness is
+            # recomputed from time after a restart, so a failed write only loses the record.
+            try:
+                self._journal.commit(
+                    (), shelf_states=changed, events=[EventRow(now, e["kind"], e) for e in out]
+                )
+            except Exception as exc:
+                log.error("could not journal %d staleness event(s): %s", len(out), exc)
             self._publish_events(out)
         return out
 

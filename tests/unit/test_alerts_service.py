@@ -142,6 +142,8 @@ def test_missing_data_neither_raises_nor_resolves(tmp_path: Path) -> None:
     for _ in range(1200):
         w.advance(0.5)
     assert w.ingest.states["sh0"].status.value == "stale"
+    kinds = [r[0] for r in w.journal.db.execute("SELECT kind FROM events")]
+    assert "shelf_status_changed" in kinds, "the STALE transition is journaled for history"
     assert w.alerts.alerts["K0"].state.value == "unknown"
     assert w.alerts.alerts["K0"].episode is not None, "missing data must not resolve"
     assert not w.kinds("alert_resolved")
