@@ -29,10 +29,10 @@ class DeadLetter:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Cursor:
+class Cursor(NamedTuple):
     """Per-device replay protection: highest (epoch, seq) applied and a bitmap of the
-    ``WINDOW`` sequence numbers below it that were seen (bit i ↔ seq − 1 − i)."""
+    ``WINDOW`` sequence numbers below it that were seen (bit i ↔ seq − 1 − i). A NamedTuple:
+    one is built per reading on the hot path."""
 
     epoch: int
     seq: int
