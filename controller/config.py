@@ -122,11 +122,12 @@ class ApiConfig(_Frozen):
 class HistoryConfig(_Frozen):
     """``[history]``: where the historian drains the outbox (docs/influx-schema.md).
 
-    ``none`` keeps a bounded window of recent outbox rows; ``sqlite`` is the embedded default
-    store; ``influxdb2`` is the v2 write API (InfluxDB 2.x/3.x/1.8+); ``influxdb1`` the 1.x
-    ``/write`` + InfluxQL API. Secrets come from the environment variables named here."""
+    ``sqlite`` (the default, so a site with no database server still has history) is the
+    embedded store; ``influxdb2`` is the v2 write API (InfluxDB 2.x/3.x/1.8+); ``influxdb1`` the
+    1.x ``/write`` + InfluxQL API; ``none`` disables the historian and keeps a bounded window of
+    recent outbox rows. Secrets come from the environment variables named here."""
 
-    backend: Literal["none", "sqlite", "influxdb2", "influxdb1"] = "none"
+    backend: Literal["none", "sqlite", "influxdb2", "influxdb1"] = "sqlite"
     url: str | None = None
     """InfluxDB base URL, ``http(s)://host:port`` (influxdb2, influxdb1)."""
     org: str | None = None
@@ -142,7 +143,8 @@ class HistoryConfig(_Frozen):
     backoff_initial_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 0.2
     backoff_max_s: Annotated[float, Field(gt=0, le=3_600, allow_inf_nan=False)] = 30.0
     flush_interval_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 1.0
-    sqlite_path: Path = Path("var/floorhand/history.sqlite")
+    sqlite_path: Path | None = None
+    """The embedded store's file; default ``history.sqlite`` next to the journal."""
     retention_days: Annotated[float, Field(gt=0, le=36_500, allow_inf_nan=False)] = 30.0
     state_path: Path | None = None
     """The historian's timestamp state; default ``<journal>.history-state.json``."""

@@ -53,7 +53,8 @@ def build_history_sink(site: SiteConfig, clock: Callable[[], float] = time.time)
     """The sink ``[history] backend`` names (not ``none``)."""
     h = site.history
     if h.backend == "sqlite":
-        return SqliteHistorySink(h.sqlite_path, retention_days=h.retention_days, clock=clock)
+        path = h.sqlite_path or site.journal.path.with_name("history.sqlite")
+        return SqliteHistorySink(path, retention_days=h.retention_days, clock=clock)
     assert h.url is not None
     if h.backend == "influxdb2":
         assert h.org is not None

@@ -22,9 +22,15 @@ def write_small_site(
     reporting_interval_s: float = 1.0,
     protocol: int = 5,
     keepalive_s: float = 5.0,
+    history_backend: str | None = "none",
 ) -> Path:
     """One zone ``Z``; scale ``s<i>`` (1 channel) holds shelf ``sh<i>`` of SKU ``K<i>``:
-    unit 100 g, tare 500 g, capacity 40."""
+    unit 100 g, tare 500 g, capacity 40.
+
+    ``[history] backend`` is ``"none"`` unless asked otherwise, so the journal's outbox keeps
+    every reading (the fault tests count them there) and no history file is written; with
+    ``history_backend=None`` the file has no ``[history]`` table at all (the site default, or a
+    table the caller appends)."""
     lines = [
         "[site]",
         'id = "t"',
@@ -42,6 +48,10 @@ def write_small_site(
         "[api]",
         f'bind = "127.0.0.1:{api_port}"',
         "",
+    ]
+    if history_backend is not None:
+        lines += ["[history]", f'backend = "{history_backend}"', ""]
+    lines += [
         "[[zones]]",
         'id = "Z"',
         "",

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -320,6 +320,165 @@ async def test_database_outage_under_load_loses_nothing(tmp_path: Path, journal:
         await asyncio.to_thread(server.stop)
 
 
+# -- slow database ------------------------------------------------------------------------------
+class SlowReplies:
+    """A TCP proxy on 127.0.0.1 in front of the database that forwards requests at once and
+    holds the replies: while ``gate`` is clear each reply waits for it (the database is stuck),
+    then every reply is delayed by ``delay_s`` (slow but moving); ``delay_s = 0`` with the
+    gate set is a fast database again. ``held`` is set when a reply starts waiting."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.gate = asyncio.Event()
+        self.delay_s = 0.0
+        self.held = asyncio.Event()
+        self.waiting = 0
+        self.released = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> SlowReplies:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _track(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pump_up() -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await c_reader.read(65536):
+                    u_writer.write(data)
+                    await u_writer.drain()
+
+        up = asyncio.create_task(pump_up())
+        self._tasks.add(up)
+        up.add_done_callback(self._tasks.discard)
+        try:
+            while data := await u_reader.read(65536):
+                self.waiting += 1
+                self.held.set()
+                try:
+                    await self.gate.wait()
+                    if self.delay_s > 0:
+                        await asyncio.sleep(self.delay_s)  # the slow database, not a wait
+                finally:
+                    self.waiting -= 1
+                    self.held.clear()
+                self.released += 1
+                c_writer.write(data)
+                await c_writer.drain()
+        except OSError:
+            pass
+        finally:
+            up.cancel()
+            for w in (c_writer, u_writer):
+                w.close()
+                with contextlib.suppress(OSError):
+                    await w.wait_closed()
+
+
+class CommitWatch:
+    """Wakes waiters after every journal commit (ingest commits on the event loop)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.changed = asyncio.Event()
+        inner = journal.commit
+
+        def commit(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.changed.set()
+
+        setattr(journal, "commit", commit)  # noqa: B010 - instance attribute over the method
+
+    async def until(self, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
+
+
+async def test_slow_database_stalls_only_the_writer(
+    mosquitto: MosquittoBroker, influxd: InfluxD, tmp_path: Path
+) -> None:
+    """RELIABILITY I2: while the database holds the historian's write, ingest keeps committing
+    and the API answers (both before the write returns); once it is slow-but-moving and then
+    fast again, every point lands exactly once."""
+    db = "slow"
+    influxd.create_database(db)
+    async with SlowReplies(influxd.port) as proxy:
+        site_path = write_small_site(tmp_path, mqtt_port=mosquitto.port, history_backend=None)
+        with site_path.open("a") as f:
+            f.write(
+                f'\n[history]\nbackend = "influxdb1"\nurl = "http://127.0.0.1:{proxy.port}"\n'
+                f'db = "{db}"\nbatch_size = 20\nflush_interval_s = 0.05\ntimeout_s = 120\n'
+            )
+        site = load_site(site_path)
+        rt = Runtime(site)
+        history = rt.history
+        assert history is not None
+        commits = CommitWatch(rt.journal)
+        transport = httpx.ASGITransport(app=create_app(site, runtime=rt))
+        async with (
+            running(rt),
+            httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+        ):
+            t0 = rt.clock()
+            # 1. The database holds the reply of the first write: the writer is stuck in it.
+            await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 30, t0))
+            await asyncio.wait_for(proxy.held.wait(), 15)
+            assert history.stats.points_written == 0
+            # Ingest keeps committing meanwhile ...
+            base = rt.ingest.readings
+            await asyncio.to_thread(paho_publish, mosquitto.port, readings("s1", 0, 30, 30, t0))
+            await commits.until(lambda: rt.ingest.readings >= base + 30)
+            # ... and the API answers, all before the stuck write returned.
+            r = await asyncio.wait_for(client.get("/api/v1/health"), 10)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["ingest"]["readings"] == rt.ingest.readings
+            assert body["ingest"]["backpressure"] is False
+            assert body["history"]["points_written"] == 0
+            assert proxy.waiting == 1
+            assert proxy.released == 0
+            assert history.stats.points_written == 0
+            # 2. Slow but moving: each reply ~1 s late; ingest goes on.
+            proxy.delay_s = 1.0
+            proxy.gate.set()
+            await asyncio.to_thread(paho_publish, mosquitto.port, readings("s2", 0, 20, 30, t0))
+            await asyncio.wait_for(history.wait_for(lambda: history.stats.points_written > 0), 30)
+            await commits.until(lambda: rt.ingest.readings >= base + 60)
+            assert rt.journal.count("readings") > 0  # the backlog waits in the outbox
+            # 3. Fast again: the backlog drains.
+            proxy.delay_s = 0.0
+            await asyncio.wait_for(
+                history.wait_for(
+                    lambda: rt.journal.count("readings") == 0 and rt.journal.count("events") == 0
+                ),
+                60,
+            )
+            assert proxy.released >= 2
+            assert history.stats.dead_lettered == 0
+    assert rt.ingest.readings == 90
+    assert influxd.count(db, "weight", "weight_g") == 90
+    assert influxd.count(db, "stock", "units") == 3
+
+
 # -- torn outbox after kill -9 ------------------------------------------------------------------
 WRITER = """
 import sys, time
@@ -430,7 +589,7 @@ async def api_client(site_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, 
 
 
 async def test_history_api_sqlite(tmp_path: Path) -> None:
-    site_path = write_small_site(tmp_path, mqtt_port=1)
+    site_path = write_small_site(tmp_path, mqtt_port=1, history_backend=None)
     with site_path.open("a") as f:
         f.write(f'\n[history]\nbackend = "sqlite"\nsqlite_path = "{tmp_path / "h.sqlite"}"\n')
     async with api_client(site_path) as (client, rt):
@@ -533,7 +692,7 @@ async def test_controller_runtime_writes_history_to_influxd(
     """The runtime builds the sink from [history], runs the ``history`` task, and readings,
     stock changes and the alert reach influxd with their reading times."""
     influxd.create_database("e2e")
-    site_path = write_small_site(tmp_path, mqtt_port=mosquitto.port)
+    site_path = write_small_site(tmp_path, mqtt_port=mosquitto.port, history_backend=None)
     with site_path.open("a") as f:
         f.write(
             f'\n[history]\nbackend = "influxdb1"\nurl = "{influxd.url}"\ndb = "e2e"\n'

@@ -104,3 +104,24 @@ def test_check_config_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     broken.write_text("[site\n")
     with pytest.raises(SystemExit):
         main(["check-config", str(broken)])
+
+
+def test_history_defaults_to_sqlite_next_to_the_journal(tmp_path: Path) -> None:
+    from controller.adapters.sqlite_history import SqliteHistorySink
+    from controller.runtime import build_history_sink
+
+    doc = demo_doc()
+    del doc["history"]
+    doc["journal"]["path"] = str(tmp_path / "j" / "journal.sqlite")
+    site = parse_site(doc, "test.toml")
+    assert site.history.backend == "sqlite"
+    assert site.history.sqlite_path is None
+    sink = build_history_sink(site)
+    assert isinstance(sink, SqliteHistorySink)
+    assert sink.path == tmp_path / "j" / "history.sqlite"
+    doc["history"] = {"sqlite_path": str(tmp_path / "elsewhere.sqlite")}  # explicit wins
+    sink = build_history_sink(parse_site(doc, "test.toml"))
+    assert isinstance(sink, SqliteHistorySink)
+    assert sink.path == tmp_path / "elsewhere.sqlite"
+    doc["history"] = {"backend": "none"}
+    assert parse_site(doc, "test.toml").history.backend == "none"
