@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
+
 from controller.adapters.influx import InfluxV1Sink, InfluxV2Sink
 from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
@@ -22,6 +24,7 @@ from controller.ports import HistorySink
 from controller.services.alerts import AlertService
 from controller.services.history import HistoryService, HistorySettings, Topology
 from controller.services.ingest import IngestService, shelf_specs, subscriptions
+from devices.errors import DeviceError
 from devices.link.mqtt import MqttLink, MqttLinkConfig
 from devices.link.state import LinkState
 
@@ -196,11 +199,15 @@ class Runtime:
         self.started = asyncio.Event()
         self.started_at_s: float | None = None
         self.backpressure = False
+        self._max_outbox_rows = site.journal.max_outbox_rows
         self.oversize = 0
 
     # -- wiring -----------------------------------------------------------------------------------
     def _on_messages(self, msgs: list[Any]) -> None:
         self.ingest.on_messages(msgs)
+        # The bound is enforced right after the commit that reached it, not at the next tick.
+        if not self.backpressure and self.journal.outbox_rows >= self._max_outbox_rows:
+            self._backpressure_on()
 
     def _on_oversize(self, topic: str, size: int) -> None:
         self.oversize += 1
@@ -257,29 +264,53 @@ class Runtime:
     def _housekeeping(self) -> None:
         journal = self.journal
         try:
-            if self.site.history.backend == "none" and journal.outbox_rows > RETAIN_OUTBOX_ROWS:
-                # No historian: keep a bounded window of recent readings and events.
-                journal.trim_outbox(RETAIN_OUTBOX_ROWS, RETAIN_OUTBOX_ROWS // 10)
+            keep = min(RETAIN_OUTBOX_ROWS, self.site.journal.max_outbox_rows // 2)
+            if self.site.history.backend == "none" and journal.outbox_rows > keep:
+                # No historian: keep a bounded window of recent readings and events (well
+                # under the backpressure bound, which is for an unreachable historian only).
+                journal.trim_outbox(keep, max(1, keep // 10))
             journal.trim_dead_letters(self.site.journal.dead_letter_keep)
         except Exception as exc:
             log.error("journal housekeeping failed: %s", exc)
-        full = journal.outbox_rows >= self.site.journal.max_outbox_rows
+        full = journal.outbox_rows >= self._max_outbox_rows
         if full and not self.backpressure:
-            self.backpressure = True
-            self.gate.hold("outbox")
-            log.error(
-                "outbox full (%d rows): backpressure on, not reading from the broker%s",
-                journal.outbox_rows,
-                (
-                    f" (history {self.history.stats.state}: {self.history.stats.last_error})"
-                    if self.history is not None
-                    else ""
-                ),
-            )
+            self._backpressure_on()
         elif not full and self.backpressure:
             self.backpressure = False
             self.gate.release("outbox")
+            self._publish_system_alert("outbox_full", False)
             log.info("outbox below its bound again: backpressure off")
+
+    def _backpressure_on(self) -> None:
+        self.backpressure = True
+        self.gate.hold("outbox")
+        self._publish_system_alert("outbox_full", True)
+        log.error(
+            "outbox full (%d rows): backpressure on, not reading from the broker%s",
+            self.journal.outbox_rows,
+            (
+                f" (history {self.history.stats.state}: {self.history.stats.last_error})"
+                if self.history is not None
+                else ""
+            ),
+        )
+
+    def _publish_system_alert(self, name: str, active: bool) -> None:
+        """Retained controller alerts on ``<prefix>/<site>/alerts/system/<name>`` (beside the
+        SKU alerts), so supervisors see why ingest stopped reading from the broker."""
+        body = {
+            "key": f"system:{name}",
+            "active": active,
+            "since": self.clock(),
+            "outbox_rows": self.journal.outbox_rows,
+            "max_outbox_rows": self.site.journal.max_outbox_rows,
+            "history": self.history.snapshot() if self.history is not None else None,
+        }
+        topic = f"{self.site.mqtt.topic_prefix}/{self.site.site.id}/alerts/system/{name}"
+        try:
+            self.link.publish(topic, orjson.dumps(body), qos=1, retain=True)
+        except DeviceError as exc:  # queue full while the broker is unreachable
+            log.error("could not publish the %s alert: %s", name, exc)
 
     def snapshot(self) -> dict[str, Any]:
         """Health figures for the API and logs."""

@@ -57,6 +57,19 @@ class PahoWatcher:
                 self._changed.clear()
                 await self._changed.wait()
 
+    async def wait_last(
+        self, pred: Callable[[str, dict[str, Any]], bool], timeout_s: float = 15.0
+    ) -> dict[str, Any]:
+        """Wait until the most recent message satisfies ``pred``."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                if self.messages:
+                    t, body, _ = self.messages[-1]
+                    if pred(t, body):
+                        return body
+                self._changed.clear()
+                await self._changed.wait()
+
     def close(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
