@@ -13,7 +13,9 @@ controller with the same journal refuses to start instead of fighting over it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import logging
 import os
 import sqlite3
 import threading
@@ -25,6 +27,8 @@ from typing import Any
 import orjson
 
 from controller.ports import Cursor, DeadLetter, EventRow, ReadingRow
+
+log = logging.getLogger("floorhand.journal")
 
 SCHEMA_VERSION = 1
 
@@ -96,6 +100,16 @@ class Restored:
     shelf_states: dict[str, dict[str, Any]]
     alert_states: dict[str, dict[str, Any]]
     outbox_rows: int
+    torn_tail_bytes: int = 0
+    """Bytes of an unfinished write (kill -9, power cut) SQLite discarded from the WAL."""
+
+
+def _read_head(path: Path, n: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
 
 
 class Journal:
@@ -135,6 +149,7 @@ class Journal:
                 "(same site identity): refusing to start"
             ) from None
         self._lock_fd = fd
+        wal_header = _read_head(Path(f"{self.path}-wal"), 32)
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -173,8 +188,48 @@ class Journal:
             self.close()
             raise
         self._db = db
+        torn = self._torn_tail(wal_header)
         self._start_checkpointer()
-        return self._restore()
+        restored = self._restore()
+        if torn:
+            log.warning(
+                "journal %s: discarded a torn or unfinished write of %d bytes at the end of the "
+                "WAL (the process died mid-commit); every committed group is intact",
+                self.path,
+                torn,
+            )
+        return dataclasses.replace(restored, torn_tail_bytes=torn)
+
+    def _torn_tail(self, header: bytes) -> int:
+        """Bytes of the WAL past its last committed frame that belong to the current WAL
+        generation (same salts) or end in a partial frame: a write that never committed.
+        Frames of an earlier generation (other salts) are normal leftovers of a WAL reset."""
+        wal = Path(f"{self.path}-wal")
+        if len(header) < 32:
+            return 0
+        page_size = int.from_bytes(header[8:12], "big")
+        if not 512 <= page_size <= 65_536:
+            return 0
+        salts = header[16:24]
+        frame = 24 + page_size
+        # A passive checkpoint reports how many frames SQLite recovered as committed.
+        _, valid, _ = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        start = 32 + max(valid, 0) * frame
+        try:
+            size = wal.stat().st_size
+            whole_end = 32 + (size - 32) // frame * frame  # a WAL is whole frames, normally
+            torn = size - whole_end  # a partial frame: an interrupted write
+            with wal.open("rb") as f:
+                pos = start
+                while pos + frame <= whole_end:
+                    f.seek(pos)
+                    if f.read(24)[8:16] != salts:
+                        break  # an earlier generation's leftovers: not a torn write
+                    torn += frame
+                    pos += frame
+        except OSError:
+            return 0
+        return torn
 
     def _start_checkpointer(self) -> None:
         self._stop_checkpoints.clear()

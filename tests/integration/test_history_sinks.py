@@ -530,6 +530,7 @@ async def test_torn_outbox_tail_after_kill9_committed_rows_delivered(
     try:
         rows = j.count("readings")
         assert rows >= reported  # every acknowledged commit survived
+        assert restored.torn_tail_bytes >= 2_048, "the torn tail is detected (and logged)"
         assert restored.outbox_rows == rows
         influxd.create_database("torn")
         sink = InfluxV1Sink(influxd.url, "torn")

@@ -33,6 +33,7 @@ def test_commit_and_restore(tmp_path: Path) -> None:
     assert restored.shelf_states == {"shelf-1": {"units": 3}}
     assert restored.alert_states == {"SKU-1": {"state": "low"}}
     assert restored.outbox_rows == 3
+    assert restored.torn_tail_bytes == 0
     letter = j2.dead_letters(1)[0]
     assert letter["size"] == 10_000
     assert len(letter["payload"]) == 4096
