@@ -20,7 +20,7 @@ from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.config import SiteConfig
-from controller.ports import HistorySink
+from controller.ports import EventRow, HistorySink
 from controller.services.alerts import AlertService
 from controller.services.history import HistoryService, HistorySettings, Topology
 from controller.services.ingest import IngestService, shelf_specs, subscriptions
@@ -195,6 +195,7 @@ class Runtime:
             site, self.journal, self.link, self.bus.publish, self.ingest.states, self.specs
         )
         self.bus.add_listener(self._after_commit)
+        self.link.watch.add_listener(self._on_link_state)
         self.history = build_history(site, self.journal, clock)
         self.started = asyncio.Event()
         self.started_at_s: float | None = None
@@ -208,6 +209,17 @@ class Runtime:
         # The bound is enforced right after the commit that reached it, not at the next tick.
         if not self.backpressure and self.journal.outbox_rows >= self._max_outbox_rows:
             self._backpressure_on()
+
+    def _on_link_state(self, old: LinkState, new: LinkState) -> None:
+        """Broker link state changes are events like any other: journaled for the history,
+        published on the bus for live consumers."""
+        now = self.clock()
+        body = {"kind": "link_state", "ts": now, "link": "mqtt", "old": old.value, "new": new.value}
+        try:
+            self.journal.commit((), events=[EventRow(now, "link_state", body)])
+        except Exception as exc:
+            log.error("could not journal the link state change: %s", exc)
+        self.bus.publish([body])
 
     def _on_oversize(self, topic: str, size: int) -> None:
         self.oversize += 1

@@ -259,6 +259,9 @@ class IngestService:
             info = self.devices[scale.id]
             if info.online is not status:
                 log.info("scale %s %s", scale.id, "online" if status else "offline")
+                body = {"kind": "device_status", "ts": now, "device": scale.id, "online": status}
+                batch.bus_events.append(body)
+                batch.events.append(EventRow(now, "device_status", body))
             info.online = status
 
     def _accept(

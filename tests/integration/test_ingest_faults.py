@@ -4,6 +4,7 @@ are counted from the publisher's broker-acknowledged (device, seq) pairs against
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 from pathlib import Path
@@ -89,6 +90,16 @@ async def test_broker_restart_under_load_resumes_the_session_and_loses_nothing(
     assert health["mqtt"]["session_present"] is True
     assert await ctl.stop() == 0
     assert_exactly_once(pub, tmp_path / "journal.sqlite")
+    db = sqlite3.connect(tmp_path / "journal.sqlite")
+    states = [
+        json.loads(b)["new"]
+        for (b,) in db.execute("SELECT body FROM events WHERE kind = 'link_state' ORDER BY id")
+    ]
+    db.close()
+    # The outage is in the history: up, down (broker stopped), up again, down (our shutdown).
+    assert states.count("up") >= 2
+    assert states.index("down") < len(states) - 1
+    assert states[-1] == "down"
 
 
 async def test_second_controller_with_the_same_identity_refuses_to_start(

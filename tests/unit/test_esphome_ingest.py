@@ -48,5 +48,7 @@ def test_esphome_config_output_is_applied_to_its_demo_shelf(
         ingest.on_messages([MqttMessage(state_topic, payload, 0, False, 0, False)])
     assert dict(ingest.rejected) == {}
     assert ingest.devices["scale-c01"].online is True
+    kinds = [k for (k,) in journal.db.execute("SELECT kind FROM events")]
+    assert kinds.count("device_status") == 1, "availability changes are journaled for history"
     assert ingest.states[shelf.id].units == 17
     journal.close()
