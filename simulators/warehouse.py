@@ -421,6 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     bp.set_defaults(func=broker_main)
     add_scales_command(sub)
     add_demo_command(sub)
+    from simulators.plc import add_plcs_arguments, plcs_main
+
+    pp = sub.add_parser("plcs", help="run the site's [[plcs]] (Modbus TCP PLCs) on 127.0.0.1")
+    add_plcs_arguments(pp)
+    pp.set_defaults(func=plcs_main)
     args = parser.parse_args(argv)
     code: int = args.func(args)
     return code
