@@ -266,6 +266,42 @@ class ShelfConfig(_Frozen):
     reorder: ShelfReorderConfig | None = None
 
 
+class PlcConfig(_Frozen):
+    """One ``[[plcs]]`` entry: a conveyor or sorter PLC reached over Modbus TCP
+    (docs/plc-integration.md).
+
+    The simulator (``python -m simulators plcs SITE``) reads the same table; the keys it alone
+    uses (belt length, speeds, lanes ...) are accepted here and otherwise ignored."""
+
+    id: Identifier
+    kind: Literal["conveyor", "sorter"]
+    host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65_535)]
+    unit: Annotated[int, Field(ge=1, le=247)] = 1
+    timeout_s: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 0.5
+    """Reply time limit of one request; an unanswered request counts toward liveness."""
+    heartbeat: bool = True
+    """Write the heartbeat register every 250 ms (the PLC's watchdog needs it)."""
+    # Simulator-only keys (simulators/plc.py PlcSpec), accepted so one site file serves both.
+    length_mm: NonNegFloat | None = None
+    max_speed_mm_s: NonNegFloat | None = None
+    speed_mm_s: NonNegFloat | None = None
+    ramp_s: NonNegFloat | None = None
+    jam_rate_per_h: NonNegFloat | None = None
+    induct_mm: NonNegFloat | None = None
+    lane_pitch_mm: NonNegFloat | None = None
+    loop_mm: NonNegFloat | None = None
+    lane_drain_s: NonNegFloat | None = None
+    lanes: Annotated[int, Field(ge=0)] | None = None
+    lane_capacity: Annotated[int, Field(ge=0)] | None = None
+    queue_capacity: Annotated[int, Field(ge=0)] | None = None
+    max_recirculations: Annotated[int, Field(ge=0)] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class SiteInfo(_Frozen):
     id: Identifier
     name: str = ""
@@ -285,6 +321,7 @@ class SiteConfig(_Frozen):
     skus: tuple[SkuConfig, ...]
     scales: tuple[ScaleConfig, ...]
     shelves: tuple[ShelfConfig, ...]
+    plcs: tuple[PlcConfig, ...] = ()
 
     @model_validator(mode="after")
     def _cross_check(self) -> Self:
@@ -293,6 +330,21 @@ class SiteConfig(_Frozen):
         _unique(errors, "skus", [s.id for s in self.skus])
         _unique(errors, "scales", [s.id for s in self.scales])
         _unique(errors, "shelves", [s.id for s in self.shelves])
+        _unique(errors, "plcs", [p.id for p in self.plcs])
+        endpoints: dict[tuple[str, int, int], int] = {}
+        for i, plc in enumerate(self.plcs):
+            ep = (plc.host.lower(), plc.port, plc.unit)
+            if ep in endpoints:
+                first = endpoints[ep]
+                errors.append(
+                    (
+                        f"plcs[{i}].port",
+                        f"{plc.endpoint} unit {plc.unit} is already used by plcs[{first}] "
+                        f"({self.plcs[first].id})",
+                    )
+                )
+            else:
+                endpoints[ep] = i
         zones = {z.id for z in self.zones}
         skus = {s.id: s for s in self.skus}
         scales = {s.id: s for s in self.scales}

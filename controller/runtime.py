@@ -11,6 +11,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -19,14 +20,17 @@ from controller.adapters.influx import InfluxV1Sink, InfluxV2Sink
 from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
-from controller.config import SiteConfig
+from controller.config import PlcConfig, SiteConfig
 from controller.ports import EventRow, HistorySink
 from controller.services.alerts import AlertService
 from controller.services.history import HistoryService, HistorySettings, Topology
 from controller.services.ingest import IngestService, shelf_specs, subscriptions
+from devices.conveyor import ConveyorDriver
 from devices.errors import DeviceError
+from devices.link.modbus import ModbusLink, ModbusLinkConfig
 from devices.link.mqtt import MqttLink, MqttLinkConfig
 from devices.link.state import LinkState
+from devices.sorter import SorterDriver
 
 log = logging.getLogger("floorhand.runtime")
 
@@ -107,6 +111,58 @@ def build_history(
         state_path=state_path,
         clock=clock,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PlcHandle:
+    """One ``[[plcs]]`` entry at run time: its Modbus link and its typed driver."""
+
+    config: PlcConfig
+    link: ModbusLink
+    driver: ConveyorDriver | SorterDriver
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    def snapshot(self) -> dict[str, Any]:
+        """Link state, health and epoch, without I/O."""
+        fault = self.link.fault
+        return {
+            "id": self.config.id,
+            "kind": self.config.kind,
+            "endpoint": self.config.endpoint,
+            "unit": self.config.unit,
+            "link": self.link.state.value,
+            "since_s": time.monotonic() - self.link.watch.since,
+            "health": self.link.health.value,
+            "fault": fault.reason if fault is not None else None,
+            "last_down_reason": self.link.last_down_reason,
+            "epoch": self.driver.epoch,
+            "restarts": self.driver.restarts,
+            "connects": self.link.stats.connects,
+            "heartbeat": self.config.heartbeat,
+        }
+
+
+def build_plc(cfg: PlcConfig) -> PlcHandle:
+    """The link and driver of one PLC; nothing is sent until the link's ``run()`` starts, and
+    then only the heartbeat and the read-only resync (no belt is started by the runtime)."""
+    link = ModbusLink(
+        ModbusLinkConfig(
+            host=cfg.host,
+            port=cfg.port,
+            request_timeout_s=cfg.timeout_s,
+            liveness_timeout_s=max(1.0, cfg.timeout_s),
+        ),
+        name=f"modbus:{cfg.id}",
+        logger=logging.getLogger(f"floorhand.plc.{cfg.id}"),
+    )
+    driver_cls = ConveyorDriver if cfg.kind == "conveyor" else SorterDriver
+    driver = driver_cls(link, unit=cfg.unit, name=cfg.id)
+    if not cfg.heartbeat:
+        link.remove_heartbeat(cfg.unit, driver.map["heartbeat"].address)
+    return PlcHandle(cfg, link, driver)
 
 
 class ReadGate:
@@ -197,6 +253,11 @@ class Runtime:
         self.bus.add_listener(self._after_commit)
         self.link.watch.add_listener(self._on_link_state)
         self.history = build_history(site, self.journal, clock)
+        self.plcs: dict[str, PlcHandle] = {}
+        for plc_cfg in site.plcs:
+            handle = build_plc(plc_cfg)
+            handle.link.watch.add_listener(self._plc_state_listener(plc_cfg.id))
+            self.plcs[plc_cfg.id] = handle
         self.started = asyncio.Event()
         self.started_at_s: float | None = None
         self.backpressure = False
@@ -210,16 +271,25 @@ class Runtime:
         if not self.backpressure and self.journal.outbox_rows >= self._max_outbox_rows:
             self._backpressure_on()
 
-    def _on_link_state(self, old: LinkState, new: LinkState) -> None:
-        """Broker link state changes are events like any other: journaled for the history,
-        published on the bus for live consumers."""
+    def _on_link_state(self, old: LinkState, new: LinkState, *, link: str = "mqtt") -> None:
+        """Link state changes (broker, PLCs) are events like any other: journaled for the
+        history, published on the bus for live consumers."""
         now = self.clock()
-        body = {"kind": "link_state", "ts": now, "link": "mqtt", "old": old.value, "new": new.value}
+        body = {"kind": "link_state", "ts": now, "link": link, "old": old.value, "new": new.value}
         try:
             self.journal.commit((), events=[EventRow(now, "link_state", body)])
         except Exception as exc:
             log.error("could not journal the link state change: %s", exc)
         self.bus.publish([body])
+
+    def _plc_state_listener(self, plc_id: str) -> Callable[[LinkState, LinkState], None]:
+        def on_change(old: LinkState, new: LinkState) -> None:
+            # Reconnect attempts flap CONNECTING <-> DOWN every second while a PLC is away:
+            # only entering and leaving UP are events.
+            if LinkState.UP in (old, new):
+                self._on_link_state(old, new, link=f"plc:{plc_id}")
+
+        return on_change
 
     def _on_oversize(self, topic: str, size: int) -> None:
         self.oversize += 1
@@ -262,6 +332,8 @@ class Runtime:
                 tg.create_task(self._supervise(), name="supervision")
                 if self.history is not None:
                     tg.create_task(self.history.run(), name="history")
+                for plc_id, plc in self.plcs.items():
+                    tg.create_task(plc.link.run(), name=f"modbus:{plc_id}")
         finally:
             self.journal.close()
 
@@ -317,6 +389,7 @@ class Runtime:
             "outbox_rows": self.journal.outbox_rows,
             "max_outbox_rows": self.site.journal.max_outbox_rows,
             "history": self.history.snapshot() if self.history is not None else None,
+            "plcs": {plc_id: plc.link.state.value for plc_id, plc in self.plcs.items()},
         }
         topic = f"{self.site.mqtt.topic_prefix}/{self.site.site.id}/alerts/system/{name}"
         try:
@@ -332,4 +405,5 @@ class Runtime:
             "outbox_rows": self.journal.outbox_rows,
             "backpressure": self.backpressure,
             "history": self.history.snapshot() if self.history is not None else None,
+            "plcs": {plc_id: plc.link.state.value for plc_id, plc in self.plcs.items()},
         }

@@ -43,6 +43,7 @@ import contextlib
 import enum
 import math
 import random
+import re
 import shlex
 import signal
 import sys
@@ -533,6 +534,10 @@ _SPEC_FLOATS = (
     "lane_drain_s",
 )
 _SPEC_INTS = ("unit", "lanes", "lane_capacity", "queue_capacity", "max_recirculations")
+_CONTROLLER_ONLY = ("host", "timeout_s", "heartbeat")
+"""Keys of the controller's ``[[plcs]]`` entry (controller/config.py) the simulator ignores."""
+_PLC_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+"""The controller's ``Identifier``: ids appear in MQTT topics and metric labels."""
 
 
 def parse_plcs(data: Mapping[str, object], source: str = "<site>") -> tuple[PlcSpec, ...]:
@@ -542,19 +547,17 @@ def parse_plcs(data: Mapping[str, object], source: str = "<site>") -> tuple[PlcS
     if not isinstance(raw, list) or not all(isinstance(p, dict) for p in raw):
         raise PlcSiteError(source, [("plcs", "must be an array of tables ([[plcs]])")])
     specs: list[PlcSpec] = []
-    known = {"id", "kind", "port", *_SPEC_FLOATS, *_SPEC_INTS}
+    known = {"id", "kind", "port", *_CONTROLLER_ONLY, *_SPEC_FLOATS, *_SPEC_INTS}
     for index, entry in enumerate(raw):
         path = f"plcs[{index}]"
         for key in entry:
             if key not in known:
                 errors.append((f"{path}.{key}", "unknown key"))
         plc_id = entry.get("id")
-        if (
-            not isinstance(plc_id, str)
-            or not plc_id
-            or not all(c.isalnum() or c in "-_." for c in plc_id)
-        ):
-            errors.append((f"{path}.id", "missing or not letters, digits, '-', '_', '.'"))
+        if not isinstance(plc_id, str) or not _PLC_ID.fullmatch(plc_id):
+            errors.append(
+                (f"{path}.id", "missing or not ASCII letters, digits, '-', '_', '.' (max 64)")
+            )
             plc_id = f"plc{index}"
         kind = entry.get("kind")
         if kind not in ("conveyor", "sorter"):

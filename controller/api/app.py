@@ -25,6 +25,8 @@ from controller.api.schemas import (
     HistorySeriesPublic,
     IngestStats,
     LinkPublic,
+    PlcLinkSummary,
+    PlcPublic,
     Problem,
     ShelfPublic,
     SkuStockPublic,
@@ -34,6 +36,7 @@ from controller.domain.model import ShelfStatus
 from controller.domain.reorder import classify
 from controller.ports import HistoryQuery, SinkUnavailable
 from controller.runtime import Runtime
+from devices.link.state import LinkState
 
 log = logging.getLogger("floorhand.api")
 
@@ -211,6 +214,10 @@ def _routes(app: FastAPI) -> None:
             )
         return out
 
+    @app.get("/api/v1/plcs", response_model=list[PlcPublic], tags=["devices"])
+    def list_plcs(rt: RuntimeDep) -> list[PlcPublic]:
+        return [PlcPublic(**plc.snapshot()) for plc in rt.plcs.values()]
+
     @app.get("/api/v1/ingest/dead-letters", response_model=list[DeadLetterPublic], tags=["ingest"])
     def dead_letters(
         rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
@@ -337,6 +344,7 @@ def _health(rt: Runtime) -> HealthPublic:
         rt.backpressure
         or ing.last_commit_error is not None
         or (hist is not None and hist["state"] == "down")
+        or any(plc.link.state is not LinkState.UP for plc in rt.plcs.values())
     )
     status = (
         "starting" if not rt.started.is_set() else ("degraded" if degraded or not ready else "ok")
@@ -366,6 +374,12 @@ def _health(rt: Runtime) -> HealthPublic:
         alerts_active=active,
         stale_shelves=stale,
         history=HistoryHealth(**hist) if hist is not None else None,
+        plcs={
+            plc_id: PlcLinkSummary(
+                link=plc.link.state.value, health=plc.link.health.value, epoch=plc.driver.epoch
+            )
+            for plc_id, plc in rt.plcs.items()
+        },
     )
 
 

@@ -105,6 +105,30 @@ class HistoryHealth(_Public):
     lag_s: float = Field(description="age of the newest reading delivered while rows wait")
 
 
+class PlcPublic(_Public):
+    id: str
+    kind: Literal["conveyor", "sorter"]
+    endpoint: str = Field(description="host:port of the Modbus TCP server")
+    unit: int
+    link: Literal["connecting", "up", "down"]
+    since_s: float = Field(description="seconds in this link state")
+    health: Literal["ok", "faulty"] = Field(
+        description="faulty for a while after a malformed reply or a device-failure answer"
+    )
+    fault: str | None = Field(description="the last fault seen (kept after health is ok again)")
+    last_down_reason: str | None = Field(description="why the link last went down")
+    epoch: int | None = Field(description="the PLC's boot epoch; null until first read")
+    restarts: int = Field(description="epoch changes seen (PLC restarts)")
+    connects: int
+    heartbeat: bool
+
+
+class PlcLinkSummary(_Public):
+    link: Literal["connecting", "up", "down"]
+    health: Literal["ok", "faulty"]
+    epoch: int | None
+
+
 class HealthPublic(_Public):
     status: Literal["ok", "degraded", "starting"]
     ready: bool
@@ -116,6 +140,9 @@ class HealthPublic(_Public):
     stale_shelves: int
     history: HistoryHealth | None = Field(
         default=None, description="the historian; null with [history] backend = none"
+    )
+    plcs: dict[str, PlcLinkSummary] = Field(
+        default_factory=dict, description="per [[plcs]] entry: Modbus link state"
     )
 
 

@@ -278,6 +278,8 @@ class ModbusLink:
         self._down_since = time.monotonic()
         self._logged_failure = False
         self._heartbeat_failing = False
+        self.last_down_reason: str | None = None
+        """Why the link last went down or could not connect (kept while it is UP again)."""
 
     # -- public surface -------------------------------------------------------------------
 
@@ -314,6 +316,11 @@ class ModbusLink:
         """Write an incrementing counter to ``address`` of ``unit`` every heartbeat interval."""
         if (unit, address) not in self._heartbeats:
             self._heartbeats.append((unit, address))
+
+    def remove_heartbeat(self, unit: int, address: int) -> None:
+        """Stop writing the heartbeat registered for ``unit``/``address`` (unknown: no-op)."""
+        if (unit, address) in self._heartbeats:
+            self._heartbeats.remove((unit, address))
 
     def add_up_hook(self, name: str, hook: UpHook) -> None:
         """Run ``await hook()`` after every connection is up (errors are logged, not fatal)."""
@@ -770,6 +777,7 @@ class ModbusLink:
     ) -> None:
         now = time.monotonic()
         was_up = self.watch.state is LinkState.UP
+        self.last_down_reason = reason
         if was_up:
             self.stats.disconnects += 1
             self._down_since = now
