@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -97,19 +97,17 @@ async def drain_all(svc: HistoryService, journal: Journal, timeout_s: float = 20
             await svc.drain_once()
 
 
-class ReplyCutter:
-    """A TCP proxy on 127.0.0.1 that forwards requests and, while ``cut`` > 0, drops the
-    server's reply and closes the client connection (the server did store the batch)."""
+class _Proxy:
+    """A TCP proxy on 127.0.0.1 in front of ``upstream_port``; subclasses define ``_serve``.
+    Its connection tasks are tracked and cancelled on exit."""
 
-    def __init__(self, upstream_port: int, cut: int) -> None:
+    def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.cut = cut
-        self.cuts_done = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def __aenter__(self) -> ReplyCutter:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -120,6 +118,19 @@ class ReplyCutter:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ReplyCutter(_Proxy):
+    """A TCP proxy on 127.0.0.1 that forwards requests and, while ``cut`` > 0, drops the
+    server's reply and closes the client connection (the server did store the batch)."""
+
+    def __init__(self, upstream_port: int, cut: int) -> None:
+        super().__init__(upstream_port)
+        self.cut = cut
+        self.cuts_done = 0
 
     async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -321,34 +332,19 @@ async def test_database_outage_under_load_loses_nothing(tmp_path: Path, journal:
 
 
 # -- slow database ------------------------------------------------------------------------------
-class SlowReplies:
+class SlowReplies(_Proxy):
     """A TCP proxy on 127.0.0.1 in front of the database that forwards requests at once and
     holds the replies: while ``gate`` is clear each reply waits for it (the database is stuck),
     then every reply is delayed by ``delay_s`` (slow but moving); ``delay_s = 0`` with the
     gate set is a fast database again. ``held`` is set when a reply starts waiting."""
 
     def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.gate = asyncio.Event()
         self.delay_s = 0.0
         self.held = asyncio.Event()
         self.waiting = 0
         self.released = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> SlowReplies:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in list(self._tasks):
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _track(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
