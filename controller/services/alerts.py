@@ -16,8 +16,8 @@ from typing import Any
 import orjson
 
 from controller.config import SiteConfig
-from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec, ShelfStatus
-from controller.domain.reorder import AlertState, classify, evaluate, suggested_order_qty
+from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec
+from controller.domain.reorder import AlertState, evaluate, suggested_order_qty
 from controller.domain.stock import ShelfState, sku_level
 from controller.ports import EventRow, JournalPort, MessageLink
 
@@ -211,5 +211,3 @@ def _public(state: AlertState) -> tuple[Any, ...]:
     ep = state.episode
     return (state.state, ep.episode_id if ep else None, ep.severity if ep else None)
 
-
-__all__ = ["AlertService", "AlertTarget", "ShelfStatus", "classify"]
