@@ -210,4 +210,3 @@ class AlertService:
 def _public(state: AlertState) -> tuple[Any, ...]:
     ep = state.episode
     return (state.state, ep.episode_id if ep else None, ep.severity if ep else None)
-
