@@ -22,6 +22,10 @@ Stages:
    one) in groups of 8…3000 messages: CPU per message of link parse, ingest and journal.
 5. profile (``--profile``): py-spy (or cProfile) on a QoS 1 drain; top functions.
 
+Every drain, live and latency run also reports the controller's event-loop lag (`LoopLag`).
+`drain_once(history_url=...)` runs the drain with the historian writing to a server with the
+InfluxDB v2 write API (used by benchmarks/suite.py for the peer comparison).
+
     python benchmarks/ingest_e2e.py --quick        # under a minute
     python benchmarks/ingest_e2e.py                # full default (about 4 minutes)
 
@@ -211,6 +215,58 @@ class Timings:
         }
 
 
+class LoopLag:
+    """Event-loop lag probe on the controller's loop (the Runtime runs in this process): a task
+    sleeps ``interval_s`` over and over and records how late it woke up. A group being ingested
+    (or any other callback) holds the loop; a timer due meanwhile fires late by up to that long.
+    At 5 ms it wakes 200 times a second (well under 1 % of a core).
+
+    On a shared machine the loop is also late when the process waits for a CPU. The probe also
+    reads the loop thread's CPU time over each interval: ``busy`` = min(lag, that CPU time) is
+    the part of the lag spent running our own code; the rest was spent waiting for a core."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.lags: list[float] = []
+        self.busy: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="bench-loop-lag")
+
+    async def _run(self) -> None:
+        interval = self.interval_s
+        clock = time.perf_counter
+        cpu = time.thread_time
+        while True:
+            t0, c0 = clock(), cpu()
+            await asyncio.sleep(interval)
+            lag = clock() - t0 - interval
+            self.lags.append(lag)
+            self.busy.append(min(lag, cpu() - c0))
+
+    async def stop(self) -> dict[str, float]:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        return self.summary()
+
+    def summary(self) -> dict[str, float]:
+        ms = sorted(max(0.0, x) * 1000 for x in self.lags)
+        busy = sorted(max(0.0, x) * 1000 for x in self.busy)
+        return {
+            "interval_ms": self.interval_s * 1000,
+            "samples": len(ms),
+            "p50_ms": _pct(ms, 50),
+            "p99_ms": _pct(ms, 99),
+            "max_ms": ms[-1] if ms else float("nan"),
+            "busy_p99_ms": _pct(busy, 99),
+            "busy_max_ms": busy[-1] if busy else float("nan"),
+        }
+
+
 def overlaps(spans: list[tuple[float, float]], t0: float, t1: float, min_s: float) -> bool:
     return any(d >= min_s and start < t1 and start + d > t0 for start, d in spans)
 
@@ -237,10 +293,13 @@ async def running(rt: Runtime, *, wait_up: bool = True) -> AsyncIterator[asyncio
             await task
 
 
-def make_site(folder: Path, port: int, client_id: str) -> SiteConfig:
+def make_site(
+    folder: Path, port: int, client_id: str, *, history_url: str | None = None
+) -> SiteConfig:
     """100 one-channel scales s0..s99, shelf sh<i> of SKU K<i> each (reorder point 10, safety 3,
     capacity 40, 100 g units on a 500 g tare), dwell 0 s, reporting interval 60 s (so a backlog
-    of old readings is not STALE)."""
+    of old readings is not STALE). No historian, unless ``history_url`` names a server with the
+    InfluxDB v2 write API (victoria-metrics): then ``[history] backend = "influxdb2"``."""
     folder.mkdir(parents=True, exist_ok=True)
     path = write_small_site(
         folder,
@@ -250,14 +309,41 @@ def make_site(folder: Path, port: int, client_id: str) -> SiteConfig:
         dwell_s=0.0,
         reporting_interval_s=60.0,
         keepalive_s=30.0,
+        history_backend="none" if history_url is None else None,
     )
+    if history_url is not None:
+        with path.open("a") as f:
+            f.write(
+                f'\n[history]\nbackend = "influxdb2"\nurl = "{history_url}"\norg = "bench"\n'
+                'bucket = "bench"\ntoken_env = ""\n'
+            )
     return load_site(path)
 
 
+SHIPPED_BROKER_CONFIG = "\n".join(
+    (
+        "max_queued_bytes 1073741824",
+        "queue_qos0_messages false",
+        "max_packet_size 1048576",
+        "max_keepalive 60",
+        "set_tcp_nodelay true",
+        "persistent_client_expiration 7d",
+    )
+)
+"""firmware-configs/mosquitto/mosquitto.conf's broker settings on top of the tests/mosquitto.py
+base (which has its persistence, queue and in-flight settings); used with autosave 1000."""
+SHIPPED_AUTOSAVE_INTERVAL = 1000
+
+
 @contextlib.asynccontextmanager
-async def broker_in(folder: Path) -> AsyncIterator[MosquittoBroker]:
+async def broker_in(folder: Path, *, shipped: bool = False) -> AsyncIterator[MosquittoBroker]:
+    """mosquitto for a stage: the benchmark settings (saves only at shutdown, QoS 0 queued for
+    offline sessions), or with ``shipped`` the shipped config's settings (autosave every 1000
+    changes)."""
     broker = MosquittoBroker(
-        folder / "mosquitto", extra_config=BROKER_CONFIG, autosave_interval=autosave_interval
+        folder / "mosquitto",
+        extra_config=SHIPPED_BROKER_CONFIG if shipped else BROKER_CONFIG,
+        autosave_interval=SHIPPED_AUTOSAVE_INTERVAL if shipped else autosave_interval,
     )
     broker.folder.mkdir(parents=True, exist_ok=True)
     await broker.start()
@@ -324,10 +410,22 @@ def per_device(count: int, devices: Sequence[str], batch: int = 1) -> dict[str, 
 
 
 async def drain_once(
-    folder: Path, *, qos: int, messages: int, batch: int, tag: str, profile: str = ""
+    folder: Path,
+    *,
+    qos: int,
+    messages: int,
+    batch: int,
+    tag: str,
+    profile: str = "",
+    history_url: str | None = None,
+    db_pid: int | None = None,
 ) -> dict[str, Any]:
+    """One drain. With ``history_url`` the historian writes to that server (InfluxDB v2 write
+    API) while the controller ingests, and the run also times until the outbox is empty, i.e.
+    every reading is in the database (``history_done_s``); ``db_pid`` is that server's process,
+    whose CPU is then reported apart from "other CPU"."""
     async with broker_in(folder) as broker:
-        site = make_site(folder, broker.port, f"bench-{tag}")
+        site = make_site(folder, broker.port, f"bench-{tag}", history_url=history_url)
         rt = BenchRuntime(site)
         async with running(rt):
             pass  # the persistent session now exists at the broker
@@ -341,31 +439,46 @@ async def drain_once(
         profiler = Profiler(profile, folder) if profile else None
         if profiler is not None:
             await profiler.start()
-        broker_cpu0 = cpu_of(broker.pid)
+        broker_cpu0, db_cpu0 = cpu_of(broker.pid), cpu_of(db_pid)
         machine_cpu = MachineCpu()
         cpu0 = time.process_time()
         wall0 = time.perf_counter()
         up_after: list[float] = []
+        lag = LoopLag()
+        lag.start()
 
         async def note_up() -> None:
             await rt.link.wait_up(600)
             up_after.append(time.perf_counter() - wall0)
 
+        history_done_s: float | None = None
         async with running(rt, wait_up=False):
             up_task = asyncio.create_task(note_up(), name="bench-note-up")
             complete = await rt.wait_reached()
             wall = time.perf_counter() - wall0
             cpu = time.process_time() - cpu0
+            if rt.history is not None:
+                history = rt.history
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(120):
+                        await history.wait_for(lambda: rt.journal.outbox_rows == 0)
+                        history_done_s = time.perf_counter() - wall0
+            cpu_all = time.process_time() - cpu0
+            loop_lag = await lag.stop()
             broker_cpu = cpu_of(broker.pid) - broker_cpu0
-            rest = machine_cpu.delta(cpu + broker_cpu)
+            db_cpu = cpu_of(db_pid) - db_cpu0
+            measured_s = time.perf_counter() - wall0  # the drain, and the history wait if any
+            rest = machine_cpu.delta(cpu_all + broker_cpu + db_cpu)
             hot = await profiler.stop() if profiler is not None else None
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(up_task, 30)
             if not rt.link.session_present:
                 raise RuntimeError("the controller's persistent session was not resumed")
-            check = verify_journal(rt.journal.db, per_device(messages, devices, batch))
+            if history_url is None:
+                check = verify_journal(rt.journal.db, per_device(messages, devices, batch))
+            else:  # the historian deletes what the database confirmed: count there instead
+                check = {"expected": messages * batch, "lost": 0, "extra": 0, "unchecked": 1}
         got = rt.ingest.messages
-        measured_s = wall
         if not complete:
             # Some messages never came (QoS 0 lost on a reconnect): rate up to the last one.
             wall = rt.last_group_at - wall0
@@ -388,7 +501,7 @@ async def drain_once(
             "cpu_us_per_msg": cpu / max(got, 1) * 1e6,
             "cpu_us_per_reading": cpu / max(rt.ingest.readings, 1) * 1e6,
             "controller_cpu_pct": cpu / wall * 100,
-            "broker_cpu_pct": broker_cpu / wall * 100,
+            "broker_cpu_pct": broker_cpu / measured_s * 100,
             "other_cpu_pct": rest["other_cpu_s"] / measured_s * 100,
             "steal_pct": rest["steal_s"] / measured_s * 100,
             "groups": rt.groups,
@@ -396,7 +509,18 @@ async def drain_once(
             "commits": rt.ingest.commits,
             "rejected": dict(rt.ingest.rejected),
             "journal": check,
+            "loop_lag": loop_lag,
         }
+        if history_url is not None:
+            result["history_done_s"] = history_done_s
+            result["history_points"] = (
+                rt.history.stats.points_written if rt.history is not None else 0
+            )
+            result["history_readings_s"] = (
+                rt.ingest.readings / history_done_s if history_done_s else 0.0
+            )
+            result["cpu_us_per_msg_with_history"] = cpu_all / max(got, 1) * 1e6
+            result["db_cpu_pct"] = db_cpu / measured_s * 100
         if hot is not None:
             result["profile"] = hot
         return result
@@ -520,9 +644,11 @@ async def start_loadgen(
 # Stage 2: live paced load
 
 
-async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) -> dict[str, Any]:
-    folder = base / f"live-q{qos}-{int(rate)}"
-    async with broker_in(folder) as broker:
+async def stage_live(
+    base: Path, *, rate: float, duration_s: float, qos: int, shipped: bool = False
+) -> dict[str, Any]:
+    folder = base / f"live-q{qos}-{int(rate)}{'-shipped' if shipped else ''}"
+    async with broker_in(folder, shipped=shipped) as broker:
         site = make_site(folder, broker.port, f"bench-live-{qos}-{int(rate)}")
         rt = BenchRuntime(site)
         async with running(rt):
@@ -532,6 +658,8 @@ async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) ->
             samples: list[tuple[float, int]] = []
             cpu0, broker0 = time.process_time(), cpu_of(broker.pid)
             machine_cpu = MachineCpu()
+            lag = LoopLag()
+            lag.start()
             t_go = time.perf_counter()
             child.tell("GO")
 
@@ -551,10 +679,11 @@ async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) ->
             complete = await rt.wait_reached()
             t_all = time.perf_counter()
             cpu_all = time.process_time() - cpu0
+            loop_lag = await lag.stop()
             sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sampler
-            await child.expect("DONE")
+            done = await child.expect("DONE")
             await child.close()
             devices = device_names(DEVICES)
             check = verify_journal(rt.journal.db, per_device(int(sent["sent"]), devices))
@@ -596,6 +725,9 @@ async def stage_live(base: Path, *, rate: float, duration_s: float, qos: int) ->
         "rejected": dict(rt.ingest.rejected),
         "avg_group": rt.ingest.messages / max(rt.groups, 1),
         "journal": check,
+        "publisher_all_acked": bool(done.get("all_acked", 1.0)),
+        "broker": "shipped settings, autosave_interval 1000" if shipped else "benchmark",
+        "loop_lag": loop_lag,
     }
 
 
@@ -624,9 +756,13 @@ async def stage_latency(
         async with running(rt):
             if wal_autocheckpoint is not None:
                 rt.journal.db.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
-            budget_s = samples * 0.05 + 60
+            # Samples take about 20 ms each. The probe stops sampling after ``sampling_s`` (a
+            # controller that cannot keep up makes each sample wait up to its 5 s time-out), and
+            # the generator (which encodes all its packets up front) outlasts that.
+            sampling_s = samples * 0.04 + 10
+            budget_s = sampling_s + 30
             gen = await start_loadgen(
-                broker.port, rate, budget_s, devices=DEVICES - 1, first_device=1
+                broker.port, rate, sampling_s + 5, devices=DEVICES - 1, first_device=1
             )
             probe = await Child.start(
                 str(SELF),
@@ -637,16 +773,22 @@ async def stage_latency(
                 str(samples),
                 "--gap-s",
                 str(gap_s),
+                "--max-s",
+                str(sampling_s),
             )
             await probe.expect("READY")
             gen.tell("GO")
             rt.expect(int(rate))  # warm-up: one second's worth of background load applied
             await rt.wait_reached()
             cpu0, t0, n0 = time.process_time(), time.perf_counter(), rt.ingest.messages
+            lag = LoopLag()
+            lag.start()
             probe.tell("GO")
             result = await probe.expect("RESULT", budget_s)
             cpu = time.process_time() - cpu0
             wall = time.perf_counter() - t0
+            loop_lag = await lag.stop()
+            applied = rt.ingest.messages - n0
             probe_msgs = 3 * (len(result["samples"]) + result["timeouts"])
             background = (rt.ingest.messages - n0 - probe_msgs) / wall
             gen.tell("STOP")
@@ -671,6 +813,8 @@ async def stage_latency(
         "background_msg_s": background,
         "background_sent": sent.get("sent", 0),
         "samples": len(lat),
+        "samples_planned": samples,
+        "stopped_early": bool(result.get("stopped_early")),
         "timeouts": result["timeouts"],
         "p50_ms": _pct(lat, 50),
         "p90_ms": _pct(lat, 90),
@@ -678,6 +822,8 @@ async def stage_latency(
         "max_ms": lat[-1] if lat else float("nan"),
         "mean_ms": statistics.fmean(lat) if lat else float("nan"),
         "controller_cpu_pct": cpu / wall * 100,
+        "cpu_ms_per_1k_readings": cpu / max(applied, 1) * 1e6,
+        "loop_lag": loop_lag,
         "gap_between_readings_ms": gap_s * 1000,
         "wal_autocheckpoint": wal_autocheckpoint,
         "commits": Timings.summary(timings.commits, t_first, t_last),
@@ -700,13 +846,14 @@ def _pct(sorted_values: list[float], pct: float) -> float:
     return sorted_values[k]
 
 
-async def probe_main(port: int, samples: int, gap_s: float) -> None:
+async def probe_main(port: int, samples: int, gap_s: float, max_s: float = 3600.0) -> None:
     """Child process: drives shelf sh0 (scale s0, SKU K0) and times the alert messages.
 
     Each sample publishes three readings at the new level ``gap_s`` apart (the first is held
     as a suspected spike, the second confirms the step and the shelf is SETTLING, the third
     settles it); the clock starts just before the third is written to the socket and stops
     when the alert state of K0 with the expected class arrives at this process's subscriber.
+    Sampling stops after ``max_s`` even if fewer than ``samples`` were taken.
     """
     loop = asyncio.get_running_loop()
     waiting: list[tuple[frozenset[str], asyncio.Future[float]]] = []
@@ -784,7 +931,12 @@ async def probe_main(port: int, samples: int, gap_s: float) -> None:
         timeouts = 0
         high = True
         rng = random.Random(1)
+        stop_at = time.monotonic() + max_s
+        stopped_early = False
         for _ in range(samples):
+            if time.monotonic() > stop_at:
+                stopped_early = True
+                break
             high = not high
             sample = await set_level(HIGH_UNITS if high else LOW_UNITS, ok if high else low)
             if sample is None:
@@ -792,7 +944,8 @@ async def probe_main(port: int, samples: int, gap_s: float) -> None:
             else:
                 pairs.append(sample)
             await asyncio.sleep(rng.uniform(0.005, 0.02))  # decorrelate from group commits
-        print("RESULT " + json.dumps({"samples": pairs, "timeouts": timeouts}), flush=True)
+        result = {"samples": pairs, "timeouts": timeouts, "stopped_early": stopped_early}
+        print("RESULT " + json.dumps(result), flush=True)
         await sub.disconnect()
         await pub.disconnect()
 
@@ -1402,8 +1555,9 @@ def main() -> None:
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--samples", type=int, required=True)
         p.add_argument("--gap-s", type=float, default=0.001)
+        p.add_argument("--max-s", type=float, default=3600.0)
         a = p.parse_args()
-        asyncio.run(probe_main(a.port, a.samples, a.gap_s))
+        asyncio.run(probe_main(a.port, a.samples, a.gap_s, a.max_s))
         return
     doc = __doc__ or ""
     parser = argparse.ArgumentParser(

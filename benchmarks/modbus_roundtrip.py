@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -45,14 +46,6 @@ TICK_S = 0.001
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def line(name: str, samples_s: list[float]) -> str:
-    ms = [s * 1000 for s in samples_s]
-    return (
-        f"| {name} | {statistics.median(ms):.3f} | {pct(ms, 0.99):.3f} | {max(ms):.3f} "
-        f"| {len(ms)} |"
-    )
 
 
 @contextlib.asynccontextmanager
@@ -106,12 +99,27 @@ async def sorter_in_process(port: int) -> AsyncIterator[None]:
         yield
 
 
-async def run(args: argparse.Namespace) -> None:
+def summary(samples_s: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in samples_s]
+    return {
+        "p50_ms": statistics.median(ms),
+        "p99_ms": pct(ms, 0.99),
+        "max_ms": max(ms),
+        "n": len(ms),
+    }
+
+
+async def measure(
+    *, commands: int, concurrency: list[int], poll: float, in_process: bool
+) -> dict[str, Any]:
+    """Run the measurements; ``rows`` are ``(name, samples in s)``, summarised in ``table``."""
     port = free_port()
-    plc = sorter_in_process(port) if args.in_process else sorter_process(port)
+    plc = sorter_in_process(port) if in_process else sorter_process(port)
+    rows: list[tuple[str, list[float]]] = []
+    rates: dict[str, float] = {}
     async with plc:
         link = ModbusLink(ModbusLinkConfig(port=port), name="bench")
-        sorter = SorterDriver(link, poll_interval_s=args.poll)
+        sorter = SorterDriver(link, poll_interval_s=poll)
         first_write: dict[int, float] = {}
         sorter.on_write = lambda cmd_id: first_write.setdefault(cmd_id, time.monotonic())
         async with asyncio.TaskGroup() as tg:
@@ -119,16 +127,13 @@ async def run(args: argparse.Namespace) -> None:
             await link.wait_up(5)
             await sorter.start()
             raw: list[float] = []
-            for _ in range(args.commands):
+            for _ in range(commands):
                 t0 = time.perf_counter()
                 await link.read(1, 0, 112)
                 raw.append(time.perf_counter() - t0)
+            rows.append(("raw read, 112 registers", raw))
             ids = itertools.count(1)
-            print("| measure (ms) | p50 | p99 | max | n |")
-            print("|---|---|---|---|---|")
-            print(line("raw read, 112 registers", raw))
-            rates: list[str] = []
-            for concurrency in args.concurrency:
+            for n in concurrency:
                 outcomes: list[SortOutcome] = []
 
                 async def worker(count: int, into: list[SortOutcome]) -> None:
@@ -136,41 +141,72 @@ async def run(args: argparse.Namespace) -> None:
                         cmd_id = next(ids)
                         into.append(await sorter.submit(cmd_id, cmd_id, 1 + cmd_id % 16))
 
-                per_worker = args.commands // concurrency
+                per_worker = commands // n
                 started = time.perf_counter()
                 async with asyncio.TaskGroup() as workers:
-                    for i in range(concurrency):
+                    for i in range(n):
                         workers.create_task(worker(per_worker, outcomes), name=f"bench.worker{i}")
                 elapsed = time.perf_counter() - started
-                label = f"{concurrency} submitter{'s' if concurrency > 1 else ''}"
-                print(
-                    line(
+                label = f"{n} submitter{'s' if n > 1 else ''}"
+                rows.append(
+                    (
                         f"submit → first write ({label})",
                         [first_write[o.cmd_id] - o.submitted_at for o in outcomes],
                     )
                 )
-                print(
-                    line(
+                rows.append(
+                    (
                         f"submit → accepted ({label})",
                         [o.accepted_at - o.submitted_at for o in outcomes],
                     )
                 )
-                print(
-                    line(
+                rows.append(
+                    (
                         f"submit → confirmed ({label})",
                         [o.done_at - o.submitted_at for o in outcomes],
                     )
                 )
-                rates.append(f"{label}: {len(outcomes) / elapsed:.0f} commands/s")
-                assert all(o.resends == 0 for o in outcomes)
-            print()
-            print("; ".join(rates))
-            print(
-                f"link: {link.stats.requests} requests, {link.stats.busy_retries} busy retries, "
-                f"{link.stats.timeouts} timeouts; status poll every {args.poll * 1000:g} ms; "
-                f"simulator {'in this process' if args.in_process else 'in a child process'}"
-            )
+                rates[label] = len(outcomes) / elapsed
+                if any(o.resends for o in outcomes):
+                    raise RuntimeError("a command was resent: the link or the PLC misbehaved")
+            stats = {
+                "requests": link.stats.requests,
+                "busy_retries": link.stats.busy_retries,
+                "timeouts": link.stats.timeouts,
+            }
             await link.disconnect()
+    return {
+        "table": {name: summary(samples) for name, samples in rows},
+        "commands_per_s": rates,
+        "link": stats,
+        "poll_interval_ms": poll * 1000,
+        "simulator": "in this process" if in_process else "child process",
+        "commands": commands,
+    }
+
+
+async def run(args: argparse.Namespace) -> None:
+    result = await measure(
+        commands=args.commands,
+        concurrency=args.concurrency,
+        poll=args.poll,
+        in_process=args.in_process,
+    )
+    print("| measure (ms) | p50 | p99 | max | n |")
+    print("|---|---|---|---|---|")
+    for name, row in result["table"].items():
+        print(
+            f"| {name} | {row['p50_ms']:.3f} | {row['p99_ms']:.3f} | {row['max_ms']:.3f} "
+            f"| {row['n']} |"
+        )
+    print()
+    print("; ".join(f"{k}: {v:.0f} commands/s" for k, v in result["commands_per_s"].items()))
+    link = result["link"]
+    print(
+        f"link: {link['requests']} requests, {link['busy_retries']} busy retries, "
+        f"{link['timeouts']} timeouts; status poll every {args.poll * 1000:g} ms; "
+        f"simulator {result['simulator']}"
+    )
 
 
 def main() -> None:

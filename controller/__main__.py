@@ -2,6 +2,7 @@
 
 floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
 floorhand check-config SITE.toml
+floorhand token NAME --role floor|supervisor|engineer
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     )
     print(f"  journal {site.journal.path}")
     print(f"  api     http://{site.api.bind}")
+    from controller.api.auth import TokenConfigError, TokenStore
+
+    try:
+        store = TokenStore.from_config(site.api, os.environ)
+    except TokenConfigError as exc:
+        print(f"floorhand: {exc}", file=sys.stderr)
+        return 2
+    if store.open_mode:
+        print('  auth    OFF ([api] auth = "off"): every route is open')
+    else:
+        roles = Counter(e.role.value for e in store.entries)
+        print(
+            f"  auth    {len(store.entries)} token(s)"
+            + "".join(f", {n} {r}" for r, n in sorted(roles.items()))
+        )
     return 0
 
 
@@ -106,7 +122,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(site, on_runtime_exit=on_runtime_exit)
+    from controller.api.auth import TokenConfigError
+
+    try:
+        app = create_app(site, on_runtime_exit=on_runtime_exit)
+    except TokenConfigError as exc:
+        print(f"floorhand: {exc}", file=sys.stderr)
+        return 2
     config = uvicorn.Config(
         app,
         host=host,
@@ -114,6 +136,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         log_level=args.log_level.lower(),
         access_log=False,
         lifespan="on",
+        # The live feed serves dashboards on the site network: per-message compression cost
+        # about a third of the stream's CPU in benchmarks/ws_fanout.py for little gain.
+        ws_per_message_deflate=False,
     )
     server = _server_class()(config)
     logging.getLogger("floorhand").info(
@@ -128,6 +153,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not server.started and exit_code == 0:
         exit_code = 1
     return exit_code
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Print a new API token and the site-file entry holding its hash (docs/api.md)."""
+    from controller.api.auth import hash_token, new_token
+
+    token = new_token()
+    print(f"# token for {args.name} ({args.role}); give it to the client, it is not stored:")
+    print(token)
+    print("# site file entry (only the hash is kept):")
+    print("[[api.tokens]]")
+    print(f'name = "{args.name}"')
+    print(f'role = "{args.role}"')
+    print(f'sha256 = "{hash_token(token)}"')
+    print("# or, without touching the file, in the controller's environment:")
+    print(
+        f"# FLOORHAND_TOKEN_{args.name.upper().replace('-', '_').replace('.', '_')}="
+        f"{args.role}:{token}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     p_chk = sub.add_parser("check-config", help="validate a site file and print a summary")
     p_chk.add_argument("site", type=Path)
     p_chk.set_defaults(fn=cmd_check_config)
+    p_tok = sub.add_parser("token", help="make an API token and print its [[api.tokens]] entry")
+    p_tok.add_argument("name", help="who holds it (letters, digits, _ . -)")
+    p_tok.add_argument("--role", required=True, choices=["floor", "supervisor", "engineer"])
+    p_tok.set_defaults(fn=cmd_token)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -7,6 +7,7 @@ names (``username_env`` / ``password_env``).
 
 from __future__ import annotations
 
+import functools
 import os
 import tomllib
 from pathlib import Path
@@ -109,8 +110,45 @@ class JournalConfig(_Frozen):
     dead_letter_keep: Annotated[int, Field(ge=0)] = 10_000
 
 
+class ApiTokenConfig(_Frozen):
+    """One ``[[api.tokens]]`` entry: a bearer token's SHA-256 (hex), never the token itself
+    (``floorhand token`` prints a new token and its entry; docs/api.md)."""
+
+    name: Identifier
+    role: Literal["floor", "supervisor", "engineer"]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
 class ApiConfig(_Frozen):
+    """``[api]``: bind address, bearer-token auth, body and rate limits (docs/api.md)."""
+
     bind: str = "127.0.0.1:8080"
+    auth: Literal["on", "off"] = "on"
+    """``off`` serves every route without a token (logged loudly); for a bench, never a site."""
+    tokens: tuple[ApiTokenConfig, ...] = ()
+    token_env_prefix: str = "FLOORHAND_TOKEN_"
+    """Environment variables ``<prefix><NAME>=<role>:<token>`` add tokens (plaintext in the
+    process environment only; hashed on load)."""
+    max_body_bytes: Annotated[int, Field(ge=1_024, le=16_777_216)] = 65_536
+    rate_per_s: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] = 20.0
+    """Token-bucket refill rate per token (per client address without a valid token)."""
+    rate_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 40
+    metrics: Literal["engineer", "open"] = "engineer"
+    """Who may scrape ``/metrics``: an engineer token, or anyone who can reach the port."""
+    allowed_origins: tuple[Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+)$")], ...] = ()
+    """Browser origins (``https://host:port``) besides the controller's own that may open the
+    live WebSocket; ``"*"`` allows any (docs/dashboard.md)."""
+    live_queue: Annotated[int, Field(ge=16, le=1_000_000)] = 2_000
+    """Messages queued per live WebSocket client before the oldest are dropped."""
+
+    @field_validator("tokens")
+    @classmethod
+    def _unique_token_names(cls, v: tuple[ApiTokenConfig, ...]) -> tuple[ApiTokenConfig, ...]:
+        names = [t.name for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate token name(s): {', '.join(dup)}")
+        return v
 
     @field_validator("bind")
     @classmethod
@@ -196,6 +234,35 @@ class HistoryConfig(_Frozen):
 class ZoneConfig(_Frozen):
     id: Identifier
     name: str = ""
+    conveyors: tuple[Identifier, ...] = ()
+    """Conveyor PLCs (``[[plcs]]`` ids, kind conveyor) that carry this zone's totes to its
+    sorter, in order. They are started (if stopped) before a pick from this zone."""
+    sorter: Identifier | None = None
+    """The sorter PLC this zone's conveyors end at; a zone without one cannot be picked from."""
+
+
+class PackStationConfig(_Frozen):
+    """``[[pack_stations]]``: a pack station is one lane of a sorter."""
+
+    id: Identifier
+    name: str = ""
+    sorter: Identifier
+    lane: Annotated[int, Field(ge=1, le=16)]
+
+
+class PickingConfig(_Frozen):
+    """``[picking]``: pick commands and orders (docs/picking.md)."""
+
+    result_timeout_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = 60.0
+    """How long a sorter command may take from acceptance to its result (DIVERTED...)."""
+    scale_timeout_s: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 120.0
+    """How long after dispatch the shelf's scale has to show the picked units gone."""
+    keep_closed_orders: Annotated[int, Field(ge=0)] = 1_000
+    """Closed orders kept in memory for GET /api/v1/orders (all stay in the journal)."""
+    max_lines: Annotated[int, Field(ge=1, le=10_000)] = 100
+    """Lines one pick request may carry."""
+    idempotency_ttl_h: Annotated[float, Field(gt=0, le=24 * 365, allow_inf_nan=False)] = 48.0
+    """How long an ``Idempotency-Key`` (and a channel's order id, in memory) is remembered."""
 
 
 class SkuConfig(_Frozen):
@@ -311,6 +378,45 @@ class SiteInfo(_Frozen):
     """Readings stamped further in the future than this are rejected."""
 
 
+def _check_routes(site: SiteConfig, errors: list[tuple[str, str]]) -> None:
+    """Zones and pack stations name PLCs of the right kind; lanes exist on their sorter."""
+    plcs = {p.id: p for p in site.plcs}
+
+    def check_plc(where: str, plc_id: str, kind: str) -> PlcConfig | None:
+        plc = plcs.get(plc_id)
+        if plc is None:
+            errors.append((where, f"unknown PLC {plc_id!r} (not in [[plcs]])"))
+        elif plc.kind != kind:
+            errors.append((where, f"PLC {plc_id!r} is a {plc.kind}, not a {kind}"))
+            return None
+        return plc
+
+    for i, zone in enumerate(site.zones):
+        for j, conv in enumerate(zone.conveyors):
+            check_plc(f"zones[{i}].conveyors[{j}]", conv, "conveyor")
+        if zone.sorter is not None:
+            check_plc(f"zones[{i}].sorter", zone.sorter, "sorter")
+        elif zone.conveyors:
+            errors.append((f"zones[{i}].sorter", "a zone with conveyors needs the sorter"))
+    _unique(errors, "pack_stations", [p.id for p in site.pack_stations])
+    lanes_used: dict[tuple[str, int], int] = {}
+    for i, st in enumerate(site.pack_stations):
+        sorter = check_plc(f"pack_stations[{i}].sorter", st.sorter, "sorter")
+        if sorter is not None and sorter.lanes is not None and st.lane > sorter.lanes:
+            errors.append(
+                (f"pack_stations[{i}].lane", f"sorter {st.sorter!r} has {sorter.lanes} lane(s)")
+            )
+        key = (st.sorter, st.lane)
+        if key in lanes_used:
+            errors.append(
+                (
+                    f"pack_stations[{i}].lane",
+                    f"lane {st.lane} of {st.sorter!r} is already pack_stations[{lanes_used[key]}]",
+                )
+            )
+        lanes_used[key] = i
+
+
 class SiteConfig(_Frozen):
     site: SiteInfo
     mqtt: MqttConfig = MqttConfig()
@@ -322,10 +428,13 @@ class SiteConfig(_Frozen):
     scales: tuple[ScaleConfig, ...]
     shelves: tuple[ShelfConfig, ...]
     plcs: tuple[PlcConfig, ...] = ()
+    pack_stations: tuple[PackStationConfig, ...] = ()
+    picking: PickingConfig = PickingConfig()
 
     @model_validator(mode="after")
     def _cross_check(self) -> Self:
         errors: list[tuple[str, str]] = []
+        _check_routes(self, errors)
         _unique(errors, "zones", [z.id for z in self.zones])
         _unique(errors, "skus", [s.id for s in self.skus])
         _unique(errors, "scales", [s.id for s in self.scales])
@@ -412,10 +521,12 @@ class SiteConfig(_Frozen):
 
     # Lookups built once; the models are frozen so caching on first use is safe.
     def sku(self, sku_id: str) -> SkuConfig:
-        for s in self.skus:
-            if s.id == sku_id:
-                return s
-        raise KeyError(sku_id)
+        """The SKU ``sku_id`` (KeyError if the site has none); a dict lookup."""
+        return self._skus_by_id[sku_id]
+
+    @functools.cached_property
+    def _skus_by_id(self) -> dict[str, SkuConfig]:
+        return {s.id: s for s in self.skus}
 
 
 class _CrossCheckError(ValueError):

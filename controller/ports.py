@@ -65,6 +65,53 @@ class JournalPort(Protocol):
     def has_reading(self, device: str, epoch: int, seq: int) -> bool: ...
 
 
+class IdempotencyRow(NamedTuple):
+    """A remembered ``Idempotency-Key``: who used it, for which body, and what it created."""
+
+    key: str
+    principal: str
+    digest: str
+    status: int
+    order_id: str
+    created_ts: float
+
+
+class DuplicateOrder(Exception):
+    """`OrderJournalPort.commit_orders`: an order with the same (channel, external id) is
+    already stored (nothing was written)."""
+
+
+class OrderJournalPort(Protocol):
+    """The journal's order side (controller/services/picking.py)."""
+
+    def commit_orders(
+        self,
+        orders: Sequence[dict[str, Any]],
+        *,
+        counters: dict[str, int] | None = None,
+        idempotency: Sequence[IdempotencyRow] = (),
+        events: Sequence[EventRow] = (),
+    ) -> None: ...
+
+    def open_orders(self) -> list[dict[str, Any]]: ...
+
+    def recent_orders(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def order(self, order_id: str) -> dict[str, Any] | None: ...
+
+    def order_by_external(self, channel: str, external_id: str) -> dict[str, Any] | None: ...
+
+    def idempotency_key(self, key: str) -> IdempotencyRow | None: ...
+
+    def idempotency_since(self, ts: float) -> list[IdempotencyRow]: ...
+
+    def externals_since(self, ts: float) -> list[tuple[str, str, str]]: ...
+
+    def trim_idempotency(self, older_than_ts: float) -> int: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+
 class MessageLink(Protocol):
     """The broker side of ingest: acknowledge, publish, apply backpressure."""
 

@@ -7,6 +7,7 @@ SIGKILL loses nothing that was acknowledged, because acknowledgement follows the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import time
@@ -25,6 +26,7 @@ from controller.ports import EventRow, HistorySink
 from controller.services.alerts import AlertService
 from controller.services.history import HistoryService, HistorySettings, Topology
 from controller.services.ingest import IngestService, shelf_specs, subscriptions
+from controller.services.picking import PickingService
 from devices.conveyor import ConveyorDriver
 from devices.errors import DeviceError
 from devices.link.modbus import ModbusLink, ModbusLinkConfig
@@ -37,8 +39,16 @@ log = logging.getLogger("floorhand.runtime")
 TICK_S = 0.5
 """Supervision period: staleness, alert dwell timers, outbox housekeeping."""
 
+SAFE_STOP_S = 1.0
+"""Bound of the STOP sent to every PLC on shutdown."""
+
 RETAIN_OUTBOX_ROWS = 1_000_000
 """With history disabled the journal keeps this many recent readings for inspection."""
+
+
+def command_topic(site: SiteConfig) -> str:
+    """Where floor systems publish pick requests (replies on ``…/result``)."""
+    return f"{site.mqtt.topic_prefix}/{site.site.id}/cmd/picks"
 
 
 def build_ssl_context(site: SiteConfig) -> ssl.SSLContext | None:
@@ -230,7 +240,7 @@ class Runtime:
                 session_expiry_s=site.mqtt.session_expiry_s,
                 clean_start=False,
                 receive_maximum=site.mqtt.receive_maximum,
-                subscriptions=subscriptions(site),
+                subscriptions=(*subscriptions(site), (command_topic(site), 1)),
                 max_packet_bytes=site.mqtt.max_payload_bytes + 1024,
             ),
             self._on_messages,
@@ -258,6 +268,23 @@ class Runtime:
             handle = build_plc(plc_cfg)
             handle.link.watch.add_listener(self._plc_state_listener(plc_cfg.id))
             self.plcs[plc_cfg.id] = handle
+        self.picking = PickingService(
+            site,
+            self.journal,
+            self.ingest.states,
+            self.specs,
+            conveyors={
+                i: h.driver for i, h in self.plcs.items() if isinstance(h.driver, ConveyorDriver)
+            },
+            sorters={
+                i: h.driver for i, h in self.plcs.items() if isinstance(h.driver, SorterDriver)
+            },
+            publish_bus=self.bus.publish,
+            publish_mqtt=lambda topic, body: self.link.publish(topic, body, qos=1),
+            clock=clock,
+        )
+        self.bus.add_listener(self.picking.on_events)
+        self._command_topic = command_topic(site)
         self.started = asyncio.Event()
         self.started_at_s: float | None = None
         self.backpressure = False
@@ -266,10 +293,33 @@ class Runtime:
 
     # -- wiring -----------------------------------------------------------------------------------
     def _on_messages(self, msgs: list[Any]) -> None:
-        self.ingest.on_messages(msgs)
+        topic = self._command_topic
+        if any(m.topic == topic for m in msgs):
+            self._on_commands([m for m in msgs if m.topic == topic])
+            msgs = [m for m in msgs if m.topic != topic]
+        if msgs:
+            self.ingest.on_messages(msgs)
         # The bound is enforced right after the commit that reached it, not at the next tick.
         if not self.backpressure and self.journal.outbox_rows >= self._max_outbox_rows:
             self._backpressure_on()
+
+    def _on_commands(self, msgs: list[Any]) -> None:
+        """Pick requests on the MQTT command topic: each gets a reply on ``…/result``, then
+        is acknowledged (a duplicate delivery is recognised by its channel + order id)."""
+        epoch = self.link.epoch
+        for msg in msgs:
+            if msg.retain:
+                continue  # a retained command is stale by definition: never executed
+            status, reply = self.picking.on_command(msg.payload)
+            try:
+                self.link.publish(
+                    f"{self._command_topic}/result",
+                    orjson.dumps({"status": status, **reply}),
+                    qos=1,
+                )
+            except DeviceError as exc:
+                log.error("could not publish a pick command result: %s", exc)
+        self.link.ack([m.packet_id for m in msgs if m.packet_id], epoch)
 
     def _on_link_state(self, old: LinkState, new: LinkState, *, link: str = "mqtt") -> None:
         """Link state changes (broker, PLCs) are events like any other: journaled for the
@@ -322,20 +372,57 @@ class Runtime:
             )
             self.alerts.tick(self.clock())
             self.alerts.republish_all()
+            reconcile = self.picking.restore()
+            if reconcile:
+                log.info("%d open order(s) to reconcile with their PLCs", len(reconcile))
             self.started_at_s = self.clock()
             self.started.set()
             log.info("runtime started in %.0f ms", (time.monotonic() - t0) * 1000)
             if on_started is not None:
                 on_started()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self.link.run(), name="mqtt-link")
-                tg.create_task(self._supervise(), name="supervision")
-                if self.history is not None:
-                    tg.create_task(self.history.run(), name="history")
-                for plc_id, plc in self.plcs.items():
-                    tg.create_task(plc.link.run(), name=f"modbus:{plc_id}")
+            tasks = asyncio.create_task(self._run_tasks(reconcile), name="runtime-tasks")
+            try:
+                await asyncio.shield(tasks)
+            except asyncio.CancelledError:
+                # Shutdown: stop the belts while the links still run, then stop everything.
+                await self.safe_stop()
+                tasks.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await tasks
+                raise
         finally:
             self.journal.close()
+
+    async def safe_stop(self) -> None:
+        """STOP every belt through the priority lane, bounded by SAFE_STOP_S (the PLCs'
+        watchdog stops them anyway once the heartbeat ends)."""
+        drivers = [h.driver for h in self.plcs.values() if h.link.state is LinkState.UP]
+        if not drivers:
+            return
+
+        async def stop(driver: ConveyorDriver | SorterDriver) -> None:
+            try:
+                await driver.stop()
+            except DeviceError as exc:
+                log.warning("safe stop of %s failed: %s", driver.name, exc)
+
+        try:
+            async with asyncio.timeout(SAFE_STOP_S):
+                await asyncio.gather(*(stop(d) for d in drivers))
+            log.info("safe stop: %d PLC(s) stopped", len(drivers))
+        except TimeoutError:
+            log.error("safe stop did not finish within %.1f s", SAFE_STOP_S)
+
+    async def _run_tasks(self, reconcile: Sequence[Any]) -> None:
+        """Every long-lived task, in one group: one failing stops the runtime."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.link.run(), name="mqtt-link")
+            tg.create_task(self.picking.run(reconcile), name="picking")
+            tg.create_task(self._supervise(), name="supervision")
+            if self.history is not None:
+                tg.create_task(self.history.run(), name="history")
+            for plc_id, plc in self.plcs.items():
+                tg.create_task(plc.link.run(), name=f"modbus:{plc_id}")
 
     async def _supervise(self) -> None:
         while True:

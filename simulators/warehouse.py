@@ -1,9 +1,11 @@
 """The ``scales`` and ``demo`` commands: a simulated warehouse, alone or with broker + controller.
 
-``demo`` starts, in order: the embedded broker (child process), the controller (child process,
+``demo`` starts, in order: the embedded broker (child process), the site's PLCs (simulated
+conveyors and sorters on 127.0.0.1, in this process), the controller (child process,
 ``python -m controller run SITE``, configured through ``FLOORHAND_*`` environment variables),
-then the scale simulators in this process. Ctrl-C / SIGTERM stops everything it started, by
-PID, in reverse order: SIGTERM, then SIGKILL after a timeout.
+then the scale simulators and the simulated floor (a WMS sending pick requests, pickers
+carrying them out; simulators/floor.py) in this process. Ctrl-C / SIGTERM stops everything it
+started, by PID, in reverse order: SIGTERM, then SIGKILL after a timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from simulators.broker import BrokerProcess, stop_process
+from simulators.floor import FloorSystem, load_pack_stations
+from simulators.modbus_host import PlcHost
+from simulators.plc import PlcSiteError, build_model, load_plcs
 from simulators.shelf_scale import (
     DEFAULT_PICK_RATE_PER_MIN,
     ScaleSimError,
@@ -110,6 +115,12 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         default=30.0,
         help="seconds to wait for the controller's API port before starting the scales",
     )
+    p.add_argument(
+        "--order-interval",
+        type=float,
+        default=8.0,
+        help="simulated seconds between pick requests of the simulated WMS (0: none)",
+    )
     add_scale_arguments(p)
     p.set_defaults(func=demo_main)
 
@@ -184,6 +195,7 @@ def demo_main(args: argparse.Namespace) -> int:
     env_vars = controller_env(
         args.broker_port, DEMO_USER, password, args.api_bind, var_dir / "journal.sqlite"
     )
+    env_vars.update(demo_token_env())
     # The same settings for a controller started by hand: `set -a; . var/demo/demo.env`.
     env_file = var_dir / "demo.env"
     fd = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -198,6 +210,29 @@ def controller_command(site_path: Path, override: str | None) -> list[str]:
     if override:
         return shlex.split(override)
     return [sys.executable, "-m", "controller", "run", str(site_path)]
+
+
+DEMO_TOKEN_PREFIX = "FLOORHAND_TOKEN_DEMO_"
+DEMO_ROLES = ("floor", "supervisor", "engineer")
+
+
+def demo_token_env() -> dict[str, str]:
+    """One fresh API token per role for this demo run, as the controller reads them from the
+    environment (``FLOORHAND_TOKEN_<NAME>=<role>:<token>``, docs/api.md)."""
+    return {
+        f"{DEMO_TOKEN_PREFIX}{role.upper()}": f"{role}:{secrets.token_urlsafe(32)}"
+        for role in DEMO_ROLES
+    }
+
+
+def demo_tokens(env_vars: dict[str, str]) -> dict[str, str]:
+    """role -> token, from ``demo_token_env`` variables."""
+    out = {}
+    for key, value in env_vars.items():
+        if key.startswith(DEMO_TOKEN_PREFIX):
+            role, _, token = value.partition(":")
+            out[role] = token
+    return out
 
 
 def controller_env(
@@ -231,10 +266,13 @@ async def _demo(
     broker = BrokerProcess(args.broker_port, DEMO_USER, password, var_dir=args.var_dir / "broker")
     controller: asyncio.subprocess.Process | None = None
     sim: WarehouseScales | None = None
+    floor: FloorSystem | None = None
+    plcs = contextlib.AsyncExitStack()
     exit_code = 0
     try:
         print(f"starting broker on 127.0.0.1:{args.broker_port} ...", flush=True)
         await broker.start()
+        await _start_plcs(args, plcs)
         cmd = controller_command(args.site, args.controller_cmd)
         print(f"starting controller: {shlex.join(cmd)}", flush=True)
         controller = await asyncio.create_subprocess_exec(
@@ -265,21 +303,67 @@ async def _demo(
             options=options,
         )
         await asyncio.to_thread(sim.start)
-        _print_banner(args, site.id, site.topic_prefix, sim, password, env_file)
-        exit_code = await _run_until_stopped(args, stop, controller, sim)
+        stations = load_pack_stations(args.site)
+        if stations and args.order_interval > 0:
+            floor = FloorSystem(
+                site,
+                sim,
+                broker.url,
+                DEMO_USER,
+                password,
+                pack_stations=stations,
+                order_interval_s=args.order_interval,
+                speed=args.speed,
+                seed=args.seed,
+            )
+            await asyncio.to_thread(floor.start)
+            print(
+                f"floor simulator: a pick request every ~{args.order_interval:g} s for "
+                f"{', '.join(stations)}; pickers follow the pick instructions",
+                flush=True,
+            )
+        _print_banner(
+            args, site.id, site.topic_prefix, sim, password, env_file, demo_tokens(env_vars)
+        )
+        exit_code = await _run_until_stopped(args, stop, controller, sim, floor)
     except ScaleSimError as exc:
         print(f"error: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
+        if floor is not None:
+            await asyncio.to_thread(floor.stop)
+            print(f"floor stopped: {floor.stats.summary()}", flush=True)
         if sim is not None:
             await asyncio.to_thread(sim.stop)
             print(f"scales stopped: {sim.stats().summary()}", flush=True)
         if controller is not None:
             code = await stop_process(controller, timeout_s=10.0, name="controller")
             print(f"controller stopped (exit code {code})", flush=True)
+        await plcs.aclose()  # after the controller: its shutdown stops the belts first
         await broker.stop()
         print("broker stopped", flush=True)
     return exit_code
+
+
+async def _start_plcs(args: argparse.Namespace, stack: contextlib.AsyncExitStack) -> None:
+    """Serve the site's ``[[plcs]]`` on 127.0.0.1 (their ports come from the site file)."""
+    try:
+        specs = load_plcs(args.site)
+    except PlcSiteError as exc:
+        raise ScaleSimError(str(exc)) from exc
+    for index, spec in enumerate(specs):
+        seed = None if args.seed is None else args.seed + 1000 + index
+        host = PlcHost(
+            build_model(spec, speed=args.speed, seed=seed),
+            port=spec.port,
+            unit=spec.unit,
+            seed=seed,
+        )
+        try:
+            await stack.enter_async_context(host)
+        except OSError as exc:
+            raise ScaleSimError(f"PLC {spec.id}: cannot listen on port {spec.port}: {exc}") from exc
+        print(f"{spec.kind} PLC {spec.id!r} on 127.0.0.1:{host.port}", flush=True)
 
 
 async def _wait_api(
@@ -326,8 +410,18 @@ def _print_banner(
     sim: WarehouseScales,
     password: str,
     env_file: Path,
+    tokens: dict[str, str] | None = None,
 ) -> None:
     api = f"http://{args.api_bind}"
+    tokens = tokens or {}
+    token_lines = [f"    {role:<11} {token}" for role, token in tokens.items()]
+    if tokens:
+        token_lines.insert(0, "  API tokens (new each run; header 'Authorization: Bearer TOKEN'):")
+        first = next(iter(tokens.values()))
+        example = shlex.join(
+            ["curl", "-H", f"Authorization: Bearer {first}", f"{api}/api/v1/stock"]
+        )
+        token_lines.append(f"  try:     {example}")
     alerts = f"{prefix}/{site_id}/alerts/#"
     sub = shlex.join(
         [
@@ -353,10 +447,12 @@ def _print_banner(
                 "",
                 f"Floorhand demo is running: site {site_id!r}, {len(sim.scale_ids)} scales, "
                 f"{len(sim.shelf_ids)} shelves, speed {args.speed:g}",
+                f"  dashboard: {api}/dashboard/  (sign in with a token below)",
                 f"  stock:   {api}/api/v1/stock",
                 f"  alerts:  {api}/api/v1/alerts",
                 f"  health:  {api}/api/v1/health",
                 f"  docs:    {api}/docs",
+                *token_lines,
                 f"  MQTT:    mqtt://127.0.0.1:{args.broker_port}  user {DEMO_USER}  "
                 f"password {password}  (MQTT 3.1.1)",
                 f"  alerts on MQTT:  {sub}",
@@ -374,6 +470,7 @@ async def _run_until_stopped(
     stop: asyncio.Event,
     controller: asyncio.subprocess.Process,
     sim: WarehouseScales,
+    floor: FloorSystem | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -403,6 +500,8 @@ async def _run_until_stopped(
             if now >= next_progress:
                 s = int(now - started)
                 print(f"[demo {s // 60:02d}:{s % 60:02d}] {sim.stats().summary()}", flush=True)
+                if floor is not None:
+                    print(f"[demo {s // 60:02d}:{s % 60:02d}] {floor.stats.summary()}", flush=True)
                 next_progress += PROGRESS_EVERY_S
     finally:
         for fut in (exited, stopped):

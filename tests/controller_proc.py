@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from tests.mosquitto import free_port
+from tests.sites import auth_headers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,8 +89,11 @@ class ControllerProcess:
             self.proc.send_signal(signal.SIGKILL)
             return await self.proc.wait()
 
-    async def get(self, path: str) -> Any:
-        async with httpx.AsyncClient(base_url=self.base, timeout=5.0) as client:
+    async def get(self, path: str, role: str = "engineer") -> Any:
+        """GET ``path`` with the test token of ``role`` (tests/sites.py)."""
+        async with httpx.AsyncClient(
+            base_url=self.base, timeout=5.0, headers=auth_headers(role)
+        ) as client:
             r = await client.get(path)
             r.raise_for_status()
             return r.json()

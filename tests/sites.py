@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 UNIT_G = 100.0
 TARE_G = 500.0
+
+# API tokens of every test site (role -> token); only their SHA-256 goes into the file.
+TOKENS = {
+    "floor": "test-floor-token-0123456789abcdef",
+    "supervisor": "test-supervisor-token-0123456789ab",
+    "engineer": "test-engineer-token-0123456789abcd",
+}
+
+
+def auth_headers(role: str = "engineer") -> dict[str, str]:
+    """``Authorization`` header with the test token of ``role``."""
+    return {"Authorization": f"Bearer {TOKENS[role]}"}
+
+
+def api_token_lines() -> list[str]:
+    """``[[api.tokens]]`` tables for ``TOKENS`` (append after the ``[api]`` keys)."""
+    out: list[str] = []
+    for role, token in TOKENS.items():
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        out += ["[[api.tokens]]", f'name = "test-{role}"', f'role = "{role}"']
+        out += [f'sha256 = "{digest}"', ""]
+    return out
 
 
 def write_small_site(
@@ -23,6 +46,7 @@ def write_small_site(
     protocol: int = 5,
     keepalive_s: float = 5.0,
     history_backend: str | None = "none",
+    api_settings: dict[str, str | int | float] | None = None,
 ) -> Path:
     """One zone ``Z``; scale ``s<i>`` (1 channel) holds shelf ``sh<i>`` of SKU ``K<i>``:
     unit 100 g, tare 500 g, capacity 40.
@@ -47,7 +71,13 @@ def write_small_site(
         "",
         "[api]",
         f'bind = "127.0.0.1:{api_port}"',
+        # Tests poll the API in loops: the default per-token rate limit would refuse them.
+        *(
+            f"{k} = {v!r}" if isinstance(v, str) else f"{k} = {v}"
+            for k, v in {"rate_per_s": 100000, "rate_burst": 100000, **(api_settings or {})}.items()
+        ),
         "",
+        *api_token_lines(),
     ]
     if history_backend is not None:
         lines += ["[history]", f'backend = "{history_backend}"', ""]

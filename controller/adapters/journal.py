@@ -19,14 +19,22 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from controller.ports import Cursor, DeadLetter, EventRow, ReadingRow
+from controller.domain.orders import OPEN_ORDER_STATES
+from controller.ports import (
+    Cursor,
+    DeadLetter,
+    DuplicateOrder,
+    EventRow,
+    IdempotencyRow,
+    ReadingRow,
+)
 
 log = logging.getLogger("floorhand.journal")
 
@@ -72,6 +80,37 @@ CREATE TABLE IF NOT EXISTS shelf_states (shelf TEXT PRIMARY KEY, body BLOB NOT N
 CREATE TABLE IF NOT EXISTS alert_states (key TEXT PRIMARY KEY, body BLOB NOT NULL);
 """
 
+# -- orders and pick commands (controller/services/picking.py) ----------------------------------
+_OPEN_ORDER_STATES = frozenset(s.value for s in OPEN_ORDER_STATES)
+_ORDER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS orders (
+    order_id TEXT PRIMARY KEY,
+    channel TEXT NOT NULL,
+    external_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    open INTEGER NOT NULL,
+    updated_ts REAL NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS orders_external ON orders (channel, external_id);
+CREATE INDEX IF NOT EXISTS orders_open ON orders (open) WHERE open = 1;
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    order_id TEXT NOT NULL,
+    created_ts REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+# -- shelf calibration overrides (ops API, controller/api/routes/ops.py) -- begin ----------------
+_CALIBRATION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shelf_calibrations (shelf TEXT PRIMARY KEY, body BLOB NOT NULL);
+"""
+# -- shelf calibration overrides -- end -----------------------------------------------------------
+
 _WINDOW_BYTES = 64
 """Room for a cursor's duplicate-detection bitmap (up to 512 sequence numbers)."""
 
@@ -86,12 +125,24 @@ DEAD_LETTER_PAYLOAD_MAX = 4096
 """Bytes of a rejected payload kept for inspection (a 10 MB poison is not stored whole)."""
 
 
+def _insert_events(db: sqlite3.Connection, events: Sequence[EventRow]) -> None:
+    if events:
+        db.executemany(
+            "INSERT INTO events(ts, kind, body) VALUES (?,?,?)",
+            [(e.ts_s, e.kind, orjson.dumps(e.body)) for e in events],
+        )
+
+
 class JournalError(Exception):
     """The journal could not be opened or written (disk full, I/O error, locked)."""
 
 
 class JournalLocked(JournalError):
     """Another process owns this journal."""
+
+
+class DuplicateOrderError(JournalError, DuplicateOrder):
+    """An order with the same (channel, external id) is already in the journal."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +219,8 @@ class Journal:
             if integrity != "ok":
                 raise JournalError(f"journal {self.path} failed its integrity check: {integrity}")
             db.executescript(_SCHEMA)
+            db.executescript(_ORDER_SCHEMA)
+            db.executescript(_CALIBRATION_SCHEMA)
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 db.execute(
@@ -308,6 +361,21 @@ class Journal:
         return Restored(cursors, shelves, alerts, self.outbox_rows)
 
     # -- writes ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """BEGIN … COMMIT; on any failure (a bad value included) roll back — never leave a
+        transaction open — and raise JournalError (its cause is the original error)."""
+        db = self.db
+        try:
+            db.execute("BEGIN")
+            yield db
+            db.execute("COMMIT")
+        except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise JournalError(f"{what} failed: {exc}") from exc
+
     def commit(
         self,
         readings: Sequence[ReadingRow],
@@ -318,9 +386,7 @@ class Journal:
         alert_states: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Write one group atomically. Raises JournalError (nothing written) on failure."""
-        db = self.db
-        try:
-            db.execute("BEGIN")
+        with self._transaction("journal commit") as db:
             if readings:
                 db.executemany(
                     "INSERT OR IGNORE INTO readings(device, channel, epoch, seq, ts, weight_g, "
@@ -370,18 +436,7 @@ class Journal:
                     "INSERT OR REPLACE INTO alert_states(key, body) VALUES (?,?)",
                     [(k, orjson.dumps(v)) for k, v in alert_states.items()],
                 )
-            if events:
-                db.executemany(
-                    "INSERT INTO events(ts, kind, body) VALUES (?,?,?)",
-                    [(e.ts_s, e.kind, orjson.dumps(e.body)) for e in events],
-                )
-            db.execute("COMMIT")
-        except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
-            # Roll back whatever failed, a bad value included: never leave a transaction open.
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-            raise JournalError(f"journal commit failed: {exc}") from exc
+            _insert_events(db, events)
         self.outbox_rows += len(readings) + len(events)
 
     def has_reading(self, device: str, epoch: int, seq: int) -> bool:
@@ -407,19 +462,12 @@ class Journal:
 
     def delete_confirmed(self, readings_through: int | None, events_through: int | None) -> int:
         """Delete outbox rows up to these ids (inclusive) once the sink confirmed them."""
-        db = self.db
         n = 0
-        try:
-            db.execute("BEGIN")
+        with self._transaction("outbox delete") as db:
             if readings_through is not None:
                 n += db.execute("DELETE FROM readings WHERE id <= ?", (readings_through,)).rowcount
             if events_through is not None:
                 n += db.execute("DELETE FROM events WHERE id <= ?", (events_through,)).rowcount
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise JournalError(f"outbox delete failed: {exc}") from exc
         self.outbox_rows = max(0, self.outbox_rows - n)
         return n
 
@@ -476,3 +524,156 @@ class Journal:
 
     def reading_identities(self) -> Iterable[tuple[str, int, int]]:
         return self.db.execute("SELECT device, epoch, seq FROM readings")
+
+    # -- orders and pick commands ---------------------------------------------------------------
+    def commit_orders(
+        self,
+        orders: Sequence[dict[str, Any]],
+        *,
+        counters: dict[str, int] | None = None,
+        idempotency: Sequence[IdempotencyRow] = (),
+        events: Sequence[EventRow] = (),
+    ) -> None:
+        """Upsert order bodies (``Order.as_dict()``), counters (sorter cmd ids, totes),
+        idempotency keys and their events in one transaction; JournalError if nothing was
+        written. A second order with the same (channel, external_id) is a JournalError too."""
+        try:
+            with self._transaction("order commit") as db:
+                self._commit_orders(db, orders, counters, idempotency, events)
+        except JournalError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, sqlite3.IntegrityError) and "orders.channel" in str(cause):
+                raise DuplicateOrderError(f"order commit refused: {cause}") from cause
+            raise
+        self.outbox_rows += len(events)
+
+    @staticmethod
+    def _commit_orders(
+        db: sqlite3.Connection,
+        orders: Sequence[dict[str, Any]],
+        counters: dict[str, int] | None,
+        idempotency: Sequence[IdempotencyRow],
+        events: Sequence[EventRow],
+    ) -> None:
+        if orders:
+            db.executemany(
+                "INSERT INTO orders(order_id, channel, external_id, state, open, updated_ts, "
+                "body) VALUES (?,?,?,?,?,?,?) ON CONFLICT(order_id) DO UPDATE SET "
+                "state=excluded.state, open=excluded.open, updated_ts=excluded.updated_ts, "
+                "body=excluded.body",
+                [
+                    (
+                        o["order_id"],
+                        o["channel"],
+                        o["external_id"],
+                        o["state"],
+                        1 if o["state"] in _OPEN_ORDER_STATES else 0,
+                        o["updated_ts"],
+                        orjson.dumps(o),
+                    )
+                    for o in orders
+                ],
+            )
+        if counters:
+            db.executemany(
+                "INSERT INTO counters(name, value) VALUES (?,?) ON CONFLICT(name) DO UPDATE "
+                "SET value=max(value, excluded.value)",
+                list(counters.items()),
+            )
+        if idempotency:
+            db.executemany(
+                # REPLACE: a key past its TTL may be used again (not yet trimmed here).
+                "INSERT OR REPLACE INTO idempotency(key, principal, digest, status, "
+                "order_id, created_ts) VALUES (?,?,?,?,?,?)",
+                idempotency,
+            )
+        _insert_events(db, events)
+
+    def open_orders(self) -> list[dict[str, Any]]:
+        """Bodies of the orders still open (restart reconciliation), oldest first."""
+        rows = self.db.execute("SELECT body FROM orders WHERE open = 1 ORDER BY rowid").fetchall()
+        return [orjson.loads(r[0]) for r in rows]
+
+    def recent_orders(self, limit: int) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT body FROM orders ORDER BY updated_ts DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [orjson.loads(r[0]) for r in rows]
+
+    def order(self, order_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT body FROM orders WHERE order_id=?", (order_id,)).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def order_by_external(self, channel: str, external_id: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT body FROM orders WHERE channel=? AND external_id=?", (channel, external_id)
+        ).fetchone()
+        return None if row is None else orjson.loads(row[0])
+
+    def idempotency_key(self, key: str) -> IdempotencyRow | None:
+        row = self.db.execute(
+            "SELECT key, principal, digest, status, order_id, created_ts FROM idempotency "
+            "WHERE key=?",
+            (key,),
+        ).fetchone()
+        return None if row is None else IdempotencyRow(*row)
+
+    def idempotency_since(self, ts: float) -> list[IdempotencyRow]:
+        """Keys used since ``ts`` (kept in memory by the picking service)."""
+        rows = self.db.execute(
+            "SELECT key, principal, digest, status, order_id, created_ts FROM idempotency "
+            "WHERE created_ts >= ?",
+            (ts,),
+        ).fetchall()
+        return [IdempotencyRow(*r) for r in rows]
+
+    def externals_since(self, ts: float) -> list[tuple[str, str, str]]:
+        """(channel, external_id, order_id) of orders updated since ``ts``."""
+        rows = self.db.execute(
+            "SELECT channel, external_id, order_id FROM orders WHERE updated_ts >= ?", (ts,)
+        ).fetchall()
+        return [(str(c), str(e), str(o)) for c, e, o in rows]
+
+    def counters(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.db.execute("SELECT name, value FROM counters")}
+
+    def trim_idempotency(self, older_than_ts: float) -> int:
+        try:
+            cur = self.db.execute("DELETE FROM idempotency WHERE created_ts < ?", (older_than_ts,))
+        except sqlite3.Error as exc:
+            raise JournalError(f"idempotency trim failed: {exc}") from exc
+        return cur.rowcount
+
+    # -- shelf calibration overrides (ops API) -- begin ------------------------------------------
+    def shelf_calibrations(self) -> dict[str, dict[str, Any]]:
+        """Saved calibration overrides by shelf (applied at start, before the shelf states)."""
+        return {
+            shelf: orjson.loads(body)
+            for shelf, body in self.db.execute("SELECT shelf, body FROM shelf_calibrations")
+        }
+
+    def commit_calibration(
+        self,
+        shelf: str,
+        calibration: dict[str, Any] | None,
+        shelf_state: dict[str, Any],
+        events: Sequence[EventRow] = (),
+    ) -> None:
+        """Save (``None``: delete) a shelf's calibration override together with the shelf state
+        it produced and its events, in one transaction. JournalError: nothing written."""
+        with self._transaction("calibration commit") as db:
+            if calibration is None:
+                db.execute("DELETE FROM shelf_calibrations WHERE shelf=?", (shelf,))
+            else:
+                db.execute(
+                    "INSERT OR REPLACE INTO shelf_calibrations(shelf, body) VALUES (?,?)",
+                    (shelf, orjson.dumps(calibration)),
+                )
+            db.execute(
+                "INSERT OR REPLACE INTO shelf_states(shelf, body) VALUES (?,?)",
+                (shelf, orjson.dumps(shelf_state)),
+            )
+            _insert_events(db, events)
+        self.outbox_rows += len(events)
+
+    # -- shelf calibration overrides -- end --------------------------------------------------------

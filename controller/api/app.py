@@ -14,6 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controller.api.auth import PublicDep, Role, require
+from controller.api.limits import allowed_methods, install_security
+from controller.api.routes import ops as ops_routes
+from controller.api.routes import orders as orders_routes
 from controller.api.schemas import (
     AlertPublic,
     DeadLetterPublic,
@@ -31,6 +35,7 @@ from controller.api.schemas import (
     ShelfPublic,
     SkuStockPublic,
 )
+from controller.api.web import install_web
 from controller.config import SiteConfig
 from controller.domain.model import ShelfStatus
 from controller.domain.reorder import classify
@@ -44,6 +49,12 @@ PROBLEM = "application/problem+json"
 
 MAX_HISTORY_BUCKETS = 10_000
 """Upper bound of buckets one history request may ask for."""
+
+# Who may call what (docs/api.md has the whole matrix).
+ANY_ROLE = [Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))]
+READ_ALL = [Depends(require(Role.SUPERVISOR, Role.ENGINEER))]
+ENGINEER = [Depends(require(Role.ENGINEER))]
+PUBLIC = [PublicDep]
 
 
 def create_app(
@@ -91,7 +102,11 @@ def create_app(
     )
     app.state.runtime = rt
     _install_problem_handlers(app)
+    install_security(app, site.api, rt)
     _routes(app)
+    app.include_router(orders_routes.router)  # picks and orders (docs/picking.md)
+    app.include_router(ops_routes.router)  # ack/snooze, PLC commands, zones, scales, tare
+    install_web(app, rt)  # dashboard assets and /api/v1/live (docs/dashboard.md)
     return app
 
 
@@ -119,6 +134,7 @@ def _shelf_public(rt: Runtime, shelf_id: str) -> ShelfPublic:
         weight_g=st.weight_g,
         last_reading_ts=st.last_ts_s,
         capacity_units=spec.capacity_units,
+        **ops_routes.calibration_fields(rt, shelf_id),
     )
 
 
@@ -140,7 +156,12 @@ def _sku_public(rt: Runtime, sku_id: str) -> SkuStockPublic:
 
 
 def _routes(app: FastAPI) -> None:
-    @app.get("/api/v1/stock", response_model=list[SkuStockPublic], tags=["stock"])
+    @app.get(
+        "/api/v1/stock",
+        response_model=list[SkuStockPublic],
+        tags=["stock"],
+        dependencies=ANY_ROLE,
+    )
     def list_stock(
         rt: RuntimeDep,
         zone: Annotated[
@@ -161,13 +182,19 @@ def _routes(app: FastAPI) -> None:
         response_model=SkuStockPublic,
         tags=["stock"],
         responses={404: {"model": Problem}},
+        dependencies=ANY_ROLE,
     )
     def get_stock(rt: RuntimeDep, sku: str) -> SkuStockPublic:
         if sku not in rt.alerts.targets or sku.startswith("shelf:"):
             raise HTTPException(404, f"unknown SKU {sku!r}")
         return _sku_public(rt, sku)
 
-    @app.get("/api/v1/shelves", response_model=list[ShelfPublic], tags=["stock"])
+    @app.get(
+        "/api/v1/shelves",
+        response_model=list[ShelfPublic],
+        tags=["stock"],
+        dependencies=ANY_ROLE,
+    )
     def list_shelves(
         rt: RuntimeDep, zone: str | None = None, status: str | None = None
     ) -> list[ShelfPublic]:
@@ -178,7 +205,12 @@ def _routes(app: FastAPI) -> None:
             out = [s for s in out if s.status == status]
         return out
 
-    @app.get("/api/v1/alerts", response_model=list[AlertPublic], tags=["alerts"])
+    @app.get(
+        "/api/v1/alerts",
+        response_model=list[AlertPublic],
+        tags=["alerts"],
+        dependencies=READ_ALL,
+    )
     def list_alerts(
         rt: RuntimeDep,
         active: Annotated[bool | None, Query(description="true: only raised episodes")] = None,
@@ -189,7 +221,12 @@ def _routes(app: FastAPI) -> None:
             out = [a for a in out if a.active is active]
         return out
 
-    @app.get("/api/v1/devices", response_model=list[DevicePublic], tags=["devices"])
+    @app.get(
+        "/api/v1/devices",
+        response_model=list[DevicePublic],
+        tags=["devices"],
+        dependencies=READ_ALL,
+    )
     def list_devices(rt: RuntimeDep) -> list[DevicePublic]:
         now = rt.clock()
         out = []
@@ -214,11 +251,21 @@ def _routes(app: FastAPI) -> None:
             )
         return out
 
-    @app.get("/api/v1/plcs", response_model=list[PlcPublic], tags=["devices"])
+    @app.get(
+        "/api/v1/plcs",
+        response_model=list[PlcPublic],
+        tags=["devices"],
+        dependencies=READ_ALL,
+    )
     def list_plcs(rt: RuntimeDep) -> list[PlcPublic]:
         return [PlcPublic(**plc.snapshot()) for plc in rt.plcs.values()]
 
-    @app.get("/api/v1/ingest/dead-letters", response_model=list[DeadLetterPublic], tags=["ingest"])
+    @app.get(
+        "/api/v1/ingest/dead-letters",
+        response_model=list[DeadLetterPublic],
+        tags=["ingest"],
+        dependencies=ENGINEER,
+    )
     def dead_letters(
         rt: RuntimeDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
     ) -> list[DeadLetterPublic]:
@@ -230,6 +277,7 @@ def _routes(app: FastAPI) -> None:
         response_model=HistoryPublic,
         tags=["history"],
         responses={404: {"model": Problem}, 503: {"model": Problem}},
+        dependencies=READ_ALL,
     )
     async def history(
         rt: RuntimeDep,
@@ -314,7 +362,12 @@ def _routes(app: FastAPI) -> None:
             }
         )
 
-    @app.get("/api/v1/health", response_model=HealthPublic, tags=["health"])
+    @app.get(
+        "/api/v1/health",
+        response_model=HealthPublic,
+        tags=["health"],
+        dependencies=PUBLIC,
+    )
     def health(rt: RuntimeDep) -> HealthPublic:
         return _health(rt)
 
@@ -323,6 +376,7 @@ def _routes(app: FastAPI) -> None:
         response_model=HealthPublic,
         tags=["health"],
         responses={503: {"model": HealthPublic}},
+        dependencies=PUBLIC,
     )
     def ready(rt: RuntimeDep) -> Any:
         """200 when the journal is open and the broker link is up, else 503."""
@@ -389,7 +443,12 @@ def _install_problem_handlers(app: FastAPI) -> None:
         body = Problem(
             title=_title(exc.status_code), status=exc.status_code, detail=str(exc.detail)
         )
-        return JSONResponse(body.model_dump(), status_code=exc.status_code, media_type=PROBLEM)
+        headers = dict(exc.headers or {})  # WWW-Authenticate on 401
+        if exc.status_code == 405:
+            headers["Allow"] = allowed_methods(request.app, request.scope)
+        return JSONResponse(
+            body.model_dump(), status_code=exc.status_code, media_type=PROBLEM, headers=headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def validation_problem(request: Request, exc: RequestValidationError) -> JSONResponse:

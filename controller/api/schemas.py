@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StockStateName = Literal["ok", "low", "critical", "out", "unknown"]
 
@@ -25,6 +25,18 @@ class ShelfPublic(_Public):
     weight_g: float | None
     last_reading_ts: float | None
     capacity_units: int
+    unit_weight_g: float | None = Field(
+        default=None, description="unit weight in use (the site file's, or a calibration)"
+    )
+    tare_g: float | None = Field(
+        default=None, description="tare in use (the site file's, or a tare/calibration)"
+    )
+    scale_factor: float = Field(
+        default=1.0, description="gain applied to the channel's raw grams (calibration)"
+    )
+    calibration: ShelfCalibrationPublic | None = Field(
+        default=None, description="runtime override of the site file (null: none)"
+    )
 
 
 class SkuStockPublic(_Public):
@@ -55,6 +67,14 @@ class AlertPublic(_Public):
     severity: StockStateName | None
     since: float | None = Field(description="Unix time the episode was raised")
     suggested_order_qty: int | None
+    acked_by: str | None = Field(default=None, description="who acknowledged the episode")
+    acked_at: float | None = Field(default=None, description="Unix time of the acknowledgement")
+    ack_note: str | None = None
+    snoozed_until: float | None = Field(
+        default=None, description="Unix time re-notification resumes (null: not snoozed)"
+    )
+    snoozed_by: str | None = None
+    snooze_reason: str | None = None
 
 
 class DevicePublic(_Public):
@@ -189,3 +209,190 @@ class Problem(_Public):
     title: str
     status: int
     detail: str | None = None
+
+
+# -- operations (controller/api/routes/ops.py) ---------------------------------------------------
+
+NoteText = Annotated[str, Field(max_length=500)]
+
+
+class _OpsBody(BaseModel):
+    """Request bodies: unknown fields are an error, not silently ignored; values must have the
+    documented JSON type (strict: ``true`` is not a number, ``"5"`` not an integer)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class AlertAckCreate(_OpsBody):
+    note: NoteText = Field(default="", description="optional free text (max 500 characters)")
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={"examples": [{"note": "reorder placed, PO 4711"}]},
+    )
+
+
+class AlertSnoozeCreate(_OpsBody):
+    minutes: int = Field(ge=1, le=1440, description="1 min to 24 h")
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=r"\S")]
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={"examples": [{"minutes": 60, "reason": "delivery due at 14:00"}]},
+    )
+
+
+class PlcStatusPublic(_Public):
+    """The PLC's status as read back after the command."""
+
+    state: Literal["STOPPED", "STARTING", "RUNNING", "JAMMED", "ESTOP", "FAULT", "UNKNOWN"]
+    fault: str
+    running: bool
+    flags: list[str]
+    speed_actual_mm_s: float
+    epoch: int
+    command_count: int
+    uptime_s: int
+
+
+class PlcCommandPublic(_Public):
+    plc: str
+    command: Literal["start", "stop", "reset"]
+    by: str
+    at: float = Field(description="Unix time the command completed")
+    result: Literal["ok"]
+    status: PlcStatusPublic
+
+    model_config = ConfigDict(
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "plc": "conveyor-1",
+                    "command": "stop",
+                    "by": "eng",
+                    "at": 1764067200.25,
+                    "result": "ok",
+                    "status": {
+                        "state": "STOPPED",
+                        "fault": "NONE",
+                        "running": False,
+                        "flags": [],
+                        "speed_actual_mm_s": 0.0,
+                        "epoch": 7,
+                        "command_count": 3,
+                        "uptime_s": 120,
+                    },
+                }
+            ]
+        },
+    )
+
+
+class ZonePublic(_Public):
+    id: str
+    name: str
+    shelves: int
+    scales: int
+    skus: list[str] = Field(description="SKUs with a shelf in the zone")
+    shelf_status: dict[str, int] = Field(description="shelves per status (ok, stale ...)")
+    alerts_active: int = Field(description="active alerts watching a shelf of the zone")
+
+
+class ZoneSkuPublic(_Public):
+    sku: str
+    name: str
+    shelves: list[str] = Field(description="the SKU's shelves in this zone")
+    units_in_zone: int | None = Field(description="sum over those shelves; null if any unknown")
+    level: int | None = Field(description="the SKU's level over every zone")
+    state: StockStateName
+
+
+class ZoneStockPublic(_Public):
+    zone: str
+    name: str
+    shelves: list[ShelfPublic]
+    skus: list[ZoneSkuPublic]
+
+
+class ScaleChannelPublic(_Public):
+    channel: int
+    shelf: str | None = Field(description="the shelf on this channel (null: unused)")
+    shelf_status: str | None
+    scale_factor: float
+
+
+class ScalePublic(_Public):
+    id: str
+    zone: str
+    format: str
+    status: Literal["ok", "stale", "offline", "unknown"] = Field(
+        description="unknown: never reported; offline: ESPHome says so; stale: silent for "
+        "longer than stale_after_intervals reporting intervals"
+    )
+    last_seen: float | None
+    reporting_interval_s: float
+    max_weight_g: float
+    channels: list[ScaleChannelPublic]
+
+
+class ShelfCalibrationPublic(_Public):
+    """A runtime override of the site file's calibration (kept in the journal)."""
+
+    tare_g: float | None = Field(description="null: the site file's")
+    unit_weight_g: float | None = Field(description="null: the site file's")
+    scale_factor: float
+    updated_at: float
+    updated_by: str
+
+
+class ShelfTareCreate(_OpsBody):
+    tare_g: float | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        allow_inf_nan=False,
+        description="explicit tare; omitted: the shelf's current settled gross weight",
+    )
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={"examples": [{}, {"tare_g": 512.5}]},
+    )
+
+
+class ShelfCalibrationCreate(_OpsBody):
+    unit_weight_g: float | None = Field(
+        default=None, ge=0.1, le=100_000, allow_inf_nan=False, description="grams per unit"
+    )
+    scale_factor: float | None = Field(
+        default=None,
+        ge=0.5,
+        le=2.0,
+        allow_inf_nan=False,
+        description="gain for the shelf's scale channel: grams = raw grams × factor",
+    )
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"unit_weight_g": 101.5}, {"scale_factor": 1.013}],
+        },
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> ShelfCalibrationCreate:
+        if self.unit_weight_g is None and self.scale_factor is None:
+            raise ValueError("give unit_weight_g and/or scale_factor")
+        return self
+
+
+class ShelfCalibrationResult(_Public):
+    shelf: ShelfPublic
+    events: list[dict[str, Any]] = Field(
+        description="what the change produced (shelf_calibrated, stock_changed ...)"
+    )

@@ -17,14 +17,27 @@ Rules (levels in units, times in seconds, ``h`` = ``policy.hysteresis_units``):
 * Time passed under the previous level counts (the level is held between calls): a dwell that
   completed before ``now_s`` fires with the timestamp at which it completed, so transitions and
   episode ids do not depend on how often ``evaluate``/``tick`` is called.
+
+Acknowledgement and snooze (supervisors, through the API) live on the episode:
+
+* ``acknowledge`` records who acknowledged it, when, and a note; ``snooze`` silences
+  re-notification until a time, with who and why. Both need an active episode
+  (``NoActiveEpisode`` otherwise) and both end with it: a resolved episode takes its ack and
+  snooze along, a new episode starts without them.
+* De-escalation keeps them. Escalation to a worse severity clears them: a worse situation needs
+  a new acknowledgement, and it always notifies (``notifies``), snoozed or not.
+* While snoozed, the episode's other transitions (de-escalation, resolution) carry
+  ``notify = False``; ``end_snooze`` lifts an expired snooze and reports it with
+  ``AlertSnoozeEnded``, the re-notification (``notify`` unless the episode is acknowledged).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from controller.domain.events import (
     AlertDeescalated,
@@ -32,6 +45,7 @@ from controller.domain.events import (
     AlertRaised,
     AlertResolved,
     AlertTransition,
+    _Event,
 )
 from controller.domain.model import SEVERITY_RANK, ReorderPolicy, StockState
 
@@ -88,13 +102,23 @@ def _classify_recovered(level: int, policy: ReorderPolicy) -> StockState:
 @dataclass(frozen=True, slots=True)
 class Episode:
     """An alert from raise to resolve. ``level`` is the level when raised; ``threshold`` the
-    limit of the current ``severity``."""
+    limit of the current ``severity``. ``acked_*`` and ``snooze*`` are set by ``acknowledge`` and
+    ``snooze`` (module docstring)."""
 
     episode_id: str
     severity: StockState
     raised_at_s: float
     level: int
     threshold: int
+    acked_by: str | None = None
+    acked_at_s: float | None = None
+    ack_note: str = ""
+    snoozed_until_s: float | None = None
+    snoozed_by: str | None = None
+    snooze_reason: str = ""
+
+    def snoozed(self, now_s: float) -> bool:
+        return self.snoozed_until_s is not None and now_s < self.snoozed_until_s
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -103,16 +127,33 @@ class Episode:
             "raised_at_s": self.raised_at_s,
             "level": self.level,
             "threshold": self.threshold,
+            "acked_by": self.acked_by,
+            "acked_at_s": self.acked_at_s,
+            "ack_note": self.ack_note,
+            "snoozed_until_s": self.snoozed_until_s,
+            "snoozed_by": self.snoozed_by,
+            "snooze_reason": self.snooze_reason,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Episode:
+        # Ack and snooze keys are absent in states saved before they existed.
+        acked_at_s = data.get("acked_at_s")
+        until_s = data.get("snoozed_until_s")
+        acked_by = data.get("acked_by")
+        snoozed_by = data.get("snoozed_by")
         return cls(
             str(data["episode_id"]),
             StockState(data["severity"]),
             float(data["raised_at_s"]),
             int(data["level"]),
             int(data["threshold"]),
+            None if acked_by is None else str(acked_by),
+            None if acked_at_s is None else float(acked_at_s),
+            str(data.get("ack_note") or ""),
+            None if until_s is None else float(until_s),
+            None if snoozed_by is None else str(snoozed_by),
+            str(data.get("snooze_reason") or ""),
         )
 
 
@@ -217,6 +258,7 @@ def _fire(
             elif SEVERITY_RANK[target] > SEVERITY_RANK[episode.severity]:
                 old = episode.severity
                 limit = threshold(target, policy)
+                # A new Episode value: escalation clears the ack and the snooze (module doc).
                 episode = Episode(
                     episode.episode_id, target, episode.raised_at_s, episode.level, limit
                 )
@@ -236,7 +278,7 @@ def _fire(
         elif SEVERITY_RANK[target] < SEVERITY_RANK[episode.severity]:
             old = episode.severity
             limit = threshold(target, policy)
-            episode = Episode(episode.episode_id, target, episode.raised_at_s, episode.level, limit)
+            episode = dataclasses.replace(episode, severity=target, threshold=limit)
             out.append(AlertDeescalated(key, episode.episode_id, old, target, level, limit, ts_s))
     return episode, pending, recovering
 
@@ -308,3 +350,108 @@ def tick(
 ) -> tuple[AlertState, tuple[AlertTransition, ...]]:
     """Let time pass at the last level (completes or cancels dwells); no-op while unknown."""
     return evaluate(state, policy, state.level, now_s)
+
+
+# -- acknowledgement and snooze -------------------------------------------------------------------
+
+MAX_SNOOZE_S: Final = 86_400.0
+"""Longest snooze (24 h)."""
+
+
+class NoActiveEpisode(ValueError):
+    """Ack or snooze of a key that has no active episode."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlertAcknowledged(_Event):
+    """Someone acknowledged the active episode."""
+
+    kind: ClassVar[str] = "alert_ack"
+    key: str
+    episode_id: str
+    severity: StockState
+    by: str
+    note: str
+    ts_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSnoozed(_Event):
+    """Re-notification of the active episode is silenced until ``until_s``."""
+
+    kind: ClassVar[str] = "alert_snooze"
+    key: str
+    episode_id: str
+    severity: StockState
+    by: str
+    reason: str
+    until_s: float
+    ts_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSnoozeEnded(_Event):
+    """A snooze ran out with the episode still active: the re-notification."""
+
+    kind: ClassVar[str] = "alert_snooze_ended"
+    key: str
+    episode_id: str
+    severity: StockState
+    snoozed_by: str | None
+    acked: bool
+    ts_s: float
+
+
+AlertManualEvent = AlertAcknowledged | AlertSnoozed | AlertSnoozeEnded
+
+
+def _active(state: AlertState) -> Episode:
+    if state.episode is None:
+        raise NoActiveEpisode(f"{state.key} has no active alert episode")
+    return state.episode
+
+
+def acknowledge(
+    state: AlertState, by: str, note: str, now_s: float
+) -> tuple[AlertState, AlertAcknowledged]:
+    """Record ``by``'s acknowledgement of the active episode (a later ack replaces it)."""
+    ep = _active(state)
+    new_ep = dataclasses.replace(ep, acked_by=by, acked_at_s=now_s, ack_note=note)
+    event = AlertAcknowledged(state.key, ep.episode_id, ep.severity, by, note, now_s)
+    return dataclasses.replace(state, episode=new_ep), event
+
+
+def snooze(
+    state: AlertState, by: str, reason: str, duration_s: float, now_s: float
+) -> tuple[AlertState, AlertSnoozed]:
+    """Silence re-notification of the active episode for ``duration_s`` (0 < d ≤ 24 h); a new
+    snooze replaces the previous one."""
+    if not (math.isfinite(duration_s) and 0 < duration_s <= MAX_SNOOZE_S):
+        raise ValueError(f"snooze duration must be in (0, {MAX_SNOOZE_S:g}] s, got {duration_s}")
+    if not reason.strip():
+        raise ValueError("a snooze needs a reason")
+    ep = _active(state)
+    until_s = now_s + duration_s
+    new_ep = dataclasses.replace(ep, snoozed_until_s=until_s, snoozed_by=by, snooze_reason=reason)
+    event = AlertSnoozed(state.key, ep.episode_id, ep.severity, by, reason, until_s, now_s)
+    return dataclasses.replace(state, episode=new_ep), event
+
+
+def end_snooze(state: AlertState, now_s: float) -> tuple[AlertState, AlertSnoozeEnded | None]:
+    """Lift a snooze that has run out by ``now_s`` (no-op otherwise)."""
+    ep = state.episode
+    if ep is None or ep.snoozed_until_s is None or now_s < ep.snoozed_until_s:
+        return state, None
+    new_ep = dataclasses.replace(ep, snoozed_until_s=None, snoozed_by=None, snooze_reason="")
+    event = AlertSnoozeEnded(
+        state.key, ep.episode_id, ep.severity, ep.snoozed_by, ep.acked_by is not None, now_s
+    )
+    return dataclasses.replace(state, episode=new_ep), event
+
+
+def notifies(transition: AlertTransition, before: Episode | None, now_s: float) -> bool:
+    """Whether ``transition`` should notify people: a raise or an escalation always does; other
+    transitions not while the episode (as it was ``before``) is snoozed."""
+    if isinstance(transition, AlertRaised | AlertEscalated):
+        return True
+    return before is None or not before.snoozed(now_s)

@@ -4,6 +4,13 @@ Runs after the ingest commit (a bus listener) for the SKUs whose stock changed, 
 dwell timers complete and missing data turns a level UNKNOWN. Transitions are committed to the
 journal before they are published; the alert topic carries the retained state of each SKU, so a
 restart republishes the same episode (same ``episode`` id), never a new one.
+
+Supervisors acknowledge and snooze episodes (``acknowledge``, ``snooze``): the change is
+committed with an ``alert_ack`` / ``alert_snooze`` event, then the retained state (with
+``acked_by``, ``snoozed_until``...) is republished and the event goes on the bus. Every alert
+transition event carries ``notify``: false while the episode is snoozed, except a raise or an
+escalation (domain.reorder). The tick lifts expired snoozes (``alert_snooze_ended``, the
+re-notification).
 """
 
 from __future__ import annotations
@@ -17,7 +24,16 @@ import orjson
 
 from controller.config import SiteConfig
 from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec
-from controller.domain.reorder import AlertState, evaluate, suggested_order_qty
+from controller.domain.reorder import (
+    AlertManualEvent,
+    AlertState,
+    acknowledge,
+    end_snooze,
+    evaluate,
+    notifies,
+    snooze,
+    suggested_order_qty,
+)
 from controller.domain.stock import ShelfState, sku_level
 from controller.ports import EventRow, JournalPort, MessageLink
 
@@ -55,8 +71,12 @@ class AlertService:
         self.targets: dict[str, AlertTarget] = {}
         self._by_sku: dict[str, list[str]] = {}
         self._by_shelf: dict[str, list[str]] = {}
+        shelves_of: dict[str, list[str]] = {}
+        for shelf in site.shelves:
+            shelves_of.setdefault(shelf.sku, []).append(shelf.id)
+        skus = {sku.id: sku for sku in site.skus}
         for sku in site.skus:
-            shelves = tuple(s.id for s in site.shelves if s.sku == sku.id)
+            shelves = tuple(shelves_of.get(sku.id, ()))
             policy = ReorderPolicy(
                 reorder_point=sku.reorder_point,
                 safety_stock=sku.safety_stock,
@@ -69,7 +89,7 @@ class AlertService:
             self._add(AlertTarget(sku.id, sku.id, shelves, policy))
         for shelf in site.shelves:
             if shelf.reorder is not None:
-                sku = site.sku(shelf.sku)
+                sku = skus[shelf.sku]
                 policy = ReorderPolicy(
                     reorder_point=shelf.reorder.reorder_point,
                     safety_stock=shelf.reorder.safety_stock,
@@ -119,9 +139,11 @@ class AlertService:
             self._evaluate(keys, now_s)
 
     def tick(self, now_s: float) -> None:
-        """Every target: completes dwell timers, notices levels that became unknown."""
+        """Every target: completes dwell timers, notices levels that became unknown, lifts
+        expired snoozes."""
         self._dirty.clear()
         self._evaluate(self.targets.keys(), now_s)
+        self._expire_snoozes(now_s)
 
     def level_of(self, key: str) -> int | None:
         target = self.targets[key]
@@ -147,6 +169,7 @@ class AlertService:
                 body["suggested_order_qty"] = (
                     suggested_order_qty(level, target.policy) if level is not None else None
                 )
+                body["notify"] = notifies(tr, state.episode, now_s)
                 events.append(body)
         if not changed:
             return
@@ -177,6 +200,58 @@ class AlertService:
         if events:
             self._publish_events(events)
 
+    # -- acknowledgement and snooze (supervisors, via the API) -----------------------------------
+    def acknowledge(self, key: str, by: str, note: str, now_s: float) -> dict[str, Any]:
+        """Acknowledge ``key``'s active episode; returns its public state. ``KeyError`` for an
+        unknown key, ``NoActiveEpisode`` without an episode, ``JournalError`` (nothing changed)
+        when the commit fails."""
+        new, event = acknowledge(self.alerts[key], by, note, now_s)
+        self._commit_manual(key, new, event, notify=False)
+        log.info("alert %s acknowledged by %s", key, by)
+        return self.public(key)
+
+    def snooze(
+        self, key: str, by: str, reason: str, duration_s: float, now_s: float
+    ) -> dict[str, Any]:
+        """Snooze ``key``'s active episode for ``duration_s``; errors as ``acknowledge``, plus
+        ``ValueError`` for a bad duration or an empty reason."""
+        new, event = snooze(self.alerts[key], by, reason, duration_s, now_s)
+        self._commit_manual(key, new, event, notify=False)
+        log.info("alert %s snoozed by %s for %.0f s: %s", key, by, duration_s, reason)
+        return self.public(key)
+
+    def _expire_snoozes(self, now_s: float) -> None:
+        for key, state in self.alerts.items():
+            ep = state.episode
+            if ep is None or ep.snoozed_until_s is None or now_s < ep.snoozed_until_s:
+                continue
+            new, event = end_snooze(state, now_s)
+            if event is None:
+                continue
+            try:
+                self._commit_manual(key, new, event, notify=not event.acked)
+            except Exception as exc:
+                self.commit_failures += 1
+                log.error("could not end the snooze of %s, will retry: %s", key, exc)
+
+    def _commit_manual(
+        self, key: str, new: AlertState, event: AlertManualEvent, *, notify: bool
+    ) -> None:
+        body = event.as_dict()
+        body["sku"] = self.targets[key].sku
+        body["notify"] = notify
+        self._journal.commit(
+            (),
+            alert_states={key: new.to_dict()},
+            events=[EventRow(event.ts_s, event.kind, body)],
+        )
+        self.alerts[key] = new
+        try:
+            self._publish_state(key)
+        except Exception as exc:  # the link's queue is full while the broker is away
+            log.error("could not publish the alert state of %s: %s", key, exc)
+        self._publish_events([body])
+
     # -- output ----------------------------------------------------------------------------------
     def public(self, key: str) -> dict[str, Any]:
         target = self.targets[key]
@@ -199,6 +274,12 @@ class AlertService:
             "suggested_order_qty": (
                 suggested_order_qty(level, target.policy) if level is not None else None
             ),
+            "acked_by": ep.acked_by if ep else None,
+            "acked_at": ep.acked_at_s if ep else None,
+            "ack_note": ep.ack_note if ep and ep.acked_by is not None else None,
+            "snoozed_until": ep.snoozed_until_s if ep else None,
+            "snoozed_by": ep.snoozed_by if ep else None,
+            "snooze_reason": ep.snooze_reason if ep and ep.snoozed_by is not None else None,
         }
 
     def _publish_state(self, key: str) -> None:

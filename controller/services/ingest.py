@@ -7,6 +7,13 @@ the commit are the messages acknowledged and the events published. If the commit
 in-memory changes of the group are rolled back, nothing is acknowledged, reading from the broker
 is paused, and the same group is retried with backoff: the broker's in-flight window is the
 backpressure, nothing is dropped.
+
+Calibration at run time (``set_tare``, ``calibrate``, ``clear_calibration``; engineers through
+the API) replaces a shelf's spec with the site file's spec plus an override, recounts the shelf
+and commits the override, the shelf state and the events in one transaction (the journal's
+``shelf_calibrations``); ``restore`` applies saved overrides before the shelf states. A scale
+factor multiplies the channel's raw grams before they reach the shelf, and the outbox stores the
+corrected grams.
 """
 
 from __future__ import annotations
@@ -15,13 +22,19 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Final, Protocol, runtime_checkable
 
 import orjson
 
 from controller.config import ScaleConfig, SiteConfig
+from controller.domain.calibration import (
+    ShelfCalibration,
+    calibrated_spec,
+    recalibrate,
+    settled_gross_g,
+)
 from controller.domain.model import Reading, ShelfSpec
 from controller.domain.stock import ShelfState, apply_reading, check_stale
 from controller.ports import Cursor, DeadLetter, EventRow, JournalPort, MessageLink, ReadingRow
@@ -52,6 +65,21 @@ class Route:
     kind: int
     scale: ScaleConfig
     channel: int = 0
+
+
+@runtime_checkable
+class CalibrationStore(Protocol):
+    """Where calibration overrides are kept (the journal)."""
+
+    def shelf_calibrations(self) -> dict[str, dict[str, Any]]: ...
+
+    def commit_calibration(
+        self,
+        shelf: str,
+        calibration: dict[str, Any] | None,
+        shelf_state: dict[str, Any],
+        events: Sequence[EventRow] = (),
+    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -86,6 +114,11 @@ class IngestService:
         self._max_payload = site.mqtt.max_payload_bytes
         self._max_skew_s = site.site.max_clock_skew_s
         self.specs = shelf_specs
+        self.base_specs: dict[str, ShelfSpec] = dict(shelf_specs)
+        """The site file's specs; ``specs`` holds them with the calibration overrides applied."""
+        self.calibrations: dict[str, ShelfCalibration] = {}
+        self._gains: dict[tuple[str, int], float] = {}
+        """Scale factors other than 1, by (scale, channel)."""
         self.states: dict[str, ShelfState] = {sid: ShelfState(s) for sid, s in shelf_specs.items()}
         self._by_channel: dict[tuple[str, int], ShelfSpec] = {
             (s.scale_id, s.channel): s for s in shelf_specs.values()
@@ -122,6 +155,8 @@ class IngestService:
 
     # -- restart -----------------------------------------------------------------------------
     def restore(self, cursors: dict[str, Cursor], shelf_states: dict[str, dict[str, Any]]) -> None:
+        if isinstance(self._journal, CalibrationStore):
+            self._restore_calibrations(self._journal.shelf_calibrations())
         self.cursors.update(cursors)
         for sid, body in shelf_states.items():
             spec = self.specs.get(sid)
@@ -315,9 +350,15 @@ class IngestService:
         if sid not in batch.old_states:
             batch.old_states[sid] = state.to_dict()  # for rollback: apply mutates in place
         reading = Reading(*r)  # same fields, domain type
+        if self._gains:
+            gain = self._gains.get((device, r.channel))
+            if gain is not None:
+                reading = reading._replace(weight_g=r.weight_g * gain)
         state, events = apply_reading(state, spec, reading, now)
         self.states[sid] = state
-        batch.rows.append(ReadingRow(device, r.channel, r.epoch, r.seq, r.ts_s, r.weight_g, sid))
+        batch.rows.append(
+            ReadingRow(device, r.channel, r.epoch, r.seq, r.ts_s, reading.weight_g, sid)
+        )
         if events:
             for ev in events:
                 body = ev.as_dict()
@@ -393,6 +434,145 @@ class IngestService:
             if self._paused_by_failure:
                 self._paused_by_failure = False
                 self._link.resume_reading()
+
+    # -- calibration (engineers, via the API) ---------------------------------------------------
+    def set_tare(
+        self, shelf_id: str, tare_g: float | None, by: str, now_s: float
+    ) -> list[dict[str, Any]]:
+        """Set the shelf's tare to ``tare_g``, or (``None``) to its current settled gross
+        weight; recount. Returns the events. ``KeyError``: unknown shelf; ``NotSettled``;
+        ``CalibrationError``: out of bounds; ``JournalError``: not committed, nothing changed."""
+        state = self.states[shelf_id]
+        if tare_g is None:
+            tare_g = settled_gross_g(state)
+        cal = replace(self._calibration_of(shelf_id), tare_g=tare_g)
+        return self._recalibrate(shelf_id, cal, "tare", by, now_s)
+
+    def calibrate(
+        self,
+        shelf_id: str,
+        *,
+        unit_weight_g: float | None = None,
+        scale_factor: float | None = None,
+        by: str,
+        now_s: float,
+    ) -> list[dict[str, Any]]:
+        """Override the unit weight and/or the scale factor of the shelf's channel; errors as
+        ``set_tare`` (but no settling needed)."""
+        if shelf_id not in self.states:
+            raise KeyError(shelf_id)
+        cal = self._calibration_of(shelf_id)
+        if unit_weight_g is not None:
+            cal = replace(cal, unit_weight_g=unit_weight_g)
+        if scale_factor is not None:
+            cal = replace(cal, scale_factor=scale_factor)
+        return self._recalibrate(shelf_id, cal, "calibration", by, now_s)
+
+    def clear_calibration(self, shelf_id: str, by: str, now_s: float) -> list[dict[str, Any]]:
+        """Back to the site file's tare, unit weight and scale factor."""
+        if shelf_id not in self.states:
+            raise KeyError(shelf_id)
+        return self._recalibrate(shelf_id, None, "reset", by, now_s)
+
+    def _calibration_of(self, shelf_id: str) -> ShelfCalibration:
+        return self.calibrations.get(shelf_id) or ShelfCalibration(shelf_id)
+
+    def _recalibrate(
+        self, shelf_id: str, cal: ShelfCalibration | None, action: str, by: str, now_s: float
+    ) -> list[dict[str, Any]]:
+        store = self._journal
+        if not isinstance(store, CalibrationStore):
+            raise TypeError("the journal cannot store calibrations")
+        if cal is not None:
+            cal = replace(cal, updated_at_s=now_s, updated_by=by)
+        old_spec = self.specs[shelf_id]
+        new_spec = calibrated_spec(self.base_specs[shelf_id], cal)
+        old_cal = self.calibrations.get(shelf_id)
+        old_factor = old_cal.scale_factor if old_cal is not None else 1.0
+        new_factor = cal.scale_factor if cal is not None else 1.0
+        state, shelf_events = recalibrate(
+            self.states[shelf_id], new_spec, new_factor / old_factor, now_s
+        )
+        body: dict[str, Any] = {
+            "kind": "shelf_calibrated",
+            "ts": now_s,
+            "shelf_id": shelf_id,
+            "sku": new_spec.sku,
+            "scale": new_spec.scale_id,
+            "channel": new_spec.channel,
+            "action": action,
+            "by": by,
+            "old": {
+                "tare_g": old_spec.tare_g,
+                "unit_weight_g": old_spec.unit_weight_g,
+                "scale_factor": old_factor,
+            },
+            "new": {
+                "tare_g": new_spec.tare_g,
+                "unit_weight_g": new_spec.unit_weight_g,
+                "scale_factor": new_factor,
+            },
+        }
+        events = [body, *(ev.as_dict() for ev in shelf_events)]
+        store.commit_calibration(
+            shelf_id,
+            None if cal is None or cal.empty else cal.to_dict(),
+            state.to_dict(),
+            [EventRow(now_s, e["kind"], e) for e in events],
+        )
+        self._install_calibration(shelf_id, None if cal is None or cal.empty else cal, new_spec)
+        self.states[shelf_id] = state
+        log.info(
+            "shelf %s %s by %s: tare %.1f g, unit %.2f g, scale factor %.4f",
+            shelf_id,
+            action,
+            by,
+            new_spec.tare_g,
+            new_spec.unit_weight_g,
+            new_factor,
+        )
+        self._publish_events(events)
+        return events
+
+    def _install_calibration(
+        self, shelf_id: str, cal: ShelfCalibration | None, spec: ShelfSpec
+    ) -> None:
+        self.specs[shelf_id] = spec
+        self._by_channel[(spec.scale_id, spec.channel)] = spec
+        key = (spec.scale_id, spec.channel)
+        if cal is None:
+            self.calibrations.pop(shelf_id, None)
+        else:
+            self.calibrations[shelf_id] = cal
+        if cal is None or cal.scale_factor == 1.0:
+            self._gains.pop(key, None)
+        else:
+            self._gains[key] = cal.scale_factor
+
+    def _restore_calibrations(self, saved: dict[str, dict[str, Any]]) -> None:
+        for sid, body in saved.items():
+            base = self.base_specs.get(sid)
+            if base is None:
+                log.warning(
+                    "journal has a calibration of shelf %s, which the site no longer has", sid
+                )
+                continue
+            try:
+                cal = ShelfCalibration.from_dict(body)
+                spec = calibrated_spec(base, cal)
+            except (KeyError, TypeError, ValueError) as exc:
+                log.warning("discarding unusable saved calibration of shelf %s: %s", sid, exc)
+                continue
+            self._install_calibration(sid, cal, spec)
+            log.info(
+                "shelf %s: calibration override from %s applied (tare %.1f g, unit %.2f g, "
+                "scale factor %.4f)",
+                sid,
+                cal.updated_by,
+                spec.tare_g,
+                spec.unit_weight_g,
+                cal.scale_factor,
+            )
 
     # -- periodic ----------------------------------------------------------------------------
     def tick(self, now: float) -> list[dict[str, Any]]:

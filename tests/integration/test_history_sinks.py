@@ -35,7 +35,7 @@ from controller.services.history import HistoryService, HistorySettings, Topolog
 from tests.influx_servers import InfluxD, VictoriaMetrics
 from tests.integration.test_sensing_e2e import readings, running
 from tests.mosquitto import MosquittoBroker, paho_publish
-from tests.sites import write_small_site
+from tests.sites import auth_headers, write_small_site
 
 ROOT = Path(__file__).resolve().parents[2]
 SHELVES = {f"sh{i}": ("Z", f"K{i}") for i in range(1, 5)}
@@ -325,7 +325,9 @@ async def test_database_outage_under_load_loses_nothing(tmp_path: Path, journal:
         await asyncio.gather(task, return_exceptions=True)
         assert committed == 16_000
         assert server.count("outage", "weight", "weight_g") == committed
-        assert worst_lag_s < 0.25, f"producer stalled {worst_lag_s:.3f} s"
+        # Not a speed check (benchmarks/history_drain.py measures that): a sink blocking the
+        # event loop during the outage would stall the producer for its 2 s time-out or more.
+        assert worst_lag_s < 1.0, f"producer stalled {worst_lag_s:.3f} s"
         assert svc.stats.state == "up"
     finally:
         await asyncio.to_thread(server.stop)
@@ -432,7 +434,9 @@ async def test_slow_database_stalls_only_the_writer(
         transport = httpx.ASGITransport(app=create_app(site, runtime=rt))
         async with (
             running(rt),
-            httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+            httpx.AsyncClient(
+                transport=transport, base_url="http://api", headers=auth_headers()
+            ) as client,
         ):
             t0 = rt.clock()
             # 1. The database holds the reply of the first write: the writer is stuck in it.
@@ -581,7 +585,9 @@ async def api_client(site_path: Path) -> AsyncIterator[tuple[httpx.AsyncClient, 
     rt = Runtime(site)
     app = create_app(site, runtime=rt)
     transport = httpx.ASGITransport(app=app)  # no lifespan: the runtime is not started
-    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://api", headers=auth_headers()
+    ) as client:
         yield client, rt
 
 

@@ -25,7 +25,7 @@ from simulators.plc import BeltState as SimBeltState
 from simulators.sorter import SorterPlc
 from tests.integration.test_sensing_e2e import readings, running
 from tests.mosquitto import MosquittoBroker, paho_publish
-from tests.sites import write_small_site
+from tests.sites import auth_headers, write_small_site
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,7 +76,9 @@ async def test_runtime_connects_plcs_and_reports_them(
         transport = httpx.ASGITransport(app=create_app(site, runtime=rt))
         async with (
             running(rt),
-            httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+            httpx.AsyncClient(
+                transport=transport, base_url="http://api", headers=auth_headers()
+            ) as client,
         ):
             # Both links come up (first heartbeat round done) and the resync reads the epoch.
             for plc in rt.plcs.values():
@@ -163,6 +165,8 @@ async def test_runtime_connects_plcs_and_reports_them(
             await sorter_link.watch.wait_for(LinkState.UP, 5)
             assert rt.plcs["sorter-1"].driver.restarts == 0
 
-        # The runtime stopped: no more heartbeats, the PLC's watchdog stops the belt.
-        await conveyor.wait_until(lambda: bool(conveyor.events_of("watchdog")), 3)
+        # The runtime stopped: its shutdown sent STOP to the running belt (the safe stop,
+        # before the links closed); the PLC's watchdog would have stopped it otherwise.
         assert not conveyor.moving
+        assert [e.detail for e in conveyor.events_of("stop")][-1:] == ["command"]
+        assert conveyor.events_of("watchdog") == []

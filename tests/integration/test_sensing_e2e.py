@@ -23,13 +23,13 @@ from tests.sites import grams, topic, write_small_site
 class PahoWatcher:
     """An independent subscriber (paho) whose messages can be awaited with a predicate."""
 
-    def __init__(self, port: int, topic_filter: str) -> None:
+    def __init__(self, port: int, topic_filter: str, client_id: str = "watcher") -> None:
         self.messages: list[tuple[str, dict[str, Any], bool]] = []
         self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         self._subscribed = threading.Event()
         self._client = paho.Client(
-            paho.CallbackAPIVersion.VERSION2, client_id="watcher", protocol=paho.MQTTv5
+            paho.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
         )
         self._client.on_connect = lambda c, *a: c.subscribe(topic_filter, qos=1)
         self._client.on_subscribe = lambda *a: self._subscribed.set()

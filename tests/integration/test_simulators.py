@@ -688,6 +688,11 @@ def test_demo_cli_with_stub_controller(tmp_path: Path) -> None:
     assert env["FLOORHAND_MQTT_PASSWORD"] in out  # printed for the mosquitto_sub line
     assert env["FLOORHAND_API_BIND"] == f"127.0.0.1:{api_port}"
     assert env["FLOORHAND_JOURNAL"] == str(var_dir / "journal.sqlite")
+    for role in ("floor", "supervisor", "engineer"):  # one API token per role, printed
+        got_role, _, token = env[f"FLOORHAND_TOKEN_DEMO_{role.upper()}"].partition(":")
+        assert got_role == role
+        assert len(token) >= 40
+        assert token in out
     assert (var_dir / "demo.env").stat().st_mode & 0o077 == 0
     assert (var_dir / "broker" / "passwd").exists()
     # Everything it started is gone: nothing listens on the broker port any more.

@@ -1,0 +1,249 @@
+"""The dashboard with a 2,000-shelf site in headless chromium: first render, cost of updates.
+
+Real mosquitto and the real controller (``python -m controller run``, child process); readings
+are published over MQTT so every shelf has a count (a mix of OK, LOW, CRITICAL and OUT). The page
+(Debian's /usr/bin/chromium driven by Playwright, never a downloaded browser) measures itself
+with ``performance.now()`` (``window.__floorhand.perf``):
+
+* first render: from navigation start to the grid built from the snapshot (``firstRenderMs``)
+  and to the frame after it (style, layout, paint: ``firstPaintMs``); the grid build alone;
+* updates: ``--changes`` shelves change count per round (6 readings each over MQTT); the page's
+  time handling the live messages plus its render frames, per 100 shelf/alert events, the
+  longest frame, and main-thread long tasks (> 50 ms) seen during the updates.
+
+    python benchmarks/dashboard_render.py                 # 2,000 shelves, 3 loads, 3 rounds
+    python benchmarks/dashboard_render.py --shelves 500 --changes 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import orjson  # noqa: E402
+from playwright.async_api import async_playwright  # noqa: E402
+
+from benchmarks.ws_fanout import TOKEN, write_big_site  # noqa: E402
+from tests.controller_proc import ControllerProcess  # noqa: E402
+from tests.mosquitto import paho_publish, running_mosquitto  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+READINGS = 6
+
+
+def shelf_readings(
+    shelves: int, zones: int, units_of: dict[int, int], seqs: dict[int, int]
+) -> list[tuple[str, bytes]]:
+    """``READINGS`` steady readings (stamped now) per shelf in ``units_of``."""
+    now = time.time()
+    out = []
+    for i, units in units_of.items():
+        zone = f"Z{i * zones // shelves}"
+        for k in range(READINGS):
+            seq = seqs.get(i, 0)
+            seqs[i] = seq + 1
+            body = {"device": f"s{i}", "seq": seq, "ts": now + k * 0.01, "grams": 500 + units * 100}
+            out.append((f"fh/bench/{zone}/scale/s{i}", orjson.dumps(body)))
+    return out
+
+
+def initial_units(i: int) -> int:
+    """A site that needs attention here and there: 5 % out, 5 % critical, 10 % low."""
+    r = (i * 7919) % 100
+    return 0 if r < 5 else 2 if r < 10 else 8 if r < 20 else 25
+
+
+async def wait_applied(base: str, seqs: dict[int, int], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as client:
+        while True:
+            r = await client.get("/api/v1/devices")
+            r.raise_for_status()
+            have = {d["id"]: d["last_seq"] for d in r.json()}
+            if all(have.get(f"s{i}") == s - 1 for i, s in seqs.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("readings not applied in time")
+            await asyncio.sleep(0.2)  # polling another process, bounded
+
+
+async def page_perf(page: Any) -> dict[str, Any]:
+    perf: dict[str, Any] = await page.evaluate("() => ({...window.__floorhand.perf})")
+    return perf
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"shelves": args.shelves, "loads": [], "rounds": []}
+    with tempfile.TemporaryDirectory(prefix="dash-render-") as tmp:
+        folder = Path(tmp)
+        async with running_mosquitto(folder / "mosquitto") as broker:
+            site = write_big_site(
+                folder, shelves=args.shelves, zones=args.zones, mqtt_port=broker.port, token=TOKEN
+            )
+            ctl = ControllerProcess(site, folder)
+            await ctl.start(ready_timeout_s=120)
+            try:
+                seqs: dict[int, int] = {}
+                units = {i: initial_units(i) for i in range(args.shelves)}
+                msgs = shelf_readings(args.shelves, args.zones, units, seqs)
+                await asyncio.to_thread(paho_publish, broker.port, msgs, timeout_s=120)
+                await wait_applied(ctl.base, seqs)
+                await browse(args, ctl, broker.port, seqs, units, results)
+            finally:
+                await ctl.stop()
+    return results
+
+
+async def browse(
+    args: argparse.Namespace,
+    ctl: ControllerProcess,
+    mqtt_port: int,
+    seqs: dict[int, int],
+    units: dict[int, int],
+    results: dict[str, Any],
+) -> None:
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM, headless=True, chromium_sandbox=False
+        )
+        try:
+            for viewport in ({"width": 1366, "height": 768}, {"width": 820, "height": 1180}):
+                for _ in range(args.loads):
+                    page = await browser.new_page(viewport=viewport)
+                    await page.goto(f"{ctl.base}/dashboard/#token={TOKEN}")
+                    await page.wait_for_function(
+                        "() => window.__floorhand.perf.firstPaintMs !== null", timeout=60_000
+                    )
+                    perf = await page_perf(page)
+                    cells = await page.locator(".cell").count()
+                    assert cells == args.shelves, cells
+                    load = {
+                        "viewport": f"{viewport['width']}x{viewport['height']}",
+                        "first_render_ms": perf["firstRenderMs"],
+                        "first_paint_ms": perf["firstPaintMs"],
+                        "grid_build_ms": perf["buildMs"],
+                    }
+                    results["loads"].append(load)
+                    print(json.dumps(load), flush=True)
+                    await page.close()
+            page = await browser.new_page(viewport={"width": 1366, "height": 768})
+            await page.goto(f"{ctl.base}/dashboard/#token={TOKEN}")
+            await page.wait_for_function(
+                "() => window.__floorhand.perf.firstPaintMs !== null", timeout=60_000
+            )
+            for r in range(args.rounds):
+                await one_round(args, page, mqtt_port, seqs, units, r, results)
+        finally:
+            await browser.close()
+
+
+async def one_round(
+    args: argparse.Namespace,
+    page: Any,
+    mqtt_port: int,
+    seqs: dict[int, int],
+    units: dict[int, int],
+    r: int,
+    results: dict[str, Any],
+) -> None:
+    await page.evaluate(
+        """() => { const p = window.__floorhand.perf;
+        Object.assign(p, {events: 0, handleMs: 0, renderMs: 0, renders: 0, frames: 0,
+                          messages: 0, maxRenderMs: 0, longTasks: 0, longTaskMs: 0}); }"""
+    )
+    step = max(1, args.shelves // args.changes)
+    changed = {i: (units[i] + 13 + r) % 40 for i in range(r % step, args.shelves, step)}
+    changed = dict(list(changed.items())[: args.changes])
+    units.update(changed)
+    msgs = shelf_readings(args.shelves, args.zones, changed, seqs)
+    t0 = time.perf_counter()
+    await asyncio.to_thread(paho_publish, mqtt_port, msgs, timeout_s=120)
+    want = {f"sh{i}": u for i, u in changed.items()}
+    await page.wait_for_function(
+        """(want) => { const s = window.__floorhand.store.shelves;
+        return Object.entries(want).every(([id, u]) => s.get(id).units === u); }""",
+        arg=want,
+        timeout=120_000,
+    )
+    # The last render of the round happens in the frame after the last message.
+    await page.evaluate("() => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)))")
+    seen_s = time.perf_counter() - t0
+    perf = await page_perf(page)
+    events = perf["events"]
+    total_ms = perf["handleMs"] + perf["renderMs"]
+    row = {
+        "round": r,
+        "shelves_changed": len(changed),
+        "events": events,
+        "frames": perf["frames"],
+        "renders": perf["renders"],
+        "handle_ms": perf["handleMs"],
+        "render_ms": perf["renderMs"],
+        "ms_per_100_events": 100 * total_ms / events if events else None,
+        "max_render_ms": perf["maxRenderMs"],
+        "long_tasks": perf["longTasks"],
+        "publish_to_page_s": seen_s,
+    }
+    results["rounds"].append(row)
+    print(json.dumps(row), flush=True)
+
+
+def summary(results: dict[str, Any]) -> None:
+    print()
+    print(f"Dashboard, {results['shelves']} shelves (medians)")
+    print("| viewport | first render | first paint | grid build |")
+    print("|---|---|---|---|")
+    for vp in sorted({x["viewport"] for x in results["loads"]}, reverse=True):
+        rows = [x for x in results["loads"] if x["viewport"] == vp]
+        med = {
+            k: statistics.median(x[k] for x in rows)
+            for k in ("first_render_ms", "first_paint_ms", "grid_build_ms")
+        }
+        print(
+            f"| {vp} | {med['first_render_ms']:.0f} ms | {med['first_paint_ms']:.0f} ms "
+            f"| {med['grid_build_ms']:.1f} ms |"
+        )
+    rounds = results["rounds"]
+    print("| shelves changed | events | ms per 100 events | longest frame | long tasks |")
+    print("|---|---|---|---|---|")
+    for r in rounds:
+        per = r["ms_per_100_events"]
+        print(
+            f"| {r['shelves_changed']} | {r['events']} | "
+            f"{per:.1f} ms | {r['max_render_ms']:.1f} ms | {r['long_tasks']} |"
+            if per is not None
+            else f"| {r['shelves_changed']} | 0 | — | — | — |"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shelves", type=int, default=2000)
+    p.add_argument("--zones", type=int, default=8)
+    p.add_argument("--loads", type=int, default=3, help="page loads per viewport")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--changes", type=int, default=500, help="shelves changed per round")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+    results = asyncio.run(main_async(args))
+    summary(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""``/metrics``: Prometheus text exposition (prometheus-client).
+
+Runtime figures (ingest, outbox, links, alerts, history) are read from the live runtime at
+scrape time by a custom collector, so nothing is counted twice; the HTTP layer keeps its own
+counters (requests, latency, auth failures, rate limiting, oversize bodies). Each app has its
+own registry; the pick latency histogram is process-wide (``observe_pick_latency``), fed from
+the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.md.
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from controller.api.auth import Role, public, require
+from controller.domain.model import ShelfStatus
+from controller.runtime import Runtime
+from devices.link.state import LinkState
+
+PICK_LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+PICK_LATENCY = Histogram(
+    "floorhand_pick_latency_seconds",
+    "Time from a pick being created to its confirmation, seconds.",
+    buckets=PICK_LATENCY_BUCKETS_S,
+    registry=None,
+)
+"""Process-wide; registered in every app's registry."""
+
+
+def observe_pick_latency(seconds: float) -> None:
+    """Record one pick's latency (created → confirmed). Negative or non-finite values are
+    ignored (a clock step must not poison the histogram)."""
+    if seconds >= 0 and seconds != float("inf"):
+        PICK_LATENCY.observe(seconds)
+
+
+class PickLatencyProbe:
+    """Feeds ``floorhand_pick_latency_seconds`` from the bus: an order's pick latency is the
+    time from its first transition out of RECEIVED (submission) to SORTED (every pick
+    confirmed). Orders that end in EXCEPTION are not observed. Bounded: at most
+    ``max_open`` orders are tracked (the oldest are forgotten first)."""
+
+    def __init__(self, max_open: int = 100_000) -> None:
+        self.max_open = max_open
+        self._started: dict[str, float] = {}
+
+    def on_events(self, events: list[dict[str, Any]]) -> None:
+        for ev in events:
+            if ev.get("kind") != "order_state":
+                continue
+            order_id, ts = ev.get("order_id"), ev.get("ts")
+            if not isinstance(order_id, str) or not isinstance(ts, int | float):
+                continue
+            if ev.get("old") == "RECEIVED":
+                self._started[order_id] = float(ts)
+                if len(self._started) > self.max_open:
+                    del self._started[next(iter(self._started))]
+            elif ev.get("new") in ("SORTED", "EXCEPTION"):
+                t0 = self._started.pop(order_id, None)
+                if t0 is not None and ev.get("new") == "SORTED":
+                    observe_pick_latency(float(ts) - t0)
+
+
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class ApiMetrics:
+    """The HTTP layer's own metrics and the app's registry (``app.state.metrics``)."""
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "floorhand_http_requests",
+            "HTTP requests by method, route template and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "floorhand_http_request_duration_seconds",
+            "HTTP request duration by method and route template, seconds.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "floorhand_http_auth_failures",
+            "Requests refused by authentication (unauthenticated: 401) or role (forbidden: 403).",
+            ["reason"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "floorhand_http_rate_limited",
+            "Requests refused with 429 by the per-token rate limit.",
+            registry=r,
+        )
+        self.stop_exempt = Counter(
+            "floorhand_http_stop_requests",
+            "STOP requests (POST …/stop), which the rate limit never refuses.",
+            registry=r,
+        )
+        self.body_too_large = Counter(
+            "floorhand_http_body_too_large",
+            "Requests refused with 413 (body over [api] max_body_bytes).",
+            registry=r,
+        )
+        self.undeclared = Counter(
+            "floorhand_http_undeclared_route_refusals",
+            "Requests refused because their /api/v1 route declares no role (fail closed).",
+            registry=r,
+        )
+        r.register(PICK_LATENCY)
+        self.picks = PickLatencyProbe()
+        if runtime is not None:
+            r.register(RuntimeCollector(runtime))
+            runtime.bus.add_listener(self.picks.on_events)
+
+    def on_auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RuntimeCollector(Collector):
+    """Reads the runtime's counters at scrape time. Called on the event loop (the ``/metrics``
+    handler is ``async``), so it never races the loop that mutates them."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def collect(self) -> Iterator[Metric]:
+        rt = self.rt
+        ing = rt.ingest
+        yield _counter("floorhand_ingest_messages", "MQTT messages handled.", ing.messages)
+        yield _counter("floorhand_ingest_readings", "Readings applied.", ing.readings)
+        yield _counter("floorhand_ingest_commits", "Journal commits.", ing.commits)
+        yield _counter(
+            "floorhand_ingest_commit_failures", "Journal commits that failed.", ing.commit_failures
+        )
+        yield _counter(
+            "floorhand_ingest_ignored_retained",
+            "Retained messages skipped (last-known, not fresh).",
+            ing.ignored_retained,
+        )
+        rejected = CounterMetricFamily(
+            "floorhand_ingest_rejected", "Messages rejected, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(dict(ing.rejected).items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        yield _counter(
+            "floorhand_ingest_oversize", "Messages above the payload limit.", rt.oversize
+        )
+
+        yield _gauge("floorhand_outbox_rows", "Rows waiting in the outbox.", rt.journal.outbox_rows)
+        yield _gauge(
+            "floorhand_outbox_max_rows",
+            "Outbox bound ([journal] max_outbox_rows).",
+            rt.site.journal.max_outbox_rows,
+        )
+        yield _gauge(
+            "floorhand_backpressure",
+            "1 while ingest is paused because the outbox is full.",
+            1 if rt.backpressure else 0,
+        )
+        yield _gauge("floorhand_ready", "1 when the controller is ready.", 1 if rt.ready else 0)
+
+        states = GaugeMetricFamily(
+            "floorhand_link_state",
+            "1 for the current state of each link (mqtt, plc:<id>).",
+            labels=["link", "state"],
+        )
+        connects = CounterMetricFamily(
+            "floorhand_link_connects", "Successful connects per link.", labels=["link"]
+        )
+        links = [("mqtt", rt.link.state, rt.link.stats.connects)]
+        links += [
+            (f"plc:{pid}", plc.link.state, plc.link.stats.connects)
+            for pid, plc in sorted(rt.plcs.items())
+        ]
+        for name, state, n in links:
+            for s in LinkState:
+                states.add_metric([name, s.value], 1 if state is s else 0)
+            connects.add_metric([name], n)
+        yield states
+        yield connects
+        faulty = GaugeMetricFamily(
+            "floorhand_plc_faulty", "1 while a PLC's health is faulty.", labels=["plc"]
+        )
+        for pid, plc in sorted(rt.plcs.items()):
+            faulty.add_metric([pid], 1 if plc.link.health.value == "faulty" else 0)
+        yield faulty
+
+        by_state: Tally[str] = Tally(a.state.value for a in rt.alerts.alerts.values())
+        alert_states = GaugeMetricFamily(
+            "floorhand_alerts", "Alert targets by stock state.", labels=["state"]
+        )
+        for st in ("ok", "low", "critical", "out", "unknown"):
+            alert_states.add_metric([st], by_state.get(st, 0))
+        yield alert_states
+        episodes = [a.episode for a in rt.alerts.alerts.values() if a.episode is not None]
+        now_s = rt.clock()
+        yield _gauge("floorhand_alerts_active", "Raised alert episodes.", len(episodes))
+        yield _gauge(
+            "floorhand_alerts_acknowledged",
+            "Raised episodes a supervisor acknowledged.",
+            sum(1 for e in episodes if e.acked_by is not None),
+        )
+        yield _gauge(
+            "floorhand_alerts_snoozed",
+            "Raised episodes snoozed right now.",
+            sum(1 for e in episodes if e.snoozed(now_s)),
+        )
+        shelves: Tally[str] = Tally(s.status.value for s in ing.states.values())
+        shelf_fam = GaugeMetricFamily("floorhand_shelves", "Shelves by status.", labels=["status"])
+        for status in ShelfStatus:
+            shelf_fam.add_metric([status.value], shelves.get(status.value, 0))
+        yield shelf_fam
+
+        if rt.history is not None:
+            h = rt.history.snapshot()
+            yield _counter(
+                "floorhand_history_points_written", "Points confirmed.", h["points_written"]
+            )
+            yield _counter("floorhand_history_batches", "Batches confirmed.", h["batches"])
+            yield _counter("floorhand_history_retries", "Failed write attempts.", h["retries"])
+            yield _counter(
+                "floorhand_history_rejected_requests",
+                "Writes the sink refused.",
+                h["rejected_requests"],
+            )
+            yield _counter(
+                "floorhand_history_dead_lettered", "Points dead-lettered.", h["dead_lettered"]
+            )
+            yield _counter(
+                "floorhand_history_corrupt_rows", "Unconvertible outbox rows.", h["corrupt_rows"]
+            )
+            yield _gauge(
+                "floorhand_history_lag_seconds",
+                "Age of the newest reading delivered while rows wait.",
+                h["lag_s"],
+            )
+            up = GaugeMetricFamily(
+                "floorhand_history_state",
+                "1 for the historian's current state.",
+                labels=["backend", "state"],
+            )
+            for st in ("starting", "up", "down"):
+                up.add_metric([h["backend"], st], 1 if h["state"] == st else 0)
+            yield up
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def install_metrics(app: FastAPI, metrics: ApiMetrics, *, open_access: bool) -> None:
+    """Add ``GET /metrics``: engineer token by default, open with ``[api] metrics = "open"``."""
+    guard = Depends(public) if open_access else Depends(require(Role.ENGINEER))
+
+    async def scrape(request: Request) -> Response:
+        m: ApiMetrics = request.app.state.metrics
+        return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route(
+        "/metrics",
+        scrape,
+        methods=["GET"],
+        tags=["metrics"],
+        summary="Prometheus metrics",
+        dependencies=[guard],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        include_in_schema=True,
+    )

@@ -1,0 +1,501 @@
+"""Operations: alert ack/snooze, manual PLC commands, stock by zone, scales, tare/calibration.
+
+Role guards (docs/api.md, "Operations"): supervisors acknowledge and snooze alerts; engineers
+run belt commands and calibrate shelves; zones are readable by every role (like the stock),
+scales by supervisors and engineers (like the devices). Every change is committed to the
+journal before the answer and evented on the bus; errors are problem+json.
+
+Handlers that change state are ``async def``: they run on the event loop, like ingest and the
+supervision tick, so a change never interleaves with a commit of theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request
+
+from controller.adapters.journal import JournalError
+from controller.api.auth import Principal, Role, require
+from controller.api.schemas import (
+    AlertAckCreate,
+    AlertPublic,
+    AlertSnoozeCreate,
+    PlcCommandPublic,
+    PlcStatusPublic,
+    Problem,
+    ScaleChannelPublic,
+    ScalePublic,
+    ShelfCalibrationCreate,
+    ShelfCalibrationPublic,
+    ShelfCalibrationResult,
+    ShelfTareCreate,
+    ZonePublic,
+    ZoneSkuPublic,
+    ZoneStockPublic,
+)
+from controller.domain.calibration import CalibrationError, NotSettled
+from controller.domain.reorder import NoActiveEpisode, classify
+from controller.domain.stock import sku_level
+from controller.runtime import Runtime
+from controller.services.plc_commands import Command, CommandOutcome, PlcCommandService
+
+log = logging.getLogger("floorhand.api.ops")
+
+PROBLEM = "application/problem+json"
+
+router = APIRouter()
+
+
+def _runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+Supervisor = Annotated[Principal, Depends(require(Role.SUPERVISOR))]
+Engineer = Annotated[Principal, Depends(require(Role.ENGINEER))]
+ANY_ROLE = [Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))]
+READ_ALL = [Depends(require(Role.SUPERVISOR, Role.ENGINEER))]
+
+
+def _problems(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI answers ``{status: description}`` as problem+json."""
+    return {
+        int(code.removeprefix("e")): {
+            "model": Problem,
+            "description": text,
+            "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for code, text in codes.items()
+    }
+
+
+def _journal_failed(exc: Exception) -> HTTPException:
+    log.error("ops change not committed: %s", exc)
+    return HTTPException(503, f"the journal could not store the change, nothing changed: {exc}")
+
+
+# -- alerts ---------------------------------------------------------------------------------------
+
+AlertKey = Annotated[
+    str, Path(description="a SKU id, or shelf:<id> for a shelf with its own reorder policy")
+]
+
+
+def _alert_key(rt: Runtime, key: str) -> str:
+    if key not in rt.alerts.targets:
+        raise HTTPException(404, f"unknown alert key {key!r}")
+    return key
+
+
+@router.post(
+    "/api/v1/alerts/{key}/ack",
+    response_model=AlertPublic,
+    tags=["alerts"],
+    responses=_problems(
+        e404="unknown alert key",
+        e409="no active episode",
+        e503="the journal could not store it",
+    ),
+)
+async def ack_alert(
+    rt: RuntimeDep,
+    principal: Supervisor,
+    key: AlertKey,
+    body: Annotated[AlertAckCreate | None, Body()] = None,
+) -> AlertPublic:
+    """Acknowledge the key's active alert episode. ``by`` is the caller's token name. The ack
+    stays on the episode (published on the retained alert topic, kept across restarts) until
+    it resolves, or until it escalates to a worse severity, which needs a new ack."""
+    _alert_key(rt, key)
+    note = body.note if body is not None else ""
+    try:
+        public = rt.alerts.acknowledge(key, principal.name, note, rt.clock())
+    except NoActiveEpisode as exc:
+        raise HTTPException(409, str(exc)) from None
+    except JournalError as exc:
+        raise _journal_failed(exc) from None
+    return AlertPublic(**public)
+
+
+@router.post(
+    "/api/v1/alerts/{key}/snooze",
+    response_model=AlertPublic,
+    tags=["alerts"],
+    responses=_problems(
+        e404="unknown alert key",
+        e409="no active episode",
+        e503="the journal could not store it",
+    ),
+)
+async def snooze_alert(
+    rt: RuntimeDep, principal: Supervisor, key: AlertKey, body: AlertSnoozeCreate
+) -> AlertPublic:
+    """Silence re-notification of the key's active episode for ``minutes`` (1..1440), with a
+    reason. While snoozed its de-escalation and resolution events carry ``notify: false``; an
+    escalation to a worse severity still notifies (and ends the snooze). When the snooze runs
+    out with the episode still active, an ``alert_snooze_ended`` event re-notifies."""
+    _alert_key(rt, key)
+    try:
+        public = rt.alerts.snooze(key, principal.name, body.reason, body.minutes * 60.0, rt.clock())
+    except NoActiveEpisode as exc:
+        raise HTTPException(409, str(exc)) from None
+    except JournalError as exc:
+        raise _journal_failed(exc) from None
+    return AlertPublic(**public)
+
+
+# -- PLC commands ---------------------------------------------------------------------------------
+
+_COMMAND_STATUS = {
+    "refused": 409,
+    "unavailable": 503,
+    "busy": 503,
+    "no_reply": 504,
+    "faulty": 502,
+    "error": 502,
+}
+
+
+def _plc_commands(request: Request, rt: Runtime) -> PlcCommandService:
+    svc: PlcCommandService | None = getattr(request.app.state, "plc_commands", None)
+    if svc is None:
+        svc = PlcCommandService(rt.journal, rt.bus.publish, rt.clock)
+        request.app.state.plc_commands = svc
+    return svc
+
+
+def _command_answer(o: CommandOutcome) -> PlcCommandPublic:
+    if o.result != "ok" or o.status is None:
+        hint = ""
+        if o.result == "unavailable" and o.command == "stop":
+            hint = " (with the link down the PLC gets no heartbeat: its watchdog stops the belt)"
+        elif o.result == "no_reply":
+            hint = " (the command may have run: check GET /api/v1/plcs)"
+        headers = {"Retry-After": "1"} if o.result in ("unavailable", "busy") else None
+        raise HTTPException(_COMMAND_STATUS.get(o.result, 502), o.detail + hint, headers=headers)
+    s = o.status
+    return PlcCommandPublic(
+        plc=o.plc,
+        command=o.command,
+        by=o.by,
+        at=o.at_s,
+        result="ok",
+        status=PlcStatusPublic(
+            state=s.state.value,
+            fault=s.fault.value,
+            running=s.running,
+            flags=sorted(s.flags),
+            speed_actual_mm_s=s.speed_actual_mm_s,
+            epoch=s.epoch,
+            command_count=s.command_count,
+            uptime_s=s.uptime_s,
+        ),
+    )
+
+
+async def _run_command(
+    request: Request, rt: Runtime, principal: Principal, plc_id: str, command: Command
+) -> PlcCommandPublic:
+    plc = rt.plcs.get(plc_id)
+    if plc is None:
+        raise HTTPException(404, f"unknown PLC {plc_id!r}")
+    outcome = await _plc_commands(request, rt).run(
+        plc_id, plc.driver, command, by=principal.name, role=principal.role.value
+    )
+    return _command_answer(outcome)
+
+
+_PLC_ERRORS = _problems(
+    e404="unknown PLC",
+    e409="the PLC refused (e-stop, jam, no heartbeat)",
+    e502="the PLC answered wrongly or did not take the command",
+    e503="the PLC link is down (answered at once, nothing sent)",
+    e504="no reply: the command may have run",
+)
+PlcId = Annotated[str, Path(description="a [[plcs]] id")]
+
+
+@router.post(
+    "/api/v1/plcs/{plc_id}/start",
+    response_model=PlcCommandPublic,
+    tags=["devices"],
+    responses=_PLC_ERRORS,
+)
+async def start_plc(
+    request: Request, rt: RuntimeDep, principal: Engineer, plc_id: PlcId
+) -> PlcCommandPublic:
+    """START the belt. Needs the link UP: 503 at once when it is not (nothing is sent). 409 when
+    the PLC does not start (e-stop, jam, fault: see the detail)."""
+    return await _run_command(request, rt, principal, plc_id, "start")
+
+
+@router.post(
+    "/api/v1/plcs/{plc_id}/stop",
+    response_model=PlcCommandPublic,
+    tags=["devices"],
+    responses=_PLC_ERRORS,
+)
+async def stop_plc(
+    request: Request, rt: RuntimeDep, principal: Engineer, plc_id: PlcId
+) -> PlcCommandPublic:
+    """STOP the belt through the link's priority lane (overtakes queued requests), repeated once
+    if the read-back still shows it moving. Never rate-limited, allowed in any belt state."""
+    return await _run_command(request, rt, principal, plc_id, "stop")
+
+
+@router.post(
+    "/api/v1/plcs/{plc_id}/reset",
+    response_model=PlcCommandPublic,
+    tags=["devices"],
+    responses=_PLC_ERRORS,
+)
+async def reset_plc(
+    request: Request, rt: RuntimeDep, principal: Engineer, plc_id: PlcId
+) -> PlcCommandPublic:
+    """RESET: clears a jam, a released e-stop or a watchdog trip; the belt stays stopped."""
+    return await _run_command(request, rt, principal, plc_id, "reset")
+
+
+# -- zones ----------------------------------------------------------------------------------------
+
+
+@router.get("/api/v1/zones", response_model=list[ZonePublic], tags=["stock"], dependencies=ANY_ROLE)
+async def list_zones(rt: RuntimeDep) -> list[ZonePublic]:
+    """Every zone of the site with its shelf and scale counts, shelf statuses and active
+    alerts."""
+    out = []
+    for zone in rt.site.zones:
+        shelves = [sid for sid, spec in rt.specs.items() if spec.zone == zone.id]
+        in_zone = set(shelves)
+        skus = sorted({rt.specs[s].sku for s in shelves})
+        status = Counter(rt.ingest.states[s].status.value for s in shelves)
+        alerts = sum(
+            1
+            for key, target in rt.alerts.targets.items()
+            if rt.alerts.alerts[key].episode is not None and in_zone.intersection(target.shelves)
+        )
+        out.append(
+            ZonePublic(
+                id=zone.id,
+                name=zone.name,
+                shelves=len(shelves),
+                scales=sum(1 for sc in rt.site.scales if sc.zone == zone.id),
+                skus=skus,
+                shelf_status=dict(sorted(status.items())),
+                alerts_active=alerts,
+            )
+        )
+    return out
+
+
+@router.get(
+    "/api/v1/zones/{zone}/stock",
+    response_model=ZoneStockPublic,
+    tags=["stock"],
+    dependencies=ANY_ROLE,
+    responses=_problems(e404="unknown zone"),
+)
+async def zone_stock(rt: RuntimeDep, zone: str) -> ZoneStockPublic:
+    """The zone's shelves, and per SKU stored there: its units in this zone and its level and
+    state over the whole site."""
+    from controller.api.app import _shelf_public  # app imports this module
+
+    cfg = next((z for z in rt.site.zones if z.id == zone), None)
+    if cfg is None:
+        raise HTTPException(404, f"unknown zone {zone!r}")
+    shelves = [sid for sid, spec in rt.specs.items() if spec.zone == zone]
+    by_sku: dict[str, list[str]] = {}
+    for sid in shelves:
+        by_sku.setdefault(rt.specs[sid].sku, []).append(sid)
+    skus = []
+    for sku_id in sorted(by_sku):
+        sku = rt.site.sku(sku_id)
+        level = rt.alerts.level_of(sku_id)
+        skus.append(
+            ZoneSkuPublic(
+                sku=sku_id,
+                name=sku.name,
+                shelves=by_sku[sku_id],
+                units_in_zone=sku_level(rt.ingest.states[s] for s in by_sku[sku_id]),
+                level=level,
+                state=classify(level, rt.alerts.targets[sku_id].policy).value,
+            )
+        )
+    return ZoneStockPublic(
+        zone=zone, name=cfg.name, shelves=[_shelf_public(rt, s) for s in shelves], skus=skus
+    )
+
+
+# -- scales, tare and calibration -----------------------------------------------------------------
+
+
+def calibration_fields(rt: Runtime, shelf_id: str) -> dict[str, Any]:
+    """The calibration part of a shelf's public view (``ShelfPublic``)."""
+    spec = rt.specs[shelf_id]
+    cal = rt.ingest.calibrations.get(shelf_id)
+    return {
+        "unit_weight_g": spec.unit_weight_g,
+        "tare_g": spec.tare_g,
+        "scale_factor": cal.scale_factor if cal is not None else 1.0,
+        "calibration": (
+            ShelfCalibrationPublic(
+                tare_g=cal.tare_g,
+                unit_weight_g=cal.unit_weight_g,
+                scale_factor=cal.scale_factor,
+                updated_at=cal.updated_at_s,
+                updated_by=cal.updated_by,
+            )
+            if cal is not None
+            else None
+        ),
+    }
+
+
+@router.get(
+    "/api/v1/scales", response_model=list[ScalePublic], tags=["devices"], dependencies=READ_ALL
+)
+async def list_scales(rt: RuntimeDep) -> list[ScalePublic]:
+    """Every scale: status, last seen, and per channel its shelf and scale factor."""
+    now = rt.clock()
+    by_channel = {(s.scale_id, s.channel): s for s in rt.specs.values()}
+    out = []
+    for sc in rt.site.scales:
+        info = rt.ingest.devices[sc.id]
+        stale_after = sc.reporting_interval_s * rt.site.site.stale_after_intervals
+        if info.last_seen_s is None:
+            status = "unknown"
+        elif info.online is False:
+            status = "offline"
+        elif now - info.last_seen_s > stale_after:
+            status = "stale"
+        else:
+            status = "ok"
+        channels = []
+        for ch in range(sc.channels):
+            spec = by_channel.get((sc.id, ch))
+            cal = rt.ingest.calibrations.get(spec.shelf_id) if spec is not None else None
+            channels.append(
+                ScaleChannelPublic(
+                    channel=ch,
+                    shelf=spec.shelf_id if spec is not None else None,
+                    shelf_status=(
+                        rt.ingest.states[spec.shelf_id].status.value if spec is not None else None
+                    ),
+                    scale_factor=cal.scale_factor if cal is not None else 1.0,
+                )
+            )
+        out.append(
+            ScalePublic(
+                id=sc.id,
+                zone=sc.zone,
+                format=sc.format,
+                status=status,
+                last_seen=info.last_seen_s,
+                reporting_interval_s=sc.reporting_interval_s,
+                max_weight_g=sc.max_weight_g,
+                channels=channels,
+            )
+        )
+    return out
+
+
+_CAL_ERRORS = _problems(
+    e404="unknown shelf",
+    e503="the journal could not store it",
+)
+ShelfId = Annotated[str, Path(description="a [[shelves]] id")]
+
+
+def _shelf_id(rt: Runtime, shelf_id: str) -> str:
+    if shelf_id not in rt.specs:
+        raise HTTPException(404, f"unknown shelf {shelf_id!r}")
+    return shelf_id
+
+
+def _calibration_result(rt: Runtime, shelf_id: str, events: list[dict[str, Any]]) -> Any:
+    from controller.api.app import _shelf_public  # app imports this module
+
+    return ShelfCalibrationResult(shelf=_shelf_public(rt, shelf_id), events=events)
+
+
+def _invalid(exc: Exception) -> HTTPException:
+    return HTTPException(422, str(exc))
+
+
+@router.post(
+    "/api/v1/shelves/{shelf_id}/tare",
+    response_model=ShelfCalibrationResult,
+    tags=["stock"],
+    responses={
+        **_CAL_ERRORS,
+        **_problems(e409="not settled: no gross weight to tare to", e422="tare out of range"),
+    },
+)
+async def tare_shelf(
+    rt: RuntimeDep,
+    principal: Engineer,
+    shelf_id: ShelfId,
+    body: Annotated[ShelfTareCreate | None, Body()] = None,
+) -> Any:
+    """Set the shelf's tare to its current settled gross weight (no body, or ``{}``: empty the
+    shelf of product first), or to ``tare_g``. The count is recomputed at once; the override is
+    kept in the journal (applied again after a restart) and evented (``shelf_calibrated``)."""
+    _shelf_id(rt, shelf_id)
+    tare_g = body.tare_g if body is not None else None
+    try:
+        events = rt.ingest.set_tare(shelf_id, tare_g, principal.name, rt.clock())
+    except NotSettled as exc:
+        raise HTTPException(409, str(exc)) from None
+    except CalibrationError as exc:
+        raise _invalid(exc) from None
+    except JournalError as exc:
+        raise _journal_failed(exc) from None
+    return _calibration_result(rt, shelf_id, events)
+
+
+@router.post(
+    "/api/v1/shelves/{shelf_id}/calibration",
+    response_model=ShelfCalibrationResult,
+    tags=["stock"],
+    responses={**_CAL_ERRORS, **_problems(e422="value out of bounds")},
+)
+async def calibrate_shelf(
+    rt: RuntimeDep, principal: Engineer, shelf_id: ShelfId, body: ShelfCalibrationCreate
+) -> Any:
+    """Override the unit weight (0.1..100000 g, one unit must fit on the scale) and/or the
+    scale factor of the shelf's channel (0.5..2: grams = raw grams × factor). The count is
+    recomputed from the settled weight at once; kept in the journal, evented."""
+    _shelf_id(rt, shelf_id)
+    try:
+        events = rt.ingest.calibrate(
+            shelf_id,
+            unit_weight_g=body.unit_weight_g,
+            scale_factor=body.scale_factor,
+            by=principal.name,
+            now_s=rt.clock(),
+        )
+    except CalibrationError as exc:
+        raise _invalid(exc) from None
+    except JournalError as exc:
+        raise _journal_failed(exc) from None
+    return _calibration_result(rt, shelf_id, events)
+
+
+@router.delete(
+    "/api/v1/shelves/{shelf_id}/calibration",
+    response_model=ShelfCalibrationResult,
+    tags=["stock"],
+    responses=_CAL_ERRORS,
+)
+async def reset_calibration(rt: RuntimeDep, principal: Engineer, shelf_id: ShelfId) -> Any:
+    """Drop the shelf's overrides (tare, unit weight, scale factor): back to the site file."""
+    _shelf_id(rt, shelf_id)
+    try:
+        events = rt.ingest.clear_calibration(shelf_id, principal.name, rt.clock())
+    except JournalError as exc:
+        raise _journal_failed(exc) from None
+    return _calibration_result(rt, shelf_id, events)

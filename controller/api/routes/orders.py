@@ -1,0 +1,300 @@
+"""Picks and orders: ``POST /api/v1/picks`` (Idempotency-Key), order tracking, pack and ship.
+
+The semantics (docs/picking.md):
+
+* ``Idempotency-Key`` is required (400 without). The same key with the same body answers with
+  the original status and the order as it stands now, with ``Idempotent-Replayed: true``; the
+  same key with another body (or by another caller) is 422. Concurrent duplicates cannot both
+  execute: the check and the journal commit of the order run with no await in between.
+* An order id is unique per channel: the same (channel, order id) with the same lines is the
+  same order (200, replayed), with other lines 409.
+* 409 when the stock is not there (nothing reserved), 503 with ``Retry-After`` when a device on
+  the route is down (nothing reserved, safe to retry with the same key).
+* ``floor`` callers see only the orders they created; supervisors and engineers see all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.api.auth import Principal, Role, require
+from controller.domain.orders import OrderState
+from controller.runtime import Runtime
+from controller.services.picking import PickError, PickRequest
+
+PROBLEM = "application/problem+json"
+
+router = APIRouter(tags=["orders"])
+
+Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)  # "qty": "2" is refused
+
+
+class PickLineIn(_Wire):
+    sku: Ident
+    qty: Annotated[int, Field(gt=0, le=100_000)]
+
+
+class PickIn(_Wire):
+    """A pick request: the lines of one order for one pack station."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "order_id": "WMS-1001",
+                    "lines": [{"sku": "SKU-A01", "qty": 2}],
+                    "pack_station": "PS-1",
+                    "channel": "wms",
+                }
+            ]
+        },
+    )
+    order_id: Annotated[str, Field(min_length=1, max_length=128)]
+    """The floor system's own order id, unique per channel."""
+    lines: Annotated[list[PickLineIn], Field(min_length=1, max_length=10_000)]
+    pack_station: Ident
+    channel: Ident = "api"
+
+
+class PickTaskOut(BaseModel):
+    task_no: int
+    line_no: int
+    sku: str
+    qty: int
+    shelf: str
+    zone: str
+    conveyors: list[str]
+    sorter: str
+    lane: int
+    tote: int
+    cmd_id: int
+    state: Literal["DISPATCHED", "ACCEPTED", "DIVERTED", "CONFIRMED", "SHORT", "FAILED", "UNKNOWN"]
+    result: str | None
+    reason: str | None
+    picked_qty: int | None
+    scale_confirmed: bool
+
+
+class OrderTransitionOut(BaseModel):
+    ts: float
+    state: str
+    reason: str | None
+
+
+class OrderOut(BaseModel):
+    order_id: str
+    channel: str
+    external_id: str
+    pack_station: str
+    state: OrderState
+    lines: list[PickLineIn]
+    created_ts: float
+    updated_ts: float
+    reason: str | None
+    tasks: list[PickTaskOut]
+    history: list[OrderTransitionOut]
+    carrier: str | None
+    tracking: str | None
+    packed_by: str | None
+    shipped_by: str | None
+
+
+class ShipIn(_Wire):
+    carrier: Annotated[str, Field(min_length=1, max_length=64)]
+    tracking: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+_TASK_FIELDS = tuple(PickTaskOut.model_fields)
+
+
+def wire(body: dict[str, Any]) -> dict[str, Any]:
+    """An order body (``Order.as_dict()``) in the `OrderOut` shape, built directly: the pick
+    path answers without a pydantic round trip (tests check the shape against `OrderOut`)."""
+    return {
+        "order_id": body["order_id"],
+        "channel": body["channel"],
+        "external_id": body["external_id"],
+        "pack_station": body["pack_station"],
+        "state": body["state"],
+        "lines": [{"sku": s, "qty": q} for s, q in body["lines"]],
+        "created_ts": body["created_ts"],
+        "updated_ts": body["updated_ts"],
+        "reason": body.get("reason"),
+        "tasks": [{k: t.get(k) for k in _TASK_FIELDS} for t in body["tasks"]],
+        "history": [{"ts": ts, "state": st, "reason": r} for ts, st, r in body["history"]],
+        "carrier": body.get("carrier"),
+        "tracking": body.get("tracking"),
+        "packed_by": body.get("packed_by"),
+        "shipped_by": body.get("shipped_by"),
+    }
+
+
+def _json(body: Any, status: int = 200, **headers: str) -> Response:
+    return Response(
+        orjson.dumps(body), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _problem(exc: PickError) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"urn:floorhand:problem:{exc.code}",
+        "title": exc.code.replace("_", " "),
+        "status": exc.status,
+        "detail": exc.detail,
+        **exc.extra,
+    }
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return JSONResponse(body, status_code=exc.status, media_type=PROBLEM, headers=headers)
+
+
+def _runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+RuntimeDep = Annotated[Runtime, Depends(_runtime)]
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"content": {PROBLEM: {}}, "description": text}
+    for code, text in {
+        400: "Idempotency-Key missing or malformed",
+        404: "No such order (or not yours)",
+        409: "Not enough stock, a conflicting order, or a lifecycle step out of order",
+        422: "Invalid request, or the Idempotency-Key was used for another request",
+        503: "A device on the route is down (Retry-After); nothing was reserved",
+    }.items()
+}
+
+
+@router.post(
+    "/api/v1/picks",
+    status_code=201,
+    response_model=OrderOut,
+    responses={200: {"model": OrderOut, "description": "Replayed (same key or order)"}, **_ERRORS},
+    summary="Submit a pick request (creates an order)",
+)
+async def create_pick(
+    body: PickIn,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Role.FLOOR, Role.ENGINEER))],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Unique per request (1..255 characters); retries reuse it.",
+        ),
+    ] = None,
+) -> Response:
+    # async def on purpose: the whole submission runs on the event loop, with no await between
+    # the idempotency check and the journal commit (services/picking.py).
+    if idempotency_key is None or not 1 <= len(idempotency_key) <= 255:
+        return _problem(
+            PickError(
+                400,
+                "idempotency_key_required",
+                "the Idempotency-Key header (1..255 characters) is required",
+            )
+        )
+    req = PickRequest(
+        external_id=body.order_id,
+        lines=tuple((line.sku, line.qty) for line in body.lines),
+        pack_station=body.pack_station,
+        channel=body.channel,
+    )
+    try:
+        done = rt.picking.submit(req, key=idempotency_key, principal=principal.name)
+    except PickError as exc:
+        return _problem(exc)
+    headers = {"Location": f"/api/v1/orders/{done.order['order_id']}"}
+    if done.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        # Let the order's execution task take its first step (up to the sorter's Modbus
+        # write) before this response is serialised and sent.
+        await asyncio.sleep(0)
+    return _json(wire(done.order), done.status, **headers)
+
+
+def _visible(body: dict[str, Any] | None, principal: Principal) -> bool:
+    if body is None:
+        return False
+    return principal.role is not Role.FLOOR or body.get("principal") == principal.name
+
+
+@router.get("/api/v1/orders", response_model=list[OrderOut], summary="Recent orders")
+async def list_orders(
+    rt: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))],
+    state: OrderState | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[OrderOut]:
+    bodies = rt.picking.recent(limit=limit, state=state)
+    return [OrderOut.model_validate(wire(b)) for b in bodies if _visible(b, principal)]
+
+
+@router.get(
+    "/api/v1/orders/{order_id}", response_model=OrderOut, responses=_ERRORS, summary="One order"
+)
+async def get_order(
+    order_id: str,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))],
+) -> Response:
+    body = rt.picking.get(order_id)
+    if not _visible(body, principal):
+        return _problem(PickError(404, "order_not_found", f"no order {order_id!r}"))
+    assert body is not None
+    return _json(wire(body))
+
+
+@router.post(
+    "/api/v1/orders/{order_id}/pack",
+    response_model=OrderOut,
+    responses=_ERRORS,
+    summary="Confirm an order packed (SORTED → PACKED)",
+)
+async def pack_order(
+    order_id: str,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Role.SUPERVISOR, Role.ENGINEER))],
+) -> Response:
+    try:
+        body = rt.picking.pack(order_id, by=principal.name)
+    except PickError as exc:
+        return _problem(exc)
+    return _json(wire(body))
+
+
+@router.post(
+    "/api/v1/orders/{order_id}/ship",
+    response_model=OrderOut,
+    responses=_ERRORS,
+    summary="Confirm an order shipped with carrier and tracking number (PACKED → SHIPPED)",
+)
+async def ship_order(
+    order_id: str,
+    body: ShipIn,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Role.SUPERVISOR, Role.ENGINEER))],
+) -> Response:
+    try:
+        out = rt.picking.ship(
+            order_id, by=principal.name, carrier=body.carrier, tracking=body.tracking
+        )
+    except PickError as exc:
+        return _problem(exc)
+    return _json(wire(out))

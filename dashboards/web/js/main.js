@@ -1,0 +1,367 @@
+// Floorhand supervisor dashboard: wires the live connection, the store and the views.
+// Performance counters for benchmarks/dashboard_render.py are in window.__floorhand.perf.
+
+import { Api } from "./api.js";
+import { LiveConnection } from "./live.js";
+import { Store } from "./store.js";
+import { ShelfGrid } from "./grid.js";
+import { LineChart } from "./charts.js";
+import {
+  AlertFeed, CoverEstimator, renderEvents, renderLowStock, renderOrders, renderPlcs,
+} from "./panels.js";
+import { clock, duration, fmtNum, STATE_LABEL } from "./util.js";
+
+const TOKEN_KEY = "floorhand.token";
+const PLC_POLL_MS = 5000;
+const ORDER_POLL_MS = 10000;
+const TREND_POLL_MS = 60000;
+const TREND_WINDOW_S = 6 * 3600;
+
+const $ = (id) => document.getElementById(id);
+
+const perf = {
+  firstRenderMs: null, firstPaintMs: null, buildMs: null, snapshotShelves: 0, frames: 0, messages: 0, events: 0,
+  handleMs: 0, renderMs: 0, renders: 0, maxRenderMs: 0, longTasks: 0, longTaskMs: 0,
+};
+// Main-thread tasks over 50 ms (the page would feel stuck): counted for the benchmark.
+try {
+  new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) { perf.longTasks++; perf.longTaskMs += e.duration; }
+  }).observe({ type: "longtask", buffered: true });
+} catch { /* not supported: stays 0 */ }
+const store = new Store();
+window.__floorhand = { perf, store };
+
+// -- token ----------------------------------------------------------------------------------------
+
+function readToken() {
+  // A token may be handed over in the fragment (never sent to the server): #token=...
+  const m = location.hash.match(/(?:^#|&)token=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+const token = () => sessionStorage.getItem(TOKEN_KEY);
+
+const api = new Api(token, () => signOut("The controller rejected the token (401)."));
+
+// -- views --------------------------------------------------------------------------------------
+
+let grid, alerts, cover, ingestChart, picksChart, trendChart;
+let selectedSku = null;
+let plcTimer = null, orderTimer = null, trendTimer = null, tick = null, ticks = 0;
+let lastOrdersAt = 0;
+let connState = "connecting", connInfo = {};
+let prevStats = null;
+
+function setup() {
+  grid = new ShelfGrid($("grid"), $("legend"), { onSelect: selectShelf });
+  alerts = new AlertFeed($("alerts"), $("alert-count"), api, {
+    onChanged: (updated) => {
+      if (updated && updated.key) {
+        if (updated.active) store.alerts.set(updated.key, updated);
+        else store.alerts.delete(updated.key);
+      }
+      store.dirty.alerts = true;
+      scheduleRender();
+    },
+  });
+  cover = new CoverEstimator(api, () => { store.dirty.lowStock = true; scheduleRender(); });
+  ingestChart = new LineChart($("chart-ingest"), { series: [{ label: "readings/s", color: "#1c6dd0" }], windowS: 600 });
+  picksChart = new LineChart($("chart-picks"), {
+    series: [{ label: "picks confirmed", color: "#2e9e5b" }, { label: "units off scales", color: "#7d5ba6" }],
+    windowS: 600,
+  });
+  trendChart = new LineChart($("chart-trend"), { series: [{ label: "units", color: "#17202b", step: true }], windowS: TREND_WINDOW_S });
+  trendChart.setMessage("select a shelf or a low-stock row");
+  $("login-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const value = $("token-input").value.trim();
+    if (!value) return;
+    sessionStorage.setItem(TOKEN_KEY, value);
+    $("token-input").value = "";
+    start();
+  });
+  $("logout").addEventListener("click", () => signOut(""));
+}
+
+const live = new LiveConnection({
+  token,
+  onMessages(msgs) {
+    const t0 = performance.now();
+    perf.frames++;
+    perf.messages += msgs.length;
+    for (const m of msgs) {
+      if (m.type === "shelf" || m.type === "alert") perf.events++;
+      else if (m.type === "snapshot") perf.snapshotShelves = m.shelves.length;
+      else if (m.type === "stats") onStats(m);
+    }
+    store.apply(msgs);
+    perf.handleMs += performance.now() - t0;
+    scheduleRender();
+  },
+  onState(state, info) {
+    connState = state;
+    connInfo = info;
+    if (state === "unauthorized") { signOut(info.reason && info.reason !== "no token" ? `The controller rejected the token: ${info.reason}.` : ""); return; }
+    if (state === "live" && !plcTimer) startPolling();
+    renderStatus();
+  },
+});
+
+function onStats(m) {
+  const t = m.t;
+  if (prevStats && t > prevStats.t && m.readings >= prevStats.readings) {
+    ingestChart.push(0, t, (m.readings - prevStats.readings) / (t - prevStats.t));
+  } else if (prevStats) {
+    ingestChart.push(0, t, null); // counters restarted (controller restart)
+  }
+  prevStats = { t, readings: m.readings };
+  const pm = store.perMinute(performance.now());
+  picksChart.push(0, t, pm.picks);
+  picksChart.push(1, t, pm.taken);
+}
+
+let renderPending = false;
+function scheduleRender() {
+  if (renderPending) return;
+  renderPending = true;
+  requestAnimationFrame(render);
+}
+
+/** One frame: apply what the store marked dirty since the last frame. */
+function render() {
+  renderPending = false;
+  const t0 = performance.now();
+  const d = store.dirty;
+  if (d.structure) {
+    $("site-name").textContent = store.site ? `· ${store.site.name || store.site.id}` : "";
+    const b0 = performance.now();
+    grid.build(store);
+    perf.buildMs = performance.now() - b0;
+    if (perf.firstRenderMs === null && store.shelves.size) {
+      perf.firstRenderMs = performance.now();
+      // After the next frame's style, layout and paint of the new grid:
+      requestAnimationFrame(() => setTimeout(() => { perf.firstPaintMs = performance.now(); }, 0));
+    }
+  } else if (d.shelves.size || d.skus.size) {
+    grid.update(d.shelves, d.skus);
+  }
+  panels.alerts ||= d.alerts;
+  panels.lowStock ||= d.lowStock || d.structure;
+  panels.events ||= d.events;
+  const structure = d.structure;
+  if (d.orders && performance.now() - lastOrdersAt > 2000) pollOrders();
+  if (selectedSku && d.skus.has(selectedSku)) {
+    const k = store.skus.get(selectedSku);
+    trendChart.push(0, store.lastUpdate || Date.now() / 1000, k.level);
+  }
+  if (d.structure || d.links) renderStatus();
+  store.resetDirty();
+  const took = performance.now() - t0;
+  perf.renders++;
+  perf.renderMs += took;
+  if (took > perf.maxRenderMs) perf.maxRenderMs = took;
+  if (panels.alerts || panels.lowStock || panels.events) renderPanels(structure);
+}
+
+// The side panels are lists rebuilt as a whole: at most every PANEL_MS, however fast the
+// updates come (the grid, which is touched cell by cell, follows every frame).
+const PANEL_MS = 500;
+const panels = { alerts: false, lowStock: false, events: false };
+let panelsAt = 0;
+let panelTimer = null;
+
+function renderPanels(now) {
+  const wait = panelsAt + PANEL_MS - performance.now();
+  if (!now && wait > 0) {
+    if (!panelTimer) panelTimer = setTimeout(() => { panelTimer = null; renderPanels(true); }, wait);
+    return;
+  }
+  const t0 = performance.now();
+  panelsAt = t0;
+  if (panels.alerts) alerts.render(store);
+  if (panels.lowStock) renderLowStock($("lowstock").tBodies[0], $("low-count"), $("low-note"), store, cover, selectSku);
+  if (panels.events) renderEvents($("events"), store);
+  panels.alerts = panels.lowStock = panels.events = false;
+  const took = performance.now() - t0;
+  perf.renders++;
+  perf.renderMs += took;
+  if (took > perf.maxRenderMs) perf.maxRenderMs = took;
+}
+
+function renderStatus() {
+  const body = document.body;
+  const pill = $("conn");
+  const banner = $("banner");
+  const since = store.lastUpdate ? ` Last update ${clock(store.lastUpdate)} (${duration(Date.now() / 1000 - store.lastUpdate)} ago).` : "";
+  let state = connState, text, warn = "";
+  switch (connState) {
+    case "live": text = "Live"; break;
+    case "connecting": text = "Connecting…"; warn = store.lastUpdate ? `Connecting to the controller…${since}` : ""; break;
+    case "stale": text = "Stale"; warn = `No data from the controller for ${duration((connInfo.silentMs || 0) / 1000)}: the numbers below may be out of date.${since}`; break;
+    case "disconnected": {
+      const left = connInfo.due ? Math.max(0, (connInfo.due - performance.now()) / 1000) : null;
+      text = "Disconnected";
+      warn = `Disconnected from the controller${connInfo.reason ? ` (${connInfo.reason})` : ""}; reconnecting${left !== null ? ` in ${Math.ceil(left)} s` : ""}. The data below is stale.${since}`;
+      if (connInfo.due) connInfo.tickDue = connInfo.due;
+      break;
+    }
+    case "forbidden": text = "Refused"; warn = `The controller refused this page's origin (${connInfo.reason || "4403"}); add it to [api] allowed_origins.`; state = "disconnected"; break;
+    default: text = connState;
+  }
+  pill.textContent = text;
+  pill.dataset.state = state;
+  body.dataset.conn = state;
+  const mqtt = store.links.mqtt || (store.stats && store.stats.mqtt);
+  const broker = $("broker");
+  broker.textContent = `Scales: broker ${mqtt || "—"}`;
+  broker.dataset.state = mqtt === "up" ? "up" : mqtt ? "down" : "unknown";
+  if (!warn && connState === "live" && mqtt && mqtt !== "up") {
+    warn = "The controller has lost its link to the MQTT broker: shelf counts are not being updated.";
+  }
+  if (!warn && connState === "live" && store.stats && store.stats.backpressure) {
+    warn = "The controller's outbox is full (history backend down): it has stopped reading from the broker.";
+  }
+  banner.hidden = !warn;
+  banner.textContent = warn;
+  $("updated").textContent = store.lastUpdate ? `updated ${clock(store.lastUpdate)}` : "";
+  $("who").textContent = store.principal ? `${store.principal.name} (${store.principal.role})` : "";
+}
+
+// -- selection and trend ----------------------------------------------------------------------
+
+function selectShelf(sh) {
+  if (!sh) return;
+  const k = store.skus.get(sh.sku);
+  $("detail").textContent = `${sh.id}${sh.location ? ` (${sh.location})` : ""} · zone ${sh.zone} · shelf ${sh.status}, ${fmtNum(sh.units)}/${sh.capacity_units} units · SKU ${sh.sku}${k && k.name ? ` ${k.name}` : ""}: level ${fmtNum(k && k.level)}, ${k ? STATE_LABEL[k.state] : "—"}, reorder at ${k ? k.reorder_point : "—"} · last reading ${clock(sh.last_reading_ts)}`;
+  selectSku(sh.sku);
+}
+
+function selectSku(sku) {
+  selectedSku = sku;
+  $("trend-sku").textContent = sku;
+  const k = store.skus.get(sku);
+  trendChart.setMarks(k ? [
+    { value: k.reorder_point, label: "reorder point", color: "#e0a800" },
+    { value: k.safety_stock, label: "safety stock", color: "#e8590c" },
+  ] : []);
+  trendChart.set(0, []);
+  loadTrend();
+  clearInterval(trendTimer);
+  trendTimer = setInterval(loadTrend, TREND_POLL_MS);
+}
+
+async function loadTrend() {
+  const sku = selectedSku;
+  if (!sku || connState === "disconnected") return;
+  const to = Date.now() / 1000;
+  try {
+    const h = await api.get(`/api/v1/history?sku=${encodeURIComponent(sku)}&from=${Math.floor(to - TREND_WINDOW_S)}&to=${Math.ceil(to)}`);
+    if (sku !== selectedSku) return;
+    trendChart.set(0, sumSeries(h.series));
+    trendChart.setMessage("");
+    $("trend-note").textContent = `last ${duration(TREND_WINDOW_S)}, ${h.backend} history, buckets of ${duration(h.every_s)}; live values appended`;
+  } catch (err) {
+    if (sku !== selectedSku) return;
+    trendChart.setMessage(err.status === 404 ? "no history on this controller: live values only" : "history unavailable: live values only");
+    $("trend-note").textContent = err.message;
+  }
+}
+
+/** Units of a SKU per bucket: the sum over its shelves, each carried forward. */
+function sumSeries(series) {
+  const times = new Set();
+  for (const s of series) for (const b of s.buckets) times.add(b.t);
+  const ts = [...times].sort((a, b) => a - b);
+  const last = series.map(() => null);
+  const idx = series.map(() => 0);
+  const out = [];
+  for (const t of ts) {
+    let sum = 0, known = true;
+    series.forEach((s, i) => {
+      while (idx[i] < s.buckets.length && s.buckets[idx[i]].t <= t) {
+        if (s.buckets[idx[i]].units !== null) last[i] = s.buckets[idx[i]].units;
+        idx[i]++;
+      }
+      if (last[i] === null) known = false; else sum += last[i];
+    });
+    out.push([t, known ? sum : null]);
+  }
+  return out;
+}
+
+// -- polling (things the live stream does not carry in full) ---------------------------------
+
+async function pollPlcs() {
+  if (connState === "disconnected") return;
+  try {
+    const plcs = await api.get("/api/v1/plcs");
+    renderPlcs($("plcs").tBodies[0], $("plc-note"), plcs, null);
+  } catch (err) {
+    renderPlcs($("plcs").tBodies[0], $("plc-note"), [], err.status === 403 ? "This token may not read device status (needs supervisor or engineer)." : err.message);
+  }
+}
+
+async function pollOrders() {
+  lastOrdersAt = performance.now();
+  if (connState === "disconnected") return;
+  try {
+    const orders = await api.get("/api/v1/orders?limit=30");
+    renderOrders($("orders").tBodies[0], $("orders-note"), orders, null);
+  } catch (err) {
+    renderOrders($("orders").tBodies[0], $("orders-note"), [], err.status === 404 ? "Order tracking is not available on this controller." : err.message);
+  }
+}
+
+function startPolling() {
+  pollPlcs();
+  pollOrders();
+  plcTimer = setInterval(pollPlcs, PLC_POLL_MS);
+  orderTimer = setInterval(pollOrders, ORDER_POLL_MS);
+}
+
+function stopPolling() {
+  clearInterval(plcTimer); clearInterval(orderTimer); clearInterval(trendTimer);
+  plcTimer = orderTimer = trendTimer = null;
+}
+
+// -- lifecycle --------------------------------------------------------------------------------
+
+function start() {
+  $("login").hidden = true;
+  $("main").hidden = false;
+  $("logout").hidden = false;
+  live.start();
+  if (!tick) {
+    tick = setInterval(() => {
+      if (connState !== "live") renderStatus();
+      else $("updated").textContent = store.lastUpdate ? `updated ${clock(store.lastUpdate)}` : "";
+      // Alert ages ("since … (4 min)") move slowly: refresh the cards every 15 s.
+      if (++ticks % 15 === 0 && store.alerts.size && !document.querySelector(".alerts form")) {
+        store.dirty.alerts = true;
+        scheduleRender();
+      }
+    }, 1000);
+  }
+}
+
+function signOut(message) {
+  live.stop();
+  stopPolling();
+  sessionStorage.removeItem(TOKEN_KEY);
+  $("main").hidden = true;
+  $("login").hidden = false;
+  $("logout").hidden = true;
+  $("banner").hidden = true;
+  $("conn").textContent = "Signed out";
+  $("conn").dataset.state = "unauthorized";
+  $("login-error").textContent = message || "";
+  $("token-input").focus();
+}
+
+setup();
+if (readToken()) start();
+else signOut("");

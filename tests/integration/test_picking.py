@@ -1,0 +1,660 @@
+"""Picks end to end: API → journal → Modbus (simulated conveyor and sorter PLCs on 127.0.0.1)
+→ sorter result → scale delta over a real mosquitto → stock and alerts; the idempotency
+matrix (RELIABILITY A4); fail-fast when a device is down; restart reconciliation (B5, B6).
+
+Waits are on the bus and the simulators' state with timeouts, never fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from controller.api.app import create_app
+from controller.api.routes.orders import OrderOut
+from controller.config import load_site
+from controller.domain.model import ShelfStatus
+from controller.runtime import Runtime
+from controller.services.picking import PickRequest
+from devices.link.state import LinkState
+from simulators.conveyor import ConveyorPlc
+from simulators.modbus_host import PlcHost
+from simulators.plc import BeltState as SimBeltState
+from simulators.sorter import SorterPlc
+from tests.controller_proc import ControllerProcess
+from tests.integration.test_sensing_e2e import PahoWatcher, readings, running
+from tests.mosquitto import MosquittoBroker, paho_publish
+from tests.sites import auth_headers, write_small_site
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def picking_site(
+    tmp_path: Path,
+    mqtt_port: int,
+    conveyor_port: int,
+    sorter_port: int,
+    *,
+    scale_timeout_s: float = 20,
+) -> Path:
+    # Reporting interval 5 s: a shelf is STALE after 15 s, not 3 s, so a loaded test machine
+    # delaying the readings does not make the stock "unknown" mid-test.
+    path = write_small_site(tmp_path, mqtt_port=mqtt_port, scales=3, reporting_interval_s=5.0)
+    text = path.read_text().replace(
+        '[[zones]]\nid = "Z"\n',
+        '[[zones]]\nid = "Z"\nconveyors = ["conveyor-1"]\nsorter = "sorter-1"\n',
+    )
+    text += f"""
+[picking]
+scale_timeout_s = {scale_timeout_s}
+result_timeout_s = 20
+
+# 1 s request time-out (default 0.5 s): bursts of 100 in-process HTTP requests can hold
+# this 2-core test machine's event loop for longer than 0.5 s.
+[[plcs]]
+id = "conveyor-1"
+kind = "conveyor"
+port = {conveyor_port}
+timeout_s = 1.0
+
+[[plcs]]
+id = "sorter-1"
+kind = "sorter"
+port = {sorter_port}
+lanes = 8
+timeout_s = 1.0
+
+[[pack_stations]]
+id = "PS1"
+sorter = "sorter-1"
+lane = 3
+"""
+    path.write_text(text)
+    return path
+
+
+async def bus_until(rt: Runtime, predicate: Callable[[], bool], timeout_s: float) -> None:
+    """Wait until ``predicate()`` holds, re-checked after every bus publication (readings,
+    order and task events all go through the bus)."""
+    changed = asyncio.Event()
+    rt.bus.add_listener(lambda events: changed.set())
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            changed.clear()
+            await changed.wait()
+
+
+def order_state(rt: Runtime, order_id: str) -> str | None:
+    body = rt.picking.get(order_id)
+    return None if body is None else str(body["state"])
+
+
+class Floor:
+    """Simulated PLCs + mosquitto + the runtime + an API client, for one test."""
+
+    def __init__(self, rt: Runtime, client: httpx.AsyncClient, port: int) -> None:
+        self.rt = rt
+        self.client = client
+        self.port = port
+        self.seq = 0
+        self.last_ts = 0.0  # readings of a device must not go back in time (carried over restarts)
+
+    async def shelf(self, device: str, units: int) -> None:
+        """Publish a settled weight for ``device`` and wait until the controller counts it."""
+        t0 = max(self.rt.clock() - 0.6, self.last_ts + 0.1)
+        await asyncio.to_thread(paho_publish, self.port, readings(device, self.seq, units, 6, t0))
+        self.seq += 6
+        self.last_ts = t0 + 0.5
+        shelf = "sh" + device[1:]
+        try:
+            await bus_until(self.rt, lambda: self._counted(device, shelf, units), 10)
+        except TimeoutError:
+            raise AssertionError(
+                f"{shelf}: {self.rt.ingest.states[shelf]!r}; "
+                f"rejected {dict(self.rt.ingest.rejected)} "
+                f"msgs {self.rt.ingest.messages} readings {self.rt.ingest.readings} "
+                f"cursor {self.rt.ingest.cursors.get(device)} seq {self.seq} "
+                f"window {self.rt.ingest.states[shelf].conditioner.window} "
+                f"pending {self.rt.ingest.states[shelf].conditioner.pending}"
+            ) from None
+
+    def _counted(self, device: str, shelf: str, units: int) -> bool:
+        """The readings just published are applied and the shelf is settled at ``units``."""
+        cursor = self.rt.ingest.cursors.get(device)
+        state = self.rt.ingest.states[shelf]
+        return (
+            cursor is not None
+            and cursor.seq == self.seq - 1
+            and state.units == units
+            and state.status is ShelfStatus.OK
+        )
+
+    async def pick(
+        self, key: str | None, body: dict[str, Any], role: str = "floor"
+    ) -> httpx.Response:
+        headers = auth_headers(role)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        return await self.client.post("/api/v1/picks", json=body, headers=headers)
+
+
+@contextlib.asynccontextmanager
+async def floor(
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    conveyor: PlcHost,
+    sorter: PlcHost,
+    *,
+    sorter_port: int | None = None,
+    scale_timeout_s: float = 20,
+) -> AsyncIterator[Floor]:
+    site = load_site(
+        picking_site(
+            tmp_path,
+            mosquitto.port,
+            conveyor.port,
+            sorter_port or sorter.port,
+            scale_timeout_s=scale_timeout_s,
+        )
+    )
+    rt = Runtime(site)
+    transport = httpx.ASGITransport(app=create_app(site, runtime=rt))
+    async with (
+        running(rt),
+        httpx.AsyncClient(transport=transport, base_url="http://api") as client,
+    ):
+        for plc_id, plc in rt.plcs.items():
+            if sorter_port is None or plc_id != "sorter-1":
+                await plc.link.watch.wait_for(LinkState.UP, 10)
+        yield Floor(rt, client, mosquitto.port)
+
+
+ORDER = {"order_id": "W-1", "lines": [{"sku": "K0", "qty": 16}], "pack_station": "PS1"}
+
+
+async def test_pick_end_to_end_to_shipped(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    async with (
+        PlcHost(conveyor, seed=1) as ch,
+        PlcHost(sorter, seed=2) as sh,
+        floor(mosquitto, tmp_path, ch, sh) as f,
+    ):
+        rt = f.rt
+        await f.shelf("s0", 25)
+        r = await f.pick("key-1", ORDER)
+        assert r.status_code == 201, r.text
+        order = r.json()
+        OrderOut.model_validate(order)  # the hand-built wire body has the documented shape
+        oid = order["order_id"]
+        assert r.headers["Location"] == f"/api/v1/orders/{oid}"
+        assert order["state"] == "PICKING"
+        assert [h["state"] for h in order["history"]] == [
+            "RECEIVED",
+            "VALIDATED",
+            "ALLOCATED",
+            "PICKING",
+        ]
+        (task,) = order["tasks"]
+        assert (task["shelf"], task["qty"], task["sorter"], task["lane"]) == (
+            "sh0",
+            16,
+            "sorter-1",
+            3,
+        )
+        assert task["conveyors"] == ["conveyor-1"]
+        # Reserved: the same 25 units cannot be promised twice.
+        assert rt.picking.available("sh0") == 9
+        r2 = await f.pick("key-2", {**ORDER, "order_id": "W-2"})
+        assert r2.status_code == 409, r2.text
+        assert r2.headers["content-type"].startswith("application/problem+json")
+        assert r2.json()["lines"][0]["available"] == 9
+
+        # The sorter diverts the tote into lane 3; the belts were started for it.
+        await bus_until(rt, lambda: sorter.last_done_id == task["cmd_id"], 20)
+        assert sorter.last_result == "DIVERTED"
+        assert sorter.executions[task["cmd_id"]] == 1
+        assert conveyor.state in (SimBeltState.STARTING, SimBeltState.RUNNING)
+        assert order_state(rt, oid) == "PICKING"  # the scale has not confirmed yet
+
+        # The picker takes 16 units: the scale shows 9 → confirmed, SORTED; 9 < reorder point.
+        await f.shelf("s0", 9)
+        await bus_until(rt, lambda: order_state(rt, oid) == "SORTED", 10)
+        body = (await f.client.get(f"/api/v1/orders/{oid}", headers=auth_headers("floor"))).json()
+        (task,) = body["tasks"]
+        assert (task["state"], task["result"], task["scale_confirmed"]) == (
+            "CONFIRMED",
+            "DIVERTED",
+            True,
+        )
+        assert rt.picking.reserved("sh0") == 0
+        # The stock crossed the reorder point (10): the alert is raised after its dwell.
+        raised: list[dict[str, Any]] = []
+        rt.bus.add_listener(
+            lambda events: raised.extend(e for e in events if e.get("kind") == "alert_raised")
+        )
+        await bus_until(rt, lambda: any(e["key"] == "K0" for e in raised), 10)
+        alerts = (await f.client.get("/api/v1/alerts", headers=auth_headers("supervisor"))).json()
+        k0 = next(a for a in alerts if a["sku"] == "K0")
+        assert (k0["active"], k0["state"], k0["level"]) == (True, "low", 9)
+
+        # Pack and ship (supervisor); the floor role may not; out of order is 409.
+        sup = auth_headers("supervisor")
+        r = await f.client.post(
+            f"/api/v1/orders/{oid}/ship", json={"carrier": "DHL", "tracking": "1Z"}, headers=sup
+        )
+        assert r.status_code == 409
+        r = await f.client.post(f"/api/v1/orders/{oid}/pack", headers=auth_headers("floor"))
+        assert r.status_code == 403
+        r = await f.client.post(f"/api/v1/orders/{oid}/pack", headers=sup)
+        assert r.json()["state"] == "PACKED"
+        r = await f.client.post(
+            f"/api/v1/orders/{oid}/ship", json={"carrier": "DHL", "tracking": "1Z"}, headers=sup
+        )
+        shipped = r.json()
+        assert (shipped["state"], shipped["carrier"], shipped["tracking"]) == (
+            "SHIPPED",
+            "DHL",
+            "1Z",
+        )
+        states = [h["state"] for h in shipped["history"]]
+        assert states == [
+            "RECEIVED",
+            "VALIDATED",
+            "ALLOCATED",
+            "PICKING",
+            "SORTED",
+            "PACKED",
+            "SHIPPED",
+        ]
+        # Every transition is journaled as an event (→ outbox → history).
+        kinds = [
+            row[0]
+            for row in rt.journal.db.execute("SELECT kind FROM events WHERE kind='order_state'")
+        ]
+        assert len(kinds) == 6
+        # Another floor caller does not see this order.
+        r = await f.client.get(f"/api/v1/orders/{oid}", headers=auth_headers("floor"))
+        assert r.status_code == 200
+
+
+async def test_idempotency_matrix(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """A4: same key ×100 concurrently → 1 execution; same key other body → 422; no key → 400;
+    same (channel, order id) under another key → the same order."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    async with (
+        PlcHost(conveyor, seed=1) as ch,
+        PlcHost(sorter, seed=2) as sh,
+        floor(mosquitto, tmp_path, ch, sh) as f,
+    ):
+        rt = f.rt
+        await f.shelf("s0", 30)
+        body = {**ORDER, "lines": [{"sku": "K0", "qty": 2}]}
+        # One request first: the app builds its schemas and route tables on first use.
+        assert (await f.pick("warm-up", {**body, "order_id": "W-0"})).status_code == 201
+        responses = await asyncio.gather(*(f.pick("dup-key", body) for _ in range(100)))
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [201] * 100, codes
+        ids = {r.json()["order_id"] for r in responses}
+        assert len(ids) == 1
+        replayed = [r for r in responses if r.headers.get("Idempotent-Replayed") == "true"]
+        assert len(replayed) == 99
+        oid = ids.pop()
+        assert rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 2
+        # Reserved: this order's 2 units, plus the warm-up's while it is still open.
+        open_units = sum(t.qty for o in rt.picking.orders.values() for t in o.tasks if not t.final)
+        assert rt.picking.reserved("sh0") == open_units
+        assert rt.picking.get(oid)["tasks"][0]["state"] != "FAILED"  # type: ignore[index]
+
+        other = await f.pick("dup-key", {**body, "lines": [{"sku": "K0", "qty": 3}]})
+        assert other.status_code == 422
+        assert other.json()["order_id"] == oid
+        missing = await f.pick(None, body)
+        assert missing.status_code == 400
+        assert missing.headers["content-type"].startswith("application/problem+json")
+        # Same order id from the same channel under another key: the same order, not a new one.
+        again = await f.pick("another-key", body)
+        assert (again.status_code, again.json()["order_id"]) == (200, oid)
+        changed = await f.pick("third-key", {**body, "lines": [{"sku": "K0", "qty": 5}]})
+        assert changed.status_code == 409
+        # The key belongs to its caller: another principal reusing it is refused.
+        stolen = await f.pick("dup-key", body, role="engineer")
+        assert stolen.status_code == 422
+
+        task = rt.picking.get(oid)["tasks"][0]  # type: ignore[index]
+        await bus_until(rt, lambda: sorter.last_done_id == task["cmd_id"], 20)
+        assert sorter.executions[task["cmd_id"]] == 1
+        assert sum(sorter.executions.values()) == 2  # the warm-up order and this one
+
+
+async def test_bad_requests_are_refused_clearly(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    async with (
+        PlcHost(conveyor, seed=1) as ch,
+        PlcHost(sorter, seed=2) as sh,
+        floor(mosquitto, tmp_path, ch, sh) as f,
+    ):
+        # Stock unknown (no reading yet) → 409, nothing reserved.
+        r = await f.pick("k1", ORDER)
+        assert r.status_code == 409
+        assert r.json()["lines"][0]["code"] == "stock_unknown"
+        await f.shelf("s0", 5)
+        cases = [
+            ({**ORDER, "lines": [{"sku": "NOPE", "qty": 1}]}, 422),
+            ({**ORDER, "pack_station": "PS9"}, 422),
+            ({**ORDER, "lines": [{"sku": "K0", "qty": 0}]}, 422),
+            ({**ORDER, "lines": []}, 422),
+            ({**ORDER, "lines": [{"sku": "K0", "qty": "two"}]}, 422),
+            ({**ORDER, "lines": [{"sku": "K0", "qty": "2"}]}, 422),
+            ({**ORDER, "extra": 1}, 422),
+            ({**ORDER, "lines": [{"sku": "K0", "qty": 6}]}, 409),
+        ]
+        for i, (body, status) in enumerate(cases):
+            r = await f.pick(f"bad-{i}", body)
+            assert r.status_code == status, (body, r.text)
+            assert r.headers["content-type"].startswith("application/problem+json")
+            assert r.json()["detail"]
+        r = await f.client.post(
+            "/api/v1/picks",
+            content=b"{not json",
+            headers={
+                **auth_headers("floor"),
+                "Idempotency-Key": "x",
+                "Content-Type": "application/json",
+            },
+        )
+        assert r.status_code == 422
+        r = await f.client.get("/api/v1/orders/none-such", headers=auth_headers("supervisor"))
+        assert r.status_code == 404
+        assert f.rt.picking.reserved("sh0") == 0
+        assert not sorter.executions
+        assert f.rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 0
+
+
+async def test_device_down_fails_fast(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """B4: with the sorter unreachable the API answers 503 + Retry-After at once, reserves
+    nothing, and the same key works once the device is back."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    async with PlcHost(conveyor, seed=1) as ch, PlcHost(sorter, seed=2) as sh:
+        await sh.go_offline()
+        async with floor(mosquitto, tmp_path, ch, sh, sorter_port=sh.port) as f:
+            await f.shelf("s0", 20)
+            r = await f.pick("k-down", ORDER)
+            assert r.status_code == 503, r.text
+            assert int(r.headers["Retry-After"]) >= 1
+            assert r.json()["devices"] == ["sorter-1"]
+            assert f.rt.picking.reserved("sh0") == 0
+            await sh.go_online()
+            await f.rt.plcs["sorter-1"].link.watch.wait_for(LinkState.UP, 10)
+            r = await f.pick("k-down", ORDER)
+            assert r.status_code == 201, r.text
+
+
+async def test_restart_reconciles_open_commands(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """B5/B6: the controller stops while a tote is on the sorter; the next controller finds
+    the command in the journal, asks the PLC, and finishes it without sending it again. A
+    second order whose PLC restarted meanwhile is UNKNOWN, never replayed."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=0.5, lane_drain_s=0.0)
+    async with PlcHost(conveyor, seed=1) as ch, PlcHost(sorter, seed=2) as sh:
+        async with floor(mosquitto, tmp_path, ch, sh) as f:
+            await f.shelf("s0", 30)
+            r = await f.pick("r-1", {**ORDER, "lines": [{"sku": "K0", "qty": 2}]})
+            assert r.status_code == 201
+            oid = r.json()["order_id"]
+            cmd_id = r.json()["tasks"][0]["cmd_id"]
+            await bus_until(f.rt, lambda: sorter.ack_id == cmd_id, 10)
+            seq, last_ts = f.seq, f.last_ts
+        # Controller gone (its shutdown stopped the belts); the tote is still on the sorter.
+        assert sorter.last_done_id != cmd_id
+        async with floor(mosquitto, tmp_path, ch, sh) as f2:
+            f2.seq, f2.last_ts = seq, last_ts
+            assert order_state(f2.rt, oid) == "PICKING"
+            await f2.shelf("s0", 28)  # the picker took the 2 units meanwhile
+            await bus_until(f2.rt, lambda: order_state(f2.rt, oid) == "SORTED", 30)
+            assert sorter.executions[cmd_id] == 1
+            assert f2.rt.picking.stats["reconciled"] == 1
+            await f2.shelf("s0", 28)  # fresh readings: the shelf went STALE meanwhile
+            r = await f2.pick(
+                "r-2", {**ORDER, "order_id": "W-9", "lines": [{"sku": "K0", "qty": 1}]}
+            )
+            assert r.status_code == 201, r.text
+            cmd2 = r.json()["tasks"][0]["cmd_id"]
+            assert cmd2 > cmd_id  # ids keep increasing across restarts
+            await bus_until(f2.rt, lambda: sorter.ack_id == cmd2, 10)
+            oid2 = r.json()["order_id"]
+        await sh.restart()  # new epoch: the pending command is lost with the PLC's memory
+        async with floor(mosquitto, tmp_path, ch, sh) as f3:
+            await bus_until(f3.rt, lambda: order_state(f3.rt, oid2) == "EXCEPTION", 30)
+            body = f3.rt.picking.get(oid2)
+            assert body is not None
+            assert body["tasks"][0]["state"] == "UNKNOWN"
+            assert "epoch" in body["tasks"][0]["reason"]
+            assert sorter.executions[cmd2] == 1  # executed once, before the restart; not replayed
+            assert f3.rt.picking.reserved("sh0") == 0
+
+
+@pytest.mark.slow
+async def test_b5_controller_killed_mid_command(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """B5 with a real process: ``floorhand run`` is SIGKILLed while a tote is on the sorter.
+    The PLCs' watchdog stops both belts within 1.25 s; the restarted controller reconciles the
+    command from its journal and the PLC's completion ring: executed once, order finished."""
+    conveyor = ConveyorPlc("conveyor-1", speed=20.0)
+    sorter = SorterPlc("sorter-1", speed=0.3, lane_drain_s=0.0)
+    async with PlcHost(conveyor, seed=1) as ch, PlcHost(sorter, seed=2) as sh:
+        site = picking_site(tmp_path, mosquitto.port, ch.port, sh.port)
+        ctl = ControllerProcess(site, tmp_path)
+        await ctl.start()
+        try:
+            t0 = time.time() - 0.6
+            await asyncio.to_thread(
+                paho_publish,
+                mosquitto.port,
+                [
+                    (
+                        "fh/t/Z/scale/s0",
+                        orjson.dumps(
+                            {"device": "s0", "seq": i, "ts": t0 + i * 0.1, "grams": 500 + 30 * 100}
+                        ),
+                    )
+                    for i in range(6)
+                ],
+            )
+            async with httpx.AsyncClient(base_url=ctl.base, timeout=5.0) as client:
+                body = {**ORDER, "lines": [{"sku": "K0", "qty": 2}]}
+                headers = {**auth_headers("floor"), "Idempotency-Key": "kill-1"}
+                deadline = time.monotonic() + 15
+                while True:  # until the controller counted the shelf (polling another process)
+                    r = await client.post("/api/v1/picks", json=body, headers=headers)
+                    if r.status_code == 201 or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.1)
+                assert r.status_code == 201, r.text
+                oid, cmd_id = r.json()["order_id"], r.json()["tasks"][0]["cmd_id"]
+            await sorter.wait_until(lambda: sorter.ack_id == cmd_id and sorter.moving, 10.0)
+            await ctl.kill()
+            killed_at = time.monotonic()
+            await sorter.wait_until(lambda: not sorter.moving, 2.0)
+            await conveyor.wait_until(lambda: not conveyor.moving, 2.0)
+            assert time.monotonic() - killed_at <= 1.25
+            assert sorter.watchdog_tripped
+            assert conveyor.watchdog_tripped
+            assert sorter.last_done_id != cmd_id  # the tote is still on the belt
+
+            await ctl.start()
+            deadline = time.monotonic() + 30
+            while True:  # polling another process's endpoint, bounded
+                order = await ctl.get(f"/api/v1/orders/{oid}", role="supervisor")
+                task = order["tasks"][0]
+                if task["state"] in ("DIVERTED", "CONFIRMED") or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.1)
+            assert task["state"] in ("DIVERTED", "CONFIRMED"), (
+                order,
+                ctl.tail(),
+                list(sorter.events)[-10:],
+                list(conveyor.events)[-10:],
+                conveyor.heartbeat,
+            )
+            assert sorter.executions[cmd_id] == 1
+            assert "order(s) to reconcile" in ctl.tail(200)
+        finally:
+            await ctl.stop()
+
+
+async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+    """Pick requests on ``<prefix>/<site>/cmd/picks``: a reply per request on ``…/result``,
+    redelivery de-duplicated by (channel, order id), malformed input answered with 400 and
+    never executed; pick instructions go to ``<prefix>/<site>/picks/<zone>``."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    watcher = PahoWatcher(mosquitto.port, "fh/t/cmd/picks/result", client_id="replies")
+    pickers = PahoWatcher(mosquitto.port, "fh/t/picks/#", client_id="pickers")
+    await watcher.subscribed()
+    await pickers.subscribed()
+    try:
+        async with (
+            PlcHost(conveyor, seed=1) as ch,
+            PlcHost(sorter, seed=2) as sh,
+            floor(mosquitto, tmp_path, ch, sh) as f,
+        ):
+            await f.shelf("s0", 20)
+            cmd = {
+                "order_id": "M-1",
+                "channel": "plant-b",
+                "lines": [{"sku": "K0", "qty": 3}],
+                "pack_station": "PS1",
+            }
+            payloads = [orjson.dumps(cmd), orjson.dumps(cmd), b"{oops", orjson.dumps([1])]
+            await asyncio.to_thread(
+                paho_publish, mosquitto.port, [("fh/t/cmd/picks", p) for p in payloads]
+            )
+            got: list[dict[str, Any]] = []
+            for _ in range(4):
+                try:
+                    _, reply = await watcher.wait_for(
+                        lambda t, b: t == "fh/t/cmd/picks/result" and b not in got
+                    )
+                except TimeoutError:
+                    raise AssertionError(f"replies so far: {got}; {f.rt.picking.stats}") from None
+                got.append(reply)
+            statuses = sorted(r["status"] for r in got)
+            assert statuses == [200, 201, 400, 400], got
+            created = next(r for r in got if r["status"] == 201)
+            again = next(r for r in got if r["status"] == 200)
+            assert again["order"]["order_id"] == created["order"]["order_id"]
+            assert again["replayed"] is True
+            order = created["order"]
+            assert (order["channel"], order["external_id"]) == ("plant-b", "M-1")
+            _, instruction = await pickers.wait_for(lambda t, b: t == "fh/t/picks/Z")
+            assert (instruction["shelf"], instruction["qty"]) == ("sh0", 3)
+            assert instruction["tote"] == order["tasks"][0]["tote"]
+            assert f.rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 1
+            assert f.rt.picking.stats["invalid"] == 2
+    finally:
+        watcher.close()
+        pickers.close()
+
+
+async def test_short_pick_jam_and_full_lane_end_in_exception(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Explicit end states: the scale shows 1 of 2 units gone (SHORT), a jammed conveyor that
+    cannot start (FAILED, nothing sent to the sorter), a full lane (RECIRCULATED → FAILED).
+    Each order ends EXCEPTION with the reason, an ``order_exception`` event, no reservation."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0, max_recirculations=0)
+    async with (
+        PlcHost(conveyor, seed=1) as ch,
+        PlcHost(sorter, seed=2) as sh,
+        floor(mosquitto, tmp_path, ch, sh, scale_timeout_s=2) as f,
+    ):
+        rt = f.rt
+        exceptions: list[dict[str, Any]] = []
+        rt.bus.add_listener(
+            lambda evs: exceptions.extend(e for e in evs if e.get("kind") == "order_exception")
+        )
+        await f.shelf("s0", 20)
+
+        # Short: 2 units asked, the picker takes 1.
+        r = await f.pick("short", {**ORDER, "order_id": "S-1", "lines": [{"sku": "K0", "qty": 2}]})
+        short_id = r.json()["order_id"]
+        await bus_until(rt, lambda: sorter.last_done_id == r.json()["tasks"][0]["cmd_id"], 20)
+        await f.shelf("s0", 19)
+        await bus_until(rt, lambda: order_state(rt, short_id) == "EXCEPTION", 10)
+        (task,) = rt.picking.get(short_id)["tasks"]  # type: ignore[index]
+        assert (task["state"], task["picked_qty"], task["result"]) == ("SHORT", 1, "DIVERTED")
+        assert "1 of 2" in task["reason"]
+
+        # Jam: the conveyor cannot start; the sorter never gets the command.
+        conveyor.jam()
+        await bus_until(rt, lambda: not conveyor.moving, 5)
+        rt.picking._belt_ok.clear()  # forget "seen running" so the next pick reads the belt
+        before = dict(sorter.executions)
+        r = await f.pick("jam", {**ORDER, "order_id": "J-1", "lines": [{"sku": "K0", "qty": 1}]})
+        jam_id = r.json()["order_id"]
+        await bus_until(rt, lambda: order_state(rt, jam_id) == "EXCEPTION", 10)
+        (task,) = rt.picking.get(jam_id)["tasks"]  # type: ignore[index]
+        assert task["state"] == "FAILED"
+        assert "conveyor-1" in task["reason"]
+        assert dict(sorter.executions) == before
+
+        # Full lane: the tote cannot be diverted into lane 3.
+        conveyor.reset(conveyor.last_tick)
+        sorter.set_lane_fill(3, sorter.lane_capacity)
+        rt.picking._belt_ok.clear()
+        r = await f.pick("full", {**ORDER, "order_id": "F-1", "lines": [{"sku": "K0", "qty": 1}]})
+        full_id = r.json()["order_id"]
+        await bus_until(rt, lambda: order_state(rt, full_id) == "EXCEPTION", 20)
+        (task,) = rt.picking.get(full_id)["tasks"]  # type: ignore[index]
+        assert (task["state"], task["result"]) == ("FAILED", "RECIRCULATED")
+
+        assert {e["order_id"] for e in exceptions} == {short_id, jam_id, full_id}
+        assert rt.picking.reserved("sh0") == 0
+        r = await f.client.get("/api/v1/orders?state=EXCEPTION", headers=auth_headers("supervisor"))
+        assert {o["order_id"] for o in r.json()} == {short_id, jam_id, full_id}
+
+
+async def test_b7_stop_overtakes_a_flood_of_picks(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """100 picks queue on a slow sorter (every request +20 ms); an engineer's STOP
+    (``POST /api/v1/plcs/sorter-1/stop``) reaches the PLC within 200 ms, ahead of the queued
+    mailbox writes."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0, queue_capacity=8)
+    async with (
+        PlcHost(conveyor, seed=1) as ch,
+        PlcHost(sorter, seed=2) as sh,
+        floor(mosquitto, tmp_path, ch, sh) as f,
+    ):
+        rt = f.rt
+        for device in ("s0", "s1", "s2"):
+            await f.shelf(device, 40)
+        sh.faults.latency_s = 0.02
+        try:
+            for i in range(100):
+                req = PickRequest(f"FLOOD-{i}", ((f"K{i % 3}", 1),), "PS1", "wms")
+                assert rt.picking.submit(req, key=f"flood-{i}", principal="wms").status == 201
+            await sorter.wait_until(lambda: len(sorter.events_of("accept")) >= 2, 10.0)
+            accepted_before = len(sorter.events_of("accept"))
+            called = time.monotonic()
+            r = await f.client.post("/api/v1/plcs/sorter-1/stop", headers=auth_headers("engineer"))
+            assert r.status_code == 200, r.text
+            stop_event = sorter.events_of("stop")[-1]
+            assert stop_event.t - called <= 0.2
+            accepted_first = [e for e in sorter.events_of("accept") if e.t < stop_event.t]
+            assert len(accepted_first) <= accepted_before + 1
+            assert len(sorter.events_of("accept")) < 100
+        finally:
+            sh.faults.latency_s = 0.0

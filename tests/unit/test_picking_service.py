@@ -1,0 +1,222 @@
+"""PickingService.submit against the real SQLite journal, with stand-ins for our own drivers
+(only their link state and epoch are read at submission). Execution is covered against
+simulated PLCs in tests/integration/test_picking.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+import pytest
+
+from controller.adapters.journal import DuplicateOrderError, Journal
+from controller.config import SiteConfig, load_site
+from controller.domain.model import ShelfStatus
+from controller.domain.stock import ShelfState
+from controller.services.ingest import shelf_specs
+from controller.services.picking import PickError, PickingService, PickRequest
+from devices.link.state import LinkState
+from tests.sites import write_small_site
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def site_with_route(tmp_path: Path, ttl_h: float = 48.0) -> SiteConfig:
+    path = write_small_site(tmp_path, mqtt_port=1883, scales=2)
+    text = path.read_text().replace(
+        '[[zones]]\nid = "Z"\n', '[[zones]]\nid = "Z"\nconveyors = ["c1"]\nsorter = "s1"\n'
+    )
+    text += f"""
+[picking]
+idempotency_ttl_h = {ttl_h}
+
+[[plcs]]
+id = "c1"
+kind = "conveyor"
+port = 1502
+
+[[plcs]]
+id = "s1"
+kind = "sorter"
+port = 1503
+
+[[pack_stations]]
+id = "PS1"
+sorter = "s1"
+lane = 2
+"""
+    path.write_text(text)
+    return load_site(path)
+
+
+def device(up: bool = True) -> Any:
+    """A stand-in for a driver: submission reads only ``link.state`` and ``epoch``."""
+    return SimpleNamespace(
+        link=SimpleNamespace(state=LinkState.UP if up else LinkState.DOWN), epoch=7
+    )
+
+
+def service(
+    site: SiteConfig, journal: Journal, clock: Clock, *, units: int = 20, sorter_up: bool = True
+) -> tuple[PickingService, list[dict[str, Any]]]:
+    specs = shelf_specs(site)
+    states = {sid: ShelfState(spec) for sid, spec in specs.items()}
+    for st in states.values():
+        st.units, st.status, st.last_ts_s = units, ShelfStatus.OK, clock.now
+    published: list[dict[str, Any]] = []
+    svc = PickingService(
+        site,
+        journal,
+        states,
+        specs,
+        conveyors={"c1": device()},
+        sorters={"s1": device(sorter_up)},
+        publish_bus=published.extend,
+        clock=clock,
+    )
+    svc.restore()
+    return svc, published
+
+
+REQ = PickRequest("W-1", (("K0", 3),), "PS1", "wms")
+
+
+async def test_submit_journals_everything_in_one_go(tmp_path: Path) -> None:
+    site, clock = site_with_route(tmp_path), Clock()
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        svc, _ = service(site, journal, clock)
+        done = svc.submit(REQ, key="k1", principal="floor-1")
+        assert (done.status, done.replayed) == (201, False)
+        (task,) = done.order["tasks"]
+        assert (task["shelf"], task["cmd_id"], task["tote"], task["plc_epoch"]) == ("sh0", 1, 1, 7)
+        assert task["target_count"] == 17
+        assert journal.counters() == {"order": 1, "tote": 1, "cmd:s1": 1}
+        assert journal.idempotency_key("k1") is not None
+        kinds = [r[0] for r in journal.db.execute("SELECT kind FROM events")]
+        assert kinds == ["order_state"] * 3
+        assert svc.available("sh0") == 17
+
+        # The same key and body: a replay; another body: 422; another caller: 422.
+        again = svc.submit(REQ, key="k1", principal="floor-1")
+        assert (again.status, again.replayed, again.order["order_id"]) == (
+            201,
+            True,
+            done.order["order_id"],
+        )
+        with pytest.raises(PickError) as err:
+            svc.submit(
+                PickRequest("W-1", (("K0", 4),), "PS1", "wms"), key="k1", principal="floor-1"
+            )
+        assert err.value.status == 422
+        with pytest.raises(PickError) as err:
+            svc.submit(REQ, key="k1", principal="someone-else")
+        assert err.value.status == 422
+        assert svc.stats["accepted"] == 1
+    finally:
+        journal.close()
+
+
+async def test_journal_refuses_a_second_order_with_the_same_external_id(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        body = {
+            "order_id": "a",
+            "channel": "wms",
+            "external_id": "W-1",
+            "state": "PICKING",
+            "updated_ts": 1.0,
+        }
+        journal.commit_orders([body])
+        with pytest.raises(DuplicateOrderError):
+            journal.commit_orders([{**body, "order_id": "b"}], counters={"order": 2})
+        assert journal.counters() == {}  # nothing of the refused transaction was written
+    finally:
+        journal.close()
+
+
+async def test_expired_keys_fall_back_to_the_journal(tmp_path: Path) -> None:
+    """After the TTL the key and the external id are no longer in memory: the same
+    (channel, order id) is still recognised, by the journal's unique index."""
+    site, clock = site_with_route(tmp_path, ttl_h=1.0), Clock()
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        svc, _ = service(site, journal, clock)
+        first = svc.submit(REQ, key="k1", principal="p")
+        clock.now += 2 * 3600
+        svc2, _ = service(site, journal, clock)  # a restart, two hours later
+        assert svc2._keys == {}
+        again = svc2.submit(REQ, key="k1", principal="p")
+        assert (again.status, again.replayed) == (200, True)
+        assert again.order["order_id"] == first.order["order_id"]
+        with pytest.raises(PickError) as err:
+            svc2.submit(PickRequest("W-1", (("K0", 1),), "PS1", "wms"), key="k2", principal="p")
+        assert (err.value.status, err.value.code) == (409, "order_exists")
+        assert journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 1
+    finally:
+        journal.close()
+
+
+async def test_refusals_reserve_nothing_and_write_nothing(tmp_path: Path) -> None:
+    site, clock = site_with_route(tmp_path), Clock()
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        svc, _ = service(site, journal, clock, units=2, sorter_up=False)
+        cases = [
+            (PickRequest("A", (("K0", 1),), "PS1"), 503, "device_unavailable"),
+            (PickRequest("B", (("NOPE", 1),), "PS1"), 422, "invalid_pick"),
+            (PickRequest("C", (("K0", 1),), "PS9"), 422, "invalid_pick"),
+            (PickRequest("D", (("K0", 0),), "PS1"), 422, "invalid_pick"),
+            (PickRequest("E", (("K0", 3),), "PS1"), 409, "insufficient_stock"),
+        ]
+        for req, status, code in cases:
+            with pytest.raises(PickError) as err:
+                svc.submit(req, key=f"key-{req.external_id}", principal="p")
+            assert (err.value.status, err.value.code) == (status, code), req
+        assert svc.reserved("sh0") == 0
+        assert journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 0
+        assert journal.db.execute("SELECT count(*) FROM idempotency").fetchone()[0] == 0
+    finally:
+        journal.close()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{nope",
+        b"[]",
+        orjson.dumps({"order_id": "x", "pack_station": "PS1", "lines": "K0"}),
+        orjson.dumps({"order_id": "x", "pack_station": "PS1", "lines": [{"sku": "K0"}]}),
+        orjson.dumps({"order_id": 5, "pack_station": "PS1", "lines": []}),
+        orjson.dumps({"order_id": "x", "pack_station": "PS1", "lines": [], "channel": ""}),
+        orjson.dumps({"order_id": "x", "pack_station": "PS1", "lines": [], "idempotency_key": 3}),
+        orjson.dumps(
+            {"order_id": "x", "pack_station": "PS1", "lines": [{"sku": "K0", "qty": 1.5}]}
+        ),
+    ],
+)
+async def test_bad_mqtt_commands_are_answered_400(tmp_path: Path, payload: bytes) -> None:
+    site, clock = site_with_route(tmp_path), Clock()
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        svc, _ = service(site, journal, clock)
+        status, reply = svc.on_command(payload)
+        assert status == 400
+        assert reply["code"] == "bad_command"
+        assert reply["detail"]
+        assert svc.stats["invalid"] == 1
+    finally:
+        journal.close()
