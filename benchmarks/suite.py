@@ -24,7 +24,7 @@ Stages (``--stages``, comma-separated; default all):
 * ``profile``: py-spy on a QoS 1 drain (full mode; ``--profile`` in quick mode).
 
 ``--quick`` finishes in under 3 minutes (smaller counts, 1 run each, no 100k site, no profile);
-the full run takes about 15–20 minutes. docs/performance.md explains the method and the figures.
+the full run takes about 11–15 minutes. docs/performance.md explains the method and the figures.
 """
 
 from __future__ import annotations

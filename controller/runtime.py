@@ -39,6 +39,9 @@ log = logging.getLogger("floorhand.runtime")
 TICK_S = 0.5
 """Supervision period: staleness, alert dwell timers, outbox housekeeping."""
 
+ALERT_REPUBLISH_QUEUE = 2_000
+"""Deferred alert states are re-sent while fewer publishes than this are queued."""
+
 SAFE_STOP_S = 1.0
 """Bound of the STOP sent to every PLC on shutdown."""
 
@@ -430,6 +433,10 @@ class Runtime:
             now = self.clock()
             self.ingest.tick(now)
             self.alerts.tick(now)
+            if self.alerts.unpublished and self.link.state is LinkState.UP:
+                # Retained alert states that did not fit the link's queue (large sites at
+                # start-up, long outages): a bounded slice per tick, paced by the queue.
+                self.alerts.retry_unpublished(ALERT_REPUBLISH_QUEUE - self.link.queued_publishes)
             self._housekeeping()
 
     def _housekeeping(self) -> None:

@@ -36,6 +36,7 @@ from controller.domain.reorder import (
 )
 from controller.domain.stock import ShelfState, sku_level
 from controller.ports import EventRow, JournalPort, MessageLink
+from devices.errors import DeviceError
 
 log = logging.getLogger("floorhand.alerts")
 
@@ -100,6 +101,8 @@ class AlertService:
         self.alerts: dict[str, AlertState] = {k: AlertState(k) for k in self.targets}
         self.levels: dict[str, int | None] = dict.fromkeys(self.targets)
         self.published = 0
+        self.publish_deferred = 0
+        self.unpublished: set[str] = set()
         self.raised = 0
         self.commit_failures = 0
         self._dirty: set[str] = set()
@@ -283,9 +286,29 @@ class AlertService:
         }
 
     def _publish_state(self, key: str) -> None:
+        """Retained state of ``key``. When the link's outgoing queue is full (a large site at
+        start-up, or a long broker outage) the key is kept in ``unpublished`` for
+        `retry_unpublished`; publishing never fails the caller."""
         topic = f"{self._topic_base}/{key.replace(':', '/')}"
-        self._link.publish(topic, orjson.dumps(self.public(key)), qos=1, retain=True)
+        try:
+            self._link.publish(topic, orjson.dumps(self.public(key)), qos=1, retain=True)
+        except DeviceError:
+            self.unpublished.add(key)
+            self.publish_deferred += 1
+            return
+        self.unpublished.discard(key)
         self.published += 1
+
+    def retry_unpublished(self, budget: int) -> int:
+        """Publish up to ``budget`` deferred states (the supervision tick paces this by the
+        link's queue); returns how many were handed to the link."""
+        sent = 0
+        for key in list(self.unpublished)[: max(0, budget)]:
+            self._publish_state(key)
+            if key in self.unpublished:
+                break  # the queue is full again
+            sent += 1
+        return sent
 
 
 def _public(state: AlertState) -> tuple[Any, ...]:

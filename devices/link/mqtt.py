@@ -12,6 +12,7 @@ with capped, jittered backoff. Callers never retry: they watch `MqttLink.watch` 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import ssl
@@ -98,6 +99,10 @@ class MqttLinkConfig:
     backoff_max_s: float = 2.0
     max_packet_bytes: int = 1_048_576  # larger PUBLISHes are skipped, acked, reported
     max_queued_publishes: int = 10_000  # bound of the outgoing queue while down
+    max_batch: int = 512
+    """Most messages handed to ``on_messages`` in one call. A socket read can hold thousands
+    (a backlog after a reconnect); the rest is handed over in the next loop iterations, with
+    reading paused meanwhile, so one read never holds the event loop for long."""
     will: tuple[str, bytes, int, bool] | None = None  # (topic, payload, qos, retain)
 
 
@@ -149,6 +154,8 @@ def _check_config(cfg: MqttLinkConfig) -> None:
         raise bad("max_packet_bytes", f"must be in 16..{MAX_REMAINING_LENGTH}")
     if cfg.max_queued_publishes < 0:
         raise bad("max_queued_publishes", "must be >= 0")
+    if cfg.max_batch < 1:
+        raise bad("max_batch", "must be >= 1")
     for index, (topic_filter, qos) in enumerate(cfg.subscriptions):
         if not topic_filter or len(topic_filter.encode("utf-8")) > 0xFFFF:
             raise bad(f"subscriptions[{index}]", f"invalid topic filter {topic_filter!r}")
@@ -183,6 +190,8 @@ class _Connection(asyncio.Protocol):
         self.keepalive_s = 0.0
         self.last_ping = 0.0
         self.callback_failed = False
+        self.backlog: collections.deque[MqttMessage] = collections.deque()
+        self.draining = False  # a backlog hand-over is scheduled
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -682,20 +691,56 @@ class MqttLink:
         if messages:
             stats.messages_in += len(messages)
             self._unacked_in.update([m.packet_id for m in messages if m.packet_id])
-            try:
-                self._on_messages(messages)
-            except Exception:
-                stats.callback_errors += 1
-                if not conn.callback_failed:
-                    conn.callback_failed = True
-                    self._log.exception(
-                        "%s on_messages failed; batch of %d not acked (later failures on "
-                        "this connection are only counted)",
-                        self.name,
-                        len(messages),
-                    )
+            limit = self._config.max_batch
+            if conn.backlog or len(messages) > limit:
+                # Keep arrival order behind an earlier backlog; hand over a slice now and the
+                # rest in later loop iterations, not reading more meanwhile.
+                first = [] if conn.backlog else messages[:limit]
+                conn.backlog.extend(messages[len(first) :])
+                if first:
+                    self._deliver(conn, first)
+                if conn.backlog and not conn.draining:
+                    conn.draining = True
+                    if conn.transport is not None:
+                        conn.transport.pause_reading()
+                    asyncio.get_running_loop().call_soon(self._drain_backlog, conn)
+            else:
+                self._deliver(conn, messages)
         if parser.auto_ack or parser.oversized or parser.invalid:
             self._on_undeliverable(conn, parser)
+
+    def _deliver(self, conn: _Connection, messages: list[MqttMessage]) -> None:
+        try:
+            self._on_messages(messages)
+        except Exception:
+            self.stats.callback_errors += 1
+            if not conn.callback_failed:
+                conn.callback_failed = True
+                self._log.exception(
+                    "%s on_messages failed; batch of %d not acked (later failures on "
+                    "this connection are only counted)",
+                    self.name,
+                    len(messages),
+                )
+
+    def _drain_backlog(self, conn: _Connection) -> None:
+        """Hand the next slice of a large read to ``on_messages``; resume reading when done
+        (unless `pause_reading` asked for backpressure meanwhile)."""
+        if conn.closing:
+            conn.backlog.clear()
+            conn.draining = False
+            return
+        backlog = conn.backlog
+        n = min(len(backlog), self._config.max_batch)
+        batch = [backlog.popleft() for _ in range(n)]
+        if batch:
+            self._deliver(conn, batch)
+        if backlog and not conn.closing:
+            asyncio.get_running_loop().call_soon(self._drain_backlog, conn)
+            return
+        conn.draining = False
+        if not self._paused and conn.transport is not None and not conn.closing:
+            conn.transport.resume_reading()
 
     def _on_undeliverable(self, conn: _Connection, parser: PacketParser) -> None:
         ids = parser.auto_ack

@@ -436,3 +436,32 @@ async def test_stale_epoch_acks_are_ignored(broker: MosquittoBroker) -> None:
         link.ack([999])  # never delivered: ignored
         assert link.stats.acks_sent == 0
     assert epochs == [1]
+
+
+async def test_a_large_backlog_is_handed_over_in_bounded_slices_in_order(
+    broker: MosquittoBroker,
+) -> None:
+    """A resumed session's backlog arrives in large socket reads; ``on_messages`` never gets
+    more than ``max_batch`` messages at once, and gets all of them in the broker's order."""
+    first = Collector()
+    link = make_link(broker.port, first)
+    async with running(link):
+        await link.wait_up(5)
+    await publish(broker.port, numbered(3000))  # queued in the session while we are away
+
+    batches: list[int] = []
+
+    class Slices(Collector):
+        def __call__(self, batch: list[MqttMessage]) -> None:
+            batches.append(len(batch))
+            super().__call__(batch)
+
+    second = Slices()
+    relink = make_link(broker.port, second, max_batch=100)
+    async with running(relink):
+        await relink.wait_up(5)
+        await second.wait_until(lambda ms: len(ms) >= 3000, 20)
+    assert max(batches) <= 100
+    assert len(batches) >= 30
+    assert [int(p) for p in second.payloads()] == list(range(3000))
+    assert relink.stats.acks_sent == 3000

@@ -14,8 +14,10 @@ import pytest
 from controller.adapters.journal import Journal
 from controller.bus import Bus
 from controller.config import load_site
+from controller.domain.stock import ShelfState
 from controller.services.alerts import AlertService
 from controller.services.ingest import IngestService, shelf_specs
+from devices.errors import DeviceUnavailable
 from devices.link.mqtt import MqttMessage
 from tests.sites import TARE_G, UNIT_G, topic, write_small_site
 
@@ -162,3 +164,46 @@ def test_severity_follows_the_level(tmp_path: Path, level: int) -> None:
     state = w.alerts.public("K0")
     assert state["severity"] == expected
     assert state["suggested_order_qty"] == 40 - level
+
+
+class FullQueueLink(RecordingLink):
+    """A link whose outgoing queue holds ``room`` publishes until `drain` (DeviceUnavailable
+    beyond, as MqttLink does while the broker is away)."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        if self.room <= 0:
+            raise DeviceUnavailable("queue full")
+        self.room -= 1
+        super().publish(topic, payload, qos, retain)
+
+
+def test_retained_states_beyond_the_link_queue_are_deferred_not_fatal(tmp_path: Path) -> None:
+    """A site with more alert targets than the link queues while down must still start: the
+    states that do not fit are kept and published as the queue drains."""
+    site = load_site(write_small_site(tmp_path, mqtt_port=1, scales=25))
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.open()
+    try:
+        link = FullQueueLink(room=10)
+        specs = shelf_specs(site)
+        states = {sid: ShelfState(spec) for sid, spec in specs.items()}
+        alerts = AlertService(site, journal, link, Bus().publish, states, specs)
+        alerts.republish_all()  # must not raise
+        assert len(link.published) == 10
+        assert len(alerts.unpublished) == 15
+        link.room = 8
+        assert alerts.retry_unpublished(100) == 8
+        assert len(alerts.unpublished) == 7
+        link.room = 100
+        assert alerts.retry_unpublished(5) == 5
+        assert alerts.retry_unpublished(100) == 2
+        assert not alerts.unpublished
+        assert sorted(t for t, _ in link.published) == sorted(
+            f"fh/t/alerts/K{i}" for i in range(25)
+        )
+    finally:
+        journal.close()
