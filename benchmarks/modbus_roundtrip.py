@@ -49,6 +49,37 @@ def pct(values: list[float], q: float) -> float:
 
 
 @contextlib.asynccontextmanager
+async def plcs_process(site: Path) -> AsyncIterator[None]:
+    """The site's ``[[plcs]]`` served by ``python -m simulators plcs`` in a child process (no
+    fault proxy, physical time ``SPEED`` × faster, ``TICK_S`` model tick) until the block ends."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "simulators",
+        "plcs",
+        str(site),
+        "--no-faults",
+        "--speed",
+        str(SPEED),
+        "--tick",
+        str(TICK_S),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            while b"running" not in (await proc.stdout.readline()):
+                pass
+        yield
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await proc.wait()
+
+
+@contextlib.asynccontextmanager
 async def sorter_process(port: int) -> AsyncIterator[None]:
     with tempfile.TemporaryDirectory() as tmp:
         site = Path(tmp) / "site.toml"
@@ -65,31 +96,8 @@ lane_capacity = 60000
 queue_capacity = 8
 """
         )
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "simulators",
-            "plcs",
-            str(site),
-            "--no-faults",
-            "--speed",
-            str(SPEED),
-            "--tick",
-            str(TICK_S),
-            cwd=ROOT,
-            stdout=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-        try:
-            assert proc.stdout is not None
-            async with asyncio.timeout(20):
-                while b"running" not in (await proc.stdout.readline()):
-                    pass
+        async with plcs_process(site):
             yield
-        finally:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-            await proc.wait()
 
 
 @contextlib.asynccontextmanager

@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +47,7 @@ from benchmarks.ingest_e2e import (  # noqa: E402
     start_loadgen,
 )
 from benchmarks.loadgen import device_names, encode_readings, publish_all  # noqa: E402
+from benchmarks.modbus_roundtrip import plcs_process  # noqa: E402
 from controller.api.app import create_app  # noqa: E402
 from controller.config import load_site  # noqa: E402
 from controller.runtime import Runtime  # noqa: E402
@@ -59,8 +56,6 @@ from tests.mosquitto import free_port  # noqa: E402
 from tests.sites import TOKENS, write_small_site  # noqa: E402
 
 SELF = Path(__file__).resolve()
-SPEED = 1_000_000.0
-TICK_S = 0.001
 TARGET_P99_MS = 2.0
 
 
@@ -125,35 +120,6 @@ lane = 2
 """
     path.write_text(text)
     return path
-
-
-@contextlib.asynccontextmanager
-async def plc_process(site: Path) -> AsyncIterator[None]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "simulators",
-        "plcs",
-        str(site),
-        "--no-faults",
-        "--speed",
-        str(SPEED),
-        "--tick",
-        str(TICK_S),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(20):
-            while b"running" not in (await proc.stdout.readline()):
-                pass
-        yield
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        await proc.wait()
 
 
 class Probe:
@@ -314,7 +280,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             enc = encode_readings(
                 device_names(DEVICES), 6 * DEVICES, ts0=time.time() - 10, step_every=0
             )
-            async with plc_process(site_path):
+            async with plcs_process(site_path):
                 rt = Runtime(site)
                 app = create_app(site, runtime=rt)
                 server = uvicorn.Server(
