@@ -176,7 +176,6 @@ class PickingService:
         self._belt_ok: dict[str, float] = {}
         self._belt_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.stats: dict[str, int] = defaultdict(int)
-        self.on_dispatch: Callable[[str], None] | None = None  # benchmark probe
 
     # -- restore -------------------------------------------------------------------------------
     def restore(self) -> list[Order]:
@@ -696,8 +695,6 @@ class PickingService:
 
     async def _send(self, order: Order, task: PickTask) -> None:
         driver = self.sorters[task.sorter]
-        if self.on_dispatch is not None:
-            self.on_dispatch(order.order_id)
         try:
             await driver.send(task.cmd_id, task.tote, task.lane)
         except CommandOutcomeUnknown as exc:
