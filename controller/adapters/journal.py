@@ -637,6 +637,17 @@ class Journal:
     def counters(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.db.execute("SELECT name, value FROM counters")}
 
+    def trim_orders(self, closed_before_ts: float) -> int:
+        """Delete closed orders (SHIPPED, EXCEPTION) last changed before ``closed_before_ts``;
+        their events stay in the outbox/history. Open orders are never deleted."""
+        try:
+            cur = self.db.execute(
+                "DELETE FROM orders WHERE open = 0 AND updated_ts < ?", (closed_before_ts,)
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(f"order trim failed: {exc}") from exc
+        return cur.rowcount
+
     def trim_idempotency(self, older_than_ts: float) -> int:
         try:
             cur = self.db.execute("DELETE FROM idempotency WHERE created_ts < ?", (older_than_ts,))

@@ -596,7 +596,8 @@ class PickingService:
             self._tg = None
 
     async def _housekeeping(self) -> None:
-        """Forget idempotency keys and external ids older than the TTL (memory and journal)."""
+        """Forget idempotency keys and external ids older than the TTL (memory and journal),
+        and delete closed orders past ``keep_closed_days``."""
         while True:
             await asyncio.sleep(HOUSEKEEPING_S)
             cutoff = self.clock() - self.cfg.idempotency_ttl_h * 3600
@@ -609,8 +610,11 @@ class PickingService:
             }
             try:
                 self.journal.trim_idempotency(cutoff)
+                dropped = self.journal.trim_orders(self.clock() - self.cfg.keep_closed_days * 86400)
+                if dropped:
+                    log.info("deleted %d closed order(s) past their retention", dropped)
             except Exception as exc:
-                log.error("idempotency trim failed: %s", exc)
+                log.error("order housekeeping failed: %s", exc)
 
     def _updated_after(self, order_id: str, cutoff: float) -> bool:
         order = self._closed.get(order_id)

@@ -220,3 +220,26 @@ async def test_bad_mqtt_commands_are_answered_400(tmp_path: Path, payload: bytes
         assert svc.stats["invalid"] == 1
     finally:
         journal.close()
+
+
+async def test_closed_orders_are_trimmed_open_ones_never(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        rows = [
+            ("old-shipped", "SHIPPED", 100.0),
+            ("old-exception", "EXCEPTION", 100.0),
+            ("old-open", "PICKING", 100.0),
+            ("new-shipped", "SHIPPED", 900.0),
+        ]
+        journal.commit_orders(
+            [
+                {"order_id": oid, "channel": "c", "external_id": oid, "state": st, "updated_ts": ts}
+                for oid, st, ts in rows
+            ]
+        )
+        assert journal.trim_orders(500.0) == 2
+        left = {r[0] for r in journal.db.execute("SELECT order_id FROM orders")}
+        assert left == {"old-open", "new-shipped"}
+    finally:
+        journal.close()
