@@ -450,6 +450,7 @@ def _print_banner(
                 f"  dashboard: {api}/dashboard/  (sign in with a token below)",
                 f"  stock:   {api}/api/v1/stock",
                 f"  alerts:  {api}/api/v1/alerts",
+                f"  orders:  {api}/api/v1/orders   (pack/ship: POST …/orders/ID/pack, /ship)",
                 f"  health:  {api}/api/v1/health",
                 f"  docs:    {api}/docs",
                 *token_lines,
