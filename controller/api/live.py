@@ -34,6 +34,7 @@ from fastapi import APIRouter, Depends, FastAPI, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from controller.api.auth import ALL_ROLES, Principal, authenticate, bearer_token, checked_in_handler
+from controller.api.metrics import LiveCollector
 from controller.domain.model import StockState
 from controller.domain.reorder import classify
 from controller.runtime import Runtime
@@ -500,6 +501,9 @@ def install_live(app: FastAPI, rt: Runtime) -> LiveHub:
     api = rt.site.api
     hub = LiveHub(rt, queue_size=api.live_queue, allowed_origins=api.allowed_origins)
     app.state.live = hub
+    metrics = getattr(app.state, "metrics", None)
+    if metrics is not None:  # /metrics (controller/api/metrics.py) reports the hub too
+        metrics.registry.register(LiveCollector(hub.summary))
     router = APIRouter()
 
     # Every role may read; the handler authenticates itself (it must answer the subprotocol

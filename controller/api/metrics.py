@@ -10,7 +10,7 @@ the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.md.
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -261,6 +261,30 @@ class RuntimeCollector(Collector):
             for st in ("starting", "up", "down"):
                 up.add_metric([h["backend"], st], 1 if h["state"] == st else 0)
             yield up
+
+
+class LiveCollector(Collector):
+    """The live WebSocket hub's figures (``LiveHub.summary()``) at scrape time."""
+
+    def __init__(self, summary: Callable[[], dict[str, Any]]) -> None:
+        self.summary = summary
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.summary()
+        yield _gauge("floorhand_live_clients", "Connected /api/v1/live clients.", s["clients"])
+        yield _gauge("floorhand_live_queued", "Messages queued for live clients.", s["queued"])
+        yield _counter("floorhand_live_connections", "Live connections accepted.", s["connections"])
+        yield _counter(
+            "floorhand_live_dropped",
+            "Messages dropped from slow live clients' queues (drop-oldest).",
+            s["dropped_total"],
+        )
+        refused = CounterMetricFamily(
+            "floorhand_live_refused", "Live connections refused, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(s["refused"].items()):
+            refused.add_metric([str(reason)], n)
+        yield refused
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

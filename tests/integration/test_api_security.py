@@ -379,6 +379,9 @@ async def test_metrics_expose_live_runtime_counters(
         "floorhand_http_rate_limited",
         "floorhand_http_body_too_large",
         "floorhand_pick_latency_seconds",
+        "floorhand_live_clients",
+        "floorhand_live_dropped",
+        "floorhand_live_refused",
     }
     assert expected <= set(m), expected - set(m)
     # The same live counters the health endpoint reports, not a second count.
@@ -401,6 +404,7 @@ async def test_metrics_expose_live_runtime_counters(
     assert value(m, "floorhand_http_auth_failures_total", reason="forbidden") == 1
     assert value(m, "floorhand_http_request_duration_seconds_count", route="/api/v1/stock") == 4
     assert value(m, "floorhand_pick_latency_seconds_count") >= 0
+    assert value(m, "floorhand_live_clients") == 0  # no dashboard connected in this test
 
 
 async def test_demo_style_env_tokens_and_open_metrics(
