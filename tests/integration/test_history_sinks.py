@@ -98,8 +98,9 @@ async def drain_all(svc: HistoryService, journal: Journal, timeout_s: float = 20
 
 
 class _Proxy:
-    """A TCP proxy on 127.0.0.1 in front of ``upstream_port``; subclasses define ``_serve``.
-    Its connection tasks are tracked and cancelled on exit."""
+    """A TCP proxy on 127.0.0.1 in front of ``upstream_port``: requests are forwarded at once,
+    each chunk of the server's reply goes through ``_reply`` (False: drop it and close the
+    client's connection). Its connection tasks are tracked and cancelled on exit."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
@@ -119,18 +120,8 @@ class _Proxy:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
-        raise NotImplementedError
-
-
-class ReplyCutter(_Proxy):
-    """A TCP proxy on 127.0.0.1 that forwards requests and, while ``cut`` > 0, drops the
-    server's reply and closes the client connection (the server did store the batch)."""
-
-    def __init__(self, upstream_port: int, cut: int) -> None:
-        super().__init__(upstream_port)
-        self.cut = cut
-        self.cuts_done = 0
+    async def _reply(self, data: bytes) -> bool:
+        return True
 
     async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -146,10 +137,8 @@ class ReplyCutter(_Proxy):
         up.add_done_callback(self._tasks.discard)
         try:
             while data := await u_reader.read(65536):
-                if self.cut > 0:
-                    self.cut -= 1
-                    self.cuts_done += 1
-                    break  # the reply is lost: close the client side
+                if not await self._reply(data):
+                    break
                 c_writer.write(data)
                 await c_writer.drain()
         except OSError:
@@ -160,6 +149,23 @@ class ReplyCutter(_Proxy):
                 w.close()
                 with contextlib.suppress(OSError):
                     await w.wait_closed()
+
+
+class ReplyCutter(_Proxy):
+    """While ``cut`` > 0, drops the server's reply and closes the client connection (the server
+    did store the batch)."""
+
+    def __init__(self, upstream_port: int, cut: int) -> None:
+        super().__init__(upstream_port)
+        self.cut = cut
+        self.cuts_done = 0
+
+    async def _reply(self, data: bytes) -> bool:
+        if self.cut > 0:
+            self.cut -= 1
+            self.cuts_done += 1
+            return False  # the reply is lost
+        return True
 
 
 # -- InfluxDB 1.x ------------------------------------------------------------------------------
@@ -335,10 +341,10 @@ async def test_database_outage_under_load_loses_nothing(tmp_path: Path, journal:
 
 # -- slow database ------------------------------------------------------------------------------
 class SlowReplies(_Proxy):
-    """A TCP proxy on 127.0.0.1 in front of the database that forwards requests at once and
-    holds the replies: while ``gate`` is clear each reply waits for it (the database is stuck),
-    then every reply is delayed by ``delay_s`` (slow but moving); ``delay_s = 0`` with the
-    gate set is a fast database again. ``held`` is set when a reply starts waiting."""
+    """Holds the database's replies: while ``gate`` is clear each reply waits for it (the
+    database is stuck), then every reply is delayed by ``delay_s`` (slow but moving);
+    ``delay_s = 0`` with the gate set is a fast database again. ``held`` is set when a reply
+    starts waiting."""
 
     def __init__(self, upstream_port: int) -> None:
         super().__init__(upstream_port)
@@ -348,45 +354,18 @@ class SlowReplies(_Proxy):
         self.waiting = 0
         self.released = 0
 
-    def _track(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
-        u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-
-        async def pump_up() -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await c_reader.read(65536):
-                    u_writer.write(data)
-                    await u_writer.drain()
-
-        up = asyncio.create_task(pump_up())
-        self._tasks.add(up)
-        up.add_done_callback(self._tasks.discard)
+    async def _reply(self, data: bytes) -> bool:
+        self.waiting += 1
+        self.held.set()
         try:
-            while data := await u_reader.read(65536):
-                self.waiting += 1
-                self.held.set()
-                try:
-                    await self.gate.wait()
-                    if self.delay_s > 0:
-                        await asyncio.sleep(self.delay_s)  # the slow database, not a wait
-                finally:
-                    self.waiting -= 1
-                    self.held.clear()
-                self.released += 1
-                c_writer.write(data)
-                await c_writer.drain()
-        except OSError:
-            pass
+            await self.gate.wait()
+            if self.delay_s > 0:
+                await asyncio.sleep(self.delay_s)  # the slow database, not a wait
         finally:
-            up.cancel()
-            for w in (c_writer, u_writer):
-                w.close()
-                with contextlib.suppress(OSError):
-                    await w.wait_closed()
+            self.waiting -= 1
+            self.held.clear()
+        self.released += 1
+        return True
 
 
 class CommitWatch:
