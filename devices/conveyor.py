@@ -73,7 +73,7 @@ class ConveyorDriver(PlcDriver):
     async def start(self) -> ConveyorStatus:
         """START; `CommandRefused` if the belt is not starting or running afterwards
         (e-stop, jam, no fresh heartbeat...)."""
-        status = self._status(await self.command("START"))
+        status = self._status(await self.start_snapshot())
         if not status.running:
             raise CommandRefused(
                 f"{self.name}: start refused (state {status.state.value}, "

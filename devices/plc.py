@@ -86,6 +86,11 @@ BASE_REGISTERS: dict[str, tuple[RegisterType, Access]] = {
 }
 
 
+WATCHDOG_START_ATTEMPTS = 3
+WATCHDOG_START_RETRY_S = 0.3
+"""A START refused for a stale heartbeat is tried again after about one heartbeat interval."""
+
+
 class PlcDriver:
     """Base of `ConveyorDriver` and `SorterDriver`; not used directly."""
 
@@ -172,6 +177,19 @@ class PlcDriver:
             raise DeviceUnavailable(f"{self.name}: link {self.link.name} is {state.value}")
 
     # -- belt commands --------------------------------------------------------------------
+
+    async def start_snapshot(self) -> Snapshot:
+        """START and read back. A belt stopped by its watchdog refuses START until the PLC has
+        seen the heartbeat change (docs/plc-integration.md §2), which it may only register on
+        a later scan after a reconnect: such a refusal is retried after about one heartbeat
+        interval (``WATCHDOG_START_ATTEMPTS`` in all). The caller judges the final snapshot."""
+        snapshot = await self.command("START")
+        for _ in range(WATCHDOG_START_ATTEMPTS - 1):
+            if belt_state(snapshot).moving or belt_fault(snapshot) is not BeltFault.WATCHDOG:
+                break
+            await asyncio.sleep(WATCHDOG_START_RETRY_S)
+            snapshot = await self.command("START")
+        return snapshot
 
     async def command(self, name: str, *, priority: Priority = Priority.NORMAL) -> Snapshot:
         """Write ``command = name`` and read back until the PLC took it.

@@ -273,7 +273,7 @@ class SorterDriver(PlcDriver):
 
     async def start(self) -> SorterStatus:
         """START the sorter belt; `CommandRefused` if it is not starting or running after."""
-        await self.command("START")
+        await self.start_snapshot()
         status = self._require_status()
         if not status.running:
             raise CommandRefused(

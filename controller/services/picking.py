@@ -61,7 +61,6 @@ from devices.errors import (
     ResultTimeout,
 )
 from devices.link.state import LinkState
-from devices.plc import BeltFault
 from devices.sorter import CommandState, SorterDriver, SortResult
 
 log = logging.getLogger("floorhand.picking")
@@ -70,9 +69,6 @@ __all__ = ["PickError", "PickRequest", "PickingService", "Submitted"]
 
 HOUSEKEEPING_S = 600.0
 """How often expired idempotency keys are forgotten."""
-WATCHDOG_START_ATTEMPTS = 3
-WATCHDOG_START_RETRY_S = 0.3
-"""A START refused for a stale heartbeat is tried again after about one heartbeat interval."""
 BELT_FRESH_S = 0.5
 """A belt (conveyor, sorter) seen running this recently is not read again before a pick."""
 RECONCILE_WAIT_S = 30.0
@@ -672,7 +668,7 @@ class PickingService:
                 try:
                     status = await driver.status()
                     if not status.running:
-                        await self._start_belt(driver)
+                        await driver.start()  # retries a stale-heartbeat refusal
                 except DeviceError as exc:
                     self._belt_ok.pop(name, None)
                     self.stats["belt_start_failed"] += 1
@@ -680,22 +676,6 @@ class PickingService:
                     return f"{driver.KIND} {name}: {exc}"
                 self._belt_ok[name] = time.monotonic()
         return None
-
-    async def _start_belt(self, driver: ConveyorDriver | SorterDriver) -> None:
-        """START; a belt stopped by its watchdog refuses START until it has seen the heartbeat
-        change (docs/plc-integration.md §2), which a PLC may only register on its next scan
-        after a reconnect: such a refusal is retried after a heartbeat interval."""
-        for attempt in range(WATCHDOG_START_ATTEMPTS):
-            try:
-                await driver.start()
-                return
-            except CommandRefused:
-                status = await driver.status()
-                if status.running:
-                    return
-                if status.fault is not BeltFault.WATCHDOG or attempt + 1 == WATCHDOG_START_ATTEMPTS:
-                    raise
-                await asyncio.sleep(WATCHDOG_START_RETRY_S)
 
     async def _send(self, order: Order, task: PickTask) -> None:
         driver = self.sorters[task.sorter]

@@ -237,6 +237,22 @@ async def test_conveyor_estop_and_jam_need_reset() -> None:
         assert (await conveyor.start()).running
 
 
+async def test_start_refused_for_a_stale_heartbeat_is_retried_then_given_up() -> None:
+    """A START the PLC refuses for want of a fresh heartbeat (WATCHDOG) is sent again after a
+    heartbeat interval, three times in all; other refusals are not retried."""
+    async with conveyor_rig(speed=20.0) as r:
+        model, conveyor = r.model, r.driver
+        r.link.remove_heartbeat(conveyor.unit, conveyor.map["heartbeat"].address)
+        await model.wait_until(lambda: not model.heartbeat_fresh(model.last_tick), 3.0)
+        with pytest.raises(CommandRefused, match="WATCHDOG"):
+            await conveyor.start()
+        assert len(model.events_of("start_refused")) == 3
+        model.press_estop()
+        with pytest.raises(CommandRefused, match="ESTOP"):
+            await conveyor.start()
+        assert len(model.events_of("start_refused")) == 4  # not retried
+
+
 # -- sorter behaviour -----------------------------------------------------------------------------
 
 
