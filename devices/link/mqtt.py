@@ -122,7 +122,7 @@ class MqttLinkStats:
     last_rx_monotonic: float = 0.0
     invalid_in: int = 0  # PUBLISHes whose topic is not UTF-8: acked, not delivered
     oversize_in: int = 0  # PUBLISHes above max_packet_bytes: acked, reported, not delivered
-    callback_errors: int = 0  # on_messages raised; that batch was not acked
+    callback_errors: int = 0  # on_messages raised: batch not acked, connection closed
     publish_errors: int = 0  # PUBACK with a failure reason code, or a packet the broker refuses
 
 
@@ -189,7 +189,6 @@ class _Connection(asyncio.Protocol):
         self.linger: asyncio.TimerHandle | None = None
         self.keepalive_s = 0.0
         self.last_ping = 0.0
-        self.callback_failed = False
         self.backlog: collections.deque[MqttMessage] = collections.deque()
         self.draining = False  # a backlog hand-over is scheduled
 
@@ -216,9 +215,11 @@ class MqttLink:
 
     ``on_messages`` is called synchronously from the transport's data callback with every
     complete PUBLISH of one received chunk. It may call `ack` itself (e.g. after a group
-    commit); if it raises, the batch is logged, counted and not acked, and the link carries on.
+    commit), in any order: the link sends the PUBACKs in arrival order (see `ack`). If it
+    raises, the batch is logged, counted and not acked, and the link reconnects so the broker
+    redelivers it (acks must keep arrival order, so nothing after it could be acked).
     ``on_oversize(topic, size)`` reports PUBLISHes whose remaining length exceeds
-    ``max_packet_bytes``; they are skipped and acked.
+    ``max_packet_bytes``; they are skipped and acked in their place.
     """
 
     def __init__(
@@ -255,7 +256,13 @@ class MqttLink:
         )
         self._conn: _Connection | None = None
         self._epoch = 0
-        self._unacked_in: set[int] = set()
+        # Ordered ack window of the current connection: QoS 1 packet ids in arrival order
+        # whose PUBACK is not sent yet; how many of each id wait for the consumer's ack
+        # (pending) or only for an earlier message's (done). Counts, not sets: a broker
+        # without a receive maximum (3.1.1) may reuse an id that is still unacked.
+        self._arrivals: deque[int] = deque()
+        self._pending: dict[int, int] = {}
+        self._done: dict[int, int] = {}
         self._inflight: dict[int, bytes] = {}
         self._queue: deque[tuple[str, bytes, int, bool]] = deque()
         self._queued_qos0 = 0
@@ -369,25 +376,38 @@ class MqttLink:
             self._running = False
 
     def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None:
-        """Send PUBACKs for these QoS 1 packet ids in one write.
+        """Acknowledge these QoS 1 packet ids, in any order.
 
-        Ids of 0, ids not delivered on the current connection or already acked, and (when
-        given) an ``epoch`` other than the current one are ignored; when the link is down
-        nothing is sent: the broker redelivers.
+        PUBACKs go out in the order the PUBLISHes arrived (MQTT 5 and 3.1.1 §4.6): an ack is
+        held until every message that arrived before it on this connection was acked too,
+        then the whole contiguous run is written at once. Ids of 0, ids not delivered on the
+        current connection or already acked, and (when given) an ``epoch`` other than the
+        current one are ignored; when the link is down nothing is sent: the broker
+        redelivers.
         """
         conn = self._conn
         if conn is None or not conn.connected or (epoch is not None and epoch != self._epoch):
             return
-        pending = self._unacked_in
-        ids = [pid for pid in packet_ids if pid in pending]
-        if not ids:
-            return
-        if len(ids) > 1:
-            ids = list(dict.fromkeys(ids))
-        pending.difference_update(ids)
-        assert conn.transport is not None
-        conn.transport.write(encode_pubacks(ids))
-        self.stats.acks_sent += len(ids)
+        pending = self._pending
+        done = self._done
+        marked = False
+        for pid in packet_ids:
+            n = pending.get(pid)
+            if n is None:
+                continue
+            if n == 1:
+                del pending[pid]
+            else:
+                pending[pid] = n - 1
+            done[pid] = done.get(pid, 0) + 1
+            marked = True
+        if marked:
+            self._release_acks(conn)
+
+    @property
+    def acks_held(self) -> int:
+        """Acks given but not yet sent: they wait for an earlier message's ack."""
+        return sum(self._done.values())
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Send a PUBLISH without waiting (QoS 0 or 1).
@@ -599,7 +619,9 @@ class MqttLink:
     def _on_connection_made(self, conn: _Connection) -> None:
         self._conn = conn
         self._epoch += 1
-        self._unacked_in.clear()
+        self._arrivals.clear()
+        self._pending.clear()
+        self._done.clear()
         self.stats.last_rx_monotonic = time.monotonic()
 
     def _on_connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
@@ -688,9 +710,10 @@ class MqttLink:
             return
         if conn.closing:
             return
+        if messages or parser.skipped:
+            self._arrive(messages, parser)
         if messages:
             stats.messages_in += len(messages)
-            self._unacked_in.update([m.packet_id for m in messages if m.packet_id])
             limit = self._config.max_batch
             if conn.backlog or len(messages) > limit:
                 # Keep arrival order behind an earlier backlog; hand over a slice now and the
@@ -706,22 +729,77 @@ class MqttLink:
                     asyncio.get_running_loop().call_soon(self._drain_backlog, conn)
             else:
                 self._deliver(conn, messages)
-        if parser.auto_ack or parser.oversized or parser.invalid:
-            self._on_undeliverable(conn, parser)
+        if parser.oversized or parser.invalid:
+            self._on_undeliverable(parser)
+
+    def _arrive(self, messages: list[MqttMessage], parser: PacketParser) -> None:
+        """Record the QoS 1 packet ids of one read in arrival order; skipped ones (oversized,
+        topic not UTF-8) are acked at once, in their place."""
+        arrivals = self._arrivals
+        pending = self._pending
+        skipped = parser.skipped
+        if skipped:
+            parser.skipped = []
+            done = self._done
+            at = 0
+            for position, packet_id in skipped:
+                for msg in messages[at:position]:
+                    if msg.packet_id:
+                        arrivals.append(msg.packet_id)
+                        pending[msg.packet_id] = pending.get(msg.packet_id, 0) + 1
+                at = max(at, position)
+                arrivals.append(packet_id)
+                done[packet_id] = done.get(packet_id, 0) + 1
+            messages = messages[at:]
+        for msg in messages:
+            pid = msg.packet_id
+            if pid:
+                arrivals.append(pid)
+                pending[pid] = pending.get(pid, 0) + 1
+        if skipped:
+            conn = self._conn
+            if conn is not None and conn.connected:
+                self._release_acks(conn)
+
+    def _release_acks(self, conn: _Connection) -> None:
+        """Write the PUBACKs of the acked run at the head of the arrival order."""
+        arrivals = self._arrivals
+        done = self._done
+        out: list[int] = []
+        while arrivals:
+            pid = arrivals[0]
+            n = done.get(pid)
+            if not n:
+                break
+            if n == 1:
+                del done[pid]
+            else:
+                done[pid] = n - 1
+            arrivals.popleft()
+            out.append(pid)
+        if out:
+            assert conn.transport is not None
+            conn.transport.write(encode_pubacks(out))
+            self.stats.acks_sent += len(out)
 
     def _deliver(self, conn: _Connection, messages: list[MqttMessage]) -> None:
         try:
             self._on_messages(messages)
-        except Exception:
+        except Exception as exc:
+            # The batch stays unacked, and PUBACKs must keep arrival order, so nothing after
+            # it could be acked on this connection either: close it (acks already sent stay
+            # valid) and let the broker redeliver the batch and everything after it.
             self.stats.callback_errors += 1
-            if not conn.callback_failed:
-                conn.callback_failed = True
+            if self.stats.callback_errors == 1:
                 self._log.exception(
-                    "%s on_messages failed; batch of %d not acked (later failures on "
-                    "this connection are only counted)",
+                    "%s on_messages failed; batch of %d not acked, reconnecting for its "
+                    "redelivery (later failures are logged without traceback)",
                     self.name,
                     len(messages),
                 )
+            else:
+                self._log.error("%s on_messages failed again: %s", self.name, _describe(exc))
+            self._close(conn, "on_messages failed: its batch is redelivered", polite=True)
 
     def _drain_backlog(self, conn: _Connection) -> None:
         """Hand the next slice of a large read to ``on_messages``; resume reading when done
@@ -742,9 +820,8 @@ class MqttLink:
         if not self._paused and conn.transport is not None and not conn.closing:
             conn.transport.resume_reading()
 
-    def _on_undeliverable(self, conn: _Connection, parser: PacketParser) -> None:
-        ids = parser.auto_ack
-        parser.auto_ack = []
+    def _on_undeliverable(self, parser: PacketParser) -> None:
+        """Count and report PUBLISHes that were skipped (already acked by `_arrive`)."""
         if parser.invalid:
             if not self.stats.invalid_in:
                 self._log.warning("%s dropped a PUBLISH whose topic is not UTF-8", self.name)
@@ -752,18 +829,13 @@ class MqttLink:
             parser.invalid = 0
         oversized = parser.oversized
         parser.oversized = []
-        for topic, size, packet_id in oversized:
+        for topic, size, _ in oversized:
             self.stats.oversize_in += 1
-            if packet_id:
-                ids.append(packet_id)
             if self._on_oversize is not None:
                 try:
                     self._on_oversize(topic, size)
                 except Exception:
                     self._log.exception("%s on_oversize failed", self.name)
-        if ids:
-            self._unacked_in.update(ids)
-            self.ack(ids)
 
     def _on_control(self, conn: _Connection, packet_type: int, flags: int, body: bytes) -> None:
         proto = self._config.protocol

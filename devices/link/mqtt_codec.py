@@ -463,8 +463,10 @@ class PacketParser:
     channels, which the caller drains after each `feed`:
 
     * `control`: ``(packet type, flags, body)`` of every non-PUBLISH packet;
-    * `auto_ack`: ids of QoS 1 PUBLISHes that will not be delivered (topic not UTF-8) but
-      must still be acknowledged;
+    * `skipped`: ``(position, packet id)`` of QoS 1 PUBLISHes that will not be delivered
+      (topic not UTF-8, or oversized) but must still be acknowledged, in arrival order;
+      ``position`` is the index, in the list the same `feed` returned, of the first message
+      that arrived after it (PUBACKs must follow the arrival order of all PUBLISHes);
     * `oversized`: ``(topic, remaining length, packet id)`` of PUBLISHes longer than
       ``max_packet_bytes``; their bytes are skipped as they stream in, never buffered;
     * `invalid`: running count of PUBLISHes dropped for a topic that is not UTF-8.
@@ -481,10 +483,10 @@ class PacketParser:
         "_skip",
         "_skip_record",
         "_v5",
-        "auto_ack",
         "control",
         "invalid",
         "oversized",
+        "skipped",
     )
 
     def __init__(self, protocol: int, max_packet_bytes: int = 1_048_576) -> None:
@@ -499,7 +501,7 @@ class PacketParser:
         self._skip_record: tuple[str, int, int] = ("", 0, 0)
         self._aliases: dict[int, str] = {}
         self.control: list[tuple[int, int, bytes]] = []
-        self.auto_ack: list[int] = []
+        self.skipped: list[tuple[int, int]] = []
         self.oversized: list[tuple[str, int, int]] = []
         self.invalid = 0
 
@@ -517,6 +519,8 @@ class PacketParser:
             data = data[self._skip :]
             self._skip = 0
             self.oversized.append(self._skip_record)
+            if self._skip_record[2]:
+                self.skipped.append((0, self._skip_record[2]))
         if self._parts:
             self._parts.append(data)
             self._have += len(data)
@@ -552,7 +556,7 @@ class PacketParser:
                 head_len = after - pos
             total = head_len + length
             if length > max_bytes:
-                skipped_to = self._start_skip(data, pos, head_len, length)
+                skipped_to = self._start_skip(data, pos, head_len, length, len(messages))
                 if skipped_to < 0:
                     need = -skipped_to
                     break
@@ -596,7 +600,7 @@ class PacketParser:
                 except UnicodeDecodeError:
                     self.invalid += 1
                     if packet_id:
-                        self.auto_ack.append(packet_id)
+                        self.skipped.append((len(messages), packet_id))
                     pos = stop
                     continue
                 if alias:
@@ -625,8 +629,9 @@ class PacketParser:
             raise ProtocolError(f"PUBLISH uses unknown topic alias {alias}")
         return known
 
-    def _start_skip(self, data: bytes, pos: int, head_len: int, length: int) -> int:
-        """Handle a PUBLISH longer than the limit whose fixed header starts at ``pos``.
+    def _start_skip(self, data: bytes, pos: int, head_len: int, length: int, position: int) -> int:
+        """Handle a PUBLISH longer than the limit whose fixed header starts at ``pos``
+        (``position``: how many messages this `feed` returned before it).
 
         Returns the position to continue parsing at, or ``-need`` when more bytes are
         needed to read its topic and packet id.
@@ -657,6 +662,8 @@ class PacketParser:
         total = head_len + length
         if end - pos >= total:
             self.oversized.append(record)
+            if packet_id:
+                self.skipped.append((position, packet_id))
             return pos + total
         self._skip = total - (end - pos)
         self._skip_record = record

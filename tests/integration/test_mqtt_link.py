@@ -115,7 +115,8 @@ def numbered(count: int, start: int = 0) -> list[tuple[str, bytes]]:
 async def test_unacked_messages_are_redelivered_and_acked_ones_are_not(
     broker: MosquittoBroker, protocol: int
 ) -> None:
-    first = Collector(should_ack=lambda m: int(m.payload) % 2 == 0)
+    # 0..10 acked; 11 is not, so the acks of 12, 14, ... wait behind it (arrival order).
+    first = Collector(should_ack=lambda m: int(m.payload) < 10 or int(m.payload) % 2 == 0)
     link = make_link(broker.port, first, protocol=protocol)
     async with running(link):
         await link.wait_up(5)
@@ -123,10 +124,11 @@ async def test_unacked_messages_are_redelivered_and_acked_ones_are_not(
         assert not link.session_present
         await publish(broker.port, numbered(20), protocol)
         await first.wait_until(lambda ms: len(ms) >= 20)
+        assert link.acks_held == 4
     assert sorted(int(p) for p in first.payloads()) == list(range(20))
     assert not any(m.dup for m in first.messages)
     assert all(m.qos == 1 and m.packet_id for m in first.messages)
-    assert link.stats.acks_sent == 10
+    assert link.stats.acks_sent == 11
     assert link.state is LinkState.DOWN
 
     second = Collector()
@@ -134,43 +136,55 @@ async def test_unacked_messages_are_redelivered_and_acked_ones_are_not(
     async with running(relink):
         await relink.wait_up(5)
         assert relink.session_present
-        await second.wait_until(lambda ms: len(ms) >= 10)
+        await second.wait_until(lambda ms: len(ms) >= 9)
         await publish(broker.port, [("shelf/end", b"end")], protocol)
         await second.wait_for_payload(b"end")
     redelivered = [m for m in second.messages if m.payload != b"end"]
-    assert sorted(int(m.payload) for m in redelivered) == list(range(1, 20, 2))
+    assert sorted(int(m.payload) for m in redelivered) == list(range(11, 20))
     assert all(m.dup for m in redelivered)
     assert second.payloads().count(b"end") == 1
 
 
-async def test_a_failing_callback_does_not_ack_or_kill_the_link(broker: MosquittoBroker) -> None:
-    class FailingCollector(Collector):
+async def test_a_failing_callback_is_redelivered_and_does_not_kill_the_link(
+    broker: MosquittoBroker,
+) -> None:
+    """A batch whose callback raised is not acked; since acks keep arrival order nothing after
+    it could be, so the link reconnects and the broker redelivers it."""
+
+    class FailingOnce(Collector):
+        failed = False
+
         def __call__(self, batch: list[MqttMessage]) -> None:
-            if any(m.payload == b"boom" for m in batch):
+            if not self.failed and any(m.payload == b"boom" for m in batch):
+                self.failed = True
                 self.messages.extend(batch)
                 self._changed.set()
                 raise RuntimeError("journal full")
             super().__call__(batch)
 
-    collector = FailingCollector()
+    collector = FailingOnce()
     link = make_link(broker.port, collector, client_id="cb")
     async with running(link):
         await link.wait_up(5)
         await publish(broker.port, [("shelf/x", b"boom")])
-        await collector.wait_for_payload(b"boom")
+        await collector.wait_until(lambda ms: [m.payload for m in ms] == [b"boom"] * 2)
+        await link.wait_up(5)
         await publish(broker.port, [("shelf/x", b"fine")])
         await collector.wait_for_payload(b"fine")
         assert link.state is LinkState.UP
         assert link.stats.callback_errors == 1
-        assert link.stats.acks_sent == 1
-    assert collector.payloads() == [b"boom", b"fine"]
+        assert link.stats.connects == 2
+        assert link.stats.acks_sent == 2
+    assert collector.payloads() == [b"boom", b"boom", b"fine"]
+    assert collector.messages[1].dup
 
     again = Collector()
     relink = make_link(broker.port, again, client_id="cb")
     async with running(relink):
-        await again.wait_for_payload(b"boom")  # the failed batch was not acked
-    assert again.messages[0].dup
-    assert again.payloads() == [b"boom"]
+        await relink.wait_up(5)
+        await publish(broker.port, [("shelf/end", b"end")])
+        await again.wait_for_payload(b"end")
+    assert again.payloads() == [b"end"]
 
 
 # -- 3: broker restart ------------------------------------------------------------------------
@@ -465,3 +479,65 @@ async def test_a_large_backlog_is_handed_over_in_bounded_slices_in_order(
     assert len(batches) >= 30
     assert [int(p) for p in second.payloads()] == list(range(3000))
     assert relink.stats.acks_sent == 3000
+
+
+# -- PUBACK order (MQTT 5 §4.6, 3.1.1 §4.6) ---------------------------------------------------
+
+
+def _wire_order(log: str, client_id: str) -> tuple[list[int], list[int]]:
+    """The message ids mosquitto sent to ``client_id`` (QoS 1) and the ids of the PUBACKs it
+    received from it, each in log order."""
+    sent: list[int] = []
+    acked: list[int] = []
+    for line in log.splitlines():
+        if f"Sending PUBLISH to {client_id} (" in line and ", q1, " in line:
+            sent.append(int(line.split(", m", 1)[1].split(",", 1)[0]))
+        elif f"Received PUBACK from {client_id} (Mid: " in line:
+            acked.append(int(line.split("(Mid: ", 1)[1].split(",", 1)[0].rstrip(")")))
+    return sent, acked
+
+
+@pytest.mark.parametrize("max_batch", [512, 3])
+async def test_pubacks_leave_in_arrival_order_whatever_order_the_consumer_acks(
+    tmp_path: Path, max_batch: int
+) -> None:
+    """The consumer acks commands at once and readings after its "commit" (the runtime's
+    split); an oversized message in the middle is acked by the link itself. On the wire the
+    PUBACKs must still follow the order the PUBLISHes arrived in."""
+    async with running_mosquitto(tmp_path / "mosquitto", extra_config="log_type all") as broker:
+
+        class CommandsFirst(Collector):
+            def __call__(self, batch: list[MqttMessage]) -> None:
+                self.messages.extend(batch)
+                assert self.link is not None
+                self.link.ack([m.packet_id for m in batch if m.topic.startswith("cmd/")])
+                self.link.ack([m.packet_id for m in batch if not m.topic.startswith("cmd/")])
+                self._changed.set()
+
+        collector = CommandsFirst()
+        link = make_link(
+            broker.port,
+            collector,
+            client_id="order",
+            protocol=4,  # the broker does not know our packet limit: it sends the big one
+            max_packet_bytes=4_096,
+            max_batch=max_batch,
+            subscriptions=(("shelf/#", 1), ("cmd/#", 1)),
+        )
+        mixed: list[tuple[str, bytes]] = []
+        for i in range(6):
+            mixed.append((f"shelf/{i}/weight_g", str(i).encode()))
+            if i % 2:
+                mixed.append((f"cmd/{i}", b"pick"))
+            if i == 2:
+                mixed.append(("shelf/big", b"x" * 5_000))
+        async with running(link):
+            await link.wait_up(5)
+            link.pause_reading()  # let them pile up: one read holds the whole mix
+            await publish(broker.port, mixed, 4)
+            link.resume_reading()
+            await collector.wait_until(lambda ms: len(ms) >= len(mixed) - 1)
+            assert link.stats.oversize_in == 1
+        sent, acked = _wire_order(broker.log_path.read_text(), "order")
+    assert len(sent) == len(mixed)
+    assert acked == sent

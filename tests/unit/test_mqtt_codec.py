@@ -370,8 +370,34 @@ def test_invalid_utf8_topic_is_skipped_but_acked() -> None:
     stream = bad + encode_publish("good", b"z", 1, False, 8, 4)
     parser = PacketParser(4)
     assert parser.feed(stream) == [msg("good", b"z", packet_id=8)]
-    assert parser.auto_ack == [7]
+    assert parser.skipped == [(0, 7)]
     assert parser.invalid == 1
+
+
+def test_skipped_publishes_keep_their_place_in_arrival_order() -> None:
+    """PUBACKs follow arrival order, so the link must know where the skipped ones arrived."""
+    bad = b"\x32\x09\x00\x03a\xffb\x00\x07xy"  # QoS 1, topic not UTF-8, id 7
+    stream = (
+        encode_publish("ok/1", b"1", 1, False, 1, 4)
+        + encode_publish("too/big", b"x" * 300, 1, False, 2, 4)
+        + encode_publish("ok/3", b"3", 1, False, 3, 4)
+        + bad
+        + encode_publish("ok/4", b"4", 0, False, 0, 4)
+        + encode_publish("too/big", b"y" * 300, 1, False, 5, 4)
+    )
+    for cut in range(len(stream) + 1):
+        parser = PacketParser(4, max_packet_bytes=100)
+        first = parser.feed(stream[:cut])
+        skipped_first = parser.skipped
+        parser.skipped = []
+        second = parser.feed(stream[cut:])
+        order: list[object] = []
+        for got, skipped in ((first, skipped_first), (second, parser.skipped)):
+            for index, message in enumerate([*got, None]):
+                order += [pid for position, pid in skipped if position == index]
+                if message is not None:
+                    order.append(message.topic)
+        assert order == ["ok/1", 2, "ok/3", 7, "ok/4", 5], cut
 
 
 def test_topic_alias_is_resolved() -> None:
