@@ -30,16 +30,29 @@ class DeadLetter:
 
 
 class Cursor(NamedTuple):
-    """Per-device replay protection: highest (epoch, seq) applied and a bitmap of the
-    ``WINDOW`` sequence numbers below it that were seen (bit i ↔ seq − 1 − i). A NamedTuple:
-    one is built per reading on the hot path."""
+    """Per-device sequence accounting: the newest ``(epoch, seq)`` accepted and, below it, the
+    sequence numbers that never arrived. A NamedTuple: one is built per reading on the hot path.
+
+    A seq below ``seq`` (same epoch, at or above ``floor``) is a duplicate unless it lies in one
+    of ``holes``: then it is a late reading that fills its gap."""
 
     epoch: int
     seq: int
-    window: int
     ts_s: float
+    """Time of the newest reading (``seq``)."""
     applied: int = 0
-    """Readings of this device applied since the controller first saw it (all epochs)."""
+    """Readings of this device accepted since the controller first saw it (all epochs, late
+    ones included)."""
+    floor: int = 0
+    """Lowest seq of ``epoch`` this cursor accounts for; whether a seq below it was seen is not
+    known here (the journal's outbox is asked)."""
+    holes: tuple[tuple[int, int], ...] = ()
+    """Ranges ``(first, last)`` (inclusive, ascending, between ``floor`` and ``seq``) of seqs
+    that never arrived; each counted in ``missing``."""
+    gaps: int = 0
+    """Sequence gaps seen (all epochs)."""
+    missing: int = 0
+    """Readings counted missing by those gaps and not arrived since (all epochs)."""
 
 
 @dataclass(frozen=True, slots=True)

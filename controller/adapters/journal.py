@@ -74,7 +74,11 @@ CREATE TABLE IF NOT EXISTS device_cursors (
     seq INTEGER NOT NULL,
     window BLOB NOT NULL,
     ts REAL NOT NULL,
-    applied INTEGER NOT NULL
+    applied INTEGER NOT NULL,
+    floor INTEGER,
+    holes BLOB,
+    gaps INTEGER,
+    missing INTEGER
 );
 CREATE TABLE IF NOT EXISTS shelf_states (shelf TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS alert_states (key TEXT PRIMARY KEY, body BLOB NOT NULL);
@@ -111,8 +115,10 @@ CREATE TABLE IF NOT EXISTS shelf_calibrations (shelf TEXT PRIMARY KEY, body BLOB
 """
 # -- shelf calibration overrides -- end -----------------------------------------------------------
 
-_WINDOW_BYTES = 64
-"""Room for a cursor's duplicate-detection bitmap (up to 512 sequence numbers)."""
+_CURSOR_COLUMNS = {"floor": "INTEGER", "holes": "BLOB", "gaps": "INTEGER", "missing": "INTEGER"}
+"""Columns journals written before gap accounting lack (added on open). Their rows carry a
+``window`` bitmap of the 256 seqs below the newest instead (bit i ↔ seq − 1 − i), read once by
+``_legacy_cursor``; cursors written since store an empty window."""
 
 CHECKPOINT_INTERVAL_S = 0.25
 """How often the checkpoint thread folds the WAL into the database."""
@@ -153,6 +159,24 @@ class Restored:
     outbox_rows: int
     torn_tail_bytes: int = 0
     """Bytes of an unfinished write (kill -9, power cut) SQLite discarded from the WAL."""
+
+
+def _legacy_cursor(epoch: int, seq: int, window: bytes, ts_s: float, applied: int) -> Cursor:
+    """A cursor saved as a 256-bit window: it accounts from the lowest seq it saw; the unseen
+    seqs above that become its holes (each counted missing, as they were when they opened)."""
+    bits = int.from_bytes(window, "little")
+    if not bits:
+        return Cursor(epoch, seq, ts_s, applied, seq)
+    floor = seq - bits.bit_length()
+    holes: list[tuple[int, int]] = []
+    for s in range(floor + 1, seq):
+        if not (bits >> (seq - 1 - s)) & 1:
+            if holes and holes[-1][1] == s - 1:
+                holes[-1] = (holes[-1][0], s)
+            else:
+                holes.append((s, s))
+    missing = sum(b - a + 1 for a, b in holes)
+    return Cursor(epoch, seq, ts_s, applied, floor, tuple(holes), len(holes), missing)
 
 
 def _read_head(path: Path, n: int) -> bytes:
@@ -221,6 +245,10 @@ class Journal:
             db.executescript(_SCHEMA)
             db.executescript(_ORDER_SCHEMA)
             db.executescript(_CALIBRATION_SCHEMA)
+            have = {r[1] for r in db.execute("PRAGMA table_info(device_cursors)")}
+            for column, kind in _CURSOR_COLUMNS.items():
+                if column not in have:
+                    db.execute(f"ALTER TABLE device_cursors ADD COLUMN {column} {kind}")
             row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 db.execute(
@@ -342,9 +370,23 @@ class Journal:
     def _restore(self) -> Restored:
         db = self.db
         cursors = {
-            device: Cursor(epoch, seq, int.from_bytes(window, "little"), ts, applied)
-            for device, epoch, seq, window, ts, applied in db.execute(
-                "SELECT device, epoch, seq, window, ts, applied FROM device_cursors"
+            device: (
+                _legacy_cursor(epoch, seq, window, ts, applied)
+                if floor is None
+                else Cursor(
+                    epoch,
+                    seq,
+                    ts,
+                    applied,
+                    floor,
+                    tuple((int(a), int(b)) for a, b in orjson.loads(holes)),
+                    gaps,
+                    missing,
+                )
+            )
+            for device, epoch, seq, window, ts, applied, floor, holes, gaps, missing in db.execute(
+                "SELECT device, epoch, seq, window, ts, applied, floor, holes, gaps, missing "
+                "FROM device_cursors"
             )
         }
         shelves = {
@@ -412,16 +454,20 @@ class Journal:
             if cursors:
                 db.executemany(
                     "INSERT OR REPLACE INTO device_cursors"
-                    "(device, epoch, seq, window, ts, applied) "
-                    "VALUES (?,?,?,?,?,?)",
+                    "(device, epoch, seq, window, ts, applied, floor, holes, gaps, missing) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
                     [
                         (
                             k,
                             c.epoch,
                             c.seq,
-                            c.window.to_bytes(_WINDOW_BYTES, "little"),
+                            b"",
                             c.ts_s,
                             c.applied,
+                            c.floor,
+                            orjson.dumps(c.holes),
+                            c.gaps,
+                            c.missing,
                         )
                         for k, c in cursors.items()
                     ],
@@ -440,7 +486,8 @@ class Journal:
         self.outbox_rows += len(readings) + len(events)
 
     def has_reading(self, device: str, epoch: int, seq: int) -> bool:
-        """Whether this reading is in the outbox (a redelivery older than the cursor window)."""
+        """Whether this reading is in the outbox (asked for a reading its device's cursor does
+        not account for: an earlier epoch, or below the cursor's floor)."""
         row = self.db.execute(
             "SELECT 1 FROM readings WHERE device=? AND epoch=? AND seq=?", (device, epoch, seq)
         ).fetchone()

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -103,6 +103,7 @@ KNOWN_EVENT_KINDS = frozenset(
         "alert_deescalated",
         "alert_resolved",
         "seq_gap",
+        "seq_gap_filled",
     }
 )
 MAX_OTHER_KINDS = 64
@@ -279,14 +280,24 @@ class PointBuilder:
                 "severity_code": SEVERITIES.index(sev) if sev in SEVERITIES else -1,
             }
             return _point("alert", tags, fields, ts_ms)
-        if kind == "seq_gap":
+        if kind == "seq_gap" or kind == "seq_gap_filled":
             device = _str(body, "device")
             tags = {"site": site, "zone": self.topo.devices.get(device, UNKNOWN), "device": device}
-            fields = {
-                "missing": _int(body, "missing"),
-                "after_seq": _int(body, "after_seq"),
-                "seq": _int(body, "seq"),
-            }
+            if kind == "seq_gap":
+                fields = {
+                    "missing": _int(body, "missing"),
+                    "after_seq": _int(body, "after_seq"),
+                    "seq": _int(body, "seq"),
+                }
+            else:
+                # Late readings arrived in a gap: negative, so sum(missing) is what is missing.
+                filled = _int(body, "filled")
+                assert filled is not None
+                fields = {
+                    "missing": -filled,
+                    "after_seq": _int(body, "first_seq"),
+                    "seq": _int(body, "last_seq"),
+                }
             return _point("seq_gap", tags, fields, ts_ms)
         if kind not in self._other_kinds and len(self._other_kinds) < MAX_OTHER_KINDS:
             self._other_kinds.add(kind)
@@ -314,6 +325,16 @@ NUDGE_WINDOW_MS = 1_000
 """A point at or before its series' last time, from a source clock at most this far behind the
 last source time, is moved to last + 1 ms; older ones keep their own time."""
 
+_NO_ORDER: Final = (-1, -1)
+
+
+def _reading_order(p: HistoryPoint) -> tuple[int, int]:
+    """``(epoch, seq)`` of a weight point (``PointBuilder.reading`` puts them first)."""
+    f = p.fields
+    if p.measurement == "weight" and len(f) >= 2 and f[0][0] == "epoch" and f[1][0] == "seq":
+        return int(f[0][1]), int(f[1][1])
+    return _NO_ORDER
+
 
 class TimeAssigner:
     """Gives every point a millisecond its series has not used, deterministically.
@@ -321,42 +342,61 @@ class TimeAssigner:
     InfluxDB keeps one point per series and timestamp (a second write overwrites it). Two outbox
     rows of one series can carry the same millisecond (ESPHome readings stamped with one receive
     time, a burst redelivered after an outage, a coarse device clock): the later one is moved to
-    ``last + 1`` ms. The state per series is ``(last assigned ms, last source ms)``; it depends
-    only on the rows drained so far, in outbox order, so a batch is always rebuilt the same way.
+    ``last + 1`` ms. The state per series is ``(last assigned ms, last source ms, epoch, seq)``
+    (the last two: the newest reading of a weight series); it depends only on the rows drained so
+    far, in outbox order, so a batch is always rebuilt the same way.
+
+    A late reading (its ``(epoch, seq)`` not above the series' newest: a publisher's backlog
+    delivered after newer readings) keeps its own millisecond and leaves the state as it was.
     """
 
     def __init__(self) -> None:
-        self.last: dict[SeriesKey, tuple[int, int]] = {}
+        self.last: dict[SeriesKey, tuple[int, int, int, int]] = {}
         self.nudged = 0
+        self.late = 0
 
     def assign(self, p: HistoryPoint) -> HistoryPoint:
         key = (p.measurement, p.tags)
         ts = p.ts_ms
         prev = self.last.get(key)
-        if prev is None or ts > prev[0]:
-            self.last[key] = (ts, ts)
+        order = _reading_order(p)
+        if prev is None:
+            self.last[key] = (ts, ts, *order)
             return p
-        last, last_src = prev
+        last, last_src, epoch, seq = prev
+        if order != _NO_ORDER:
+            if order <= (epoch, seq):
+                self.late += 1
+                return p
+            epoch, seq = order
+        if ts > last:
+            self.last[key] = (ts, ts, epoch, seq)
+            return p
         if ts >= last_src - NUDGE_WINDOW_MS:
             t = last + 1
-            self.last[key] = (t, ts)
+            self.last[key] = (t, ts, epoch, seq)
             self.nudged += 1
             return HistoryPoint(p.measurement, p.tags, p.fields, t)
         # The source clock stepped back by more than the window: trust it, start again there.
-        self.last[key] = (ts, ts)
+        self.last[key] = (ts, ts, epoch, seq)
         return p
 
     def snapshot(self, keep_after_ms: int | None = None) -> list[Any]:
         return [
-            [m, [list(t) for t in tags], last, src]
-            for (m, tags), (last, src) in self.last.items()
+            [m, [list(t) for t in tags], last, src, epoch, seq]
+            for (m, tags), (last, src, epoch, seq) in self.last.items()
             if keep_after_ms is None or last >= keep_after_ms
         ]
 
     def restore(self, data: list[Any]) -> None:
+        """Load a ``snapshot`` (also the older ``[m, tags, last, src]`` form)."""
         self.last = {
-            (str(m), tuple((str(k), str(v)) for k, v in tags)): (int(last), int(src))
-            for m, tags, last, src in data
+            (str(m), tuple((str(k), str(v)) for k, v in tags)): (
+                int(last),
+                int(src),
+                *((int(order[0]), int(order[1])) if order else _NO_ORDER),
+            )
+            for m, tags, last, src, *order in data
         }
 
 

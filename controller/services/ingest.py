@@ -19,6 +19,7 @@ corrected grams.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import Counter
@@ -53,9 +54,10 @@ from devices.shelf_scale import (
 
 log = logging.getLogger("floorhand.ingest")
 
-WINDOW: Final = 256
-"""Sequence numbers below a device's highest that are remembered for duplicate detection."""
-_WINDOW_MASK: Final = (1 << WINDOW) - 1
+MAX_HOLES: Final = 256
+"""Open gaps (ranges of sequence numbers that never arrived) remembered per device. Beyond this
+the oldest range is forgotten: its readings stay counted missing, and one that still arrives
+is recognised through the journal's outbox instead of the cursor."""
 
 _NATIVE, _ESP_STATE, _ESP_STATUS = 0, 1, 2
 
@@ -90,9 +92,12 @@ class DeviceInfo:
     zone: str
     format: str
     last_seen_s: float | None = None
+    """Receive time of the newest reading (a late one does not move it)."""
     online: bool | None = None
     gaps: int = 0
+    """Sequence gaps seen (a gap filled later by late readings stays counted)."""
     missing_readings: int = 0
+    """Readings those gaps left missing that have not arrived since (late arrivals subtract)."""
 
 
 class IngestService:
@@ -142,6 +147,8 @@ class IngestService:
         self.rejected: Counter[str] = Counter()
         self.messages = 0
         self.readings = 0
+        self.late_readings = 0
+        """Readings accepted after a newer one of their device (journaled, not applied)."""
         self.ignored_retained = 0
         self.commits = 0
         self.commit_failures = 0
@@ -171,6 +178,8 @@ class IngestService:
             info = self.devices.get(device)
             if info is not None:
                 info.last_seen_s = cur.ts_s
+                info.gaps = cur.gaps
+                info.missing_readings = cur.missing
 
     # -- the hot path ---------------------------------------------------------------------------
     def on_messages(self, msgs: list[MqttMessage]) -> None:
@@ -190,6 +199,8 @@ class IngestService:
         batch = _Batch()
         for msg in msgs:
             self._handle(msg, now, batch)
+        if batch.filled:
+            self._fill_events(batch)
         try:
             self._journal.commit(
                 batch.rows,
@@ -221,6 +232,7 @@ class IngestService:
                 # Bad input is logged once per reason and topic; after that it is only counted.
                 self._logged.add(key)
                 log.warning("rejected %s on %s: %s", dead.reason, dead.topic, dead.detail)
+        self.late_readings += batch.late
         for device, last_seq, seq in batch.gaps:
             log.warning(
                 "scale %s: %d reading(s) missing upstream (seq %d → %d)",
@@ -229,6 +241,21 @@ class IngestService:
                 last_seq,
                 seq,
             )
+        for (device, _epoch), (n, first, last, _ts) in batch.filled.items():
+            log.info(
+                "scale %s: %d late reading(s) arrived (seq %d … %d), %d still missing",
+                device,
+                n,
+                first,
+                last,
+                self.cursors[device].missing,
+            )
+        for device in batch.old_cursors:
+            info = self.devices.get(device)
+            cur = self.cursors.get(device)
+            if info is not None and cur is not None:
+                info.gaps = cur.gaps
+                info.missing_readings = cur.missing
         for device, info_delta in batch.seen.items():
             info = self.devices.get(device)
             if info is not None:
@@ -315,29 +342,21 @@ class IngestService:
             return "ts_future", f"ts {r.ts_s:.3f} is {r.ts_s - now:.0f} s ahead of the controller"
         device = r.device
         cur = self.cursors.get(device)
-        if cur is None or r.epoch > cur.epoch:
-            new = Cursor(r.epoch, r.seq, 0, r.ts_s, cur.applied + 1 if cur is not None else 1)
-            if cur is not None:
-                log.info("scale %s restarted (epoch %d → %d)", device, cur.epoch, r.epoch)
-        elif r.epoch < cur.epoch:
-            return "stale_epoch", f"epoch {r.epoch} < current {cur.epoch}"
-        elif r.seq > cur.seq:
-            shift = r.seq - cur.seq
-            window = ((cur.window << 1) | 1) << (shift - 1) & _WINDOW_MASK if shift <= WINDOW else 0
-            if shift > 1:
-                self._gap(batch, device, cur.seq, r.seq, r.ts_s)
-            new = Cursor(cur.epoch, r.seq, window, r.ts_s, cur.applied + 1)
-        elif r.seq == cur.seq:
-            return "duplicate", f"seq {r.seq} already applied"
+        if cur is None:
+            new = Cursor(r.epoch, r.seq, r.ts_s, 1, r.seq)
+        elif r.epoch == cur.epoch and r.seq > cur.seq:
+            if r.seq - cur.seq > 1:
+                new = self._gap(batch, device, cur, r.seq, r.ts_s)
+            else:
+                new = Cursor(
+                    cur.epoch, r.seq, r.ts_s, cur.applied + 1, cur.floor, cur.holes,
+                    cur.gaps, cur.missing,
+                )  # fmt: skip
+        elif r.epoch > cur.epoch:
+            new = Cursor(r.epoch, r.seq, r.ts_s, cur.applied + 1, r.seq, (), cur.gaps, cur.missing)
+            log.info("scale %s restarted (epoch %d → %d)", device, cur.epoch, r.epoch)
         else:
-            back = cur.seq - r.seq  # ≥ 1
-            if back <= WINDOW:
-                if (cur.window >> (back - 1)) & 1:
-                    return "duplicate", f"seq {r.seq} already applied"
-            elif self._journal.has_reading(device, r.epoch, r.seq):
-                # Older than the window (a large redelivered group): the journal knows.
-                return "duplicate", f"seq {r.seq} already applied"
-            return "out_of_order", f"seq {r.seq} older than applied {cur.seq}"
+            return self._late(r, cur, batch)
         spec = self._by_channel.get((device, r.channel))
         if device not in batch.old_cursors:
             batch.old_cursors[device] = cur
@@ -366,22 +385,80 @@ class IngestService:
                 batch.events.append(EventRow(r.ts_s, ev.kind, body))
         return None
 
-    def _gap(self, batch: _Batch, device: str, last_seq: int, seq: int, ts_s: float) -> None:
-        """Readings were lost upstream (e.g. a broker crash): report it, keep going."""
-        info = self.devices[device]
-        info.gaps += 1
-        info.missing_readings += seq - last_seq - 1
-        body = {
-            "kind": "seq_gap",
-            "ts": ts_s,
-            "device": device,
-            "after_seq": last_seq,
-            "seq": seq,
-            "missing": seq - last_seq - 1,
-        }
-        batch.bus_events.append(body)
-        batch.events.append(EventRow(ts_s, "seq_gap", body))
+    def _late(self, r: RawReading, cur: Cursor, batch: _Batch) -> tuple[str, str] | None:
+        """A reading older than the device's newest (a publisher's backlog sent after newer
+        readings, a previous boot's straggler). A real measurement unless already seen: it is
+        journaled (and so reaches history at its own time) but never applied to the shelf
+        state, which stays that of the newest reading."""
+        device = r.device
+        key = (device, r.epoch, r.seq)
+        if r.epoch == cur.epoch and r.seq >= cur.floor:
+            holes = cur.holes
+            i = bisect.bisect_right(holes, r.seq, key=_first) - 1
+            if i < 0 or holes[i][1] < r.seq:
+                return "duplicate", f"seq {r.seq} already applied"
+            new = Cursor(
+                cur.epoch, cur.seq, cur.ts_s, cur.applied + 1, cur.floor,
+                _fill(holes, i, r.seq), cur.gaps, cur.missing - 1,
+            )  # fmt: skip
+            fill = batch.filled.get((device, r.epoch))
+            if fill is None:
+                batch.filled[(device, r.epoch)] = [1, r.seq, r.seq, r.ts_s]
+            else:
+                fill[0] += 1
+                fill[1] = min(fill[1], r.seq)
+                fill[2] = max(fill[2], r.seq)
+                fill[3] = max(fill[3], r.ts_s)
+        else:
+            # An earlier epoch, or below what the cursor accounts for: never counted missing,
+            # so only the outbox (and this group) can tell whether it was seen.
+            if key in batch.unknown or self._journal.has_reading(*key):
+                return "duplicate", f"seq {r.seq} of epoch {r.epoch} already applied"
+            batch.unknown.add(key)
+            new = cur._replace(applied=cur.applied + 1)
+        if device not in batch.old_cursors:
+            batch.old_cursors[device] = cur
+        self.cursors[device] = new
+        batch.late += 1
+        spec = self._by_channel.get((device, r.channel))
+        if spec is None:
+            return None  # an unused channel: valid, feeds no shelf
+        weight_g = r.weight_g
+        if self._gains:
+            weight_g *= self._gains.get((device, r.channel), 1.0)
+        batch.rows.append(
+            ReadingRow(device, r.channel, r.epoch, r.seq, r.ts_s, weight_g, spec.shelf_id)
+        )
+        return None
+
+    def _gap(self, batch: _Batch, device: str, cur: Cursor, seq: int, ts_s: float) -> Cursor:
+        """Readings were lost upstream, or are late (e.g. a broker restart): report the gap,
+        remember its range (a late reading fills it), keep going."""
+        last_seq = cur.seq
+        missing = seq - last_seq - 1
+        holes = (*cur.holes, (last_seq + 1, seq - 1))
+        floor = cur.floor
+        if len(holes) > MAX_HOLES:
+            floor = holes[0][1] + 1
+            holes = holes[1:]
+        batch.event(
+            {"kind": "seq_gap", "ts": ts_s, "device": device}
+            | {"after_seq": last_seq, "seq": seq, "missing": missing}
+        )
         batch.gaps.append((device, last_seq, seq))
+        return Cursor(
+            cur.epoch, seq, ts_s, cur.applied + 1, floor, holes, cur.gaps + 1,
+            cur.missing + missing,
+        )  # fmt: skip
+
+    def _fill_events(self, batch: _Batch) -> None:
+        """One ``seq_gap_filled`` event per device and epoch of the group: history sums
+        ``seq_gap.missing`` with these subtracted (docs/influx-schema.md)."""
+        for (device, epoch), (n, first, last, ts_s) in batch.filled.items():
+            batch.event(
+                {"kind": "seq_gap_filled", "ts": ts_s, "device": device, "epoch": epoch}
+                | {"first_seq": first, "last_seq": last, "filled": n}
+            )
 
     def _reject(
         self,
@@ -598,6 +675,19 @@ class IngestService:
         return out
 
 
+def _first(hole: tuple[int, int]) -> int:
+    return hole[0]
+
+
+def _fill(holes: tuple[tuple[int, int], ...], i: int, seq: int) -> tuple[tuple[int, int], ...]:
+    """``holes`` with ``seq`` (inside ``holes[i]``) taken out of its range."""
+    first, last = holes[i]
+    parts = ((first, seq - 1),) if first < seq else ()
+    if seq < last:
+        parts = (*parts, (seq + 1, last))
+    return (*holes[:i], *parts, *holes[i + 1 :])
+
+
 @dataclass(slots=True)
 class _Batch:
     rows: list[ReadingRow]
@@ -609,6 +699,10 @@ class _Batch:
     reasons: list[str]
     gaps: list[tuple[str, int, int]]
     seen: dict[str, float]
+    filled: dict[tuple[str, int], list[Any]]
+    """(device, epoch) → [late readings that filled a gap, lowest seq, highest seq, newest ts]."""
+    unknown: set[tuple[str, int, int]]
+    late: int
 
     def __init__(self) -> None:
         self.rows = []
@@ -620,6 +714,14 @@ class _Batch:
         self.reasons = []
         self.gaps = []
         self.seen = {}
+        self.filled = {}
+        self.unknown = set()
+        self.late = 0
+
+    def event(self, body: dict[str, Any]) -> None:
+        """Journal ``body`` (at its ``ts``) and publish it after the commit."""
+        self.bus_events.append(body)
+        self.events.append(EventRow(body["ts"], body["kind"], body))
 
 
 def subscriptions(site: SiteConfig) -> tuple[tuple[str, int], ...]:

@@ -284,6 +284,29 @@ def test_time_assigner_makes_series_times_unique() -> None:
     assert stepped.ts_ms == 10_000 - NUDGE_WINDOW_MS - 5  # a big clock step back keeps its time
 
 
+def weight_point(seq: int, ts_ms: int, epoch: int = 1) -> HistoryPoint:
+    fields = (("epoch", epoch), ("seq", seq), ("weight_g", 1.0))
+    return HistoryPoint("weight", (("shelf", "sh1"),), fields, ts_ms)
+
+
+def test_time_assigner_keeps_a_late_readings_own_time_and_the_series_state() -> None:
+    """A reading delivered after newer ones (RELIABILITY M7) is stored at its own millisecond,
+    whether it is 1 ms or an hour behind, and the series carries on as if it never came."""
+    a = TimeAssigner()
+    burst = [a.assign(weight_point(s, 10_000)) for s in (10, 11, 12)]
+    assert [p.ts_ms for p in burst] == [10_000, 10_001, 10_002]
+    assert a.assign(weight_point(7, 9_999)).ts_ms == 9_999  # within the nudge window
+    assert a.assign(weight_point(3, 10_000 - 3_600_000)).ts_ms == 10_000 - 3_600_000
+    assert a.assign(weight_point(8, 9_998, epoch=0)).ts_ms == 9_998  # a previous boot
+    assert a.assign(weight_point(13, 10_000)).ts_ms == 10_003  # the burst goes on after 10_002
+    # A clock that stepped back under a newer seq is still nudged (never two rows in one ms).
+    assert a.assign(weight_point(14, 9_990)).ts_ms == 10_004
+    a2 = TimeAssigner()
+    a2.restore(a.snapshot())
+    assert a2.assign(weight_point(9, 9_997)).ts_ms == 9_997
+    assert a2.assign(weight_point(15, 10_000)).ts_ms == 10_005
+
+
 async def test_restart_rebuilds_a_batch_with_the_same_times(tmp_path: Path) -> None:
     """Crash after the sink stored a batch but before the outbox delete: the restarted service
     must rebuild those points with the same series times (else they land twice)."""

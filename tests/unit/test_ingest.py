@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 from controller.adapters.journal import Journal, JournalError
 from controller.config import SiteConfig, load_site
 from controller.ports import ReadingRow
+from controller.services.history import HistoryService, Topology
 from controller.services.ingest import IngestService, shelf_specs
 from devices.link.mqtt import MqttMessage
 from devices.shelf_scale import REASONS
+from tests.unit.test_history_service import FAST, MemorySink
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "firmware-configs" / "sites" / "demo.toml"
@@ -162,25 +164,122 @@ def test_batch_with_one_bad_element_keeps_the_good_ones(h: Harness) -> None:
     assert h.journal.dead_letters(1)[0]["payload"].startswith('{"device":"scale-a01"')
 
 
-def test_duplicates_and_reordering(h: Harness) -> None:
+def test_duplicates_are_dropped(h: Harness) -> None:
     h.send(*(h.msg(T_A01, reading(s, 1500.0, NOW + s)) for s in (1, 2, 3, 5)))
     assert h.ingest.readings == 4
     h.send(h.msg(T_A01, reading(3, 1500.0, NOW + 3)))  # redelivered
     h.send(h.msg(T_A01, reading(5, 1500.0, NOW + 5)))  # redelivered newest
     assert h.ingest.rejected["duplicate"] == 2
-    h.send(h.msg(T_A01, reading(4, 1500.0, NOW + 4)))  # late: older never overwrites newer
-    assert h.ingest.rejected["out_of_order"] == 1
     assert h.ingest.readings == 4
     assert h.ingest.devices["scale-a01"].gaps == 1
     assert any(e["kind"] == "seq_gap" and e["missing"] == 1 for e in h.events)
 
 
-def test_new_epoch_is_a_new_session_and_old_epoch_is_refused(h: Harness) -> None:
+def shelf_of_a01(site: SiteConfig) -> str:
+    return next(s.id for s in site.shelves if s.scale == "scale-a01" and s.channel == 0)
+
+
+async def test_late_reading_is_journaled_and_historied_once_without_moving_state(
+    h: Harness, site: SiteConfig
+) -> None:
+    """RELIABILITY M7: a publisher may send seq 5 before its unacknowledged seq 3 (paho after a
+    broker restart). Seq 3 is a real measurement: journaled, in history at its own time, once;
+    the shelf keeps the state of seq 5; the gap seq 5 opened is filled."""
+    sid = shelf_of_a01(site)
+    h.send(*(h.msg(T_A01, reading(s, 1500.0, NOW + s)) for s in (1, 2, 5)))
+    info = h.ingest.devices["scale-a01"]
+    assert (info.gaps, info.missing_readings) == (1, 2)  # seq 3 and 4 missing
+    state_before = h.ingest.states[sid].to_dict()
+    seen_before = info.last_seen_s
+    cursor_before = h.ingest.cursors["scale-a01"]
+    h.now += 10.0
+    late = h.msg(T_A01, reading(3, 1900.0, NOW + 3))
+    h.send(late)
+    assert late.packet_id in h.link.acked
+    assert dict(h.ingest.rejected) == {}
+    assert h.journal.dead_letters(5) == []
+    assert h.journal.has_reading("scale-a01", 0, 3), "the late reading is in the outbox"
+    assert h.ingest.readings == 4
+    assert h.ingest.states[sid].to_dict() == state_before, "older never moves current state"
+    assert info.last_seen_s == seen_before
+    cursor = h.ingest.cursors["scale-a01"]
+    assert (cursor.epoch, cursor.seq, cursor.ts_s) == (0, 5, cursor_before.ts_s)
+    assert cursor.applied == cursor_before.applied + 1
+    assert (info.gaps, info.missing_readings) == (1, 1), "seq 3 filled its gap; seq 4 missing"
+    assert [e for e in h.events if e["kind"] == "seq_gap_filled"] == [
+        {
+            "kind": "seq_gap_filled",
+            "ts": NOW + 3,
+            "device": "scale-a01",
+            "epoch": 0,
+            "first_seq": 3,
+            "last_seq": 3,
+            "filled": 1,
+        }
+    ]
+    # A second copy of seq 3 is a true duplicate.
+    h.send(h.msg(T_A01, reading(3, 1900.0, NOW + 3)))
+    assert dict(h.ingest.rejected) == {"duplicate": 1}
+    assert h.ingest.readings == 4
+    assert info.missing_readings == 1
+    # History: every reading once, each at its own millisecond.
+    sink = MemorySink()
+    svc = HistoryService(h.journal, sink, Topology.from_site(site), FAST)
+    while await svc.drain_once():
+        pass
+    weights = sorted(
+        (dict(p.fields)["seq"], p.ts_ms) for p in sink.points.values() if p.measurement == "weight"
+    )
+    assert weights == [(s, round((NOW + s) * 1000)) for s in (1, 2, 3, 5)]
+    gap_points = [p for p in sink.points.values() if p.measurement == "seq_gap"]
+    assert sum(int(dict(p.fields)["missing"]) for p in gap_points) == 1  # 2 missing, 1 filled
+
+
+def test_late_readings_survive_a_restart_and_stay_exactly_once(
+    tmp_path: Path, site: SiteConfig
+) -> None:
+    a = Harness(tmp_path, site)
+    a.send(*(a.msg(T_A01, reading(s, 1500.0, NOW + s)) for s in (1, 2, 6)))
+    a.journal.close()
+    b = Harness(tmp_path, site)
+    info = b.ingest.devices["scale-a01"]
+    assert (info.gaps, info.missing_readings) == (1, 3), "gap accounting is journaled"
+    b.send(*(b.msg(T_A01, reading(s, 1500.0, NOW + s)) for s in (4, 3, 4, 5, 2)))
+    assert b.ingest.readings == 3
+    assert dict(b.ingest.rejected) == {"duplicate": 2}
+    assert (info.gaps, info.missing_readings) == (1, 0)
+    assert b.journal.count("readings") == 6
+    b.journal.close()
+
+
+def test_late_reading_below_the_window_is_journaled_not_dropped(h: Harness) -> None:
+    far = 1000
+    h.send(h.msg(T_A01, reading(1, 1500.0, NOW + 1)))
+    h.send(h.msg(T_A01, reading(far, 1500.0, NOW + 100)))
+    h.send(h.msg(T_A01, reading(2, 1500.0, NOW + 2)))  # 998 seqs behind the newest
+    assert h.ingest.readings == 3
+    assert dict(h.ingest.rejected) == {}
+    assert h.ingest.devices["scale-a01"].missing_readings == far - 3
+    h.send(h.msg(T_A01, reading(2, 1500.0, NOW + 2)))
+    assert dict(h.ingest.rejected) == {"duplicate": 1}
+
+
+def test_new_epoch_is_a_new_session_and_old_epoch_is_still_a_measurement(
+    h: Harness, site: SiteConfig
+) -> None:
+    sid = shelf_of_a01(site)
     h.send(h.msg(T_A01, reading(100, 1500.0)))
     h.send(h.msg(T_A01, reading(0, 1500.0, NOW + 1, epoch=1)))  # rebooted: seq restarts
     assert h.ingest.readings == 2
-    h.send(h.msg(T_A01, reading(101, 1500.0, NOW + 2)))  # the old boot's straggler
-    assert h.ingest.rejected["stale_epoch"] == 1
+    state = h.ingest.states[sid].to_dict()
+    h.send(h.msg(T_A01, reading(101, 1900.0, NOW + 0.5)))  # the old boot's straggler
+    assert h.ingest.readings == 3
+    assert dict(h.ingest.rejected) == {}
+    assert h.journal.has_reading("scale-a01", 0, 101)
+    assert h.ingest.states[sid].to_dict() == state
+    assert h.ingest.cursors["scale-a01"].epoch == 1
+    h.send(h.msg(T_A01, reading(101, 1900.0, NOW + 0.5)))  # its redelivery
+    assert dict(h.ingest.rejected) == {"duplicate": 1}
 
 
 def test_restart_restores_cursors_so_redelivery_is_not_applied_twice(

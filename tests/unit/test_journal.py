@@ -15,13 +15,16 @@ def row(seq: int, device: str = "d1") -> ReadingRow:
     return ReadingRow(device, 0, 0, seq, 1.0 + seq, 100.0, "shelf-1")
 
 
+CURSOR = Cursor(0, 40, 3.0, 7, floor=2, holes=((5, 9), (12, 12)), gaps=3, missing=6)
+
+
 def test_commit_and_restore(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite")
     assert j.open().outbox_rows == 0
     j.commit(
         [row(1), row(2)],
         [DeadLetter(1.0, "t", "bad_json", "x", b"x" * 10_000)],
-        {"d1": Cursor(0, 2, 1, 3.0, 7)},
+        {"d1": CURSOR},
         {"shelf-1": {"units": 3}},
         [EventRow(1.0, "stock_changed", {"kind": "stock_changed"})],
         {"SKU-1": {"state": "low"}},
@@ -29,7 +32,7 @@ def test_commit_and_restore(tmp_path: Path) -> None:
     j.close()
     j2 = Journal(tmp_path / "j.sqlite")
     restored = j2.open()
-    assert restored.cursors == {"d1": Cursor(0, 2, 1, 3.0, 7)}
+    assert restored.cursors == {"d1": CURSOR}
     assert restored.shelf_states == {"shelf-1": {"units": 3}}
     assert restored.alert_states == {"SKU-1": {"state": "low"}}
     assert restored.outbox_rows == 3
@@ -38,6 +41,35 @@ def test_commit_and_restore(tmp_path: Path) -> None:
     assert letter["size"] == 10_000
     assert len(letter["payload"]) == 4096
     j2.close()
+
+
+def test_cursor_saved_as_a_window_is_read_as_gaps(tmp_path: Path) -> None:
+    """A journal from before gap accounting: the cursor's 256-bit window (bit i ↔ seq − 1 − i)
+    becomes a floor at the lowest seq seen and holes at the unseen ones above it."""
+    path = tmp_path / "j.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE device_cursors (device TEXT PRIMARY KEY, epoch INTEGER NOT NULL, "
+        "seq INTEGER NOT NULL, window BLOB NOT NULL, ts REAL NOT NULL, applied INTEGER NOT NULL)"
+    )
+    seen_below = [99, 98, 96, 95, 91, 90]  # of seq 100: 97 and 92-94 never arrived
+    bits = sum(1 << (100 - 1 - s) for s in seen_below)
+    db.execute(
+        "INSERT INTO device_cursors VALUES ('d1', 2, 100, ?, 5.0, 7)",
+        (bits.to_bytes(64, "little"),),
+    )
+    db.execute("INSERT INTO device_cursors VALUES ('d2', 0, 4, ?, 5.0, 1)", (bytes(64),))
+    db.commit()
+    db.close()
+    j = Journal(path)
+    restored = j.open()
+    assert restored.cursors == {
+        "d1": Cursor(2, 100, 5.0, 7, floor=90, holes=((92, 94), (97, 97)), gaps=2, missing=4),
+        "d2": Cursor(0, 4, 5.0, 1, floor=4),
+    }
+    j.commit([], cursors={"d1": restored.cursors["d1"]._replace(seq=101)})
+    j.close()
+    assert Journal(path).open().cursors["d1"].holes == ((92, 94), (97, 97))
 
 
 def test_reinserted_identity_is_ignored(tmp_path: Path) -> None:
@@ -68,7 +100,7 @@ def test_failed_group_writes_nothing(tmp_path: Path) -> None:
         "CREATE TRIGGER boom BEFORE INSERT ON events BEGIN SELECT RAISE(FAIL, 'boom'); END"
     )
     with pytest.raises(JournalError, match="boom"):
-        j.commit([row(2)], events=[EventRow(1.0, "k", {})], cursors={"d1": Cursor(0, 2, 0, 1.0)})
+        j.commit([row(2)], events=[EventRow(1.0, "k", {})], cursors={"d1": Cursor(0, 2, 1.0)})
     assert j.count("readings") == 1
     assert j.db.execute("SELECT count(*) FROM device_cursors").fetchone()[0] == 0
     j.close()
