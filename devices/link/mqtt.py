@@ -97,6 +97,10 @@ class MqttLinkConfig:
     connect_timeout_s: float = 5.0
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 2.0
+    backoff_reset_after_s: float = 10.0
+    """A connection must stay up this long before the reconnect backoff starts again from
+    ``backoff_initial_s``; one that ends sooner (a server DISCONNECT or a close right after
+    CONNACK) is followed by the next, longer delay, as a failed connect is."""
     max_packet_bytes: int = 1_048_576  # larger PUBLISHes are skipped, acked, reported
     max_queued_publishes: int = 10_000  # bound of the outgoing queue while down
     max_batch: int = 512
@@ -150,6 +154,8 @@ def _check_config(cfg: MqttLinkConfig) -> None:
         raise bad("connect_timeout_s", "must be > 0")
     if not 0 < cfg.backoff_initial_s <= cfg.backoff_max_s:
         raise bad("backoff_initial_s", "need 0 < backoff_initial_s <= backoff_max_s")
+    if not cfg.backoff_reset_after_s >= 0:
+        raise bad("backoff_reset_after_s", "must be >= 0")
     if not 16 <= cfg.max_packet_bytes <= MAX_REMAINING_LENGTH:
         raise bad("max_packet_bytes", f"must be in 16..{MAX_REMAINING_LENGTH}")
     if cfg.max_queued_publishes < 0:
@@ -240,6 +246,8 @@ class MqttLink:
         self.watch = StateWatch(LinkState.DOWN)
         self.stats = MqttLinkStats()
         self.session_present = False
+        self.retry_delay_s = 0.0
+        """The delay waited before the current (or last) connect attempt; 0 for the first."""
         self._subscriptions = tuple((flt, min(qos, 1)) for flt, qos in config.subscriptions)
         self._connect_packet = encode_connect(
             protocol=config.protocol,
@@ -339,11 +347,12 @@ class MqttLink:
                     reason = _describe(exc)
                     failed_attempts += 1
                 else:
-                    backoff.reset()
                     accepted_at_once = failed_attempts == 0
                     failed_attempts = 0
                     self._enter_up()
                     reason = await conn.closed
+                    if time.monotonic() - self.watch.since >= cfg.backoff_reset_after_s:
+                        backoff.reset()
                     if conn.fatal is None and conn.evicted and accepted_at_once:
                         if time.monotonic() - self.watch.since < _EVICTION_WINDOW_S:
                             evictions += 1
@@ -364,7 +373,8 @@ class MqttLink:
                 self._enter_down(reason, expected=self._closing)
                 if self._closing:
                     break
-                await self._sleep_unless_closing(backoff.next_delay())
+                self.retry_delay_s = backoff.next_delay()
+                await self._sleep_unless_closing(self.retry_delay_s)
         finally:
             conn_left = self._conn
             if conn_left is not None and not conn_left.closing:

@@ -541,3 +541,145 @@ async def test_pubacks_leave_in_arrival_order_whatever_order_the_consumer_acks(
         sent, acked = _wire_order(broker.log_path.read_text(), "order")
     assert len(sent) == len(mixed)
     assert acked == sent
+
+
+# -- reconnect backoff after short-lived connections -------------------------------------------
+
+
+class ServerBusyBroker:
+    """A stand-in broker for one fault mosquitto never produces: it accepts every connection
+    (CONNACK, SUBACK) and, as soon as the test saw the link up (``served``), sends an MQTT 5
+    DISCONNECT 0x89 "Server busy", as an overloaded broker does. While ``hold`` is set it keeps
+    the connection instead."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.connections = 0
+        self.served = asyncio.Event()
+        self.hold = asyncio.Event()
+        self.release = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ServerBusyBroker:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.release.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self._packet(reader)  # CONNECT
+            writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK, accepted, no properties
+            first, body = await self._packet(reader)  # SUBSCRIBE
+            assert first >> 4 == 8, first
+            writer.write(b"\x90\x04" + body[:2] + b"\x00\x01")  # SUBACK: QoS 1 granted
+            await self.served.wait()
+            self.served.clear()
+            if self.hold.is_set():
+                await self.release.wait()
+            writer.write(b"\xe0\x01\x89")  # DISCONNECT 0x89 Server busy
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        first = (await reader.readexactly(1))[0]
+        length = shift = 0
+        while True:
+            byte = (await reader.readexactly(1))[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        return first, await reader.readexactly(length)
+
+
+def record_retry_delays(link: MqttLink) -> list[float]:
+    """The delay the link waited before each reconnect attempt (0 for the first connect)."""
+    delays: list[float] = []
+    link.watch.add_listener(
+        lambda old, new: delays.append(link.retry_delay_s) if new is LinkState.CONNECTING else None
+    )
+    return delays
+
+
+async def test_server_disconnect_right_after_connack_backs_off() -> None:
+    """A broker that accepts and then drops every connection must not be hammered: the
+    backoff is reset only by a connection that stayed up ``backoff_reset_after_s``."""
+    async with ServerBusyBroker() as fake:
+        link = make_link(fake.port, Collector(), backoff_reset_after_s=0.5)
+        delays = record_retry_delays(link)
+        ups = 0
+        six_up = asyncio.Event()
+
+        def count_ups(old: LinkState, new: LinkState) -> None:
+            nonlocal ups
+            if new is LinkState.UP:
+                fake.served.set()
+                ups += 1
+                if ups == 6:
+                    fake.hold.set()  # the sixth connection stays up
+                    six_up.set()
+
+        link.watch.add_listener(count_ups)
+        async with running(link):
+            await asyncio.wait_for(six_up.wait(), 20)
+            # Exponential from backoff_initial_s (0.1 s, jitter shortens by up to 20 %).
+            assert delays[0] == 0.0
+            for n, delay in enumerate(delays[1:6]):
+                assert delay >= 0.8 * min(0.1 * 2**n, 2.0), delays
+            await asyncio.sleep(0.6)  # the scenario: this connection stays up long enough
+            fake.hold.clear()
+            fake.release.set()
+            await link.watch.wait_for(LinkState.CONNECTING, 5)
+            assert link.retry_delay_s <= 0.1, delays  # a stable connection reset the backoff
+        assert link.stats.connects == 6
+        assert fake.connections >= 6
+
+
+async def test_evictions_by_another_client_back_off_before_the_takeover_is_recognised(
+    broker: MosquittoBroker,
+) -> None:
+    """Real mosquitto: a paho client takes our client id over each time we come back (each
+    takeover closes our connection right after it was accepted)."""
+    import paho.mqtt.client as mqtt
+
+    link = make_link(broker.port, Collector(), client_id="stolen")
+    delays = record_retry_delays(link)
+
+    def steal() -> None:
+        thief = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="stolen")
+        thief.connect("127.0.0.1", broker.port, keepalive=30)
+        thief.loop_start()
+        try:
+            thief.publish("x/steal", b"", qos=1).wait_for_publish(5)  # connected and served
+        finally:
+            thief.disconnect()
+            thief.loop_stop()
+
+    async def run_link() -> BaseException | None:
+        try:
+            await link.run()
+        except DeviceError as exc:
+            return exc
+        return None
+
+    async with asyncio.TaskGroup() as tg:
+        outcome = tg.create_task(run_link())
+        for _ in range(3):
+            await link.wait_up(10)
+            await asyncio.to_thread(steal)
+            await link.watch.wait_for(LinkState.DOWN, 5)
+        error = await asyncio.wait_for(outcome, 10)
+    assert isinstance(error, SessionTakenOver), error
+    assert delays[0] == 0.0
+    assert delays[1] <= 0.1, delays
+    assert delays[2] >= 0.8 * 0.2, delays  # not reset by the short-lived connection
