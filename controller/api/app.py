@@ -410,7 +410,7 @@ def _health(rt: Runtime) -> HealthPublic:
         uptime_s=now - rt.started_at_s if rt.started_at_s else 0.0,
         mqtt=LinkPublic(
             state=link.state.value,
-            since_s=time.monotonic() - link.watch.since,
+            since_s=time.monotonic() - link.since,
             session_present=link.session_present,
             connects=link.stats.connects,
         ),

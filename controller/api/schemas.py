@@ -105,7 +105,10 @@ class IngestStats(_Public):
 
 class LinkPublic(_Public):
     state: Literal["connecting", "up", "down"]
-    since_s: float = Field(description="seconds in this state")
+    since_s: float = Field(
+        description="seconds up; when not up, seconds since the link went down (since the "
+        "start if it never was up): failed retries do not reset it"
+    )
     session_present: bool
     connects: int
 

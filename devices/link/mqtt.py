@@ -284,7 +284,7 @@ class MqttLink:
         self._closing_event = asyncio.Event()
         self._ever_up = False
         self._up_since = 0.0
-        self._down_since = 0.0
+        self._down_since = time.monotonic()
         self._logged_failure = False
         self._logged_queue_full = False
 
@@ -298,6 +298,13 @@ class MqttLink:
     def state(self) -> LinkState:
         """The link state (same as ``watch.state``)."""
         return self.watch.state
+
+    @property
+    def since(self) -> float:
+        """``time.monotonic()`` when the link came up (while UP), else when it last went down
+        (the last UP → not-UP change; when `run` started if it was never up). Unlike
+        ``watch.since`` it does not move with every failed retry."""
+        return self._up_since if self.watch.state is LinkState.UP else self._down_since
 
     @property
     def epoch(self) -> int:
@@ -330,6 +337,8 @@ class MqttLink:
         self._running = True
         self._closing = False
         self._closing_event.clear()
+        if not self._ever_up:
+            self._down_since = time.monotonic()
         cfg = self._config
         backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
         failed_attempts = 0  # since the last connection ended
@@ -612,7 +621,6 @@ class MqttLink:
             self._log.debug("%s stopped while %s", self.name, self.watch.state.value)
         elif not self._ever_up and not self._logged_failure:
             self._logged_failure = True
-            self._down_since = now
             self._log.warning(
                 "%s cannot connect to %s:%d: %s (retrying)",
                 self.name,
