@@ -1,4 +1,20 @@
-"""The demo's embedded MQTT broker: amqtt 0.12.1, loopback only, one password-protected user.
+"""The demo's MQTT broker: a private Debian mosquitto where installed, amqtt 0.12.1 otherwise.
+
+Both run as a child process on 127.0.0.1 with one password-protected user. The choice
+(``resolve_broker_kind``): mosquitto when its binary is found, unless amqtt is asked for
+(``--broker amqtt`` or ``FLOORHAND_DEMO_BROKER=amqtt``). The trade-off (``TRADE_OFFS``):
+amqtt 0.12.1 drops every unacknowledged QoS 1 message of a persistent session when its client
+reconnects (an upstream bug; paho loses them the same way against it), so a controller restart
+during an amqtt demo can lose readings that were in flight. mosquitto redelivers them.
+
+mosquitto specifics (``MosquittoProcess``): a generated config (raised queue limits, no
+in-flight cap, persistence, password file in mosquitto's own PBKDF2-SHA512 format, log to
+stderr). Started as root, mosquitto drops to the ``mosquitto`` account before it opens the
+password file and writes its persistence file: the broker folder is handed to that account, or,
+where that account cannot reach the folder (a parent such as ``/root`` is private), the broker
+is told to stay the invoking user, as the amqtt fallback does.
+
+The rest of this docstring is about amqtt (``BrokerProcess``).
 
 Why a login even for a demo: amqtt queues QoS 1 messages for an offline persistent session
 (clean session false) only when the client authenticated; anonymous sessions lose them. The
@@ -25,10 +41,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
 import os
+import pwd
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -37,7 +57,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Literal, Protocol, Self
 
 READY_PREFIX = "floorhand-broker ready"
 """First line the broker process prints on stdout once it accepts connections."""
@@ -189,19 +209,39 @@ async def stop_process(
 
 
 class BrokerStartError(RuntimeError):
-    pass
+    """The demo's broker could not be chosen or did not start (the message says why)."""
+
+
+BrokerKind = Literal["mosquitto", "amqtt"]
+BROKER_CHOICES = ("auto", "mosquitto", "amqtt")
+DEMO_BROKER_ENV = "FLOORHAND_DEMO_BROKER"
+"""Environment variable with the demo's broker choice (auto, mosquitto or amqtt)."""
+
+TRADE_OFFS: dict[BrokerKind, str] = {
+    "mosquitto": (
+        "redelivers unacknowledged QoS 1 messages when a client reconnects and keeps sessions "
+        "and queues in its persistence file: a controller restart loses no reading"
+    ),
+    "amqtt": (
+        "amqtt 0.12.1 drops the unacknowledged QoS 1 messages of a persistent session when its "
+        "client reconnects (upstream bug) and keeps sessions in memory only: a controller "
+        "restart during the demo can lose readings that were in flight. Install mosquitto "
+        "(Debian package mosquitto) for the full at-least-once guarantee"
+    ),
+}
+"""What each demo broker promises, printed by the demo and stated in README.md."""
 
 
 @dataclass
-class BrokerProcess:
-    """An embedded broker running as a child process; use ``async with`` or start()/stop()."""
+class _ChildBroker:
+    """What both demo brokers share: a child process on 127.0.0.1:``port`` with one user
+    (files in ``var_dir``, default: a temporary folder), ``async with``."""
 
     port: int
     username: str = "floorhand"
     password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
     var_dir: Path | None = None
     startup_timeout_s: float = 20.0
-    log_level: str = "WARNING"
     proc: asyncio.subprocess.Process | None = field(default=None, init=False, repr=False)
 
     @property
@@ -211,6 +251,35 @@ class BrokerProcess:
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+@dataclass
+class BrokerProcess(_ChildBroker):
+    """The amqtt broker running as a child process; use ``async with`` or start()/stop()."""
+
+    kind: ClassVar[BrokerKind] = "amqtt"
+    protocol: ClassVar[int] = 4
+    """MQTT protocol level its clients must speak (4 = 3.1.1: amqtt refuses MQTT 5)."""
+
+    log_level: str = "WARNING"
 
     async def start(self) -> None:
         env = dict(os.environ)
@@ -266,17 +335,256 @@ class BrokerProcess:
             return
         await stop_process(self.proc, timeout_s=timeout_s, name="broker")
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
+# ------------------------------------------------------------------------------- mosquitto
+MOSQUITTO_SBIN = Path("/usr/sbin/mosquitto")
+MOSQUITTO_ACCOUNT = "mosquitto"
+MOSQUITTO_HASH_ITERATIONS = 101
+"""PBKDF2 rounds of mosquitto_passwd 2.0 (it verifies with the count stored in each hash)."""
+
+
+def find_mosquitto() -> str | None:
+    """The mosquitto binary: on PATH, or Debian's /usr/sbin (often not on a user's PATH)."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return str(MOSQUITTO_SBIN) if os.access(MOSQUITTO_SBIN, os.X_OK) else None
+
+
+def resolve_broker_kind(requested: str, mosquitto_bin: str | None) -> BrokerKind:
+    """The demo's broker for a choice of ``BROKER_CHOICES``: ``auto`` takes mosquitto when its
+    binary was found, amqtt otherwise. Raises ``BrokerStartError`` for an impossible choice."""
+    if requested == "amqtt":
+        return "amqtt"
+    if requested == "mosquitto":
+        if mosquitto_bin is None:
+            raise BrokerStartError(
+                "mosquitto was asked for but is not installed (Debian: apt-get install "
+                "mosquitto); --broker amqtt runs the pure-Python fallback"
+            )
+        return "mosquitto"
+    if requested == "auto":
+        return "mosquitto" if mosquitto_bin is not None else "amqtt"
+    raise BrokerStartError(
+        f"unknown broker {requested!r}: choose one of {', '.join(BROKER_CHOICES)}"
+    )
+
+
+def mosquitto_password_hash(
+    password: str, *, salt: bytes | None = None, iterations: int = MOSQUITTO_HASH_ITERATIONS
+) -> str:
+    """A ``$7$`` hash as ``mosquitto_passwd`` 2.0 writes it: PBKDF2-HMAC-SHA512 over a 12-byte
+    salt, both base64. Made here so that no password ever appears on a command line."""
+    salt = secrets.token_bytes(12) if salt is None else salt
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+    b64 = base64.b64encode
+    return f"$7${iterations}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def write_mosquitto_password_file(path: Path, users: Mapping[str, str]) -> Path:
+    """Write a mosquitto ``password_file`` (mode 0600). ``users`` maps user name → password."""
+    for user in users:
+        if not user or ":" in user or "\n" in user:
+            raise ValueError(f"invalid MQTT user name {user!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(f"{user}:{mosquitto_password_hash(pw)}\n" for user, pw in users.items())
+    return path
+
+
+def mosquitto_config(port: int, folder: Path, *, run_as: str | None = None) -> str:
+    """The demo's mosquitto configuration: one password-protected listener on 127.0.0.1:port,
+    files under ``folder`` (``passwd``, ``data/``). ``run_as``: the account a broker started
+    as root switches to (None: not started as root, no ``user`` line)."""
+    folder = folder.resolve()
+    if any(ch.isspace() for ch in str(folder)):
+        raise BrokerStartError(f"mosquitto cannot use a folder with spaces: {folder}")
+    lines = [
+        "# Generated by simulators.broker for the Floorhand demo; rewritten at every start.",
+        "per_listener_settings false",
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous false",
+        f"password_file {folder / 'passwd'}",
+        # Sessions, queues and retained alerts survive a stop of the demo (saved on SIGTERM).
+        "persistence true",
+        f"persistence_location {folder / 'data'}/",
+        "persistence_file floorhand.db",
+        "autosave_on_changes true",
+        "autosave_interval 1000",
+        "persistent_client_expiration 1d",
+        # The default (1000) silently drops QoS 1 messages for a slow or offline durable session.
+        "max_queued_messages 1000000",
+        "max_queued_bytes 1073741824",
+        "queue_qos0_messages false",
+        # The controller acks after its journal commit: thousands in flight by design.
+        "max_inflight_messages 0",
+        "max_packet_size 1048576",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "connection_messages false",
+    ]
+    if run_as is not None:
+        lines.append(f"user {run_as}")
+    return "\n".join(lines) + "\n"
+
+
+def _reachable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether an account (primary group only) may traverse every parent folder of ``path``."""
+    for parent in path.resolve().parents:
+        st = parent.stat()
+        if st.st_uid == uid:
+            bit = 0o100
+        elif st.st_gid == gid:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+@dataclass
+class MosquittoProcess(_ChildBroker):
+    """A private mosquitto on 127.0.0.1:``port`` with one user, as a child process.
+
+    Files (config, password file, ``data/`` persistence) live in ``var_dir``, or in a temporary
+    folder removed at stop. Use ``async with`` or start()/stop()."""
+
+    kind: ClassVar[BrokerKind] = "mosquitto"
+    protocol: ClassVar[int] = 5
+    """MQTT protocol level the demo's controller uses with it (mosquitto speaks 3.1.1 and 5)."""
+
+    binary: str | None = None
+    run_as: str | None = field(default=None, init=False)
+    """After start: the account a root-started broker switched to (None: not started as root)."""
+    _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
+
+    def prepare(self) -> Path:
+        """Write the password file and the config; hand the folder to the broker's account.
+        Returns the config path."""
+        if self.var_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fh-mosquitto-")
+            folder = Path(self._tmp.name)
+        else:
+            folder = self.var_dir.resolve()
+        data = folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        passwd = write_mosquitto_password_file(folder / "passwd", {self.username: self.password})
+        self.run_as = self._account_for(folder, [folder, data, passwd, *data.iterdir()])
+        conf = folder / "mosquitto.conf"
+        conf.write_text(mosquitto_config(self.port, folder, run_as=self.run_as))
+        return conf
+
+    @staticmethod
+    def _account_for(folder: Path, owned: list[Path]) -> str | None:
+        """Started as root, mosquitto switches to its own account before it reads the password
+        file and writes persistence: give it the files, if it can reach them; else stay root."""
+        if os.geteuid() != 0:
+            return None
+        try:
+            account = pwd.getpwnam(MOSQUITTO_ACCOUNT)
+        except KeyError:
+            return "root"
+        if not _reachable_by(folder, account.pw_uid, account.pw_gid):
+            return "root"
+        for path in owned:
+            os.chown(path, account.pw_uid, account.pw_gid)
+        return MOSQUITTO_ACCOUNT
+
+    async def start(self) -> None:
+        binary = self.binary or find_mosquitto()
+        if binary is None:
+            raise BrokerStartError("mosquitto is not installed")
+        conf = self.prepare()
+        self.proc = await asyncio.create_subprocess_exec(
+            binary,
+            "-c",
+            str(conf),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=None,  # errors and warnings go to our stderr
+            start_new_session=True,  # Ctrl-C reaches the parent only, which stops us in order
+        )
+        try:
+            await self._wait_listening()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _wait_listening(self) -> None:
+        assert self.proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.startup_timeout_s
+        exited = asyncio.ensure_future(self.proc.wait())
+        try:
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    if loop.time() > deadline:
+                        raise BrokerStartError(
+                            f"mosquitto not listening on 127.0.0.1:{self.port} after "
+                            f"{self.startup_timeout_s:g} s"
+                        ) from None
+                    # Retry the connect shortly; an exit of the broker ends the wait at once.
+                    await asyncio.wait({exited}, timeout=0.05)
+                    if exited.done():
+                        raise BrokerStartError(
+                            f"mosquitto exited with {self.proc.returncode} before it was ready "
+                            "(its error is on stderr above)"
+                        ) from None
+                    continue
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+                return
+        finally:
+            exited.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await exited
+
+    async def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM (mosquitto saves its persistence file), SIGKILL after ``timeout_s``."""
+        if self.proc is not None:
+            await stop_process(self.proc, timeout_s=timeout_s, name="mosquitto")
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+class DemoBroker(Protocol):
+    """What the demo needs of its broker (``MosquittoProcess`` or ``BrokerProcess``)."""
+
+    kind: ClassVar[BrokerKind]
+    protocol: ClassVar[int]
+    port: int
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self, timeout_s: float = 5.0) -> None: ...
+
+
+def make_demo_broker(
+    kind: BrokerKind,
+    port: int,
+    username: str,
+    password: str,
+    var_dir: Path,
+    *,
+    mosquitto_bin: str | None = None,
+) -> DemoBroker:
+    """The demo's broker of ``kind`` (see ``resolve_broker_kind``), not yet started."""
+    if kind == "mosquitto":
+        return MosquittoProcess(port, username, password, var_dir=var_dir, binary=mosquitto_bin)
+    return BrokerProcess(port, username, password, var_dir=var_dir)
 
 
 def free_port() -> int:

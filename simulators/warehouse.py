@@ -1,6 +1,7 @@
 """The ``scales`` and ``demo`` commands: a simulated warehouse, alone or with broker + controller.
 
-``demo`` starts, in order: the embedded broker (child process), the site's PLCs (simulated
+``demo`` starts, in order: its broker (child process: a private mosquitto where installed, the
+pure-Python amqtt otherwise or when asked; simulators/broker.py), the site's PLCs (simulated
 conveyors and sorters on 127.0.0.1, in this process), the controller (child process,
 ``python -m controller run SITE``, configured through ``FLOORHAND_*`` environment variables),
 then the scale simulators and the simulated floor (a WMS sending pick requests, pickers
@@ -23,7 +24,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from simulators.broker import BrokerProcess, stop_process
+from simulators.broker import (
+    BROKER_CHOICES,
+    DEMO_BROKER_ENV,
+    TRADE_OFFS,
+    BrokerKind,
+    BrokerStartError,
+    DemoBroker,
+    find_mosquitto,
+    make_demo_broker,
+    resolve_broker_kind,
+    stop_process,
+)
 from simulators.floor import FloorSystem, load_pack_stations
 from simulators.modbus_host import PlcHost
 from simulators.plc import PlcSiteError, build_model, load_plcs
@@ -102,6 +114,16 @@ def add_demo_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     p.add_argument("site", type=Path, help="site TOML file")
     p.add_argument("--api-bind", default="127.0.0.1:8080")
     p.add_argument("--broker-port", type=int, default=18830)
+    p.add_argument(
+        "--broker",
+        choices=BROKER_CHOICES,
+        default=os.environ.get(DEMO_BROKER_ENV) or "auto",
+        help=(
+            "MQTT broker: mosquitto (keeps unacknowledged messages across reconnects), amqtt "
+            "(pure-Python fallback that loses them), or auto: mosquitto when installed "
+            f"(default from {DEMO_BROKER_ENV}, else auto)"
+        ),
+    )
     p.add_argument("--var-dir", type=Path, default=Path("var/demo"))
     p.add_argument("--duration", type=float, default=None, help="exit after this many seconds")
     p.add_argument(
@@ -189,11 +211,25 @@ def demo_main(args: argparse.Namespace) -> int:
     if not api_host or not api_port.isdigit():
         print(f"error: --api-bind {args.api_bind!r} must be HOST:PORT", file=sys.stderr)
         return 2
+    mosquitto_bin = find_mosquitto()
+    try:
+        kind = resolve_broker_kind(args.broker, mosquitto_bin)
+    except BrokerStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     var_dir: Path = args.var_dir
     var_dir.mkdir(parents=True, exist_ok=True)
     password = secrets.token_urlsafe(12)
+    broker = make_demo_broker(
+        kind, args.broker_port, DEMO_USER, password, var_dir / "broker", mosquitto_bin=mosquitto_bin
+    )
     env_vars = controller_env(
-        args.broker_port, DEMO_USER, password, args.api_bind, var_dir / "journal.sqlite"
+        args.broker_port,
+        DEMO_USER,
+        password,
+        args.api_bind,
+        var_dir / "journal.sqlite",
+        protocol=broker.protocol,
     )
     env_vars.update(demo_token_env())
     # The same settings for a controller started by hand: `set -a; . var/demo/demo.env`.
@@ -202,7 +238,7 @@ def demo_main(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.writelines(f"{k}={shlex.quote(v)}\n" for k, v in env_vars.items())
     return asyncio.run(
-        _demo(args, site, options, password, env_vars, env_file, (api_host, int(api_port)))
+        _demo(args, broker, site, options, password, env_vars, env_file, (api_host, int(api_port)))
     )
 
 
@@ -236,12 +272,13 @@ def demo_tokens(env_vars: dict[str, str]) -> dict[str, str]:
 
 
 def controller_env(
-    port: int, user: str, password: str, api_bind: str, journal: Path
+    port: int, user: str, password: str, api_bind: str, journal: Path, *, protocol: int = 5
 ) -> dict[str, str]:
-    """What the controller needs to join the demo broker (amqtt speaks MQTT 3.1.1 only)."""
+    """What the controller needs to join the demo broker (``protocol`` 4 = MQTT 3.1.1, the only
+    one amqtt speaks; 5 with mosquitto)."""
     return {
         "FLOORHAND_MQTT_URL": f"mqtt://127.0.0.1:{port}",
-        "FLOORHAND_MQTT_PROTOCOL": "4",
+        "FLOORHAND_MQTT_PROTOCOL": str(protocol),
         "FLOORHAND_MQTT_USERNAME": user,
         "FLOORHAND_MQTT_PASSWORD": password,
         "FLOORHAND_API_BIND": api_bind,
@@ -249,8 +286,17 @@ def controller_env(
     }
 
 
+def broker_summary(kind: BrokerKind, requested: str) -> str:
+    """The demo's line about its broker: which one, why, and what it promises."""
+    if kind == "mosquitto":
+        return f"broker: mosquitto (private, 127.0.0.1): {TRADE_OFFS['mosquitto']}"
+    why = "as asked" if requested == "amqtt" else "fallback: mosquitto is not installed"
+    return f"broker: amqtt ({why}). WARNING: {TRADE_OFFS['amqtt']}"
+
+
 async def _demo(
     args: argparse.Namespace,
+    broker: DemoBroker,
     site: Site,
     options: ScaleSimOptions,
     password: str,
@@ -263,14 +309,14 @@ async def _demo(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # idempotent: a second signal changes nothing
 
-    broker = BrokerProcess(args.broker_port, DEMO_USER, password, var_dir=args.var_dir / "broker")
     controller: asyncio.subprocess.Process | None = None
     sim: WarehouseScales | None = None
     floor: FloorSystem | None = None
     plcs = contextlib.AsyncExitStack()
     exit_code = 0
     try:
-        print(f"starting broker on 127.0.0.1:{args.broker_port} ...", flush=True)
+        print(broker_summary(broker.kind, args.broker), flush=True)
+        print(f"starting {broker.kind} on 127.0.0.1:{args.broker_port} ...", flush=True)
         await broker.start()
         await _start_plcs(args, plcs)
         cmd = controller_command(args.site, args.controller_cmd)
@@ -323,10 +369,10 @@ async def _demo(
                 flush=True,
             )
         _print_banner(
-            args, site.id, site.topic_prefix, sim, password, env_file, demo_tokens(env_vars)
+            args, site.id, site.topic_prefix, sim, password, env_file, demo_tokens(env_vars), broker
         )
         exit_code = await _run_until_stopped(args, stop, controller, sim, floor)
-    except ScaleSimError as exc:
+    except (ScaleSimError, BrokerStartError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         exit_code = 1
     finally:
@@ -411,6 +457,7 @@ def _print_banner(
     password: str,
     env_file: Path,
     tokens: dict[str, str] | None = None,
+    broker: DemoBroker | None = None,
 ) -> None:
     api = f"http://{args.api_bind}"
     tokens = tokens or {}
@@ -422,6 +469,10 @@ def _print_banner(
             ["curl", "-H", f"Authorization: Bearer {first}", f"{api}/api/v1/stock"]
         )
         token_lines.append(f"  try:     {example}")
+    if broker is not None and broker.kind == "mosquitto":
+        broker_note = "mosquitto, MQTT 5 and 3.1.1"
+    else:
+        broker_note = "amqtt, MQTT 3.1.1 only; loses unacknowledged messages on reconnect"
     alerts = f"{prefix}/{site_id}/alerts/#"
     sub = shlex.join(
         [
@@ -455,7 +506,7 @@ def _print_banner(
                 f"  docs:    {api}/docs",
                 *token_lines,
                 f"  MQTT:    mqtt://127.0.0.1:{args.broker_port}  user {DEMO_USER}  "
-                f"password {password}  (MQTT 3.1.1)",
+                f"password {password}  ({broker_note})",
                 f"  alerts on MQTT:  {sub}",
                 f"  journal: {args.var_dir / 'journal.sqlite'}   env: {env_file}",
                 "  Ctrl-C stops everything.",

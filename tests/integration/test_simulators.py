@@ -7,13 +7,17 @@ parser). Tests wait on received messages with timeouts, never on sleeps.
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import json
+import os
+import pwd
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +40,15 @@ from devices.shelf_scale import (
     parse_esphome_status,
     parse_native,
 )
-from simulators.broker import BrokerProcess
+from simulators.broker import (
+    BrokerProcess,
+    BrokerStartError,
+    MosquittoProcess,
+    find_mosquitto,
+    make_demo_broker,
+    mosquitto_password_hash,
+    resolve_broker_kind,
+)
 from simulators.shelf_scale import ScaleSimOptions, SimEvent, WarehouseScales
 from simulators.site import Site, SiteError, load_site, parse_site
 
@@ -623,6 +635,171 @@ async def test_amqtt_broker_login_and_persistent_session_queue(tmp_path: Path, s
     assert broker.proc.returncode is not None
 
 
+# ------------------------------------------------------------- the demo's broker choice
+class ManualAckSubscriber:
+    """A paho MQTT 3.1.1 subscriber with a persistent session that acknowledges only when told
+    (``ack``): what the controller does, acking after its journal commit."""
+
+    def __init__(self, port: int, user: str, password: str, client_id: str, topic: str) -> None:
+        self.msgs: list[mqtt.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self.ready = threading.Event()
+        self.refused: str | None = None
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=False,
+        )
+        self.client.username_pw_set(user, password)
+        self.client.manual_ack_set(True)
+
+        def on_connect(c: mqtt.Client, u: object, flags: Any, rc: Any, props: object) -> None:
+            if rc.is_failure:
+                self.refused = str(rc)
+                self.ready.set()
+            elif flags.session_present:
+                self.ready.set()  # the broker kept the subscription
+            else:
+                c.subscribe(topic, qos=1)
+
+        def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+            with self._cond:
+                self.msgs.append(m)
+                self._cond.notify_all()
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *_: self.ready.set()
+        self.client.on_message = on_message
+        self.client.connect("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+        assert self.ready.wait(WAIT_S), "no CONNACK/SUBACK"
+        assert self.refused is None, self.refused
+
+    def wait_payload(self, payload: bytes) -> list[mqtt.MQTTMessage]:
+        """Everything received up to and including the first message with ``payload``."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: any(m.payload == payload for m in self.msgs), WAIT_S)
+            got = list(self.msgs)
+        assert ok, f"{payload!r} not received; got {[m.payload for m in got]}"
+        return got[: [m.payload for m in got].index(payload) + 1]
+
+    def ack(self, msgs: list[mqtt.MQTTMessage]) -> None:
+        for m in msgs:
+            self.client.ack(m.mid, m.qos)
+
+    def close(self) -> None:
+        """A clean DISCONNECT: the session, and what it has not acknowledged, stays at the broker.
+
+        A SUBACK first: the broker reads one connection in order, so once it answered, it has
+        the PUBACKs sent before (a reconnect could otherwise take the session over first)."""
+        settled = threading.Event()
+        self.client.on_subscribe = lambda *_: settled.set()
+        self.client.subscribe("fh-test-sync", qos=0)
+        assert settled.wait(WAIT_S), "no SUBACK"
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publish_qos1(port: int, user: str, password: str, payloads: list[bytes]) -> None:
+    """Publish on ``t/<n>`` at QoS 1 and return once the broker acknowledged all."""
+    pub = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id="", protocol=MQTTProtocolVersion.MQTTv311
+    )
+    pub.username_pw_set(user, password)
+    pub.connect("127.0.0.1", port, keepalive=10)
+    pub.loop_start()
+    try:
+        infos = [pub.publish(f"t/{i}", p, qos=1) for i, p in enumerate(payloads)]
+        for info in infos:
+            info.wait_for_publish(WAIT_S)
+            assert info.is_published()
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A folder every account can reach (pytest's tmp_path sits below a private 0700 folder):
+    a demo mosquitto started as root switches to its own account and works there."""
+    folder = Path(tempfile.mkdtemp(prefix="fh-demo-broker-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_demo_broker_choice() -> None:
+    assert resolve_broker_kind("auto", "/usr/sbin/mosquitto") == "mosquitto"
+    assert resolve_broker_kind("auto", None) == "amqtt"
+    assert resolve_broker_kind("amqtt", "/usr/sbin/mosquitto") == "amqtt"
+    assert resolve_broker_kind("mosquitto", "/usr/sbin/mosquitto") == "mosquitto"
+    with pytest.raises(BrokerStartError, match="not installed"):
+        resolve_broker_kind("mosquitto", None)
+    with pytest.raises(BrokerStartError, match="unknown broker"):
+        resolve_broker_kind("hivemq", "/usr/sbin/mosquitto")
+
+
+def test_mosquitto_password_hash_matches_mosquitto_passwd_format() -> None:
+    # The hash of "secret" with a known salt, as mosquitto_passwd 2.0.11 wrote it.
+    salt = base64.b64decode("jz/aYB/qhWS7u40Y")
+    assert mosquitto_password_hash("secret", salt=salt) == (
+        "$7$101$jz/aYB/qhWS7u40Y$vGHlJ/CiZWMSZQbGUcJyKBlIEsA2cm2qYpPPJ2SkFC8ua6vcIdvf65jQRyCD"
+        "k3eykBYsau0ejOFVzDvDzd+r5w=="
+    )
+
+
+@needs_mosquitto
+async def test_demo_broker_keeps_unacked_qos1_across_reconnect_and_restart(
+    reachable_dir: Path,
+) -> None:
+    """The demo's default broker redelivers exactly what a durable subscriber left
+    unacknowledged: after the subscriber reconnects, and after a restart of the broker.
+    (amqtt 0.12.1, the fallback, redelivers none of them: README.md, TRADE_OFFS.)"""
+    kind = resolve_broker_kind("auto", find_mosquitto())
+    assert kind == "mosquitto"
+    user, pw = "floorhand", "demo-pw"
+    broker = make_demo_broker(kind, free_port(), user, pw, reachable_dir / "broker")
+    port = broker.port
+    payloads = [f"m{i:02d}".encode() for i in range(20)]
+    await broker.start()
+    try:
+        sub = await asyncio.to_thread(ManualAckSubscriber, port, user, pw, "fh-durable", "t/#")
+        await asyncio.to_thread(publish_qos1, port, user, pw, payloads)
+        got = await asyncio.to_thread(sub.wait_payload, payloads[-1])
+        assert [m.payload for m in got] == payloads
+        sub.ack(got[:5])
+        await asyncio.to_thread(sub.close)
+
+        # Reconnect: the 15 unacknowledged come again, in order, before anything new.
+        again = await asyncio.to_thread(ManualAckSubscriber, port, user, pw, "fh-durable", "t/#")
+        await asyncio.to_thread(publish_qos1, port, user, pw, [b"marker-1"])
+        got = await asyncio.to_thread(again.wait_payload, b"marker-1")
+        assert [m.payload for m in got] == [*payloads[5:], b"marker-1"]
+        assert all(m.dup for m in got[:-1])
+        again.ack([*got[:10], got[-1]])  # m15..m19 stay unacknowledged
+        await asyncio.to_thread(again.close)
+
+        # Broker restart (SIGTERM saves its persistence file): the last 5 survive it.
+        await broker.stop()
+        await broker.start()
+        if os.geteuid() == 0:
+            assert isinstance(broker, MosquittoProcess)
+            assert broker.run_as == "mosquitto", "started as root it runs as its own account"
+        third = await asyncio.to_thread(ManualAckSubscriber, port, user, pw, "fh-durable", "t/#")
+        await asyncio.to_thread(publish_qos1, port, user, pw, [b"marker-2"])
+        got = await asyncio.to_thread(third.wait_payload, b"marker-2")
+        assert [m.payload for m in got] == [*payloads[15:], b"marker-2"]
+        third.ack(got)
+        await asyncio.to_thread(third.close)
+    finally:
+        await broker.stop()
+    data = reachable_dir / "broker" / "data" / "floorhand.db"
+    assert data.stat().st_size > 0
+    if os.geteuid() == 0:
+        assert data.stat().st_uid == pwd.getpwnam("mosquitto").pw_uid
+
+
 # --------------------------------------------------------------------------- demo CLI
 STUB_CONTROLLER = """
 import json, os, signal, socket, sys
@@ -642,7 +819,16 @@ signal.pause()
 """
 
 
-def test_demo_cli_with_stub_controller(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("choice", "kind"),
+    [
+        pytest.param(None, "mosquitto", id="default-mosquitto", marks=needs_mosquitto),
+        pytest.param("amqtt", "amqtt", id="env-amqtt"),
+    ],
+)
+def test_demo_cli_with_stub_controller(tmp_path: Path, choice: str | None, kind: str) -> None:
+    """The demo runs on mosquitto when it is installed, on amqtt when FLOORHAND_DEMO_BROKER
+    says so, prints which and what it promises, and stops everything it started."""
     stub = tmp_path / "stub_controller.py"
     stub.write_text(STUB_CONTROLLER)
     record = tmp_path / "controller.json"
@@ -667,9 +853,18 @@ def test_demo_cli_with_stub_controller(tmp_path: Path) -> None:
         "--controller-cmd",
         f"{sys.executable} {stub} {record} run {DEMO_SITE}",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "FLOORHAND_DEMO_BROKER"}
+    if choice is not None:
+        env["FLOORHAND_DEMO_BROKER"] = choice
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
+    if kind == "mosquitto":
+        assert "broker: mosquitto (private, 127.0.0.1): redelivers unacknowledged" in out
+        assert "(mosquitto, MQTT 5 and 3.1.1)" in out
+    else:
+        assert "broker: amqtt (as asked). WARNING: amqtt 0.12.1 drops the unacknowledged" in out
+        assert "Install mosquitto" in out
     for path in ("/api/v1/stock", "/api/v1/alerts", "/api/v1/health", "/docs"):
         assert f"http://127.0.0.1:{api_port}{path}" in out
     assert f"mqtt://127.0.0.1:{broker_port}" in out
@@ -682,7 +877,7 @@ def test_demo_cli_with_stub_controller(tmp_path: Path) -> None:
     assert seen["sigterm"] is True
     env = seen["env"]
     assert env["FLOORHAND_MQTT_URL"] == f"mqtt://127.0.0.1:{broker_port}"
-    assert env["FLOORHAND_MQTT_PROTOCOL"] == "4"
+    assert env["FLOORHAND_MQTT_PROTOCOL"] == ("5" if kind == "mosquitto" else "4")
     assert env["FLOORHAND_MQTT_USERNAME"] == "floorhand"
     assert env["FLOORHAND_MQTT_PASSWORD"]
     assert env["FLOORHAND_MQTT_PASSWORD"] in out  # printed for the mosquitto_sub line
