@@ -51,6 +51,7 @@ from devices.plc import BeltFault, BeltState, PlcDriver, belt_fault, belt_state
 from devices.registers import Access, RegisterMap, RegisterType, Snapshot
 
 __all__ = [
+    "CmdIdBelowPlc",
     "CommandLookup",
     "CommandState",
     "SortOutcome",
@@ -60,6 +61,21 @@ __all__ = [
 ]
 
 MAX_CMD_ID = 0xFFFFFFFF
+
+MailboxListener = Callable[[int, int], None]
+"""``callback(epoch, highest_id)``: the highest cmd_id the PLC knows in ``epoch``."""
+
+
+class CmdIdBelowPlc(CommandRefused, DeviceConfigError):
+    """A cmd_id not above the PLC's ``ack_id`` (or one this driver already used), certainly
+    not executed: refused by `SorterDriver.send` before writing, or answered DUPLICATE by the
+    PLC to its first mailbox write (the PLC's ids moved past it, by hand or another
+    controller). ``floor`` is the id the next one must exceed. Also a `DeviceConfigError`, which
+    the refusal before writing always was."""
+
+    def __init__(self, message: str, floor: int) -> None:
+        super().__init__(message)
+        self.floor = floor
 
 
 class SortResult(enum.Enum):
@@ -255,10 +271,40 @@ class SorterDriver(PlcDriver):
         self._status: SorterStatus | None = None
         self._status_at = 0.0
         self._status_connection = -1
+        self._mailbox_listeners: list[MailboxListener] = []
+        self._reported: tuple[int, int] | None = None
+        self._read_event = asyncio.Event()  # set by every status read
         self.resends = 0  # mailbox writes sent again after a confirmed loss
         self.on_write: Callable[[int], None] | None = None  # benchmark/test probe
 
     # -- status ---------------------------------------------------------------------------
+
+    def add_mailbox_listener(self, callback: MailboxListener) -> None:
+        """Call ``callback(epoch, highest_id)`` after a status read whenever the highest cmd_id
+        the PLC knows (``ack_id``, the mailbox, ``pending_ids``, the completion ring) or the
+        epoch differs from the last report; the first read of every connection (the link's
+        resync) always reports. Runs synchronously inside the read, before any caller sees
+        the status: a listener that moves its id counter above ``highest_id`` does so before
+        the next command can be drawn from it."""
+        self._mailbox_listeners.append(callback)
+
+    @property
+    def mailbox_known(self) -> bool:
+        """True once the map was read on the current connection (the epoch and ``ack_id`` are
+        known): only then can a caller be sure its next cmd_id is above the PLC's."""
+        return (
+            self._status is not None
+            and self._status_connection == self.link.connection_number
+            and self.link.state is LinkState.UP
+        )
+
+    async def wait_mailbox_known(self, timeout_s: float) -> None:
+        """Return once `mailbox_known` (the link's resync does the read); `TimeoutError` after
+        ``timeout_s``."""
+        async with asyncio.timeout(timeout_s):
+            while not self.mailbox_known:
+                self._read_event.clear()
+                await self._read_event.wait()
 
     @property
     def last_status(self) -> SorterStatus | None:
@@ -308,7 +354,9 @@ class SorterDriver(PlcDriver):
 
         Raises `DeviceUnavailable` / `DeviceBusy` / `DeviceConfigError` when it was certainly
         not executed (the same cmd_id may be sent again), `CommandOutcomeUnknown` when that
-        cannot be known, `CommandRefused` when the PLC reports it as duplicate or invalid.
+        cannot be known, `CommandRefused` when the PLC reports it as duplicate or invalid;
+        `CmdIdBelowPlc` (a `CommandRefused`) when the id is not above the PLC's ids and was
+        certainly not executed: a new id above ``floor`` may be sent for the same tote.
         Sending a cmd_id again joins the first submission (never a second execution).
         """
         if not 1 <= cmd_id <= MAX_CMD_ID:
@@ -338,9 +386,10 @@ class SorterDriver(PlcDriver):
                 self._settle_older(status)
             floor = max(self._highest_sent, status.ack_id)
             if cmd_id <= floor:
-                raise DeviceConfigError(
+                raise CmdIdBelowPlc(
                     f"{self.name}: cmd_id {cmd_id} must be above {floor} (ids increase; "
-                    "lookup() tells what the PLC knows about an older one)"
+                    "lookup() tells what the PLC knows about an older one)",
+                    floor,
                 )
             assert self.epoch is not None
             rec = _Record(cmd_id, tote, lane, self.epoch)
@@ -540,6 +589,12 @@ class SorterDriver(PlcDriver):
             if status.mb_status in ("DUPLICATE", "INVALID") and status.mb_strobe != self._submit:
                 reason = f"PLC refused command {rec.cmd_id} as {status.mb_status}"
                 self._lose(rec, reason)
+                if status.mb_status == "DUPLICATE" and rec.resends == 0:
+                    # Our only write of this id was refused: the id was used before (a hand
+                    # write, another controller), this command was not executed.
+                    raise CmdIdBelowPlc(
+                        f"{self.name}: {reason} (ack_id {status.ack_id})", status.ack_id
+                    )
                 raise CommandRefused(f"{self.name}: {reason}")
             if time.monotonic() >= deadline:
                 rec.phase = _Phase.UNCERTAIN
@@ -580,9 +635,12 @@ class SorterDriver(PlcDriver):
     def on_snapshot(self, snapshot: Snapshot) -> None:
         super().on_snapshot(snapshot)  # epoch first: pending commands of an old epoch are lost
         status = self._decode(snapshot)
+        new_connection = self._status_connection != self.link.connection_number
         self._status = status
         self._status_at = time.monotonic()
         self._status_connection = self.link.connection_number
+        self._report_mailbox(status, force=new_connection)
+        self._read_event.set()
         now = self._status_at
         for done_id, result in status.done:
             if not done_id:
@@ -610,6 +668,24 @@ class SorterDriver(PlcDriver):
             ):
                 rec.phase = _Phase.ACCEPTED
                 rec.accepted_at = now
+
+    def _report_mailbox(self, status: SorterStatus, *, force: bool) -> None:
+        highest = max(
+            status.ack_id,
+            status.last_done_id,
+            status.mb_cmd_id if status.mb_strobe == self._submit else 0,
+            *status.pending_ids,
+            *(done_id for done_id, _ in status.done),
+        )
+        report = (status.epoch, highest)
+        if report == self._reported and not force:
+            return
+        self._reported = report
+        for callback in tuple(self._mailbox_listeners):
+            try:
+                callback(status.epoch, highest)
+            except Exception:
+                self._log.exception("%s: mailbox listener %r failed", self.name, callback)
 
     def _lose(self, rec: _Record, reason: str) -> None:
         rec.phase = _Phase.LOST

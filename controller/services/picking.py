@@ -14,6 +14,14 @@ the pack station's lane) and the shelf's scale showing the units gone. Both → 
 tasks confirmed → the order is SORTED; anything else → EXCEPTION with the reason, and the
 reservation is released.
 
+Sorter cmd ids come from a journaled counter per sorter. The PLC may know higher ids (a journal
+restored from a backup, a replaced controller host, a mailbox written by hand): every status
+read of a sorter reports the highest id it knows (`SorterDriver.add_mailbox_listener`; always
+on connect, so also after a PLC restart) and the counter is moved above it and journaled
+before a pick can draw an id from it; picks to a sorter whose mailbox has not been read on its
+current connection are refused like a sorter that is down. A task whose id the PLC overtook
+between allocation and sending (nothing was written) gets a new id, journaled, once.
+
 After a restart, open orders are reloaded and every unfinished command is reconciled with its
 sorter (`SorterDriver.lookup`): DONE and PENDING continue; a command the PLC never saw in the
 same PLC epoch is sent again with the same cmd_id; anything that cannot be known (PLC
@@ -61,7 +69,7 @@ from devices.errors import (
     ResultTimeout,
 )
 from devices.link.state import LinkState
-from devices.sorter import CommandState, SorterDriver, SortResult
+from devices.sorter import CmdIdBelowPlc, CommandState, SorterDriver, SortResult
 
 log = logging.getLogger("floorhand.picking")
 
@@ -172,6 +180,8 @@ class PickingService:
         self._belt_ok: dict[str, float] = {}
         self._belt_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.stats: dict[str, int] = defaultdict(int)
+        for name, driver in self.sorters.items():
+            driver.add_mailbox_listener(self._mailbox_listener(name))
 
     # -- restore -------------------------------------------------------------------------------
     def restore(self) -> list[Order]:
@@ -409,13 +419,11 @@ class PickingService:
             raise PickError(422, "invalid_pick", "; ".join(problems))
 
     def _require_devices(self, sorters: set[str], conveyors: set[str]) -> None:
+        # A sorter counts as down until its mailbox was read on the current connection: only
+        # then is the cmd id counter known to be above the PLC's ack_id (_on_mailbox).
         down = [
-            name
-            for name, link_state in [
-                *((s, self.sorters[s].link.state) for s in sorted(sorters)),
-                *((c, self.conveyors[c].link.state) for c in sorted(conveyors)),
-            ]
-            if link_state is not LinkState.UP
+            *(s for s in sorted(sorters) if not self.sorters[s].mailbox_known),
+            *(c for c in sorted(conveyors) if self.conveyors[c].link.state is not LinkState.UP),
         ]
         if down:
             self.stats["device_unavailable"] += 1
@@ -426,6 +434,73 @@ class PickingService:
                 extra={"devices": down},
                 retry_after_s=2.0,
             )
+
+    # -- cmd ids ------------------------------------------------------------------------------
+    def _mailbox_listener(self, sorter: str) -> Callable[[int, int], None]:
+        def on_mailbox(epoch: int, highest_id: int) -> None:
+            self._on_mailbox(sorter, epoch, highest_id)
+
+        return on_mailbox
+
+    def _on_mailbox(self, sorter: str, epoch: int, highest_id: int) -> None:
+        """A status read of ``sorter``: move its cmd id counter above the highest id the PLC
+        knows (journaled). Runs inside the read, before any command can use the counter."""
+        key = f"cmd:{sorter}"
+        old = self._counters.get(key, 0)
+        if highest_id <= old:
+            return
+        counters = {**self._counters, key: highest_id}
+        now = self.clock()
+        body = {
+            "kind": "cmd_ids_moved",
+            "ts": now,
+            "sorter": sorter,
+            "epoch": epoch,
+            "old": old,
+            "new": highest_id,
+        }
+        # In memory even if the commit fails: every order commit carries all counters, so no
+        # id drawn from the moved counter can reach the PLC before the move is on disk.
+        self._counters = counters
+        self.stats["cmd_ids_moved"] += 1
+        log.warning(
+            "sorter %s knows cmd ids up to %d (epoch %d), the journal's counter was %d: "
+            "moved above it",
+            sorter,
+            highest_id,
+            epoch,
+            old,
+        )
+        try:
+            self.journal.commit_orders(
+                [], counters=counters, events=[EventRow(now, "cmd_ids_moved", body)]
+            )
+        except Exception as exc:
+            self.stats["journal_failed"] += 1
+            log.error("could not journal the cmd id counter of %s: %s", sorter, exc)
+        self.publish_bus([body])
+
+    def _renumber(self, order: Order, task: PickTask, floor: int) -> bool:
+        """Give a task that was never sent a cmd id above ``floor`` (journaled with the order
+        before it is sent). False if the journal refused it."""
+        key = f"cmd:{task.sorter}"
+        counters = dict(self._counters)
+        counters[key] = new_id = max(counters.get(key, 0), floor) + 1
+        old_id, task.cmd_id = task.cmd_id, new_id
+        task.plc_epoch = self.sorters[task.sorter].epoch
+        task.updated_ts = self.clock()
+        try:
+            self.journal.commit_orders([order.as_dict()], counters=counters)
+        except Exception as exc:
+            task.cmd_id = old_id
+            self.stats["journal_failed"] += 1
+            log.error("could not journal the new cmd id of order %s: %s", order.order_id, exc)
+            return False
+        self._counters = counters
+        self.stats["renumbered"] += 1
+        log.warning("order %s task %d: cmd %d is not above the PLC's ids; sent as cmd %d",
+                    order.order_id, task.task_no, old_id, new_id)  # fmt: skip
+        return True
 
     def on_command(self, payload: bytes) -> tuple[int, dict[str, Any]]:
         """A pick request from the MQTT command topic (docs/picking.md): the same body as the
@@ -680,7 +755,13 @@ class PickingService:
     async def _send(self, order: Order, task: PickTask) -> None:
         driver = self.sorters[task.sorter]
         try:
-            await driver.send(task.cmd_id, task.tote, task.lane)
+            try:
+                await driver.send(task.cmd_id, task.tote, task.lane)
+            except CmdIdBelowPlc as exc:
+                # Nothing was written: the PLC's ids moved past this one after it was drawn.
+                if not self._renumber(order, task, exc.floor):
+                    raise
+                await driver.send(task.cmd_id, task.tote, task.lane)
         except CommandOutcomeUnknown as exc:
             self._finish(task, TaskState.UNKNOWN, str(exc))
             return

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from pymodbus.client import AsyncModbusTcpClient
 
 from controller.api.app import create_app
 from controller.api.routes.orders import OrderOut
@@ -24,6 +25,8 @@ from controller.domain.model import ShelfStatus
 from controller.runtime import Runtime
 from controller.services.picking import PickRequest
 from devices.link.state import LinkState
+from devices.registers import load_builtin_map
+from devices.sorter import SorterDriver
 from simulators.conveyor import ConveyorPlc
 from simulators.modbus_host import PlcHost
 from simulators.plc import BeltState as SimBeltState
@@ -186,10 +189,46 @@ async def floor(
         for plc_id, plc in rt.plcs.items():
             if sorter_port is None or plc_id != "sorter-1":
                 await plc.link.watch.wait_for(LinkState.UP, 10)
+                if isinstance(plc.driver, SorterDriver):
+                    await plc.driver.wait_mailbox_known(10)
         yield Floor(rt, client, mosquitto.port)
 
 
 ORDER = {"order_id": "W-1", "lines": [{"sku": "K0", "qty": 16}], "pack_station": "PS1"}
+
+
+async def hand_submit(port: int, cmd_id: int, tote: int, lane: int) -> None:
+    """Write the sorter's mailbox as an integrator commissioning it by hand would: one FC16
+    from their own Modbus client (pymodbus), ``mb_strobe = SUBMIT``."""
+    reg_map = load_builtin_map("sorter")
+    address, registers = reg_map.encode(
+        {
+            "mb_cmd_id": cmd_id,
+            "mb_tote": tote,
+            "mb_lane": lane,
+            "mb_strobe": reg_map["mb_strobe"].value_of("SUBMIT"),
+        }
+    )
+    client = AsyncModbusTcpClient("127.0.0.1", port=port, timeout=2.0, retries=0)
+    try:
+        assert await client.connect()
+        reply = await client.write_registers(address, registers, device_id=1)
+        assert not reply.isError(), reply
+    finally:
+        client.close()
+
+
+async def settled_task(rt: Runtime, order_id: str, timeout_s: float = 20) -> dict[str, Any]:
+    """The order's first task once the sorter decided it (DIVERTED or a final state)."""
+
+    def task() -> dict[str, Any]:
+        body = rt.picking.get(order_id)
+        assert body is not None
+        first: dict[str, Any] = body["tasks"][0]
+        return first
+
+    await bus_until(rt, lambda: task()["state"] not in ("DISPATCHED", "ACCEPTED"), timeout_s)
+    return task()
 
 
 async def test_pick_end_to_end_to_shipped(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
@@ -408,7 +447,10 @@ async def test_device_down_fails_fast(mosquitto: MosquittoBroker, tmp_path: Path
             assert r.json()["devices"] == ["sorter-1"]
             assert f.rt.picking.reserved("sh0") == 0
             await sh.go_online()
-            await f.rt.plcs["sorter-1"].link.watch.wait_for(LinkState.UP, 10)
+            # Picks use a sorter once its mailbox was read on the new connection (B6).
+            driver = f.rt.plcs["sorter-1"].driver
+            assert isinstance(driver, SorterDriver)
+            await driver.wait_mailbox_known(10)
             r = await f.pick("k-down", ORDER)
             assert r.status_code == 201, r.text
 
@@ -671,3 +713,57 @@ async def test_b7_stop_overtakes_a_flood_of_picks(
             assert len(sorter.events_of("accept")) < 100
         finally:
             sh.faults.latency_s = 0.0
+
+
+async def test_b6_cmd_ids_move_above_a_plc_that_is_ahead(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """B6: the sorter knows ids above the journal's counter (here: written by hand, as an
+    integrator commissioning the mailbox would; a restored journal or a replaced host looks
+    the same). On connect the counter moves above the PLC's ack_id, journaled, before the
+    first pick; a hand write while connected, and one after a PLC restart (new epoch), are
+    overtaken too: every pick executes exactly once, none is refused."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    body = {**ORDER, "lines": [{"sku": "K0", "qty": 1}]}
+    async with PlcHost(conveyor, seed=1) as ch, PlcHost(sorter, seed=2) as sh:
+        await hand_submit(sh.port, 1000, 71, 1)
+        assert sorter.ack_id == 1000
+        async with floor(mosquitto, tmp_path, ch, sh) as f:
+            rt = f.rt
+            counter = rt.journal.counters
+            assert counter().get("cmd:sorter-1", 0) >= 1000  # moved on connect, journaled
+
+            async def pick_above(order_id: str, hand_id: int) -> None:
+                """A pick is diverted once, under a journaled cmd id above ``hand_id``."""
+                await f.shelf("s0", 30)
+                r = await f.pick(order_id, {**body, "order_id": order_id})
+                assert r.status_code == 201, r.text
+                task = await settled_task(rt, r.json()["order_id"])
+                assert task["state"] == "DIVERTED", task
+                assert counter()["cmd:sorter-1"] >= task["cmd_id"] > hand_id
+                assert sorter.executions[task["cmd_id"]] == 1
+
+            await pick_above("B6-1", 1000)
+            assert rt.picking.stats["renumbered"] == 0  # its id was drawn above the PLC's
+
+            # By hand again while the controller is connected (same epoch): the next id is
+            # refused as DUPLICATE (not executed) and the tote sent again under a new id.
+            await hand_submit(sh.port, 2000, 72, 1)
+            await pick_above("B6-2", 2000)
+            assert rt.picking.stats["renumbered"] == 1
+            assert len(sorter.duplicates) == 1
+
+            # A PLC restart (new epoch), its mailbox written by hand before the next pick.
+            driver = rt.plcs["sorter-1"].driver
+            assert isinstance(driver, SorterDriver)
+            restarted = asyncio.Event()
+            driver.add_epoch_listener(lambda old, new: restarted.set())
+            await sh.restart()
+            await hand_submit(sh.port, 3000, 73, 1)
+            await asyncio.wait_for(restarted.wait(), 10)
+            await driver.wait_mailbox_known(10)
+            assert driver.epoch == sorter.epoch
+            await pick_above("B6-3", 3000)
+            assert all(n == 1 for n in sorter.executions.values())
+            assert rt.picking.stats["cmd_ids_moved"] >= 2

@@ -4,6 +4,7 @@ simulated PLCs in tests/integration/test_picking.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -57,11 +58,27 @@ lane = 2
     return load_site(path)
 
 
+class FakeSorter:
+    """A stand-in for our sorter driver: submission reads ``mailbox_known`` and ``epoch``; the
+    service registers a mailbox listener, which `report` calls as a status read would."""
+
+    def __init__(self, up: bool = True) -> None:
+        self.link = SimpleNamespace(state=LinkState.UP if up else LinkState.DOWN)
+        self.mailbox_known = up
+        self.epoch = 7
+        self.listeners: list[Callable[[int, int], None]] = []
+
+    def add_mailbox_listener(self, callback: Callable[[int, int], None]) -> None:
+        self.listeners.append(callback)
+
+    def report(self, highest_id: int) -> None:
+        for callback in self.listeners:
+            callback(self.epoch, highest_id)
+
+
 def device(up: bool = True) -> Any:
-    """A stand-in for a driver: submission reads only ``link.state`` and ``epoch``."""
-    return SimpleNamespace(
-        link=SimpleNamespace(state=LinkState.UP if up else LinkState.DOWN), epoch=7
-    )
+    """A stand-in for a conveyor driver: submission reads only ``link.state``."""
+    return SimpleNamespace(link=SimpleNamespace(state=LinkState.UP if up else LinkState.DOWN))
 
 
 def service(
@@ -78,7 +95,7 @@ def service(
         states,
         specs,
         conveyors={"c1": device()},
-        sorters={"s1": device(sorter_up)},
+        sorters={"s1": FakeSorter(sorter_up)},
         publish_bus=published.extend,
         clock=clock,
     )
@@ -241,5 +258,44 @@ async def test_closed_orders_are_trimmed_open_ones_never(tmp_path: Path) -> None
         assert journal.trim_orders(500.0) == 2
         left = {r[0] for r in journal.db.execute("SELECT order_id FROM orders")}
         assert left == {"old-open", "new-shipped"}
+    finally:
+        journal.close()
+
+
+async def test_cmd_ids_move_above_the_plcs_before_the_next_pick(tmp_path: Path) -> None:
+    """B6: a sorter whose ids are ahead of the journal's counter (restored backup, mailbox
+    written by hand): the counter moves above them, journaled, and the next pick's cmd_id is
+    above; a read reporting lower ids changes nothing; until the mailbox was read, picks to the
+    sorter are refused like a sorter that is down."""
+    site, clock = site_with_route(tmp_path), Clock()
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        svc, published = service(site, journal, clock)
+        sorter = svc.sorters["s1"]
+        assert isinstance(sorter, FakeSorter)
+        sorter.mailbox_known = False
+        with pytest.raises(PickError) as err:
+            svc.submit(REQ, key="k0", principal="p")
+        assert (err.value.status, err.value.code) == (503, "device_unavailable")
+        sorter.mailbox_known = True
+        sorter.report(500)
+        assert journal.counters()["cmd:s1"] == 500
+        assert [e["kind"] for e in published] == ["cmd_ids_moved"]
+        kinds = [r[0] for r in journal.db.execute("SELECT kind FROM events")]
+        assert kinds == ["cmd_ids_moved"]
+        sorter.report(20)  # below the counter: nothing to do
+        assert journal.counters()["cmd:s1"] == 500
+        done = svc.submit(REQ, key="k1", principal="p")
+        assert done.order["tasks"][0]["cmd_id"] == 501
+        assert journal.counters()["cmd:s1"] == 501
+        # A restarted service continues above the moved counter.
+        again, _ = service(site, journal, clock)
+        assert (
+            again.submit(
+                PickRequest("W-2", (("K0", 1),), "PS1", "wms"), key="k2", principal="p"
+            ).order["tasks"][0]["cmd_id"]
+            == 502
+        )
     finally:
         journal.close()
