@@ -48,6 +48,7 @@ from devices.link.mqtt_codec import (
     UNSUBACK,
     MqttMessage,
     PacketParser,
+    Properties,
     decode_connack,
     decode_disconnect,
     decode_puback,
@@ -64,6 +65,34 @@ __all__ = ["MqttLink", "MqttLinkConfig", "MqttLinkStats", "MqttMessage"]
 
 # CONNACK codes meaning "these credentials will never work" (v5: 0x86, 0x87; v3.1.1: 4, 5).
 _AUTH_REFUSED = {PROTOCOL_V5: frozenset({0x86, 0x87}), PROTOCOL_V311: frozenset({0x04, 0x05})}
+_PROP_SERVER_REFERENCE = 0x1C
+_PROP_REASON_STRING = 0x1F
+# CONNACK refusals that no retry can cure: what the broker objects to is in our configuration.
+# (Temporary ones, retried: v5 0x80 unspecified, 0x88 unavailable, 0x89 busy, 0x97 quota,
+# 0x9C use another server, 0x9F connection rate; v3.1.1 3 server unavailable.)
+_V5_PERMANENT = {
+    0x01: "it speaks only MQTT 3.1.1 (it answered MQTT 5 with the 3.1.1 code 1): set "
+    "[mqtt] protocol = 4",
+    0x81: "it found our CONNECT malformed",
+    0x82: "it found a protocol error in our CONNECT",
+    0x84: "it does not support MQTT 5: set [mqtt] protocol = 4 (3.1.1)",
+    0x85: "it does not accept client id {client_id!r}: check [mqtt] client_id against the "
+    "broker's rules (characters, length, required prefix, empty ids)",
+    0x8A: "it has banned this client",
+    0x8C: "it requires an authentication method we do not use (enhanced authentication); "
+    "use username/password authentication for this client",
+    0x90: "it refuses our will topic",
+    0x95: "our CONNECT is larger than its maximum packet size",
+    0x99: "it refuses our will payload",
+    0x9A: "it does not allow a retained will",
+    0x9B: "it does not allow our will's QoS",
+    0x9D: "it has moved permanently{reference}: point [mqtt] url at the new server",
+}
+_V311_PERMANENT = {
+    0x01: "it does not accept MQTT 3.1.1: set [mqtt] protocol = 5",
+    0x02: "it does not accept client id {client_id!r}: check [mqtt] client_id against the "
+    "broker's rules (characters, length, required prefix, empty ids)",
+}
 _V5_SESSION_TAKEN_OVER = 0x8E
 _V5_DISCONNECT_PROTOCOL_ERROR = b"\xe0\x01\x82"
 # Fixed header of a packet whose remaining length is at the MQTT maximum.
@@ -921,11 +950,7 @@ class MqttLink:
         connack = decode_connack(body, cfg.protocol)
         code = connack.reason_code
         if code:
-            error: DeviceError
-            if code in _AUTH_REFUSED[cfg.protocol]:
-                error = AuthError(f"{self.name}: broker refused our credentials (0x{code:02x})")
-            else:
-                error = DeviceUnavailable(f"broker refused the connection (0x{code:02x})")
+            error = self._refusal(code, connack.properties)
             self._resolve_expect(conn, error)
             self._close(conn, str(error))
             return
@@ -939,6 +964,28 @@ class MqttLink:
         self._resend(conn)
         self._start_keepalive(conn, keepalive_s)
         self._resolve_expect(conn, body)
+
+    def _refusal(self, code: int, props: Properties) -> DeviceError:
+        """The error for a CONNACK refusal: fatal `AuthError` or `DeviceConfigError` (with a
+        hint at the setting to change) when retrying cannot help, else `DeviceUnavailable`."""
+        cfg = self._config
+        text = props.get(_PROP_REASON_STRING)
+        detail = f"0x{code:02x}" + (f" {text!r}" if isinstance(text, str) and text else "")
+        if code in _AUTH_REFUSED[cfg.protocol]:
+            return AuthError(f"{self.name}: broker refused our credentials ({detail})")
+        table = _V5_PERMANENT if cfg.protocol == PROTOCOL_V5 else _V311_PERMANENT
+        why = table.get(code)
+        if why is None:
+            return DeviceUnavailable(f"broker refused the connection ({detail})")
+        reference = props.get(_PROP_SERVER_REFERENCE)
+        hint = why.format(
+            client_id=cfg.client_id,
+            reference=f" to {reference}" if isinstance(reference, str) and reference else "",
+        )
+        return DeviceConfigError(
+            f"{self.name}: broker {cfg.host}:{cfg.port} refused the connection ({detail}): "
+            f"{hint}; not retrying"
+        )
 
     # -- keepalive ------------------------------------------------------------------------
 

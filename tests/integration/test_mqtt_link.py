@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from devices.errors import DeviceError, DeviceUnavailable, SessionTakenOver
+from devices.errors import DeviceConfigError, DeviceError, DeviceUnavailable, SessionTakenOver
 from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage
 from devices.link.state import LinkState
 from tests.mosquitto import (
@@ -683,3 +683,106 @@ async def test_evictions_by_another_client_back_off_before_the_takeover_is_recog
     assert delays[0] == 0.0
     assert delays[1] <= 0.1, delays
     assert delays[2] >= 0.8 * 0.2, delays  # not reset by the short-lived connection
+
+
+# -- permanent CONNACK refusals are configuration errors ---------------------------------------
+
+
+async def run_until_error(link: MqttLink, timeout_s: float = 10.0) -> BaseException | None:
+    """Run the link's supervisor until it raises (returned) or ``timeout_s`` passes (None)."""
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(asyncio.shield(task), timeout_s)
+    except DeviceError as exc:
+        return exc
+    except TimeoutError:
+        await link.disconnect()
+        with contextlib.suppress(DeviceError):
+            await task
+    return None
+
+
+async def test_refused_client_id_is_a_configuration_error_not_retried(tmp_path: Path) -> None:
+    """mosquitto with ``allow_zero_length_clientid false`` refuses an empty 3.1.1 client id
+    with return code 2 (identifier rejected); retrying cannot help. (Over MQTT 5 mosquitto
+    2.0.11 answers 0x80 "unspecified", which stays a temporary refusal; 0x85 is tested with
+    a stand-in below.)"""
+    protocol = 4
+    async with running_mosquitto(
+        tmp_path / "mosquitto", extra_config="allow_zero_length_clientid false"
+    ) as broker:
+        link = make_link(
+            broker.port, Collector(), client_id="", clean_start=True, protocol=protocol
+        )
+        attempts = record_retry_delays(link)
+        error = await run_until_error(link)
+    assert isinstance(error, DeviceConfigError), error
+    assert "client id" in str(error), error
+    assert "client_id" in str(error), error
+    assert len(attempts) == 1
+    assert link.state is LinkState.DOWN
+
+
+class RefusingBroker:
+    """A stand-in broker that answers every CONNECT with one fixed CONNACK. For refusals that
+    neither mosquitto nor amqtt send (amqtt closes an MQTT 5 CONNECT without any answer)."""
+
+    def __init__(self, connack: bytes) -> None:
+        self.connack = connack
+        self.port = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> RefusingBroker:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await ServerBusyBroker._packet(reader)
+            writer.write(self.connack)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "connack", "hint"),
+    [
+        (5, b"\x20\x03\x00\x84\x00", "protocol = 4"),  # unsupported protocol version
+        (5, b"\x20\x02\x00\x01", "protocol = 4"),  # a 3.1.1-only broker's answer to MQTT 5
+        (4, b"\x20\x02\x00\x01", "protocol"),  # unacceptable protocol version
+        (5, b"\x20\x03\x00\x85\x00", "client_id"),  # client identifier not valid
+        (5, b"\x20\x03\x00\x8c\x00", "authentication method"),  # bad authentication method
+        # server moved, with a Server Reference property (0x1C) "mqtt.example:8883"
+        (5, b"\x20\x17\x00\x9d\x14\x1c\x00\x11mqtt.example:8883", "mqtt.example:8883"),
+    ],
+)
+async def test_permanent_refusals_are_configuration_errors_with_a_hint(
+    protocol: int, connack: bytes, hint: str
+) -> None:
+    async with RefusingBroker(connack) as fake:
+        link = make_link(fake.port, Collector(), protocol=protocol)
+        error = await run_until_error(link, timeout_s=5)
+    assert isinstance(error, DeviceConfigError), error
+    assert hint in str(error), error
+    assert fake.connections == 1
+
+
+async def test_a_temporary_refusal_is_retried() -> None:
+    async with RefusingBroker(b"\x20\x03\x00\x89\x00") as fake:  # 0x89 server busy
+        link = make_link(fake.port, Collector())
+        attempts = record_retry_delays(link)
+        retried = asyncio.Event()
+        link.watch.add_listener(lambda old, new: retried.set() if len(attempts) >= 3 else None)
+        async with running(link):
+            await asyncio.wait_for(retried.wait(), 10)
+    assert fake.connections >= 3
