@@ -1,7 +1,11 @@
 """The SHIPPED mosquitto configuration, started for real (security matrix row S1).
 
-Only the port and file paths of ``firmware-configs/mosquitto/mosquitto.conf`` are rewritten;
-users come from ``mosquitto_passwd``, the ACL is ``acl.example`` unchanged. Denied publishes
+Only the ports (both listeners on 127.0.0.1) and file paths of
+``firmware-configs/mosquitto/mosquitto.conf`` are rewritten; users come from
+``mosquitto_passwd``, the ACL is ``acl.example`` unchanged, the TLS listener's CA and broker
+certificate are made at test time with ``openssl``. The ESPHome node is played by paho with
+exactly the topics, QoS, will and transport of ``firmware-configs/esphome/`` (read from the
+YAML). Denied publishes
 are proven dropped without sleeping: a client's messages reach a subscriber in order, so once
 the subscriber has the allowed message sent *after* the denied ones, the denied ones are gone.
 """
@@ -13,11 +17,12 @@ import pwd
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +30,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from controller.config import load_site
+from controller.services.ingest import subscriptions
 from devices.shelf_scale import (
     encode_native,
     encode_reading,
@@ -33,9 +40,11 @@ from devices.shelf_scale import (
     native_topic,
     parse_native,
 )
+from tests.esphome_yaml import TLS_YAML, DeviceMessage, device_messages, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "firmware-configs" / "mosquitto"
+DEMO_SITE = ROOT / "firmware-configs" / "sites" / "demo.toml"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 WAIT_S = 10.0
@@ -68,13 +77,18 @@ def active_lines(conf: str) -> list[str]:
     ]
 
 
-def rewrite_config(conf: str, port: int, root: Path) -> str:
-    """Point the shipped config at ``root`` and ``port``; every other line stays as shipped."""
+def rewrite_config(conf: str, port: int, tls_port: int, root: Path) -> str:
+    """Point the shipped config at ``root``, ``port`` and ``tls_port`` (on 127.0.0.1); every
+    other line stays as shipped."""
     replacements = {
         r"listener 1883 127\.0\.0\.1": f"listener {port} 127.0.0.1",
+        r"listener 8883": f"listener {tls_port} 127.0.0.1",
         r"password_file \S+": f"password_file {root / 'passwd'}",
         r"acl_file \S+": f"acl_file {root / 'acl'}",
         r"persistence_location \S+": f"persistence_location {root / 'data'}/",
+        r"certfile \S+": f"certfile {root / 'tls' / 'broker.crt'}",
+        r"keyfile \S+": f"keyfile {root / 'tls' / 'broker.key'}",
+        r"cafile \S+": f"cafile {root / 'tls' / 'ca.crt'}",
     }
     out = []
     hits = dict.fromkeys(replacements, 0)
@@ -89,9 +103,40 @@ def rewrite_config(conf: str, port: int, root: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def make_tls_files(folder: Path) -> None:
+    """A CA and a broker certificate for 127.0.0.1 signed by it (``ca.crt``, ``broker.crt``,
+    ``broker.key``), as firmware-configs/mosquitto/README.md makes them."""
+    folder.mkdir()
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    run(
+        "req",
+        "-x509",
+        *ec,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    )
+    run("req", *ec, "-subj", "/CN=localhost", "-keyout", "broker.key", "-out", "broker.csr")
+    (folder / "broker.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run(
+        "x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+        "-CAcreateserial", "-days", "2", "-extfile", "broker.ext", "-out", "broker.crt",
+    )  # fmt: skip
+
+
 @dataclass
 class Broker:
     port: int
+    tls_port: int
     root: Path
     proc: subprocess.Popen[str]
     log: list[str]
@@ -107,11 +152,12 @@ class Broker:
 
 
 def start_broker(root: Path) -> Broker:
-    port = free_port()
-    conf = rewrite_config((CONF_DIR / "mosquitto.conf").read_text(), port, root)
+    port, tls_port = free_port(), free_port()
+    conf = rewrite_config((CONF_DIR / "mosquitto.conf").read_text(), port, tls_port, root)
     (root / "mosquitto.conf").write_text(conf)
     shutil.copy(CONF_DIR / "acl.example", root / "acl")
     (root / "data").mkdir()
+    make_tls_files(root / "tls")
     passwd = root / "passwd"
     for i, (user, password) in enumerate(USERS.items()):
         args = [MOSQUITTO_PASSWD or "mosquitto_passwd", "-b"]
@@ -122,7 +168,8 @@ def start_broker(root: Path) -> Broker:
         mosq = pwd.getpwnam("mosquitto")
         root.chmod(0o755)
         os.chown(root / "data", mosq.pw_uid, mosq.pw_gid)
-        for f in (passwd, root / "acl"):
+        (root / "tls").chmod(0o755)
+        for f in (passwd, root / "acl", root / "tls" / "broker.key"):
             os.chown(f, 0, mosq.pw_gid)
             f.chmod(0o640)
     proc = subprocess.Popen(
@@ -143,7 +190,7 @@ def start_broker(root: Path) -> Broker:
         ready.set()
 
     threading.Thread(target=drain, name="mosquitto-stderr", daemon=True).start()
-    broker = Broker(port, root, proc, log)
+    broker = Broker(port, tls_port, root, proc, log)
     if not ready.wait(WAIT_S) or proc.poll() is not None:
         broker.stop()
         raise RuntimeError("mosquitto did not start:\n" + "\n".join(log[-20:]))
@@ -170,6 +217,10 @@ class Client:
         user: str | None,
         password: str | None = None,
         subscribe: list[str] | None = None,
+        *,
+        client_id: str | None = None,
+        tls_ca: Path | None = None,
+        will: DeviceMessage | None = None,
     ) -> None:
         self.msgs: list[mqtt.MQTTMessage] = []
         self.cond = threading.Condition()
@@ -179,9 +230,13 @@ class Client:
         topics = subscribe or []
         self.c = mqtt.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=user or "",
+            client_id=client_id if client_id is not None else user or "",
             protocol=MQTTProtocolVersion.MQTTv311,
         )
+        if tls_ca is not None:
+            self.c.tls_set(ca_certs=str(tls_ca))  # verifies the chain and the name 127.0.0.1
+        if will is not None:
+            self.c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
         if user is not None:
             self.c.username_pw_set(user, password if password is not None else USERS[user])
 
@@ -215,8 +270,8 @@ class Client:
         assert self.subscribed.wait(WAIT_S), "no SUBACK"
         return self
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        info = self.c.publish(topic, payload, qos=1, retain=retain)
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int = 1) -> None:
+        info = self.c.publish(topic, payload, qos=qos, retain=retain)
         info.wait_for_publish(WAIT_S)  # PUBACK: mosquitto acks denied 3.1.1 publishes too
         assert info.is_published()
 
@@ -226,6 +281,22 @@ class Client:
             got = list(self.msgs)
         assert ok, f"nothing on {topic} within {WAIT_S} s; got {[m.topic for m in got]}"
         return got
+
+    def wait_until(self, pred: Callable[[list[mqtt.MQTTMessage]], bool]) -> list[mqtt.MQTTMessage]:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: pred(self.msgs), WAIT_S)
+            got = list(self.msgs)
+        assert ok, f"condition not met within {WAIT_S} s; got {[m.topic for m in got]}"
+        return got
+
+    def drop(self) -> None:
+        """Lose the connection without a DISCONNECT (a node off the network): the broker
+        publishes the will."""
+        self.c.loop_stop()
+        sock = self.c.socket()
+        assert sock is not None
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
 
     def close(self) -> None:
         self.c.disconnect()
@@ -244,6 +315,18 @@ CONTROLLER_TOPICS = [
 ]
 
 
+def listener_blocks(lines: list[str]) -> list[dict[str, str]]:
+    """The settings after each ``listener`` line (per_listener_settings true)."""
+    blocks: list[dict[str, str]] = []
+    for ln in lines:
+        key, _, value = ln.partition(" ")
+        if key == "listener":
+            blocks.append({})
+        if blocks:
+            blocks[-1][key] = value
+    return blocks
+
+
 # ------------------------------------------------------------------------------- tests
 def test_shipped_config_settings() -> None:
     lines = active_lines((CONF_DIR / "mosquitto.conf").read_text())
@@ -260,10 +343,22 @@ def test_shipped_config_settings() -> None:
     assert int(settings["max_packet_size"]) >= 262_144
     assert settings["log_dest"] == "stderr"
     assert "persistent_client_expiration" in settings
+    blocks = listener_blocks(lines)
+    assert [b["listener"] for b in blocks] == ["1883 127.0.0.1", "8883"]
+    for block in blocks:
+        assert block["allow_anonymous"] == "false"
+        assert "password_file" in block
+        assert "acl_file" in block
+        if "certfile" not in block:
+            assert block["listener"].endswith(" 127.0.0.1"), "plaintext only on loopback"
+    tls = blocks[1]
+    assert {"certfile", "keyfile", "cafile"} <= set(tls)
+    assert tls["tls_version"] == "tlsv1.2"
+    # The plaintext device listener for an isolated network stays a commented template.
     text = (CONF_DIR / "mosquitto.conf").read_text()
-    assert re.search(r"^#listener 8883$", text, re.M), "commented TLS listener template"
-    listeners = [ln for ln in lines if ln.startswith("listener")]
-    assert all(ln.endswith("127.0.0.1") for ln in listeners), "plaintext only on loopback"
+    lan = re.findall(r"^#listener 1883 (\S+)$", text, re.M)
+    assert lan
+    assert lan != ["0.0.0.0"]
 
 
 def test_anonymous_and_bad_password_are_refused(broker: Broker) -> None:
@@ -329,3 +424,69 @@ def test_persistence_folder_is_writable_after_privilege_drop(broker: Broker) -> 
     broker.stop()  # a clean stop saves the in-memory database
     assert (broker.root / "data" / "floorhand.db").stat().st_size > 0
     assert not any("rror" in line for line in broker.log), broker.log
+
+
+KINDS = ("birth", "will", "shutdown")
+
+
+def test_esphome_node_over_tls_as_its_yaml_says(broker: Broker) -> None:
+    """The node of firmware-configs/esphome/shelf-scale-tls.yaml, played by paho with the YAML's
+    client id, topics, QoS, retain flags and will, over the TLS listener with the CA: the ACL
+    lets broker user <node> send every one of its messages, and each reaches the controller
+    (logged in as itself, subscribed as it subscribes for the demo site) at QoS 1."""
+    node_cfg = load_config(TLS_YAML)
+    mqtt_cfg = node_cfg["mqtt"]
+    node = node_cfg["esphome"]["name"]
+    assert mqtt_cfg["port"] == 8883  # rewritten to broker.tls_port, like the config's listener
+    messages = device_messages(node_cfg)
+    birth, will, shutdown = (next(m for m in messages if m.kind == k) for k in KINDS)
+    controller_filters = [flt for flt, _ in subscriptions(load_site(DEMO_SITE))]
+    ctl = Client(broker.port, "floorhand-controller", subscribe=controller_filters).ready()
+    ca = broker.root / "tls" / "ca.crt"
+
+    def connect_node() -> Client:
+        """Connect as ESPHome does: login = node name (secrets.yaml mqtt_username; the ACL's
+        %u), the will set, then the birth message."""
+        client = Client(
+            broker.tls_port, node, client_id=mqtt_cfg["client_id"], tls_ca=ca, will=will
+        ).ready()
+        client.publish(birth.topic, birth.payload or b"", retain=birth.retain, qos=birth.qos)
+        return client
+
+    def received(topic: str, payload: bytes) -> Callable[[list[mqtt.MQTTMessage]], bool]:
+        return lambda msgs: any(m.topic == topic and m.payload == payload for m in msgs)
+
+    c01 = connect_node()
+    expected = [(birth.topic, birth.payload or b"")]
+    for msg in messages:
+        if msg.kind in KINDS:
+            continue
+        payload = msg.payload if msg.payload is not None else b"1834.5"
+        c01.publish(msg.topic, payload, retain=msg.retain, qos=msg.qos)
+        expected.append((msg.topic, payload))
+    # Sent last on the same connection: once it is in, everything before it would be too.
+    got = ctl.wait_until(received(*expected[-1]))
+    assert [(m.topic, m.payload) for m in got] == expected
+    assert all(m.qos == 1 for m in got)
+
+    c01.drop()  # off the network: the broker sends the will
+    got = ctl.wait_until(received(will.topic, will.payload or b""))
+    assert (got[-1].topic, got[-1].payload, got[-1].qos) == (will.topic, will.payload, 1)
+
+    c01 = connect_node()
+    c01.publish(shutdown.topic, shutdown.payload or b"", retain=shutdown.retain, qos=shutdown.qos)
+    count = len(got)
+    got = ctl.wait_until(lambda msgs: len(msgs) > count + 1)  # the birth, then the shutdown
+    assert [(m.topic, m.payload) for m in got[count:]] == [
+        (will.topic, b"online"),
+        (shutdown.topic, b"offline"),
+    ]
+    c01.close()
+    ctl.close()
+
+
+def test_tls_listener_refuses_a_client_that_trusts_another_ca(broker: Broker) -> None:
+    other = broker.root / "other-ca"
+    make_tls_files(other)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        Client(broker.tls_port, "shelf-c01", tls_ca=other / "ca.crt")

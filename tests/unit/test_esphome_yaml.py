@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from paho.mqtt.client import topic_matches_sub
 
+from controller.config import load_site
+from controller.services.ingest import subscriptions
 from devices.shelf_scale import (
     Rejected,
     esphome_state_topic,
@@ -18,54 +20,23 @@ from devices.shelf_scale import (
     parse_esphome_state,
     parse_esphome_status,
 )
+from tests.esphome_yaml import (
+    PLAIN_YAML,
+    TLS_YAML,
+    Secret,
+    device_messages,
+    load_config,
+    object_id,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-YAML_PATH = ROOT / "firmware-configs" / "esphome" / "shelf-scale.yaml"
 DEMO_SITE = ROOT / "firmware-configs" / "sites" / "demo.toml"
 
 
-class _Secret(str):
-    """Placeholder for ``!secret name`` (the value lives in secrets.yaml, never in the repo)."""
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _secret(loader: yaml.SafeLoader, node: yaml.Node) -> _Secret:
-    assert isinstance(node, yaml.ScalarNode)
-    return _Secret(loader.construct_scalar(node))
-
-
-_Loader.add_constructor("!secret", _secret)
-
-
-def _substitute(value: Any, subs: dict[str, str]) -> Any:
-    """ESPHome's ``${name}`` / ``$name`` substitutions, enough for this file."""
-    if isinstance(value, _Secret):
-        return value
-    if isinstance(value, str):
-        return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: subs[m.group(1) or m.group(2)], value)
-    if isinstance(value, list):
-        return [_substitute(v, subs) for v in value]
-    if isinstance(value, dict):
-        return {k: _substitute(v, subs) for k, v in value.items()}
-    return value
-
-
-def object_id(name: str) -> str:
-    """ESPHome's object id: snake case (lower case, spaces → "_"), then any character outside
-    ``a-z0-9_-`` replaced by "_"."""
-    snake = name.lower().replace(" ", "_")
-    return re.sub(r"[^a-z0-9_-]", "_", snake)
-
-
-@pytest.fixture(scope="module")
-def config() -> dict[str, Any]:
-    raw = yaml.load(YAML_PATH.read_text(), Loader=_Loader)
-    subs = {k: str(v) for k, v in raw.get("substitutions", {}).items()}
-    doc: dict[str, Any] = _substitute(raw, subs)
-    return doc
+@pytest.fixture(scope="module", params=[PLAIN_YAML, TLS_YAML], ids=["plain", "tls"])
+def config(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Each shipped YAML, packages merged, substitutions applied."""
+    return load_config(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +81,7 @@ def test_birth_and_will_on_status_topic(config: dict[str, Any], demo_scale: dict
         assert msg["topic"] == status
         assert msg["payload"] == payload
         assert msg["retain"] is True
+        assert msg["qos"] == 1
         assert parse_esphome_status(payload.encode()) is (payload == "online")
 
 
@@ -117,7 +89,7 @@ def test_sensor_reports_grams_with_one_decimal(config: dict[str, Any]) -> None:
     sensor = _weight_sensor(config)
     assert sensor["unit_of_measurement"] == "g"
     assert sensor["accuracy_decimals"] == 1
-    assert sensor["qos"] == 0
+    assert sensor["qos"] == 1
     for key in ("dout_pin", "clk_pin", "gain", "update_interval"):
         assert key in sensor
     kinds = [next(iter(f)) for f in sensor["filters"]]
@@ -143,8 +115,8 @@ def test_publishing_interval_matches_the_site(
 def test_credentials_are_secrets(config: dict[str, Any]) -> None:
     mqtt = config["mqtt"]
     for key in ("broker", "username", "password"):
-        assert isinstance(mqtt[key], _Secret), f"mqtt.{key} must come from !secret"
-    assert isinstance(config["wifi"]["password"], _Secret)
+        assert isinstance(mqtt[key], Secret), f"mqtt.{key} must come from !secret"
+    assert isinstance(config["wifi"]["password"], Secret)
 
 
 def test_esphome_payloads_parse() -> None:
@@ -155,3 +127,47 @@ def test_esphome_payloads_parse() -> None:
     value = parse_esphome_state(b"0.0")
     assert isinstance(value, float)
     assert math.isfinite(value)
+
+
+def test_node_publishes_only_state_and_status_at_qos1(config: dict[str, Any]) -> None:
+    """No log topic (ESPHome's default <node>/debug), no discovery, no IP discovery: the broker
+    ACL grants a node only its states and its status topic."""
+    mqtt = config["mqtt"]
+    assert "log_topic" in mqtt
+    assert mqtt["log_topic"] is None
+    assert mqtt["discovery"] is False
+    assert mqtt["discover_ip"] is False
+    assert not {"on_message", "on_json_message"} & set(mqtt), "the node subscribes to nothing"
+    msgs = device_messages(config)
+    assert {(m.kind, m.topic) for m in msgs} == {
+        ("state", "shelf-c01/sensor/shelf_weight/state"),
+        ("birth", "shelf-c01/status"),
+        ("will", "shelf-c01/status"),
+        ("shutdown", "shelf-c01/status"),
+    }
+    assert all(m.qos == 1 and m.retain for m in msgs)
+
+
+def test_controller_subscriptions_cover_the_node() -> None:
+    """Every topic the node publishes matches a QoS 1 subscription of the controller for the
+    demo site."""
+    subs = subscriptions(load_site(DEMO_SITE))
+    for msg in device_messages(load_config(PLAIN_YAML)):
+        matching = [qos for flt, qos in subs if topic_matches_sub(flt, msg.topic)]
+        assert matching == [1], (msg.topic, subs)
+
+
+def test_transport_plain_1883_and_tls_8883_with_the_ca() -> None:
+    plain = load_config(PLAIN_YAML)["mqtt"]
+    tls = load_config(TLS_YAML)["mqtt"]
+    assert plain["port"] == 1883
+    assert "certificate_authority" not in plain
+    assert tls["port"] == 8883
+    assert isinstance(tls["certificate_authority"], Secret)
+    assert tls["certificate_authority"] == "mqtt_ca_certificate"
+    assert tls.get("skip_cert_cn_check", False) is False, "the node checks the broker's name"
+    # Apart from the transport, the TLS file is the plain one.
+    strip = ("port", "certificate_authority")
+    assert {k: v for k, v in tls.items() if k not in strip} == {
+        k: v for k, v in plain.items() if k not in strip
+    }
