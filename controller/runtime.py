@@ -293,9 +293,19 @@ class Runtime:
         self.backpressure = False
         self._max_outbox_rows = site.journal.max_outbox_rows
         self.oversize = 0
+        # Start-up: (link epoch, batch) held from the first pick command on, until the PLC
+        # links had their first chance to connect (PickingService.devices_settled).
+        self._early: list[tuple[int, list[Any]]] | None = None
+        self.picking.add_settled_listener(self._release_early)
 
     # -- wiring -----------------------------------------------------------------------------------
     def _on_messages(self, msgs: list[Any]) -> None:
+        if self._early is not None or (
+            not self.picking.devices_settled.is_set()
+            and any(m.topic == self._command_topic for m in msgs)
+        ):
+            self._hold_early(msgs)
+            return
         topic = self._command_topic
         if any(m.topic == topic for m in msgs):
             self._on_commands([m for m in msgs if m.topic == topic])
@@ -305,6 +315,23 @@ class Runtime:
         # The bound is enforced right after the commit that reached it, not at the next tick.
         if not self.backpressure and self.journal.outbox_rows >= self._max_outbox_rows:
             self._backpressure_on()
+
+    def _hold_early(self, msgs: list[Any]) -> None:
+        """A pick command queued in the broker session arrived before the PLC links had their
+        first chance to connect: it, and everything after it (acks stay in arrival order),
+        waits with reading paused, at most picking.DEVICES_FIRST_CHANCE_S."""
+        if self._early is None:
+            self._early = []
+            self.gate.hold("plcs")
+            log.info("pick command(s) before the PLC links are up: held until they are")
+        self._early.append((self.link.epoch, msgs))
+
+    def _release_early(self) -> None:
+        early, self._early = self._early, None
+        for epoch, msgs in early or ():
+            if epoch == self.link.epoch:  # else the broker redelivers them on this connection
+                self._on_messages(msgs)
+        self.gate.release("plcs")
 
     def _on_commands(self, msgs: list[Any]) -> None:
         """Pick requests on the MQTT command topic: each gets a reply on ``…/result``, then

@@ -79,6 +79,11 @@ HOUSEKEEPING_S = 600.0
 """How often expired idempotency keys are forgotten."""
 BELT_FRESH_S = 0.5
 """A belt (conveyor, sorter) seen running this recently is not read again before a pick."""
+DEVICES_FIRST_CHANCE_S = 5.0
+"""At start-up, pick requests (MQTT commands queued in the broker session while the controller
+was down, HTTP requests) wait at most this long for every conveyor and sorter link to have had
+its first chance to connect (up with its map read, or a first attempt failed), so they are not
+refused as "device unavailable" while the links are still connecting."""
 RECONCILE_WAIT_S = 30.0
 """How long restart reconciliation waits for a sorter's link; a command it still cannot
 decide then is UNKNOWN (visible in the order, for a person to resolve)."""
@@ -180,8 +185,17 @@ class PickingService:
         self._belt_ok: dict[str, float] = {}
         self._belt_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.stats: dict[str, int] = defaultdict(int)
+        self.devices_settled = asyncio.Event()
+        """Set once every PLC link had its first chance to connect, or after
+        ``DEVICES_FIRST_CHANCE_S`` (`run`); set from the start without PLCs."""
+        self._device_changed = asyncio.Event()
+        self._settled_listeners: list[Callable[[], None]] = []
         for name, driver in self.sorters.items():
             driver.add_mailbox_listener(self._mailbox_listener(name))
+        for plc in (*self.sorters.values(), *self.conveyors.values()):
+            plc.link.watch.add_listener(lambda old, new: self._device_changed.set())
+        if not self.sorters and not self.conveyors:
+            self.devices_settled.set()
 
     # -- restore -------------------------------------------------------------------------------
     def restore(self) -> list[Order]:
@@ -445,6 +459,7 @@ class PickingService:
     def _on_mailbox(self, sorter: str, epoch: int, highest_id: int) -> None:
         """A status read of ``sorter``: move its cmd id counter above the highest id the PLC
         knows (journaled). Runs inside the read, before any command can use the counter."""
+        self._device_changed.set()
         key = f"cmd:{sorter}"
         old = self._counters.get(key, 0)
         if highest_id <= old:
@@ -649,12 +664,60 @@ class PickingService:
         else:
             self.publish_bus(events)
 
+    # -- start-up -------------------------------------------------------------------------
+    def _first_chance_over(self) -> bool:
+        """Every PLC link is usable for picks (sorters: map read on this connection) or has
+        failed a connection attempt."""
+        sorters_done = all(
+            d.mailbox_known or d.link.last_down_reason is not None for d in self.sorters.values()
+        )
+        return sorters_done and all(
+            d.link.state is LinkState.UP or d.link.last_down_reason is not None
+            for d in self.conveyors.values()
+        )
+
+    async def _settle_devices(self) -> None:
+        """Set `devices_settled` once every PLC link had its first chance to connect, at the
+        latest after ``DEVICES_FIRST_CHANCE_S``."""
+        try:
+            async with asyncio.timeout(DEVICES_FIRST_CHANCE_S):
+                while not self._first_chance_over():
+                    self._device_changed.clear()
+                    await self._device_changed.wait()
+        except TimeoutError:
+            log.warning(
+                "PLC links still connecting after %.0f s: pick requests are answered now",
+                DEVICES_FIRST_CHANCE_S,
+            )
+        self.devices_settled.set()
+        for callback in tuple(self._settled_listeners):
+            try:
+                callback()
+            except Exception:
+                log.exception("devices-settled listener %r failed", callback)
+
+    def add_settled_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` when `devices_settled` is set by `run` (not if it was set from
+        the start: a site without PLCs)."""
+        self._settled_listeners.append(callback)
+
+    async def wait_devices_settled(self) -> None:
+        """Return once `devices_settled` (at once after start-up): a pick request that
+        arrives while the PLC links are still making their first connection waits for them
+        (bounded by ``DEVICES_FIRST_CHANCE_S``), then is served as usual."""
+        if not self.devices_settled.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DEVICES_FIRST_CHANCE_S):
+                    await self.devices_settled.wait()
+
     # -- execution ------------------------------------------------------------------------
     async def run(self, reconcile: Sequence[Order] = ()) -> None:
         """Execute orders: the reconciled ones, then each new one as it is submitted."""
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                if not self.devices_settled.is_set():
+                    tg.create_task(self._settle_devices(), name="picking-settle")
                 tg.create_task(self._housekeeping(), name="picking-housekeeping")
                 for old in reconcile:
                     tg.create_task(self._execute(old, reconcile=True), name=f"order:{old.order_id}")

@@ -197,6 +197,16 @@ async def floor(
 ORDER = {"order_id": "W-1", "lines": [{"sku": "K0", "qty": 16}], "pack_station": "PS1"}
 
 
+def pick_command(order_id: str, channel: str, qty: int) -> dict[str, Any]:
+    """A pick request for the MQTT command topic: ``qty`` of K0 to PS1."""
+    return {
+        "order_id": order_id,
+        "channel": channel,
+        "lines": [{"sku": "K0", "qty": qty}],
+        "pack_station": "PS1",
+    }
+
+
 async def hand_submit(port: int, cmd_id: int, tote: int, lane: int) -> None:
     """Write the sorter's mailbox as an integrator commissioning it by hand would: one FC16
     from their own Modbus client (pymodbus), ``mb_strobe = SUBMIT``."""
@@ -584,12 +594,7 @@ async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) ->
             floor(mosquitto, tmp_path, ch, sh) as f,
         ):
             await f.shelf("s0", 20)
-            cmd = {
-                "order_id": "M-1",
-                "channel": "plant-b",
-                "lines": [{"sku": "K0", "qty": 3}],
-                "pack_station": "PS1",
-            }
+            cmd = pick_command("M-1", "plant-b", 3)
             payloads = [orjson.dumps(cmd), orjson.dumps(cmd), b"{oops", orjson.dumps([1])]
             await asyncio.to_thread(
                 paho_publish, mosquitto.port, [("fh/t/cmd/picks", p) for p in payloads]
@@ -767,3 +772,34 @@ async def test_b6_cmd_ids_move_above_a_plc_that_is_ahead(
             await pick_above("B6-3", 3000)
             assert all(n == 1 for n in sorter.executions.values())
             assert rt.picking.stats["cmd_ids_moved"] >= 2
+
+
+async def test_pick_command_queued_while_down_waits_for_the_plc_links(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Start-up order: a pick command published while the controller is down waits in its
+    persistent session and arrives right after the broker connection, before the PLC links
+    are up. It waits for them (bounded) and executes: 201, diverted, not 503."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    watcher = PahoWatcher(mosquitto.port, "fh/t/cmd/picks/result", client_id="replies")
+    await watcher.subscribed()
+    try:
+        async with PlcHost(conveyor, seed=1) as ch, PlcHost(sorter, seed=2) as sh:
+            async with floor(mosquitto, tmp_path, ch, sh) as f:  # the session and the stock
+                await f.shelf("s0", 20)
+            cmd = pick_command("Q-1", "wms", 2)
+            await asyncio.to_thread(
+                paho_publish, mosquitto.port, [("fh/t/cmd/picks", orjson.dumps(cmd))]
+            )
+            async with floor(mosquitto, tmp_path, ch, sh) as f2:
+                _, reply = await watcher.wait_for(
+                    lambda t, b: t == "fh/t/cmd/picks/result" and b.get("order_id") == "Q-1"
+                )
+                assert reply["status"] == 201, reply
+                task = await settled_task(f2.rt, reply["order"]["order_id"])
+                assert task["state"] == "DIVERTED", task
+                assert sorter.executions[task["cmd_id"]] == 1
+                assert f2.rt.picking.devices_settled.is_set()
+    finally:
+        watcher.close()

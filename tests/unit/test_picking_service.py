@@ -63,7 +63,7 @@ class FakeSorter:
     service registers a mailbox listener, which `report` calls as a status read would."""
 
     def __init__(self, up: bool = True) -> None:
-        self.link = SimpleNamespace(state=LinkState.UP if up else LinkState.DOWN)
+        self.link = link(up)
         self.mailbox_known = up
         self.epoch = 7
         self.listeners: list[Callable[[int, int], None]] = []
@@ -76,9 +76,18 @@ class FakeSorter:
             callback(self.epoch, highest_id)
 
 
+def link(up: bool) -> Any:
+    """A stand-in for our Modbus link: its state, why it last went down, its state watch."""
+    return SimpleNamespace(
+        state=LinkState.UP if up else LinkState.DOWN,
+        last_down_reason=None if up else "refused",
+        watch=SimpleNamespace(add_listener=lambda callback: None),
+    )
+
+
 def device(up: bool = True) -> Any:
     """A stand-in for a conveyor driver: submission reads only ``link.state``."""
-    return SimpleNamespace(link=SimpleNamespace(state=LinkState.UP if up else LinkState.DOWN))
+    return SimpleNamespace(link=link(up))
 
 
 def service(

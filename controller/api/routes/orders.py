@@ -209,6 +209,8 @@ async def create_pick(
                 "the Idempotency-Key header (1..255 characters) is required",
             )
         )
+    # At start-up, wait (bounded) until the PLC links had their first chance to connect.
+    await rt.picking.wait_devices_settled()
     req = PickRequest(
         external_id=body.order_id,
         lines=tuple((line.sku, line.qty) for line in body.lines),
