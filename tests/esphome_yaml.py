@@ -2,12 +2,19 @@
 
 ``!secret`` values stay placeholders (``Secret``), ``!include`` and ``packages:`` are merged
 (the including file wins), ``${name}`` substitutions are applied. ``device_messages`` lists what
-the node publishes and its will: the topics the broker's ACL must grant.
+the node publishes and its will: the topics the broker's ACL must grant. ``ensure_esphome``
+installs ESPHome itself (pinned) into a cached virtualenv, for ``esphome config`` in the slow
+set (tests/integration/test_esphome_config.py).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +26,10 @@ PLAIN_YAML = ESPHOME_DIR / "shelf-scale.yaml"
 TLS_YAML = ESPHOME_DIR / "shelf-scale-tls.yaml"
 
 
+ESPHOME_VERSION = "2026.6.5"
+"""The ESPHome the shipped YAML is validated with (the newest release for Python 3.11)."""
+
+
 class Secret(str):
     """Placeholder for ``!secret name`` (the value lives in secrets.yaml, never in the repo)."""
 
@@ -28,7 +39,10 @@ class Include:
     path: Path
 
 
-def _loader(folder: Path) -> type[yaml.SafeLoader]:
+def esphome_loader(folder: Path) -> type[yaml.SafeLoader]:
+    """A YAML loader for ESPHome files: ``!secret`` → ``Secret``, ``!include`` → ``Include``
+    (relative to ``folder``)."""
+
     class Loader(yaml.SafeLoader):
         pass
 
@@ -56,7 +70,7 @@ def _merge(base: Any, override: Any) -> Any:
 
 
 def _read(path: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.load(path.read_text(), Loader=_loader(path.parent))
+    doc: dict[str, Any] = yaml.load(path.read_text(), Loader=esphome_loader(path.parent))
     packages = doc.pop("packages", {}) or {}
     merged: dict[str, Any] = {}
     for package in packages.values():
@@ -142,3 +156,43 @@ def device_messages(config: dict[str, Any]) -> list[DeviceMessage]:
         name = config["esphome"]["name"]
         out.append(DeviceMessage("discover_ip", f"esphome/discover/{name}", None, 0, False))
     return out
+
+
+def esphome_venv_dir() -> Path:
+    """Where ``ensure_esphome`` keeps its virtualenv: one per ESPHome and Python version."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    py = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    return cache / "floorhand" / f"esphome-{ESPHOME_VERSION}-{py}"
+
+
+def ensure_esphome(timeout_s: float = 900.0) -> tuple[Path, float]:
+    """The ``esphome`` command of a virtualenv of its own (its pins would clash with ours),
+    installed from the package index on first use and cached across runs. Returns the command
+    and the seconds this call spent installing (0.0 when cached). Raises RuntimeError with
+    pip's output when the install fails."""
+    venv = esphome_venv_dir()
+    exe = venv / "bin" / "esphome"
+    stamp = venv / ".floorhand-installed"
+    if stamp.exists() and exe.exists():
+        return exe, 0.0
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with (venv.parent / f"{venv.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be installing it right now
+        if stamp.exists() and exe.exists():
+            return exe, 0.0
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+        done = subprocess.run(
+            [*pip, "install", "--quiet", f"esphome=={ESPHOME_VERSION}"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"pip install esphome=={ESPHOME_VERSION} failed ({done.returncode}):\n"
+                f"{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
+        stamp.write_text(f"esphome=={ESPHOME_VERSION}\n")
+        return exe, time.monotonic() - started
