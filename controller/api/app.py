@@ -399,6 +399,7 @@ def _health(rt: Runtime) -> HealthPublic:
         or ing.last_commit_error is not None
         or (hist is not None and hist["state"] == "down")
         or any(plc.link.state is not LinkState.UP for plc in rt.plcs.values())
+        or bool(link.warnings)
     )
     status = (
         "starting" if not rt.started.is_set() else ("degraded" if degraded or not ready else "ok")
@@ -413,6 +414,14 @@ def _health(rt: Runtime) -> HealthPublic:
             since_s=time.monotonic() - link.since,
             session_present=link.session_present,
             connects=link.stats.connects,
+            max_qos=link.server_max_qos,
+            retain_available=link.retain_available,
+            granted_qos=dict(link.granted_qos),
+            warnings=link.warnings,
+            oversize_in=link.stats.oversize_in,
+            invalid_in=link.stats.invalid_in,
+            qos_downgraded=link.stats.qos_downgraded,
+            retain_dropped=link.stats.retain_dropped,
         ),
         ingest=IngestStats(
             messages=ing.messages,

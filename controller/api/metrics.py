@@ -164,6 +164,32 @@ class RuntimeCollector(Collector):
         yield _counter(
             "floorhand_ingest_oversize", "Messages above the payload limit.", rt.oversize
         )
+        stats = rt.link.stats
+        yield _counter(
+            "floorhand_mqtt_oversize_in",
+            "Messages above the MQTT link's packet limit (acked, dropped).",
+            stats.oversize_in,
+        )
+        yield _counter(
+            "floorhand_mqtt_invalid_in",
+            "Messages whose topic is not UTF-8 (acked, dropped).",
+            stats.invalid_in,
+        )
+        yield _counter(
+            "floorhand_mqtt_qos_downgraded",
+            "QoS 1 publishes sent as QoS 0 (the broker's Maximum QoS is 0).",
+            stats.qos_downgraded,
+        )
+        yield _counter(
+            "floorhand_mqtt_retain_dropped",
+            "Retained publishes sent without retain (the broker has no retain).",
+            stats.retain_dropped,
+        )
+        yield _gauge(
+            "floorhand_mqtt_warnings",
+            "Guarantees the broker weakened (see health mqtt.warnings).",
+            len(rt.link.warnings),
+        )
 
         yield _gauge("floorhand_outbox_rows", "Rows waiting in the outbox.", rt.journal.outbox_rows)
         yield _gauge(

@@ -111,6 +111,17 @@ class LinkPublic(_Public):
     )
     session_present: bool
     connects: int
+    max_qos: int = Field(description="Maximum QoS the broker accepts (MQTT 5 CONNACK; 2 if unsaid)")
+    retain_available: bool = Field(description="the broker keeps retained messages")
+    granted_qos: dict[str, int] = Field(description="QoS granted per subscription (SUBACK)")
+    warnings: list[str] = Field(
+        description="guarantees the broker weakened (QoS 0 only, no retain, a subscription "
+        "granted a lower QoS): any makes the status degraded"
+    )
+    oversize_in: int = Field(description="messages above the link's packet limit: acked, dropped")
+    invalid_in: int = Field(description="messages whose topic is not UTF-8: acked, dropped")
+    qos_downgraded: int = Field(description="QoS 1 publishes sent as QoS 0 (broker max QoS 0)")
+    retain_dropped: int = Field(description="retained publishes sent without retain")
 
 
 class HistoryHealth(_Public):

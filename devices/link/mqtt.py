@@ -39,7 +39,9 @@ from devices.link.mqtt_codec import (
     PINGREQ_PACKET,
     PINGRESP,
     PROP_MAXIMUM_PACKET_SIZE,
+    PROP_MAXIMUM_QOS,
     PROP_RECEIVE_MAXIMUM,
+    PROP_RETAIN_AVAILABLE,
     PROP_SERVER_KEEP_ALIVE,
     PROTOCOL_V5,
     PROTOCOL_V311,
@@ -157,6 +159,8 @@ class MqttLinkStats:
     oversize_in: int = 0  # PUBLISHes above max_packet_bytes: acked, reported, not delivered
     callback_errors: int = 0  # on_messages raised: batch not acked, connection closed
     publish_errors: int = 0  # PUBACK with a failure reason code, or a packet the broker refuses
+    qos_downgraded: int = 0  # QoS 1 publishes sent as QoS 0: the broker's Maximum QoS is 0
+    retain_dropped: int = 0  # retained publishes sent without retain: Retain Available is 0
 
 
 def _check_config(cfg: MqttLinkConfig) -> None:
@@ -277,6 +281,14 @@ class MqttLink:
         self.session_present = False
         self.retry_delay_s = 0.0
         """The delay waited before the current (or last) connect attempt; 0 for the first."""
+        self.server_max_qos = 2
+        """Maximum QoS the broker accepts from us (MQTT 5 CONNACK; 2 when not announced)."""
+        self.retain_available = True
+        """Whether the broker accepts retained publishes (MQTT 5 CONNACK; True when absent)."""
+        self.granted_qos: dict[str, int] = {}
+        """QoS the broker granted to each subscription at the last SUBACK."""
+        self._connack_warnings: list[str] = []
+        self._suback_warnings: list[str] = []
         self._subscriptions = tuple((flt, min(qos, 1)) for flt, qos in config.subscriptions)
         self._connect_packet = encode_connect(
             protocol=config.protocol,
@@ -327,6 +339,12 @@ class MqttLink:
     def state(self) -> LinkState:
         """The link state (same as ``watch.state``)."""
         return self.watch.state
+
+    @property
+    def warnings(self) -> list[str]:
+        """Guarantees the broker weakened on the current (or last) connection: a Maximum QoS
+        of 0, no retained messages, a subscription granted a lower QoS than asked."""
+        return self._connack_warnings + self._suback_warnings
 
     @property
     def since(self) -> float:
@@ -918,6 +936,7 @@ class MqttLink:
                 )
                 self._close(conn, "subscription refused")
             else:
+                self._on_granted(codes)
                 self._resolve_expect(conn, body)
         elif packet_type == DISCONNECT:
             reason, text = decode_disconnect(body, proto)
@@ -933,6 +952,31 @@ class MqttLink:
             pass
         else:
             raise ProtocolError(f"unexpected packet type {packet_type} from the broker")
+
+    def _on_granted(self, codes: list[int]) -> None:
+        granted = {flt: code for (flt, _), code in zip(self._subscriptions, codes, strict=False)}
+        self.granted_qos = granted
+        self._set_warnings(
+            "_suback_warnings",
+            [
+                f"subscription {flt!r} granted QoS {granted[flt]} instead of {qos}: delivery "
+                "is at most once (messages can be lost); raise the broker's max_qos"
+                for flt, qos in self._subscriptions
+                if flt in granted and granted[flt] < qos
+            ],
+        )
+
+    def _set_warnings(self, attr: str, warnings: list[str]) -> None:
+        """Replace one group of `warnings`; log the new ones as errors (once, not on every
+        reconnect) and say when one went away."""
+        old: list[str] = getattr(self, attr)
+        for text in warnings:
+            if text not in old:
+                self._log.error("%s: %s", self.name, text)
+        for text in old:
+            if text not in warnings:
+                self._log.info("%s: resolved: %s", self.name, text)
+        setattr(self, attr, warnings)
 
     def _resolve_expect(self, conn: _Connection, outcome: bytes | BaseException) -> None:
         fut = conn.expect_fut
@@ -958,6 +1002,20 @@ class MqttLink:
         props = connack.properties
         self._send_window = min(prop_int(props, PROP_RECEIVE_MAXIMUM, 0xFFFF), MAX_PACKET_ID - 1)
         self._server_max_packet = prop_int(props, PROP_MAXIMUM_PACKET_SIZE, 0)
+        self.server_max_qos = prop_int(props, PROP_MAXIMUM_QOS, 2)
+        self.retain_available = bool(prop_int(props, PROP_RETAIN_AVAILABLE, 1))
+        warnings: list[str] = []
+        if self.server_max_qos == 0:
+            warnings.append(
+                "broker Maximum QoS 0: QoS 1 publishes are sent as QoS 0 (at most once, "
+                "may be lost); raise the broker's max_qos"
+            )
+        if not self.retain_available:
+            warnings.append(
+                "broker has no retained messages (Retain Available 0): retained publishes "
+                "are sent without retain; enable retain_available on the broker"
+            )
+        self._set_warnings("_connack_warnings", warnings)
         keepalive_s = float(prop_int(props, PROP_SERVER_KEEP_ALIVE, 0)) or cfg.keepalive_s
         conn.connected = True
         self.stats.connects += 1
@@ -1029,6 +1087,13 @@ class MqttLink:
         return packet_id
 
     def _encode_publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> bytes | None:
+        # A broker disconnects a client that exceeds what its CONNACK announced.
+        if qos > self.server_max_qos:
+            qos = self.server_max_qos
+            self.stats.qos_downgraded += 1
+        if retain and not self.retain_available:
+            retain = False
+            self.stats.retain_dropped += 1
         packet_id = self._allocate_packet_id() if qos else 0
         packet = encode_publish(topic, payload, qos, retain, packet_id, self._config.protocol)
         if self._server_max_packet and len(packet) > self._server_max_packet:
@@ -1073,6 +1138,13 @@ class MqttLink:
 
     def _resend(self, conn: _Connection) -> None:
         """After CONNACK: re-send in-flight QoS 1 (DUP if the session survived), then the queue."""
+        if self._inflight and (self.server_max_qos == 0 or not self.retain_available):
+            # The broker no longer takes what they were encoded as: re-queue them in order,
+            # `_flush_queue` encodes them as it now allows.
+            parser = PacketParser(self._config.protocol, MAX_REMAINING_LENGTH)
+            again = parser.feed(b"".join(self._inflight.values()))
+            self._inflight.clear()
+            self._queue.extendleft((m.topic, m.payload, m.qos, m.retain) for m in reversed(again))
         packets = list(self._inflight.values())
         if packets and self.session_present:
             packets = [bytes((packet[0] | 0x08,)) + packet[1:] for packet in packets]

@@ -786,3 +786,80 @@ async def test_a_temporary_refusal_is_retried() -> None:
         async with running(link):
             await asyncio.wait_for(retried.wait(), 10)
     assert fake.connections >= 3
+
+
+# -- what the broker announces: Maximum QoS, Retain Available, granted QoS ----------------------
+
+
+async def test_broker_maximum_qos_and_retain_available_are_honoured(tmp_path: Path) -> None:
+    """mosquitto with ``max_qos 0`` and ``retain_available false`` announces both in its MQTT 5
+    CONNACK and disconnects a client that publishes QoS 1 or retained anyway. The link sends
+    such publishes as QoS 0 without retain, counts them and says so in ``warnings``."""
+    async with running_mosquitto(
+        tmp_path / "mosquitto", extra_config="max_qos 0\nretain_available false"
+    ) as broker:
+        collector = Collector()
+        link = make_link(broker.port, collector, subscriptions=(("alerts/#", 1),))
+        async with running(link):
+            await link.wait_up(5)
+            assert link.server_max_qos == 0
+            assert not link.retain_available
+            link.publish("alerts/a", b"A", qos=1, retain=True)
+            await collector.wait_for_payload(b"A")
+            assert link.stats.connects == 1
+            assert link.state is LinkState.UP
+        assert link.stats.qos_downgraded == 1
+        assert link.stats.retain_dropped == 1
+        warnings = " ".join(link.warnings)
+        assert "Maximum QoS 0" in warnings, warnings
+        assert "retain" in warnings, warnings
+
+
+async def test_a_subscription_granted_a_lower_qos_is_reported(tmp_path: Path) -> None:
+    """A QoS 1 subscription granted QoS 0 (mosquitto ``max_qos 0``) makes delivery at most
+    once: the link logs it as an error and reports it in ``granted_qos`` and ``warnings``."""
+    async with running_mosquitto(tmp_path / "mosquitto", extra_config="max_qos 0") as broker:
+        for protocol in (5, 4):
+            collector = Collector()
+            link = make_link(broker.port, collector, protocol=protocol)
+            async with running(link):
+                await link.wait_up(5)
+                # (paho's QoS 1 would get it disconnected too)
+                await asyncio.to_thread(
+                    paho_publish, broker.port, [("shelf/1", b"one")], qos=0, protocol=protocol
+                )
+                await collector.wait_for_payload(b"one")
+            assert collector.messages[0].qos == 0
+            assert link.granted_qos == {"shelf/#": 0}, protocol
+            assert any("shelf/#" in w and "at most once" in w for w in link.warnings), (
+                protocol,
+                link.warnings,
+            )
+
+
+async def test_inflight_qos1_is_resent_as_the_restarted_broker_now_allows(tmp_path: Path) -> None:
+    """A QoS 1 retained publish in flight when the broker went away; the broker comes back
+    with ``max_qos 0`` and ``retain_available false``. Re-sending it as it was would get the
+    link disconnected after every CONNACK; it goes out as QoS 0 without retain instead."""
+    async with running_mosquitto(tmp_path / "mosquitto", extra_config="log_type all") as broker:
+        link = make_link(broker.port, Collector(), client_id="resend", subscriptions=())
+        async with running(link):
+            await link.wait_up(5)
+            broker.freeze()
+            link.publish("alerts/late", b"L", qos=1, retain=True)
+            assert link.inflight_publishes == 1
+            await broker.kill()
+            await link.watch.wait_for(LinkState.DOWN, 5)
+            broker.extra_config = "log_type all\nmax_qos 0\nretain_available false"
+            await broker.start()
+            await link.wait_up(5)
+            assert await link.drain_publishes(5)
+            link.publish("alerts/next", b"N", qos=1)  # the link is still up and usable
+            assert await link.drain_publishes(5)
+            assert link.stats.connects == 2
+            assert link.state is LinkState.UP
+        log = broker.log_path.read_text()
+    assert "Received PUBLISH from resend (d0, q0, r0, m0, 'alerts/late'" in log, log
+    assert "Received PUBLISH from resend (d0, q0, r0, m0, 'alerts/next'" in log, log
+    assert link.stats.qos_downgraded == 2
+    assert link.stats.retain_dropped == 1
