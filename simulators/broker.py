@@ -430,6 +430,52 @@ def mosquitto_config(port: int, folder: Path, *, run_as: str | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
+def _mqtt_string(text: str) -> bytes:
+    data = text.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def mqtt_connect_packet(client_id: str, username: str, password: str) -> bytes:
+    """An MQTT 3.1.1 CONNECT (clean session, keepalive 10 s) with a login."""
+    body = _mqtt_string("MQTT") + bytes([4, 0xC2]) + (10).to_bytes(2, "big")
+    body += _mqtt_string(client_id) + _mqtt_string(username) + _mqtt_string(password)
+    length, remaining = len(body), bytearray()
+    while True:
+        length, digit = divmod(length, 128)
+        remaining.append(digit | (0x80 if length else 0))
+        if not length:
+            break
+    return bytes([0x10]) + bytes(remaining) + body
+
+
+async def mqtt_login_probe(
+    port: int, username: str, password: str, *, timeout_s: float
+) -> int | None:
+    """Log in to 127.0.0.1:port over MQTT 3.1.1 and leave. Returns the CONNACK return code
+    (0 = accepted), or None when nothing there answers like an MQTT broker in time."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(
+                    mqtt_connect_packet(f"fh-demo-probe-{os.getpid()}", username, password)
+                )
+                await writer.drain()
+                connack = await reader.readexactly(4)
+                if connack[:2] != b"\x20\x02":
+                    return None
+                if connack[3] == 0:
+                    writer.write(b"\xe0\x00")  # DISCONNECT
+                    await writer.drain()
+                return connack[3]
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+        return None
+
+
 def _reachable_by(path: Path, uid: int, gid: int) -> bool:
     """Whether an account (primary group only) may traverse every parent folder of ``path``."""
     for parent in path.resolve().parents:
@@ -508,38 +554,42 @@ class MosquittoProcess(_ChildBroker):
             start_new_session=True,  # Ctrl-C reaches the parent only, which stops us in order
         )
         try:
-            await self._wait_listening()
+            await self._wait_ready()
         except BaseException:
             await self.stop()
             raise
 
-    async def _wait_listening(self) -> None:
+    async def _wait_ready(self) -> None:
+        """Ready = the demo login is answered with CONNACK 0: the port is this mosquitto's (not
+        another program's) and it could read its password file. Its exit ends the wait."""
         assert self.proc is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.startup_timeout_s
         exited = asyncio.ensure_future(self.proc.wait())
         try:
-            while True:
-                try:
-                    _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                except OSError:
-                    if loop.time() > deadline:
-                        raise BrokerStartError(
-                            f"mosquitto not listening on 127.0.0.1:{self.port} after "
-                            f"{self.startup_timeout_s:g} s"
-                        ) from None
-                    # Retry the connect shortly; an exit of the broker ends the wait at once.
-                    await asyncio.wait({exited}, timeout=0.05)
-                    if exited.done():
-                        raise BrokerStartError(
-                            f"mosquitto exited with {self.proc.returncode} before it was ready "
-                            "(its error is on stderr above)"
-                        ) from None
-                    continue
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
-                return
+            while loop.time() < deadline:
+                probe = asyncio.ensure_future(
+                    mqtt_login_probe(self.port, self.username, self.password, timeout_s=1.0)
+                )
+                await asyncio.wait({probe, exited}, return_when=asyncio.FIRST_COMPLETED)
+                if exited.done():
+                    probe.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await probe
+                    raise BrokerStartError(
+                        f"mosquitto exited with {self.proc.returncode} before it was ready "
+                        "(its error is on stderr above)"
+                    )
+                code = probe.result()
+                if code == 0:
+                    return
+                if code is not None:
+                    raise BrokerStartError(f"mosquitto refused the demo login (CONNACK {code})")
+                await asyncio.wait({exited}, timeout=0.05)  # retry shortly, unless it exits
+            raise BrokerStartError(
+                f"mosquitto did not answer on 127.0.0.1:{self.port} within "
+                f"{self.startup_timeout_s:g} s"
+            )
         finally:
             exited.cancel()
             with contextlib.suppress(asyncio.CancelledError):

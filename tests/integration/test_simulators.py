@@ -47,6 +47,7 @@ from simulators.broker import (
     find_mosquitto,
     make_demo_broker,
     mosquitto_password_hash,
+    mqtt_login_probe,
     resolve_broker_kind,
 )
 from simulators.shelf_scale import ScaleSimOptions, SimEvent, WarehouseScales
@@ -747,6 +748,30 @@ def test_mosquitto_password_hash_matches_mosquitto_passwd_format() -> None:
         "$7$101$jz/aYB/qhWS7u40Y$vGHlJ/CiZWMSZQbGUcJyKBlIEsA2cm2qYpPPJ2SkFC8ua6vcIdvf65jQRyCD"
         "k3eykBYsau0ejOFVzDvDzd+r5w=="
     )
+
+
+@needs_mosquitto
+async def test_demo_mosquitto_on_a_taken_port_fails_to_start(tmp_path: Path) -> None:
+    """Something else listens on the port: the demo must not take it for its broker."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        broker = MosquittoProcess(port, var_dir=tmp_path / "broker", startup_timeout_s=10.0)
+        with pytest.raises(BrokerStartError, match="mosquitto exited"):
+            await broker.start()
+        assert broker.proc is not None
+        assert broker.proc.returncode is not None
+
+
+@needs_mosquitto
+async def test_demo_mosquitto_readiness_is_a_login(tmp_path: Path) -> None:
+    """The start-up probe is an MQTT login: mosquitto answers 0 for the demo user, 5 (not
+    authorized) for a wrong password; a port where nothing listens gives no answer."""
+    async with MosquittoProcess(free_port(), "floorhand", "pw-1", var_dir=tmp_path / "b") as b:
+        assert await mqtt_login_probe(b.port, "floorhand", "pw-1", timeout_s=5.0) == 0
+        assert await mqtt_login_probe(b.port, "floorhand", "wrong", timeout_s=5.0) == 5
+    assert await mqtt_login_probe(b.port, "floorhand", "pw-1", timeout_s=5.0) is None
 
 
 @needs_mosquitto
