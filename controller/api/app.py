@@ -422,6 +422,7 @@ def _health(rt: Runtime) -> HealthPublic:
             invalid_in=link.stats.invalid_in,
             qos_downgraded=link.stats.qos_downgraded,
             retain_dropped=link.stats.retain_dropped,
+            last_error=link.last_error,
         ),
         ingest=IngestStats(
             messages=ing.messages,

@@ -122,6 +122,7 @@ class LinkPublic(_Public):
     invalid_in: int = Field(description="messages whose topic is not UTF-8: acked, dropped")
     qos_downgraded: int = Field(description="QoS 1 publishes sent as QoS 0 (broker max QoS 0)")
     retain_dropped: int = Field(description="retained publishes sent without retain")
+    last_error: str = Field(description="why the link last went down or failed to connect")
 
 
 class HistoryHealth(_Public):

@@ -281,6 +281,8 @@ class MqttLink:
         self.session_present = False
         self.retry_delay_s = 0.0
         """The delay waited before the current (or last) connect attempt; 0 for the first."""
+        self.last_error = ""
+        """Why the link last went down or failed to connect ("" until it did)."""
         self.server_max_qos = 2
         """Maximum QoS the broker accepts from us (MQTT 5 CONNACK; 2 when not announced)."""
         self.retain_available = True
@@ -328,6 +330,7 @@ class MqttLink:
         self._down_since = time.monotonic()
         self._logged_failure = False
         self._logged_queue_full = False
+        self._logged_tls = ""
 
     # -- public surface -------------------------------------------------------------------
 
@@ -401,6 +404,18 @@ class MqttLink:
                     raise
                 except (OSError, TimeoutError, DeviceError) as exc:
                     reason = _describe(exc)
+                    if (
+                        cfg.ssl_context is not None
+                        and "TLS" not in reason
+                        and reason.startswith(("connection lost", "connection closed"))
+                    ):
+                        # A broker refusing our client certificate (or its absence) often
+                        # just resets the connection before its TLS alert can be read.
+                        reason = (
+                            f"{reason} (TLS handshake failed? a broker that requires a client "
+                            "certificate closes the connection like this: check [mqtt.tls] "
+                            "cert_file and key_file)"
+                        )
                     failed_attempts += 1
                 else:
                     accepted_at_once = failed_attempts == 0
@@ -650,11 +665,14 @@ class MqttLink:
         self._ever_up = True
         self._logged_failure = False
         self._logged_queue_full = False
+        self._logged_tls = ""
         self._up_since = now
         self.watch.set(LinkState.UP, now)
 
     def _enter_down(self, reason: str, *, expected: bool = False) -> None:
         now = time.monotonic()
+        if not expected:
+            self.last_error = reason
         if self.watch.state is LinkState.UP:
             self._log.log(
                 logging.INFO if expected else logging.WARNING,
@@ -666,6 +684,20 @@ class MqttLink:
             self._down_since = now
         elif expected:
             self._log.debug("%s stopped while %s", self.name, self.watch.state.value)
+        elif "TLS handshake failed" in reason:
+            # A configuration problem more often than a network one: an error, once per cause.
+            if reason != self._logged_tls:
+                self._logged_tls = reason
+                self._logged_failure = True
+                self._log.error(
+                    "%s cannot connect to %s:%d: %s (retrying)",
+                    self.name,
+                    self._config.host,
+                    self._config.port,
+                    reason,
+                )
+            else:
+                self._log.debug("%s connect attempt failed: %s", self.name, reason)
         elif not self._ever_up and not self._logged_failure:
             self._logged_failure = True
             self._log.warning(
@@ -1185,7 +1217,27 @@ class MqttLink:
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "unknown"
+    if isinstance(exc, ssl.SSLError):
+        return _describe_tls(exc)
     text = str(exc)
     if isinstance(exc, DeviceError) and text:
         return text
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _describe_tls(exc: ssl.SSLError) -> str:
+    """A TLS failure with a hint at the site file setting that usually causes it."""
+    text = f"TLS handshake failed: {exc.reason or type(exc).__name__}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"{text}: {exc.verify_message} (certificate verify failed); check [mqtt.tls] "
+            "ca_file (the CA that signed the broker's certificate) and that the certificate "
+            "names the host of [mqtt] url"
+        )
+    reason = (exc.reason or "").upper()
+    if any(key in reason for key in ("CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA")):
+        return (
+            f"{text}: the broker refused our client certificate (or its absence); check "
+            "[mqtt.tls] cert_file and key_file (a certificate the broker's CA signed)"
+        )
+    return f"{text} ({exc})"

@@ -48,6 +48,7 @@ async def test_health_since_s_is_how_long_the_link_has_been_down(
             await link.wait_up(10)
             back = (await http.get("/api/v1/health")).json()["mqtt"]
     assert down["state"] in ("down", "connecting")
+    assert "Connect" in down["last_error"], down  # refused: the broker is stopped
     # The link went down before the test saw it: it has been down at least this long.
     assert down["since_s"] >= before_get - down_seen, down
     assert back["state"] == "up"
