@@ -1,0 +1,192 @@
+"""RELIABILITY M7 on real mosquitto: a plain paho publisher (QoS 1, persistent session, paho's
+own queue and resend), a broker restart and controller kill -9s in the middle. After a broker
+restart paho sends new readings ahead of its unacknowledged backlog; every reading the broker
+acknowledged to the publisher must end up in history exactly once, and the gap counters must
+come back to 0 missing."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import paho.mqtt.client as paho
+import pytest
+
+from tests.controller_proc import ControllerProcess
+from tests.mosquitto import MosquittoBroker
+from tests.sites import grams, topic, write_small_site
+
+pytestmark = pytest.mark.slow
+
+DEVICES = ["s0", "s1", "s2", "s3"]
+
+
+class PlainPahoPublisher:
+    """paho as a device fleet uses it: publish every reading at QoS 1, connected or not, and
+    leave queueing and resending to paho. ``acked`` holds the (device, seq) whose PUBACK came."""
+
+    def __init__(self, port: int, *, total: int, rate: float) -> None:
+        assert total < 65_535, "packet ids must not wrap: acks are mapped back by id"
+        self.total = total
+        self.rate = rate
+        self._sent: dict[int, tuple[str, int]] = {}
+        self._acked_mids: set[int] = set()
+        self._all_acked = threading.Event()
+        self._lock = threading.Lock()
+        self.published = threading.Event()
+        self._client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id="plain-paho",
+            protocol=paho.MQTTv311,
+            clean_session=False,
+        )
+        self._client.max_queued_messages_set(0)  # unbounded: nothing refused while offline
+        self._client.reconnect_delay_set(0.1, 1.0)
+        self._client.on_publish = self._on_publish
+        self._connected = threading.Event()
+        self._client.on_connect = lambda *a: self._connected.set()
+        self._client.connect("127.0.0.1", port, keepalive=5)
+        self._client.loop_start()
+        self._thread = threading.Thread(target=self._run, name="plain-paho", daemon=True)
+
+    def _on_publish(self, _c: object, _u: object, mid: int, *_: object) -> None:
+        with self._lock:
+            self._acked_mids.add(mid)
+            self._check_done()
+
+    def _check_done(self) -> None:
+        if self.published.is_set() and self._sent.keys() <= self._acked_mids:
+            self._all_acked.set()
+
+    def start(self) -> None:
+        if not self._connected.wait(10):
+            raise TimeoutError("paho did not connect")
+        self._thread.start()
+
+    def _run(self) -> None:
+        seq = dict.fromkeys(DEVICES, 0)
+        t0 = time.monotonic()
+        for n in range(self.total):
+            delay = t0 + n / self.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing the generator, not waiting for state
+            device = DEVICES[n % len(DEVICES)]
+            s = seq[device]
+            seq[device] = s + 1
+            payload = orjson.dumps(
+                {"device": device, "seq": s, "ts": time.time(), "grams": grams(20 + s % 3)}
+            )
+            # Never hold our lock across publish(): paho calls on_publish under its own lock.
+            info = self._client.publish(topic(device), payload, qos=1)
+            with self._lock:  # its ack may already be in: completion compares the two sets
+                self._sent[info.mid] = (device, s)
+        with self._lock:
+            self.published.set()
+            self._check_done()
+
+    def wait_all_acked(self, timeout_s: float) -> set[tuple[str, int]]:
+        self._thread.join()
+        self._all_acked.wait(timeout_s)
+        self._client.disconnect()
+        self._client.loop_stop()
+        with self._lock:
+            missing = len(self._sent.keys() - self._acked_mids)
+            acked = {self._sent[m] for m in self._acked_mids if m in self._sent}
+        if missing:
+            raise TimeoutError(f"{missing} publishes never acknowledged by the broker")
+        return acked
+
+
+async def wait_until(ctl: ControllerProcess, want: dict[str, int], timeout_s: float) -> None:
+    """Until every device's accepted count reached ``want`` and the outbox is drained."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        devices = {d["id"]: d for d in await ctl.get("/api/v1/devices")}
+        health = await ctl.get("/api/v1/health")
+        applied = {k: devices[k]["applied"] for k in want}
+        if applied == want and health["ingest"]["outbox_rows"] == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"want {want}, applied {applied}, outbox {health['ingest']['outbox_rows']}\n"
+                f"{ctl.tail()}"
+            )
+        await asyncio.sleep(0.1)  # polling another process's endpoint, bounded
+
+
+def stored_weights(path: Path) -> list[tuple[str, int, int]]:
+    """(device, seq, ts_ms) of every weight point in the embedded history store."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT s.tags, w.seq, w.ts_ms FROM weight w JOIN series s ON s.id = w.series"
+        )
+        return [(dict(orjson.loads(tags))["device"], seq, ts) for tags, seq, ts in rows]
+    finally:
+        db.close()
+
+
+def gap_points(path: Path) -> list[int]:
+    """``missing`` of every seq_gap point in the embedded history store."""
+    db = sqlite3.connect(path)
+    try:
+        rows = db.execute(
+            "SELECT p.fields FROM points p JOIN series s ON s.id = p.series "
+            "WHERE s.measurement = 'seq_gap'"
+        )
+        return [int(orjson.loads(fields)["missing"]) for (fields,) in rows]
+    finally:
+        db.close()
+
+
+async def test_plain_paho_backlog_after_broker_restart_is_stored_exactly_once(
+    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+) -> None:
+    site = write_small_site(
+        tmp_path, mqtt_port=mosquitto.port, client_id="fh-late", history_backend="sqlite"
+    )
+    ctl = ControllerProcess(site, tmp_path)
+    controllers.append(ctl)
+    await ctl.start()
+    pub = PlainPahoPublisher(mosquitto.port, total=12_000, rate=1_000.0)
+    pub.start()
+    await asyncio.sleep(2.0)  # a point in the load, not a wait for state
+    await ctl.kill()
+    await ctl.start()
+    await asyncio.sleep(1.0)  # a point in the load
+    await mosquitto.stop()  # SIGTERM: mosquitto saves both sessions
+    await asyncio.sleep(1.0)  # the broker stays down while paho keeps publishing
+    await mosquitto.start()
+    await asyncio.sleep(2.0)  # a point in the load
+    await ctl.kill()
+    await ctl.start()
+    acked = await asyncio.to_thread(pub.wait_all_acked, 60.0)
+    want = {d: sum(1 for dd, _ in acked if dd == d) for d in DEVICES}
+    await wait_until(ctl, want, timeout_s=60.0)
+    devices = await ctl.get("/api/v1/devices")
+    health = await ctl.get("/api/v1/health")
+    assert await ctl.stop() == 0
+
+    stored = stored_weights(tmp_path / "history.sqlite")
+    identities = [(d, s) for d, s, _ in stored]
+    assert len(identities) == len(set(identities)), "a reading stored twice"
+    lost = acked - set(identities)
+    assert not lost, f"{len(lost)} acknowledged readings not in history, e.g. {sorted(lost)[:5]}"
+    assert len(stored) == len(acked) == 12_000
+    assert {d["id"]: d["missing_readings"] for d in devices} == dict.fromkeys(DEVICES, 0)
+    assert health["ingest"]["rejected"].get("out_of_order", 0) == 0
+    journal = sqlite3.connect(tmp_path / "journal.sqlite")
+    letters = journal.execute("SELECT reason, count(*) FROM dead_letters").fetchall()
+    journal.close()
+    assert letters == [(None, 0)], "nothing dead-lettered (no out_of_order)"
+    missing = gap_points(tmp_path / "history.sqlite")
+    # In history a gap adds its missing readings and the late readings that fill it subtract.
+    assert sum(missing) == 0
+    gaps = sum(d["gaps"] for d in devices)
+    assert gaps == sum(1 for m in missing if m > 0)
+    late = -sum(m for m in missing if m < 0)
+    print(f"gaps seen {gaps}, late readings that filled them {late}, starts {ctl.starts}")
