@@ -632,6 +632,8 @@ def all_event_rows(now: float) -> list[EventRow]:
         ("alert_resolved", {"key": "K1", "episode_id": "e1", "severity": "low", "level": 20,
                             "raised_at_s": now - 30, "sku": "K1", "suggested_order_qty": 20}),
         ("seq_gap", {"device": "s3", "after_seq": 4, "seq": 9, "missing": 4}),
+        ("seq_gap_filled", {"device": "s3", "epoch": 0, "first_seq": 6, "last_seq": 7,
+                            "filled": 2}),
         ("something_new", {"x": 1}),
     ]  # fmt: skip
     return [
