@@ -431,6 +431,7 @@ def _health(rt: Runtime) -> HealthPublic:
             commit_failures=ing.commit_failures,
             rejected=dict(ing.rejected),
             ignored_retained=ing.ignored_retained,
+            late_readings=ing.late_readings,
             outbox_rows=rt.journal.outbox_rows,
             backpressure=rt.backpressure,
             last_commit_error=ing.last_commit_error,

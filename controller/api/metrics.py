@@ -155,6 +155,11 @@ class RuntimeCollector(Collector):
             "Retained messages skipped (last-known, not fresh).",
             ing.ignored_retained,
         )
+        yield _counter(
+            "floorhand_ingest_late_readings",
+            "Readings older than their device's newest (journaled, not applied to the state).",
+            ing.late_readings,
+        )
         rejected = CounterMetricFamily(
             "floorhand_ingest_rejected", "Messages rejected, by reason.", labels=["reason"]
         )

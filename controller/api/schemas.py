@@ -98,6 +98,9 @@ class IngestStats(_Public):
     commit_failures: int
     rejected: dict[str, int]
     ignored_retained: int = Field(description="retained messages skipped (last-known, not fresh)")
+    late_readings: int = Field(
+        0, description="readings older than their device's newest: journaled, state unchanged"
+    )
     outbox_rows: int
     backpressure: bool
     last_commit_error: str | None

@@ -189,4 +189,7 @@ async def test_plain_paho_backlog_after_broker_restart_is_stored_exactly_once(
     gaps = sum(d["gaps"] for d in devices)
     assert gaps == sum(1 for m in missing if m > 0)
     late = -sum(m for m in missing if m < 0)
-    print(f"gaps seen {gaps}, late readings that filled them {late}, starts {ctl.starts}")
+    print(
+        f"gaps seen {gaps}, late readings that filled them {late}, starts {ctl.starts}, "
+        f"late readings in the last run {health['ingest']['late_readings']}"
+    )

@@ -200,6 +200,7 @@ async def test_late_reading_is_journaled_and_historied_once_without_moving_state
     assert h.journal.dead_letters(5) == []
     assert h.journal.has_reading("scale-a01", 0, 3), "the late reading is in the outbox"
     assert h.ingest.readings == 4
+    assert h.ingest.late_readings == 1
     assert h.ingest.states[sid].to_dict() == state_before, "older never moves current state"
     assert info.last_seen_s == seen_before
     cursor = h.ingest.cursors["scale-a01"]
