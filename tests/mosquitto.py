@@ -201,11 +201,14 @@ def paho_publish(
     client_id: str = "test-publisher",
     protocol: int = 5,
     timeout_s: float = 20.0,
+    username: str | None = None,
+    password: str | None = None,
 ) -> None:
     """Publish ``(topic, payload)`` pairs with paho and return once all are acknowledged.
 
     The publisher keeps a persistent session (clean start off / session expiry 1 h), so
-    messages are not lost if the broker restarts mid-way.
+    messages are not lost if the broker restarts mid-way. ``username``/``password`` log in
+    (brokers that require it, e.g. the demo's amqtt).
     """
     import paho.mqtt.client as mqtt
     from paho.mqtt.packettypes import PacketTypes
@@ -223,6 +226,8 @@ def paho_publish(
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         connect_kwargs = {"clean_start": False, "properties": props}
+    if username is not None:
+        client.username_pw_set(username, password)
     connected = threading.Event()
     client.on_connect = lambda *args: connected.set()
     client.connect("127.0.0.1", port, keepalive=30, **connect_kwargs)

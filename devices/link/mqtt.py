@@ -399,7 +399,7 @@ class MqttLink:
                 try:
                     conn = await self._handshake()
                 except (AuthError, DeviceConfigError, SessionTakenOver) as exc:
-                    self._enter_down(str(exc))
+                    self._enter_down(str(exc), fatal=True)
                     self._log.error("%s stopped: %s", self.name, exc)
                     raise
                 except (OSError, TimeoutError, DeviceError) as exc:
@@ -438,7 +438,7 @@ class MqttLink:
                     else:
                         evictions = 0
                     if conn.fatal is not None:
-                        self._enter_down(reason)
+                        self._enter_down(reason, fatal=True)
                         self._log.error("%s stopped: %s", self.name, conn.fatal)
                         raise conn.fatal
                 self._enter_down(reason, expected=self._closing)
@@ -669,7 +669,9 @@ class MqttLink:
         self._up_since = now
         self.watch.set(LinkState.UP, now)
 
-    def _enter_down(self, reason: str, *, expected: bool = False) -> None:
+    def _enter_down(self, reason: str, *, expected: bool = False, fatal: bool = False) -> None:
+        """Enter DOWN and log why: ``expected`` for our own stop, ``fatal`` when `run` is
+        about to raise (the caller logs that error; no "retrying" line)."""
         now = time.monotonic()
         if not expected:
             self.last_error = reason
@@ -682,7 +684,7 @@ class MqttLink:
                 reason,
             )
             self._down_since = now
-        elif expected:
+        elif expected or fatal:
             self._log.debug("%s stopped while %s", self.name, self.watch.state.value)
         elif "TLS handshake failed" in reason:
             # A configuration problem more often than a network one: an error, once per cause.
