@@ -10,17 +10,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from controller.config import ConfigError, SiteConfig, load_site, split_bind
+
+log = logging.getLogger("floorhand")
+
+STOP_BOUND_S = 5.0
+"""``floorhand run`` exits at most this long after SIGTERM/SIGINT, whatever the links do."""
+
+HTTP_DRAIN_S = 1
+"""How long open HTTP requests may finish on a stop before they are cancelled (whole seconds:
+uvicorn's setting is an int)."""
+
+LEFTOVER_TASKS_S = 0.3
+"""Bound on the tasks still running once the server returned (cancelled, then abandoned)."""
+
+THREAD_JOIN_S = 1.0
+"""How long the process waits at exit for its other threads (a history write in flight)."""
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the runtime died (fatal MQTT refusal, journal locked, ...)
+EXIT_CONFIG = 2
+EXIT_STOP_OVERRUN = 70  # the stop overran STOP_BOUND_S: every thread's stack is on stderr
+EXIT_SIGNAL_BASE = 128  # a second signal: 128 + its number (130 SIGINT, 143 SIGTERM)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -82,27 +108,184 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_class() -> type[Any]:
+class StopGuard:
+    """The stop bound of ``floorhand run``.
+
+    The first SIGTERM/SIGINT asks for a graceful stop (``on_stop``: the server shuts down,
+    the runtime sends STOP to the PLCs and closes the journal) and starts the bound. A second
+    one exits at once with ``128 + signal``. A stop still running ``bound_s`` after the first
+    signal writes every thread's stack to stderr (faulthandler) and exits `EXIT_STOP_OVERRUN`.
+
+    Python runs signal handlers in the main thread, between bytecodes: a main thread stuck
+    in C code (a blocked SQLite call, a DNS lookup) would never run them. So the signals also
+    go through ``signal.set_wakeup_fd`` to a pipe read by this guard's own thread, which keeps
+    the bound and the second signal working whatever the main thread is doing.
+    """
+
+    def __init__(self, bound_s: float = STOP_BOUND_S) -> None:
+        self.bound_s = bound_s
+        self.stop_requested_at: float | None = None
+        """``time.monotonic()`` of the first stop signal (or of `arm`)."""
+        self._read_fd = -1
+        self._write_fd = -1
+        self._deadline: float | None = None
+
+    def install(self, on_stop: Callable[[], None]) -> Callable[[], None]:
+        """Take over SIGINT/SIGTERM (main thread only); returns the undo function."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        if self._read_fd < 0:
+            self._read_fd, self._write_fd = os.pipe()
+            os.set_blocking(self._write_fd, False)
+            threading.Thread(target=self._watch, name="stop-guard", daemon=True).start()
+        previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+
+        def handler(signum: int, frame: object) -> None:
+            on_stop()
+
+        original = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+
+        def uninstall() -> None:
+            for sig, previous in original.items():
+                signal.signal(sig, previous)
+            signal.set_wakeup_fd(previous_fd)
+
+        return uninstall
+
+    def arm(self) -> None:
+        """Start the bound without a signal (the runtime died and the process is leaving)."""
+        if self._deadline is None:
+            self.stop_requested_at = time.monotonic()
+            self._deadline = self.stop_requested_at + self.bound_s
+            if self._write_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.write(self._write_fd, b"\0")  # wake the guard thread
+
+    def remaining_s(self) -> float | None:
+        """Time left before the bound; None if no stop was requested."""
+        if self._deadline is None:
+            return None
+        return self._deadline - time.monotonic()
+
+    def _watch(self) -> None:
+        while True:
+            left = self.remaining_s()
+            if left is not None and left <= 0:
+                self._overrun()
+            readable, _, _ = select.select([self._read_fd], [], [], left)
+            if not readable:
+                continue
+            for signum in os.read(self._read_fd, 64):
+                if signum not in STOP_SIGNALS:
+                    continue
+                name = signal.Signals(signum).name
+                if self._deadline is None:
+                    self.arm()
+                    log.warning(
+                        "%s: stopping (STOP to the PLCs, exit within %g s; "
+                        "a second signal exits at once)",
+                        name,
+                        self.bound_s,
+                    )
+                else:
+                    self._exit_now(signum, name)
+
+    @staticmethod
+    def _exit_now(signum: int, name: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(2, f"floorhand: second {name}: exiting at once\n".encode())
+        os._exit(EXIT_SIGNAL_BASE + signum)
+
+    def _overrun(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(
+                2,
+                f"floorhand: the stop overran its {self.bound_s:g} s bound; the stack of "
+                "every thread follows\n".encode(),
+            )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(EXIT_STOP_OVERRUN)
+
+
+def _server_class(guard: StopGuard) -> type[Any]:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, so the process would
-        die by the signal; a controller that stopped cleanly exits 0 instead."""
+        """Signals go through the `StopGuard`. Every stop signal only asks for a graceful
+        shutdown: uvicorn's own second-SIGINT "force exit" would skip the lifespan shutdown,
+        and with it the STOP sent to the PLCs (the guard's second signal exits instead).
+        uvicorn re-raises the signal after shutting down, so the process would die by it; a
+        controller that stopped cleanly exits 0 instead."""
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            sigs = (signal.SIGINT, signal.SIGTERM)
-            original = {sig: signal.signal(sig, self.handle_exit) for sig in sigs}
+            uninstall = guard.install(self.request_stop)
             try:
                 yield
             finally:
-                for sig, handler in original.items():
-                    signal.signal(sig, handler)
+                uninstall()
+
+        def request_stop(self) -> None:
+            self.should_exit = True
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self.request_stop()
 
     return Server
+
+
+def _serve(server: Any) -> None:
+    """Run the server on a new event loop; then cancel what is left, bounded (asyncio.run
+    would wait for each task without limit, and for every default-executor thread)."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(server.serve())
+    finally:
+        try:
+            loop.run_until_complete(_cancel_leftovers(LEFTOVER_TASKS_S))
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()  # the default executor is shut down without waiting
+
+
+async def _cancel_leftovers(timeout_s: float) -> None:
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s)
+    stuck = [t.get_name() for t in tasks if not t.done()]
+    if stuck:
+        log.error("abandoned %d task(s) that ignored cancellation: %s", len(stuck), stuck)
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout_s):
+            await asyncio.get_running_loop().shutdown_asyncgens()
+
+
+def _leave(exit_code: int, guard: StopGuard) -> int:
+    """Return ``exit_code`` once the other threads finished; threads still busy when the stop
+    bound nears (a history write blocked in a sink's thread) are abandoned with ``os._exit``.
+    Nothing is lost by that: the journal is closed, and outbox rows leave it only after the
+    sink confirmed them, so such a batch is sent again after the next start."""
+    left = guard.remaining_s()
+    budget_s = THREAD_JOIN_S if left is None else max(0.1, min(THREAD_JOIN_S, left - 0.5))
+    deadline = time.monotonic() + budget_s
+    for thread in threading.enumerate():
+        if thread is threading.current_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+    busy = [t.name for t in threading.enumerate() if t.is_alive() and not t.daemon]
+    busy = [name for name in busy if name != threading.current_thread().name]
+    if not busy:
+        return exit_code
+    log.warning("exiting with %d thread(s) still busy: %s", len(busy), ", ".join(busy))
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(exit_code)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -112,13 +295,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from controller.api.app import create_app
 
     host, port = split_bind(site.api.bind)
-    exit_code = 0
+    exit_code = EXIT_OK
     server: Any = None
+    faulthandler.enable()  # a crash in C code still shows where every thread was
+    guard = StopGuard()
 
     def on_runtime_exit(exc: BaseException | None) -> None:
         nonlocal exit_code
         if exc is not None:
-            exit_code = 1
+            exit_code = EXIT_FAILED
         if server is not None:
             server.should_exit = True
 
@@ -128,7 +313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         app = create_app(site, on_runtime_exit=on_runtime_exit)
     except TokenConfigError as exc:
         print(f"floorhand: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     config = uvicorn.Config(
         app,
         host=host,
@@ -139,9 +324,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         # The live feed serves dashboards on the site network: per-message compression cost
         # about a third of the stream's CPU in benchmarks/ws_fanout.py for little gain.
         ws_per_message_deflate=False,
+        # A stop must not wait on a slow request (a history query on a hanging database).
+        timeout_graceful_shutdown=HTTP_DRAIN_S,
     )
-    server = _server_class()(config)
-    logging.getLogger("floorhand").info(
+    server = _server_class(guard)(config)
+    log.info(
         "floorhand %s: site %s, mqtt %s, api http://%s",
         "0.1.0",
         site.site.id,
@@ -149,10 +336,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         site.api.bind,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(server.serve())
-    if not server.started and exit_code == 0:
-        exit_code = 1
-    return exit_code
+        _serve(server)
+    guard.arm()  # from here on the process leaves within the bound, whatever hangs
+    if not server.started and exit_code == EXIT_OK:
+        exit_code = EXIT_FAILED
+    return _leave(exit_code, guard)
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -7,12 +7,13 @@ SIGKILL loses nothing that was acknowledged, because acknowledgement follows the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -44,6 +45,15 @@ ALERT_REPUBLISH_QUEUE = 2_000
 
 SAFE_STOP_S = 1.0
 """Bound of the STOP sent to every PLC on shutdown."""
+
+STOP_TASKS_S = 1.5
+"""Bound on the tasks' exit after the safe stop. A task still running is cancelled again
+(libraries can lose a cancellation: ``asyncio.wait_for`` on Python 3.11), and one still
+running at the bound is abandoned and named in the log with its stack."""
+
+RECANCEL_EVERY_S = 0.1
+
+_PACKAGES = ("controller", "devices")
 
 RETAIN_OUTBOX_ROWS = 1_000_000
 """With history disabled the journal keeps this many recent readings for inspection."""
@@ -387,6 +397,7 @@ class Runtime:
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
         t0 = time.monotonic()
+        older_tasks = asyncio.all_tasks()
         restored = self.journal.open()
         try:
             self.ingest.restore(restored.cursors, restored.shelf_states)
@@ -416,12 +427,43 @@ class Runtime:
             except asyncio.CancelledError:
                 # Shutdown: stop the belts while the links still run, then stop everything.
                 await self.safe_stop()
-                tasks.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await tasks
+                await self._stop_tasks(tasks, older_tasks)
                 raise
         finally:
             self.journal.close()
+
+    async def _stop_tasks(self, tasks: asyncio.Task[None], older: set[asyncio.Task[Any]]) -> None:
+        """Cancel the runtime's tasks and wait for them, at most STOP_TASKS_S. The runtime's
+        tasks and their helpers (every task started since the runtime began whose coroutine
+        is Floorhand code) still running are cancelled again every RECANCEL_EVERY_S: a
+        cancellation lost inside a library must not hold up the stop."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TASKS_S
+        me = asyncio.current_task()
+
+        def running() -> list[asyncio.Task[Any]]:
+            newer = asyncio.all_tasks() - older
+            return [t for t in newer if t is not me and not t.done() and _is_ours(t)]
+
+        tasks.cancel()
+        while not tasks.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            await asyncio.wait({tasks}, timeout=min(RECANCEL_EVERY_S, left))
+            for task in running():
+                task.cancel()
+        if not tasks.done():
+            stuck = running()
+            log.error(
+                "%d task(s) still running %.1f s after the stop, abandoned: %s",
+                len(stuck),
+                STOP_TASKS_S,
+                "; ".join(f"{t.get_name()} at {_where(t)}" for t in stuck),
+            )
+            return
+        if not tasks.cancelled() and tasks.exception() is not None:
+            log.error("a runtime task failed while stopping: %s", tasks.exception())
 
     async def safe_stop(self) -> None:
         """STOP every belt through the priority lane, bounded by SAFE_STOP_S (the PLCs'
@@ -528,3 +570,21 @@ class Runtime:
             "history": self.history.snapshot() if self.history is not None else None,
             "plcs": {plc_id: plc.link.state.value for plc_id, plc in self.plcs.items()},
         }
+
+
+_OUR_CODE = tuple(str(Path(__file__).resolve().parents[1] / pkg) + os.sep for pkg in _PACKAGES)
+
+
+def _is_ours(task: asyncio.Task[Any]) -> bool:
+    """Whether the task runs Floorhand code (not a simulator, test or server task)."""
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and code.co_filename.startswith(_OUR_CODE)
+
+
+def _where(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended: its innermost frame."""
+    frames = task.get_stack()
+    if not frames:
+        return "?"
+    code = frames[-1].f_code
+    return f"{code.co_filename}:{frames[-1].f_lineno} {code.co_name}"

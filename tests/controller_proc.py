@@ -28,13 +28,15 @@ class ControllerProcess:
         self.starts = 0
         self.log_path = folder / "controller.log"
         self.ready_after_s: list[float] = []
+        self.stopped_after_s: list[float] = []
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    async def start(self, ready_timeout_s: float = 20.0) -> float:
-        """Start and wait until /api/v1/ready answers 200; returns seconds to ready."""
+    async def start(self, ready_timeout_s: float = 20.0, *, wait_ready: bool = True) -> float:
+        """Start and wait until /api/v1/ready answers 200 (with ``wait_ready=False``: answers
+        at all, 503 included, e.g. while the broker is down); returns seconds to that point."""
         env = {**os.environ, **self.env, "FLOORHAND_API_BIND": f"127.0.0.1:{self.api_port}"}
         log = self.log_path.open("ab")
         t0 = time.monotonic()
@@ -60,7 +62,7 @@ class ControllerProcess:
                     )
                 try:
                     r = await client.get("/api/v1/ready")
-                    if r.status_code == 200:
+                    if r.status_code == 200 or not wait_ready:
                         break
                 except httpx.TransportError:
                     pass
@@ -78,16 +80,47 @@ class ControllerProcess:
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
-    async def stop(self, timeout_s: float = 10.0) -> int:
+    async def stop(self, timeout_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> int:
+        """Send ``sig`` and return the exit code; SIGKILL after ``timeout_s`` (then the code
+        is -9). The time from the signal to the exit is appended to ``stopped_after_s``."""
         if self.proc is None or self.proc.returncode is not None:
             return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
         try:
             async with asyncio.timeout(timeout_s):
-                return await self.proc.wait()
+                code = await self.proc.wait()
         except TimeoutError:
             self.proc.send_signal(signal.SIGKILL)
+            code = await self.proc.wait()
+        self.stopped_after_s.append(time.monotonic() - t0)
+        return code
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` without waiting."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def wait_exit(self, timeout_s: float) -> int:
+        """The exit code once the process ended; TimeoutError (process left running) after
+        ``timeout_s``."""
+        assert self.proc is not None
+        async with asyncio.timeout(timeout_s):
             return await self.proc.wait()
+
+    async def wait_log(self, text: str, timeout_s: float = 10.0) -> None:
+        """Wait until the process's log contains ``text``."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log_text():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged in {timeout_s} s\n{self.tail()}")
+            await asyncio.sleep(0.05)  # polling another process's log file, bounded
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
 
     async def get(self, path: str, role: str = "engineer") -> Any:
         """GET ``path`` with the test token of ``role`` (tests/sites.py)."""

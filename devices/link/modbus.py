@@ -24,6 +24,11 @@ match the transaction id, unit, function code and size of the request on the wir
 reply to a request that already timed out carries that older transaction id and is
 discarded, so it is never taken for a newer request.
 
+Cancellation always ends `ModbusLink.run` and every request. pymodbus awaits connects and
+replies through ``asyncio.wait_for``, which on Python 3.11 returns the inner result and drops a
+cancellation that arrives in the same loop step as that result; the link notices such a lost
+cancellation (the task's ``cancelling()`` count went up during the call) and raises it again.
+
 Liveness: any well-formed reply counts. With nothing received for ``liveness_timeout_s``
 (1 s; heartbeats go out every 250 ms) the connection is declared dead and the link goes DOWN,
 so a PLC that vanished or a half-open connection is noticed within ~1.0–1.2 s.
@@ -372,12 +377,15 @@ class ModbusLink:
         self._closing_event.clear()
         cfg = self._config
         backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        cancels = _cancel_requests()
         try:
             while not self._closing:
+                _raise_lost_cancel(cancels)
                 self.watch.set(LinkState.CONNECTING)
                 try:
                     conn = await self._connect()
                 except (DeviceError, OSError, TimeoutError) as exc:
+                    _raise_lost_cancel(cancels)
                     self._enter_down(_describe(exc), failed_attempt=True)
                     await self._sleep_unless_closing(backoff.next_delay())
                     continue
@@ -459,6 +467,7 @@ class ModbusLink:
             raise DeviceUnavailable(f"{self.name} is not connected")
         client = conn.client
         self.stats.requests += 1
+        cancels = _cancel_requests()
         expect = _Expect(unit, fc, address, count, values)
         conn.expect = expect
         try:
@@ -495,6 +504,7 @@ class ModbusLink:
         finally:
             conn.inflight = None
             conn.expect = None
+        _raise_lost_cancel(cancels)  # the reply came, but pymodbus's wait_for dropped a cancel
         if conn.fault is not None:  # a later frame of the same chunk was malformed
             raise DeviceFaulty(conn.fault)
         self.stats.replies += 1
@@ -646,9 +656,11 @@ class ModbusLink:
             trace_connect=lambda connected: self._on_trace_connect(conn, connected),
         )
         conn.client = client
+        cancels = _cancel_requests()
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 connected = await client.connect()
+            _raise_lost_cancel(cancels)  # pymodbus's wait_for may have dropped it
         except BaseException:
             client.close()
             raise
@@ -698,7 +710,9 @@ class ModbusLink:
         loop = asyncio.get_running_loop()
         interval = self._config.heartbeat_interval_s
         next_at = loop.time()
+        cancels = _cancel_requests()
         while not conn.lost.is_set():
+            _raise_lost_cancel(cancels)
             next_at += interval
             now = loop.time()
             if next_at < now:
@@ -799,6 +813,19 @@ class ModbusLink:
             )
         self.watch.set(LinkState.DOWN, now)
         self._lanes.fail_waiters(DeviceUnavailable(f"{self.name} went down: {reason}"))
+
+
+def _cancel_requests() -> int:
+    """Cancellation requests pending on the current task (``Task.cancelling()``)."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _raise_lost_cancel(before: int) -> None:
+    """Raise `asyncio.CancelledError` if the current task was cancelled since ``before`` was
+    taken and the cancellation got lost on the way (see the module docstring)."""
+    if _cancel_requests() > before:
+        raise asyncio.CancelledError
 
 
 def _check_range(address: int, count: int) -> None:
