@@ -313,7 +313,10 @@ class InfluxV1Sink:
 
     async def query(self, q: HistoryQuery) -> list[ShelfHistoryRaw]:
         results = await self.influxql(self.influxql_for(q))
-        return parse_influxql_history(results)
+        try:
+            return parse_influxql_history(results)
+        except _UNREADABLE as exc:
+            raise SinkRejected(f"influxdb1 query: unreadable answer: {exc!r}") from None
 
     async def ping(self) -> bool:
         try:
@@ -507,13 +510,28 @@ class InfluxV2Sink:
         flux, params = flux_for(q, self.bucket)
         loop = asyncio.get_running_loop()
         records = await loop.run_in_executor(self._executor, self._query_sync, flux, params)
-        return parse_flux_history(records)
+        try:
+            return parse_flux_history(records)
+        except _UNREADABLE as exc:
+            raise SinkRejected(f"influxdb2 query: unreadable answer: {exc!r}") from None
 
     def _query_sync(self, flux: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             tables = self._client.query_api().query(flux, org=self.org, params=params)
         except Exception as exc:
-            raise _translate_v2(exc, "influxdb2 query") from None
+            error = _translate_v2(exc, "influxdb2 query")
+            status = getattr(exc, "status", None)
+            if isinstance(error, SinkRejected) or status in (404, 405):
+                # The server is there but has no Flux query endpoint (VictoriaMetrics answers
+                # 400, InfluxDB 1.x 404): a configuration error, not an outage.
+                raise SinkRejected(
+                    f"{error}; {self.url} does not answer Flux queries (/api/v2/query): history "
+                    'queries with backend = "influxdb2" need an InfluxDB 2 server (InfluxDB 1.x: '
+                    'backend = "influxdb1"; VictoriaMetrics stores the writes of either but '
+                    "answers neither query language)",
+                    status=int(status) if isinstance(status, int) else None,
+                ) from None
+            raise error from None
         out: list[dict[str, Any]] = []
         for table in tables:
             for rec in table.records:
@@ -529,6 +547,10 @@ class InfluxV2Sink:
     def _close_sync(self) -> None:
         self._write_api.close()  # type: ignore[no-untyped-call]
         self._client.close()  # type: ignore[no-untyped-call]
+
+
+_UNREADABLE = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+"""What parsing a query answer of an unexpected shape raises."""
 
 
 def _translate_v2(exc: Exception, what: str) -> Exception:

@@ -39,7 +39,7 @@ from controller.api.web import install_web
 from controller.config import SiteConfig
 from controller.domain.model import ShelfStatus
 from controller.domain.reorder import classify
-from controller.ports import HistoryQuery, SinkUnavailable
+from controller.ports import HistoryError, HistoryQuery, SinkUnavailable
 from controller.runtime import Runtime
 from devices.link.state import LinkState
 
@@ -49,6 +49,9 @@ PROBLEM = "application/problem+json"
 
 MAX_HISTORY_BUCKETS = 10_000
 """Upper bound of buckets one history request may ask for."""
+
+MAX_HISTORY_EVERY_S = 1e9
+"""Widest history bucket (~31 years; Flux durations are int64 nanoseconds)."""
 
 # Who may call what (docs/api.md has the whole matrix).
 ANY_ROLE = [Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))]
@@ -276,7 +279,7 @@ def _routes(app: FastAPI) -> None:
         "/api/v1/history",
         response_model=HistoryPublic,
         tags=["history"],
-        responses={404: {"model": Problem}, 503: {"model": Problem}},
+        responses={404: {"model": Problem}, 502: {"model": Problem}, 503: {"model": Problem}},
         dependencies=READ_ALL,
     )
     async def history(
@@ -292,7 +295,11 @@ def _routes(app: FastAPI) -> None:
         ] = None,
         every: Annotated[
             float | None,
-            Query(description="bucket width in seconds; default: (to − from) / 300", ge=0.001),
+            Query(
+                description="bucket width in seconds; default: (to − from) / 300",
+                ge=0.001,
+                le=MAX_HISTORY_EVERY_S,
+            ),
         ] = None,
     ) -> Any:
         """Stock history of one shelf or of every shelf of a SKU, downsampled by the configured
@@ -331,6 +338,8 @@ def _routes(app: FastAPI) -> None:
             result = await rt.history.query(q)
         except SinkUnavailable as exc:
             raise HTTPException(503, f"history backend unavailable: {exc}") from None
+        except HistoryError as exc:  # the server answered, but refused or garbled the query
+            raise HTTPException(502, f"history backend refused the query: {exc}") from None
         series = [
             HistorySeriesPublic(
                 shelf=r.shelf,

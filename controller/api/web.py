@@ -49,8 +49,13 @@ def resolve_asset(root: Path, rel: str) -> Path | None:
     rel = rel.strip("/") or "index.html"
     if any(part.startswith(".") for part in rel.split("/")):
         return None
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()) or not path.is_file():
+    if any(ord(c) < 0x20 or c in "\\\x7f" for c in rel):
+        return None  # NUL (os calls refuse it), other controls, backslashes: never a file name
+    try:
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root.resolve()) or not path.is_file():
+            return None
+    except (OSError, ValueError):  # a name too long, or one the OS refuses
         return None
     if path.suffix not in MEDIA_TYPES:
         return None

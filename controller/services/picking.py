@@ -129,7 +129,11 @@ class PickRequest:
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
-    status: int  # 201 created, 200 replayed / de-duplicated
+    """The answer to a submission: 201 with the new order, or 200 for a replay (the same key
+    with the same body, or the same caller's (channel, external id) with the same lines), with
+    the order as it stands now."""
+
+    status: int  # 201 created, 200 replayed
     order: dict[str, Any]
     replayed: bool
 
@@ -247,8 +251,9 @@ class PickingService:
     def submit(self, req: PickRequest, *, key: str | None, principal: str) -> Submitted:
         """Validate, allocate, reserve and journal an order (no await: see the module doc).
 
-        Raises `PickError` (422 invalid / key reused with another body, 409 no stock or a
-        conflicting order, 503 a device on the route is down, 500 journal failure)."""
+        Raises `PickError` (422 invalid / key reused with another body or by another caller,
+        409 no stock or a conflicting order, 503 a device on the route is down or the journal
+        failed). No answer carries anything of another caller's order."""
         digest = req.digest()
         if key is not None:
             row = self._keys.get(key)  # every key younger than the TTL is in memory
@@ -259,14 +264,13 @@ class PickingService:
                         422,
                         "idempotency_key_reused",
                         f"Idempotency-Key {key!r} was used for a different request",
-                        extra={"order_id": row.order_id},
+                        extra={"order_id": row.order_id} if row.principal == principal else None,
                     )
                 self.stats["replayed"] += 1
-                original = self._original(row.order_id)
-                return Submitted(row.status, original, True)
+                return Submitted(200, self._original(row.order_id), True)
         known = self._externals.get((req.channel, req.external_id))
         if known is not None:
-            return self._same_order(req, self._original(known))
+            return self._same_order(req, self._original(known), principal)
         self._validate(req)
         now = self.clock()
         sources = {
@@ -360,7 +364,7 @@ class PickingService:
             if existing is None:
                 raise PickError(503, "journal_unavailable", "order lookup failed") from None
             self._externals[(req.channel, req.external_id)] = existing["order_id"]
-            return self._same_order(req, existing)
+            return self._same_order(req, existing, principal)
         except Exception as exc:
             self.stats["journal_failed"] += 1
             log.error("could not journal order %s: %s", order.order_id, exc)
@@ -387,9 +391,18 @@ class PickingService:
         for task in order.tasks:
             self._publish_task(order, task)
 
-    def _same_order(self, req: PickRequest, existing: dict[str, Any]) -> Submitted:
-        """A request for an order that exists: the same order (replay) if the lines and the
-        pack station match, else 409."""
+    def _same_order(self, req: PickRequest, existing: dict[str, Any], principal: str) -> Submitted:
+        """A request for an order that exists: the same order (replay) if the same caller sent
+        it with the same lines and pack station, else 409. Another caller's order is never
+        shown, not even its id: the (channel, order id) is taken, nothing more."""
+        if existing.get("principal") != principal:
+            self.stats["conflict"] += 1
+            raise PickError(
+                409,
+                "order_exists",
+                f"order {req.external_id!r} from channel {req.channel!r} was submitted by "
+                "another caller",
+            )
         same = [[s, q] for s, q in req.lines] == [list(x) for x in existing["lines"]] and (
             req.pack_station == existing["pack_station"]
         )
@@ -566,7 +579,21 @@ class PickingService:
         return self._advance(order, OrderState.PACKED, by=by)
 
     def ship(self, order_id: str, *, by: str, carrier: str, tracking: str) -> dict[str, Any]:
+        """PACKED → SHIPPED with the carrier and tracking number. Again with the same ones:
+        the order unchanged (idempotent); with others: 409 ``already_shipped`` (a shipment's
+        tracking number is never replaced silently)."""
         order = self._closed_order(order_id)
+        if order.state is OrderState.SHIPPED and (order.carrier, order.tracking) != (
+            carrier,
+            tracking,
+        ):
+            self.stats["conflict"] += 1
+            raise PickError(
+                409,
+                "already_shipped",
+                f"order {order_id} was shipped with carrier {order.carrier!r} tracking "
+                f"{order.tracking!r}",
+            )
         if order.state is OrderState.PACKED:
             order.carrier, order.tracking = carrier, tracking
         return self._advance(order, OrderState.SHIPPED, by=by)

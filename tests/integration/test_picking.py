@@ -153,9 +153,14 @@ class Floor:
         )
 
     async def pick(
-        self, key: str | None, body: dict[str, Any], role: str = "floor"
+        self,
+        key: str | None,
+        body: dict[str, Any],
+        role: str = "floor",
+        *,
+        auth: dict[str, str] | None = None,
     ) -> httpx.Response:
-        headers = auth_headers(role)
+        headers = dict(auth) if auth is not None else auth_headers(role)
         if key is not None:
             headers["Idempotency-Key"] = key
         return await self.client.post("/api/v1/picks", json=body, headers=headers)
@@ -195,6 +200,14 @@ async def floor(
 
 
 ORDER = {"order_id": "W-1", "lines": [{"sku": "K0", "qty": 16}], "pack_station": "PS1"}
+OTHER_FLOOR_TOKEN = "test-floor2-token-0123456789abcdef"
+
+
+def other_floor_caller(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A second floor caller with its own token (named ``floor2``), added through the
+    environment as an operator would; call before the app is built. Its auth headers."""
+    monkeypatch.setenv("FLOORHAND_TOKEN_FLOOR2", f"floor:{OTHER_FLOOR_TOKEN}")
+    return {"Authorization": f"Bearer {OTHER_FLOOR_TOKEN}"}
 
 
 def pick_command(order_id: str, channel: str, qty: int) -> dict[str, Any]:
@@ -241,7 +254,10 @@ async def settled_task(rt: Runtime, order_id: str, timeout_s: float = 20) -> dic
     return task()
 
 
-async def test_pick_end_to_end_to_shipped(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+async def test_pick_end_to_end_to_shipped(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    floor2 = other_floor_caller(monkeypatch)
     conveyor = ConveyorPlc("conveyor-1")
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
     async with (
@@ -326,6 +342,20 @@ async def test_pick_end_to_end_to_shipped(mosquitto: MosquittoBroker, tmp_path: 
             "DHL",
             "1Z",
         )
+        # Shipped again with the same tracking number: the same order (200); with another
+        # one: 409, and the first tracking number stays.
+        r = await f.client.post(
+            f"/api/v1/orders/{oid}/ship", json={"carrier": "DHL", "tracking": "1Z"}, headers=sup
+        )
+        assert (r.status_code, r.json()) == (200, shipped)
+        r = await f.client.post(
+            f"/api/v1/orders/{oid}/ship", json={"carrier": "DHL", "tracking": "2Z"}, headers=sup
+        )
+        assert r.status_code == 409, r.text
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["type"] == "urn:floorhand:problem:already_shipped"
+        body = (await f.client.get(f"/api/v1/orders/{oid}", headers=sup)).json()
+        assert (body["tracking"], body["history"]) == ("1Z", shipped["history"])
         states = [h["state"] for h in shipped["history"]]
         assert states == [
             "RECEIVED",
@@ -342,14 +372,24 @@ async def test_pick_end_to_end_to_shipped(mosquitto: MosquittoBroker, tmp_path: 
             for row in rt.journal.db.execute("SELECT kind FROM events WHERE kind='order_state'")
         ]
         assert len(kinds) == 6
-        # Another floor caller does not see this order.
+        # Its creator sees this order; another floor caller (its own token) does not.
         r = await f.client.get(f"/api/v1/orders/{oid}", headers=auth_headers("floor"))
         assert r.status_code == 200
+        r = await f.client.get(f"/api/v1/orders/{oid}", headers=floor2)
+        assert r.status_code == 404
+        assert "tasks" not in r.json()  # only the id it asked for, in the detail
+        r = await f.client.get("/api/v1/orders", headers=floor2)
+        assert r.json() == []
 
 
-async def test_idempotency_matrix(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    """A4: same key ×100 concurrently → 1 execution; same key other body → 422; no key → 400;
-    same (channel, order id) under another key → the same order."""
+async def test_idempotency_matrix(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A4: same key ×100 concurrently → 1 execution, one 201 and 99 replays (200, same
+    order); same key other body → 422; no key → 400; same (channel, order id) under another
+    key → the same order (200). Another floor caller (its own token) learns nothing of the
+    order: its (channel, order id) → 409, its key → 422, neither with the order's id."""
+    floor2 = other_floor_caller(monkeypatch)
     conveyor = ConveyorPlc("conveyor-1")
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
     async with (
@@ -364,11 +404,15 @@ async def test_idempotency_matrix(mosquitto: MosquittoBroker, tmp_path: Path) ->
         assert (await f.pick("warm-up", {**body, "order_id": "W-0"})).status_code == 201
         responses = await asyncio.gather(*(f.pick("dup-key", body) for _ in range(100)))
         codes = sorted(r.status_code for r in responses)
-        assert codes == [201] * 100, codes
+        assert codes == [200] * 99 + [201], codes
         ids = {r.json()["order_id"] for r in responses}
         assert len(ids) == 1
         replayed = [r for r in responses if r.headers.get("Idempotent-Replayed") == "true"]
+        assert {r.status_code for r in replayed} == {200}
         assert len(replayed) == 99
+        (first,) = [r for r in responses if r.status_code == 201]
+        assert "Idempotent-Replayed" not in first.headers
+        assert all(r.json()["lines"] == first.json()["lines"] for r in replayed)
         oid = ids.pop()
         assert rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 2
         # Reserved: this order's 2 units, plus the warm-up's while it is still open.
@@ -385,11 +429,28 @@ async def test_idempotency_matrix(mosquitto: MosquittoBroker, tmp_path: Path) ->
         # Same order id from the same channel under another key: the same order, not a new one.
         again = await f.pick("another-key", body)
         assert (again.status_code, again.json()["order_id"]) == (200, oid)
+        assert again.headers["Idempotent-Replayed"] == "true"
         changed = await f.pick("third-key", {**body, "lines": [{"sku": "K0", "qty": 5}]})
         assert changed.status_code == 409
-        # The key belongs to its caller: another principal reusing it is refused.
-        stolen = await f.pick("dup-key", body, role="engineer")
-        assert stolen.status_code == 422
+        assert changed.json()["order_id"] == oid  # the caller's own order
+        # The key belongs to its caller: another principal reusing it is refused, and learns
+        # nothing of the order; nor does another floor caller posting the same order id.
+        for refused, status in [
+            (await f.pick("dup-key", body, role="engineer"), 422),
+            (await f.pick("dup-key", body, auth=floor2), 422),
+            (await f.pick("floor2-key", body, auth=floor2), 409),
+            (
+                await f.pick(
+                    "floor2-key", {**body, "lines": [{"sku": "K0", "qty": 5}]}, auth=floor2
+                ),
+                409,
+            ),
+        ]:
+            assert refused.status_code == status, refused.text
+            assert refused.headers["content-type"].startswith("application/problem+json")
+            assert oid not in refused.text, refused.text
+            assert "tasks" not in refused.json()
+        assert rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 2
 
         task = rt.picking.get(oid)["tasks"][0]  # type: ignore[index]
         await bus_until(rt, lambda: sorter.last_done_id == task["cmd_id"], 20)
@@ -595,12 +656,14 @@ async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) ->
         ):
             await f.shelf("s0", 20)
             cmd = pick_command("M-1", "plant-b", 3)
+            keyed = {**pick_command("M-2", "plant-b", 1), "idempotency_key": "mk-1"}
             payloads = [orjson.dumps(cmd), orjson.dumps(cmd), b"{oops", orjson.dumps([1])]
+            payloads += [orjson.dumps(keyed), orjson.dumps(keyed)]
             await asyncio.to_thread(
                 paho_publish, mosquitto.port, [("fh/t/cmd/picks", p) for p in payloads]
             )
             got: list[dict[str, Any]] = []
-            for _ in range(4):
+            for _ in range(len(payloads)):
                 try:
                     _, reply = await watcher.wait_for(
                         lambda t, b: t == "fh/t/cmd/picks/result" and b not in got
@@ -609,17 +672,21 @@ async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) ->
                     raise AssertionError(f"replies so far: {got}; {f.rt.picking.stats}") from None
                 got.append(reply)
             statuses = sorted(r["status"] for r in got)
-            assert statuses == [200, 201, 400, 400], got
-            created = next(r for r in got if r["status"] == 201)
-            again = next(r for r in got if r["status"] == 200)
-            assert again["order"]["order_id"] == created["order"]["order_id"]
-            assert again["replayed"] is True
+            assert statuses == [200, 200, 201, 201, 400, 400], got
+            # The first answer is 201, every replay (redelivery, or the same key again) 200
+            # with the same order, as on the HTTP path.
+            for external_id in ("M-1", "M-2"):
+                mine = [r for r in got if r.get("order_id") == external_id]
+                assert [r["status"] for r in mine] == [201, 200], mine
+                assert [r["replayed"] for r in mine] == [False, True]
+                assert mine[0]["order"]["order_id"] == mine[1]["order"]["order_id"]
+            created = next(r for r in got if r["status"] == 201 and r["order_id"] == "M-1")
             order = created["order"]
             assert (order["channel"], order["external_id"]) == ("plant-b", "M-1")
             _, instruction = await pickers.wait_for(lambda t, b: t == "fh/t/picks/Z")
             assert (instruction["shelf"], instruction["qty"]) == ("sh0", 3)
             assert instruction["tote"] == order["tasks"][0]["tote"]
-            assert f.rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 1
+            assert f.rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 2
             assert f.rt.picking.stats["invalid"] == 2
     finally:
         watcher.close()

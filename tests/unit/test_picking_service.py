@@ -132,10 +132,11 @@ async def test_submit_journals_everything_in_one_go(tmp_path: Path) -> None:
         assert kinds == ["order_state"] * 3
         assert svc.available("sh0") == 17
 
-        # The same key and body: a replay; another body: 422; another caller: 422.
+        # The same key and body: a replay (200); another body: 422 naming the caller's own
+        # order; another caller: 422 without it.
         again = svc.submit(REQ, key="k1", principal="floor-1")
         assert (again.status, again.replayed, again.order["order_id"]) == (
-            201,
+            200,
             True,
             done.order["order_id"],
         )
@@ -143,10 +144,15 @@ async def test_submit_journals_everything_in_one_go(tmp_path: Path) -> None:
             svc.submit(
                 PickRequest("W-1", (("K0", 4),), "PS1", "wms"), key="k1", principal="floor-1"
             )
-        assert err.value.status == 422
+        assert (err.value.status, err.value.extra) == (422, {"order_id": done.order["order_id"]})
         with pytest.raises(PickError) as err:
             svc.submit(REQ, key="k1", principal="someone-else")
-        assert err.value.status == 422
+        assert (err.value.status, err.value.extra) == (422, {})
+        # Another caller's (channel, order id), under its own key: 409, nothing of the order.
+        with pytest.raises(PickError) as err:
+            svc.submit(REQ, key="k-other", principal="someone-else")
+        assert (err.value.status, err.value.code, err.value.extra) == (409, "order_exists", {})
+        assert done.order["order_id"] not in err.value.detail
         assert svc.stats["accepted"] == 1
     finally:
         journal.close()
@@ -189,6 +195,9 @@ async def test_expired_keys_fall_back_to_the_journal(tmp_path: Path) -> None:
         with pytest.raises(PickError) as err:
             svc2.submit(PickRequest("W-1", (("K0", 1),), "PS1", "wms"), key="k2", principal="p")
         assert (err.value.status, err.value.code) == (409, "order_exists")
+        with pytest.raises(PickError) as err:  # another caller, found by the journal's index
+            svc2.submit(REQ, key="k3", principal="other")
+        assert (err.value.status, err.value.code, err.value.extra) == (409, "order_exists", {})
         assert journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 1
     finally:
         journal.close()

@@ -2,12 +2,16 @@
 
 The semantics (docs/picking.md):
 
-* ``Idempotency-Key`` is required (400 without). The same key with the same body answers with
-  the original status and the order as it stands now, with ``Idempotent-Replayed: true``; the
-  same key with another body (or by another caller) is 422. Concurrent duplicates cannot both
-  execute: the check and the journal commit of the order run with no await in between.
-* An order id is unique per channel: the same (channel, order id) with the same lines is the
-  same order (200, replayed), with other lines 409.
+* ``Idempotency-Key`` is required (400 without). The first answer is 201; the same key with the
+  same body again is a replay: 200 with ``Idempotent-Replayed: true`` and the order as it
+  stands now. The same key with another body, or by another caller, is 422. Concurrent
+  duplicates cannot both execute: the check and the journal commit of the order run with no
+  await in between.
+* An order id is unique per channel: the same caller's (channel, order id) with the same lines
+  is the same order (200, replayed), with other lines 409; another caller's is 409 without any
+  of that order's data (nor its id).
+* A second ``ship`` with the same carrier and tracking number answers the order unchanged
+  (200); with others 409 ``already_shipped``.
 * 409 when the stock is not there (nothing reserved), 503 with ``Retry-After`` when a device on
   the route is down (nothing reserved, safe to retry with the same key).
 * ``floor`` callers see only the orders they created; supervisors and engineers see all.
@@ -173,7 +177,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     for code, text in {
         400: "Idempotency-Key missing or malformed",
         404: "No such order (or not yours)",
-        409: "Not enough stock, a conflicting order, or a lifecycle step out of order",
+        409: "Not enough stock, a conflicting order, a lifecycle step out of order, or the "
+        "order already shipped with another tracking number",
         422: "Invalid request, or the Idempotency-Key was used for another request",
         503: "A device on the route is down (Retry-After); nothing was reserved",
     }.items()
@@ -184,7 +189,21 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     "/api/v1/picks",
     status_code=201,
     response_model=OrderOut,
-    responses={200: {"model": OrderOut, "description": "Replayed (same key or order)"}, **_ERRORS},
+    responses={
+        201: {"description": "Created: the new order"},
+        200: {
+            "model": OrderOut,
+            "description": "Replayed (the same key and body, or the same caller's order id): "
+            "the order as it stands now",
+            "headers": {
+                "Idempotent-Replayed": {
+                    "description": "Always `true` on a replay",
+                    "schema": {"type": "string", "enum": ["true"]},
+                }
+            },
+        },
+        **_ERRORS,
+    },
     summary="Submit a pick request (creates an order)",
 )
 async def create_pick(
