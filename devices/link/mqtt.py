@@ -686,12 +686,20 @@ class MqttLink:
             self._down_since = now
         elif expected or fatal:
             self._log.debug("%s stopped while %s", self.name, self.watch.state.value)
-        elif "TLS handshake failed" in reason:
-            # A configuration problem more often than a network one: an error, once per cause.
-            if reason != self._logged_tls:
-                self._logged_tls = reason
+        else:
+            # A TLS failure is a configuration problem more often than a network one: an
+            # error, once per cause (also after the link was up); others a warning, once.
+            tls = "TLS handshake failed" in reason
+            if (
+                reason != self._logged_tls
+                if tls
+                else not self._ever_up and not self._logged_failure
+            ):
                 self._logged_failure = True
-                self._log.error(
+                if tls:
+                    self._logged_tls = reason
+                self._log.log(
+                    logging.ERROR if tls else logging.WARNING,
                     "%s cannot connect to %s:%d: %s (retrying)",
                     self.name,
                     self._config.host,
@@ -700,17 +708,6 @@ class MqttLink:
                 )
             else:
                 self._log.debug("%s connect attempt failed: %s", self.name, reason)
-        elif not self._ever_up and not self._logged_failure:
-            self._logged_failure = True
-            self._log.warning(
-                "%s cannot connect to %s:%d: %s (retrying)",
-                self.name,
-                self._config.host,
-                self._config.port,
-                reason,
-            )
-        else:
-            self._log.debug("%s connect attempt failed: %s", self.name, reason)
         self.watch.set(LinkState.DOWN, now)
 
     # -- protocol callbacks ---------------------------------------------------------------

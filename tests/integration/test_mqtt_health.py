@@ -10,6 +10,7 @@ import pytest
 
 from devices.link.state import LinkState
 from tests.integration.test_api_ops import ops_server
+from tests.integration.test_mqtt_link import entered
 from tests.mosquitto import MosquittoBroker, paho_publish, running_mosquitto
 from tests.sites import topic, write_small_site
 
@@ -24,23 +25,13 @@ async def test_health_since_s_is_how_long_the_link_has_been_down(
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-since")
     async with ops_server(site) as srv:
         link = srv.rt.link
-        attempts = 0
-        fifth = asyncio.Event()
-
-        def count(old: LinkState, new: LinkState) -> None:
-            nonlocal attempts
-            if new is LinkState.CONNECTING:
-                attempts += 1
-                if attempts == 5:
-                    fifth.set()
-
         async with srv.client() as http:
             up = (await http.get("/api/v1/health")).json()["mqtt"]
             assert up["state"] == "up"
             await mosquitto.stop()
             await link.watch.wait_for(LinkState.DOWN, 5)
             down_seen = time.monotonic()
-            link.watch.add_listener(count)
+            fifth = entered(link, LinkState.CONNECTING, 5)
             await asyncio.wait_for(fifth.wait(), 20)
             before_get = time.monotonic()
             down = (await http.get("/api/v1/health")).json()["mqtt"]

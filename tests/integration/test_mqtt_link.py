@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -87,6 +88,22 @@ def make_link(
     )
     collector.link = link
     return link
+
+
+def entered(link: MqttLink, state: LinkState, times: int) -> asyncio.Event:
+    """An event set once the link has entered ``state`` ``times`` times from now on."""
+    event = asyncio.Event()
+    count = 0
+
+    def on_change(old: LinkState, new: LinkState) -> None:
+        nonlocal count
+        if new is state:
+            count += 1
+            if count >= times:
+                event.set()
+
+    link.watch.add_listener(on_change)
+    return event
 
 
 @contextlib.asynccontextmanager
@@ -194,17 +211,7 @@ async def test_broker_restart_resumes_session_without_loss(broker: MosquittoBrok
     held = {b"45", b"46", b"47", b"48", b"49"}  # still unacked when the broker stops
     collector = Collector(should_ack=lambda m: m.payload not in held or m.dup)
     link = make_link(broker.port, collector, client_id="restart")
-    attempts = 0
-    retrying = asyncio.Event()
-
-    def count_attempts(old: LinkState, new: LinkState) -> None:
-        nonlocal attempts
-        if new is LinkState.CONNECTING:
-            attempts += 1
-            if attempts >= 7:  # backoff has reached its cap
-                retrying.set()
-
-    link.watch.add_listener(count_attempts)
+    retrying = entered(link, LinkState.CONNECTING, 7)  # the backoff has reached its cap
     async with running(link):
         await link.wait_up(5)
         await publish(broker.port, numbered(50))
@@ -546,21 +553,16 @@ async def test_pubacks_leave_in_arrival_order_whatever_order_the_consumer_acks(
 # -- reconnect backoff after short-lived connections -------------------------------------------
 
 
-class ServerBusyBroker:
-    """A stand-in broker for one fault mosquitto never produces: it accepts every connection
-    (CONNACK, SUBACK) and, as soon as the test saw the link up (``served``), sends an MQTT 5
-    DISCONNECT 0x89 "Server busy", as an overloaded broker does. While ``hold`` is set it keeps
-    the connection instead."""
+class StandInBroker:
+    """A TCP server on 127.0.0.1 speaking just enough MQTT for one fault that no broker we can
+    run produces; subclasses answer each connection in `answer`."""
 
     def __init__(self) -> None:
         self.port = 0
         self.connections = 0
-        self.served = asyncio.Event()
-        self.hold = asyncio.Event()
-        self.release = asyncio.Event()
         self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> ServerBusyBroker:
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -568,29 +570,22 @@ class ServerBusyBroker:
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
-        self.release.set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
-            await self._packet(reader)  # CONNECT
-            writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK, accepted, no properties
-            first, body = await self._packet(reader)  # SUBSCRIBE
-            assert first >> 4 == 8, first
-            writer.write(b"\x90\x04" + body[:2] + b"\x00\x01")  # SUBACK: QoS 1 granted
-            await self.served.wait()
-            self.served.clear()
-            if self.hold.is_set():
-                await self.release.wait()
-            writer.write(b"\xe0\x01\x89")  # DISCONNECT 0x89 Server busy
-            await writer.drain()
+            await self.answer(reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             writer.close()
 
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
     @staticmethod
-    async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    async def packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        """The next packet: its first byte and its body."""
         first = (await reader.readexactly(1))[0]
         length = shift = 0
         while True:
@@ -600,6 +595,36 @@ class ServerBusyBroker:
             if byte < 0x80:
                 break
         return first, await reader.readexactly(length)
+
+
+class ServerBusyBroker(StandInBroker):
+    """For one fault mosquitto never produces: it accepts every connection (CONNACK, SUBACK)
+    and, as soon as the test saw the link up (``served``), sends an MQTT 5 DISCONNECT 0x89
+    "Server busy", as an overloaded broker does. While ``hold`` is set it keeps the connection
+    until ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.served = asyncio.Event()
+        self.hold = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await super().__aexit__(*exc)
+        self.release.set()
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.packet(reader)  # CONNECT
+        writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK, accepted, no properties
+        first, body = await self.packet(reader)  # SUBSCRIBE
+        assert first >> 4 == 8, first
+        writer.write(b"\x90\x04" + body[:2] + b"\x00\x01")  # SUBACK: QoS 1 granted
+        await self.served.wait()
+        self.served.clear()
+        if self.hold.is_set():
+            await self.release.wait()
+        writer.write(b"\xe0\x01\x89")  # DISCONNECT 0x89 Server busy
+        await writer.drain()
 
 
 def record_retry_delays(link: MqttLink) -> list[float]:
@@ -723,35 +748,18 @@ async def test_refused_client_id_is_a_configuration_error_not_retried(tmp_path: 
     assert link.state is LinkState.DOWN
 
 
-class RefusingBroker:
-    """A stand-in broker that answers every CONNECT with one fixed CONNACK. For refusals that
-    neither mosquitto nor amqtt send (amqtt closes an MQTT 5 CONNECT without any answer)."""
+class RefusingBroker(StandInBroker):
+    """Answers every CONNECT with one fixed CONNACK: for refusals that neither mosquitto,
+    aedes nor amqtt send (amqtt closes an MQTT 5 CONNECT without any answer)."""
 
     def __init__(self, connack: bytes) -> None:
+        super().__init__()
         self.connack = connack
-        self.port = 0
-        self.connections = 0
-        self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> RefusingBroker:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            await ServerBusyBroker._packet(reader)
-            writer.write(self.connack)
-            await writer.drain()
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.packet(reader)
+        writer.write(self.connack)
+        await writer.drain()
 
 
 @pytest.mark.parametrize(

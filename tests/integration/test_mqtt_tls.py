@@ -14,7 +14,14 @@ import pytest
 from controller.config import load_site
 from controller.runtime import build_ssl_context
 from devices.link.state import LinkState
-from tests.integration.test_mqtt_link import Collector, make_link, numbered, publish, running
+from tests.integration.test_mqtt_link import (
+    Collector,
+    entered,
+    make_link,
+    numbered,
+    publish,
+    running,
+)
 from tests.mosquitto import MosquittoBroker, free_port, running_mosquitto
 from tests.sites import write_small_site
 from tests.tls import Pki, make_test_pki
@@ -114,10 +121,9 @@ async def test_mutual_tls_needs_the_client_certificate(
     anonymous = make_link(
         mtls_broker.tls_port, Collector(), client_id="mtls-anon", ssl_context=bare
     )
-    attempts = asyncio.Event()
-    anonymous.watch.add_listener(lambda old, new: attempts.set() if new is LinkState.DOWN else None)
+    refused = entered(anonymous, LinkState.DOWN, 1)
     async with running(anonymous):
-        await asyncio.wait_for(attempts.wait(), 10)
+        await asyncio.wait_for(refused.wait(), 10)
     assert anonymous.stats.connects == 0
     # Either the broker's TLS alert was read, or only its reset: both name the settings.
     assert "TLS handshake failed" in anonymous.last_error, anonymous.last_error
@@ -131,17 +137,7 @@ async def test_a_broker_certificate_from_another_ca_is_refused_with_a_clear_erro
         tmp_path, tls_broker.tls_port, ["enabled = true", f'ca_file = "{pki.other_ca_cert}"']
     )
     link = make_link(tls_broker.tls_port, Collector(), client_id="wrong-ca", ssl_context=ctx)
-    downs = 0
-    third = asyncio.Event()
-
-    def count(old: LinkState, new: LinkState) -> None:
-        nonlocal downs
-        if new is LinkState.DOWN:
-            downs += 1
-            if downs == 3:
-                third.set()
-
-    link.watch.add_listener(count)
+    third = entered(link, LinkState.DOWN, 3)
     with caplog.at_level(logging.INFO):
         async with running(link):
             await asyncio.wait_for(third.wait(), 10)
