@@ -491,7 +491,7 @@ async def test_a_large_backlog_is_handed_over_in_bounded_slices_in_order(
 # -- PUBACK order (MQTT 5 §4.6, 3.1.1 §4.6) ---------------------------------------------------
 
 
-def _wire_order(log: str, client_id: str) -> tuple[list[int], list[int]]:
+def wire_order(log: str, client_id: str) -> tuple[list[int], list[int]]:
     """The message ids mosquitto sent to ``client_id`` (QoS 1) and the ids of the PUBACKs it
     received from it, each in log order."""
     sent: list[int] = []
@@ -545,7 +545,7 @@ async def test_pubacks_leave_in_arrival_order_whatever_order_the_consumer_acks(
             link.resume_reading()
             await collector.wait_until(lambda ms: len(ms) >= len(mixed) - 1)
             assert link.stats.oversize_in == 1
-        sent, acked = _wire_order(broker.log_path.read_text(), "order")
+        sent, acked = wire_order(broker.log_path.read_text(), "order")
     assert len(sent) == len(mixed)
     assert acked == sent
 

@@ -1,0 +1,54 @@
+"""The controller's PUBACKs on the wire, in the order the broker sent the PUBLISHes (MQTT 5
+and 3.1.1 §4.6), when one read mixes pick commands, bad readings, an oversized message and good
+readings. Real mosquitto, whose debug log shows both orders."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import orjson
+import pytest
+
+from controller.runtime import command_topic
+from tests.integration.test_api_ops import ops_server
+from tests.integration.test_mqtt_link import wire_order
+from tests.mosquitto import paho_publish, running_mosquitto
+from tests.sites import topic, write_small_site
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def test_controller_pubacks_follow_arrival_order(tmp_path: Path) -> None:
+    async with running_mosquitto(tmp_path / "mosquitto", extra_config="log_type all") as broker:
+        # MQTT 3.1.1: the broker does not know our packet limit, so it sends the oversized one.
+        site = write_small_site(tmp_path, mqtt_port=broker.port, client_id="fh-order", protocol=4)
+        async with ops_server(site) as srv:
+            rt = srv.rt
+            commands = command_topic(rt.site)
+            limit = rt.link.config.max_packet_bytes
+
+            def reading(device: str, seq: int) -> tuple[str, bytes]:
+                body = {"device": device, "seq": seq, "ts": rt.clock(), "grams": 1500.0}
+                return topic(device), orjson.dumps(body)
+
+            mixed = [
+                reading("s0", 0),
+                (commands, b"{}"),  # a bad pick command: answered with an error, acked
+                (topic("s1"), b"not json"),  # a bad reading: dead-lettered, acked
+                reading("s0", 1),
+                (topic("s2"), b"x" * (limit + 1)),  # skipped and acked by the link
+                (commands, b"[]"),
+                reading("s1", 0),
+                reading("s0", 2),
+            ]
+            rt.gate.hold("test")  # let them pile up at the broker: one read holds the mix
+            await asyncio.to_thread(paho_publish, broker.port, mixed, protocol=4)
+            rt.gate.release("test")
+            srv.seq["s3"] = -1
+            await srv.publish("s3", 1500.0, n=1)  # handled after everything before it
+            assert rt.link.stats.oversize_in == 1
+            assert rt.link.acks_held == 0
+        sent, acked = wire_order(broker.log_path.read_text(), "fh-order")
+    assert len(sent) == len(mixed) + 1
+    assert acked == sent
