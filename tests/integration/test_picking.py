@@ -639,9 +639,10 @@ async def test_b5_controller_killed_mid_command(mosquitto: MosquittoBroker, tmp_
 
 
 async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
-    """Pick requests on ``<prefix>/<site>/cmd/picks``: a reply per request on ``…/result``,
-    redelivery de-duplicated by (channel, order id), malformed input answered with 400 and
-    never executed; pick instructions go to ``<prefix>/<site>/picks/<zone>``."""
+    """Pick requests on ``<prefix>/<site>/cmd/picks``: a reply per request on ``…/result``
+    with the HTTP path's statuses — 201 first, 200 for every replay (redelivery de-duplicated
+    by (channel, order id), or the same key), 409 no stock, 422 invalid, 400 malformed (never
+    executed); pick instructions go to ``<prefix>/<site>/picks/<zone>``."""
     conveyor = ConveyorPlc("conveyor-1")
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
     watcher = PahoWatcher(mosquitto.port, "fh/t/cmd/picks/result", client_id="replies")
@@ -659,6 +660,9 @@ async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) ->
             keyed = {**pick_command("M-2", "plant-b", 1), "idempotency_key": "mk-1"}
             payloads = [orjson.dumps(cmd), orjson.dumps(cmd), b"{oops", orjson.dumps([1])]
             payloads += [orjson.dumps(keyed), orjson.dumps(keyed)]
+            too_many = pick_command("M-3", "plant-b", 100)  # 20 on the shelf
+            unknown = {**pick_command("M-4", "plant-b", 1), "pack_station": "PS9"}
+            payloads += [orjson.dumps(too_many), orjson.dumps(unknown)]
             await asyncio.to_thread(
                 paho_publish, mosquitto.port, [("fh/t/cmd/picks", p) for p in payloads]
             )
@@ -672,7 +676,9 @@ async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) ->
                     raise AssertionError(f"replies so far: {got}; {f.rt.picking.stats}") from None
                 got.append(reply)
             statuses = sorted(r["status"] for r in got)
-            assert statuses == [200, 200, 201, 201, 400, 400], got
+            assert statuses == [200, 200, 201, 201, 400, 400, 409, 422], got
+            codes = {r["order_id"]: r.get("code") for r in got if r["status"] in (409, 422)}
+            assert codes == {"M-3": "insufficient_stock", "M-4": "invalid_pick"}
             # The first answer is 201, every replay (redelivery, or the same key again) 200
             # with the same order, as on the HTTP path.
             for external_id in ("M-1", "M-2"):
@@ -687,7 +693,7 @@ async def test_mqtt_command_topic(mosquitto: MosquittoBroker, tmp_path: Path) ->
             assert (instruction["shelf"], instruction["qty"]) == ("sh0", 3)
             assert instruction["tote"] == order["tasks"][0]["tote"]
             assert f.rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 2
-            assert f.rt.picking.stats["invalid"] == 2
+            assert f.rt.picking.stats["invalid"] == 3
     finally:
         watcher.close()
         pickers.close()
