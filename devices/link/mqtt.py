@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import math
 import ssl
@@ -63,7 +64,7 @@ from devices.link.mqtt_codec import (
 )
 from devices.link.state import LinkState, StateWatch
 
-__all__ = ["MqttLink", "MqttLinkConfig", "MqttLinkStats", "MqttMessage"]
+__all__ = ["AckWindow", "MqttLink", "MqttLinkConfig", "MqttLinkStats", "MqttMessage"]
 
 # CONNACK codes meaning "these credentials will never work" (v5: 0x86, 0x87; v3.1.1: 4, 5).
 _AUTH_REFUSED = {PROTOCOL_V5: frozenset({0x86, 0x87}), PROTOCOL_V311: frozenset({0x04, 0x05})}
@@ -208,6 +209,113 @@ def _check_config(cfg: MqttLinkConfig) -> None:
             raise bad("will", f"QoS must be 0, 1 or 2, got {will_qos}")
 
 
+class AckWindow:
+    """The PUBACK order of one connection (MQTT 5 and 3.1.1 §4.6: PUBACKs in the order the
+    PUBLISHes arrived): QoS 1 packet ids in arrival order; acks given in any order are held
+    until they form a contiguous run at the head, which `ack` and `release` return.
+
+    A broker without a receive maximum (3.1.1) may reuse an id that is still unacked, so an id
+    can stand more than once: the extra copies are counted apart, and any ack of that id
+    settles one copy (on the wire they are indistinguishable anyway).
+    """
+
+    __slots__ = ("_arrivals", "_done", "_extra", "_pending")
+
+    def __init__(self) -> None:
+        self._arrivals: deque[int] = deque()  # ids whose PUBACK is not sent yet, in order
+        self._pending: set[int] = set()  # waiting for the consumer's ack
+        self._extra: collections.Counter[int] = collections.Counter()  # more pending copies
+        self._done: collections.Counter[int] = collections.Counter()  # acked, held back
+
+    @property
+    def held(self) -> int:
+        """Acks given but not sent: they wait for an earlier message's ack."""
+        return self._done.total()
+
+    def clear(self) -> None:
+        self._arrivals.clear()
+        self._pending.clear()
+        self._extra.clear()
+        self._done.clear()
+
+    def arrive(self, packet_ids: Sequence[int]) -> None:
+        """Record delivered QoS 1 ids (no zeros) in arrival order."""
+        self._arrivals.extend(packet_ids)
+        pending = self._pending
+        if pending.isdisjoint(packet_ids):
+            before = len(pending)
+            pending.update(packet_ids)
+            if len(pending) - before == len(packet_ids):
+                return
+            repeated = collections.Counter(packet_ids)
+            self._extra.update({pid: n - 1 for pid, n in repeated.items() if n > 1})
+            return
+        for pid in packet_ids:
+            if pid in pending:
+                self._extra[pid] += 1
+            else:
+                pending.add(pid)
+
+    def arrive_acked(self, packet_id: int) -> None:
+        """Record an id that needs no consumer ack (skipped by the link), in its place."""
+        self._arrivals.append(packet_id)
+        self._done[packet_id] += 1
+
+    def ack(self, packet_ids: Sequence[int]) -> list[int]:
+        """Mark ids acked; return the ids whose PUBACK may go out now, in arrival order.
+        Ids not pending (never delivered, already acked) are ignored."""
+        arrivals = self._arrivals
+        pending = self._pending
+        n = len(packet_ids)
+        if (
+            n
+            and not self._done
+            and not self._extra
+            and n <= len(arrivals)
+            and arrivals[0] == packet_ids[0]
+            and list(itertools.islice(arrivals, n)) == list(packet_ids)
+        ):
+            # The common case, a consumer acking what it got in order: all pending, no copies.
+            pending.difference_update(packet_ids)
+            popleft = arrivals.popleft
+            for _ in range(n):
+                popleft()
+            return list(packet_ids)
+        extra = self._extra
+        done = self._done
+        marked = False
+        for pid in packet_ids:
+            if pid in extra:
+                extra[pid] -= 1
+                if not extra[pid]:
+                    del extra[pid]
+            elif pid in pending:
+                pending.discard(pid)
+            else:
+                continue
+            done[pid] += 1
+            marked = True
+        return self.release() if marked else []
+
+    def release(self) -> list[int]:
+        """Remove and return the acked run at the head of the arrival order."""
+        arrivals = self._arrivals
+        done = self._done
+        out: list[int] = []
+        while arrivals:
+            pid = arrivals[0]
+            n = done.get(pid)
+            if not n:
+                break
+            if n == 1:
+                del done[pid]
+            else:
+                done[pid] = n - 1
+            arrivals.popleft()
+            out.append(pid)
+        return out
+
+
 class _Connection(asyncio.Protocol):
     """One TCP/TLS connection to the broker; forwards everything to its link."""
 
@@ -307,13 +415,7 @@ class MqttLink:
         )
         self._conn: _Connection | None = None
         self._epoch = 0
-        # Ordered ack window of the current connection: QoS 1 packet ids in arrival order
-        # whose PUBACK is not sent yet; how many of each id wait for the consumer's ack
-        # (pending) or only for an earlier message's (done). Counts, not sets: a broker
-        # without a receive maximum (3.1.1) may reuse an id that is still unacked.
-        self._arrivals: deque[int] = deque()
-        self._pending: dict[int, int] = {}
-        self._done: dict[int, int] = {}
+        self._acks = AckWindow()  # of the current connection
         self._inflight: dict[int, bytes] = {}
         self._queue: deque[tuple[str, bytes, int, bool]] = deque()
         self._queued_qos0 = 0
@@ -469,26 +571,14 @@ class MqttLink:
         conn = self._conn
         if conn is None or not conn.connected or (epoch is not None and epoch != self._epoch):
             return
-        pending = self._pending
-        done = self._done
-        marked = False
-        for pid in packet_ids:
-            n = pending.get(pid)
-            if n is None:
-                continue
-            if n == 1:
-                del pending[pid]
-            else:
-                pending[pid] = n - 1
-            done[pid] = done.get(pid, 0) + 1
-            marked = True
-        if marked:
-            self._release_acks(conn)
+        out = self._acks.ack(packet_ids)
+        if out:
+            self._write_acks(conn, out)
 
     @property
     def acks_held(self) -> int:
         """Acks given but not yet sent: they wait for an earlier message's ack."""
-        return sum(self._done.values())
+        return self._acks.held
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """Send a PUBLISH without waiting (QoS 0 or 1).
@@ -715,9 +805,7 @@ class MqttLink:
     def _on_connection_made(self, conn: _Connection) -> None:
         self._conn = conn
         self._epoch += 1
-        self._arrivals.clear()
-        self._pending.clear()
-        self._done.clear()
+        self._acks.clear()
         self.stats.last_rx_monotonic = time.monotonic()
 
     def _on_connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
@@ -830,53 +918,29 @@ class MqttLink:
 
     def _arrive(self, messages: list[MqttMessage], parser: PacketParser) -> None:
         """Record the QoS 1 packet ids of one read in arrival order; skipped ones (oversized,
-        topic not UTF-8) are acked at once, in their place."""
-        arrivals = self._arrivals
-        pending = self._pending
+        topic not UTF-8) count as acked at once, in their place."""
+        acks = self._acks
         skipped = parser.skipped
-        if skipped:
-            parser.skipped = []
-            done = self._done
-            at = 0
-            for position, packet_id in skipped:
-                for msg in messages[at:position]:
-                    if msg.packet_id:
-                        arrivals.append(msg.packet_id)
-                        pending[msg.packet_id] = pending.get(msg.packet_id, 0) + 1
-                at = max(at, position)
-                arrivals.append(packet_id)
-                done[packet_id] = done.get(packet_id, 0) + 1
-            messages = messages[at:]
-        for msg in messages:
-            pid = msg.packet_id
-            if pid:
-                arrivals.append(pid)
-                pending[pid] = pending.get(pid, 0) + 1
-        if skipped:
-            conn = self._conn
-            if conn is not None and conn.connected:
-                self._release_acks(conn)
+        if not skipped:
+            acks.arrive([m.packet_id for m in messages if m.packet_id])
+            return
+        parser.skipped = []
+        at = 0
+        for position, packet_id in skipped:
+            acks.arrive([m.packet_id for m in messages[at:position] if m.packet_id])
+            acks.arrive_acked(packet_id)
+            at = max(at, position)
+        acks.arrive([m.packet_id for m in messages[at:] if m.packet_id])
+        conn = self._conn
+        if conn is not None and conn.connected:
+            out = acks.release()
+            if out:
+                self._write_acks(conn, out)
 
-    def _release_acks(self, conn: _Connection) -> None:
-        """Write the PUBACKs of the acked run at the head of the arrival order."""
-        arrivals = self._arrivals
-        done = self._done
-        out: list[int] = []
-        while arrivals:
-            pid = arrivals[0]
-            n = done.get(pid)
-            if not n:
-                break
-            if n == 1:
-                del done[pid]
-            else:
-                done[pid] = n - 1
-            arrivals.popleft()
-            out.append(pid)
-        if out:
-            assert conn.transport is not None
-            conn.transport.write(encode_pubacks(out))
-            self.stats.acks_sent += len(out)
+    def _write_acks(self, conn: _Connection, packet_ids: list[int]) -> None:
+        assert conn.transport is not None
+        conn.transport.write(encode_pubacks(packet_ids))
+        self.stats.acks_sent += len(packet_ids)
 
     def _deliver(self, conn: _Connection, messages: list[MqttMessage]) -> None:
         try:
