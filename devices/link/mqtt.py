@@ -532,10 +532,18 @@ class MqttLink:
                         else:
                             evictions = 1
                         if evictions >= _EVICTIONS_BEFORE_TAKEOVER:
+                            other = ""
+                            if self._inflight and cfg.protocol == PROTOCOL_V311:
+                                # 3.1.1 cannot say why; a refused publish looks the same.
+                                other = (
+                                    ", or the broker refuses a publish of ours that is "
+                                    "re-sent after every connect (QoS 1 above its max_qos, a "
+                                    "retained message it does not allow, a topic it denies)"
+                                )
                             conn.fatal = SessionTakenOver(
                                 f"{self.name}: the broker closed the connection right after "
                                 f"accepting it {evictions} times in a row: another client is "
-                                f"probably using client id {cfg.client_id!r}"
+                                f"probably using client id {cfg.client_id!r}{other}"
                             )
                     else:
                         evictions = 0

@@ -871,3 +871,20 @@ async def test_inflight_qos1_is_resent_as_the_restarted_broker_now_allows(tmp_pa
     assert "Received PUBLISH from resend (d0, q0, r0, m0, 'alerts/next'" in log, log
     assert link.stats.qos_downgraded == 2
     assert link.stats.retain_dropped == 1
+
+
+async def test_a_3_1_1_broker_closing_on_our_publish_is_not_called_only_a_takeover(
+    tmp_path: Path,
+) -> None:
+    """mosquitto ``max_qos 0`` closes a 3.1.1 client that publishes QoS 1 (3.1.1 has no way to
+    say why, nor to announce the limit). Right after every CONNACK the link re-sends it and is
+    closed again: that looks like a takeover, and the error must name the other cause too."""
+    async with running_mosquitto(tmp_path / "mosquitto", extra_config="max_qos 0") as broker:
+        link = make_link(broker.port, Collector(), client_id="q1", protocol=4, subscriptions=())
+        task = asyncio.create_task(link.run())
+        await link.wait_up(5)
+        link.publish("alerts/x", b"X", qos=1, retain=True)
+        with pytest.raises(SessionTakenOver) as caught:
+            await asyncio.wait_for(task, 20)
+    assert "max_qos" in str(caught.value), caught.value
+    assert "client id" in str(caught.value), caught.value
