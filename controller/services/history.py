@@ -336,6 +336,10 @@ def _reading_order(p: HistoryPoint) -> tuple[int, int]:
     return _NO_ORDER
 
 
+LATE_MEMORY = 256
+"""Milliseconds given to late points that a series remembers (to keep the next ones apart)."""
+
+
 class TimeAssigner:
     """Gives every point a millisecond its series has not used, deterministically.
 
@@ -347,11 +351,15 @@ class TimeAssigner:
     far, in outbox order, so a batch is always rebuilt the same way.
 
     A late reading (its ``(epoch, seq)`` not above the series' newest: a publisher's backlog
-    delivered after newer readings) keeps its own millisecond and leaves the state as it was.
+    delivered after newer readings) keeps its own millisecond and leaves that state as it was;
+    only if an earlier late point of its series (of the last ``LATE_MEMORY``) already took that
+    millisecond does it move to the next free one.
     """
 
     def __init__(self) -> None:
         self.last: dict[SeriesKey, tuple[int, int, int, int]] = {}
+        self.late_ms: dict[SeriesKey, list[int]] = {}
+        """Per series, the milliseconds given to its most recent late points, oldest first."""
         self.nudged = 0
         self.late = 0
 
@@ -366,8 +374,7 @@ class TimeAssigner:
         last, last_src, epoch, seq = prev
         if order != _NO_ORDER:
             if order <= (epoch, seq):
-                self.late += 1
-                return p
+                return self._late(key, p)
             epoch, seq = order
         if ts > last:
             self.last[key] = (ts, ts, epoch, seq)
@@ -381,23 +388,46 @@ class TimeAssigner:
         self.last[key] = (ts, ts, epoch, seq)
         return p
 
+    def _late(self, key: SeriesKey, p: HistoryPoint) -> HistoryPoint:
+        self.late += 1
+        used = self.late_ms.setdefault(key, [])
+        t = p.ts_ms
+        while t in used:
+            t += 1
+        used.append(t)
+        if len(used) > LATE_MEMORY:
+            del used[0]
+        if t == p.ts_ms:
+            return p
+        self.nudged += 1
+        return HistoryPoint(p.measurement, p.tags, p.fields, t)
+
+    def checkpoint(self) -> tuple[dict[SeriesKey, Any], dict[SeriesKey, list[int]]]:
+        """The state, for ``rollback`` when a batch fails."""
+        return dict(self.last), {k: list(v) for k, v in self.late_ms.items()}
+
+    def rollback(self, saved: tuple[dict[SeriesKey, Any], dict[SeriesKey, list[int]]]) -> None:
+        self.last, self.late_ms = saved
+
     def snapshot(self, keep_after_ms: int | None = None) -> list[Any]:
+        late = self.late_ms
         return [
-            [m, [list(t) for t in tags], last, src, epoch, seq]
-            for (m, tags), (last, src, epoch, seq) in self.last.items()
+            [m, [list(t) for t in tags], last, src, epoch, seq, *([late[k]] if k in late else [])]
+            for k, (last, src, epoch, seq) in self.last.items()
             if keep_after_ms is None or last >= keep_after_ms
+            for m, tags in (k,)
         ]
 
     def restore(self, data: list[Any]) -> None:
         """Load a ``snapshot`` (also the older ``[m, tags, last, src]`` form)."""
-        self.last = {
-            (str(m), tuple((str(k), str(v)) for k, v in tags)): (
-                int(last),
-                int(src),
-                *((int(order[0]), int(order[1])) if order else _NO_ORDER),
-            )
-            for m, tags, last, src, *order in data
-        }
+        self.last = {}
+        self.late_ms = {}
+        for m, tags, last, src, *rest in data:
+            key = (str(m), tuple((str(k), str(v)) for k, v in tags))
+            order = (int(rest[0]), int(rest[1])) if rest else _NO_ORDER
+            self.last[key] = (int(last), int(src), *order)
+            if len(rest) > 2 and rest[2]:
+                self.late_ms[key] = [int(t) for t in rest[2]]
 
 
 class AssignerStateFile:
@@ -654,11 +684,11 @@ class HistoryService:
         timestamp state goes back to where it was, so the batch is rebuilt identically."""
         if not self._restored:
             self._restore_assigner()
-        saved = dict(self.assigner.last)
+        saved = self.assigner.checkpoint()
         try:
             return await self._drain_once()
         except BaseException:
-            self.assigner.last = saved
+            self.assigner.rollback(saved)
             raise
 
     async def _drain_once(self) -> bool:

@@ -307,6 +307,21 @@ def test_time_assigner_keeps_a_late_readings_own_time_and_the_series_state() -> 
     assert a2.assign(weight_point(15, 10_000)).ts_ms == 10_005
 
 
+def test_time_assigner_keeps_late_readings_of_one_millisecond_apart() -> None:
+    """Late readings stamped in one millisecond (a burst, a coarse clock) must not overwrite
+    each other: each takes the next millisecond no late point of its series has used."""
+    a = TimeAssigner()
+    a.assign(weight_point(100, 50_000))
+    late = [a.assign(weight_point(s, t)) for s, t in ((10, 9_000), (11, 9_000), (12, 9_001))]
+    assert [p.ts_ms for p in late] == [9_000, 9_001, 9_002]
+    down = [a.assign(weight_point(s, t)) for s, t in ((22, 8_002), (21, 8_001), (20, 8_001))]
+    assert [p.ts_ms for p in down] == [8_002, 8_001, 8_003]
+    a2 = TimeAssigner()
+    a2.restore(a.snapshot())
+    assert a2.assign(weight_point(13, 9_000)).ts_ms == 9_003  # remembered across a restart
+    assert a2.assign(weight_point(101, 50_000)).ts_ms == 50_001
+
+
 async def test_restart_rebuilds_a_batch_with_the_same_times(tmp_path: Path) -> None:
     """Crash after the sink stored a batch but before the outbox delete: the restarted service
     must rebuild those points with the same series times (else they land twice)."""
