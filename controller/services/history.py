@@ -353,13 +353,14 @@ class TimeAssigner:
     A late reading (its ``(epoch, seq)`` not above the series' newest: a publisher's backlog
     delivered after newer readings) keeps its own millisecond and leaves that state as it was;
     only if an earlier late point of its series (of the last ``LATE_MEMORY``) already took that
-    millisecond does it move to the next free one.
+    millisecond does it move to the next free one. The same reading late again (journaled twice
+    because its copy had left the outbox) gets the millisecond it got the first time.
     """
 
     def __init__(self) -> None:
         self.last: dict[SeriesKey, tuple[int, int, int, int]] = {}
-        self.late_ms: dict[SeriesKey, list[int]] = {}
-        """Per series, the milliseconds given to its most recent late points, oldest first."""
+        self.late_ms: dict[SeriesKey, list[tuple[int, int, int]]] = {}
+        """Per series, ``(ms, epoch, seq)`` of its most recent late points, oldest first."""
         self.nudged = 0
         self.late = 0
 
@@ -374,7 +375,7 @@ class TimeAssigner:
         last, last_src, epoch, seq = prev
         if order != _NO_ORDER:
             if order <= (epoch, seq):
-                return self._late(key, p)
+                return self._late(key, p, order)
             epoch, seq = order
         if ts > last:
             self.last[key] = (ts, ts, epoch, seq)
@@ -388,25 +389,31 @@ class TimeAssigner:
         self.last[key] = (ts, ts, epoch, seq)
         return p
 
-    def _late(self, key: SeriesKey, p: HistoryPoint) -> HistoryPoint:
+    def _late(self, key: SeriesKey, p: HistoryPoint, order: tuple[int, int]) -> HistoryPoint:
         self.late += 1
         used = self.late_ms.setdefault(key, [])
-        t = p.ts_ms
-        while t in used:
-            t += 1
-        used.append(t)
-        if len(used) > LATE_MEMORY:
-            del used[0]
+        for ms, epoch, seq in used:
+            if (epoch, seq) == order:  # the same reading late again: the same point
+                t = ms
+                break
+        else:
+            taken = {ms for ms, _, _ in used}
+            t = p.ts_ms
+            while t in taken:
+                t += 1
+            used.append((t, *order))
+            if len(used) > LATE_MEMORY:
+                del used[0]
         if t == p.ts_ms:
             return p
         self.nudged += 1
         return HistoryPoint(p.measurement, p.tags, p.fields, t)
 
-    def checkpoint(self) -> tuple[dict[SeriesKey, Any], dict[SeriesKey, list[int]]]:
+    def checkpoint(self) -> tuple[dict[SeriesKey, Any], dict[SeriesKey, list[Any]]]:
         """The state, for ``rollback`` when a batch fails."""
         return dict(self.last), {k: list(v) for k, v in self.late_ms.items()}
 
-    def rollback(self, saved: tuple[dict[SeriesKey, Any], dict[SeriesKey, list[int]]]) -> None:
+    def rollback(self, saved: tuple[dict[SeriesKey, Any], dict[SeriesKey, list[Any]]]) -> None:
         self.last, self.late_ms = saved
 
     def snapshot(self, keep_after_ms: int | None = None) -> list[Any]:
@@ -427,7 +434,7 @@ class TimeAssigner:
             order = (int(rest[0]), int(rest[1])) if rest else _NO_ORDER
             self.last[key] = (int(last), int(src), *order)
             if len(rest) > 2 and rest[2]:
-                self.late_ms[key] = [int(t) for t in rest[2]]
+                self.late_ms[key] = [(int(t), int(e), int(q)) for t, e, q in rest[2]]
 
 
 class AssignerStateFile:

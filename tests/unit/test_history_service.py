@@ -320,6 +320,9 @@ def test_time_assigner_keeps_late_readings_of_one_millisecond_apart() -> None:
     a2.restore(a.snapshot())
     assert a2.assign(weight_point(13, 9_000)).ts_ms == 9_003  # remembered across a restart
     assert a2.assign(weight_point(101, 50_000)).ts_ms == 50_001
+    # The same late reading journaled again (its first copy had left the outbox) lands on the
+    # point it made the first time: overwritten, not added.
+    assert a2.assign(weight_point(11, 9_000)).ts_ms == 9_001
 
 
 async def test_restart_rebuilds_a_batch_with_the_same_times(tmp_path: Path) -> None:
