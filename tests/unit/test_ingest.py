@@ -17,7 +17,7 @@ from controller.adapters.journal import Journal, JournalError
 from controller.config import SiteConfig, load_site
 from controller.ports import ReadingRow
 from controller.services.history import HistoryService, Topology
-from controller.services.ingest import IngestService, shelf_specs
+from controller.services.ingest import MAX_HOLES, IngestService, shelf_specs
 from devices.link.mqtt import MqttMessage
 from devices.shelf_scale import REASONS
 from tests.unit.test_history_service import FAST, MemorySink
@@ -263,6 +263,23 @@ def test_late_reading_below_the_window_is_journaled_not_dropped(h: Harness) -> N
     assert h.ingest.devices["scale-a01"].missing_readings == far - 3
     h.send(h.msg(T_A01, reading(2, 1500.0, NOW + 2)))
     assert dict(h.ingest.rejected) == {"duplicate": 1}
+
+
+def test_gap_ranges_are_bounded_and_a_forgotten_ones_reading_still_counts_once(h: Harness) -> None:
+    n = MAX_HOLES + 4  # every other seq lost: one range per gap
+    h.send(*(h.msg(T_A01, reading(2 * i, 1500.0, NOW + i * 0.01)) for i in range(n + 1)))
+    cur = h.ingest.cursors["scale-a01"]
+    assert len(cur.holes) == MAX_HOLES
+    assert cur.floor == 8  # ranges 1, 3, 5 and 7 forgotten
+    info = h.ingest.devices["scale-a01"]
+    assert (info.gaps, info.missing_readings) == (n, n)
+    h.send(h.msg(T_A01, reading(3, 1500.0, NOW)))  # in a forgotten range: the outbox decides
+    h.send(h.msg(T_A01, reading(9, 1500.0, NOW)))  # in a remembered one: fills it
+    assert h.ingest.late_readings == 2
+    assert info.missing_readings == n - 1  # the forgotten one stays counted missing
+    h.send(h.msg(T_A01, reading(3, 1500.0, NOW)), h.msg(T_A01, reading(9, 1500.0, NOW)))
+    assert dict(h.ingest.rejected) == {"duplicate": 2}
+    assert h.journal.count("readings") == n + 3
 
 
 def test_new_epoch_is_a_new_session_and_old_epoch_is_still_a_measurement(
