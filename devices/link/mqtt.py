@@ -400,19 +400,9 @@ class MqttLink:
         self._connack_warnings: list[str] = []
         self._suback_warnings: list[str] = []
         self._subscriptions = tuple((flt, min(qos, 1)) for flt, qos in config.subscriptions)
-        self._connect_packet = encode_connect(
-            protocol=config.protocol,
-            client_id=config.client_id,
-            keepalive_s=min(0xFFFF, max(1, math.ceil(config.keepalive_s))),
-            clean_start=config.clean_start
-            or (config.protocol == PROTOCOL_V311 and config.session_expiry_s == 0),
-            session_expiry_s=config.session_expiry_s,
-            receive_maximum=config.receive_maximum,
-            maximum_packet_size=min(config.max_packet_bytes + _MAX_FIXED_HEADER, 0xFFFFFFFF),
-            username=config.username,
-            password=config.password,
-            will=config.will,
-        )
+        self._will = config.will  # as the broker takes it (see `_refusal`)
+        self._will_warnings: list[str] = []
+        self._connect_packet = self._encode_connect()
         self._conn: _Connection | None = None
         self._epoch = 0
         self._acks = AckWindow()  # of the current connection
@@ -434,6 +424,22 @@ class MqttLink:
         self._logged_queue_full = False
         self._logged_tls = ""
 
+    def _encode_connect(self) -> bytes:
+        config = self._config
+        return encode_connect(
+            protocol=config.protocol,
+            client_id=config.client_id,
+            keepalive_s=min(0xFFFF, max(1, math.ceil(config.keepalive_s))),
+            clean_start=config.clean_start
+            or (config.protocol == PROTOCOL_V311 and config.session_expiry_s == 0),
+            session_expiry_s=config.session_expiry_s,
+            receive_maximum=config.receive_maximum,
+            maximum_packet_size=min(config.max_packet_bytes + _MAX_FIXED_HEADER, 0xFFFFFFFF),
+            username=config.username,
+            password=config.password,
+            will=self._will,
+        )
+
     # -- public surface -------------------------------------------------------------------
 
     @property
@@ -449,7 +455,7 @@ class MqttLink:
     def warnings(self) -> list[str]:
         """Guarantees the broker weakened on the current (or last) connection: a Maximum QoS
         of 0, no retained messages, a subscription granted a lower QoS than asked."""
-        return self._connack_warnings + self._suback_warnings
+        return self._will_warnings + self._connack_warnings + self._suback_warnings
 
     @property
     def since(self) -> float:
@@ -1134,6 +1140,24 @@ class MqttLink:
         detail = f"0x{code:02x}" + (f" {text!r}" if isinstance(text, str) and text else "")
         if code in _AUTH_REFUSED[cfg.protocol]:
             return AuthError(f"{self.name}: broker refused our credentials ({detail})")
+        will = self._will
+        if cfg.protocol == PROTOCOL_V5 and will is not None and code in (0x9A, 0x9B):
+            topic, payload, qos, retain = will
+            weaker = (topic, payload, 0, retain) if code == 0x9B else (topic, payload, qos, False)
+            if weaker != will:
+                # As with publishes: send the will as the broker allows it, and say so.
+                self._will = weaker
+                self._connect_packet = self._encode_connect()
+                what = "QoS 0" if code == 0x9B else "not retained"
+                self._set_warnings(
+                    "_will_warnings",
+                    [
+                        *self._will_warnings,
+                        f"broker refused our will as it was ({detail}): "
+                        f"the will on {topic!r} is sent {what}",
+                    ],
+                )
+                return DeviceUnavailable(f"broker refused our will ({detail}); retrying {what}")
         table = _V5_PERMANENT if cfg.protocol == PROTOCOL_V5 else _V311_PERMANENT
         why = table.get(code)
         if why is None:

@@ -888,3 +888,20 @@ async def test_a_3_1_1_broker_closing_on_our_publish_is_not_called_only_a_takeov
             await asyncio.wait_for(task, 20)
     assert "max_qos" in str(caught.value), caught.value
     assert "client id" in str(caught.value), caught.value
+
+
+async def test_a_will_the_broker_cannot_take_is_downgraded_not_fatal(tmp_path: Path) -> None:
+    """mosquitto ``max_qos 0`` / ``retain_available false`` refuses an MQTT 5 CONNECT whose
+    will is QoS 1 (0x9B) or retained (0x9A). Like publishes, the will is sent as the broker
+    allows (QoS 0, not retained), with a warning, instead of the link giving up."""
+    async with running_mosquitto(
+        tmp_path / "mosquitto", extra_config="max_qos 0\nretain_available false"
+    ) as broker:
+        link = make_link(
+            broker.port, Collector(), client_id="willing", will=("site/owner", b"", 1, True)
+        )
+        async with running(link):
+            await link.wait_up(10)
+        warnings = " ".join(link.warnings)
+    assert "will" in warnings, warnings
+    assert link.stats.connects == 1
