@@ -458,6 +458,24 @@ def _health(rt: Runtime) -> HealthPublic:
 
 
 def _install_problem_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Exception)
+    async def internal_problem(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: the traceback goes to our log, never to the caller.
+        log.error(
+            "unhandled error in %s %s: %s: %s",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        body = Problem(
+            title="Internal Server Error",
+            status=500,
+            detail="internal error; the controller's log has the cause",
+        )
+        return JSONResponse(body.model_dump(), status_code=500, media_type=PROBLEM)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_problem(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         body = Problem(

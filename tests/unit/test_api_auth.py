@@ -4,6 +4,7 @@ the HTTP behaviour over a real server is in tests/integration/test_api_security.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -195,6 +196,29 @@ async def test_undeclared_api_route_is_refused_fail_closed(tmp_path: Path) -> No
         assert r.headers["www-authenticate"] == "Bearer"
         m = await client.get("/metrics", headers=auth_headers("engineer"))
         assert "floorhand_http_undeclared_route_refusals_total 1.0" in m.text
+
+
+async def test_an_unexpected_error_is_a_problem_without_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site = load_site(write_small_site(tmp_path, mqtt_port=1))
+    app = create_app(site, runtime=Runtime(site))
+
+    @app.get("/outside-the-api/boom")
+    def boom() -> dict[str, str]:
+        raise RuntimeError("secret internal state 0xdeadbeef")
+
+    # Starlette re-raises after answering (so servers log it); the answer is what we check.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        with caplog.at_level(logging.ERROR, logger="floorhand.api"):
+            r = await client.get("/outside-the-api/boom")
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["status"] == 500
+    assert "0xdeadbeef" not in r.text
+    assert "Traceback" not in r.text
+    assert any("0xdeadbeef" in rec.getMessage() for rec in caplog.records)
 
 
 def _pick_count() -> float:
