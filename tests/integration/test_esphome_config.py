@@ -27,6 +27,7 @@ from tests.esphome_yaml import (
     ensure_esphome,
     esphome_loader,
 )
+from tests.tls import make_test_pki
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -44,12 +45,7 @@ def firmware_dir(tmp_path: Path) -> Path:
     """Both YAML files beside a secrets.yaml, as a user keeps them."""
     for path in ESPHOME_DIR.glob("*.yaml"):
         shutil.copy(path, tmp_path / path.name)
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-days", "2", "-subj", "/CN=test site CA", "-keyout", "ca.key",
-         "-out", "ca.crt"],
-        check=True, capture_output=True, cwd=tmp_path,
-    )  # fmt: skip
+    pki = make_test_pki(tmp_path / "tls")
     secrets = {
         "wifi_ssid": "warehouse-iot",
         "wifi_password": "test-wifi-password",
@@ -58,7 +54,7 @@ def firmware_dir(tmp_path: Path) -> Path:
         "mqtt_broker": "mqtt.warehouse.lan",
         "mqtt_username": "shelf-c01",
         "mqtt_password": "test-mqtt-password",
-        "mqtt_ca_certificate": (tmp_path / "ca.crt").read_text(),
+        "mqtt_ca_certificate": pki.ca_cert.read_text(),
     }
     (tmp_path / "secrets.yaml").write_text(yaml.safe_dump(secrets))
     return tmp_path

@@ -41,6 +41,7 @@ from devices.shelf_scale import (
     parse_native,
 )
 from tests.esphome_yaml import TLS_YAML, DeviceMessage, device_messages, load_config
+from tests.tls import make_test_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = ROOT / "firmware-configs" / "mosquitto"
@@ -86,8 +87,8 @@ def rewrite_config(conf: str, port: int, tls_port: int, root: Path) -> str:
         r"password_file \S+": f"password_file {root / 'passwd'}",
         r"acl_file \S+": f"acl_file {root / 'acl'}",
         r"persistence_location \S+": f"persistence_location {root / 'data'}/",
-        r"certfile \S+": f"certfile {root / 'tls' / 'broker.crt'}",
-        r"keyfile \S+": f"keyfile {root / 'tls' / 'broker.key'}",
+        r"certfile \S+": f"certfile {root / 'tls' / 'server.crt'}",
+        r"keyfile \S+": f"keyfile {root / 'tls' / 'server.key'}",
         r"cafile \S+": f"cafile {root / 'tls' / 'ca.crt'}",
     }
     out = []
@@ -101,36 +102,6 @@ def rewrite_config(conf: str, port: int, tls_port: int, root: Path) -> str:
     missing = [p for p, n in hits.items() if n == 0]
     assert not missing, f"shipped mosquitto.conf lacks active lines matching {missing}"
     return "\n".join(out) + "\n"
-
-
-def make_tls_files(folder: Path) -> None:
-    """A CA and a broker certificate for 127.0.0.1 signed by it (``ca.crt``, ``broker.crt``,
-    ``broker.key``), as firmware-configs/mosquitto/README.md makes them."""
-    folder.mkdir()
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
-
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-    run(
-        "req",
-        "-x509",
-        *ec,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=test CA",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-    )
-    run("req", *ec, "-subj", "/CN=localhost", "-keyout", "broker.key", "-out", "broker.csr")
-    (folder / "broker.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run(
-        "x509", "-req", "-in", "broker.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-        "-CAcreateserial", "-days", "2", "-extfile", "broker.ext", "-out", "broker.crt",
-    )  # fmt: skip
 
 
 @dataclass
@@ -157,7 +128,7 @@ def start_broker(root: Path) -> Broker:
     (root / "mosquitto.conf").write_text(conf)
     shutil.copy(CONF_DIR / "acl.example", root / "acl")
     (root / "data").mkdir()
-    make_tls_files(root / "tls")
+    make_test_pki(root / "tls")  # ca.crt, server.crt/.key for 127.0.0.1, other-ca.crt
     passwd = root / "passwd"
     for i, (user, password) in enumerate(USERS.items()):
         args = [MOSQUITTO_PASSWD or "mosquitto_passwd", "-b"]
@@ -169,7 +140,7 @@ def start_broker(root: Path) -> Broker:
         root.chmod(0o755)
         os.chown(root / "data", mosq.pw_uid, mosq.pw_gid)
         (root / "tls").chmod(0o755)
-        for f in (passwd, root / "acl", root / "tls" / "broker.key"):
+        for f in (passwd, root / "acl", root / "tls" / "server.key"):
             os.chown(f, 0, mosq.pw_gid)
             f.chmod(0o640)
     proc = subprocess.Popen(
@@ -486,7 +457,5 @@ def test_esphome_node_over_tls_as_its_yaml_says(broker: Broker) -> None:
 
 
 def test_tls_listener_refuses_a_client_that_trusts_another_ca(broker: Broker) -> None:
-    other = broker.root / "other-ca"
-    make_tls_files(other)
     with pytest.raises(ssl.SSLCertVerificationError):
-        Client(broker.tls_port, "shelf-c01", tls_ca=other / "ca.crt")
+        Client(broker.tls_port, "shelf-c01", tls_ca=broker.root / "tls" / "other-ca.crt")
