@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import faulthandler
 import logging
 import os
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -43,6 +45,7 @@ THREAD_JOIN_S = 1.0
 EXIT_OK = 0
 EXIT_FAILED = 1  # the runtime died (fatal MQTT refusal, journal locked, ...)
 EXIT_CONFIG = 2
+EXIT_REFUSED = 3  # another controller owns the site (journal, API port or broker claim)
 EXIT_STOP_OVERRUN = 70  # the stop overran STOP_BOUND_S: every thread's stack is on stderr
 EXIT_SIGNAL_BASE = 128  # a second signal: 128 + its number (130 SIGINT, 143 SIGTERM)
 
@@ -234,13 +237,13 @@ def _server_class(guard: StopGuard) -> type[Any]:
     return Server
 
 
-def _serve(server: Any) -> None:
+def _serve(server: Any, sock: socket.socket) -> None:
     """Run the server on a new event loop; then cancel what is left, bounded (asyncio.run
     would wait for each task without limit, and for every default-executor thread)."""
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(server.serve())
+        loop.run_until_complete(server.serve(sockets=[sock]))
     finally:
         try:
             loop.run_until_complete(_cancel_leftovers(LEFTOVER_TASKS_S))
@@ -295,15 +298,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from controller.api.app import create_app
 
     host, port = split_bind(site.api.bind)
+    # Local resources first, the broker last: a second controller of this site must be
+    # refused before it touches the owner's MQTT session (docs/architecture.md).
+    try:
+        api_socket = _bind_api(host, port)
+    except OSError as exc:
+        print(f"floorhand: refusing to start: {exc.strerror}", file=sys.stderr)
+        return EXIT_REFUSED if exc.errno == errno.EADDRINUSE else EXIT_FAILED
     exit_code = EXIT_OK
+    refused: BaseException | None = None
     server: Any = None
     faulthandler.enable()  # a crash in C code still shows where every thread was
     guard = StopGuard()
 
     def on_runtime_exit(exc: BaseException | None) -> None:
-        nonlocal exit_code
+        nonlocal exit_code, refused
         if exc is not None:
-            exit_code = EXIT_FAILED
+            refused = _refusal(exc)
+            exit_code = EXIT_REFUSED if refused is not None else EXIT_FAILED
         if server is not None:
             server.should_exit = True
 
@@ -335,12 +347,49 @@ def cmd_run(args: argparse.Namespace) -> int:
         site.mqtt.url,
         site.api.bind,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        _serve(server)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            _serve(server, api_socket)
+    except SystemExit:
+        pass  # uvicorn's "startup failed" (3); the runtime's own outcome decides the code
     guard.arm()  # from here on the process leaves within the bound, whatever hangs
     if not server.started and exit_code == EXIT_OK:
         exit_code = EXIT_FAILED
+    if refused is not None:
+        print(f"floorhand: not started: {refused}", file=sys.stderr)
     return _leave(exit_code, guard)
+
+
+def _bind_api(host: str, port: int) -> socket.socket:
+    """The API's listening socket, bound before anything else starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(
+                exc.errno,
+                f"the API address {host}:{port} is in use (another controller of this site, "
+                "or another program): [api] bind or --api-bind",
+            ) from None
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The reason another controller owns the site, if that is why the runtime stopped."""
+    from controller.adapters.journal import JournalLocked
+    from controller.owner import SiteOwned
+
+    if isinstance(exc, (JournalLocked, SiteOwned)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _refusal(inner)
+            if found is not None:
+                return found
+    return None
 
 
 def cmd_token(args: argparse.Namespace) -> int:

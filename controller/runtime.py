@@ -7,6 +7,7 @@ SIGKILL loses nothing that was acknowledged, because acknowledgement follows the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -23,6 +24,7 @@ from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.config import PlcConfig, SiteConfig
+from controller.owner import OwnerProbe, SiteOwnership
 from controller.ports import EventRow, HistorySink
 from controller.services.alerts import AlertService
 from controller.services.history import HistoryService, HistorySettings, Topology
@@ -52,6 +54,12 @@ STOP_TASKS_S = 1.5
 running at the bound is abandoned and named in the log with its stack."""
 
 RECANCEL_EVERY_S = 0.1
+
+RELEASE_CLAIM_S = 0.3
+"""Bound on clearing the owner claim at a clean stop."""
+
+OWNER_GATE_S = 2.0
+"""PLC links start once the owner check is over, or after this long."""
 
 _PACKAGES = ("controller", "devices")
 
@@ -240,26 +248,42 @@ class Runtime:
         self.journal = Journal(site.journal.path, synchronous=site.journal.synchronous)
         self.specs = shelf_specs(site)
         user, password = site.mqtt.credentials()
+        self.owner = SiteOwnership(
+            prefix=site.mqtt.topic_prefix,
+            site_id=site.site.id,
+            client_id=site.mqtt.client_id,
+            journal=str(site.journal.path),
+            api=site.api.bind,
+            keepalive_s=site.mqtt.keepalive_s,
+        )
+        session = MqttLinkConfig(
+            host=site.mqtt.host,
+            port=site.mqtt.port,
+            client_id=site.mqtt.client_id,
+            username=user,
+            password=password,
+            ssl_context=build_ssl_context(site),
+            protocol=site.mqtt.protocol,
+            keepalive_s=site.mqtt.keepalive_s,
+            session_expiry_s=site.mqtt.session_expiry_s,
+            clean_start=False,
+            receive_maximum=site.mqtt.receive_maximum,
+            subscriptions=(*subscriptions(site), (command_topic(site), 1)),
+            max_packet_bytes=site.mqtt.max_payload_bytes + 1024,
+        )
         self.link = MqttLink(
-            MqttLinkConfig(
-                host=site.mqtt.host,
-                port=site.mqtt.port,
-                client_id=site.mqtt.client_id,
-                username=user,
-                password=password,
-                ssl_context=build_ssl_context(site),
-                protocol=site.mqtt.protocol,
-                keepalive_s=site.mqtt.keepalive_s,
-                session_expiry_s=site.mqtt.session_expiry_s,
-                clean_start=False,
-                receive_maximum=site.mqtt.receive_maximum,
-                subscriptions=(*subscriptions(site), (command_topic(site), 1)),
-                max_packet_bytes=site.mqtt.max_payload_bytes + 1024,
-            ),
+            self.owner.link_config(session),
             self._on_messages,
             name="mqtt",
             on_oversize=self._on_oversize,
             logger=logging.getLogger("floorhand.mqtt"),
+        )
+        self.owner.attach(self.link)
+        self.owner_probe = OwnerProbe(
+            session,
+            site_id=site.site.id,
+            claim_topic=self.owner.claim_topic,
+            probe_topic=self.owner.probe_topic,
         )
         self.gate = ReadGate(self.link)
         self.ingest = IngestService(
@@ -310,6 +334,12 @@ class Runtime:
 
     # -- wiring -----------------------------------------------------------------------------------
     def _on_messages(self, msgs: list[Any]) -> None:
+        probe = self.owner.probe_topic
+        if any(m.topic == probe for m in msgs):  # QoS 0: nothing to ack
+            self.owner.on_probes([m for m in msgs if m.topic == probe])
+            msgs = [m for m in msgs if m.topic != probe]
+            if not msgs:
+                return
         if self._early is not None or (
             not self.picking.devices_settled.is_set()
             and any(m.topic == self._command_topic for m in msgs)
@@ -427,6 +457,7 @@ class Runtime:
             except asyncio.CancelledError:
                 # Shutdown: stop the belts while the links still run, then stop everything.
                 await self.safe_stop()
+                await self.owner.release(RELEASE_CLAIM_S)
                 await self._stop_tasks(tasks, older_tasks)
                 raise
         finally:
@@ -488,13 +519,27 @@ class Runtime:
     async def _run_tasks(self, reconcile: Sequence[Any]) -> None:
         """Every long-lived task, in one group: one failing stops the runtime."""
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.link.run(), name="mqtt-link")
+            tg.create_task(self._run_session(), name="mqtt-link")
             tg.create_task(self.picking.run(reconcile), name="picking")
             tg.create_task(self._supervise(), name="supervision")
             if self.history is not None:
                 tg.create_task(self.history.run(), name="history")
             for plc_id, plc in self.plcs.items():
-                tg.create_task(plc.link.run(), name=f"modbus:{plc_id}")
+                tg.create_task(self._run_plc(plc), name=f"modbus:{plc_id}")
+
+    async def _run_session(self) -> None:
+        """The site's MQTT session, connected only once no live controller owns the site
+        (docs/architecture.md, "One owner per site")."""
+        await self.owner.check_before_connecting(self.owner_probe, self.link.config.backoff_max_s)
+        await self.link.run()
+
+    async def _run_plc(self, plc: PlcHandle) -> None:
+        """A PLC link, started once the owner check is over (a refused instance never
+        touches the owner's PLCs), or after OWNER_GATE_S if the broker is slow to answer."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(OWNER_GATE_S):
+                await self.owner.checked.wait()
+        await plc.link.run()
 
     async def _supervise(self) -> None:
         while True:

@@ -37,22 +37,9 @@ class ControllerProcess:
     async def start(self, ready_timeout_s: float = 20.0, *, wait_ready: bool = True) -> float:
         """Start and wait until /api/v1/ready answers 200 (with ``wait_ready=False``: answers
         at all, 503 included, e.g. while the broker is down); returns seconds to that point."""
-        env = {**os.environ, **self.env, "FLOORHAND_API_BIND": f"127.0.0.1:{self.api_port}"}
-        log = self.log_path.open("ab")
         t0 = time.monotonic()
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "controller",
-            "run",
-            str(self.site),
-            stdout=log,
-            stderr=log,
-            env=env,
-            cwd=str(ROOT),
-        )
-        log.close()
-        self.starts += 1
+        await self.spawn()
+        assert self.proc is not None
         async with httpx.AsyncClient(base_url=self.base, timeout=1.0) as client:
             deadline = t0 + ready_timeout_s
             while True:
@@ -74,6 +61,24 @@ class ControllerProcess:
         elapsed = time.monotonic() - t0
         self.ready_after_s.append(elapsed)
         return elapsed
+
+    async def spawn(self) -> None:
+        """Start the process without waiting for anything."""
+        env = {**os.environ, **self.env, "FLOORHAND_API_BIND": f"127.0.0.1:{self.api_port}"}
+        log = self.log_path.open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "controller",
+            "run",
+            str(self.site),
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=str(ROOT),
+        )
+        log.close()
+        self.starts += 1
 
     async def kill(self) -> None:
         assert self.proc is not None
