@@ -29,6 +29,12 @@ replies through ``asyncio.wait_for``, which on Python 3.11 returns the inner res
 cancellation that arrives in the same loop step as that result; the link notices such a lost
 cancellation (the task's ``cancelling()`` count went up during the call) and raises it again.
 
+Logging: the link logs its state changes once ("cannot reach", "up", "down after", "back
+after", "heartbeat failing"). pymodbus's own lines about a link's connection (a warning per
+failed connect attempt, errors with frame dumps) are dropped by a filter on its logger while a
+link is at work (a context variable marks the link's tasks and calls); set the ``pymodbus``
+logger to DEBUG explicitly to see them again.
+
 Liveness: any well-formed reply counts. With nothing received for ``liveness_timeout_s``
 (1 s; heartbeats go out every 250 ms) the connection is declared dead and the link goes DOWN,
 so a PLC that vanished or a half-open connection is noticed within ~1.0–1.2 s.
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import struct
@@ -80,6 +87,27 @@ EXC_DEVICE_FAILURE = 0x04
 EXC_DEVICE_BUSY = 0x06
 _MBAP = struct.Struct(">HHHB")
 _STALE_TIDS_KEPT = 32
+_PYMODBUS_LOGGER = "pymodbus.logging"
+_IN_LINK: contextvars.ContextVar[str | None] = contextvars.ContextVar("modbus_link", default=None)
+
+
+class _QuietPymodbus(logging.Filter):
+    """Drops pymodbus's log records emitted on behalf of a `ModbusLink` (the link translates
+    every failure and logs state changes itself), unless pymodbus was asked for DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _IN_LINK.get() is None:
+            return True
+        return logging.getLogger("pymodbus").level == logging.DEBUG
+
+
+_QUIET = _QuietPymodbus()
+
+
+def _quiet_pymodbus() -> None:
+    logger = logging.getLogger(_PYMODBUS_LOGGER)
+    if _QUIET not in logger.filters:
+        logger.addFilter(_QUIET)
 
 
 class Priority(enum.IntEnum):
@@ -260,6 +288,7 @@ class ModbusLink:
         logger: logging.Logger | None = None,
     ) -> None:
         _check_config(config)
+        _quiet_pymodbus()
         self._config = config
         self.name = name
         self._log = logger if logger is not None else logging.getLogger(__name__)
@@ -378,6 +407,9 @@ class ModbusLink:
         cfg = self._config
         backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
         cancels = _cancel_requests()
+        # Marks this task, the tasks it starts and the transports it opens (their callbacks
+        # run in this context) for the pymodbus log filter.
+        in_link = _IN_LINK.set(self.name)
         try:
             while not self._closing:
                 _raise_lost_cancel(cancels)
@@ -403,6 +435,7 @@ class ModbusLink:
             if self.watch.state is not LinkState.DOWN:
                 self._enter_down("link stopped", expected=True)
             self._running = False
+            _IN_LINK.reset(in_link)
 
     async def disconnect(self) -> None:
         """Close the connection and make `run` return."""
@@ -470,6 +503,7 @@ class ModbusLink:
         cancels = _cancel_requests()
         expect = _Expect(unit, fc, address, count, values)
         conn.expect = expect
+        in_link = _IN_LINK.set(self.name)  # a driver's caller runs in its own task
         try:
             async with asyncio.timeout(self._config.request_timeout_s) as timeout:
                 conn.inflight = timeout
@@ -504,6 +538,7 @@ class ModbusLink:
         finally:
             conn.inflight = None
             conn.expect = None
+            _IN_LINK.reset(in_link)
         _raise_lost_cancel(cancels)  # the reply came, but pymodbus's wait_for dropped a cancel
         if conn.fault is not None:  # a later frame of the same chunk was malformed
             raise DeviceFaulty(conn.fault)
