@@ -159,9 +159,9 @@ async def test_m9_a_new_instance_starts_once_the_dead_hosts_will_fires(
     """The owner's host dies (SIGSTOP: the socket stays open, nothing answers). The new
     instance finds a claim, asks the owner, gets no answer, and starts once the broker gave
     up on the owner (keepalive) and published its will."""
-    # keepalive 3 s: mosquitto gives up on the owner 4.5–9 s after its last packet, after
-    # the new instance (about 2 s to start) found the claim and asked, within its 10 s wait.
-    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, keepalive_s=3)
+    # keepalive 4 s: mosquitto gives up on the owner 6–12 s after its last packet, after
+    # the new instance (about 2 s to start) found the claim and asked, within its 13 s wait.
+    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, keepalive_s=4)
     assert owner.proc is not None
     owner.signal(signal.SIGSTOP)
     try:
