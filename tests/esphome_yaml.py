@@ -9,17 +9,14 @@ set (tests/integration/test_esphome_config.py).
 
 from __future__ import annotations
 
-import fcntl
-import os
 import re
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.cached_venv import ensure_venv
 
 ESPHOME_DIR = Path(__file__).resolve().parents[1] / "firmware-configs" / "esphome"
 PLAIN_YAML = ESPHOME_DIR / "shelf-scale.yaml"
@@ -158,41 +155,10 @@ def device_messages(config: dict[str, Any]) -> list[DeviceMessage]:
     return out
 
 
-def esphome_venv_dir() -> Path:
-    """Where ``ensure_esphome`` keeps its virtualenv: one per ESPHome and Python version."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    py = f"py{sys.version_info.major}.{sys.version_info.minor}"
-    return cache / "floorhand" / f"esphome-{ESPHOME_VERSION}-{py}"
-
-
 def ensure_esphome(timeout_s: float = 900.0) -> tuple[Path, float]:
     """The ``esphome`` command of a virtualenv of its own (its pins would clash with ours),
     installed from the package index on first use and cached across runs. Returns the command
     and the seconds this call spent installing (0.0 when cached). Raises RuntimeError with
     pip's output when the install fails."""
-    venv = esphome_venv_dir()
-    exe = venv / "bin" / "esphome"
-    stamp = venv / ".floorhand-installed"
-    if stamp.exists() and exe.exists():
-        return exe, 0.0
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with (venv.parent / f"{venv.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be installing it right now
-        if stamp.exists() and exe.exists():
-            return exe, 0.0
-        started = time.monotonic()
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
-        done = subprocess.run(
-            [*pip, "install", "--quiet", f"esphome=={ESPHOME_VERSION}"],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"pip install esphome=={ESPHOME_VERSION} failed ({done.returncode}):\n"
-                f"{done.stdout[-3000:]}{done.stderr[-3000:]}"
-            )
-        stamp.write_text(f"esphome=={ESPHOME_VERSION}\n")
-        return exe, time.monotonic() - started
+    venv, took_s = ensure_venv("esphome", ESPHOME_VERSION, timeout_s)
+    return venv / "bin" / "esphome", took_s

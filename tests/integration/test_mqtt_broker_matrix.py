@@ -2,16 +2,18 @@
 reconnect, exactly the unacked messages come back, then nothing more.
 
 mosquitto (MQTT 5 and 3.1.1) is a Debian package; aedes (Node.js, MQTT 3.1.1 only) is
-installed with npm into a cache folder on first use (tests/brokers.py); amqtt is the demo's
-pure-Python broker (simulators/broker.py). rumqttd is listed but skipped: no package of the
-registries this project installs from ships it (`pip download rumqttd` finds nothing).
+installed with npm into a cache folder on first use; rumqttd 0.20.0 (MQTT 5 and 3.1.1) comes in
+the PyPI package iotcore 0.4.0, installed with pip into a cached virtualenv on first use and
+run with a config written at test time (tests/brokers.py); amqtt is the demo's pure-Python
+broker (simulators/broker.py). rumqttd also gets a consumer that acks out of order: it refuses
+a PUBACK that is not for its oldest message in flight, so the link must keep arrival order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,13 @@ import pytest
 
 from devices.errors import DeviceConfigError, DeviceError
 from devices.link.mqtt import MqttLink, MqttLinkConfig
-from tests.brokers import ensure_aedes, running_aedes
+from tests.brokers import (
+    ensure_aedes,
+    ensure_iotcore,
+    free_ports,
+    running_aedes,
+    running_rumqttd,
+)
 from tests.integration.test_mqtt_link import Collector, running
 from tests.mosquitto import free_port, paho_publish, running_mosquitto
 
@@ -34,14 +42,24 @@ class Target:
     password: str | None = None
 
 
+def installed(what: str, ensure: Callable[[], tuple[Path, float]]) -> Path:
+    """``ensure()``'s path; skips when the broker cannot be installed on this machine."""
+    try:
+        path, took_s = ensure()
+    except RuntimeError as exc:
+        pytest.skip(f"{what} could not be installed: {exc}")
+    print(f"{what} ready ({took_s:.1f} s installing)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def aedes_folder() -> Path:
-    try:
-        folder, took_s = ensure_aedes()
-    except RuntimeError as exc:
-        pytest.skip(f"aedes could not be installed: {exc}")
-    print(f"aedes ready ({took_s:.1f} s installing)")
-    return folder
+    return installed("aedes", ensure_aedes)
+
+
+@pytest.fixture(scope="session")
+def iotcore_python() -> Path:
+    return installed("iotcore (rumqttd)", ensure_iotcore)
 
 
 @contextlib.asynccontextmanager
@@ -56,6 +74,10 @@ async def broker_target(
         port = free_port()
         async with running_aedes(folder, port):
             yield Target(port, protocol)
+    elif kind == "rumqttd":
+        python = request.getfixturevalue("iotcore_python")
+        async with running_rumqttd(python, tmp_path / "rumqttd", *free_ports(2)) as rq:
+            yield Target(rq.v5_port if protocol == 5 else rq.v4_port, protocol)
     elif kind == "amqtt":
         from simulators.broker import BrokerProcess
 
@@ -96,6 +118,22 @@ async def publish(target: Target, messages: list[tuple[str, bytes]], client_id: 
     )
 
 
+async def reconnect_for_redelivery(target: Target, expected: set[bytes]) -> Collector:
+    """Reconnect the matrix client (its session must be present), publish ``end``, and collect
+    until ``end`` and the ``expected`` redeliveries came (or 5 s more passed): what came back."""
+    collector = Collector()
+    link = link_for(target, collector)
+    async with running(link):
+        await link.wait_up(10)
+        assert link.session_present
+        await publish(target, [("m/end", b"end")], "matrix-pub")
+        # A broker may interleave the new message with the redelivery (aedes does).
+        await collector.wait_for_payload(b"end")
+        with contextlib.suppress(TimeoutError):
+            await collector.wait_until(lambda ms: {m.payload for m in ms} >= expected, 5)
+    return collector
+
+
 AMQTT_LOSES_UNACKED = (
     "amqtt 0.12.1 drops a persistent session's unacknowledged QoS 1 messages when its client "
     "reconnects (upstream bug; paho loses them the same way): the demo broker does not keep "
@@ -109,15 +147,8 @@ AMQTT_LOSES_UNACKED = (
         pytest.param("mosquitto", 5, id="mosquitto-mqtt5"),
         pytest.param("mosquitto", 4, id="mosquitto-mqtt3.1.1"),
         pytest.param("aedes", 4, id="aedes-mqtt3.1.1"),
-        pytest.param(
-            "rumqttd",
-            5,
-            id="rumqttd-mqtt5",
-            marks=pytest.mark.skip(
-                reason="rumqttd cannot be installed here: `pip download rumqttd` finds no "
-                "such package, and neither the npm nor the Debian lists have one"
-            ),
-        ),
+        pytest.param("rumqttd", 5, id="rumqttd-mqtt5"),
+        pytest.param("rumqttd", 4, id="rumqttd-mqtt3.1.1"),
         pytest.param(
             "amqtt",
             4,
@@ -140,22 +171,12 @@ async def test_exactly_the_unacked_messages_come_back_and_nothing_more(
         assert sorted(int(p) for p in first.payloads()) == list(range(20))
         assert link.stats.acks_sent == 10
 
-        second = Collector()
-        relink = link_for(target, second)
-        async with running(relink):
-            await relink.wait_up(10)
-            assert relink.session_present
-            await publish(target, [("m/end", b"end")], "matrix-pub")
-            # A broker may interleave the new message with the redelivery (aedes does).
-            await second.wait_for_payload(b"end")
-            expected = {str(i).encode() for i in range(10, 20)}
-            with contextlib.suppress(TimeoutError):
-                await second.wait_until(lambda ms: {m.payload for m in ms} >= expected, 5)
+        second = await reconnect_for_redelivery(target, {str(i).encode() for i in range(10, 20)})
         redelivered = [m for m in second.messages if m.payload != b"end"]
         assert sorted(int(m.payload) for m in redelivered) == list(range(10, 20)), [
             m.payload for m in second.messages
         ]
-        if kind == "mosquitto":  # aedes 1.2.0 redelivers without the DUP flag (not relied on)
+        if kind == "mosquitto":  # aedes 1.2.0, rumqttd 0.20.0 redeliver without DUP (not relied on)
             assert all(m.dup for m in redelivered), [(m.payload, m.dup) for m in redelivered]
         assert second.payloads().count(b"end") == 1
 
@@ -181,3 +202,37 @@ async def test_a_3_1_1_only_broker_refuses_mqtt5_with_a_configuration_error(
                 await link.run()
     assert isinstance(caught.value, DeviceError)
     assert link.stats.connects == 0
+
+
+@pytest.mark.parametrize("protocol", [5, 4], ids=["mqtt5", "mqtt3.1.1"])
+async def test_rumqttd_redelivers_nothing_the_consumer_acked_out_of_order(
+    protocol: int, iotcore_python: Path, tmp_path: Path
+) -> None:
+    """rumqttd 0.20.0 accepts a PUBACK only for its oldest message in flight: one out of arrival
+    order is refused (it logs "out of order ack. pkid=2 head=1"), and every message from there on
+    stays in flight and comes back after a reconnect, acked or not (measured with PUBACKs written
+    as acked: 99 of 100 redelivered, 89 of them acked). The consumer here acks in swapped pairs
+    and leaves the tail unacked; the link holds each early ack until the run at the head is
+    complete, so after a reconnect exactly the unacked tail comes back."""
+    total, acked = 100, 90
+    async with running_rumqttd(iotcore_python, tmp_path / "rumqttd", *free_ports(2)) as rq:
+        target = Target(rq.v5_port if protocol == 5 else rq.v4_port, protocol)
+        first = Collector(should_ack=lambda m: False)
+        link = link_for(target, first)
+        async with running(link):
+            await link.wait_up(10)
+            await publish(target, [(f"m/{i}", str(i).encode()) for i in range(total)], "matrix-pub")
+            await first.wait_until(lambda ms: len(ms) >= total)
+            ids = {int(m.payload): m.packet_id for m in first.messages}
+            assert sorted(ids) == list(range(total))
+            for i in range(0, acked, 2):  # 1, 0, 3, 2, ...: every other ack is early
+                link.ack([ids[i + 1]])
+                assert link.acks_held == 1
+                link.ack([ids[i]])
+                assert link.acks_held == 0
+            assert link.stats.acks_sent == acked
+
+        expected = {str(i).encode() for i in range(acked, total)}
+        second = await reconnect_for_redelivery(target, expected)
+        redelivered = sorted(int(m.payload) for m in second.messages if m.payload != b"end")
+        assert redelivered == list(range(acked, total))
