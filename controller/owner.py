@@ -18,10 +18,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,13 +150,15 @@ class OwnerProbe:
         self.claim_topic = claim_topic
         self.probe_topic = probe_topic
 
-    async def check(self) -> OwnerClaim | None:
+    async def check(self, on_unreachable: Callable[[], None] | None = None) -> OwnerClaim | None:
         """Return None when nobody owns the site, or the stale claim found (nobody answered
-        for it); raise `SiteOwned` when a live owner answered. `DeviceUnavailable` or
-        `OSError`/`TimeoutError`: the broker could not be asked (retry later); the link's
-        fatal errors (`AuthError`, `DeviceConfigError`) pass through."""
+        for it); raise `SiteOwned` when a live owner answered. While the broker cannot be
+        reached the probe's link keeps retrying (logged once) and ``on_unreachable()`` is
+        called once. `DeviceUnavailable`/`TimeoutError`: the probe was cut short (connection
+        lost, broker too slow): ask again. The link's fatal errors (`AuthError`,
+        `DeviceConfigError`) pass through."""
         nonce = secrets.token_hex(8)
-        inbox: asyncio.Queue[MqttMessage] = asyncio.Queue()
+        inbox: asyncio.Queue[MqttMessage | None] = asyncio.Queue()  # None: connection lost
         config = dataclasses.replace(
             self._base,
             client_id=f"{self._base.client_id}-probe-{nonce[:8]}",
@@ -169,6 +173,19 @@ class OwnerProbe:
                 inbox.put_nowait(msg)
 
         link = MqttLink(config, on_messages, name="owner-probe", logger=log)
+        ever_up = False
+
+        def on_state(old: LinkState, new: LinkState) -> None:
+            nonlocal ever_up, on_unreachable
+            if new is LinkState.UP:
+                ever_up = True
+            elif new is LinkState.DOWN and ever_up:
+                inbox.put_nowait(None)
+            elif new is LinkState.DOWN and on_unreachable is not None:
+                on_unreachable()
+                on_unreachable = None
+
+        link.watch.add_listener(on_state)
         runner = asyncio.create_task(link.run(), name="owner-probe")
         try:
             await self._connected(link, runner)
@@ -183,9 +200,10 @@ class OwnerProbe:
             with contextlib.suppress(asyncio.CancelledError, DeviceError, OSError):
                 await runner
 
-    async def _connected(self, link: MqttLink, runner: asyncio.Task[None]) -> None:
-        timeout_s = self._base.connect_timeout_s
-        up = asyncio.ensure_future(link.wait_up(timeout_s))
+    @staticmethod
+    async def _connected(link: MqttLink, runner: asyncio.Task[None]) -> None:
+        """Until the probe's link is up (it retries by itself); its fatal errors raise."""
+        up = asyncio.ensure_future(link.watch.wait_for(LinkState.UP, math.inf))
         try:
             await asyncio.wait({runner, up}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -193,11 +211,9 @@ class OwnerProbe:
         if runner.done():
             runner.result()  # a fatal refusal (bad credentials...) is raised here
             raise DeviceUnavailable("owner probe: the link stopped")
-        if link.state is not LinkState.UP:
-            raise DeviceUnavailable(f"owner probe: broker not reachable within {timeout_s:g} s")
 
     async def _retained_claim(
-        self, inbox: asyncio.Queue[MqttMessage], nonce: str
+        self, inbox: asyncio.Queue[MqttMessage | None], nonce: str
     ) -> OwnerClaim | None:
         """The retained claim, if any. The broker sends retained messages right after the
         SUBACK, before it handles our next PUBLISH: the echo of our own probe request marks
@@ -205,14 +221,14 @@ class OwnerProbe:
         claim: OwnerClaim | None = None
         async with asyncio.timeout(self._base.connect_timeout_s):
             while True:
-                msg = await inbox.get()
+                msg = _received(await inbox.get())
                 if msg.topic == self.claim_topic:
                     claim = OwnerClaim.parse(msg.payload, self._base.keepalive_s)
                 elif msg.topic == self.probe_topic and probe_nonce(msg.payload) == nonce:
                     return claim
 
     async def _answer_or_gone(
-        self, inbox: asyncio.Queue[MqttMessage], claim: OwnerClaim
+        self, inbox: asyncio.Queue[MqttMessage | None], claim: OwnerClaim
     ) -> OwnerClaim | None:
         """A live owner answers at once. An owner whose process or host died loses its
         connection once the broker notices the silence (keepalive), and then the broker
@@ -229,7 +245,7 @@ class OwnerProbe:
         try:
             async with asyncio.timeout(wait_s):
                 while True:
-                    msg = await inbox.get()
+                    msg = _received(await inbox.get())
                     if msg.topic != self.claim_topic:
                         continue
                     live = OwnerClaim.parse(msg.payload, self._base.keepalive_s)
@@ -248,6 +264,12 @@ class OwnerProbe:
                 wait_s,
             )
             return claim
+
+
+def _received(msg: MqttMessage | None) -> MqttMessage:
+    if msg is None:
+        raise DeviceUnavailable("owner probe: connection lost, asking again")
+    return msg
 
 
 def probe_nonce(payload: bytes) -> str | None:
@@ -321,28 +343,26 @@ class SiteOwnership:
 
     async def check_before_connecting(self, probe: OwnerProbe, backoff_max_s: float) -> None:
         """Return once no live controller owns the site; raise `SiteOwned` if one does.
-        While the broker cannot be asked, retry with capped backoff (the session must not
-        connect before the answer); ``checked`` is set after the first attempt either way."""
+        The session must not connect before the answer: while the broker cannot be reached
+        the probe keeps trying; ``checked`` is set once the broker answered, or once it
+        turned out unreachable."""
+
+        def unreachable() -> None:
+            log.warning(
+                "cannot ask the broker who owns site %s yet: the MQTT session waits for the answer",
+                self.site_id,
+            )
+            self.checked.set()
+
         delay_s = 0.1
-        failures = 0
         while True:
             try:
-                self.stale_claim = await probe.check()
+                self.stale_claim = await probe.check(on_unreachable=unreachable)
             except (DeviceUnavailable, OSError, TimeoutError) as exc:
-                if failures == 0:
-                    log.warning(
-                        "cannot ask the broker who owns site %s (%s): the MQTT session "
-                        "waits for the answer, retrying",
-                        self.site_id,
-                        exc,
-                    )
-                failures += 1
-                self.checked.set()
+                log.warning("site %s: owner probe cut short (%s), asking again", self.site_id, exc)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, backoff_max_s)
                 continue
-            if failures:
-                log.info("site %s: the broker answered: no other owner", self.site_id)
             self.checked.set()
             return
 

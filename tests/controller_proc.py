@@ -39,9 +39,19 @@ class ControllerProcess:
         at all, 503 included, e.g. while the broker is down); returns seconds to that point."""
         t0 = time.monotonic()
         await self.spawn()
+        await self.wait_ready(ready_timeout_s, wait_ready=wait_ready, since=t0)
+        elapsed = time.monotonic() - t0
+        self.ready_after_s.append(elapsed)
+        return elapsed
+
+    async def wait_ready(
+        self, timeout_s: float = 20.0, *, wait_ready: bool = True, since: float | None = None
+    ) -> None:
+        """Wait until the running process's /api/v1/ready answers 200 (or at all)."""
         assert self.proc is not None
+        t0 = time.monotonic() if since is None else since
         async with httpx.AsyncClient(base_url=self.base, timeout=1.0) as client:
-            deadline = t0 + ready_timeout_s
+            deadline = t0 + timeout_s
             while True:
                 if self.proc.returncode is not None:
                     raise RuntimeError(
@@ -54,13 +64,8 @@ class ControllerProcess:
                 except httpx.TransportError:
                     pass
                 if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"controller not ready in {ready_timeout_s} s\n{self.tail()}"
-                    )
+                    raise TimeoutError(f"controller not ready in {timeout_s} s\n{self.tail()}")
                 await asyncio.sleep(0.05)  # polling another process's endpoint, bounded
-        elapsed = time.monotonic() - t0
-        self.ready_after_s.append(elapsed)
-        return elapsed
 
     async def spawn(self) -> None:
         """Start the process without waiting for anything."""

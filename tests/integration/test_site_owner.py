@@ -26,7 +26,7 @@ from controller.owner import OwnerProbe, SiteOwned, SiteOwnership
 from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage
 from tests.controller_proc import ControllerProcess
 from tests.integration.test_mosquitto_config import USERS, start_broker
-from tests.mosquitto import MosquittoBroker, paho_publish
+from tests.mosquitto import MosquittoBroker, free_port, paho_publish
 from tests.sites import grams, topic, write_small_site
 
 pytestmark = pytest.mark.timeout(90)
@@ -253,3 +253,29 @@ async def test_m9_the_shipped_acl_lets_the_controller_claim_and_probe() -> None:
     finally:
         broker.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_m9_with_the_broker_down_at_start_the_session_waits_for_the_probe(
+    tmp_path: Path, controllers: list[ControllerProcess]
+) -> None:
+    """The broker is down when the controller starts: the API answers, the probe keeps
+    trying (one log line, not one per attempt), and the session connects once the broker is
+    up and the probe found no owner."""
+    port = free_port()
+    site = write_small_site(tmp_path, mqtt_port=port)
+    ctl = ControllerProcess(site, tmp_path)
+    controllers.append(ctl)
+    await ctl.start(wait_ready=False)
+    await ctl.wait_log("cannot ask the broker who owns site t yet")
+    await asyncio.sleep(6.0)  # an outage longer than one connect time-out (5 s), not a wait
+    broker = MosquittoBroker(tmp_path / "mosquitto", port=port)
+    await broker.start()
+    try:
+        await ctl.wait_ready()
+        text = ctl.log_text()
+        assert text.count("owner-probe cannot connect") == 1, ctl.tail()
+        assert text.count("cannot ask the broker") == 1, ctl.tail()
+        assert "mqtt up" in text
+        assert await ctl.stop() == 0
+    finally:
+        await broker.close()
