@@ -307,6 +307,7 @@ class SiteOwnership:
         """Set once the first check is over: answered, or the broker could not be asked."""
         self.stale_claim: OwnerClaim | None = None
         self._link: MqttLink | None = None
+        self._released = False
 
     def link_config(self, config: MqttLinkConfig) -> MqttLinkConfig:
         """The session's link config with the will (an empty retained claim: deletes the
@@ -324,7 +325,7 @@ class SiteOwnership:
         link.watch.add_listener(self._on_state)
 
     def _on_state(self, old: LinkState, new: LinkState) -> None:
-        if new is LinkState.UP:
+        if new is LinkState.UP and not self._released:
             self._publish(self.claim)
 
     def on_probes(self, msgs: list[MqttMessage]) -> None:
@@ -368,6 +369,7 @@ class SiteOwnership:
 
     async def release(self, timeout_s: float) -> None:
         """Delete the claim (clean stop), waiting at most ``timeout_s`` for the broker."""
+        self._released = True  # a reconnect during the stop must not claim again
         link = self._link
         if link is None or link.state is not LinkState.UP:
             return  # the claim stays until our will or a probe's wait clears it

@@ -153,6 +153,19 @@ async def test_m9_a_new_instance_starts_after_the_owner_was_killed(
     assert "stale" not in ctl.log_text()
 
 
+async def test_m9_a_clean_stop_clears_the_claim(
+    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+) -> None:
+    """SIGTERM: the owner deletes its claim before it leaves (its will does not fire on a
+    clean disconnect), so the next instance finds no claim and does not wait."""
+    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers)
+    assert await owner.stop() == 0
+    ctl = second(site, tmp_path / "b", controllers, own_journal=True)
+    await ctl.start()
+    assert "claimed by" not in ctl.log_text(), ctl.tail()
+    await ctl.wait_applied({"s0": await scale.publish()})
+
+
 async def test_m9_a_new_instance_starts_once_the_dead_hosts_will_fires(
     mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
 ) -> None:
