@@ -296,6 +296,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from controller.api.app import create_app
+    from controller.owner import refusal
 
     host, port = split_bind(site.api.bind)
     # Local resources first, the broker last: a second controller of this site must be
@@ -314,15 +315,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_runtime_exit(exc: BaseException | None) -> None:
         nonlocal exit_code, refused
         if exc is not None:
-            refused = _refusal(exc)
+            refused = refusal(exc)
             exit_code = EXIT_REFUSED if refused is not None else EXIT_FAILED
         if server is not None:
             server.should_exit = True
 
+    from controller.adapters.journal import JournalError, JournalLocked
     from controller.api.auth import TokenConfigError
+    from controller.runtime import Runtime
 
+    runtime = Runtime(site)
     try:
-        app = create_app(site, on_runtime_exit=on_runtime_exit)
+        runtime.journal.lock()  # before the broker: a second controller must not touch it
+    except JournalLocked as exc:
+        print(f"floorhand: refusing to start: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except JournalError as exc:
+        print(f"floorhand: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        app = create_app(site, runtime=runtime, on_runtime_exit=on_runtime_exit)
     except TokenConfigError as exc:
         print(f"floorhand: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -375,21 +387,6 @@ def _bind_api(host: str, port: int) -> socket.socket:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def _refusal(exc: BaseException) -> BaseException | None:
-    """The reason another controller owns the site, if that is why the runtime stopped."""
-    from controller.adapters.journal import JournalLocked
-    from controller.owner import SiteOwned
-
-    if isinstance(exc, (JournalLocked, SiteOwned)):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _refusal(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def cmd_token(args: argparse.Namespace) -> int:

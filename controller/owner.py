@@ -133,6 +133,21 @@ class SiteOwned(Exception):
         )
 
 
+def refusal(exc: BaseException) -> BaseException | None:
+    """The reason another controller owns the site (its journal or its live claim), if that
+    is why the runtime stopped: an operator's message, not a crash."""
+    from controller.adapters.journal import JournalLocked
+
+    if isinstance(exc, (JournalLocked, SiteOwned)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = refusal(inner)
+            if found is not None:
+                return found
+    return None
+
+
 class OwnerProbe:
     """Asks the broker, with a throw-away clean-session client, whether a live controller
     owns the site. Credentials, TLS and protocol are those of the site's own link."""

@@ -209,7 +209,11 @@ class Journal:
         self.checkpoint_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-    def open(self) -> Restored:
+    def lock(self) -> None:
+        """Take the journal's lock file (``<path>.lock``, an exclusive ``flock``); idempotent.
+        ``open`` takes it too; the CLI takes it earlier, before anything touches the broker."""
+        if self._lock_fd is not None:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -224,6 +228,9 @@ class Journal:
                 "(same site identity): refusing to start"
             ) from None
         self._lock_fd = fd
+
+    def open(self) -> Restored:
+        self.lock()
         wal_header = _read_head(Path(f"{self.path}-wal"), 32)
         try:
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

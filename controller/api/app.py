@@ -39,6 +39,7 @@ from controller.api.web import install_web
 from controller.config import SiteConfig
 from controller.domain.model import ShelfStatus
 from controller.domain.reorder import classify
+from controller.owner import refusal
 from controller.ports import HistoryError, HistoryQuery, SinkUnavailable
 from controller.runtime import Runtime
 from devices.link.state import LinkState
@@ -79,7 +80,10 @@ def create_app(
         def _done(t: asyncio.Task[None]) -> None:
             exc = None if t.cancelled() else t.exception()
             if exc is not None:
-                log.critical("runtime stopped: %s", exc, exc_info=exc)
+                if refusal(exc) is not None:  # another controller owns the site
+                    log.error("runtime stopped: %s", refusal(exc))
+                else:
+                    log.critical("runtime stopped: %s", exc, exc_info=exc)
             if on_runtime_exit is not None:
                 on_runtime_exit(exc)
 
