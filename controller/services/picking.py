@@ -909,8 +909,11 @@ class PickingService:
                     self._store(order, [self._task_event(order, task)])
             if task.state is TaskState.DIVERTED:
                 deadline = task.updated_ts + self.cfg.scale_timeout_s
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+                # that races the event, and a stop must always end this task.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), max(0.0, deadline - self.clock()))
+                    async with asyncio.timeout(max(0.0, deadline - self.clock())):
+                        await done.wait()
                 if done.is_set():
                     task.scale_confirmed = True
                     self._finish(task, TaskState.CONFIRMED, None)
