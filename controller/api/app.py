@@ -9,16 +9,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.api.auth import PublicDep, Role, require
+from controller.api.deps import ENGINEER, PUBLIC, READ_ALL, RuntimeDep, install_queries
 from controller.api.limits import allowed_methods, install_security
 from controller.api.routes import ops as ops_routes
 from controller.api.routes import orders as orders_routes
+from controller.api.routes import stock as stock_routes
 from controller.api.schemas import (
+    PROBLEM,
     AlertPublic,
     DeadLetterPublic,
     DevicePublic,
@@ -32,13 +34,10 @@ from controller.api.schemas import (
     PlcLinkSummary,
     PlcPublic,
     Problem,
-    ShelfPublic,
-    SkuStockPublic,
 )
 from controller.api.web import install_web
 from controller.config import SiteConfig
 from controller.domain.model import ShelfStatus
-from controller.domain.reorder import classify
 from controller.owner import refusal
 from controller.ports import HistoryError, HistoryQuery, SinkUnavailable
 from controller.runtime import Runtime
@@ -46,19 +45,11 @@ from devices.link.state import LinkState
 
 log = logging.getLogger("floorhand.api")
 
-PROBLEM = "application/problem+json"
-
 MAX_HISTORY_BUCKETS = 10_000
 """Upper bound of buckets one history request may ask for."""
 
 MAX_HISTORY_EVERY_S = 1e9
 """Widest history bucket (~31 years; Flux durations are int64 nanoseconds)."""
-
-# Who may call what (docs/api.md has the whole matrix).
-ANY_ROLE = [Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))]
-READ_ALL = [Depends(require(Role.SUPERVISOR, Role.ENGINEER))]
-ENGINEER = [Depends(require(Role.ENGINEER))]
-PUBLIC = [PublicDep]
 
 
 def create_app(
@@ -109,110 +100,18 @@ def create_app(
         responses={422: {"model": Problem, "content": {PROBLEM: {}}}},
     )
     app.state.runtime = rt
+    install_queries(app, rt)
     _install_problem_handlers(app)
     install_security(app, site.api, rt)
+    app.include_router(stock_routes.router)  # stock, shelves, zones (read model)
     _routes(app)
     app.include_router(orders_routes.router)  # picks and orders (docs/picking.md)
-    app.include_router(ops_routes.router)  # ack/snooze, PLC commands, zones, scales, tare
+    app.include_router(ops_routes.router)  # ack/snooze, PLC commands, scales, tare
     install_web(app, rt)  # dashboard assets and /api/v1/live (docs/dashboard.md)
     return app
 
 
-def get_runtime(request: Request) -> Runtime:
-    rt: Runtime = request.app.state.runtime
-    return rt
-
-
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-
-
-def _shelf_public(rt: Runtime, shelf_id: str) -> ShelfPublic:
-    spec = rt.specs[shelf_id]
-    cfg = next(s for s in rt.site.shelves if s.id == shelf_id)
-    st = rt.ingest.states[shelf_id]
-    return ShelfPublic(
-        id=shelf_id,
-        zone=spec.zone,
-        location=cfg.location,
-        sku=spec.sku,
-        scale=spec.scale_id,
-        channel=spec.channel,
-        status=st.status.value,
-        units=st.units,
-        weight_g=st.weight_g,
-        last_reading_ts=st.last_ts_s,
-        capacity_units=spec.capacity_units,
-        **ops_routes.calibration_fields(rt, shelf_id),
-    )
-
-
-def _sku_public(rt: Runtime, sku_id: str) -> SkuStockPublic:
-    sku = rt.site.sku(sku_id)
-    target = rt.alerts.targets[sku_id]
-    level = rt.alerts.level_of(sku_id)
-    return SkuStockPublic(
-        sku=sku.id,
-        name=sku.name,
-        level=level,
-        state=classify(level, target.policy).value,
-        reorder_point=sku.reorder_point,
-        safety_stock=sku.safety_stock,
-        max_stock=sku.max_stock,
-        lead_time_d=sku.lead_time_d,
-        shelves=[_shelf_public(rt, s) for s in target.shelves],
-    )
-
-
 def _routes(app: FastAPI) -> None:
-    @app.get(
-        "/api/v1/stock",
-        response_model=list[SkuStockPublic],
-        tags=["stock"],
-        dependencies=ANY_ROLE,
-    )
-    def list_stock(
-        rt: RuntimeDep,
-        zone: Annotated[
-            str | None, Query(description="only SKUs with a shelf in this zone")
-        ] = None,
-        state: Annotated[str | None, Query(pattern="^(ok|low|critical|out|unknown)$")] = None,
-    ) -> list[SkuStockPublic]:
-        """Stock per SKU: the sum of its shelves' unit counts."""
-        out = [_sku_public(rt, s.id) for s in rt.site.skus]
-        if zone is not None:
-            out = [s for s in out if any(sh.zone == zone for sh in s.shelves)]
-        if state is not None:
-            out = [s for s in out if s.state == state]
-        return out
-
-    @app.get(
-        "/api/v1/stock/{sku}",
-        response_model=SkuStockPublic,
-        tags=["stock"],
-        responses={404: {"model": Problem}},
-        dependencies=ANY_ROLE,
-    )
-    def get_stock(rt: RuntimeDep, sku: str) -> SkuStockPublic:
-        if sku not in rt.alerts.targets or sku.startswith("shelf:"):
-            raise HTTPException(404, f"unknown SKU {sku!r}")
-        return _sku_public(rt, sku)
-
-    @app.get(
-        "/api/v1/shelves",
-        response_model=list[ShelfPublic],
-        tags=["stock"],
-        dependencies=ANY_ROLE,
-    )
-    def list_shelves(
-        rt: RuntimeDep, zone: str | None = None, status: str | None = None
-    ) -> list[ShelfPublic]:
-        out = [_shelf_public(rt, sid) for sid in rt.specs]
-        if zone is not None:
-            out = [s for s in out if s.zone == zone]
-        if status is not None:
-            out = [s for s in out if s.status == status]
-        return out
-
     @app.get(
         "/api/v1/alerts",
         response_model=list[AlertPublic],

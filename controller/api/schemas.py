@@ -229,6 +229,22 @@ class Problem(_Public):
     detail: str | None = None
 
 
+PROBLEM = "application/problem+json"
+"""Media type of every error answer."""
+
+
+def problem_responses(**codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI answers ``{e<status>: description}`` as problem+json."""
+    return {
+        int(code.removeprefix("e")): {
+            "model": Problem,
+            "description": text,
+            "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+        }
+        for code, text in codes.items()
+    }
+
+
 # -- operations (controller/api/routes/ops.py) ---------------------------------------------------
 
 NoteText = Annotated[str, Field(max_length=500)]

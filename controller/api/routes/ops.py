@@ -1,9 +1,9 @@
-"""Operations: alert ack/snooze, manual PLC commands, stock by zone, scales, tare/calibration.
+"""Operations: alert ack/snooze, manual PLC commands, scales, tare/calibration.
 
 Role guards (docs/api.md, "Operations"): supervisors acknowledge and snooze alerts; engineers
-run belt commands and calibrate shelves; zones are readable by every role (like the stock),
-scales by supervisors and engineers (like the devices). Every change is committed to the
-journal before the answer and evented on the bus; errors are problem+json.
+run belt commands and calibrate shelves; scales are readable by supervisors and engineers (like
+the devices); zones are in routes/stock.py. Every change is committed to the journal before the
+answer and evented on the bus; errors are problem+json.
 
 Handlers that change state are ``async def``: they run on the event loop, like ingest and the
 supervision tick, so a change never interleaves with a commit of theirs.
@@ -12,65 +12,37 @@ supervision tick, so a change never interleaves with a commit of theirs.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Request
+from fastapi import APIRouter, Body, HTTPException, Path, Request
 
 from controller.adapters.journal import JournalError
-from controller.api.auth import Principal, Role, require
+from controller.api.auth import Principal
+from controller.api.deps import READ_ALL, Engineer, QueriesDep, RuntimeDep, Supervisor
+from controller.api.routes.stock import shelf_public
 from controller.api.schemas import (
     AlertAckCreate,
     AlertPublic,
     AlertSnoozeCreate,
     PlcCommandPublic,
     PlcStatusPublic,
-    Problem,
     ScaleChannelPublic,
     ScalePublic,
     ShelfCalibrationCreate,
-    ShelfCalibrationPublic,
     ShelfCalibrationResult,
     ShelfTareCreate,
-    ZonePublic,
-    ZoneSkuPublic,
-    ZoneStockPublic,
+    problem_responses,
 )
 from controller.domain.calibration import CalibrationError, NotSettled
-from controller.domain.reorder import NoActiveEpisode, classify
-from controller.domain.stock import sku_level
+from controller.domain.reorder import NoActiveEpisode
 from controller.runtime import Runtime
 from controller.services.plc_commands import Command, CommandOutcome, PlcCommandService
+from controller.services.queries import StockQueries
 
 log = logging.getLogger("floorhand.api.ops")
 
-PROBLEM = "application/problem+json"
-
 router = APIRouter()
-
-
-def _runtime(request: Request) -> Runtime:
-    rt: Runtime = request.app.state.runtime
-    return rt
-
-
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
-Supervisor = Annotated[Principal, Depends(require(Role.SUPERVISOR))]
-Engineer = Annotated[Principal, Depends(require(Role.ENGINEER))]
-ANY_ROLE = [Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))]
-READ_ALL = [Depends(require(Role.SUPERVISOR, Role.ENGINEER))]
-
-
-def _problems(**codes: str) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI answers ``{status: description}`` as problem+json."""
-    return {
-        int(code.removeprefix("e")): {
-            "model": Problem,
-            "description": text,
-            "content": {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}},
-        }
-        for code, text in codes.items()
-    }
+_problems = problem_responses
 
 
 def _journal_failed(exc: Exception) -> HTTPException:
@@ -260,99 +232,7 @@ async def reset_plc(
     return await _run_command(request, rt, principal, plc_id, "reset")
 
 
-# -- zones ----------------------------------------------------------------------------------------
-
-
-@router.get("/api/v1/zones", response_model=list[ZonePublic], tags=["stock"], dependencies=ANY_ROLE)
-async def list_zones(rt: RuntimeDep) -> list[ZonePublic]:
-    """Every zone of the site with its shelf and scale counts, shelf statuses and active
-    alerts."""
-    out = []
-    for zone in rt.site.zones:
-        shelves = [sid for sid, spec in rt.specs.items() if spec.zone == zone.id]
-        in_zone = set(shelves)
-        skus = sorted({rt.specs[s].sku for s in shelves})
-        status = Counter(rt.ingest.states[s].status.value for s in shelves)
-        alerts = sum(
-            1
-            for key, target in rt.alerts.targets.items()
-            if rt.alerts.alerts[key].episode is not None and in_zone.intersection(target.shelves)
-        )
-        out.append(
-            ZonePublic(
-                id=zone.id,
-                name=zone.name,
-                shelves=len(shelves),
-                scales=sum(1 for sc in rt.site.scales if sc.zone == zone.id),
-                skus=skus,
-                shelf_status=dict(sorted(status.items())),
-                alerts_active=alerts,
-            )
-        )
-    return out
-
-
-@router.get(
-    "/api/v1/zones/{zone}/stock",
-    response_model=ZoneStockPublic,
-    tags=["stock"],
-    dependencies=ANY_ROLE,
-    responses=_problems(e404="unknown zone"),
-)
-async def zone_stock(rt: RuntimeDep, zone: str) -> ZoneStockPublic:
-    """The zone's shelves, and per SKU stored there: its units in this zone and its level and
-    state over the whole site."""
-    from controller.api.app import _shelf_public  # app imports this module
-
-    cfg = next((z for z in rt.site.zones if z.id == zone), None)
-    if cfg is None:
-        raise HTTPException(404, f"unknown zone {zone!r}")
-    shelves = [sid for sid, spec in rt.specs.items() if spec.zone == zone]
-    by_sku: dict[str, list[str]] = {}
-    for sid in shelves:
-        by_sku.setdefault(rt.specs[sid].sku, []).append(sid)
-    skus = []
-    for sku_id in sorted(by_sku):
-        sku = rt.site.sku(sku_id)
-        level = rt.alerts.level_of(sku_id)
-        skus.append(
-            ZoneSkuPublic(
-                sku=sku_id,
-                name=sku.name,
-                shelves=by_sku[sku_id],
-                units_in_zone=sku_level(rt.ingest.states[s] for s in by_sku[sku_id]),
-                level=level,
-                state=classify(level, rt.alerts.targets[sku_id].policy).value,
-            )
-        )
-    return ZoneStockPublic(
-        zone=zone, name=cfg.name, shelves=[_shelf_public(rt, s) for s in shelves], skus=skus
-    )
-
-
 # -- scales, tare and calibration -----------------------------------------------------------------
-
-
-def calibration_fields(rt: Runtime, shelf_id: str) -> dict[str, Any]:
-    """The calibration part of a shelf's public view (``ShelfPublic``)."""
-    spec = rt.specs[shelf_id]
-    cal = rt.ingest.calibrations.get(shelf_id)
-    return {
-        "unit_weight_g": spec.unit_weight_g,
-        "tare_g": spec.tare_g,
-        "scale_factor": cal.scale_factor if cal is not None else 1.0,
-        "calibration": (
-            ShelfCalibrationPublic(
-                tare_g=cal.tare_g,
-                unit_weight_g=cal.unit_weight_g,
-                scale_factor=cal.scale_factor,
-                updated_at=cal.updated_at_s,
-                updated_by=cal.updated_by,
-            )
-            if cal is not None
-            else None
-        ),
-    }
 
 
 @router.get(
@@ -410,16 +290,14 @@ _CAL_ERRORS = _problems(
 ShelfId = Annotated[str, Path(description="a [[shelves]] id")]
 
 
-def _shelf_id(rt: Runtime, shelf_id: str) -> str:
-    if shelf_id not in rt.specs:
+def _shelf_id(queries: StockQueries, shelf_id: str) -> str:
+    if not queries.has_shelf(shelf_id):
         raise HTTPException(404, f"unknown shelf {shelf_id!r}")
     return shelf_id
 
 
-def _calibration_result(rt: Runtime, shelf_id: str, events: list[dict[str, Any]]) -> Any:
-    from controller.api.app import _shelf_public  # app imports this module
-
-    return ShelfCalibrationResult(shelf=_shelf_public(rt, shelf_id), events=events)
+def _calibration_result(queries: StockQueries, shelf_id: str, events: list[dict[str, Any]]) -> Any:
+    return ShelfCalibrationResult(shelf=shelf_public(queries.shelf(shelf_id)), events=events)
 
 
 def _invalid(exc: Exception) -> HTTPException:
@@ -437,6 +315,7 @@ def _invalid(exc: Exception) -> HTTPException:
 )
 async def tare_shelf(
     rt: RuntimeDep,
+    queries: QueriesDep,
     principal: Engineer,
     shelf_id: ShelfId,
     body: Annotated[ShelfTareCreate | None, Body()] = None,
@@ -444,7 +323,7 @@ async def tare_shelf(
     """Set the shelf's tare to its current settled gross weight (no body, or ``{}``: empty the
     shelf of product first), or to ``tare_g``. The count is recomputed at once; the override is
     kept in the journal (applied again after a restart) and evented (``shelf_calibrated``)."""
-    _shelf_id(rt, shelf_id)
+    _shelf_id(queries, shelf_id)
     tare_g = body.tare_g if body is not None else None
     try:
         events = rt.ingest.set_tare(shelf_id, tare_g, principal.name, rt.clock())
@@ -454,7 +333,7 @@ async def tare_shelf(
         raise _invalid(exc) from None
     except JournalError as exc:
         raise _journal_failed(exc) from None
-    return _calibration_result(rt, shelf_id, events)
+    return _calibration_result(queries, shelf_id, events)
 
 
 @router.post(
@@ -464,12 +343,16 @@ async def tare_shelf(
     responses={**_CAL_ERRORS, **_problems(e422="value out of bounds")},
 )
 async def calibrate_shelf(
-    rt: RuntimeDep, principal: Engineer, shelf_id: ShelfId, body: ShelfCalibrationCreate
+    rt: RuntimeDep,
+    queries: QueriesDep,
+    principal: Engineer,
+    shelf_id: ShelfId,
+    body: ShelfCalibrationCreate,
 ) -> Any:
     """Override the unit weight (0.1..100000 g, one unit must fit on the scale) and/or the
     scale factor of the shelf's channel (0.5..2: grams = raw grams × factor). The count is
     recomputed from the settled weight at once; kept in the journal, evented."""
-    _shelf_id(rt, shelf_id)
+    _shelf_id(queries, shelf_id)
     try:
         events = rt.ingest.calibrate(
             shelf_id,
@@ -482,7 +365,7 @@ async def calibrate_shelf(
         raise _invalid(exc) from None
     except JournalError as exc:
         raise _journal_failed(exc) from None
-    return _calibration_result(rt, shelf_id, events)
+    return _calibration_result(queries, shelf_id, events)
 
 
 @router.delete(
@@ -491,11 +374,13 @@ async def calibrate_shelf(
     tags=["stock"],
     responses=_CAL_ERRORS,
 )
-async def reset_calibration(rt: RuntimeDep, principal: Engineer, shelf_id: ShelfId) -> Any:
+async def reset_calibration(
+    rt: RuntimeDep, queries: QueriesDep, principal: Engineer, shelf_id: ShelfId
+) -> Any:
     """Drop the shelf's overrides (tare, unit weight, scale factor): back to the site file."""
-    _shelf_id(rt, shelf_id)
+    _shelf_id(queries, shelf_id)
     try:
         events = rt.ingest.clear_calibration(shelf_id, principal.name, rt.clock())
     except JournalError as exc:
         raise _journal_failed(exc) from None
-    return _calibration_result(rt, shelf_id, events)
+    return _calibration_result(queries, shelf_id, events)

@@ -24,16 +24,15 @@ import math
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.api.auth import Principal, Role, require
+from controller.api.deps import RuntimeDep
+from controller.api.schemas import PROBLEM
 from controller.domain.orders import OrderState
-from controller.runtime import Runtime
 from controller.services.picking import PickError, PickRequest
-
-PROBLEM = "application/problem+json"
 
 router = APIRouter(tags=["orders"])
 
@@ -166,12 +165,6 @@ def _problem(exc: PickError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status, media_type=PROBLEM, headers=headers)
 
 
-def _runtime(request: Request) -> Runtime:
-    rt: Runtime = request.app.state.runtime
-    return rt
-
-
-RuntimeDep = Annotated[Runtime, Depends(_runtime)]
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"content": {PROBLEM: {}}, "description": text}
     for code, text in {

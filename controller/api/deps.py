@@ -1,0 +1,48 @@
+"""The dependencies every route module shares, as ``Annotated`` aliases: the runtime, the stock
+queries, the calling principal by role, and the role guards of routes that do not use the
+caller. Route modules import from here; this module imports no route module and not the app,
+so there is no import cycle between the app and its routers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+
+from controller.api.auth import Principal, PublicDep, Role, require
+from controller.runtime import Runtime
+from controller.services.queries import StockQueries
+
+
+def get_runtime(request: Request) -> Runtime:
+    """The runtime the app's lifespan owns."""
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+def get_queries(request: Request) -> StockQueries:
+    """The stock read model (built once by ``install_queries``)."""
+    queries: StockQueries = request.app.state.queries
+    return queries
+
+
+def install_queries(app: FastAPI, rt: Runtime) -> StockQueries:
+    """Build the stock read model over ``rt``'s services and keep it on the app."""
+    queries = StockQueries(rt.site, rt.specs, rt.ingest.states, rt.ingest.calibrations, rt.alerts)
+    app.state.queries = queries
+    return queries
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+QueriesDep = Annotated[StockQueries, Depends(get_queries)]
+
+Supervisor = Annotated[Principal, Depends(require(Role.SUPERVISOR))]
+"""The caller, who must be a supervisor."""
+Engineer = Annotated[Principal, Depends(require(Role.ENGINEER))]
+"""The caller, who must be an engineer."""
+
+# Route guards when the handler does not use the caller (docs/api.md has the whole matrix).
+ANY_ROLE = [Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))]
+READ_ALL = [Depends(require(Role.SUPERVISOR, Role.ENGINEER))]
+ENGINEER = [Depends(require(Role.ENGINEER))]
+PUBLIC = [PublicDep]

@@ -1,0 +1,146 @@
+"""Stock: per SKU, per shelf and per zone (read only; every role may read them).
+
+Answered by the stock read model (``controller.services.queries``), whose indexes are built
+once from the site: each answer costs O(its size). ``shelf_public`` is also the shelf view of
+the tare and calibration answers (routes/ops.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+
+from controller.api.deps import ANY_ROLE, QueriesDep
+from controller.api.schemas import (
+    Problem,
+    ShelfCalibrationPublic,
+    ShelfPublic,
+    SkuStockPublic,
+    ZonePublic,
+    ZoneSkuPublic,
+    ZoneStockPublic,
+    problem_responses,
+)
+from controller.services.queries import ShelfView, SkuView
+
+router = APIRouter(tags=["stock"], dependencies=ANY_ROLE)
+
+
+def shelf_public(view: ShelfView) -> ShelfPublic:
+    """The wire view of one shelf, calibration included."""
+    spec, state, cal = view.spec, view.state, view.calibration
+    return ShelfPublic(
+        id=spec.shelf_id,
+        zone=spec.zone,
+        location=view.location,
+        sku=spec.sku,
+        scale=spec.scale_id,
+        channel=spec.channel,
+        status=state.status.value,
+        units=state.units,
+        weight_g=state.weight_g,
+        last_reading_ts=state.last_ts_s,
+        capacity_units=spec.capacity_units,
+        unit_weight_g=spec.unit_weight_g,
+        tare_g=spec.tare_g,
+        scale_factor=cal.scale_factor if cal is not None else 1.0,
+        calibration=(
+            ShelfCalibrationPublic(
+                tare_g=cal.tare_g,
+                unit_weight_g=cal.unit_weight_g,
+                scale_factor=cal.scale_factor,
+                updated_at=cal.updated_at_s,
+                updated_by=cal.updated_by,
+            )
+            if cal is not None
+            else None
+        ),
+    )
+
+
+def _sku_public(view: SkuView) -> SkuStockPublic:
+    sku = view.sku
+    return SkuStockPublic(
+        sku=sku.id,
+        name=sku.name,
+        level=view.level,
+        state=view.state.value,
+        reorder_point=sku.reorder_point,
+        safety_stock=sku.safety_stock,
+        max_stock=sku.max_stock,
+        lead_time_d=sku.lead_time_d,
+        shelves=[shelf_public(s) for s in view.shelves],
+    )
+
+
+@router.get("/api/v1/stock", response_model=list[SkuStockPublic])
+def list_stock(
+    queries: QueriesDep,
+    zone: Annotated[str | None, Query(description="only SKUs with a shelf in this zone")] = None,
+    state: Annotated[str | None, Query(pattern="^(ok|low|critical|out|unknown)$")] = None,
+) -> list[SkuStockPublic]:
+    """Stock per SKU: the sum of its shelves' unit counts."""
+    return [_sku_public(v) for v in queries.stock(zone=zone, state=state)]
+
+
+@router.get(
+    "/api/v1/stock/{sku}", response_model=SkuStockPublic, responses={404: {"model": Problem}}
+)
+def get_stock(queries: QueriesDep, sku: str) -> SkuStockPublic:
+    if not queries.has_sku(sku):
+        raise HTTPException(404, f"unknown SKU {sku!r}")
+    return _sku_public(queries.sku(sku))
+
+
+@router.get("/api/v1/shelves", response_model=list[ShelfPublic])
+def list_shelves(
+    queries: QueriesDep, zone: str | None = None, status: str | None = None
+) -> list[ShelfPublic]:
+    return [shelf_public(v) for v in queries.shelves(zone=zone, status=status)]
+
+
+@router.get("/api/v1/zones", response_model=list[ZonePublic])
+async def list_zones(queries: QueriesDep) -> list[ZonePublic]:
+    """Every zone of the site with its shelf and scale counts, shelf statuses and active
+    alerts."""
+    return [
+        ZonePublic(
+            id=z.zone.id,
+            name=z.zone.name,
+            shelves=z.shelves,
+            scales=z.scales,
+            skus=z.skus,
+            shelf_status=z.shelf_status,
+            alerts_active=z.alerts_active,
+        )
+        for z in queries.zones()
+    ]
+
+
+@router.get(
+    "/api/v1/zones/{zone}/stock",
+    response_model=ZoneStockPublic,
+    responses=problem_responses(e404="unknown zone"),
+)
+async def zone_stock(queries: QueriesDep, zone: str) -> ZoneStockPublic:
+    """The zone's shelves, and per SKU stored there: its units in this zone and its level and
+    state over the whole site."""
+    view = queries.zone_stock(zone)
+    if view is None:
+        raise HTTPException(404, f"unknown zone {zone!r}")
+    return ZoneStockPublic(
+        zone=view.zone.id,
+        name=view.zone.name,
+        shelves=[shelf_public(s) for s in view.shelves],
+        skus=[
+            ZoneSkuPublic(
+                sku=s.sku.id,
+                name=s.sku.name,
+                shelves=s.shelves,
+                units_in_zone=s.units_in_zone,
+                level=s.level,
+                state=s.state.value,
+            )
+            for s in view.skus
+        ],
+    )

@@ -1,0 +1,217 @@
+"""The read side of the stock: shelves, SKUs and zones, as the API and the dashboard show them.
+
+Which shelf belongs to which zone and SKU, and which alert targets cover a zone, never changes
+while the controller runs: ``StockQueries`` indexes it once, from the site and the alert
+targets, so every query costs O(its answer), not a scan of the site per shelf. What does change
+(shelf states, calibrations, calibrated specs, alert episodes) is read live from the mappings
+the ingest and alert services own and update in place; nothing here is copied or cached.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from controller.config import SiteConfig, SkuConfig, ZoneConfig
+from controller.domain.calibration import ShelfCalibration
+from controller.domain.model import ShelfSpec, StockState
+from controller.domain.reorder import AlertState, classify
+from controller.domain.stock import ShelfState, sku_level
+from controller.services.alerts import AlertTarget
+
+
+class AlertReads(Protocol):
+    """What the queries read of the alert service: its (fixed) targets and live states."""
+
+    @property
+    def targets(self) -> Mapping[str, AlertTarget]: ...
+
+    @property
+    def alerts(self) -> Mapping[str, AlertState]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ShelfView:
+    """One shelf as it stands: its (calibrated) spec, place, state and calibration override."""
+
+    spec: ShelfSpec
+    location: str
+    state: ShelfState
+    calibration: ShelfCalibration | None
+
+
+@dataclass(frozen=True, slots=True)
+class SkuView:
+    """One SKU over the whole site: its level (None when unknown) and stock state."""
+
+    sku: SkuConfig
+    level: int | None
+    state: StockState
+    shelves: list[ShelfView]
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSummary:
+    """Counts of one zone: shelves, scales, SKUs stored, shelf statuses, active alerts."""
+
+    zone: ZoneConfig
+    shelves: int
+    scales: int
+    skus: list[str]
+    shelf_status: dict[str, int]
+    alerts_active: int
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSkuView:
+    """A SKU stored in one zone: its units there, and its level and state over the site."""
+
+    sku: SkuConfig
+    shelves: list[str]
+    units_in_zone: int | None
+    level: int | None
+    state: StockState
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneStockView:
+    zone: ZoneConfig
+    shelves: list[ShelfView]
+    skus: list[ZoneSkuView]
+
+
+class StockQueries:
+    """Stock, shelves and zones, answered from indexes built once (see the module docstring).
+
+    ``specs``, ``states`` and ``calibrations`` are the ingest service's own mappings (updated in
+    place by it); ``alerts`` is the alert service."""
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        specs: Mapping[str, ShelfSpec],
+        states: Mapping[str, ShelfState],
+        calibrations: Mapping[str, ShelfCalibration],
+        alerts: AlertReads,
+    ) -> None:
+        self._specs = specs
+        self._states = states
+        self._calibrations = calibrations
+        self._alerts = alerts
+        self._skus: dict[str, SkuConfig] = {s.id: s for s in site.skus}
+        self._zones: dict[str, ZoneConfig] = {z.id: z for z in site.zones}
+        self._location: dict[str, str] = {}
+        self._shelf_ids: tuple[str, ...] = tuple(specs)
+        self._zone_shelves: dict[str, list[str]] = {z: [] for z in self._zones}
+        for shelf in site.shelves:
+            self._location[shelf.id] = shelf.location
+            self._zone_shelves.setdefault(shelf.zone, []).append(shelf.id)
+        self._zone_scales = Counter(sc.zone for sc in site.scales)
+        targets = alerts.targets
+        self._sku_shelves: dict[str, tuple[str, ...]] = {
+            sku: targets[sku].shelves for sku in self._skus
+        }
+        # SKUs with a shelf in the zone, in the site's SKU order (the order /stock lists them).
+        self._zone_skus: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
+        for sku, shelves in self._sku_shelves.items():
+            for zone in dict.fromkeys(specs[s].zone for s in shelves):
+                self._zone_skus[zone].append(sku)
+        self._zone_targets: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
+        for key, target in targets.items():
+            for zone in dict.fromkeys(specs[s].zone for s in target.shelves):
+                self._zone_targets[zone].append(key)
+
+    # -- shelves ------------------------------------------------------------------------------
+    def has_shelf(self, shelf_id: str) -> bool:
+        return shelf_id in self._location
+
+    def shelf(self, shelf_id: str) -> ShelfView:
+        """The shelf ``shelf_id`` (KeyError when the site has none)."""
+        return ShelfView(
+            spec=self._specs[shelf_id],
+            location=self._location[shelf_id],
+            state=self._states[shelf_id],
+            calibration=self._calibrations.get(shelf_id),
+        )
+
+    def shelves(self, zone: str | None = None, status: str | None = None) -> list[ShelfView]:
+        """Every shelf in site order, or those of ``zone``; then those whose status is
+        ``status``."""
+        ids: Sequence[str] = self._shelf_ids if zone is None else self._zone_shelves.get(zone, [])
+        out = [self.shelf(sid) for sid in ids]
+        if status is not None:
+            out = [v for v in out if v.state.status.value == status]
+        return out
+
+    # -- stock ----------------------------------------------------------------------------------
+    def has_sku(self, sku_id: str) -> bool:
+        return sku_id in self._skus
+
+    def level(self, sku_id: str) -> int | None:
+        """Units of the SKU over all its shelves (None when any is unknown or stale)."""
+        return sku_level(self._states[s] for s in self._sku_shelves[sku_id])
+
+    def sku(self, sku_id: str) -> SkuView:
+        """The SKU ``sku_id`` with its shelves (KeyError when the site has none)."""
+        level = self.level(sku_id)
+        return SkuView(
+            sku=self._skus[sku_id],
+            level=level,
+            state=classify(level, self._alerts.targets[sku_id].policy),
+            shelves=[self.shelf(s) for s in self._sku_shelves[sku_id]],
+        )
+
+    def stock(self, zone: str | None = None, state: str | None = None) -> list[SkuView]:
+        """Every SKU in site order, or those with a shelf in ``zone``; then those whose stock
+        state is ``state``."""
+        ids: Sequence[str] = list(self._skus) if zone is None else self._zone_skus.get(zone, [])
+        out = [self.sku(s) for s in ids]
+        if state is not None:
+            out = [v for v in out if v.state.value == state]
+        return out
+
+    # -- zones ----------------------------------------------------------------------------------
+    def zones(self) -> list[ZoneSummary]:
+        """Every zone of the site, in site order."""
+        return [self._zone_summary(z) for z in self._zones.values()]
+
+    def _zone_summary(self, zone: ZoneConfig) -> ZoneSummary:
+        shelves = self._zone_shelves[zone.id]
+        status = Counter(self._states[s].status.value for s in shelves)
+        alerts = self._alerts.alerts
+        return ZoneSummary(
+            zone=zone,
+            shelves=len(shelves),
+            scales=self._zone_scales[zone.id],
+            skus=sorted({self._specs[s].sku for s in shelves}),
+            shelf_status=dict(sorted(status.items())),
+            alerts_active=sum(
+                1 for k in self._zone_targets[zone.id] if alerts[k].episode is not None
+            ),
+        )
+
+    def zone_stock(self, zone_id: str) -> ZoneStockView | None:
+        """The zone's shelves and, per SKU stored there (sorted), its units in the zone and its
+        level over the site; None for an unknown zone."""
+        zone = self._zones.get(zone_id)
+        if zone is None:
+            return None
+        shelves = self._zone_shelves[zone_id]
+        by_sku: dict[str, list[str]] = {}
+        for sid in shelves:
+            by_sku.setdefault(self._specs[sid].sku, []).append(sid)
+        skus = []
+        for sku_id in sorted(by_sku):
+            level = self.level(sku_id)
+            skus.append(
+                ZoneSkuView(
+                    sku=self._skus[sku_id],
+                    shelves=by_sku[sku_id],
+                    units_in_zone=sku_level(self._states[s] for s in by_sku[sku_id]),
+                    level=level,
+                    state=classify(level, self._alerts.targets[sku_id].policy),
+                )
+            )
+        return ZoneStockView(zone=zone, shelves=[self.shelf(s) for s in shelves], skus=skus)
