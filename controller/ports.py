@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
+
+from controller.domain.events import Event
+from devices.link.state import LinkState
 
 
 class ReadingRow(NamedTuple):
@@ -60,6 +63,31 @@ class EventRow:
     ts_s: float
     kind: str
     body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStateChanged(Event):
+    """A link (``mqtt``, ``plc:<id>``) changed state. Wire: ``{"kind": "link_state", "ts",
+    "link", "old", "new"}`` with the states' values."""
+
+    kind: ClassVar[str] = "link_state"
+    WIRE_NAMES: ClassVar[dict[str, str]] = {"ts_s": "ts"}
+    ts_s: float
+    link: str
+    old: LinkState
+    new: LinkState
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatusChanged(Event):
+    """A device reported itself online or offline (ESPHome's status topic). Wire:
+    ``{"kind": "device_status", "ts", "device", "online"}``."""
+
+    kind: ClassVar[str] = "device_status"
+    WIRE_NAMES: ClassVar[dict[str, str]] = {"ts_s": "ts"}
+    ts_s: float
+    device: str
+    online: bool
 
 
 class JournalPort(Protocol):

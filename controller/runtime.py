@@ -25,7 +25,7 @@ from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.config import PlcConfig, SiteConfig
 from controller.owner import OwnerProbe, SiteOwnership
-from controller.ports import EventRow, HistorySink
+from controller.ports import EventRow, HistorySink, LinkStateChanged
 from controller.services.alerts import AlertService
 from controller.services.history import HistoryService, HistorySettings, Topology
 from controller.services.ingest import IngestService, shelf_specs, subscriptions
@@ -395,7 +395,7 @@ class Runtime:
         """Link state changes (broker, PLCs) are events like any other: journaled for the
         history, published on the bus for live consumers."""
         now = self.clock()
-        body = {"kind": "link_state", "ts": now, "link": link, "old": old.value, "new": new.value}
+        body = LinkStateChanged(now, link, old, new).as_dict()
         try:
             self.journal.commit((), events=[EventRow(now, "link_state", body)])
         except Exception as exc:

@@ -1,10 +1,10 @@
 """``/metrics``: Prometheus text exposition (prometheus-client).
 
-Runtime figures (ingest, outbox, links, alerts, history) are read from the live runtime at
-scrape time by a custom collector, so nothing is counted twice; the HTTP layer keeps its own
-counters (requests, latency, auth failures, rate limiting, oversize bodies). Each app has its
-own registry; the pick latency histogram is process-wide (``observe_pick_latency``), fed from
-the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.md.
+Runtime figures (ingest, outbox, links, alerts, history, the event bus) are read from the live
+runtime at scrape time by custom collectors, so nothing is counted twice; the HTTP layer keeps
+its own counters (requests, latency, auth failures, rate limiting, oversize bodies). Each app
+has its own registry; the pick latency histogram is process-wide (``observe_pick_latency``),
+fed from the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from controller.api.auth import Role, public, require
+from controller.bus import Bus
 from controller.domain.model import ShelfStatus
 from controller.runtime import Runtime
 from devices.link.state import LinkState
@@ -125,6 +126,7 @@ class ApiMetrics:
         self.picks = PickLatencyProbe()
         if runtime is not None:
             r.register(RuntimeCollector(runtime))
+            r.register(BusCollector(runtime.bus))
             runtime.bus.add_listener(self.picks.on_events)
 
     def on_auth_failure(self, reason: str) -> None:
@@ -316,6 +318,25 @@ class LiveCollector(Collector):
         for reason, n in sorted(s["refused"].items()):
             refused.add_metric([str(reason)], n)
         yield refused
+
+
+class BusCollector(Collector):
+    """The event bus's counters at scrape time: events published, listener failures."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    def collect(self) -> Iterator[Metric]:
+        bus = self.bus
+        yield _counter("floorhand_bus_events", "Events published on the bus.", bus.published)
+        errors = CounterMetricFamily(
+            "floorhand_bus_listener_errors",
+            "Event groups a bus listener raised on (logged once, delivery went on).",
+            labels=["listener"],
+        )
+        for name, n in sorted(bus.listener_errors_by_name.items()):
+            errors.add_metric([name], n)
+        yield errors
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:

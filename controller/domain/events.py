@@ -1,33 +1,99 @@
 """Domain events: what the stock and reorder logic tell the rest of the controller.
 
-Every event is a frozen slotted dataclass with a ``kind`` (stable wire name) and ``as_dict()``
-(JSON-safe: enums become their string values).
+Every event is a frozen slotted dataclass with a ``kind`` (stable wire name), ``as_dict()``
+(JSON-safe: enums become their string values, nested `Value` objects dicts; ``kind`` first,
+then the fields in declaration order) and ``from_dict()`` (the inverse). The dict is the wire
+format: journal event bodies, history points, the live WebSocket and the bus carry it, so a
+field's name, order and type are part of the format. Events that were hand-built dicts before
+they had a type (``seq_gap``…) keep their wire name ``ts`` for the field ``ts_s``
+(``WIRE_NAMES``).
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, ClassVar
 
 from controller.domain.model import ShelfStatus, StockState
 
+_BY_KIND: dict[str, type[Event]] = {}
 
-class _Event:
+
+class Value:
+    """A value object nested in an event: on the wire, a dict of its fields."""
+
+    __slots__ = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> typing.Self:
+        return cls(**{f.name: body[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
+class Event:
+    """Base of every typed event (see the module docstring)."""
+
     __slots__ = ()
     kind: ClassVar[str]
+    WIRE_NAMES: ClassVar[dict[str, str]] = {}
+    """Field name → wire name, where they differ."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if isinstance(kind, str):
+            _BY_KIND[kind] = cls  # the slotted class that @dataclass builds comes last
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe dict with ``kind`` first."""
         out: dict[str, Any] = {"kind": self.kind}
+        names = self.WIRE_NAMES
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, Enum) else value
+            if isinstance(value, Enum):
+                value = value.value
+            elif isinstance(value, Value):
+                value = value.as_dict()
+            out[names.get(f.name, f.name)] = value
         return out
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> typing.Self:
+        """The event of a wire dict (``as_dict``'s inverse); keys it does not know are ignored.
+        ``KeyError``, ``TypeError`` or ``ValueError`` for a body that is not this event."""
+        if body.get("kind") != cls.kind:
+            raise ValueError(f"not a {cls.kind} event: {body.get('kind')!r}")
+        hints = typing.get_type_hints(cls)
+        names = cls.WIRE_NAMES
+        kwargs: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            value = body[names.get(f.name, f.name)]
+            hint = hints[f.name]
+            if isinstance(hint, type) and issubclass(hint, Enum):
+                value = hint(value)
+            elif isinstance(hint, type) and issubclass(hint, Value):
+                value = hint.from_dict(value)
+            kwargs[f.name] = value
+        return cls(**kwargs)
+
+
+_Event = Event  # the name domain.reorder imports
+
+
+def event_from_dict(body: dict[str, Any]) -> Event:
+    """The typed event of a wire dict, by its ``kind``; ``ValueError`` for an unknown kind."""
+    cls = _BY_KIND.get(str(body.get("kind")))
+    if cls is None:
+        raise ValueError(f"unknown event kind {body.get('kind')!r}")
+    return cls.from_dict(body)
 
 
 @dataclass(frozen=True, slots=True)
-class StockChanged(_Event):
+class StockChanged(Event):
     """A shelf's settled, unambiguous count changed (``old_units`` is None for the first)."""
 
     kind: ClassVar[str] = "stock_changed"
@@ -39,7 +105,7 @@ class StockChanged(_Event):
 
 
 @dataclass(frozen=True, slots=True)
-class ShelfStatusChanged(_Event):
+class ShelfStatusChanged(Event):
     """A shelf's status changed; ``reason`` says why (e.g. ``below_tare``, ``no_reading``)."""
 
     kind: ClassVar[str] = "shelf_status_changed"
@@ -51,7 +117,7 @@ class ShelfStatusChanged(_Event):
 
 
 @dataclass(frozen=True, slots=True)
-class AlertRaised(_Event):
+class AlertRaised(Event):
     """A new alert episode; ``threshold`` is the limit of ``severity`` (reorder point, safety
     stock or 0)."""
 
@@ -66,7 +132,7 @@ class AlertRaised(_Event):
 
 
 @dataclass(frozen=True, slots=True)
-class AlertEscalated(_Event):
+class AlertEscalated(Event):
     """The episode got worse (LOW → CRITICAL → OUT)."""
 
     kind: ClassVar[str] = "alert_escalated"
@@ -80,7 +146,7 @@ class AlertEscalated(_Event):
 
 
 @dataclass(frozen=True, slots=True)
-class AlertDeescalated(_Event):
+class AlertDeescalated(Event):
     """The episode got better but is not resolved (e.g. OUT → LOW)."""
 
     kind: ClassVar[str] = "alert_deescalated"
@@ -94,7 +160,7 @@ class AlertDeescalated(_Event):
 
 
 @dataclass(frozen=True, slots=True)
-class AlertResolved(_Event):
+class AlertResolved(Event):
     """The episode ended: the level stayed above reorder point + hysteresis for the dwell."""
 
     kind: ClassVar[str] = "alert_resolved"
@@ -104,6 +170,98 @@ class AlertResolved(_Event):
     level: int
     raised_at_s: float
     ts_s: float
+
+
+_TS = {"ts_s": "ts"}
+
+
+@dataclass(frozen=True, slots=True)
+class SeqGap(Event):
+    """A scale's sequence jumped: ``missing`` readings between ``after_seq`` and ``seq`` never
+    arrived (yet); ``ts_s`` is the time of the reading at ``seq``."""
+
+    kind: ClassVar[str] = "seq_gap"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    ts_s: float
+    device: str
+    after_seq: int
+    seq: int
+    missing: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeqGapFilled(Event):
+    """Late readings of one device and epoch arrived in one group and filled ``filled`` of its
+    missing seqs, between ``first_seq`` and ``last_seq``; ``ts_s`` is the newest one's time."""
+
+    kind: ClassVar[str] = "seq_gap_filled"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    ts_s: float
+    device: str
+    epoch: int
+    first_seq: int
+    last_seq: int
+    filled: int
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationValues(Value):
+    """A shelf's conversion at one moment: tare, unit weight, scale factor."""
+
+    tare_g: float
+    unit_weight_g: float
+    scale_factor: float
+
+
+@dataclass(frozen=True, slots=True)
+class ShelfCalibrated(Event):
+    """A shelf was tared, calibrated or reset (``action``) by ``by``: its conversion went from
+    ``old`` to ``new``."""
+
+    kind: ClassVar[str] = "shelf_calibrated"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    ts_s: float
+    shelf_id: str
+    sku: str
+    scale: str
+    channel: int
+    action: str
+    by: str
+    old: CalibrationValues
+    new: CalibrationValues
+
+
+@dataclass(frozen=True, slots=True)
+class AlertNotice:
+    """An alert transition as the alert service journals and publishes it: with the SKU, the
+    suggested order quantity at that moment (None while the level is unknown) and whether it
+    notifies (false while snoozed, except a raise or an escalation)."""
+
+    transition: AlertTransition
+    sku: str
+    suggested_order_qty: int | None
+    notify: bool
+
+    @property
+    def kind(self) -> str:
+        return self.transition.kind
+
+    def as_dict(self) -> dict[str, Any]:
+        """The transition's dict, then ``sku``, ``suggested_order_qty`` (in place for a raise,
+        which has its own) and ``notify``."""
+        body = self.transition.as_dict()
+        body["sku"] = self.sku
+        body["suggested_order_qty"] = self.suggested_order_qty
+        body["notify"] = self.notify
+        return body
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> AlertNotice:
+        """``as_dict``'s inverse; ``ValueError`` for a body that is no alert transition."""
+        transition = event_from_dict(body)
+        if not isinstance(transition, AlertTransition):
+            raise ValueError(f"not an alert transition: {body.get('kind')!r}")
+        return cls(transition, body["sku"], body["suggested_order_qty"], body["notify"])
 
 
 ShelfEvent = StockChanged | ShelfStatusChanged

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from controller.config import SiteConfig
+from controller.domain.events import AlertNotice, AlertRaised, AlertResolved
 from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec
 from controller.domain.reorder import (
     AlertManualEvent,
@@ -155,7 +156,7 @@ class AlertService:
     def _evaluate(self, keys: Any, now_s: float) -> None:
         changed: dict[str, AlertState] = {}
         old: dict[str, AlertState] = {}
-        events: list[dict[str, Any]] = []
+        notices: list[AlertNotice] = []
         for key in keys:
             target = self.targets[key]
             level = self.level_of(key)
@@ -167,15 +168,12 @@ class AlertService:
                 changed[key] = new
                 self.alerts[key] = new
             for tr in transitions:
-                body = tr.as_dict()
-                body["sku"] = target.sku
-                body["suggested_order_qty"] = (
-                    suggested_order_qty(level, target.policy) if level is not None else None
-                )
-                body["notify"] = notifies(tr, state.episode, now_s)
-                events.append(body)
+                qty = suggested_order_qty(level, target.policy) if level is not None else None
+                notify = notifies(tr, state.episode, now_s)
+                notices.append(AlertNotice(tr, target.sku, qty, notify))
         if not changed:
             return
+        events = [n.as_dict() for n in notices]
         try:
             self._journal.commit(
                 (),
@@ -189,13 +187,13 @@ class AlertService:
                 self._dirty.add(k)
             log.error("alert state commit failed, will retry: %s", exc)
             return
-        for e in events:
-            kind = e["kind"]
-            if kind == "alert_raised":
+        for n in notices:
+            tr = n.transition
+            if isinstance(tr, AlertRaised):
                 self.raised += 1
-                log.warning("reorder alert %s: %s, level %s", e["key"], e["severity"], e["level"])
-            elif kind == "alert_resolved":
-                log.info("reorder alert %s resolved, level %s", e["key"], e["level"])
+                log.warning("reorder alert %s: %s, level %s", tr.key, tr.severity.value, tr.level)
+            elif isinstance(tr, AlertResolved):
+                log.info("reorder alert %s resolved, level %s", tr.key, tr.level)
         for key, new in changed.items():
             prev = old[key]
             if events or _public(prev) != _public(new):

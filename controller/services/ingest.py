@@ -36,9 +36,18 @@ from controller.domain.calibration import (
     recalibrate,
     settled_gross_g,
 )
+from controller.domain.events import CalibrationValues, SeqGap, SeqGapFilled, ShelfCalibrated
 from controller.domain.model import Reading, ShelfSpec
 from controller.domain.stock import ShelfState, apply_reading, check_stale
-from controller.ports import Cursor, DeadLetter, EventRow, JournalPort, MessageLink, ReadingRow
+from controller.ports import (
+    Cursor,
+    DeadLetter,
+    DeviceStatusChanged,
+    EventRow,
+    JournalPort,
+    MessageLink,
+    ReadingRow,
+)
 from devices.link.mqtt import MqttMessage
 from devices.shelf_scale import (
     RawReading,
@@ -321,9 +330,7 @@ class IngestService:
             info = self.devices[scale.id]
             if info.online is not status:
                 log.info("scale %s %s", scale.id, "online" if status else "offline")
-                body = {"kind": "device_status", "ts": now, "device": scale.id, "online": status}
-                batch.bus_events.append(body)
-                batch.events.append(EventRow(now, "device_status", body))
+                batch.event(DeviceStatusChanged(now, scale.id, status).as_dict())
             info.online = status
 
     def _accept(
@@ -441,10 +448,7 @@ class IngestService:
         if len(holes) > MAX_HOLES:
             floor = holes[0][1] + 1
             holes = holes[1:]
-        batch.event(
-            {"kind": "seq_gap", "ts": ts_s, "device": device}
-            | {"after_seq": last_seq, "seq": seq, "missing": missing}
-        )
+        batch.event(SeqGap(ts_s, device, last_seq, seq, missing).as_dict())
         batch.gaps.append((device, last_seq, seq))
         return Cursor(
             cur.epoch, seq, ts_s, cur.applied + 1, floor, holes, cur.gaps + 1,
@@ -455,10 +459,7 @@ class IngestService:
         """One ``seq_gap_filled`` event per device and epoch of the group: history sums
         ``seq_gap.missing`` with these subtracted (docs/influx-schema.md)."""
         for (device, epoch), (n, first, last, ts_s) in batch.filled.items():
-            batch.event(
-                {"kind": "seq_gap_filled", "ts": ts_s, "device": device, "epoch": epoch}
-                | {"first_seq": first, "last_seq": last, "filled": n}
-            )
+            batch.event(SeqGapFilled(ts_s, device, epoch, first, last, n).as_dict())
 
     def _reject(
         self,
@@ -570,26 +571,17 @@ class IngestService:
         state, shelf_events = recalibrate(
             self.states[shelf_id], new_spec, new_factor / old_factor, now_s
         )
-        body: dict[str, Any] = {
-            "kind": "shelf_calibrated",
-            "ts": now_s,
-            "shelf_id": shelf_id,
-            "sku": new_spec.sku,
-            "scale": new_spec.scale_id,
-            "channel": new_spec.channel,
-            "action": action,
-            "by": by,
-            "old": {
-                "tare_g": old_spec.tare_g,
-                "unit_weight_g": old_spec.unit_weight_g,
-                "scale_factor": old_factor,
-            },
-            "new": {
-                "tare_g": new_spec.tare_g,
-                "unit_weight_g": new_spec.unit_weight_g,
-                "scale_factor": new_factor,
-            },
-        }
+        body = ShelfCalibrated(
+            now_s,
+            shelf_id,
+            new_spec.sku,
+            new_spec.scale_id,
+            new_spec.channel,
+            action,
+            by,
+            old=CalibrationValues(old_spec.tare_g, old_spec.unit_weight_g, old_factor),
+            new=CalibrationValues(new_spec.tare_g, new_spec.unit_weight_g, new_factor),
+        ).as_dict()
         events = [body, *(ev.as_dict() for ev in shelf_events)]
         store.commit_calibration(
             shelf_id,

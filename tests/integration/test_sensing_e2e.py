@@ -174,3 +174,35 @@ async def test_simulated_scales_drive_an_alert(mosquitto: MosquittoBroker, tmp_p
     finally:
         await asyncio.to_thread(sim.stop)
         watcher.close()
+
+
+async def test_consumers_see_causal_order_and_a_raising_listener_stays_off_the_ack(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """On the real runtime: a consumer added after the alert service (where picking, metrics
+    and the live hub sit) sees each ``stock_changed`` before the ``alert_raised`` it caused;
+    a listener that raises is counted, and the MQTT link acks every batch on one connection
+    (no "batch not acked", no reconnect, no redelivery). No dwell: the alert service raises
+    the alert from its listener, on the commit that lowered the stock."""
+    site = load_site(write_small_site(tmp_path, mqtt_port=mosquitto.port, dwell_s=0.0))
+    async with running(Runtime(site)) as rt:
+        seen: list[dict[str, Any]] = []
+
+        def broken(events: list[dict[str, Any]]) -> None:
+            raise RuntimeError("a listener's bug")
+
+        rt.bus.add_listener(broken)
+        rt.bus.add_listener(seen.extend)
+        raised = rt.bus.subscribe("test", kinds=frozenset({"alert_raised"}))
+        t0 = rt.clock()
+        await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 6, t0))
+        await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 6, 5, 8, t0 + 1))
+        await raised.get(timeout_s=10)
+        first_alert = next(i for i, e in enumerate(seen) if e["kind"] == "alert_raised")
+        before = [e for e in seen[:first_alert] if e["kind"] == "stock_changed"]
+        assert before, [e["kind"] for e in seen]
+        assert before[-1]["new_units"] == 5, "the change that caused the alert comes first"
+        assert rt.bus.listener_errors_by_name[broken.__qualname__] >= 2
+        assert rt.link.stats.callback_errors == 0
+        assert rt.link.stats.connects == 1
+        assert rt.ingest.rejected.get("duplicate", 0) == 0

@@ -1,0 +1,151 @@
+"""Typed events keep the wire format: each one's ``as_dict()`` serialises to exactly the bytes
+of the dict that was built by hand before it had a type (journal bodies, history points, the
+live WebSocket and the bus carry that dict), and ``from_dict`` gives the same event back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from controller.domain.events import (
+    AlertDeescalated,
+    AlertEscalated,
+    AlertNotice,
+    AlertRaised,
+    AlertResolved,
+    CalibrationValues,
+    Event,
+    SeqGap,
+    SeqGapFilled,
+    ShelfCalibrated,
+    ShelfStatusChanged,
+    StockChanged,
+    event_from_dict,
+)
+from controller.domain.model import ShelfStatus, StockState
+from controller.domain.reorder import AlertAcknowledged
+from controller.ports import DeviceStatusChanged, LinkStateChanged
+from devices.link.state import LinkState
+
+# (typed event, the dict the code built by hand before, in its key order)
+WIRE: list[tuple[Event, dict[str, Any]]] = [
+    (
+        SeqGap(12.5, "s2", 4, 9, 4),
+        {"kind": "seq_gap", "ts": 12.5, "device": "s2"} | {"after_seq": 4, "seq": 9, "missing": 4},
+    ),
+    (
+        SeqGapFilled(13.0, "s2", 1, 5, 7, 3),
+        {"kind": "seq_gap_filled", "ts": 13.0, "device": "s2", "epoch": 1}
+        | {"first_seq": 5, "last_seq": 7, "filled": 3},
+    ),
+    (
+        LinkStateChanged(14.0, "plc:sorter-A", LinkState.UP, LinkState.DOWN),
+        {"kind": "link_state", "ts": 14.0, "link": "plc:sorter-A", "old": "up", "new": "down"},
+    ),
+    (
+        DeviceStatusChanged(15.0, "esp1", False),
+        {"kind": "device_status", "ts": 15.0, "device": "esp1", "online": False},
+    ),
+    (
+        ShelfCalibrated(
+            15.5,
+            "sh1",
+            "K1",
+            "s1",
+            0,
+            "calibrate",
+            "eng",
+            CalibrationValues(500.0, 100.0, 1.0),
+            CalibrationValues(512.5, 99.5, 1.02),
+        ),
+        {"kind": "shelf_calibrated", "ts": 15.5, "shelf_id": "sh1", "sku": "K1", "scale": "s1"}
+        | {"channel": 0, "action": "calibrate", "by": "eng"}
+        | {"old": {"tare_g": 500.0, "unit_weight_g": 100.0, "scale_factor": 1.0}}
+        | {"new": {"tare_g": 512.5, "unit_weight_g": 99.5, "scale_factor": 1.02}},
+    ),
+    (
+        StockChanged("sh1", "K1", None, 7, 16.0),
+        {"kind": "stock_changed", "shelf_id": "sh1", "sku": "K1", "old_units": None}
+        | {"new_units": 7, "ts_s": 16.0},
+    ),
+    (
+        ShelfStatusChanged("sh1", ShelfStatus.OK, ShelfStatus.STALE, 17.0, "no_reading"),
+        {"kind": "shelf_status_changed", "shelf_id": "sh1", "old": "ok", "new": "stale"}
+        | {"ts_s": 17.0, "reason": "no_reading"},
+    ),
+]
+
+
+@pytest.mark.parametrize(("event", "legacy"), WIRE, ids=lambda x: getattr(x, "kind", ""))
+def test_wire_bytes_unchanged_and_round_trip(event: Event, legacy: dict[str, Any]) -> None:
+    assert orjson.dumps(event.as_dict()) == orjson.dumps(legacy)
+    assert type(event).from_dict(legacy) == event
+    assert event_from_dict(orjson.loads(orjson.dumps(legacy))) == event
+
+
+def _raised() -> AlertRaised:
+    return AlertRaised("K1", "K1@1", StockState.LOW, 5, 10, 35, 20.0)
+
+
+ALERTS: list[tuple[AlertNotice, dict[str, Any]]] = [
+    (
+        AlertNotice(_raised(), "K1", 35, True),
+        {"kind": "alert_raised", "key": "K1", "episode_id": "K1@1", "severity": "low"}
+        | {"level": 5, "threshold": 10, "suggested_order_qty": 35, "ts_s": 20.0}
+        | {"sku": "K1", "notify": True},
+    ),
+    (
+        AlertNotice(
+            AlertEscalated("shelf:sh1", "e", StockState.LOW, StockState.OUT, 0, 0, 21.0),
+            "K1",
+            40,
+            False,
+        ),
+        {"kind": "alert_escalated", "key": "shelf:sh1", "episode_id": "e"}
+        | {"old_severity": "low", "new_severity": "out", "level": 0, "threshold": 0}
+        | {"ts_s": 21.0, "sku": "K1", "suggested_order_qty": 40, "notify": False},
+    ),
+    (
+        AlertNotice(
+            AlertDeescalated("K1", "e", StockState.OUT, StockState.LOW, 4, 10, 22.0),
+            "K1",
+            36,
+            False,
+        ),
+        {"kind": "alert_deescalated", "key": "K1", "episode_id": "e"}
+        | {"old_severity": "out", "new_severity": "low", "level": 4, "threshold": 10}
+        | {"ts_s": 22.0, "sku": "K1", "suggested_order_qty": 36, "notify": False},
+    ),
+    (
+        AlertNotice(AlertResolved("K1", "e", StockState.LOW, 30, 20.0, 23.0), "K1", None, True),
+        {"kind": "alert_resolved", "key": "K1", "episode_id": "e", "severity": "low"}
+        | {"level": 30, "raised_at_s": 20.0, "ts_s": 23.0}
+        | {"sku": "K1", "suggested_order_qty": None, "notify": True},
+    ),
+]
+
+
+@pytest.mark.parametrize(("notice", "legacy"), ALERTS, ids=lambda x: getattr(x, "kind", ""))
+def test_alert_notices_keep_the_published_shape(
+    notice: AlertNotice, legacy: dict[str, Any]
+) -> None:
+    # The shape AlertService built by hand: transition dict, then sku, suggested_order_qty
+    # (replacing a raise's own, in place) and notify.
+    assert orjson.dumps(notice.as_dict()) == orjson.dumps(legacy)
+    assert AlertNotice.from_dict(orjson.loads(orjson.dumps(legacy))) == notice
+
+
+def test_unknown_or_mismatched_bodies_are_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="unknown event kind"):
+        event_from_dict({"kind": "no_such_event"})
+    with pytest.raises(ValueError, match="not a seq_gap event"):
+        SeqGap.from_dict({"kind": "seq_gap_filled", "ts": 1.0})
+    with pytest.raises(KeyError):
+        SeqGap.from_dict({"kind": "seq_gap", "ts": 1.0, "device": "s"})
+    with pytest.raises(ValueError, match="not an alert transition"):
+        AlertNotice.from_dict(
+            AlertAcknowledged("K1", "e", StockState.LOW, "sup", "", 1.0).as_dict()
+            | {"sku": "K1", "suggested_order_qty": 1, "notify": False}
+        )
