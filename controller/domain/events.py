@@ -264,6 +264,40 @@ class AlertNotice:
         return cls(transition, body["sku"], body["suggested_order_qty"], body["notify"])
 
 
+ALERT_MANUAL_KINDS = frozenset({"alert_ack", "alert_snooze", "alert_snooze_ended"})
+"""Kinds of domain.reorder's ``AlertManualEvent`` (defined there: it imports this module)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlertManualNotice:
+    """An acknowledgement, snooze or snooze end (``domain.reorder.AlertManualEvent``) as the
+    alert service journals and publishes it: with the SKU and whether it notifies."""
+
+    event: Event
+    sku: str
+    notify: bool
+
+    def __post_init__(self) -> None:
+        if self.event.kind not in ALERT_MANUAL_KINDS:
+            raise ValueError(f"not a manual alert event: {self.event.kind!r}")
+
+    @property
+    def kind(self) -> str:
+        return self.event.kind
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event's dict, then ``sku`` and ``notify``."""
+        body = self.event.as_dict()
+        body["sku"] = self.sku
+        body["notify"] = self.notify
+        return body
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> AlertManualNotice:
+        """``as_dict``'s inverse; ``ValueError`` for a body that is no manual alert event."""
+        return cls(event_from_dict(body), body["sku"], body["notify"])
+
+
 ShelfEvent = StockChanged | ShelfStatusChanged
 AlertTransition = AlertRaised | AlertEscalated | AlertDeescalated | AlertResolved
 DomainEvent = ShelfEvent | AlertTransition

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 
 from controller.config import SiteConfig
-from controller.domain.events import AlertNotice, AlertRaised, AlertResolved
+from controller.domain.events import AlertManualNotice, AlertNotice, AlertRaised, AlertResolved
 from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec
 from controller.domain.reorder import (
     AlertManualEvent,
@@ -238,9 +238,7 @@ class AlertService:
     def _commit_manual(
         self, key: str, new: AlertState, event: AlertManualEvent, *, notify: bool
     ) -> None:
-        body = event.as_dict()
-        body["sku"] = self.targets[key].sku
-        body["notify"] = notify
+        body = AlertManualNotice(event, self.targets[key].sku, notify).as_dict()
         self._journal.commit(
             (),
             alert_states={key: new.to_dict()},

@@ -12,6 +12,7 @@ import pytest
 from controller.domain.events import (
     AlertDeescalated,
     AlertEscalated,
+    AlertManualNotice,
     AlertNotice,
     AlertRaised,
     AlertResolved,
@@ -25,7 +26,7 @@ from controller.domain.events import (
     event_from_dict,
 )
 from controller.domain.model import ShelfStatus, StockState
-from controller.domain.reorder import AlertAcknowledged
+from controller.domain.reorder import AlertAcknowledged, AlertSnoozed, AlertSnoozeEnded
 from controller.ports import DeviceStatusChanged, LinkStateChanged
 from devices.link.state import LinkState
 
@@ -149,3 +150,42 @@ def test_unknown_or_mismatched_bodies_are_refused_clearly() -> None:
             AlertAcknowledged("K1", "e", StockState.LOW, "sup", "", 1.0).as_dict()
             | {"sku": "K1", "suggested_order_qty": 1, "notify": False}
         )
+
+
+MANUAL: list[tuple[AlertManualNotice, dict[str, Any]]] = [
+    (
+        AlertManualNotice(
+            AlertAcknowledged("K1", "e", StockState.LOW, "sup", "on it", 30.0), "K1", False
+        ),
+        {"kind": "alert_ack", "key": "K1", "episode_id": "e", "severity": "low", "by": "sup"}
+        | {"note": "on it", "ts_s": 30.0, "sku": "K1", "notify": False},
+    ),
+    (
+        AlertManualNotice(
+            AlertSnoozed("K1", "e", StockState.OUT, "sup", "truck due", 90.0, 31.0), "K1", False
+        ),
+        {"kind": "alert_snooze", "key": "K1", "episode_id": "e", "severity": "out", "by": "sup"}
+        | {"reason": "truck due", "until_s": 90.0, "ts_s": 31.0, "sku": "K1", "notify": False},
+    ),
+    (
+        AlertManualNotice(
+            AlertSnoozeEnded("K1", "e", StockState.LOW, "sup", False, 90.0), "K1", True
+        ),
+        {"kind": "alert_snooze_ended", "key": "K1", "episode_id": "e", "severity": "low"}
+        | {"snoozed_by": "sup", "acked": False, "ts_s": 90.0, "sku": "K1", "notify": True},
+    ),
+]
+
+
+@pytest.mark.parametrize(("notice", "legacy"), MANUAL, ids=lambda x: getattr(x, "kind", ""))
+def test_manual_alert_notices_keep_the_published_shape(
+    notice: AlertManualNotice, legacy: dict[str, Any]
+) -> None:
+    # The shape AlertService built by hand: the event's dict, then sku and notify.
+    assert orjson.dumps(notice.as_dict()) == orjson.dumps(legacy)
+    assert AlertManualNotice.from_dict(orjson.loads(orjson.dumps(legacy))) == notice
+
+
+def test_a_manual_notice_refuses_other_events() -> None:
+    with pytest.raises(ValueError, match="not a manual alert event"):
+        AlertManualNotice(SeqGap(1.0, "s", 1, 3, 1), "K1", False)
