@@ -30,6 +30,7 @@ from typing import Any
 import orjson
 
 from devices.errors import DeviceError, DeviceUnavailable
+from devices.link.backoff import Backoff
 from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage
 from devices.link.state import LinkState
 
@@ -287,6 +288,12 @@ def _received(msg: MqttMessage | None) -> MqttMessage:
     return msg
 
 
+def probe_backoff(max_s: float) -> Backoff:
+    """Between owner probes cut short by the broker: 0.1 s doubling to ``max_s`` (the MQTT
+    link's ``backoff_max_s``), no jitter."""
+    return Backoff(min(0.1, max_s), max_s, jitter=0.0)
+
+
 def probe_nonce(payload: bytes) -> str | None:
     """The nonce of a probe request (None for anything else)."""
     try:
@@ -370,14 +377,13 @@ class SiteOwnership:
             )
             self.checked.set()
 
-        delay_s = 0.1
+        backoff = probe_backoff(backoff_max_s)
         while True:
             try:
                 self.stale_claim = await probe.check(on_unreachable=unreachable)
             except (DeviceUnavailable, OSError, TimeoutError) as exc:
                 log.warning("site %s: owner probe cut short (%s), asking again", self.site_id, exc)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, backoff_max_s)
+                await asyncio.sleep(backoff.next_delay())
                 continue
             self.checked.set()
             return

@@ -29,7 +29,6 @@ import hashlib
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from controller.ports import (
     SinkRejected,
     SinkUnavailable,
 )
+from devices.link.backoff import Backoff
 
 log = logging.getLogger("floorhand.history")
 
@@ -540,6 +540,18 @@ class HistorySettings:
     event_share: float = 0.2
     """Part of a batch reserved for events so a reading backlog does not starve them."""
 
+    def sink_backoff(self) -> Backoff:
+        """Between writes the sink refused as unavailable: ``backoff_initial_s`` doubling to
+        ``backoff_max_s``, each delay 50–100 % of that (jitter 0.5)."""
+        max_s = self.backoff_max_s
+        return Backoff(min(self.backoff_initial_s, max_s), max_s, jitter=0.5)
+
+    def drain_backoff(self) -> Backoff:
+        """After a failed outbox read or delete (the journal): 1 s doubling to
+        ``backoff_max_s``, no jitter."""
+        max_s = self.backoff_max_s
+        return Backoff(min(1.0, max_s), max_s, jitter=0.0)
+
 
 @dataclass(frozen=True, slots=True)
 class HistoryBucket:
@@ -617,6 +629,7 @@ class HistoryService:
 
     async def run(self) -> None:
         failures = 0
+        backoff = self.settings.drain_backoff()
         try:
             while True:
                 try:
@@ -628,11 +641,12 @@ class HistoryService:
                     self.stats.last_error = f"outbox: {exc}"
                     if failures == 1:
                         log.error("history drain failed, will retry: %s", exc)
-                    await asyncio.sleep(min(self.settings.backoff_max_s, 0.5 * 2**failures))
+                    await asyncio.sleep(backoff.next_delay())
                     continue
                 if failures:
                     log.info("history drain works again after %d failure(s)", failures)
                     failures = 0
+                    backoff.reset()
                 if full:
                     await asyncio.sleep(0)  # let ingest run between full batches
                     continue
@@ -825,7 +839,7 @@ class HistoryService:
 
     async def _write_until_confirmed(self, chunk: Sequence[HistoryPoint]) -> None:
         st = self.settings
-        delay = st.backoff_initial_s
+        backoff = st.sink_backoff()
         down_since: float | None = None
         while True:
             try:
@@ -845,11 +859,10 @@ class HistoryService:
                     await self._notify()
                 if down_since is None:
                     down_since = time.monotonic()
-                wait_s = delay * (0.5 + random.random() / 2)
+                wait_s = backoff.next_delay()
                 if exc.retry_after_s is not None:
                     wait_s = min(max(wait_s, exc.retry_after_s), st.backoff_max_s)
                 await asyncio.sleep(wait_s)  # backoff between attempts, not a wait for state
-                delay = min(delay * 2, st.backoff_max_s)
                 continue
             if self.stats.state != "up":
                 if self.stats.state == "down":

@@ -48,6 +48,7 @@ from controller.ports import (
     MessageLink,
     ReadingRow,
 )
+from devices.link.backoff import Backoff
 from devices.link.mqtt import MqttMessage
 from devices.shelf_scale import (
     RawReading,
@@ -164,7 +165,7 @@ class IngestService:
         self._retry: list[MqttMessage] = []
         self._retry_epoch = 0
         self._retry_handle: asyncio.TimerHandle | None = None
-        self._retry_delay_s = 0.05
+        self._retry_backoff = commit_retry_backoff()
         self._paused_by_failure = False
         self.last_commit_error: str | None = None
         self._logged: set[tuple[str, str]] = set()
@@ -499,15 +500,14 @@ class IngestService:
         self._link.pause_reading()
         self._paused_by_failure = True
         loop = asyncio.get_running_loop()
-        self._retry_handle = loop.call_later(self._retry_delay_s, self._do_retry)
-        self._retry_delay_s = min(self._retry_delay_s * 2, 2.0)
+        self._retry_handle = loop.call_later(self._retry_backoff.next_delay(), self._do_retry)
 
     def _do_retry(self) -> None:
         msgs, self._retry = self._retry, []
         self._process(msgs, self._retry_epoch)
         if not self._retry:
             log.info("journal writable again: %d held message(s) committed", len(msgs))
-            self._retry_delay_s = 0.05
+            self._retry_backoff.reset()
             self.last_commit_error = None
             if self._paused_by_failure:
                 self._paused_by_failure = False
@@ -714,6 +714,12 @@ class _Batch:
         """Journal ``body`` (at its ``ts``) and publish it after the commit."""
         self.bus_events.append(body)
         self.events.append(EventRow(body["ts"], body["kind"], body))
+
+
+def commit_retry_backoff() -> Backoff:
+    """Between retries of a group whose journal commit failed: 0.05 s doubling to 2 s, no
+    jitter; reset once the held group is committed."""
+    return Backoff(0.05, 2.0, jitter=0.0)
 
 
 def subscriptions(site: SiteConfig) -> tuple[tuple[str, int], ...]:

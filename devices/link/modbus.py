@@ -87,6 +87,7 @@ EXC_DEVICE_FAILURE = 0x04
 EXC_DEVICE_BUSY = 0x06
 _MBAP = struct.Struct(">HHHB")
 _STALE_TIDS_KEPT = 32
+_BUSY_BACKOFF_MAX_S = 0.1
 _PYMODBUS_LOGGER = "pymodbus.logging"
 _IN_LINK: contextvars.ContextVar[str | None] = contextvars.ContextVar("modbus_link", default=None)
 
@@ -153,6 +154,17 @@ class ModbusLinkConfig:
     backoff_max_s: float = 1.0
     max_queued: int = 1000  # NORMAL lane bound; beyond it requests fail with DeviceBusy
     fault_hold_s: float = 5.0  # FAULTY lasts this long after the last bad reply
+
+    def reconnect_backoff(self) -> Backoff:
+        """The reconnect schedule: ``backoff_initial_s`` doubling to ``backoff_max_s``, 20 %
+        jitter, reset by every connection that came up."""
+        return Backoff(self.backoff_initial_s, self.backoff_max_s, reset_after_s=0.0)
+
+    def busy_backoff(self) -> Backoff:
+        """Delays between retries of a busy answer (exception 06): ``busy_backoff_s``
+        doubling to 0.1 s, no jitter (the retries of one request, within ``busy_retry_s``)."""
+        max_s = _BUSY_BACKOFF_MAX_S
+        return Backoff(min(self.busy_backoff_s, max_s), max_s, jitter=0.0)
 
 
 @dataclass(slots=True)
@@ -328,7 +340,9 @@ class ModbusLink:
 
     @property
     def connection_number(self) -> int:
-        """Increases on every connection; a driver compares it to notice reconnects."""
+        """Number of the current (or last) connection; increases with every connect attempt
+        (the same property as `MqttLink.connection_number`). A driver compares it to notice
+        reconnects."""
         return self._connections
 
     @property
@@ -404,8 +418,7 @@ class ModbusLink:
         self._running = True
         self._closing = False
         self._closing_event.clear()
-        cfg = self._config
-        backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        backoff = self._config.reconnect_backoff()
         cancels = _cancel_requests()
         # Marks this task, the tasks it starts and the transports it opens (their callbacks
         # run in this context) for the pymodbus log filter.
@@ -421,9 +434,9 @@ class ModbusLink:
                     self._enter_down(_describe(exc), failed_attempt=True)
                     await self._sleep_unless_closing(backoff.next_delay())
                     continue
-                backoff.reset()
                 self._enter_up()
                 reason = await self._serve(conn)
+                backoff.session_ended(time.monotonic() - self._up_since)
                 self._drop(conn, reason)
                 self._enter_down(reason, expected=self._closing)
                 if not self._closing:
@@ -463,8 +476,8 @@ class ModbusLink:
         if priority is Priority.NORMAL and self._lanes.queued(priority) >= self._config.max_queued:
             self.stats.queue_full += 1
             raise DeviceBusy(f"{self.name}: {self._config.max_queued} requests already queued")
-        busy_deadline: float | None = None
-        delay = self._config.busy_backoff_s
+        busy_deadline = 0.0
+        busy: Backoff | None = None  # built at the first busy answer: requests rarely see one
         while True:
             await self._lanes.acquire(priority)
             self.stats.max_queued = max(self.stats.max_queued, self._lanes.queued(priority))
@@ -478,8 +491,10 @@ class ModbusLink:
             if code != EXC_DEVICE_BUSY:
                 raise self._exception_error(code, unit, fc, address, count)
             now = time.monotonic()
-            if busy_deadline is None:
+            if busy is None:
                 busy_deadline = now + self._config.busy_retry_s
+                busy = self._config.busy_backoff()
+            delay = busy.next_delay()
             if now + delay > busy_deadline:
                 raise DeviceBusy(
                     f"{self.name}: unit {unit} busy for {self._config.busy_retry_s:g} s "
@@ -487,7 +502,6 @@ class ModbusLink:
                 )
             self.stats.busy_retries += 1
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
             if not internal and self.watch.state is not LinkState.UP:
                 raise DeviceUnavailable(f"{self.name} is {self.watch.state.value}")
 

@@ -141,6 +141,13 @@ class MqttLinkConfig:
     reading paused meanwhile, so one read never holds the event loop for long."""
     will: tuple[str, bytes, int, bool] | None = None  # (topic, payload, qos, retain)
 
+    def reconnect_backoff(self) -> Backoff:
+        """The reconnect schedule: ``backoff_initial_s`` doubling to ``backoff_max_s``, 20 %
+        jitter, reset only by a connection that stayed up ``backoff_reset_after_s``."""
+        return Backoff(
+            self.backoff_initial_s, self.backoff_max_s, reset_after_s=self.backoff_reset_after_s
+        )
+
 
 @dataclass(slots=True)
 class MqttLinkStats:
@@ -332,8 +339,10 @@ class _Connection(asyncio.Protocol):
         self.expect_type = 0
         self.expect_fut: asyncio.Future[bytes] | None = None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.timer: asyncio.TimerHandle | None = None
-        self.linger: asyncio.TimerHandle | None = None
+        # The session's timers, as tasks: cancelled when the connection ends, awaited by
+        # `MqttLink._finish`, so a closed link leaves none behind.
+        self.keepalive: asyncio.Task[None] | None = None
+        self.linger: asyncio.Task[None] | None = None
         self.keepalive_s = 0.0
         self.last_ping = 0.0
         self.backlog: collections.deque[MqttMessage] = collections.deque()
@@ -465,13 +474,19 @@ class MqttLink:
         return self._up_since if self.watch.state is LinkState.UP else self._down_since
 
     @property
-    def epoch(self) -> int:
-        """Number of the current connection; increases on every (re)connect.
+    def connection_number(self) -> int:
+        """Number of the current (or last) connection; increases with every TCP connection
+        made (the same property as `ModbusLink.connection_number`).
 
         Packet ids are only meaningful within one connection. A consumer that acks after an
-        ``await`` should read ``epoch`` inside ``on_messages`` and pass it to `ack`, so a late
-        ack cannot acknowledge a different message that reuses the id after a reconnect.
+        ``await`` should read it inside ``on_messages`` and pass it to `ack`, so a late ack
+        cannot acknowledge a different message that reuses the id after a reconnect.
         """
+        return self._epoch
+
+    @property
+    def epoch(self) -> int:
+        """`connection_number` under the name `ack`'s callers use (``ack(ids, epoch)``)."""
         return self._epoch
 
     @property
@@ -498,79 +513,116 @@ class MqttLink:
         if not self._ever_up:
             self._down_since = time.monotonic()
         cfg = self._config
-        backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
+        backoff = cfg.reconnect_backoff()
         failed_attempts = 0  # since the last connection ended
         evictions = 0
         try:
             while not self._closing:
                 self.watch.set(LinkState.CONNECTING)
+                conn = _Connection(self, PacketParser(cfg.protocol, cfg.max_packet_bytes))
                 try:
-                    conn = await self._handshake()
-                except (AuthError, DeviceConfigError, SessionTakenOver) as exc:
-                    self._enter_down(str(exc), fatal=True)
-                    self._log.error("%s stopped: %s", self.name, exc)
-                    raise
-                except (OSError, TimeoutError, DeviceError) as exc:
-                    reason = _describe(exc)
-                    if (
-                        cfg.ssl_context is not None
-                        and "TLS" not in reason
-                        and reason.startswith(("connection lost", "connection closed"))
-                    ):
-                        # A broker refusing our client certificate (or its absence) often
-                        # just resets the connection before its TLS alert can be read.
-                        reason = (
-                            f"{reason} (TLS handshake failed? a broker that requires a client "
-                            "certificate closes the connection like this: check [mqtt.tls] "
-                            "cert_file and key_file)"
-                        )
-                    failed_attempts += 1
-                else:
-                    accepted_at_once = failed_attempts == 0
-                    failed_attempts = 0
-                    self._enter_up()
-                    reason = await conn.closed
-                    if time.monotonic() - self.watch.since >= cfg.backoff_reset_after_s:
-                        backoff.reset()
-                    if conn.fatal is None and conn.evicted and accepted_at_once:
-                        if time.monotonic() - self.watch.since < _EVICTION_WINDOW_S:
-                            evictions += 1
-                        else:
-                            evictions = 1
-                        if evictions >= _EVICTIONS_BEFORE_TAKEOVER:
-                            other = ""
-                            if self._inflight and cfg.protocol == PROTOCOL_V311:
-                                # 3.1.1 cannot say why; a refused publish looks the same.
-                                other = (
-                                    ", or the broker refuses a publish of ours that is "
-                                    "re-sent after every connect (QoS 1 above its max_qos, a "
-                                    "retained message it does not allow, a topic it denies)"
-                                )
-                            conn.fatal = SessionTakenOver(
-                                f"{self.name}: the broker closed the connection right after "
-                                f"accepting it {evictions} times in a row: another client is "
-                                f"probably using client id {cfg.client_id!r}{other}"
+                    try:
+                        await self._handshake(conn)
+                    except (AuthError, DeviceConfigError, SessionTakenOver) as exc:
+                        self._enter_down(str(exc), fatal=True)
+                        self._log.error("%s stopped: %s", self.name, exc)
+                        raise
+                    except (OSError, TimeoutError, DeviceError) as exc:
+                        reason = _describe(exc)
+                        if (
+                            cfg.ssl_context is not None
+                            and "TLS" not in reason
+                            and reason.startswith(("connection lost", "connection closed"))
+                        ):
+                            # A broker refusing our client certificate (or its absence) often
+                            # just resets the connection before its TLS alert can be read.
+                            reason = (
+                                f"{reason} (TLS handshake failed? a broker that requires a "
+                                "client certificate closes the connection like this: check "
+                                "[mqtt.tls] cert_file and key_file)"
                             )
+                        failed_attempts += 1
                     else:
-                        evictions = 0
-                    if conn.fatal is not None:
-                        self._enter_down(reason, fatal=True)
-                        self._log.error("%s stopped: %s", self.name, conn.fatal)
-                        raise conn.fatal
+                        accepted_at_once = failed_attempts == 0
+                        failed_attempts = 0
+                        self._enter_up()
+                        reason = await conn.closed
+                        backoff.session_ended(time.monotonic() - self.watch.since)
+                        evictions = self._count_eviction(conn, accepted_at_once, evictions)
+                        if conn.fatal is not None:
+                            self._enter_down(reason, fatal=True)
+                            self._log.error("%s stopped: %s", self.name, conn.fatal)
+                            raise conn.fatal
+                finally:
+                    if not conn.closing:
+                        # Cancellation is our shutdown: leave politely so the broker keeps
+                        # the session and does not publish the will.
+                        self._close(conn, "link stopped", polite=True)
+                    await self._finish(conn)
                 self._enter_down(reason, expected=self._closing)
                 if self._closing:
                     break
                 self.retry_delay_s = backoff.next_delay()
                 await self._sleep_unless_closing(self.retry_delay_s)
         finally:
-            conn_left = self._conn
-            if conn_left is not None and not conn_left.closing:
-                # Cancellation is our shutdown: leave politely so the broker keeps the
-                # session and does not publish the will.
-                self._close(conn_left, "link stopped", polite=True)
             if self.watch.state is not LinkState.DOWN:
                 self._enter_down("link stopped", expected=True)
             self._running = False
+
+    def _count_eviction(self, conn: _Connection, accepted_at_once: bool, evictions: int) -> int:
+        """The count of evictions in a row after ``conn`` ended; at the threshold ``conn``
+        gets a fatal `SessionTakenOver`."""
+        if conn.fatal is not None or not conn.evicted or not accepted_at_once:
+            return 0
+        if time.monotonic() - self.watch.since < _EVICTION_WINDOW_S:
+            evictions += 1
+        else:
+            evictions = 1
+        if evictions >= _EVICTIONS_BEFORE_TAKEOVER:
+            cfg = self._config
+            other = ""
+            if self._inflight and cfg.protocol == PROTOCOL_V311:
+                # 3.1.1 cannot say why; a refused publish looks the same.
+                other = (
+                    ", or the broker refuses a publish of ours that is "
+                    "re-sent after every connect (QoS 1 above its max_qos, a "
+                    "retained message it does not allow, a topic it denies)"
+                )
+            conn.fatal = SessionTakenOver(
+                f"{self.name}: the broker closed the connection right after "
+                f"accepting it {evictions} times in a row: another client is "
+                f"probably using client id {cfg.client_id!r}{other}"
+            )
+        return evictions
+
+    async def _finish(self, conn: _Connection) -> None:
+        """Wait until ``conn`` is closed and its timer tasks have ended, so a session leaves
+        nothing behind. A polite close waits for the broker's close at most the linger
+        (``connect_timeout_s``), any close at most a second more; a cancellation meanwhile
+        aborts the connection at once, and is raised again once its tasks are gone."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._config.connect_timeout_s + 1.0
+        cancelled = False
+        while True:
+            pending = [
+                f
+                for f in (conn.closed, conn.keepalive, conn.linger)
+                if f is not None and not f.done()
+            ]
+            if not pending:
+                break
+            try:
+                await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+            except asyncio.CancelledError:
+                cancelled = True
+                deadline = 0.0
+            if deadline <= loop.time() and conn.transport is not None:
+                conn.transport.abort()  # connection_lost follows and ends the tasks
+        for task in (conn.keepalive, conn.linger):
+            if task is not None and not task.cancelled() and task.exception() is not None:
+                self._log.error("%s %s failed: %r", self.name, task.get_name(), task.exception())
+        if cancelled:
+            raise asyncio.CancelledError
 
     def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None:
         """Acknowledge these QoS 1 packet ids, in any order.
@@ -682,10 +734,11 @@ class MqttLink:
 
     # -- supervisor helpers ---------------------------------------------------------------
 
-    async def _handshake(self) -> _Connection:
+    async def _handshake(self, conn: _Connection) -> None:
+        """Connect ``conn``, CONNECT and SUBSCRIBE; raise if it is not up at the end (it is
+        closed then)."""
         cfg = self._config
         loop = asyncio.get_running_loop()
-        conn = _Connection(self, PacketParser(cfg.protocol, cfg.max_packet_bytes))
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 await loop.create_connection(
@@ -722,7 +775,6 @@ class MqttLink:
         conn.up = True
         if self._paused and conn.transport is not None:
             conn.transport.pause_reading()
-        return conn
 
     async def _await_while_receiving(self, fut: asyncio.Future[bytes], timeout_s: float) -> None:
         """Wait for ``fut`` while the broker keeps talking. A resumed session's backlog can
@@ -823,12 +875,10 @@ class MqttLink:
         self.stats.last_rx_monotonic = time.monotonic()
 
     def _on_connection_lost(self, conn: _Connection, exc: Exception | None) -> None:
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
+        if conn.keepalive is not None:
+            conn.keepalive.cancel()
         if conn.linger is not None:
             conn.linger.cancel()
-            conn.linger = None
         if not conn.closing:
             conn.closing = True
             conn.evicted = exc is None and conn.connected
@@ -857,9 +907,8 @@ class MqttLink:
         transport = conn.transport
         was_connected = conn.connected
         conn.connected = False
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
+        if conn.keepalive is not None:
+            conn.keepalive.cancel()
         if polite and was_connected and transport is not None:
             transport.write(DISCONNECT_PACKET)
             # Let the broker close first. Closing now would make our kernel answer anything
@@ -868,8 +917,8 @@ class MqttLink:
             if transport.can_write_eof():
                 transport.write_eof()
             transport.resume_reading()  # the broker's EOF must be read even if paused
-            conn.linger = asyncio.get_running_loop().call_later(
-                self._config.connect_timeout_s, transport.abort
+            conn.linger = asyncio.get_running_loop().create_task(
+                self._linger(transport), name=f"{self.name}.linger"
             )
             return
         if transport is None:
@@ -880,6 +929,12 @@ class MqttLink:
             transport.abort()
         else:
             transport.close()
+
+    async def _linger(self, transport: asyncio.Transport) -> None:
+        """After a polite close: abort if the broker has not closed within the connect
+        timeout (cancelled when it does)."""
+        await asyncio.sleep(self._config.connect_timeout_s)
+        transport.abort()
 
     def _protocol_error(self, conn: _Connection, exc: ProtocolError) -> None:
         if conn.closing:
@@ -1177,31 +1232,33 @@ class MqttLink:
     def _start_keepalive(self, conn: _Connection, keepalive_s: float) -> None:
         conn.keepalive_s = keepalive_s
         conn.last_ping = time.monotonic()
-        conn.timer = asyncio.get_running_loop().call_later(
-            keepalive_s / 4, self._keepalive_tick, conn
+        conn.keepalive = asyncio.get_running_loop().create_task(
+            self._keepalive(conn), name=f"{self.name}.keepalive"
         )
 
-    def _keepalive_tick(self, conn: _Connection) -> None:
-        conn.timer = None
-        if conn.closing or conn.transport is None:
-            return
-        now = time.monotonic()
+    async def _keepalive(self, conn: _Connection) -> None:
+        """Every quarter keepalive: a PINGREQ when half a keepalive passed since the last,
+        and the connection closed after a whole keepalive without a byte from the broker
+        (unless reading is paused). Ends with the connection (cancelled by `_close`)."""
         keepalive_s = conn.keepalive_s
-        silent_s = now - self.stats.last_rx_monotonic
-        if not self._paused and silent_s >= keepalive_s:
-            self._close(
-                conn,
-                f"nothing received for {silent_s:.1f} s (keepalive {keepalive_s:g} s)",
-                abort=True,
-            )
-            return
-        if now - conn.last_ping >= keepalive_s / 2:
-            conn.transport.write(PINGREQ_PACKET)
-            conn.last_ping = now
-            self.stats.pings += 1
-        conn.timer = asyncio.get_running_loop().call_later(
-            keepalive_s / 4, self._keepalive_tick, conn
-        )
+        while True:
+            await asyncio.sleep(keepalive_s / 4)
+            transport = conn.transport
+            if conn.closing or transport is None:
+                return
+            now = time.monotonic()
+            silent_s = now - self.stats.last_rx_monotonic
+            if not self._paused and silent_s >= keepalive_s:
+                self._close(
+                    conn,
+                    f"nothing received for {silent_s:.1f} s (keepalive {keepalive_s:g} s)",
+                    abort=True,
+                )
+                return
+            if now - conn.last_ping >= keepalive_s / 2:
+                transport.write(PINGREQ_PACKET)
+                conn.last_ping = now
+                self.stats.pings += 1
 
     # -- outgoing publishes ---------------------------------------------------------------
 

@@ -9,7 +9,6 @@ import re
 import pytest
 
 from devices.errors import DeviceConfigError, ProtocolError
-from devices.link.backoff import Backoff
 from devices.link.mqtt import MqttLink, MqttLinkConfig
 from devices.link.mqtt_codec import (
     PINGRESP,
@@ -430,29 +429,7 @@ def test_oversized_non_publish_is_a_protocol_error() -> None:
         PacketParser(4, max_packet_bytes=16).feed(b"\x90\x20" + b"\x00" * 32)
 
 
-# -- backoff and state watch (pure helpers of the link) --------------------------------------
-
-
-def test_backoff_grows_caps_and_resets() -> None:
-    backoff = Backoff(0.1, 2.0, 2.0, jitter=0.0)
-    assert [backoff.next_delay() for _ in range(7)] == pytest.approx(
-        [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
-    )
-    backoff.reset()
-    assert backoff.next_delay() == pytest.approx(0.1)
-
-
-def test_backoff_jitter_stays_within_bounds_and_is_reproducible() -> None:
-    first = Backoff(rng=random.Random(1))
-    second = Backoff(rng=random.Random(1))
-    delays = [first.next_delay() for _ in range(200)]
-    assert delays == [second.next_delay() for _ in range(200)]
-    assert 0.08 <= delays[0] <= 0.1
-    assert all(d <= 2.0 for d in delays)
-    assert min(delays[10:]) >= 1.6
-    assert len(set(delays[10:])) > 100  # spread out, not piled up at the cap
-    with pytest.raises(ValueError, match="jitter"):
-        Backoff(jitter=1.5)
+# -- state watch (pure helper of the links) ---------------------------------------------------
 
 
 async def test_state_watch_notifies_listeners_and_waiters() -> None:
