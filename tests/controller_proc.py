@@ -14,6 +14,7 @@ import httpx
 
 from tests.mosquitto import free_port
 from tests.sites import auth_headers
+from tests.waiting import wait_for_condition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,22 +51,24 @@ class ControllerProcess:
         """Wait until the running process's /api/v1/ready answers 200 (or at all)."""
         assert self.proc is not None
         t0 = time.monotonic() if since is None else since
+        proc = self.proc
+
         async with httpx.AsyncClient(base_url=self.base, timeout=1.0) as client:
-            deadline = t0 + timeout_s
-            while True:
-                if self.proc.returncode is not None:
-                    raise RuntimeError(
-                        f"controller exited ({self.proc.returncode}):\n{self.tail()}"
-                    )
-                try:
-                    r = await client.get("/api/v1/ready")
-                    if r.status_code == 200 or not wait_ready:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"controller not ready in {timeout_s} s\n{self.tail()}")
-                await asyncio.sleep(0.05)  # polling another process's endpoint, bounded
+
+            async def answers() -> int:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"controller exited ({proc.returncode}):\n{self.tail()}")
+                return (await client.get("/api/v1/ready")).status_code
+
+            await wait_for_condition(
+                answers,
+                max(0.0, t0 + timeout_s - time.monotonic()),
+                what="/api/v1/ready to answer 200" if wait_ready else "/api/v1/ready to answer",
+                until=lambda code: code == 200 or not wait_ready,
+                interval_s=0.05,
+                retry_on=(httpx.TransportError,),
+                context=self.tail,
+            )
 
     async def spawn(self) -> None:
         """Start the process without waiting for anything."""
@@ -120,11 +123,13 @@ class ControllerProcess:
 
     async def wait_log(self, text: str, timeout_s: float = 10.0) -> None:
         """Wait until the process's log contains ``text``."""
-        deadline = time.monotonic() + timeout_s
-        while text not in self.log_text():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} not logged in {timeout_s} s\n{self.tail()}")
-            await asyncio.sleep(0.05)  # polling another process's log file, bounded
+        await wait_for_condition(
+            lambda: text in self.log_text(),
+            timeout_s,
+            what=f"{text!r} in the log",
+            interval_s=0.05,
+            context=self.tail,
+        )
 
     def log_text(self) -> str:
         try:
@@ -143,15 +148,19 @@ class ControllerProcess:
 
     async def wait_applied(self, max_seq: dict[str, int], timeout_s: float = 30.0) -> None:
         """Wait until every device's applied cursor reached its highest published seq."""
-        deadline = time.monotonic() + timeout_s
-        while True:
+
+        async def cursors() -> dict[str, int]:
             devices = {d["id"]: d for d in await self.get("/api/v1/devices")}
-            if all(devices[k]["last_seq"] == v for k, v in max_seq.items()):
-                return
-            if time.monotonic() > deadline:
-                got = {k: devices[k]["last_seq"] for k in max_seq}
-                raise TimeoutError(f"not drained: want {max_seq}, have {got}\n{self.tail()}")
-            await asyncio.sleep(0.1)  # polling another process's endpoint, bounded
+            return {k: devices[k]["last_seq"] for k in max_seq}
+
+        await wait_for_condition(
+            cursors,
+            timeout_s,
+            what=f"applied cursors {max_seq}",
+            until=lambda got: got == max_seq,
+            interval_s=0.1,
+            context=self.tail,
+        )
 
     def tail(self, lines: int = 30) -> str:
         try:

@@ -16,12 +16,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.waiting import wait_for_condition_sync
 
 INFLUXD_BIN = shutil.which("influxd") or "/usr/bin/influxd"
 VICTORIA_BIN = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
@@ -78,23 +79,28 @@ class _Server:
                 self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.folder
             )
         self.starts += 1
-        deadline = time.monotonic() + timeout_s
+        proc = self._proc
         with httpx.Client(trust_env=False, timeout=1.0) as client:
-            while True:
-                if self._proc.poll() is not None:
+
+            def ping() -> int:
+                if proc.poll() is not None:
                     raise RuntimeError(
-                        f"{self.name} exited with {self._proc.returncode}:\n{self.log_tail()}"
+                        f"{self.name} exited with {proc.returncode}:\n{self.log_tail()}"
                     )
-                try:
-                    r = client.get(self.url + self.ping_path)
-                    if r.status_code in self.ping_ok:
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise TimeoutError(f"{self.name} not ready after {timeout_s} s")
-                time.sleep(0.02)  # poll interval of the readiness probe
+                return client.get(self.url + self.ping_path).status_code
+
+            try:
+                wait_for_condition_sync(
+                    ping,
+                    timeout_s,
+                    what=f"{self.name} to answer its ping",
+                    until=lambda code: code in self.ping_ok,
+                    retry_on=(httpx.HTTPError,),
+                    context=self.log_tail,
+                )
+            except TimeoutError:
+                self.kill()
+                raise
 
     def _signal(self, sig: signal.Signals, timeout_s: float) -> None:
         proc = self._proc
@@ -224,13 +230,15 @@ class VictoriaMetrics(_Server):
 
     def wait_samples(self, match: str, expected: int, timeout_s: float = 15.0) -> int:
         """Poll the export until ``expected`` samples are visible (data becomes searchable
-        about a second after ingestion) or the deadline passes; returns the last count."""
-        deadline = time.monotonic() + timeout_s
-        n = self.samples(match)
-        while n < expected and time.monotonic() < deadline:
-            time.sleep(0.1)  # poll interval of the visibility check
-            n = self.samples(match)
-        return n
+        about a second after ingestion); returns the count, TimeoutError (naming the last count)
+        if it stays below ``expected``."""
+        return wait_for_condition_sync(
+            lambda: self.samples(match),
+            timeout_s,
+            what=f"{expected} samples of {match}",
+            until=lambda n: n >= expected,
+            interval_s=0.1,
+        )
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from tests.sites import grams, topic
+from tests.waiting import wait_for_condition_sync
 
 MAX_MESSAGES = 60_000
 """The generator stops by itself here: paho's packet ids wrap at 65,535 and the accounting maps
@@ -94,16 +95,19 @@ class AckedPublisher:
         self._thread.join()
         if len(self._sent) >= 65_535:
             raise ValueError("packet ids wrapped: lower rate × duration for exact accounting")
-        deadline = time.monotonic() + drain_timeout_s
         want = {mid for mid, _, _ in self._sent}
-        while not want <= self._acked_mids and time.monotonic() < deadline:
-            time.sleep(0.05)  # paho has no "all acknowledged" event; bounded by the deadline
-        self.acked = {(d, s) for mid, d, s in self._sent if mid in self._acked_mids}
-        self._client.disconnect()
-        self._client.loop_stop()
-        missing = len(self._sent) - len(self.acked)
-        if missing:
-            raise TimeoutError(f"{missing} publishes never acknowledged by the broker")
+        try:
+            wait_for_condition_sync(  # paho has no "all acknowledged" event: polled
+                lambda: len(want - self._acked_mids),
+                drain_timeout_s,
+                what="every publish acknowledged by the broker (last observed: how many not)",
+                until=lambda missing: missing == 0,
+                interval_s=0.05,
+            )
+        finally:
+            self.acked = {(d, s) for mid, d, s in self._sent if mid in self._acked_mids}
+            self._client.disconnect()
+            self._client.loop_stop()
 
     def max_seq(self) -> dict[str, int]:
         out: dict[str, int] = {}

@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.waiting import wait_for_condition
+
 MOSQUITTO_BIN = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
@@ -104,28 +106,30 @@ class MosquittoBroker:
             stderr=self._log_file,
         )
         self.starts += 1
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._proc.returncode is not None:
-                raise RuntimeError(
-                    f"mosquitto exited with {self._proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
-            except OSError:
-                if time.monotonic() > deadline:
-                    await self.kill()
-                    raise TimeoutError(
-                        f"mosquitto not listening on {self.port} after {timeout_s} s:\n"
-                        f"{self.log_tail()}"
-                    ) from None
-                await asyncio.sleep(0.01)  # poll interval, not a wait for state
-                continue
+        proc = self._proc
+
+        async def listening() -> float:
+            if proc.returncode is not None:
+                raise RuntimeError(f"mosquitto exited with {proc.returncode}:\n{self.log_tail()}")
+            _, writer = await asyncio.open_connection("127.0.0.1", self.port)
             listening_at = time.monotonic()
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
             return listening_at
+
+        try:
+            return await wait_for_condition(
+                listening,
+                timeout_s,
+                what=f"mosquitto listening on {self.port}",
+                until=lambda _: True,  # connected: the value is the time it first listened
+                retry_on=(OSError,),
+                context=self.log_tail,
+            )
+        except TimeoutError:
+            await self.kill()
+            raise
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM (mosquitto saves its persistence file) and wait for the exit."""

@@ -36,6 +36,7 @@ from tests.influx_servers import InfluxD, VictoriaMetrics
 from tests.integration.test_sensing_e2e import readings, running
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import auth_headers, write_small_site
+from tests.waiting import wait_for_condition
 
 ROOT = Path(__file__).resolve().parents[2]
 SHELVES = {f"sh{i}": ("Z", f"K{i}") for i in range(1, 5)}
@@ -124,6 +125,18 @@ class _Proxy:
         return True
 
     async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        # The server runs this in a task of its own, which ``Server.close`` leaves running:
+        # tracked with the pumps so that the exit cancels it too.
+        me = asyncio.current_task()
+        assert me is not None
+        self._tasks.add(me)
+        me.add_done_callback(self._tasks.discard)
+        # The exit's cancel ends it normally: a cancelled handler task makes asyncio's stream
+        # callback log an error on Python 3.11.
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._proxy(c_reader, c_writer)
+
+    async def _proxy(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
         async def pump_up() -> None:
@@ -384,10 +397,9 @@ class CommitWatch:
         setattr(journal, "commit", commit)  # noqa: B010 - instance attribute over the method
 
     async def until(self, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
+        await wait_for_condition(
+            predicate, timeout_s, what="the journal state after a commit", wake=self.changed
+        )
 
 
 async def test_slow_database_stalls_only_the_writer(

@@ -19,6 +19,7 @@ import pytest
 from tests.controller_proc import ControllerProcess
 from tests.mosquitto import MosquittoBroker
 from tests.sites import grams, topic, write_small_site
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.slow
 
@@ -119,19 +120,20 @@ class PlainPahoPublisher:
 
 async def wait_until(ctl: ControllerProcess, want: dict[str, int], timeout_s: float) -> None:
     """Until every device's accepted count reached ``want`` and the outbox is drained."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    async def progress() -> tuple[dict[str, int], int]:
         devices = {d["id"]: d for d in await ctl.get("/api/v1/devices")}
         health = await ctl.get("/api/v1/health")
-        applied = {k: devices[k]["applied"] for k in want}
-        if applied == want and health["ingest"]["outbox_rows"] == 0:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"want {want}, applied {applied}, outbox {health['ingest']['outbox_rows']}\n"
-                f"{ctl.tail()}"
-            )
-        await asyncio.sleep(0.1)  # polling another process's endpoint, bounded
+        return {k: devices[k]["applied"] for k in want}, health["ingest"]["outbox_rows"]
+
+    await wait_for_condition(
+        progress,
+        timeout_s,
+        what=f"(applied, outbox rows) = ({want}, 0)",
+        until=lambda got: got == (want, 0),
+        interval_s=0.1,
+        context=ctl.tail,
+    )
 
 
 def stored_weights(path: Path) -> list[tuple[str, int, int]]:

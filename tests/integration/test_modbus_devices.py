@@ -41,6 +41,7 @@ from simulators.modbus_host import PlcHost, free_port
 from simulators.plc import BeltPlc
 from simulators.plc import BeltState as SimBeltState
 from simulators.sorter import SorterPlc
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,13 +108,6 @@ def sorter_rig(
         lambda link: SorterDriver(link, **(driver_config or {})),
         **(link_config or {}),
     )
-
-
-async def until(predicate: Callable[[], bool], timeout_s: float) -> None:
-    """Poll a condition of the code under test (no event to wait on) with a timeout."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 - a queue length: no event to await
-            await asyncio.sleep(0.001)
 
 
 def mailbox_writes(model: SorterPlc, cmd_id: int) -> int:
@@ -583,7 +577,13 @@ async def test_b7_stop_behind_100_queued_submits_reaches_plc_first() -> None:
             await model.wait_until(lambda: len(model.events_of("accept")) >= 2, 5.0)
             # The submits queue on the sorter's mailbox; add a backlog in the link itself.
             reads = [asyncio.ensure_future(sorter.status()) for _ in range(30)]
-            await until(lambda: r.link.queued() >= 30, 1.0)
+            await wait_for_condition(
+                r.link.queued,
+                1.0,
+                what="30 requests queued",
+                until=lambda n: n >= 30,
+                interval_s=0.001,
+            )
             accepted_before = len(model.events_of("accept"))
             called = time.monotonic()
             status = await sorter.stop()

@@ -21,6 +21,7 @@ from tests.mosquitto import (
     paho_publish,
     running_mosquitto,
 )
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -55,10 +56,13 @@ class Collector:
     async def wait_until(
         self, predicate: Callable[[list[MqttMessage]], bool], timeout_s: float = 10.0
     ) -> None:
-        async with asyncio.timeout(timeout_s):
-            while not predicate(self.messages):
-                self._changed.clear()
-                await self._changed.wait()
+        await wait_for_condition(
+            lambda: len(self.messages),
+            timeout_s,
+            what="the collected messages to satisfy the predicate (last observed: their count)",
+            until=lambda _: predicate(self.messages),
+            wake=self._changed,
+        )
 
     async def wait_for_payload(self, payload: bytes, timeout_s: float = 10.0) -> None:
         await self.wait_until(lambda ms: any(m.payload == payload for m in ms), timeout_s)

@@ -35,6 +35,7 @@ from tests.controller_proc import ControllerProcess
 from tests.integration.test_sensing_e2e import PahoWatcher, readings, running
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import auth_headers, write_small_site
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -88,10 +89,7 @@ async def bus_until(rt: Runtime, predicate: Callable[[], bool], timeout_s: float
     order and task events all go through the bus)."""
     changed = asyncio.Event()
     rt.bus.add_listener(lambda events: changed.set())
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            changed.clear()
-            await changed.wait()
+    await wait_for_condition(predicate, timeout_s, what="a bus-visible condition", wake=changed)
 
 
 def order_state(rt: Runtime, order_id: str) -> str | None:
@@ -126,20 +124,20 @@ class Floor:
         self.seq += 6
         self.last_ts = t0 + 0.5
         shelf = "sh" + device[1:]
-        try:
-            async with asyncio.timeout(10):
-                while not self._counted(device, shelf, units):
-                    self.ingested.clear()
-                    await self.ingested.wait()
-        except TimeoutError:
-            raise AssertionError(
+        await wait_for_condition(
+            lambda: self._counted(device, shelf, units),
+            10.0,
+            what=f"{shelf} counted at {units} units",
+            wake=self.ingested,
+            context=lambda: (
                 f"{shelf}: {self.rt.ingest.states[shelf]!r}; "
                 f"rejected {dict(self.rt.ingest.rejected)} "
                 f"msgs {self.rt.ingest.messages} readings {self.rt.ingest.readings} "
                 f"cursor {self.rt.ingest.cursors.get(device)} seq {self.seq} "
                 f"window {self.rt.ingest.states[shelf].conditioner.window} "
                 f"pending {self.rt.ingest.states[shelf].conditioner.pending}"
-            ) from None
+            ),
+        )
 
     def _counted(self, device: str, shelf: str, units: int) -> bool:
         """The readings just published are applied and the shelf is settled at ``units``."""
@@ -599,12 +597,14 @@ async def test_b5_controller_killed_mid_command(mosquitto: MosquittoBroker, tmp_
             async with httpx.AsyncClient(base_url=ctl.base, timeout=5.0) as client:
                 body = {**ORDER, "lines": [{"sku": "K0", "qty": 2}]}
                 headers = {**auth_headers("floor"), "Idempotency-Key": "kill-1"}
-                deadline = time.monotonic() + 15
-                while True:  # until the controller counted the shelf (polling another process)
-                    r = await client.post("/api/v1/picks", json=body, headers=headers)
-                    if r.status_code == 201 or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(0.1)
+                r = await wait_for_condition(  # until the controller counted the shelf
+                    lambda: client.post("/api/v1/picks", json=body, headers=headers),
+                    15.0,
+                    what="the pick accepted (201)",
+                    until=lambda r: r.status_code == 201,
+                    interval_s=0.1,
+                    context=ctl.tail,
+                )
                 assert r.status_code == 201, r.text
                 oid, cmd_id = r.json()["order_id"], r.json()["tasks"][0]["cmd_id"]
             await sorter.wait_until(lambda: sorter.ack_id == cmd_id and sorter.moving, 10.0)
@@ -618,19 +618,16 @@ async def test_b5_controller_killed_mid_command(mosquitto: MosquittoBroker, tmp_
             assert sorter.last_done_id != cmd_id  # the tote is still on the belt
 
             await ctl.start()
-            deadline = time.monotonic() + 30
-            while True:  # polling another process's endpoint, bounded
-                order = await ctl.get(f"/api/v1/orders/{oid}", role="supervisor")
-                task = order["tasks"][0]
-                if task["state"] in ("DIVERTED", "CONFIRMED") or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.1)
-            assert task["state"] in ("DIVERTED", "CONFIRMED"), (
-                order,
-                ctl.tail(),
-                list(sorter.events)[-10:],
-                list(conveyor.events)[-10:],
-                conveyor.heartbeat,
+            await wait_for_condition(
+                lambda: ctl.get(f"/api/v1/orders/{oid}", role="supervisor"),
+                30.0,
+                what="the task DIVERTED or CONFIRMED after the restart",
+                until=lambda order: order["tasks"][0]["state"] in ("DIVERTED", "CONFIRMED"),
+                interval_s=0.1,
+                context=lambda: (
+                    f"{ctl.tail()}\nsorter: {list(sorter.events)[-10:]}\n"
+                    f"conveyor: {list(conveyor.events)[-10:]}, heartbeat {conveyor.heartbeat}"
+                ),
             )
             assert sorter.executions[cmd_id] == 1
             assert "order(s) to reconcile" in ctl.tail(200)

@@ -7,7 +7,6 @@ never on fixed sleeps."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from simulators.conveyor import ConveyorPlc
 from simulators.modbus_host import PlcHost
 from simulators.plc import BeltState as SimBeltState
 from simulators.sorter import SorterPlc
+from tests.integration.test_picking import bus_until
 from tests.integration.test_sensing_e2e import readings, running
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import auth_headers, write_small_site
@@ -46,16 +46,6 @@ port = {sorter_port}
 lanes = 8
 lane_capacity = 6
 """
-
-
-async def bus_until(rt: Runtime, predicate: Callable[[], bool], timeout_s: float) -> None:
-    """Wait until ``predicate()`` holds, re-checked after every commit published on the bus."""
-    changed = asyncio.Event()
-    rt.bus.add_listener(lambda events: changed.set())
-    async with asyncio.timeout(timeout_s):
-        while not predicate():
-            changed.clear()
-            await changed.wait()
 
 
 def heartbeats_since(model: ConveyorPlc, t0: float) -> int:

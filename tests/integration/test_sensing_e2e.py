@@ -18,6 +18,7 @@ from simulators.shelf_scale import ScaleSimOptions, WarehouseScales
 from simulators.site import load_site as load_sim_site
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import grams, topic, write_small_site
+from tests.waiting import wait_for_condition
 
 
 class PahoWatcher:
@@ -49,26 +50,38 @@ class PahoWatcher:
     async def wait_for(
         self, pred: Callable[[str, dict[str, Any]], bool], timeout_s: float = 15.0
     ) -> tuple[str, dict[str, Any]]:
-        async with asyncio.timeout(timeout_s):
-            while True:
-                for t, body, _ in self.messages:
-                    if pred(t, body):
-                        return t, body
-                self._changed.clear()
-                await self._changed.wait()
+
+        def first_match() -> tuple[str, dict[str, Any]] | None:
+            return next(((t, body) for t, body, _ in self.messages if pred(t, body)), None)
+
+        found = await wait_for_condition(
+            first_match,
+            timeout_s,
+            what="a watched message matching the predicate",
+            until=lambda m: m is not None,
+            wake=self._changed,
+            context=lambda: f"{len(self.messages)} messages seen",
+        )
+        assert found is not None
+        return found
 
     async def wait_last(
         self, pred: Callable[[str, dict[str, Any]], bool], timeout_s: float = 15.0
     ) -> dict[str, Any]:
         """Wait until the most recent message satisfies ``pred``."""
-        async with asyncio.timeout(timeout_s):
-            while True:
-                if self.messages:
-                    t, body, _ = self.messages[-1]
-                    if pred(t, body):
-                        return body
-                self._changed.clear()
-                await self._changed.wait()
+
+        def last() -> tuple[str, dict[str, Any]] | None:
+            return self.messages[-1][:2] if self.messages else None
+
+        found = await wait_for_condition(
+            last,
+            timeout_s,
+            what="the last watched message to match the predicate",
+            until=lambda m: m is not None and pred(*m),
+            wake=self._changed,
+        )
+        assert found is not None
+        return found[1]
 
     def close(self) -> None:
         self._client.disconnect()

@@ -39,6 +39,7 @@ from tests.controller_proc import ControllerProcess
 from tests.integration.test_picking import ORDER, picking_site
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import auth_headers
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -194,14 +195,14 @@ async def stop_bounded(ctl: ControllerProcess, sig: signal.Signals) -> None:
 
 async def plcs_up(ctl: ControllerProcess, timeout_s: float = 15.0) -> None:
     """Wait until the controller reports every PLC link up (polling its API, bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        plcs = await ctl.get("/api/v1/plcs")
-        if plcs and all(p["link"] == "up" for p in plcs):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"PLC links not up: {plcs}\n{ctl.tail()}")
-        await asyncio.sleep(0.05)  # polling another process's endpoint, bounded
+    await wait_for_condition(
+        lambda: ctl.get("/api/v1/plcs"),
+        timeout_s,
+        what="every PLC link up",
+        until=lambda plcs: bool(plcs) and all(p["link"] == "up" for p in plcs),
+        interval_s=0.05,
+        context=ctl.tail,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -242,12 +243,14 @@ async def submit_pick(ctl: ControllerProcess, order_id: str) -> int:
     body = {**ORDER, "order_id": order_id, "lines": [{"sku": "K0", "qty": 1}]}
     headers = {**auth_headers("floor"), "Idempotency-Key": f"key-{order_id}"}
     async with httpx.AsyncClient(base_url=ctl.base, timeout=5.0) as client:
-        deadline = time.monotonic() + 15
-        while True:  # polling another process's endpoint, bounded
-            r = await client.post("/api/v1/picks", json=body, headers=headers)
-            if r.status_code == 201 or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
+        r = await wait_for_condition(  # until the controller counted the shelf
+            lambda: client.post("/api/v1/picks", json=body, headers=headers),
+            15.0,
+            what=f"pick {order_id} accepted (201)",
+            until=lambda r: r.status_code == 201,
+            interval_s=0.1,
+            context=ctl.tail,
+        )
     assert r.status_code == 201, f"{r.status_code} {r.text}\n{ctl.tail()}"
     cmd_id: int = r.json()["tasks"][0]["cmd_id"]
     return cmd_id
