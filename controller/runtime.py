@@ -461,6 +461,7 @@ class Runtime:
                 await self._stop_tasks(tasks, older_tasks)
                 raise
         finally:
+            self.ingest.close()
             self.journal.close()
 
     async def _stop_tasks(self, tasks: asyncio.Task[None], older: set[asyncio.Task[Any]]) -> None:

@@ -502,7 +502,20 @@ class IngestService:
         loop = asyncio.get_running_loop()
         self._retry_handle = loop.call_later(self._retry_backoff.next_delay(), self._do_retry)
 
+    @property
+    def retry_pending(self) -> bool:
+        """A failed commit's retry is scheduled (the journal was not writable)."""
+        return self._retry_handle is not None and not self._retry_handle.cancelled()
+
+    def close(self) -> None:
+        """Cancel a pending commit retry; the runtime calls this before closing the journal.
+        The held messages stay unacknowledged: the broker redelivers them after a restart."""
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+
     def _do_retry(self) -> None:
+        self._retry_handle = None
         msgs, self._retry = self._retry, []
         self._process(msgs, self._retry_epoch)
         if not self._retry:

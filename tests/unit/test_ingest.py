@@ -363,6 +363,22 @@ async def test_commit_failure_holds_acks_rolls_back_and_retries(
     h.journal.close()
 
 
+async def test_close_cancels_a_pending_commit_retry(tmp_path: Path, site: SiteConfig) -> None:
+    """A stop during a journal outage: the retry timer must not fire after the journal is
+    closed (it would commit into a closed journal)."""
+    h = Harness(tmp_path, site)
+    h.journal.close()
+    h.journal = FailingJournal(tmp_path / "j.sqlite")
+    h.journal.open()
+    h.ingest._journal = h.journal
+    h.journal.fail = 1_000
+    h.send(h.msg(T_A01, reading(1, 1500.0)))
+    assert h.ingest.retry_pending
+    h.ingest.close()
+    assert not h.ingest.retry_pending
+    h.journal.close()
+
+
 _json_values = st.recursive(
     st.none()
     | st.booleans()
