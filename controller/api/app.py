@@ -71,8 +71,9 @@ def create_app(
         def _done(t: asyncio.Task[None]) -> None:
             exc = None if t.cancelled() else t.exception()
             if exc is not None:
-                if refusal(exc) is not None:  # another controller owns the site
-                    log.error("runtime stopped: %s", refusal(exc))
+                refused = refusal(exc)  # another controller owns the site: no traceback
+                if refused is not None:
+                    log.error("runtime stopped: %s", refused)
                 else:
                     log.critical("runtime stopped: %s", exc, exc_info=exc)
             if on_runtime_exit is not None:

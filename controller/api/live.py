@@ -207,7 +207,6 @@ class LiveHub:
         self.connections = 0
         self.refused: dict[str, int] = {"origin": 0, "token": 0}
         self.bad_client_messages = 0
-        self.listener_errors = 0
         self._sku_of = {sid: spec.sku for sid, spec in rt.specs.items()}
         self._sku_cfg = {s.id: s for s in rt.site.skus}
         self._stats_cache: tuple[float, dict[str, Any]] | None = None
@@ -217,13 +216,8 @@ class LiveHub:
     def on_events(self, events: list[dict[str, Any]]) -> None:
         if not self.clients:
             return
-        try:
-            msgs = [self._message(ev) for ev in events]
-        except Exception as exc:  # a listener must not raise into the publisher
-            self.listener_errors += 1
-            if self.listener_errors == 1:
-                log.error("live: could not translate an event group: %s", exc, exc_info=exc)
-            return
+        # A raise here is the bus's to isolate, count and log (controller/bus.py).
+        msgs = [self._message(ev) for ev in events]
         clients = list(self.clients.values())
         for msg in msgs:
             for c in clients:
