@@ -5,14 +5,21 @@ allocated to shelves (`controller.domain.routing`), split into pick tasks (one t
 shelf, a quantity, a sorter command), and followed to the pack station:
 
     RECEIVED → VALIDATED → ALLOCATED → PICKING → SORTED → PACKED → SHIPPED
-                      └──────────┴──────────┴─────────┴──→ EXCEPTION
+         └──────────┴───────────┴──────────┴──→ CANCELLED (before any command was sent)
+                      └──────────┴──────────┴─────────┴──→ EXCEPTION ──→ SORTED
+                                         (every UNKNOWN task resolved as picked by a person)
 
 A task is DISPATCHED once its sorter command id is journaled, ACCEPTED when the PLC took the
 command, DIVERTED when the sorter reports the tote in the pack station's lane, and CONFIRMED
 when, in addition, the shelf's scale shows the quantity gone. Anything else ends in SHORT
 (the scale did not show the quantity), FAILED (jam, refused, device down, recirculated,
-rejected) or UNKNOWN (the outcome of a sorter command cannot be known after a restart — shown
-to people, never guessed).
+rejected), CANCELLED (its order was cancelled before the command was sent) or UNKNOWN (the
+outcome of a sorter command cannot be known after a restart — shown to people, never
+guessed, until a supervisor resolves it as CONFIRMED or FAILED).
+
+Task states change only through `transition` (the table `TASK_TRANSITIONS`): execution, restart
+reconciliation (`reconcile_event`), cancellation and resolution all use it, so an illegal
+change (CONFIRMED → FAILED, resolving a task that is not UNKNOWN) raises `InvalidTransition`.
 """
 
 from __future__ import annotations
@@ -26,12 +33,20 @@ from typing import Any
 __all__ = [
     "FINAL_TASK_STATES",
     "OPEN_ORDER_STATES",
+    "TASK_TRANSITIONS",
     "InvalidTransition",
+    "NotCancellable",
     "Order",
     "OrderState",
     "PickTask",
+    "PlcKnows",
+    "Resolution",
+    "TaskEvent",
     "TaskState",
     "body_digest",
+    "next_task_state",
+    "reconcile_event",
+    "transition",
 ]
 
 
@@ -44,17 +59,26 @@ class OrderState(enum.StrEnum):
     PACKED = "PACKED"
     SHIPPED = "SHIPPED"
     EXCEPTION = "EXCEPTION"
+    CANCELLED = "CANCELLED"
 
 
 _NEXT: dict[OrderState, frozenset[OrderState]] = {
-    OrderState.RECEIVED: frozenset({OrderState.VALIDATED, OrderState.EXCEPTION}),
-    OrderState.VALIDATED: frozenset({OrderState.ALLOCATED, OrderState.EXCEPTION}),
-    OrderState.ALLOCATED: frozenset({OrderState.PICKING, OrderState.EXCEPTION}),
-    OrderState.PICKING: frozenset({OrderState.SORTED, OrderState.EXCEPTION}),
+    OrderState.RECEIVED: frozenset(
+        {OrderState.VALIDATED, OrderState.EXCEPTION, OrderState.CANCELLED}
+    ),
+    OrderState.VALIDATED: frozenset(
+        {OrderState.ALLOCATED, OrderState.EXCEPTION, OrderState.CANCELLED}
+    ),
+    OrderState.ALLOCATED: frozenset(
+        {OrderState.PICKING, OrderState.EXCEPTION, OrderState.CANCELLED}
+    ),
+    OrderState.PICKING: frozenset({OrderState.SORTED, OrderState.EXCEPTION, OrderState.CANCELLED}),
     OrderState.SORTED: frozenset({OrderState.PACKED, OrderState.EXCEPTION}),
     OrderState.PACKED: frozenset({OrderState.SHIPPED, OrderState.EXCEPTION}),
     OrderState.SHIPPED: frozenset(),
-    OrderState.EXCEPTION: frozenset(),
+    # Only when every task is CONFIRMED (UNKNOWN tasks resolved by a person): see transition.
+    OrderState.EXCEPTION: frozenset({OrderState.SORTED}),
+    OrderState.CANCELLED: frozenset(),
 }
 
 OPEN_ORDER_STATES = frozenset(
@@ -71,15 +95,92 @@ class TaskState(enum.StrEnum):
     SHORT = "SHORT"
     FAILED = "FAILED"
     UNKNOWN = "UNKNOWN"
+    CANCELLED = "CANCELLED"
 
 
 FINAL_TASK_STATES = frozenset(
-    {TaskState.CONFIRMED, TaskState.SHORT, TaskState.FAILED, TaskState.UNKNOWN}
+    {TaskState.CONFIRMED, TaskState.SHORT, TaskState.FAILED, TaskState.UNKNOWN, TaskState.CANCELLED}
 )
+"""States execution does not change any more (UNKNOWN only a person, by resolving it)."""
+
+
+class TaskEvent(enum.Enum):
+    """What happened to a task's command or shelf: the inputs of `transition`."""
+
+    ACCEPTED = "accepted"
+    """The PLC took the command (the mailbox write was confirmed, or it is pending there)."""
+    DIVERTED = "diverted"
+    """The sorter reports the tote in the pack station's lane."""
+    NOT_DIVERTED = "not_diverted"
+    """The sorter reports another result (RECIRCULATED, REJECTED, unreadable)."""
+    FAILED = "failed"
+    """Certainly not done: a belt could not start, the PLC refused the command, no result in
+    time, or an internal error."""
+    LOST = "lost"
+    """The command's outcome cannot be known (PLC restarted, not readable, out of its ring)."""
+    SCALE_CONFIRMED = "scale_confirmed"
+    """The shelf's count fell to the task's target."""
+    SCALE_TIMEOUT = "scale_timeout"
+    """The shelf did not show the units gone within the scale time-out."""
+    CANCELLED = "cancelled"
+    """Its order was cancelled before the command was handed to the sorter."""
+    RESOLVED_PICKED = "resolved_picked"
+    """A person found the units picked into the pack station (an UNKNOWN task)."""
+    RESOLVED_NOT_PICKED = "resolved_not_picked"
+    """A person found the units were not picked (an UNKNOWN task)."""
+
+
+_SENT = (TaskState.DISPATCHED, TaskState.ACCEPTED)
+
+TASK_TRANSITIONS: dict[tuple[TaskState, TaskEvent], TaskState] = {
+    (TaskState.DISPATCHED, TaskEvent.ACCEPTED): TaskState.ACCEPTED,
+    (TaskState.ACCEPTED, TaskEvent.ACCEPTED): TaskState.ACCEPTED,
+    # DISPATCHED too: ACCEPTED is not journaled, so a restart finds a result for a DISPATCHED task.
+    **{(s, TaskEvent.DIVERTED): TaskState.DIVERTED for s in _SENT},
+    **{(s, TaskEvent.NOT_DIVERTED): TaskState.FAILED for s in _SENT},
+    **{(s, TaskEvent.LOST): TaskState.UNKNOWN for s in _SENT},
+    **{(s, TaskEvent.FAILED): TaskState.FAILED for s in (*_SENT, TaskState.DIVERTED)},
+    (TaskState.DIVERTED, TaskEvent.SCALE_CONFIRMED): TaskState.CONFIRMED,
+    (TaskState.DIVERTED, TaskEvent.SCALE_TIMEOUT): TaskState.SHORT,
+    (TaskState.DISPATCHED, TaskEvent.CANCELLED): TaskState.CANCELLED,
+    (TaskState.UNKNOWN, TaskEvent.RESOLVED_PICKED): TaskState.CONFIRMED,
+    (TaskState.UNKNOWN, TaskEvent.RESOLVED_NOT_PICKED): TaskState.FAILED,
+}
+"""(state, event) → next state; every pair not listed is an `InvalidTransition`."""
 
 
 class InvalidTransition(ValueError):
-    """An order state change the lifecycle does not allow (e.g. SHIPPED before PACKED)."""
+    """A state change the lifecycle does not allow (an order SHIPPED before PACKED, a task
+    CONFIRMED → FAILED, resolving a task that is not UNKNOWN)."""
+
+
+class NotCancellable(InvalidTransition):
+    """An order that cannot be cancelled any more: a command was handed to its sorter, or it
+    is closed."""
+
+
+class PlcKnows(enum.Enum):
+    """What a sorter PLC knows about a command in its current epoch (restart reconciliation)."""
+
+    NOT_SEEN = "not_seen"
+    PENDING = "pending"
+    DONE = "done"
+    UNKNOWN = "unknown"
+
+
+class Resolution(enum.StrEnum):
+    """A person's finding for an UNKNOWN task: the resulting task state."""
+
+    CONFIRMED = "CONFIRMED"
+    FAILED = "FAILED"
+
+
+def next_task_state(state: TaskState, event: TaskEvent) -> TaskState:
+    """The table's answer for ``event`` in ``state``; `InvalidTransition` if none."""
+    new = TASK_TRANSITIONS.get((state, event))
+    if new is None:
+        raise InvalidTransition(f"task {state.value}: {event.value} is not allowed")
+    return new
 
 
 def body_digest(body: Any) -> str:
@@ -113,6 +214,9 @@ class PickTask:
     picked_qty: int | None = None
     scale_confirmed: bool = False
     updated_ts: float = 0.0
+    resolved_by: str | None = None
+    """Who resolved the task (UNKNOWN → CONFIRMED / FAILED), when a person did."""
+    resolved_ts: float | None = None
 
     @property
     def final(self) -> bool:
@@ -139,6 +243,12 @@ class PickTask:
             "picked_qty": self.picked_qty,
             "scale_confirmed": self.scale_confirmed,
             "updated_ts": self.updated_ts,
+            # Only when resolved: the journal bytes of every other task stay as they were.
+            **(
+                {"resolved_by": self.resolved_by, "resolved_ts": self.resolved_ts}
+                if self.resolved_by is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -163,7 +273,52 @@ class PickTask:
             picked_qty=d.get("picked_qty"),
             scale_confirmed=bool(d.get("scale_confirmed", False)),
             updated_ts=float(d.get("updated_ts", 0.0)),
+            resolved_by=d.get("resolved_by"),
+            resolved_ts=d.get("resolved_ts"),
         )
+
+
+def transition(task: PickTask, event: TaskEvent, ts: float, reason: str | None = None) -> TaskState:
+    """Apply ``event`` to ``task`` by the table (`TASK_TRANSITIONS`); returns the old state.
+
+    A final state takes ``reason`` (None for CONFIRMED); CONFIRMED also sets ``picked_qty`` to
+    the task's quantity. `InvalidTransition` (the task unchanged) for a pair not in the table.
+    """
+    new = next_task_state(task.state, event)
+    old = task.state
+    task.state = new
+    task.updated_ts = ts
+    if new in FINAL_TASK_STATES:
+        task.reason = reason
+        if new is TaskState.CONFIRMED:
+            task.picked_qty = task.qty
+    elif reason is not None:
+        task.reason = reason
+    return old
+
+
+def reconcile_event(
+    state: TaskState,
+    sent_epoch: int | None,
+    knows: PlcKnows,
+    plc_epoch: int,
+    diverted: bool,
+) -> TaskEvent | None:
+    """Restart reconciliation of a task journaled as ``state`` (sent in PLC epoch
+    ``sent_epoch``), from what its sorter knows in ``plc_epoch`` (``diverted``: the result of a
+    DONE command). None: the command never reached the PLC and is sent again with the same
+    cmd_id (only a DISPATCHED task, only in the same PLC epoch). Everything else that cannot be
+    known is LOST (→ UNKNOWN): never replayed, never guessed."""
+    if state not in _SENT:
+        raise InvalidTransition(f"task {state.value}: nothing to reconcile")
+    if knows is PlcKnows.DONE:
+        return TaskEvent.DIVERTED if diverted else TaskEvent.NOT_DIVERTED
+    if knows is PlcKnows.PENDING:
+        return TaskEvent.ACCEPTED
+    same_epoch = sent_epoch is not None and sent_epoch == plc_epoch
+    if knows is PlcKnows.NOT_SEEN and same_epoch and state is TaskState.DISPATCHED:
+        return None
+    return TaskEvent.LOST
 
 
 @dataclass(slots=True)
@@ -200,7 +355,10 @@ class Order:
 
     def transition(self, new: OrderState, ts: float, reason: str | None = None) -> dict[str, Any]:
         """Move to ``new``; returns the ``order_state`` event. `InvalidTransition` otherwise."""
-        if new not in _NEXT[self.state]:
+        if new not in _NEXT[self.state] or (
+            self.state is OrderState.EXCEPTION
+            and not (self.tasks and all(t.state is TaskState.CONFIRMED for t in self.tasks))
+        ):
             raise InvalidTransition(
                 f"order {self.order_id}: {self.state.value} → {new.value} is not allowed"
             )
@@ -208,8 +366,10 @@ class Order:
         self.state = new
         self.updated_ts = ts
         self.history.append((ts, new.value, reason))
-        if new is OrderState.EXCEPTION:
+        if new in (OrderState.EXCEPTION, OrderState.CANCELLED):
             self.reason = reason
+        elif old is OrderState.EXCEPTION:
+            self.reason = None  # resolved: the exception's reason stays in the history
         return {
             "kind": "order_state",
             "ts": ts,
@@ -223,6 +383,44 @@ class Order:
 
     def tasks_final(self) -> bool:
         return all(t.final for t in self.tasks)
+
+    def cancel(self, ts: float, reason: str, *, commands_sent: bool) -> dict[str, Any]:
+        """Cancel an open order none of whose commands was handed to a sorter
+        (``commands_sent``: an execution fact the caller knows). Every task becomes CANCELLED;
+        returns the ``order_state`` event. `NotCancellable` (nothing changed) otherwise."""
+        if not self.open or commands_sent:
+            why = "a command was handed to the sorter" if self.open else "it is closed"
+            raise NotCancellable(
+                f"order {self.order_id} ({self.state.value}) cannot be cancelled: {why}"
+            )
+        if any(t.state is not TaskState.DISPATCHED for t in self.tasks):
+            raise NotCancellable(f"order {self.order_id}: a task is past DISPATCHED")
+        for task in self.tasks:
+            transition(task, TaskEvent.CANCELLED, ts, reason)
+        return self.transition(OrderState.CANCELLED, ts, reason)
+
+    def resolve(
+        self, task: PickTask, resolution: Resolution, ts: float, *, by: str, reason: str
+    ) -> list[dict[str, Any]]:
+        """A person's finding for an UNKNOWN ``task`` of this order: CONFIRMED (the units were
+        picked into the pack station) or FAILED. An EXCEPTION order whose tasks are then all
+        CONFIRMED becomes SORTED (it can be packed); an open order goes on as before. Returns
+        the ``order_state`` events (none or one). `InvalidTransition` if the task is not
+        UNKNOWN (nothing changed)."""
+        event = (
+            TaskEvent.RESOLVED_PICKED
+            if resolution is Resolution.CONFIRMED
+            else TaskEvent.RESOLVED_NOT_PICKED
+        )
+        was = task.reason
+        transition(task, event, ts, f"resolved {resolution.value} by {by}: {reason} (was: {was})")
+        task.resolved_by, task.resolved_ts = by, ts
+        self.updated_ts = ts
+        if self.state is OrderState.EXCEPTION and all(
+            t.state is TaskState.CONFIRMED for t in self.tasks
+        ):
+            return [self.transition(OrderState.SORTED, ts, f"task {task.task_no} resolved by {by}")]
+        return []
 
     def as_dict(self) -> dict[str, Any]:
         return {

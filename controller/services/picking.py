@@ -44,12 +44,19 @@ import orjson
 from controller.config import SiteConfig
 from controller.domain.model import ShelfSpec, ShelfStatus
 from controller.domain.orders import (
+    FINAL_TASK_STATES,
     InvalidTransition,
+    NotCancellable,
     Order,
     OrderState,
     PickTask,
+    PlcKnows,
+    Resolution,
+    TaskEvent,
     TaskState,
     body_digest,
+    reconcile_event,
+    transition,
 )
 from controller.domain.routing import (
     AllocationError,
@@ -72,6 +79,14 @@ from devices.link.state import LinkState
 from devices.sorter import CmdIdBelowPlc, CommandState, SorterDriver, SortResult
 
 log = logging.getLogger("floorhand.picking")
+
+_PLC_KNOWS = {
+    CommandState.NOT_SEEN: PlcKnows.NOT_SEEN,
+    CommandState.PENDING: PlcKnows.PENDING,
+    CommandState.DONE: PlcKnows.DONE,
+    CommandState.UNKNOWN: PlcKnows.UNKNOWN,
+}
+"""The sorter driver's lookup answer in the domain's terms (reconcile_event)."""
 
 __all__ = ["PickError", "PickRequest", "PickingService", "Submitted"]
 
@@ -186,6 +201,9 @@ class PickingService:
         # submission reads no table; older ones: the journal's unique index (DuplicateOrder).
         self._keys: dict[str, IdempotencyRow] = {}
         self._externals: dict[tuple[str, str], str] = {}
+        self._sent: set[str] = set()
+        """Open orders a command of which was handed to a sorter (or may have been: every
+        order reloaded at start): no longer cancellable."""
         self._belt_ok: dict[str, float] = {}
         self._belt_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.stats: dict[str, int] = defaultdict(int)
@@ -212,6 +230,7 @@ class PickingService:
         opened = [Order.from_dict(d) for d in self.journal.open_orders()]
         for order in opened:
             self.orders[order.order_id] = order
+            self._sent.add(order.order_id)
             for task in order.tasks:
                 if not task.final and not task.scale_confirmed:
                     self._reserved[task.shelf] += task.qty
@@ -598,6 +617,59 @@ class PickingService:
             order.carrier, order.tracking = carrier, tracking
         return self._advance(order, OrderState.SHIPPED, by=by)
 
+    def cancel(self, order_id: str, *, by: str, reason: str | None = None) -> dict[str, Any]:
+        """Cancel an open order none of whose commands was handed to a sorter yet (its belts
+        are being started, or it waits for the executor): every task CANCELLED, the
+        reservation released, journaled with an ``order_state`` event (bus, MQTT order topic).
+        A cancelled order again: unchanged. `PickError` 404 unknown, 409 ``not_cancellable``
+        (a command was handed to the sorter, or the order is closed). Who may cancel which
+        order is the caller's business (the API: a floor caller only its own)."""
+        order = self._closed_order(order_id)
+        if order.state is OrderState.CANCELLED:  # repeated: idempotent
+            return order.as_dict()
+        now = self.clock()
+        text = f"cancelled by {by}" + (f": {reason}" if reason else "")
+        try:
+            event = order.cancel(now, text, commands_sent=order_id in self._sent)
+        except NotCancellable as exc:
+            self.stats["cancel_refused"] += 1
+            raise PickError(
+                409, "not_cancellable", str(exc), extra={"state": order.state.value}
+            ) from None
+        for task in order.tasks:
+            self._release(task)
+        self.stats["orders_cancelled"] += 1
+        log.info("order %s %s", order_id, text)
+        self._store(order, [*(self._task_event(order, t) for t in order.tasks), event])
+        return order.as_dict()
+
+    def resolve(
+        self, order_id: str, task_no: int, resolution: Resolution, *, by: str, reason: str
+    ) -> dict[str, Any]:
+        """A supervisor's finding for an UNKNOWN task (``resolution``: CONFIRMED, the units
+        are in the pack station; FAILED, they are not), journaled with who, when and why (a
+        ``pick_task`` event with ``by``). An EXCEPTION order whose tasks are then all CONFIRMED
+        becomes SORTED. `PickError` 404 unknown order or task, 409 ``task_not_unknown``."""
+        order = self._closed_order(order_id)
+        task = next((t for t in order.tasks if t.task_no == task_no), None)
+        if task is None:
+            raise PickError(404, "task_not_found", f"order {order_id} has no task {task_no}")
+        try:
+            events = order.resolve(task, resolution, self.clock(), by=by, reason=reason)
+        except InvalidTransition:
+            self.stats["resolve_refused"] += 1
+            raise PickError(
+                409,
+                "task_not_unknown",
+                f"task {task_no} of order {order_id} is {task.state.value}: only an UNKNOWN "
+                "task can be resolved",
+                extra={"state": task.state.value},
+            ) from None
+        self.stats[f"task_resolved_{resolution.value.lower()}"] += 1
+        log.warning("order %s task %d: %s", order_id, task_no, task.reason)
+        self._store(order, [{**self._task_event(order, task), "by": by}, *events])
+        return order.as_dict()
+
     def _closed_order(self, order_id: str) -> Order:
         order = self.orders.get(order_id) or self._closed.get(order_id)
         if order is not None:
@@ -682,6 +754,7 @@ class PickingService:
             log.error("could not journal order %s: %s", order.order_id, exc)
         if not order.open:
             self.orders.pop(order.order_id, None)
+            self._sent.discard(order.order_id)
             self._closed[order.order_id] = order
             self._closed.move_to_end(order.order_id)
             while len(self._closed) > self.cfg.keep_closed_orders:
@@ -788,7 +861,7 @@ class PickingService:
             log.exception("order %s: execution failed", order.order_id)
             for task in order.tasks:
                 if not task.final:
-                    self._finish(task, TaskState.FAILED, f"internal error: {exc}")
+                    self._finish(task, TaskEvent.FAILED, f"internal error: {exc}")
         self._close(order)
 
     async def _execute_tasks(self, order: Order, reconcile: bool) -> None:
@@ -800,10 +873,12 @@ class PickingService:
         if moving:
             belts = {c for t in moving for c in t.conveyors} | {t.sorter for t in moving}
             failure = await self._start_belts(belts)
+            if order.state is OrderState.CANCELLED:  # cancelled while the belts started
+                return
             if failure is not None:
                 for task in moving:
                     if task.state is TaskState.DISPATCHED:  # never sent: certainly not executed
-                        self._finish(task, TaskState.FAILED, failure)
+                        self._finish(task, TaskEvent.FAILED, failure)
         waits = []
         for task in open_tasks:
             if task.final:
@@ -818,6 +893,7 @@ class PickingService:
             else:
                 self._waiting[task.shelf].append((task, done))
             if task.state is TaskState.DISPATCHED:
+                self._sent.add(order.order_id)  # from here on the order cannot be cancelled
                 await self._send(order, task)
             waits.append(self._await_task(order, task, done))
         await asyncio.gather(*waits)
@@ -853,14 +929,13 @@ class PickingService:
                     raise
                 await driver.send(task.cmd_id, task.tote, task.lane)
         except CommandOutcomeUnknown as exc:
-            self._finish(task, TaskState.UNKNOWN, str(exc))
+            self._finish(task, TaskEvent.LOST, str(exc))
             return
         except (CommandRefused, DeviceError, ValueError) as exc:
-            self._finish(task, TaskState.FAILED, f"sorter {task.sorter}: {exc}")
+            self._finish(task, TaskEvent.FAILED, f"sorter {task.sorter}: {exc}")
             return
-        task.state = TaskState.ACCEPTED
+        transition(task, TaskEvent.ACCEPTED, self.clock())
         task.plc_epoch = driver.epoch
-        task.updated_ts = self.clock()
         # Not journaled: a restart reconciles a DISPATCHED command the same way (the PLC
         # knows whether it accepted it; see _reconcile).
         self.publish_bus([self._task_event(order, task)])
@@ -871,35 +946,37 @@ class PickingService:
             return
         driver = self.sorters.get(task.sorter)
         if driver is None:
-            self._finish(task, TaskState.UNKNOWN, f"sorter {task.sorter} is no longer configured")
+            self._finish(task, TaskEvent.LOST, f"sorter {task.sorter} is no longer configured")
             return
         try:
             await driver.link.wait_up(RECONCILE_WAIT_S)
             found = await driver.lookup(task.cmd_id)
         except (DeviceError, TimeoutError) as exc:
-            self._finish(task, TaskState.UNKNOWN, f"sorter {task.sorter} unreachable: {exc}")
+            self._finish(task, TaskEvent.LOST, f"sorter {task.sorter} unreachable: {exc}")
             return
         self.stats["reconciled"] += 1
-        same_epoch = task.plc_epoch is not None and task.plc_epoch == found.epoch
-        if found.state is CommandState.DONE:
-            self._on_result(task, found.result)
-        elif found.state is CommandState.PENDING:
-            task.state = TaskState.ACCEPTED
-        elif (
-            found.state is CommandState.NOT_SEEN
-            and same_epoch
-            and (task.state is TaskState.DISPATCHED)
-        ):
+        event = reconcile_event(
+            task.state,
+            task.plc_epoch,
+            _PLC_KNOWS[found.state],
+            found.epoch,
+            found.result is SortResult.DIVERTED,
+        )
+        if event is None:
             # Never reached the PLC: stays DISPATCHED and is sent (same cmd_id) by the caller.
             log.info("order %s task %d: cmd %d never reached the PLC", order.order_id,
                      task.task_no, task.cmd_id)  # fmt: skip
-        else:
+        elif event is TaskEvent.LOST:
             self._finish(
                 task,
-                TaskState.UNKNOWN,
+                event,
                 f"cmd {task.cmd_id}: sorter {task.sorter} says {found.state.value} "
                 f"(epoch {found.epoch}, sent in epoch {task.plc_epoch})",
             )
+        elif event is TaskEvent.ACCEPTED:
+            transition(task, event, self.clock())
+        else:
+            self._on_result(task, found.result)
 
     async def _await_task(self, order: Order, task: PickTask, done: asyncio.Event) -> None:
         try:
@@ -916,7 +993,7 @@ class PickingService:
                         await done.wait()
                 if done.is_set():
                     task.scale_confirmed = True
-                    self._finish(task, TaskState.CONFIRMED, None)
+                    self._finish(task, TaskEvent.SCALE_CONFIRMED, None)
                 else:
                     state = self.states.get(task.shelf)
                     now_units = state.units if state is not None else None
@@ -926,7 +1003,7 @@ class PickingService:
                     task.picked_qty = picked
                     self._finish(
                         task,
-                        TaskState.SHORT,
+                        TaskEvent.SCALE_TIMEOUT,
                         f"shelf {task.shelf} shows {picked} of {task.qty} unit(s) picked after "
                         f"{self.cfg.scale_timeout_s:g} s",
                     )
@@ -945,43 +1022,46 @@ class PickingService:
         try:
             outcome = await driver.wait_result(task.cmd_id, timeout_s=self.cfg.result_timeout_s)
         except ResultTimeout as exc:
-            self._finish(task, TaskState.FAILED, str(exc))
+            self._finish(task, TaskEvent.FAILED, str(exc))
             return
         except CommandOutcomeUnknown as exc:
-            self._finish(task, TaskState.UNKNOWN, str(exc))
+            self._finish(task, TaskEvent.LOST, str(exc))
             return
         except DeviceError as exc:
-            self._finish(task, TaskState.UNKNOWN, f"sorter {task.sorter}: {exc}")
+            self._finish(task, TaskEvent.LOST, f"sorter {task.sorter}: {exc}")
             return
         self._on_result(task, outcome.result)
 
     def _on_result(self, task: PickTask, result: SortResult | None) -> None:
         task.result = result.value if result is not None else None
-        task.updated_ts = self.clock()
         if result is SortResult.DIVERTED:
-            task.state = TaskState.DIVERTED
+            transition(task, TaskEvent.DIVERTED, self.clock())
         else:
             self._finish(
-                task, TaskState.FAILED, f"sorter {task.sorter}: tote {task.tote} {task.result}"
+                task,
+                TaskEvent.NOT_DIVERTED,
+                f"sorter {task.sorter}: tote {task.tote} {task.result}",
             )
 
-    def _finish(self, task: PickTask, state: TaskState, reason: str | None) -> None:
-        if task.final:
+    def _finish(self, task: PickTask, event: TaskEvent, reason: str | None) -> None:
+        """Apply ``event`` (the pure task machine) and, when the task becomes final, release
+        its reservation. `InvalidTransition` for a change the machine does not allow."""
+        old = transition(task, event, self.clock(), reason)
+        if old in FINAL_TASK_STATES or not task.final:
             return
-        task.state = state
-        task.reason = reason
-        task.updated_ts = self.clock()
-        if state is TaskState.CONFIRMED:
-            task.picked_qty = task.qty
+        self._release(task)
+        if reason is not None:
+            log.warning("task %d (cmd %d, tote %d) %s: %s", task.task_no, task.cmd_id,
+                        task.tote, task.state.value, reason)  # fmt: skip
+
+    def _release(self, task: PickTask) -> None:
+        """A task just became final: its units are no longer held for it."""
         held = self._reserved.get(task.shelf, 0) - task.qty
         if held > 0:
             self._reserved[task.shelf] = held
         else:
             self._reserved.pop(task.shelf, None)
-        self.stats[f"task_{state.value.lower()}"] += 1
-        if reason is not None:
-            log.warning("task %d (cmd %d, tote %d) %s: %s", task.task_no, task.cmd_id,
-                        task.tote, state.value, reason)  # fmt: skip
+        self.stats[f"task_{task.state.value.lower()}"] += 1
 
     def _task_event(self, order: Order, task: PickTask) -> dict[str, Any]:
         return {

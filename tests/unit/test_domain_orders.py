@@ -7,12 +7,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from controller.domain.orders import (
+    FINAL_TASK_STATES,
+    TASK_TRANSITIONS,
     InvalidTransition,
+    NotCancellable,
     Order,
     OrderState,
     PickTask,
+    PlcKnows,
+    Resolution,
+    TaskEvent,
     TaskState,
     body_digest,
+    next_task_state,
+    reconcile_event,
+    transition,
 )
 from controller.domain.routing import (
     AllocationError,
@@ -95,6 +104,164 @@ def test_order_round_trips_through_its_dict() -> None:
     assert not again.tasks_final()
     again.tasks[0].state = TaskState.SHORT
     assert again.tasks_final()
+
+
+def task(state: TaskState = TaskState.DISPATCHED, task_no: int = 0) -> PickTask:
+    t = PickTask(task_no, 0, "K", 2, "sh1", "A", ("c-a",), "sorter-1", 3, 7, 42 + task_no, 8)
+    t.state = state
+    return t
+
+
+def picking_order(*tasks: PickTask) -> Order:
+    order = Order("o1", "api", "W-1", "PS1", [("K", 2)], created_ts=0.0)
+    for step in (OrderState.VALIDATED, OrderState.ALLOCATED, OrderState.PICKING):
+        order.transition(step, 1.0)
+    order.tasks.extend(tasks)
+    return order
+
+
+def test_the_task_happy_path_goes_through_the_table() -> None:
+    t = task()
+    for event, state in [
+        (TaskEvent.ACCEPTED, TaskState.ACCEPTED),
+        (TaskEvent.DIVERTED, TaskState.DIVERTED),
+        (TaskEvent.SCALE_CONFIRMED, TaskState.CONFIRMED),
+    ]:
+        transition(t, event, 5.0)
+        assert t.state is state
+    assert (t.picked_qty, t.reason, t.updated_ts, t.final) == (2, None, 5.0, True)
+
+
+@given(
+    state=st.sampled_from(TaskState),
+    event=st.sampled_from(TaskEvent),
+)
+def test_every_task_transition_follows_the_table_or_raises(
+    state: TaskState, event: TaskEvent
+) -> None:
+    t = task(state)
+    before = t.as_dict()
+    expected = TASK_TRANSITIONS.get((state, event))
+    if expected is None:
+        with pytest.raises(InvalidTransition):
+            transition(t, event, 9.0, "why")
+        assert t.as_dict() == before  # refused: nothing changed
+    else:
+        assert transition(t, event, 9.0, "why") is state
+        assert t.state is expected
+        if expected in FINAL_TASK_STATES:
+            assert t.reason == "why"
+
+
+def test_final_states_only_leave_by_a_persons_resolution() -> None:
+    for (state, event), new in TASK_TRANSITIONS.items():
+        if state in FINAL_TASK_STATES:
+            assert state is TaskState.UNKNOWN
+            assert event in (TaskEvent.RESOLVED_PICKED, TaskEvent.RESOLVED_NOT_PICKED)
+            assert new in (TaskState.CONFIRMED, TaskState.FAILED)
+    # Nothing leaves CONFIRMED, SHORT, FAILED or CANCELLED.
+    for state in FINAL_TASK_STATES - {TaskState.UNKNOWN}:
+        for event in TaskEvent:
+            with pytest.raises(InvalidTransition):
+                next_task_state(state, event)
+
+
+@pytest.mark.parametrize(
+    ("state", "sent_epoch", "knows", "epoch", "diverted", "expected"),
+    [
+        (TaskState.DISPATCHED, 3, PlcKnows.DONE, 3, True, TaskEvent.DIVERTED),
+        (TaskState.ACCEPTED, 3, PlcKnows.DONE, 3, False, TaskEvent.NOT_DIVERTED),
+        (TaskState.DISPATCHED, 3, PlcKnows.PENDING, 3, False, TaskEvent.ACCEPTED),
+        (TaskState.DISPATCHED, 3, PlcKnows.NOT_SEEN, 3, False, None),  # sent again, same id
+        (TaskState.ACCEPTED, 3, PlcKnows.NOT_SEEN, 3, False, TaskEvent.LOST),
+        (TaskState.DISPATCHED, 3, PlcKnows.NOT_SEEN, 4, False, TaskEvent.LOST),  # PLC restarted
+        (TaskState.DISPATCHED, None, PlcKnows.NOT_SEEN, 4, False, TaskEvent.LOST),
+        (TaskState.DISPATCHED, 3, PlcKnows.UNKNOWN, 3, False, TaskEvent.LOST),  # out of the ring
+    ],
+)
+def test_reconciliation_decides_through_the_table(
+    state: TaskState,
+    sent_epoch: int | None,
+    knows: PlcKnows,
+    epoch: int,
+    diverted: bool,
+    expected: TaskEvent | None,
+) -> None:
+    event = reconcile_event(state, sent_epoch, knows, epoch, diverted)
+    assert event is expected
+    if event is not None:
+        next_task_state(state, event)  # and the table accepts it
+
+
+def test_a_final_task_has_nothing_to_reconcile() -> None:
+    with pytest.raises(InvalidTransition):
+        reconcile_event(TaskState.CONFIRMED, 3, PlcKnows.DONE, 3, True)
+
+
+def test_cancel_before_any_command_was_sent() -> None:
+    order = picking_order(task(), task(task_no=1))
+    ev = order.cancel(4.0, "customer withdrew", commands_sent=False)
+    assert (ev["old"], ev["new"], ev["reason"]) == ("PICKING", "CANCELLED", "customer withdrew")
+    assert not order.open
+    assert order.reason == "customer withdrew"
+    assert [t.state for t in order.tasks] == [TaskState.CANCELLED] * 2
+    assert order.tasks_final()
+
+
+@pytest.mark.parametrize("sent", [True, False])
+def test_cancel_is_refused_once_executing_or_closed(sent: bool) -> None:
+    order = picking_order(task())
+    if not sent:
+        order.transition(OrderState.EXCEPTION, 2.0, "jam")
+    before = order.as_dict()
+    with pytest.raises(NotCancellable):
+        order.cancel(4.0, "too late", commands_sent=sent)
+    assert order.as_dict() == before
+
+
+def test_cancel_is_refused_when_a_task_moved_on() -> None:
+    order = picking_order(task(), task(TaskState.ACCEPTED, task_no=1))
+    before = order.as_dict()
+    with pytest.raises(NotCancellable):
+        order.cancel(4.0, "too late", commands_sent=False)
+    assert order.as_dict() == before
+
+
+def test_resolving_the_last_unknown_task_as_picked_sorts_the_order() -> None:
+    order = picking_order(task(TaskState.CONFIRMED), task(TaskState.UNKNOWN, task_no=1))
+    order.tasks[1].reason = "PLC restarted"
+    order.transition(OrderState.EXCEPTION, 2.0, "task 1 UNKNOWN: PLC restarted")
+    with pytest.raises(InvalidTransition):  # not while a task is not CONFIRMED
+        order.transition(OrderState.SORTED, 2.5)
+    events = order.resolve(order.tasks[1], Resolution.CONFIRMED, 3.0, by="sup", reason="in tote")
+    assert [(e["old"], e["new"]) for e in events] == [("EXCEPTION", "SORTED")]
+    t = order.tasks[1]
+    assert (t.state, t.picked_qty, t.resolved_by, t.resolved_ts) == (
+        TaskState.CONFIRMED,
+        2,
+        "sup",
+        3.0,
+    )
+    assert t.reason == "resolved CONFIRMED by sup: in tote (was: PLC restarted)"
+    assert order.reason is None
+    again = Order.from_dict(order.as_dict())
+    assert again.as_dict() == order.as_dict()
+    order.transition(OrderState.PACKED, 4.0)  # and it goes on to the pack station
+
+
+def test_resolving_as_failed_keeps_the_exception_and_a_second_resolve_is_refused() -> None:
+    order = picking_order(task(TaskState.UNKNOWN))
+    order.transition(OrderState.EXCEPTION, 2.0, "lost")
+    assert order.resolve(order.tasks[0], Resolution.FAILED, 3.0, by="sup", reason="empty") == []
+    assert (order.state, order.tasks[0].state) == (OrderState.EXCEPTION, TaskState.FAILED)
+    before = order.as_dict()
+    with pytest.raises(InvalidTransition):
+        order.resolve(order.tasks[0], Resolution.CONFIRMED, 4.0, by="sup", reason="oops")
+    assert order.as_dict() == before
+
+
+def test_an_unresolved_task_keeps_its_old_journal_shape() -> None:
+    assert "resolved_by" not in task().as_dict()
 
 
 def test_body_digest_ignores_key_order_only() -> None:
