@@ -257,23 +257,51 @@ class HistorySink(Protocol):
     async def aclose(self) -> None: ...
 
 
-class OutboxPort(Protocol):
-    """The journal as the historian sees it: read in id order, delete once confirmed."""
+class OutboxReading(NamedTuple):
+    """A reading as the outbox holds it (``readings`` table), read back in id order. A
+    NamedTuple: the historian gets one per reading it drains. The values are what the file
+    holds: a damaged row may carry another type, so ``PointBuilder`` checks them."""
+
+    id: int
+    device: str
+    channel: int
+    epoch: int
+    seq: int
+    ts_s: float
+    weight_g: float
+    shelf: str
+
+
+class OutboxEvent(NamedTuple):
+    """An event as the outbox holds it (``events`` table): ``body`` is its JSON (unchecked)."""
+
+    id: int
+    ts_s: float
+    kind: str
+    body: bytes
+
+
+OutboxRow = OutboxReading | OutboxEvent
+
+
+class Outbox(Protocol):
+    """The journal as the historian sees it: read in id order, delete once confirmed, record
+    what the sink refused."""
 
     outbox_rows: int
 
-    def read_readings(self, after_id: int, limit: int) -> list[tuple[Any, ...]]: ...
+    def read_readings(self, after_id: int, limit: int) -> list[OutboxReading]:
+        """Up to ``limit`` readings with an id above ``after_id``, oldest first."""
+        ...
 
-    def read_events(self, after_id: int, limit: int) -> list[tuple[Any, ...]]: ...
+    def read_events(self, after_id: int, limit: int) -> list[OutboxEvent]:
+        """Up to ``limit`` events with an id above ``after_id``, oldest first."""
+        ...
 
-    def delete_confirmed(self, readings_through: int | None, events_through: int | None) -> int: ...
+    def delete_confirmed(self, readings_through: int | None, events_through: int | None) -> int:
+        """Delete the rows up to these ids (inclusive); returns how many."""
+        ...
 
-    def commit(
-        self,
-        readings: Sequence[ReadingRow],
-        dead_letters: Sequence[DeadLetter] = (),
-        cursors: dict[str, Cursor] | None = None,
-        shelf_states: dict[str, dict[str, Any]] | None = None,
-        events: Sequence[EventRow] = (),
-        alert_states: dict[str, dict[str, Any]] | None = None,
-    ) -> None: ...
+    def commit_dead_letters(self, dead_letters: Sequence[DeadLetter]) -> None:
+        """Record rows the historian could not deliver, in one transaction."""
+        ...

@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from controller.ports import (
     DuplicateOrder,
     EventRow,
     IdempotencyRow,
+    OutboxEvent,
+    OutboxReading,
     ReadingRow,
 )
 
@@ -129,6 +132,14 @@ trims it back to after a checkpoint)."""
 
 DEAD_LETTER_PAYLOAD_MAX = 4096
 """Bytes of a rejected payload kept for inspection (a 10 MB poison is not stored whole)."""
+
+
+# Rows as selected (columns in field order) → typed rows: tuple.__new__ straight, without
+# NamedTuple._make's method call (0.35 against 0.5–0.6 µs a row; the historian reads them all).
+_as_reading: Callable[[tuple[Any, ...]], OutboxReading] = functools.partial(
+    tuple.__new__, OutboxReading
+)
+_as_event: Callable[[tuple[Any, ...]], OutboxEvent] = functools.partial(tuple.__new__, OutboxEvent)
 
 
 def _insert_events(db: sqlite3.Connection, events: Sequence[EventRow]) -> None:
@@ -501,18 +512,26 @@ class Journal:
         return row is not None
 
     # -- outbox drain (the historian) --------------------------------------------------------
-    def read_readings(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:
-        return self.db.execute(
+    def read_readings(self, after_id: int, limit: int) -> list[OutboxReading]:
+        """Up to ``limit`` readings with an id above ``after_id``, oldest first."""
+        rows = self.db.execute(
             "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
             "WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit),
         ).fetchall()
+        return list(map(_as_reading, rows))
 
-    def read_events(self, after_id: int, limit: int) -> list[tuple[Any, ...]]:
-        return self.db.execute(
+    def read_events(self, after_id: int, limit: int) -> list[OutboxEvent]:
+        """Up to ``limit`` events with an id above ``after_id``, oldest first."""
+        rows = self.db.execute(
             "SELECT id, ts, kind, body FROM events WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit),
         ).fetchall()
+        return list(map(_as_event, rows))
+
+    def commit_dead_letters(self, dead_letters: Sequence[DeadLetter]) -> None:
+        """Record rows the historian could not deliver (one transaction)."""
+        self.commit((), dead_letters=dead_letters)
 
     def delete_confirmed(self, readings_through: int | None, events_through: int | None) -> int:
         """Delete outbox rows up to these ids (inclusive) once the sink confirmed them."""

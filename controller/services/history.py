@@ -44,7 +44,10 @@ from controller.ports import (
     HistoryPoint,
     HistoryQuery,
     HistorySink,
-    OutboxPort,
+    Outbox,
+    OutboxEvent,
+    OutboxReading,
+    OutboxRow,
     ShelfHistoryRaw,
     SinkRejected,
     SinkUnavailable,
@@ -176,12 +179,9 @@ class PointBuilder:
     def _shelf(self, shelf: str) -> tuple[str, str]:
         return self.topo.shelves.get(shelf, (UNKNOWN, UNKNOWN))
 
-    def reading(self, row: Sequence[Any]) -> HistoryPoint:
-        """``(id, device, channel, epoch, seq, ts, weight_g, shelf)`` → a ``weight`` point."""
-        try:
-            _id, device, channel, epoch, seq, ts, weight_g, shelf = row
-        except ValueError:
-            raise CorruptRow(f"reading row has {len(row)} columns") from None
+    def reading(self, row: OutboxReading) -> HistoryPoint:
+        """An outbox reading → a ``weight`` point."""
+        _id, device, channel, epoch, seq, ts, weight_g, shelf = row  # typed by OutboxReading
         if type(weight_g) is not float or type(ts) is not float or weight_g - weight_g != 0:
             if not isinstance(weight_g, float | int) or not math.isfinite(weight_g):
                 raise CorruptRow(f"weight_g: expected a finite number, got {weight_g!r}")
@@ -217,13 +217,10 @@ class PointBuilder:
             ts_ms,
         )
 
-    def event(self, row: Sequence[Any]) -> HistoryPoint:
-        """``(id, ts, kind, body)`` → one point of the measurement the kind maps to."""
-        try:
-            _id, ts, kind, raw = row
-        except ValueError:
-            raise CorruptRow(f"event row has {len(row)} columns") from None
-        ts_ms = _ts_ms(ts)
+    def event(self, row: OutboxEvent) -> HistoryPoint:
+        """An outbox event → one point of the measurement its kind maps to."""
+        ts_ms = _ts_ms(row.ts_s)
+        kind, raw = row.kind, row.body
         if not isinstance(kind, str):
             raise CorruptRow(f"kind: expected a string, got {kind!r}")
         if not isinstance(raw, bytes | str):
@@ -464,7 +461,7 @@ class AssignerStateFile:
             log.warning("history state %s unreadable, starting fresh: %s", self.path, exc)
             self.data = {}
 
-    def choose(self, outbox: OutboxPort) -> list[Any] | None:
+    def choose(self, outbox: Outbox) -> list[Any] | None:
         """The state the rows now at the head of the outbox were (or will be) built on."""
         if not self.data:
             return None
@@ -476,8 +473,8 @@ class AssignerStateFile:
             present = bool(rows) and list(reading) == reading_marker(rows[0])
         event = marker.get("event")
         if event and not present:
-            rows = outbox.read_events(int(event[0]) - 1, 1)
-            present = bool(rows) and list(event) == event_marker(rows[0])
+            evs = outbox.read_events(int(event[0]) - 1, 1)
+            present = bool(evs) and list(event) == event_marker(evs[0])
         chosen = self.data.get("before" if present else "after")
         return chosen if isinstance(chosen, list) else None
 
@@ -492,18 +489,18 @@ class AssignerStateFile:
         os.replace(tmp, self.path)
 
 
-def reading_marker(row: Sequence[Any]) -> list[Any]:
+def reading_marker(row: OutboxReading) -> list[Any]:
     """A reading row's id and identity (device, epoch, seq)."""
-    return [int(row[0]), repr(row[1]), repr(row[3]), repr(row[4])]
+    return [int(row.id), repr(row.device), repr(row.epoch), repr(row.seq)]
 
 
-def event_marker(row: Sequence[Any]) -> list[Any]:
+def event_marker(row: OutboxEvent) -> list[Any]:
     """An event row's id, time, kind and a digest of its body."""
-    body = row[3] if isinstance(row[3], bytes) else str(row[3]).encode()
+    body = row.body if isinstance(row.body, bytes) else str(row.body).encode()
     return [
-        int(row[0]),
-        repr(row[1]),
-        repr(row[2]),
+        int(row.id),
+        repr(row.ts_s),
+        repr(row.kind),
         hashlib.blake2b(body, digest_size=8).hexdigest(),
     ]
 
@@ -598,7 +595,7 @@ class HistoryService:
 
     def __init__(
         self,
-        outbox: OutboxPort,
+        outbox: Outbox,
         sink: HistorySink,
         topo: Topology,
         settings: HistorySettings | None = None,
@@ -718,14 +715,14 @@ class HistoryService:
         # Always from the head: confirmed rows are gone, and ids are reused once a table empties.
         events = self.outbox.read_events(0, ev_limit)
         r_limit = st.batch_size - len(events)
-        readings: list[tuple[Any, ...]] = []
+        readings: list[OutboxReading] = []
         after_id = 0
         while len(readings) < r_limit:
             page = self.outbox.read_readings(after_id, min(BUILD_CHUNK, r_limit - len(readings)))
             readings.extend(page)
             if len(page) < BUILD_CHUNK:
                 break
-            after_id = page[-1][0]
+            after_id = page[-1].id
             await asyncio.sleep(0)  # bounded slices: let ingest run in between
         if not readings and not events:
             return False
@@ -744,15 +741,15 @@ class HistoryService:
                 dead.append(self._corrupt("readings", row, str(exc), now))
                 continue
             points.append(assign(p))
-            origins.append(("readings", row[0]))
-        for row in events:
+            origins.append(("readings", row.id))
+        for ev in events:
             try:
-                p = self.builder.event(row)
+                p = self.builder.event(ev)
             except CorruptRow as exc:
-                dead.append(self._corrupt("events", row, str(exc), now))
+                dead.append(self._corrupt("events", ev, str(exc), now))
                 continue
             points.append(assign(p))
-            origins.append(("events", row[0]))
+            origins.append(("events", ev.id))
         rejected = await self._deliver(points)
         for i, reason in rejected:
             p = points[i]
@@ -777,10 +774,10 @@ class HistoryService:
                 row_id,
                 reason,
             )
-        r_through = int(readings[-1][0]) if readings else None
-        e_through = int(events[-1][0]) if events else None
+        r_through = int(readings[-1].id) if readings else None
+        e_through = int(events[-1].id) if events else None
         if dead:
-            self.outbox.commit((), dead_letters=dead)
+            self.outbox.commit_dead_letters(dead)
             self.stats.dead_lettered += len(rejected)
             self.stats.corrupt_rows += len(dead) - len(rejected)
         if self.state_file is not None:
@@ -796,7 +793,7 @@ class HistoryService:
         self.outbox.delete_confirmed(r_through, e_through)
         if readings:
             with contextlib.suppress(TypeError, ValueError):
-                self.stats.drained_through_ts_s = float(readings[-1][5])
+                self.stats.drained_through_ts_s = float(readings[-1].ts_s)
         self.stats.batches += 1
         self.stats.points_written += len(points) - len(rejected)
         self.stats.last_confirmed_s = self._clock()
@@ -812,8 +809,8 @@ class HistoryService:
         async with self.changed:
             await self.changed.wait_for(predicate)
 
-    def _corrupt(self, table: str, row: Sequence[Any], reason: str, now: float) -> DeadLetter:
-        log.error("history: outbox %s row %r is corrupt, skipped: %s", table, row[:1], reason)
+    def _corrupt(self, table: str, row: OutboxRow, reason: str, now: float) -> DeadLetter:
+        log.error("history: outbox %s row #%r is corrupt, skipped: %s", table, row.id, reason)
         payload = repr(tuple(row)).encode("utf-8", "replace")
         return DeadLetter(now, f"history/outbox/{table}", "history_corrupt_row", reason, payload)
 

@@ -29,7 +29,7 @@ from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.api.app import create_app
 from controller.config import load_site
-from controller.ports import EventRow, HistoryQuery, HistorySink, ReadingRow
+from controller.ports import EventRow, HistoryQuery, HistorySink, OutboxReading, ReadingRow
 from controller.runtime import Runtime
 from controller.services.history import HistoryService, HistorySettings, Topology
 from tests.influx_servers import InfluxD, VictoriaMetrics
@@ -549,10 +549,7 @@ async def test_sqlite_sink_idempotent_downsampled_retention(
     assert await sink.count("weight") == 4_000
     assert await sink.count("stock") == 2
     # Idempotent: the same points again add nothing.
-    pts = [
-        svc.builder.reading((i, r.device, r.channel, r.epoch, r.seq, r.ts_s, r.weight_g, r.shelf))
-        for i, r in enumerate(rows[:10])
-    ]
+    pts = [svc.builder.reading(OutboxReading(i, *r)) for i, r in enumerate(rows[:10])]
     await sink.write(pts)
     assert await sink.count("weight") == 4_000
     q = HistoryQuery(None, "K2", int((now - 120) * 1000), int(now * 1000), 30_000)

@@ -28,6 +28,7 @@ from controller.ports import (
     EventRow,
     HistoryPoint,
     HistoryQuery,
+    OutboxEvent,
     ReadingRow,
     ShelfHistoryRaw,
     SinkRejected,
@@ -153,7 +154,7 @@ async def test_rows_committed_after_the_outbox_emptied_are_delivered(journal: Jo
     await svc.drain_once()
     assert journal.count("readings") == 0
     journal.commit(readings(5, start_seq=100, ts0=1_795_700_000.0))
-    assert journal.read_readings(0, 1)[0][0] == 1  # the id was reused
+    assert journal.read_readings(0, 1)[0].id == 1  # the id was reused
     await svc.drain_once()
     assert len(sink.points) == 35
     assert journal.count("readings") == 0
@@ -374,7 +375,7 @@ def test_point_builder_maps_every_event_kind_to_the_schema() -> None:
         {"kind": "something_new", "x": 1},
     ]  # fmt: skip
     for i, body in enumerate(bodies):
-        p = b.event((i, 1.5, body["kind"], orjson.dumps(body)))
+        p = b.event(OutboxEvent(i, 1.5, body["kind"], orjson.dumps(body)))
         schema = SCHEMA[p.measurement]
         assert {k for k, _ in p.tags} <= set(schema["tags"]), p
         assert {k for k, _ in p.fields} <= set(schema["fields"]), p
@@ -382,7 +383,7 @@ def test_point_builder_maps_every_event_kind_to_the_schema() -> None:
         for k, v in p.fields:
             want = {"float": float, "integer": int, "string": str}[schema["fields"][k]]
             assert type(v) is want, (p, k)
-    alert = b.event((9, 1.0, "alert_escalated", orjson.dumps(bodies[2])))
+    alert = b.event(OutboxEvent(9, 1.0, "alert_escalated", orjson.dumps(bodies[2])))
     assert dict(alert.tags)["severity"] == "out"
     assert dict(alert.tags)["transition"] == "escalated"
 

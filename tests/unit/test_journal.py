@@ -111,8 +111,8 @@ def test_outbox_drain_and_dead_letter_bound(tmp_path: Path) -> None:
     j.open()
     j.commit([row(i) for i in range(10)], [DeadLetter(1.0, "t", "r", "", b"") for _ in range(30)])
     rows = j.read_readings(0, 4)
-    assert [r[4] for r in rows] == [0, 1, 2, 3]
-    assert j.delete_confirmed(rows[-1][0], None) == 4
+    assert [r.seq for r in rows] == [0, 1, 2, 3]
+    assert j.delete_confirmed(rows[-1].id, None) == 4
     assert j.outbox_rows == 6
     j.commit([], events=[EventRow(1.0, "k", {}) for _ in range(5)])
     assert j.trim_outbox(keep_readings=2, keep_events=1) == 4 + 4
