@@ -872,3 +872,227 @@ async def test_pick_command_queued_while_down_waits_for_the_plc_links(
                 assert f2.rt.picking.devices_settled.is_set()
     finally:
         watcher.close()
+
+
+def journaled(rt: Runtime, kind: str) -> list[dict[str, Any]]:
+    """The journal's events of ``kind``, oldest first."""
+    rows = rt.journal.db.execute("SELECT body FROM events WHERE kind=? ORDER BY id", (kind,))
+    return [orjson.loads(body) for (body,) in rows]
+
+
+def no_execution(order_id: str) -> bool:
+    """The order's execution task has ended (or never ran)."""
+    return all(t.get_name() != f"order:{order_id}" for t in asyncio.all_tasks())
+
+
+async def test_cancel_an_order_before_its_command_is_sent(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancel: a floor caller cancels its own order while the executor is still starting the
+    belts (held here by holding the conveyor's start lock, so the window is certain), a
+    supervisor any order; another floor caller gets the unknown-order answer, an engineer 403;
+    again: 200 unchanged. Every task CANCELLED, the reservation released, the command never
+    reaches the sorter, an ``order_state`` event on the bus and in the journal. Once a command
+    went to the sorter: 409 ``not_cancellable``, for the owner and a supervisor alike."""
+    floor2 = other_floor_caller(monkeypatch)
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=0.5, lane_drain_s=0.0)
+    async with (
+        PlcHost(conveyor, seed=1) as ch,
+        PlcHost(sorter, seed=2) as sh,
+        floor(mosquitto, tmp_path, ch, sh) as f,
+    ):
+        rt = f.rt
+        seen: list[dict[str, Any]] = []
+        rt.bus.add_listener(
+            lambda evs: seen.extend(e for e in evs if e.get("kind") == "order_state")
+        )
+        await f.shelf("s0", 20)
+        belts = rt.picking._belt_locks["conveyor-1"]
+        await belts.acquire()
+        try:
+            a = await f.pick(
+                "c-a", {**ORDER, "order_id": "C-A", "lines": [{"sku": "K0", "qty": 2}]}
+            )
+            b = await f.pick(
+                "c-b", {**ORDER, "order_id": "C-B", "lines": [{"sku": "K0", "qty": 3}]}
+            )
+            assert (a.status_code, b.status_code) == (201, 201), (a.text, b.text)
+            oid_a, oid_b = a.json()["order_id"], b.json()["order_id"]
+            cmds = {a.json()["tasks"][0]["cmd_id"], b.json()["tasks"][0]["cmd_id"]}
+            assert rt.picking.reserved("sh0") == 5
+
+            unknown = await f.client.post("/api/v1/orders/nope/cancel", headers=floor2)
+            other = await f.client.post(f"/api/v1/orders/{oid_a}/cancel", headers=floor2)
+            assert (unknown.status_code, other.status_code) == (404, 404)
+            assert other.headers["content-type"] == "application/problem+json"
+            assert other.json() == {**unknown.json(), "detail": f"no order {oid_a!r}"}
+            r = await f.client.post(
+                f"/api/v1/orders/{oid_a}/cancel", headers=auth_headers("engineer")
+            )
+            assert r.status_code == 403, r.text
+            r = await f.client.post(
+                f"/api/v1/orders/{oid_a}/cancel",
+                json={"reason": " "},
+                headers=auth_headers("floor"),
+            )
+            assert r.status_code == 422, r.text
+            assert order_state(rt, oid_a) == "PICKING"  # refusals changed nothing
+
+            r = await f.client.post(
+                f"/api/v1/orders/{oid_a}/cancel",
+                json={"reason": "customer withdrew"},
+                headers=auth_headers("floor"),
+            )
+            assert r.status_code == 200, r.text
+            body = OrderOut.model_validate(r.json())
+            assert body.state == "CANCELLED"
+            assert body.reason == "cancelled by test-floor: customer withdrew"
+            assert [t.state for t in body.tasks] == ["CANCELLED"]
+            again = await f.client.post(
+                f"/api/v1/orders/{oid_a}/cancel", headers=auth_headers("floor")
+            )
+            assert (again.status_code, again.json()) == (200, r.json())
+            r = await f.client.post(
+                f"/api/v1/orders/{oid_b}/cancel", headers=auth_headers("supervisor")
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["reason"] == "cancelled by test-supervisor"
+            assert rt.picking.reserved("sh0") == 0
+        finally:
+            belts.release()
+        await wait_for_condition(
+            lambda: no_execution(oid_a) and no_execution(oid_b), 10.0, what="executions ended"
+        )
+        assert not cmds & set(sorter.executions)  # never reached the sorter
+        assert sorter.ack_id < min(cmds)
+        cancelled = [(e["order_id"], e["old"]) for e in seen if e["new"] == "CANCELLED"]
+        assert cancelled == [(oid_a, "PICKING"), (oid_b, "PICKING")]
+        assert [
+            (e["order_id"], e["reason"])
+            for e in journaled(rt, "order_state")
+            if e["new"] == "CANCELLED"
+        ] == [
+            (oid_a, "cancelled by test-floor: customer withdrew"),
+            (oid_b, "cancelled by test-supervisor"),
+        ]
+        assert {e["order_id"] for e in journaled(rt, "pick_task") if e["state"] == "CANCELLED"} == {
+            oid_a,
+            oid_b,
+        }
+        assert rt.journal.db.execute("SELECT sum(open) FROM orders").fetchone()[0] == 0
+
+        # Executing: the command went to the sorter (slow belt: the tote is still on it).
+        r = await f.pick("c-c", {**ORDER, "order_id": "C-C", "lines": [{"sku": "K0", "qty": 1}]})
+        assert r.status_code == 201, r.text
+        oid_c, cmd_c = r.json()["order_id"], r.json()["tasks"][0]["cmd_id"]
+        await bus_until(rt, lambda: sorter.ack_id == cmd_c, 10)
+        for role in ("floor", "supervisor"):
+            r = await f.client.post(f"/api/v1/orders/{oid_c}/cancel", headers=auth_headers(role))
+            assert r.status_code == 409, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+            assert (r.json()["type"], r.json()["state"]) == (
+                "urn:floorhand:problem:not_cancellable",
+                "PICKING",
+            )
+        assert order_state(rt, oid_c) == "PICKING"
+        assert rt.picking.reserved("sh0") == 1
+
+
+async def test_a_supervisor_resolves_an_unknown_task(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The sorter PLC restarts with a tote on its belt: the task is UNKNOWN, the order
+    EXCEPTION. A supervisor resolves it through the API with the outcome and a reason
+    (journaled with who and when); every task CONFIRMED → the order is SORTED and can be packed.
+    A floor caller: 403; a task that is not UNKNOWN (resolving twice): 409; no such task or
+    order: 404; a bad body: 422. Resolving as FAILED keeps the order EXCEPTION."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=0.3, lane_drain_s=0.0)
+    async with (
+        PlcHost(conveyor, seed=1) as ch,
+        PlcHost(sorter, seed=2) as sh,
+        floor(mosquitto, tmp_path, ch, sh) as f,
+    ):
+        rt = f.rt
+        await f.shelf("s0", 20)
+        oids = []
+        for n in range(2):
+            r = await f.pick(
+                f"u-{n}", {**ORDER, "order_id": f"U-{n}", "lines": [{"sku": "K0", "qty": 1}]}
+            )
+            assert r.status_code == 201, r.text
+            oids.append(r.json()["order_id"])
+            cmd_id = r.json()["tasks"][0]["cmd_id"]
+            await bus_until(rt, lambda: sorter.ack_id == cmd_id, 10)  # noqa: B023
+        await sh.restart()  # both totes pending: their outcome is lost with the PLC's memory
+        for oid in oids:
+            await bus_until(rt, lambda: order_state(rt, oid) == "EXCEPTION", 20)  # noqa: B023
+        picked, empty = oids
+        url = f"/api/v1/orders/{picked}/tasks/0/resolve"
+        finding = {"outcome": "CONFIRMED", "reason": "tote found in lane 3 with the unit"}
+
+        for role in ("floor", "engineer"):
+            r = await f.client.post(url, json=finding, headers=auth_headers(role))
+            assert r.status_code == 403, r.text
+        for bad in ({"outcome": "PICKED", "reason": "x"}, {"outcome": "CONFIRMED"}, {}):
+            r = await f.client.post(url, json=bad, headers=auth_headers("supervisor"))
+            assert r.status_code == 422, (bad, r.text)
+        for missing in (
+            f"/api/v1/orders/{picked}/tasks/5/resolve",
+            "/api/v1/orders/no/tasks/0/resolve",
+        ):
+            r = await f.client.post(missing, json=finding, headers=auth_headers("supervisor"))
+            assert r.status_code == 404, r.text
+            assert r.headers["content-type"] == "application/problem+json"
+        assert rt.picking.get(picked)["tasks"][0]["state"] == "UNKNOWN"  # type: ignore[index]
+
+        before = time.time()
+        r = await f.client.post(url, json=finding, headers=auth_headers("supervisor"))
+        assert r.status_code == 200, r.text
+        body = OrderOut.model_validate(r.json())
+        (task,) = body.tasks
+        assert (body.state, task.state, task.resolved_by) == (
+            "SORTED",
+            "CONFIRMED",
+            "test-supervisor",
+        )
+        assert task.resolved_ts is not None
+        assert task.resolved_ts >= before
+        assert task.reason is not None
+        assert task.reason.startswith(
+            "resolved CONFIRMED by test-supervisor: tote found in lane 3 with the unit (was: "
+        )
+        assert [h.state for h in body.history][-2:] == ["EXCEPTION", "SORTED"]
+        (event,) = [e for e in journaled(rt, "pick_task") if e.get("by")]
+        assert (event["order_id"], event["state"], event["by"]) == (
+            picked,
+            "CONFIRMED",
+            "test-supervisor",
+        )
+        assert [
+            (e["old"], e["new"]) for e in journaled(rt, "order_state") if e["order_id"] == picked
+        ][-1] == ("EXCEPTION", "SORTED")
+
+        r = await f.client.post(url, json=finding, headers=auth_headers("supervisor"))
+        assert r.status_code == 409, r.text
+        assert (r.json()["type"], r.json()["state"]) == (
+            "urn:floorhand:problem:task_not_unknown",
+            "CONFIRMED",
+        )
+        r = await f.client.post(f"/api/v1/orders/{picked}/pack", headers=auth_headers("supervisor"))
+        assert (r.status_code, r.json()["state"]) == (200, "PACKED")
+
+        r = await f.client.post(
+            f"/api/v1/orders/{empty}/tasks/0/resolve",
+            json={"outcome": "FAILED", "reason": "tote empty"},
+            headers=auth_headers("supervisor"),
+        )
+        assert r.status_code == 200, r.text
+        assert (r.json()["state"], r.json()["tasks"][0]["state"]) == ("EXCEPTION", "FAILED")
+        assert rt.picking.reserved("sh0") == 0
+        # A closed order cannot be cancelled.
+        r = await f.client.post(
+            f"/api/v1/orders/{empty}/cancel", headers=auth_headers("supervisor")
+        )
+        assert (r.status_code, r.json()["state"]) == (409, "EXCEPTION")

@@ -15,6 +15,11 @@ The semantics (docs/picking.md):
 * 409 when the stock is not there (nothing reserved), 503 with ``Retry-After`` when a device on
   the route is down (nothing reserved, safe to retry with the same key).
 * ``floor`` callers see only the orders they created; supervisors and engineers see all.
+* ``cancel``: an order none of whose commands was handed to a sorter yet; a floor caller only
+  its own (another's answers 404, as an unknown order does); again: 200, unchanged; 409
+  ``not_cancellable`` once a command went to the sorter or the order is closed.
+* ``resolve`` (supervisors): an UNKNOWN task's outcome, CONFIRMED or FAILED, with a reason;
+  409 ``task_not_unknown`` for any other task.
 """
 
 from __future__ import annotations
@@ -24,14 +29,14 @@ import math
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.api.auth import Principal, Role, require
 from controller.api.deps import RuntimeDep
 from controller.api.schemas import PROBLEM
-from controller.domain.orders import OrderState
+from controller.domain.orders import OrderState, Resolution
 from controller.services.picking import PickError, PickRequest
 
 router = APIRouter(tags=["orders"])
@@ -84,11 +89,17 @@ class PickTaskOut(BaseModel):
     lane: int
     tote: int
     cmd_id: int
-    state: Literal["DISPATCHED", "ACCEPTED", "DIVERTED", "CONFIRMED", "SHORT", "FAILED", "UNKNOWN"]
+    state: Literal[
+        "DISPATCHED", "ACCEPTED", "DIVERTED", "CONFIRMED", "SHORT", "FAILED", "UNKNOWN", "CANCELLED"
+    ]
     result: str | None
     reason: str | None
     picked_qty: int | None
     scale_confirmed: bool
+    resolved_by: str | None = Field(
+        default=None, description="who resolved the task from UNKNOWN (null: nobody)"
+    )
+    resolved_ts: float | None = Field(default=None, description="Unix time of the resolution")
 
 
 class OrderTransitionOut(BaseModel):
@@ -118,6 +129,35 @@ class OrderOut(BaseModel):
 class ShipIn(_Wire):
     carrier: Annotated[str, Field(min_length=1, max_length=64)]
     tracking: Annotated[str, Field(min_length=1, max_length=128)]
+
+
+Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"\S")]
+
+
+class CancelIn(_Wire):
+    """Why the order is cancelled (optional; kept in the order's history)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"reason": "customer withdrew the order"}]},
+    )
+    reason: Reason | None = None
+
+
+class ResolveIn(_Wire):
+    """A person's finding for an UNKNOWN task: CONFIRMED (the units are in the pack station's
+    tote) or FAILED (they are not), and why."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={
+            "examples": [{"outcome": "CONFIRMED", "reason": "tote 17 found in lane 3, 2 units"}]
+        },
+    )
+    outcome: Literal["CONFIRMED", "FAILED"]
+    reason: Reason
 
 
 _TASK_FIELDS = tuple(PickTaskOut.model_fields)
@@ -169,9 +209,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"content": {PROBLEM: {}}, "description": text}
     for code, text in {
         400: "Idempotency-Key missing or malformed",
-        404: "No such order (or not yours)",
-        409: "Not enough stock, a conflicting order, a lifecycle step out of order, or the "
-        "order already shipped with another tracking number",
+        404: "No such order (or not yours), or no such task",
+        409: "Not enough stock, a conflicting order, a lifecycle step out of order, the "
+        "order already shipped with another tracking number, an order that cannot be "
+        "cancelled any more, or a task that is not UNKNOWN",
         422: "Invalid request, or the Idempotency-Key was used for another request",
         503: "A device on the route is down (Retry-After); nothing was reserved",
     }.items()
@@ -308,6 +349,51 @@ async def ship_order(
     try:
         out = rt.picking.ship(
             order_id, by=principal.name, carrier=body.carrier, tracking=body.tracking
+        )
+    except PickError as exc:
+        return _problem(exc)
+    return _json(wire(out))
+
+
+@router.post(
+    "/api/v1/orders/{order_id}/cancel",
+    response_model=OrderOut,
+    responses=_ERRORS,
+    summary="Cancel an order none of whose commands was sent to the sorter (→ CANCELLED)",
+)
+async def cancel_order(
+    order_id: str,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Role.FLOOR, Role.SUPERVISOR))],
+    body: CancelIn | None = None,
+) -> Response:
+    if not _visible(rt.picking.get(order_id), principal):  # another floor caller's: unknown
+        return _problem(PickError(404, "order_not_found", f"no order {order_id!r}"))
+    try:
+        out = rt.picking.cancel(
+            order_id, by=principal.name, reason=body.reason if body is not None else None
+        )
+    except PickError as exc:
+        return _problem(exc)
+    return _json(wire(out))
+
+
+@router.post(
+    "/api/v1/orders/{order_id}/tasks/{task_no}/resolve",
+    response_model=OrderOut,
+    responses=_ERRORS,
+    summary="Resolve an UNKNOWN task as CONFIRMED or FAILED, with a reason (journaled)",
+)
+async def resolve_task(
+    order_id: str,
+    task_no: Annotated[int, Path(ge=0, le=1_000_000)],
+    body: ResolveIn,
+    rt: RuntimeDep,
+    principal: Annotated[Principal, Depends(require(Role.SUPERVISOR))],
+) -> Response:
+    try:
+        out = rt.picking.resolve(
+            order_id, task_no, Resolution(body.outcome), by=principal.name, reason=body.reason
         )
     except PickError as exc:
         return _problem(exc)
