@@ -90,6 +90,13 @@ class DeviceStatusChanged(Event):
     online: bool
 
 
+class JournalUnavailable(Exception):
+    """The journal cannot be written or read just now (disk full, I/O error, database locked
+    or busy): nothing of the call was written. Retryable: the caller keeps what it holds
+    (unacknowledged messages, unsent alert changes, outbox rows) and tries again later. Any
+    other exception out of a journal call is a bug, not an outage."""
+
+
 class JournalPort(Protocol):
     outbox_rows: int
 

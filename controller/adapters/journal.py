@@ -34,6 +34,7 @@ from controller.ports import (
     DuplicateOrder,
     EventRow,
     IdempotencyRow,
+    JournalUnavailable,
     OutboxEvent,
     OutboxReading,
     ReadingRow,
@@ -152,6 +153,37 @@ def _insert_events(db: sqlite3.Connection, events: Sequence[EventRow]) -> None:
 
 class JournalError(Exception):
     """The journal could not be opened or written (disk full, I/O error, locked)."""
+
+
+class JournalUnavailableError(JournalError, JournalUnavailable):
+    """The journal could not be written or read just now (disk full, I/O error, locked or
+    busy); nothing was written. Retryable (``ports.JournalUnavailable``)."""
+
+
+_RETRYABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_PROTOCOL,
+    }
+)
+"""Primary SQLite result codes of a file that cannot be used just now. Not among them: a
+constraint, a value SQLite cannot bind, an SQL error, a corrupt file (SQLITE_CORRUPT): trying
+the same call again would fail the same way."""
+
+
+def _failure(what: str, exc: Exception) -> JournalError:
+    """The JournalError for ``exc``: JournalUnavailableError when SQLite reports a condition
+    that can pass (``sqlite3.OperationalError`` also covers SQL errors, hence the code)."""
+    code = exc.sqlite_errorcode if isinstance(exc, sqlite3.OperationalError) else None
+    if code is not None and code & 0xFF in _RETRYABLE_CODES:
+        return JournalUnavailableError(f"{what} failed: {exc}")
+    return JournalError(f"{what} failed: {exc}")
 
 
 class JournalLocked(JournalError):
@@ -424,7 +456,8 @@ class Journal:
     @contextlib.contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """BEGIN … COMMIT; on any failure (a bad value included) roll back — never leave a
-        transaction open — and raise JournalError (its cause is the original error)."""
+        transaction open — and raise JournalError (its cause is the original error):
+        JournalUnavailableError when the file cannot be written just now."""
         db = self.db
         try:
             db.execute("BEGIN")
@@ -434,7 +467,17 @@ class Journal:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-            raise JournalError(f"{what} failed: {exc}") from exc
+            raise _failure(what, exc) from exc
+
+    @contextlib.contextmanager
+    def _statement(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One statement outside a transaction: a SQLite failure becomes a JournalError
+        (JournalUnavailableError when it can pass)."""
+        db = self.db
+        try:
+            yield db
+        except sqlite3.Error as exc:
+            raise _failure(what, exc) from exc
 
     def commit(
         self,
@@ -445,7 +488,8 @@ class Journal:
         events: Sequence[EventRow] = (),
         alert_states: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Write one group atomically. Raises JournalError (nothing written) on failure."""
+        """Write one group atomically. On failure nothing is written: JournalUnavailableError
+        (retryable: disk full, I/O error, locked), else JournalError (a value or a bug)."""
         with self._transaction("journal commit") as db:
             if readings:
                 db.executemany(
@@ -506,27 +550,30 @@ class Journal:
     def has_reading(self, device: str, epoch: int, seq: int) -> bool:
         """Whether this reading is in the outbox (asked for a reading its device's cursor does
         not account for: an earlier epoch, or below the cursor's floor)."""
-        row = self.db.execute(
-            "SELECT 1 FROM readings WHERE device=? AND epoch=? AND seq=?", (device, epoch, seq)
-        ).fetchone()
+        with self._statement("outbox lookup") as db:
+            row = db.execute(
+                "SELECT 1 FROM readings WHERE device=? AND epoch=? AND seq=?", (device, epoch, seq)
+            ).fetchone()
         return row is not None
 
     # -- outbox drain (the historian) --------------------------------------------------------
     def read_readings(self, after_id: int, limit: int) -> list[OutboxReading]:
         """Up to ``limit`` readings with an id above ``after_id``, oldest first."""
-        rows = self.db.execute(
-            "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
-            "WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        ).fetchall()
+        with self._statement("outbox read") as db:
+            rows = db.execute(
+                "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
         return list(map(_as_reading, rows))
 
     def read_events(self, after_id: int, limit: int) -> list[OutboxEvent]:
         """Up to ``limit`` events with an id above ``after_id``, oldest first."""
-        rows = self.db.execute(
-            "SELECT id, ts, kind, body FROM events WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        ).fetchall()
+        with self._statement("outbox read") as db:
+            rows = db.execute(
+                "SELECT id, ts, kind, body FROM events WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
         return list(map(_as_event, rows))
 
     def commit_dead_letters(self, dead_letters: Sequence[DeadLetter]) -> None:
@@ -546,8 +593,7 @@ class Journal:
 
     def trim_outbox(self, keep_readings: int, keep_events: int) -> int:
         """With no historian: keep only the most recent rows of the outbox for inspection."""
-        db = self.db
-        try:
+        with self._statement("outbox trim") as db:
             n = db.execute(
                 "DELETE FROM readings WHERE id <= (SELECT max(id) FROM readings) - ?",
                 (keep_readings,),
@@ -555,20 +601,17 @@ class Journal:
             n += db.execute(
                 "DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (keep_events,)
             ).rowcount
-        except sqlite3.Error as exc:
-            raise JournalError(f"outbox trim failed: {exc}") from exc
         self.outbox_rows = max(0, self.outbox_rows - n)
         return n
 
     def trim_dead_letters(self, keep: int) -> int:
-        db = self.db
-        try:
-            return db.execute(
-                "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",
-                (keep,),
-            ).rowcount
-        except sqlite3.Error as exc:
-            raise JournalError(f"dead-letter trim failed: {exc}") from exc
+        with self._statement("dead-letter trim") as db:
+            return int(
+                db.execute(
+                    "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",
+                    (keep,),
+                ).rowcount
+            )
 
     # -- inspection (API, tests, tools) ------------------------------------------------------
     def dead_letters(self, limit: int = 100) -> list[dict[str, Any]]:
@@ -713,19 +756,15 @@ class Journal:
     def trim_orders(self, closed_before_ts: float) -> int:
         """Delete closed orders (SHIPPED, EXCEPTION) last changed before ``closed_before_ts``;
         their events stay in the outbox/history. Open orders are never deleted."""
-        try:
-            cur = self.db.execute(
+        with self._statement("order trim") as db:
+            cur = db.execute(
                 "DELETE FROM orders WHERE open = 0 AND updated_ts < ?", (closed_before_ts,)
             )
-        except sqlite3.Error as exc:
-            raise JournalError(f"order trim failed: {exc}") from exc
         return cur.rowcount
 
     def trim_idempotency(self, older_than_ts: float) -> int:
-        try:
-            cur = self.db.execute("DELETE FROM idempotency WHERE created_ts < ?", (older_than_ts,))
-        except sqlite3.Error as exc:
-            raise JournalError(f"idempotency trim failed: {exc}") from exc
+        with self._statement("idempotency trim") as db:
+            cur = db.execute("DELETE FROM idempotency WHERE created_ts < ?", (older_than_ts,))
         return cur.rowcount
 
     # -- shelf calibration overrides (ops API) -- begin ------------------------------------------

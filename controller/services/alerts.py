@@ -36,7 +36,7 @@ from controller.domain.reorder import (
     suggested_order_qty,
 )
 from controller.domain.stock import ShelfState, sku_level
-from controller.ports import EventRow, JournalPort, MessageLink
+from controller.ports import EventRow, JournalPort, JournalUnavailable, MessageLink
 from devices.errors import DeviceError
 
 log = logging.getLogger("floorhand.alerts")
@@ -180,13 +180,15 @@ class AlertService:
                 alert_states={k: v.to_dict() for k, v in changed.items()},
                 events=[EventRow(now_s, e["kind"], e) for e in events],
             )
-        except Exception as exc:
+        except JournalUnavailable as exc:
             self.commit_failures += 1
-            for k, v in old.items():
-                self.alerts[k] = v
-                self._dirty.add(k)
+            self.alerts.update(old)
+            self._dirty.update(old)
             log.error("alert state commit failed, will retry: %s", exc)
             return
+        except BaseException:
+            self.alerts.update(old)  # a bug: memory stays what the journal holds
+            raise
         for n in notices:
             tr = n.transition
             if isinstance(tr, AlertRaised):
@@ -231,7 +233,7 @@ class AlertService:
                 continue
             try:
                 self._commit_manual(key, new, event, notify=not event.acked)
-            except Exception as exc:
+            except JournalUnavailable as exc:
                 self.commit_failures += 1
                 log.error("could not end the snooze of %s, will retry: %s", key, exc)
 

@@ -44,6 +44,7 @@ from controller.ports import (
     HistoryPoint,
     HistoryQuery,
     HistorySink,
+    JournalUnavailable,
     Outbox,
     OutboxEvent,
     OutboxReading,
@@ -631,9 +632,10 @@ class HistoryService:
             while True:
                 try:
                     full = await self.drain_once()
-                except Exception as exc:
-                    # The journal failed (disk full, I/O error): never take the runtime down;
-                    # nothing was deleted, so the same rows are tried again.
+                except (JournalUnavailable, OSError) as exc:
+                    # The journal (disk full, I/O error, locked) or the state file could not
+                    # be used: nothing was deleted, so the same rows are tried again. Any other
+                    # error is a bug and ends the task with its traceback.
                     failures += 1
                     self.stats.last_error = f"outbox: {exc}"
                     if failures == 1:

@@ -45,6 +45,7 @@ from controller.ports import (
     DeviceStatusChanged,
     EventRow,
     JournalPort,
+    JournalUnavailable,
     MessageLink,
     ReadingRow,
 )
@@ -207,11 +208,11 @@ class IngestService:
     def _process(self, msgs: list[MqttMessage], epoch: int) -> None:
         now = self._clock()
         batch = _Batch()
-        for msg in msgs:
-            self._handle(msg, now, batch)
-        if batch.filled:
-            self._fill_events(batch)
         try:
+            for msg in msgs:
+                self._handle(msg, now, batch)  # may ask the journal (has_reading)
+            if batch.filled:
+                self._fill_events(batch)
             self._journal.commit(
                 batch.rows,
                 batch.dead,
@@ -219,7 +220,7 @@ class IngestService:
                 {s: self.states[s].to_dict() for s in batch.old_states},
                 batch.events,
             )
-        except Exception as exc:
+        except JournalUnavailable as exc:
             self._rollback(batch)
             self.commit_failures += 1
             self.last_commit_error = str(exc)
@@ -231,6 +232,11 @@ class IngestService:
             self._retry_epoch = epoch
             self._schedule_retry()
             return
+        except BaseException:
+            # A bug, not an outage: memory goes back to what the journal holds and the error
+            # reaches the link, which acks nothing of the group and reconnects (redelivery).
+            self._rollback(batch)
+            raise
         self.commits += 1
         self.messages += len(msgs)
         self.readings += len(batch.rows)
@@ -674,7 +680,7 @@ class IngestService:
                 self._journal.commit(
                     (), shelf_states=changed, events=[EventRow(now, e["kind"], e) for e in out]
                 )
-            except Exception as exc:
+            except JournalUnavailable as exc:
                 log.error("could not journal %d staleness event(s): %s", len(out), exc)
             self._publish_events(out)
         return out

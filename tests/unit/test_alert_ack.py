@@ -21,6 +21,7 @@ from controller.domain.reorder import (
     notifies,
     snooze,
 )
+from controller.ports import JournalUnavailable
 from controller.services.alerts import AlertService
 from tests.sites import TARE_G, UNIT_G
 from tests.unit.test_alerts_service import World
@@ -254,3 +255,56 @@ def test_service_errors_leave_the_state_alone(tmp_path: Path) -> None:
     assert w.alerts.alerts["K0"] is before
     assert len(w.link.published) == published
     assert not w.kinds("alert_ack")
+
+
+def test_an_unavailable_journal_delays_the_end_of_a_snooze_until_it_commits(
+    tmp_path: Path,
+) -> None:
+    """JournalUnavailable (disk full, locked): counted, the snooze stays, and the next tick
+    after the journal is back ends it, once."""
+    w = low_alert(tmp_path)
+    w.alerts.snooze("K0", "sup", "truck due", 1, w.now)
+    real_commit = w.journal.commit
+    failures = [2]
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise JournalUnavailable("journal commit failed: database or disk is full")
+        real_commit(*args, **kwargs)
+
+    w.alerts._journal.commit = full  # type: ignore[method-assign]
+    w.alerts._expire_snoozes(w.now + 2)
+    w.alerts._expire_snoozes(w.now + 2)
+    assert w.alerts.commit_failures == 2
+    assert not w.kinds("alert_snooze_ended")
+    assert w.alerts.public("K0")["snoozed_until"] is not None
+    w.alerts._expire_snoozes(w.now + 2)
+    assert len(w.kinds("alert_snooze_ended")) == 1
+    assert w.alerts.public("K0")["snoozed_until"] is None
+
+
+def test_a_programming_error_is_not_counted_as_a_journal_failure(tmp_path: Path) -> None:
+    """Only JournalUnavailable is "retry at the next tick": a bug around the commit (here the
+    commit's own signature) surfaces, is not counted in ``commit_failures`` and leaves the
+    in-memory state as the journal has it."""
+    w = low_alert(tmp_path)
+    w.alerts.snooze("K0", "sup", "truck due", 1, w.now)
+    snoozed = w.alerts.alerts["K0"]
+
+    class BuggyStore:
+        def commit(self, *args: Any, **kwargs: Any) -> None:
+            raise TypeError("commit() got an unexpected keyword argument 'alert_state'")
+
+    w.alerts._journal = BuggyStore()  # type: ignore[assignment]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        w.alerts._expire_snoozes(w.now + 2)  # the end of the snooze
+    assert w.alerts.alerts["K0"] is snoozed
+    for _ in range(10):  # stock recovers: the resolution's commit meets the same bug
+        w.reading(TARE_G + 35 * UNIT_G)
+        w.now += 0.5
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        w.alerts._evaluate(["K0"], w.now)
+    assert w.alerts.alerts["K0"] is snoozed
+    assert w.alerts.commit_failures == 0
+    assert not w.kinds("alert_resolved")

@@ -28,6 +28,7 @@ from controller.ports import (
     EventRow,
     HistoryPoint,
     HistoryQuery,
+    JournalUnavailable,
     OutboxEvent,
     ReadingRow,
     ShelfHistoryRaw,
@@ -270,6 +271,50 @@ async def test_journal_failure_keeps_the_loop_alive_and_rebuilds_the_same_times(
     assert len(sink.requests) == 2
     assert sink.requests[0] == sink.requests[1]  # rebuilt identically
     assert len(sink.points) == 40
+
+
+async def test_a_bug_in_the_drain_is_not_retried_as_an_unavailable_journal(
+    journal: Journal,
+) -> None:
+    """Only JournalUnavailable (and the state file's OSError) mean "retry with backoff": a
+    programming error ends ``run`` with its traceback instead of a retry loop that reports
+    it as an outbox failure forever."""
+    journal.commit(readings(5))
+    svc = HistoryService(journal, MemorySink(), TOPO, FAST)
+
+    def buggy(after_id: int, limit: int) -> list[OutboxEvent]:
+        raise TypeError("read_events() got an unexpected keyword argument 'after'")
+
+    journal.read_events = buggy  # type: ignore[method-assign]
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        await asyncio.wait_for(svc.run(), 5)
+    assert svc.stats.last_error is None
+    assert journal.count("readings") == 5
+
+
+async def test_an_unavailable_journal_is_retried_until_it_is_back(journal: Journal) -> None:
+    journal.commit(readings(5))
+    sink = MemorySink()
+    svc = HistoryService(journal, sink, TOPO, FAST)
+    original = journal.read_events
+    calls = 0
+
+    def locked(after_id: int, limit: int) -> list[OutboxEvent]:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise JournalUnavailable("outbox read failed: database is locked")
+        return original(after_id, limit)
+
+    journal.read_events = locked  # type: ignore[method-assign]
+    task = asyncio.create_task(svc.run())
+    try:
+        await asyncio.wait_for(svc.wait_for(lambda: journal.count("readings") == 0), 10)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert calls >= 3
+    assert len(sink.points) == 5
 
 
 def test_time_assigner_makes_series_times_unique() -> None:

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.adapters.journal import Journal, JournalError
+from controller.adapters.journal import Journal, JournalUnavailableError
 from controller.config import SiteConfig, load_site
 from controller.ports import ReadingRow
 from controller.services.history import HistoryService, Topology
@@ -333,7 +333,7 @@ class FailingJournal(Journal):
     def commit(self, readings: Sequence[ReadingRow], *args: Any, **kwargs: Any) -> None:
         if self.fail:
             self.fail -= 1
-            raise JournalError("journal commit failed: database or disk is full")
+            raise JournalUnavailableError("journal commit failed: database or disk is full")
         super().commit(readings, *args, **kwargs)
 
 
@@ -376,6 +376,65 @@ async def test_close_cancels_a_pending_commit_retry(tmp_path: Path, site: SiteCo
     assert h.ingest.retry_pending
     h.ingest.close()
     assert not h.ingest.retry_pending
+    h.journal.close()
+
+
+class BuggyJournal(Journal):
+    """A commit that fails with a programming error (here: a signature mismatch), not with an
+    unavailable journal."""
+
+    def commit(self, readings: Sequence[ReadingRow], *args: Any, **kwargs: Any) -> None:
+        raise TypeError("commit() got an unexpected keyword argument 'shelf_state'")
+
+
+def test_a_programming_error_in_the_commit_is_not_taken_for_an_unavailable_journal(
+    tmp_path: Path, site: SiteConfig
+) -> None:
+    """Only JournalUnavailable means "pause and retry": a bug surfaces (the MQTT link logs it
+    and reconnects, so the broker redelivers the group) instead of being retried forever as
+    "journal commit failed" while reading stays paused."""
+    h = Harness(tmp_path, site)
+    h.send(h.msg(T_A01, reading(1, 1500.0)))
+    h.journal.close()
+    h.journal = BuggyJournal(tmp_path / "j.sqlite")
+    h.journal.open()
+    h.ingest._journal = h.journal
+    m2 = h.msg(T_A01, reading(2, 1501.0, NOW + 1))
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        h.send(m2)
+    assert not h.ingest.retry_pending
+    assert h.link.paused == 0
+    assert h.ingest.commit_failures == 0
+    assert h.ingest.last_commit_error is None
+    assert m2.packet_id not in h.link.acked
+    assert h.ingest.cursors["scale-a01"].seq == 1, "in-memory state must roll back"
+    h.journal.close()
+
+
+async def test_a_full_journal_holds_the_group_and_retries_until_writable(
+    tmp_path: Path, site: SiteConfig
+) -> None:
+    """A real SQLITE_FULL (the file capped at its size): reading pauses, nothing is acked,
+    and once there is room again the held group commits, is acked and reading resumes."""
+    h = Harness(tmp_path, site)
+    h.send(h.msg(T_A01, reading(1, 1500.0)))
+    pages = int(h.journal.db.execute("PRAGMA page_count").fetchone()[0])
+    h.journal.db.execute(f"PRAGMA max_page_count={pages}")
+    msgs = [h.msg(T_A01, reading(s, 1500.0 + s, NOW + s / 100)) for s in range(2, 400)]
+    h.send(*msgs)
+    assert h.ingest.retry_pending
+    assert h.link.paused == 1
+    assert h.ingest.commit_failures >= 1
+    assert "full" in (h.ingest.last_commit_error or "")
+    assert not {m.packet_id for m in msgs} & set(h.link.acked)
+    assert h.ingest.cursors["scale-a01"].seq == 1
+    h.link.resumed_event = asyncio.Event()
+    h.journal.db.execute("PRAGMA max_page_count=1073741823")
+    async with asyncio.timeout(5):
+        await h.link.resumed_event.wait()
+    assert {m.packet_id for m in msgs} <= set(h.link.acked)
+    assert h.journal.count("readings") == 399
+    assert h.ingest.cursors["scale-a01"].seq == 399
     h.journal.close()
 
 

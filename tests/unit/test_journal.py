@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller.adapters.journal import Journal, JournalError, JournalLocked
-from controller.ports import Cursor, DeadLetter, EventRow, ReadingRow
+from controller.ports import Cursor, DeadLetter, EventRow, JournalUnavailable, ReadingRow
 
 
 def row(seq: int, device: str = "d1") -> ReadingRow:
@@ -121,6 +121,46 @@ def test_outbox_drain_and_dead_letter_bound(tmp_path: Path) -> None:
     assert j.outbox_rows == 3
     j.trim_dead_letters(10)
     assert j.count("dead_letters") == 10
+    j.close()
+
+
+def fill_to_the_limit(j: Journal) -> int:
+    """Cap the file at its present size: the next commit that needs a page fails as a full
+    disk does (SQLITE_FULL), without filling a real disk."""
+    pages = int(j.db.execute("PRAGMA page_count").fetchone()[0])
+    j.db.execute(f"PRAGMA max_page_count={pages}")
+    return pages
+
+
+def test_a_full_disk_is_journal_unavailable_and_writes_nothing(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    fill_to_the_limit(j)
+    big = [ReadingRow("d1", 0, 0, i, 1.0, 100.0, "s" * 200) for i in range(2_000)]
+    with pytest.raises(JournalUnavailable, match="full") as caught:
+        j.commit(big, events=[EventRow(1.0, "k", {})])
+    assert isinstance(caught.value, JournalError)  # callers that catch JournalError still do
+    assert j.count("readings") == 0
+    assert j.outbox_rows == 0
+    j.db.execute("PRAGMA max_page_count=1073741823")  # space again: the same group commits
+    j.commit(big)
+    assert j.count("readings") == 2_000
+    j.close()
+
+
+def test_a_value_the_journal_cannot_store_is_not_journal_unavailable(tmp_path: Path) -> None:
+    """A caller's bug (an integer SQLite cannot hold, a body JSON cannot encode) is a
+    JournalError, never JournalUnavailable: retrying it would never succeed."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    for bad in (
+        {"readings": [ReadingRow("d1", 0, 0, 2**70, 1.0, 100.0, "s")]},
+        {"readings": (), "events": [EventRow(1.0, "k", {"x": {1, 2}})]},
+    ):
+        with pytest.raises(JournalError) as caught:
+            j.commit(**bad)  # type: ignore[arg-type]
+        assert not isinstance(caught.value, JournalUnavailable), caught.value
+    assert j.count("readings") == 0
     j.close()
 
 
