@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from controller.domain.events import Event
 from devices.link.state import LinkState
@@ -97,7 +97,65 @@ class JournalUnavailable(Exception):
     other exception out of a journal call is a bug, not an outage."""
 
 
+# -- the journal, one narrow port per use case (controller/adapters/journal.py implements all) --
+# Each names only what its service calls. The write method keeps the journal's name `commit`
+# (test fakes and benchmark stand-ins implement it); each port narrows its parameters.
+
+
+class ReadingStore(Protocol):
+    """The journal as ingest sees it: one group (readings, dead letters, cursors, shelf states,
+    events) per transaction, and the outbox lookup for readings no cursor accounts for."""
+
+    def commit(
+        self,
+        readings: Sequence[ReadingRow],
+        dead_letters: Sequence[DeadLetter] = (),
+        cursors: dict[str, Cursor] | None = None,
+        shelf_states: dict[str, dict[str, Any]] | None = None,
+        events: Sequence[EventRow] = (),
+    ) -> None:
+        """Write the group atomically; JournalUnavailable when it cannot just now (nothing
+        written)."""
+        ...
+
+    def has_reading(self, device: str, epoch: int, seq: int) -> bool:
+        """Whether this reading is in the outbox."""
+        ...
+
+
+@runtime_checkable
+class CalibrationStore(Protocol):
+    """Where ingest keeps calibration overrides (the journal's ``shelf_calibrations``)."""
+
+    def shelf_calibrations(self) -> dict[str, dict[str, Any]]: ...
+
+    def commit_calibration(
+        self,
+        shelf: str,
+        calibration: dict[str, Any] | None,
+        shelf_state: dict[str, Any],
+        events: Sequence[EventRow] = (),
+    ) -> None: ...
+
+
+class AlertStore(Protocol):
+    """The journal as the alert service sees it: alert states with their events, atomically."""
+
+    def commit(
+        self,
+        readings: Sequence[ReadingRow],
+        *,
+        alert_states: dict[str, dict[str, Any]],
+        events: Sequence[EventRow],
+    ) -> None:
+        """``readings`` is always empty here; JournalUnavailable as `ReadingStore.commit`."""
+        ...
+
+
 class JournalPort(Protocol):
+    """The whole write side at once. Only for callers not yet given a narrow port
+    (controller/services/plc_commands.py); services type against the ports above."""
+
     outbox_rows: int
 
     def commit(

@@ -36,7 +36,7 @@ from controller.domain.reorder import (
     suggested_order_qty,
 )
 from controller.domain.stock import ShelfState, sku_level
-from controller.ports import EventRow, JournalPort, JournalUnavailable, MessageLink
+from controller.ports import AlertStore, EventRow, JournalUnavailable, MessageLink
 from devices.errors import DeviceError
 
 log = logging.getLogger("floorhand.alerts")
@@ -58,7 +58,7 @@ class AlertService:
     def __init__(
         self,
         site: SiteConfig,
-        journal: JournalPort,
+        journal: AlertStore,
         link: MessageLink,
         publish_events: Callable[[list[dict[str, Any]]], None],
         shelf_states: dict[str, ShelfState],

@@ -23,9 +23,9 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final
 
 import orjson
 
@@ -40,14 +40,15 @@ from controller.domain.events import CalibrationValues, SeqGap, SeqGapFilled, Sh
 from controller.domain.model import Reading, ShelfSpec
 from controller.domain.stock import ShelfState, apply_reading, check_stale
 from controller.ports import (
+    CalibrationStore,
     Cursor,
     DeadLetter,
     DeviceStatusChanged,
     EventRow,
-    JournalPort,
     JournalUnavailable,
     MessageLink,
     ReadingRow,
+    ReadingStore,
 )
 from devices.link.backoff import Backoff
 from devices.link.mqtt import MqttMessage
@@ -80,21 +81,6 @@ class Route:
     channel: int = 0
 
 
-@runtime_checkable
-class CalibrationStore(Protocol):
-    """Where calibration overrides are kept (the journal)."""
-
-    def shelf_calibrations(self) -> dict[str, dict[str, Any]]: ...
-
-    def commit_calibration(
-        self,
-        shelf: str,
-        calibration: dict[str, Any] | None,
-        shelf_state: dict[str, Any],
-        events: Sequence[EventRow] = (),
-    ) -> None: ...
-
-
 @dataclass(slots=True)
 class DeviceInfo:
     """What the API shows per scale."""
@@ -115,7 +101,7 @@ class IngestService:
     def __init__(
         self,
         site: SiteConfig,
-        journal: JournalPort,
+        journal: ReadingStore,
         link: MessageLink,
         publish_events: Callable[[list[dict[str, Any]]], None],
         *,
