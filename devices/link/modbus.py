@@ -1,11 +1,13 @@
 """A supervised Modbus TCP client link to one PLC endpoint (pymodbus underneath).
 
-One `ModbusLink` per endpoint (host:port). Its supervisor loop, `ModbusLink.run`, connects,
-writes the heartbeat registers every 250 ms, watches liveness and reconnects with capped,
-jittered backoff. Requests are serialised (a Modbus TCP server answers one request at a time
-per connection, and pymodbus keeps one in flight) through three lanes served in priority
-order: ``STOP`` (stop commands), ``HEARTBEAT`` (the watchdog must never starve behind a
-backlog), then ``NORMAL``. A STOP waits at most for the one request already on the wire.
+One `ModbusLink` per endpoint (host:port). Its supervisor loop, `ModbusLink.run` (the one
+`devices.link.supervisor.LinkSupervisor`, shared with the MQTT link), connects, writes the
+heartbeat registers every 250 ms, watches liveness and reconnects with capped, jittered
+backoff (reset only by a connection that stayed up ``backoff_reset_after_s``). Requests are
+serialised (a Modbus TCP server answers one request at a time per connection, and pymodbus
+keeps one in flight) through three lanes served in priority order: ``STOP`` (stop commands),
+``HEARTBEAT`` (the watchdog must never starve behind a backlog), then ``NORMAL``. A STOP waits
+at most for the one request already on the wire.
 
 Failure semantics, the only exceptions that leave this module (`devices.errors`):
 
@@ -29,11 +31,11 @@ replies through ``asyncio.wait_for``, which on Python 3.11 returns the inner res
 cancellation that arrives in the same loop step as that result; the link notices such a lost
 cancellation (the task's ``cancelling()`` count went up during the call) and raises it again.
 
-Logging: the link logs its state changes once ("cannot reach", "up", "down after", "back
-after", "heartbeat failing"). pymodbus's own lines about a link's connection (a warning per
-failed connect attempt, errors with frame dumps) are dropped by a filter on its logger while a
-link is at work (a context variable marks the link's tasks and calls); set the ``pymodbus``
-logger to DEBUG explicitly to see them again.
+Logging: the link logs its state changes once ("cannot connect to", once per reason while
+down; "up", "down after", "back after", "heartbeat failing"). pymodbus's own lines about a
+link's connection (a warning per failed connect attempt, errors with frame dumps) are dropped
+by a filter on its logger while a link is at work (a context variable marks the link's tasks
+and calls); set the ``pymodbus`` logger to DEBUG explicitly to see them again.
 
 Liveness: any well-formed reply counts. With nothing received for ``liveness_timeout_s``
 (1 s; heartbeats go out every 250 ms) the connection is declared dead and the link goes DOWN,
@@ -66,7 +68,14 @@ from devices.errors import (
     NoReply,
 )
 from devices.link.backoff import Backoff
-from devices.link.state import LinkState, StateWatch
+from devices.link.state import LinkState
+from devices.link.supervisor import (
+    LinkSupervisor,
+    SessionTasks,
+    cancel_requests,
+    describe_error,
+    raise_lost_cancel,
+)
 
 __all__ = [
     "DeviceFault",
@@ -152,13 +161,19 @@ class ModbusLinkConfig:
     busy_backoff_s: float = 0.01  # first delay between busy retries (doubles, ≤ 0.1 s)
     backoff_initial_s: float = 0.05
     backoff_max_s: float = 1.0
+    backoff_reset_after_s: float = 1.0
+    """A connection must stay up this long (the liveness timeout: four heartbeats) before the
+    reconnect backoff starts again from ``backoff_initial_s``; a PLC (or gateway) that
+    accepts and drops us at once gets the next, longer delay, as a refused connect does."""
     max_queued: int = 1000  # NORMAL lane bound; beyond it requests fail with DeviceBusy
     fault_hold_s: float = 5.0  # FAULTY lasts this long after the last bad reply
 
     def reconnect_backoff(self) -> Backoff:
         """The reconnect schedule: ``backoff_initial_s`` doubling to ``backoff_max_s``, 20 %
-        jitter, reset by every connection that came up."""
-        return Backoff(self.backoff_initial_s, self.backoff_max_s, reset_after_s=0.0)
+        jitter, reset only by a connection that stayed up ``backoff_reset_after_s``."""
+        return Backoff(
+            self.backoff_initial_s, self.backoff_max_s, reset_after_s=self.backoff_reset_after_s
+        )
 
     def busy_backoff(self) -> Backoff:
         """Delays between retries of a busy answer (exception 06): ``busy_backoff_s``
@@ -208,6 +223,8 @@ def _check_config(cfg: ModbusLinkConfig) -> None:
         raise bad("busy_retry_s", "busy_retry_s and fault_hold_s must be >= 0")
     if not 0 < cfg.backoff_initial_s <= cfg.backoff_max_s:
         raise bad("backoff_initial_s", "need 0 < backoff_initial_s <= backoff_max_s")
+    if not cfg.backoff_reset_after_s >= 0:
+        raise bad("backoff_reset_after_s", "must be >= 0")
     if cfg.max_queued < 1:
         raise bad("max_queued", "must be >= 1")
 
@@ -283,7 +300,7 @@ class _Connection:
         self.closed = False
 
 
-class ModbusLink:
+class ModbusLink(LinkSupervisor):
     """A supervised Modbus TCP connection to one endpoint; see the module docstring.
 
     Drivers register what the supervisor does for them: `add_heartbeat` (a register written
@@ -301,14 +318,15 @@ class ModbusLink:
     ) -> None:
         _check_config(config)
         _quiet_pymodbus()
+        super().__init__(
+            name=name,
+            endpoint=f"{config.host}:{config.port}",
+            logger=logger if logger is not None else logging.getLogger(__name__),
+        )
         self._config = config
-        self.name = name
-        self._log = logger if logger is not None else logging.getLogger(__name__)
-        self.watch = StateWatch(LinkState.DOWN)
         self.stats = ModbusLinkStats()
         self._lanes = _Lanes()
         self._conn: _Connection | None = None
-        self._connections = 0
         self._heartbeats: list[tuple[int, int]] = []
         self._heartbeat_value = 0
         self._up_hooks: list[tuple[str, UpHook]] = []
@@ -316,34 +334,13 @@ class ModbusLink:
         self._fault: DeviceFault | None = None
         self._fault_until = 0.0
         self._health_listeners: list[HealthListener] = []
-        self._running = False
-        self._closing = False
-        self._closing_event = asyncio.Event()
-        self._ever_up = False
-        self._up_since = 0.0
-        self._down_since = time.monotonic()
-        self._logged_failure = False
         self._heartbeat_failing = False
-        self.last_down_reason: str | None = None
-        """Why the link last went down or could not connect (kept while it is UP again)."""
 
     # -- public surface -------------------------------------------------------------------
 
     @property
     def config(self) -> ModbusLinkConfig:
         return self._config
-
-    @property
-    def state(self) -> LinkState:
-        """The link state (same as ``watch.state``)."""
-        return self.watch.state
-
-    @property
-    def connection_number(self) -> int:
-        """Number of the current (or last) connection; increases with every connect attempt
-        (the same property as `MqttLink.connection_number`). A driver compares it to notice
-        reconnects."""
-        return self._connections
 
     @property
     def health(self) -> DeviceHealth:
@@ -378,13 +375,6 @@ class ModbusLink:
         """Requests waiting in one lane."""
         return self._lanes.queued(priority)
 
-    async def wait_up(self, timeout_s: float) -> None:
-        """Return when the link is UP; raise `DeviceUnavailable` after ``timeout_s``."""
-        try:
-            await self.watch.wait_for(LinkState.UP, timeout_s)
-        except TimeoutError:
-            raise DeviceUnavailable(f"{self.name} not up after {timeout_s:g} s") from None
-
     async def read(
         self, unit: int, address: int, count: int, *, priority: Priority = Priority.NORMAL
     ) -> list[int]:
@@ -413,50 +403,13 @@ class ModbusLink:
 
     async def run(self) -> None:
         """Connect, heartbeat, serve and reconnect until cancelled or `disconnect`-ed."""
-        if self._running:
-            raise RuntimeError(f"{self.name}: run() is already running")
-        self._running = True
-        self._closing = False
-        self._closing_event.clear()
-        backoff = self._config.reconnect_backoff()
-        cancels = _cancel_requests()
         # Marks this task, the tasks it starts and the transports it opens (their callbacks
         # run in this context) for the pymodbus log filter.
         in_link = _IN_LINK.set(self.name)
         try:
-            while not self._closing:
-                _raise_lost_cancel(cancels)
-                self.watch.set(LinkState.CONNECTING)
-                try:
-                    conn = await self._connect()
-                except (DeviceError, OSError, TimeoutError) as exc:
-                    _raise_lost_cancel(cancels)
-                    self._enter_down(_describe(exc), failed_attempt=True)
-                    await self._sleep_unless_closing(backoff.next_delay())
-                    continue
-                self._enter_up()
-                reason = await self._serve(conn)
-                backoff.session_ended(time.monotonic() - self._up_since)
-                self._drop(conn, reason)
-                self._enter_down(reason, expected=self._closing)
-                if not self._closing:
-                    await self._sleep_unless_closing(backoff.next_delay())
+            await super().run()
         finally:
-            conn_left = self._conn
-            if conn_left is not None:
-                self._drop(conn_left, "link stopped")
-            if self.watch.state is not LinkState.DOWN:
-                self._enter_down("link stopped", expected=True)
-            self._running = False
             _IN_LINK.reset(in_link)
-
-    async def disconnect(self) -> None:
-        """Close the connection and make `run` return."""
-        self._closing = True
-        self._closing_event.set()
-        conn = self._conn
-        if conn is not None:
-            self._mark_lost(conn, "disconnect requested")
 
     # -- requests -------------------------------------------------------------------------
 
@@ -514,7 +467,7 @@ class ModbusLink:
             raise DeviceUnavailable(f"{self.name} is not connected")
         client = conn.client
         self.stats.requests += 1
-        cancels = _cancel_requests()
+        cancels = cancel_requests()
         expect = _Expect(unit, fc, address, count, values)
         conn.expect = expect
         in_link = _IN_LINK.set(self.name)  # a driver's caller runs in its own task
@@ -548,12 +501,12 @@ class ModbusLink:
         except ModbusException as exc:
             if conn.fault is not None:
                 raise DeviceFaulty(conn.fault) from None
-            raise NoReply(f"{self.name}: {_describe(exc)}") from None
+            raise NoReply(f"{self.name}: {describe_error(exc)}") from None
         finally:
             conn.inflight = None
             conn.expect = None
             _IN_LINK.reset(in_link)
-        _raise_lost_cancel(cancels)  # the reply came, but pymodbus's wait_for dropped a cancel
+        raise_lost_cancel(cancels)  # the reply came, but pymodbus's wait_for dropped a cancel
         if conn.fault is not None:  # a later frame of the same chunk was malformed
             raise DeviceFaulty(conn.fault)
         self.stats.replies += 1
@@ -687,12 +640,44 @@ class ModbusLink:
             except Exception:
                 self._log.exception("health listener %r failed", callback)
 
-    # -- supervisor -----------------------------------------------------------------------
+    # -- the session (driven by `LinkSupervisor.run`) ---------------------------------------
+
+    def _reconnect_backoff(self) -> Backoff:
+        return self._config.reconnect_backoff()
+
+    async def _open_session(self, tasks: SessionTasks) -> None:
+        await self._connect()
+
+    async def _serve_session(self, tasks: SessionTasks) -> str:
+        """Run heartbeats and up hooks until the connection is lost; return why."""
+        conn = self._conn
+        assert conn is not None
+        tasks.spawn(f"{self.name}.heartbeat", self._heartbeat_loop, conn)
+        for hook_name, hook in self._up_hooks:
+            tasks.spawn(hook_name, self._run_hook, hook_name, hook)
+        try:
+            return await self._watch_liveness(conn)
+        finally:
+            await tasks.stop()  # before the connection closes under them
+
+    async def _close_session(self, reason: str) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._drop(conn, reason)
+
+    async def _stop_session(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            self._mark_lost(conn, "disconnect requested")
+
+    def _on_down(self, reason: str, was_up: bool) -> None:
+        if was_up:
+            self.stats.disconnects += 1
+        self._lanes.fail_waiters(DeviceUnavailable(f"{self.name} went down: {reason}"))
 
     async def _connect(self) -> _Connection:
         cfg = self._config
-        self._connections += 1
-        conn = _Connection(self._connections)
+        conn = _Connection(self.connection_number)
         client = AsyncModbusTcpClient(
             cfg.host,
             port=cfg.port,
@@ -705,17 +690,17 @@ class ModbusLink:
             trace_connect=lambda connected: self._on_trace_connect(conn, connected),
         )
         conn.client = client
-        cancels = _cancel_requests()
+        cancels = cancel_requests()
         try:
             async with asyncio.timeout(cfg.connect_timeout_s):
                 connected = await client.connect()
-            _raise_lost_cancel(cancels)  # pymodbus's wait_for may have dropped it
+            raise_lost_cancel(cancels)  # pymodbus's wait_for may have dropped it
         except BaseException:
             client.close()
             raise
         if not connected:
             client.close()
-            raise DeviceUnavailable(f"cannot connect to {cfg.host}:{cfg.port}")
+            raise DeviceUnavailable("connection refused or unreachable")
         self._conn = conn
         self.stats.connects += 1
         self.stats.last_reply_monotonic = time.monotonic()
@@ -725,19 +710,6 @@ class ModbusLink:
             self._drop(conn, "first heartbeat failed")
             raise
         return conn
-
-    async def _serve(self, conn: _Connection) -> str:
-        """Run heartbeats and up hooks until the connection is lost; return why."""
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(self._heartbeat_loop(conn), name=f"{self.name}.heartbeat")]
-            for hook_name, hook in self._up_hooks:
-                tasks.append(tg.create_task(self._run_hook(hook_name, hook), name=hook_name))
-            try:
-                reason = await self._watch_liveness(conn)
-            finally:
-                for task in tasks:
-                    task.cancel()
-        return reason
 
     async def _watch_liveness(self, conn: _Connection) -> str:
         """Until the connection is lost; with heartbeats registered, silence for
@@ -759,9 +731,9 @@ class ModbusLink:
         loop = asyncio.get_running_loop()
         interval = self._config.heartbeat_interval_s
         next_at = loop.time()
-        cancels = _cancel_requests()
+        cancels = cancel_requests()
         while not conn.lost.is_set():
-            _raise_lost_cancel(cancels)
+            raise_lost_cancel(cancels)
             next_at += interval
             now = loop.time()
             if next_at < now:
@@ -818,64 +790,6 @@ class ModbusLink:
         if conn.client is not None:
             conn.client.close()
 
-    async def _sleep_unless_closing(self, delay_s: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay_s):
-                await self._closing_event.wait()
-
-    def _enter_up(self) -> None:
-        now = time.monotonic()
-        cfg = self._config
-        if self._ever_up:
-            self._log.info("%s back after %.1f s", self.name, now - self._down_since)
-        else:
-            self._log.info("%s up (%s:%d)", self.name, cfg.host, cfg.port)
-        self._ever_up = True
-        self._logged_failure = False
-        self._up_since = now
-        self.watch.set(LinkState.UP, now)
-
-    def _enter_down(
-        self, reason: str, *, expected: bool = False, failed_attempt: bool = False
-    ) -> None:
-        now = time.monotonic()
-        was_up = self.watch.state is LinkState.UP
-        self.last_down_reason = reason
-        if was_up:
-            self.stats.disconnects += 1
-            self._down_since = now
-            self._log.log(
-                logging.INFO if expected else logging.WARNING,
-                "%s down after %.1f s: %s",
-                self.name,
-                now - self._up_since,
-                reason,
-            )
-        elif failed_attempt and not self._logged_failure:
-            self._logged_failure = True
-            self._log.warning(
-                "%s cannot reach %s:%d: %s (retrying)",
-                self.name,
-                self._config.host,
-                self._config.port,
-                reason,
-            )
-        self.watch.set(LinkState.DOWN, now)
-        self._lanes.fail_waiters(DeviceUnavailable(f"{self.name} went down: {reason}"))
-
-
-def _cancel_requests() -> int:
-    """Cancellation requests pending on the current task (``Task.cancelling()``)."""
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
-
-
-def _raise_lost_cancel(before: int) -> None:
-    """Raise `asyncio.CancelledError` if the current task was cancelled since ``before`` was
-    taken and the cancellation got lost on the way (see the module docstring)."""
-    if _cancel_requests() > before:
-        raise asyncio.CancelledError
-
 
 def _check_range(address: int, count: int) -> None:
     if not address >= 0 or address + count - 1 > 0xFFFF:
@@ -888,10 +802,3 @@ def _fc_name(fc: int) -> str:
         FC_WRITE_SINGLE: "write (FC6)",
         FC_WRITE_MULTIPLE: "write (FC16)",
     }.get(fc, f"FC{fc}")
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    if isinstance(exc, DeviceError) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

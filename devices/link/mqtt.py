@@ -4,9 +4,10 @@ The wire protocol runs on `asyncio.Protocol`: each `data_received` chunk is pars
 (`PacketParser`) and every complete PUBLISH in it goes to ``on_messages`` as one batch, so the
 consumer can commit the batch durably and then `MqttLink.ack` it with a single write.
 
-One supervisor loop, `MqttLink.run`, owns connecting, subscribing, keepalive and reconnecting
-with capped, jittered backoff. Callers never retry: they watch `MqttLink.watch` or await
-`MqttLink.wait_up`.
+The supervisor loop (`devices.link.supervisor.LinkSupervisor`, shared with the Modbus link)
+owns connecting, reconnecting with capped, jittered backoff, the state and its logging; this
+module supplies the session: connect, subscribe, keepalive, serve. Callers never retry: they
+watch `MqttLink.watch` or await `MqttLink.wait_up`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ from devices.link.mqtt_codec import (
     encode_subscribe,
     prop_int,
 )
-from devices.link.state import LinkState, StateWatch
+from devices.link.supervisor import LinkSupervisor, SessionTasks, describe_error
 
 __all__ = ["AckWindow", "MqttLink", "MqttLinkConfig", "MqttLinkStats", "MqttMessage"]
 
@@ -326,9 +327,10 @@ class AckWindow:
 class _Connection(asyncio.Protocol):
     """One TCP/TLS connection to the broker; forwards everything to its link."""
 
-    def __init__(self, link: MqttLink, parser: PacketParser) -> None:
+    def __init__(self, link: MqttLink, parser: PacketParser, tasks: SessionTasks) -> None:
         self.link = link
         self.parser = parser
+        self.tasks = tasks
         self.transport: asyncio.Transport | None = None
         self.connected = False  # CONNACK accepted: acks and publishes may be written
         self.up = False  # SUBACK received
@@ -339,8 +341,8 @@ class _Connection(asyncio.Protocol):
         self.expect_type = 0
         self.expect_fut: asyncio.Future[bytes] | None = None
         self.closed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        # The session's timers, as tasks: cancelled when the connection ends, awaited by
-        # `MqttLink._finish`, so a closed link leaves none behind.
+        # The session's timers, as tasks of the session (`SessionTasks`): cancelled when the
+        # connection ends, awaited by `MqttLink._finish`, so a closed link leaves none behind.
         self.keepalive: asyncio.Task[None] | None = None
         self.linger: asyncio.Task[None] | None = None
         self.keepalive_s = 0.0
@@ -366,7 +368,7 @@ class _Connection(asyncio.Protocol):
         return fut
 
 
-class MqttLink:
+class MqttLink(LinkSupervisor):
     """A supervised MQTT client connection with manual QoS 1 acknowledgement.
 
     ``on_messages`` is called synchronously from the transport's data callback with every
@@ -376,7 +378,12 @@ class MqttLink:
     redelivers it (acks must keep arrival order, so nothing after it could be acked).
     ``on_oversize(topic, size)`` reports PUBLISHes whose remaining length exceeds
     ``max_packet_bytes``; they are skipped and acked in their place.
+
+    `run` raises `SessionTakenOver`, `AuthError` or `DeviceConfigError` (refused
+    credentials or configuration, a refused subscription) without reconnecting.
     """
+
+    _fatal_errors = (AuthError, DeviceConfigError, SessionTakenOver)
 
     def __init__(
         self,
@@ -388,18 +395,16 @@ class MqttLink:
         logger: logging.Logger | None = None,
     ) -> None:
         _check_config(config)
+        super().__init__(
+            name=name,
+            endpoint=f"{config.host}:{config.port}",
+            logger=logger if logger is not None else logging.getLogger(__name__),
+        )
         self._config = config
         self._on_messages = on_messages
         self._on_oversize = on_oversize
-        self.name = name
-        self._log = logger if logger is not None else logging.getLogger(__name__)
-        self.watch = StateWatch(LinkState.DOWN)
         self.stats = MqttLinkStats()
         self.session_present = False
-        self.retry_delay_s = 0.0
-        """The delay waited before the current (or last) connect attempt; 0 for the first."""
-        self.last_error = ""
-        """Why the link last went down or failed to connect ("" until it did)."""
         self.server_max_qos = 2
         """Maximum QoS the broker accepts from us (MQTT 5 CONNACK; 2 when not announced)."""
         self.retain_available = True
@@ -412,8 +417,9 @@ class MqttLink:
         self._will = config.will  # as the broker takes it (see `_refusal`)
         self._will_warnings: list[str] = []
         self._connect_packet = self._encode_connect()
-        self._conn: _Connection | None = None
-        self._epoch = 0
+        self._conn: _Connection | None = None  # from the TCP connect until it is lost
+        self._session_conn: _Connection | None = None  # of the current attempt
+        self._evictions = 0  # clean closes right after an accept, in a row (`_count_eviction`)
         self._acks = AckWindow()  # of the current connection
         self._inflight: dict[int, bytes] = {}
         self._queue: deque[tuple[str, bytes, int, bool]] = deque()
@@ -423,15 +429,7 @@ class MqttLink:
         self._server_max_packet = 0
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._paused = False
-        self._running = False
-        self._closing = False
-        self._closing_event = asyncio.Event()
-        self._ever_up = False
-        self._up_since = 0.0
-        self._down_since = time.monotonic()
-        self._logged_failure = False
         self._logged_queue_full = False
-        self._logged_tls = ""
 
     def _encode_connect(self) -> bytes:
         config = self._config
@@ -456,38 +454,22 @@ class MqttLink:
         return self._config
 
     @property
-    def state(self) -> LinkState:
-        """The link state (same as ``watch.state``)."""
-        return self.watch.state
-
-    @property
     def warnings(self) -> list[str]:
         """Guarantees the broker weakened on the current (or last) connection: a Maximum QoS
         of 0, no retained messages, a subscription granted a lower QoS than asked."""
         return self._will_warnings + self._connack_warnings + self._suback_warnings
 
     @property
-    def since(self) -> float:
-        """``time.monotonic()`` when the link came up (while UP), else when it last went down
-        (the last UP → not-UP change; when `run` started if it was never up). Unlike
-        ``watch.since`` it does not move with every failed retry."""
-        return self._up_since if self.watch.state is LinkState.UP else self._down_since
-
-    @property
-    def connection_number(self) -> int:
-        """Number of the current (or last) connection; increases with every TCP connection
-        made (the same property as `ModbusLink.connection_number`).
+    def epoch(self) -> int:
+        """Deprecated alias of `connection_number` (still read by the controller's runtime and
+        ingest service and by ``controller.ports``' link port).
 
         Packet ids are only meaningful within one connection. A consumer that acks after an
-        ``await`` should read it inside ``on_messages`` and pass it to `ack`, so a late ack
-        cannot acknowledge a different message that reuses the id after a reconnect.
+        ``await`` should read the connection number inside ``on_messages`` and pass it to
+        `ack`, so a late ack cannot acknowledge a different message that reuses the id after
+        a reconnect.
         """
-        return self._epoch
-
-    @property
-    def epoch(self) -> int:
-        """`connection_number` under the name `ack`'s callers use (``ack(ids, epoch)``)."""
-        return self._epoch
+        return self._connection_number
 
     @property
     def inflight_publishes(self) -> int:
@@ -499,75 +481,80 @@ class MqttLink:
         """Outgoing publishes waiting for the link (or for the broker's receive window)."""
         return len(self._queue)
 
-    async def run(self) -> None:
-        """Connect, subscribe, serve and reconnect until cancelled, `disconnect`-ed or fatal.
+    # -- the session (driven by `LinkSupervisor.run`) ---------------------------------------
 
-        Raises `SessionTakenOver`, `AuthError` or `DeviceConfigError` (the broker refused a
-        subscription) without reconnecting; re-raises `asyncio.CancelledError`.
-        """
-        if self._running:
-            raise RuntimeError(f"{self.name}: run() is already running")
-        self._running = True
-        self._closing = False
-        self._closing_event.clear()
-        if not self._ever_up:
-            self._down_since = time.monotonic()
+    def _reconnect_backoff(self) -> Backoff:
+        return self._config.reconnect_backoff()
+
+    async def _open_session(self, tasks: SessionTasks) -> None:
         cfg = self._config
-        backoff = cfg.reconnect_backoff()
-        failed_attempts = 0  # since the last connection ended
-        evictions = 0
+        conn = _Connection(self, PacketParser(cfg.protocol, cfg.max_packet_bytes), tasks)
+        self._session_conn = conn
+        await self._handshake(conn)
+
+    async def _serve_session(self, tasks: SessionTasks) -> str:
+        conn = self._session_conn
+        assert conn is not None
+        reason = await conn.closed
+        accepted_at_once = self._attempts_before_up == 0
+        self._evictions = self._count_eviction(conn, accepted_at_once, self._evictions)
+        if conn.fatal is not None:
+            self._evictions = 0
+            raise conn.fatal
+        return reason
+
+    async def _close_session(self, reason: str) -> None:
+        conn, self._session_conn = self._session_conn, None
+        if conn is None:
+            return
+        if not conn.closing:
+            # Cancellation is our shutdown: leave politely so the broker keeps the session
+            # and does not publish the will.
+            self._close(conn, reason, polite=True)
+        await self._finish(conn)
+
+    async def _stop_session(self) -> None:
+        """Send DISCONNECT (reason 0: the session is kept) and wait for the close."""
+        conn = self._conn
+        if conn is None:
+            return
+        if not conn.closing:
+            self._close(conn, "disconnect requested", polite=True)
         try:
-            while not self._closing:
-                self.watch.set(LinkState.CONNECTING)
-                conn = _Connection(self, PacketParser(cfg.protocol, cfg.max_packet_bytes))
-                try:
-                    try:
-                        await self._handshake(conn)
-                    except (AuthError, DeviceConfigError, SessionTakenOver) as exc:
-                        self._enter_down(str(exc), fatal=True)
-                        self._log.error("%s stopped: %s", self.name, exc)
-                        raise
-                    except (OSError, TimeoutError, DeviceError) as exc:
-                        reason = _describe(exc)
-                        if (
-                            cfg.ssl_context is not None
-                            and "TLS" not in reason
-                            and reason.startswith(("connection lost", "connection closed"))
-                        ):
-                            # A broker refusing our client certificate (or its absence) often
-                            # just resets the connection before its TLS alert can be read.
-                            reason = (
-                                f"{reason} (TLS handshake failed? a broker that requires a "
-                                "client certificate closes the connection like this: check "
-                                "[mqtt.tls] cert_file and key_file)"
-                            )
-                        failed_attempts += 1
-                    else:
-                        accepted_at_once = failed_attempts == 0
-                        failed_attempts = 0
-                        self._enter_up()
-                        reason = await conn.closed
-                        backoff.session_ended(time.monotonic() - self.watch.since)
-                        evictions = self._count_eviction(conn, accepted_at_once, evictions)
-                        if conn.fatal is not None:
-                            self._enter_down(reason, fatal=True)
-                            self._log.error("%s stopped: %s", self.name, conn.fatal)
-                            raise conn.fatal
-                finally:
-                    if not conn.closing:
-                        # Cancellation is our shutdown: leave politely so the broker keeps
-                        # the session and does not publish the will.
-                        self._close(conn, "link stopped", polite=True)
-                    await self._finish(conn)
-                self._enter_down(reason, expected=self._closing)
-                if self._closing:
-                    break
-                self.retry_delay_s = backoff.next_delay()
-                await self._sleep_unless_closing(self.retry_delay_s)
-        finally:
-            if self.watch.state is not LinkState.DOWN:
-                self._enter_down("link stopped", expected=True)
-            self._running = False
+            async with asyncio.timeout(self._config.connect_timeout_s + 1.0):
+                await asyncio.shield(conn.closed)
+        except TimeoutError:
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    def _describe_failure(self, exc: Exception) -> tuple[str, int]:
+        reason = _describe(exc)
+        if (
+            self._config.ssl_context is not None
+            and "TLS" not in reason
+            and reason.startswith(("connection lost", "connection closed"))
+        ):
+            # A broker refusing our client certificate (or its absence) often just resets
+            # the connection before its TLS alert can be read.
+            reason = (
+                f"{reason} (TLS handshake failed? a broker that requires a client "
+                "certificate closes the connection like this: check [mqtt.tls] cert_file "
+                "and key_file)"
+            )
+        # A TLS failure is a configuration problem more often than a network one.
+        return reason, logging.ERROR if "TLS handshake failed" in reason else logging.WARNING
+
+    def _up_note(self, first: bool) -> tuple[int, str]:
+        cfg = self._config
+        if first:
+            version = "5" if cfg.protocol == PROTOCOL_V5 else "3.1.1"
+            return logging.INFO, f", MQTT {version}, session present: {self.session_present}"
+        if not cfg.clean_start and not self.session_present:
+            return logging.WARNING, ": the broker did not keep our session"
+        return logging.INFO, ""
+
+    def _on_up(self) -> None:
+        self._logged_queue_full = False
 
     def _count_eviction(self, conn: _Connection, accepted_at_once: bool, evictions: int) -> int:
         """The count of evictions in a row after ``conn`` ended; at the threshold ``conn``
@@ -618,9 +605,6 @@ class MqttLink:
                 deadline = 0.0
             if deadline <= loop.time() and conn.transport is not None:
                 conn.transport.abort()  # connection_lost follows and ends the tasks
-        for task in (conn.keepalive, conn.linger):
-            if task is not None and not task.cancelled() and task.exception() is not None:
-                self._log.error("%s %s failed: %r", self.name, task.get_name(), task.exception())
         if cancelled:
             raise asyncio.CancelledError
 
@@ -632,10 +616,15 @@ class MqttLink:
         then the whole contiguous run is written at once. Ids of 0, ids not delivered on the
         current connection or already acked, and (when given) an ``epoch`` other than the
         current one are ignored; when the link is down nothing is sent: the broker
-        redelivers.
+        redelivers. ``epoch`` is a `connection_number` (the parameter keeps its old name:
+        ``controller.ports`` declares it so).
         """
         conn = self._conn
-        if conn is None or not conn.connected or (epoch is not None and epoch != self._epoch):
+        if (
+            conn is None
+            or not conn.connected
+            or (epoch is not None and epoch != self._connection_number)
+        ):
             return
         out = self._acks.ack(packet_ids)
         if out:
@@ -693,13 +682,6 @@ class MqttLink:
         if conn is not None and conn.transport is not None and not conn.closing:
             conn.transport.resume_reading()
 
-    async def wait_up(self, timeout_s: float) -> None:
-        """Return when the link is UP; raise `DeviceUnavailable` after ``timeout_s``."""
-        try:
-            await self.watch.wait_for(LinkState.UP, timeout_s)
-        except TimeoutError:
-            raise DeviceUnavailable(f"{self.name} not up after {timeout_s:g} s") from None
-
     async def drain_publishes(self, timeout_s: float) -> bool:
         """Wait until every QoS 1 publish was PUBACKed; False if ``timeout_s`` passed first."""
         if self._drained():
@@ -715,22 +697,6 @@ class MqttLink:
         finally:
             if fut in self._drain_waiters:
                 self._drain_waiters.remove(fut)
-
-    async def disconnect(self) -> None:
-        """Send DISCONNECT (reason 0: the session is kept), close, and make `run` return."""
-        self._closing = True
-        self._closing_event.set()
-        conn = self._conn
-        if conn is None:
-            return
-        if not conn.closing:
-            self._close(conn, "disconnect requested", polite=True)
-        try:
-            async with asyncio.timeout(self._config.connect_timeout_s + 1.0):
-                await asyncio.shield(conn.closed)
-        except TimeoutError:
-            if conn.transport is not None:
-                conn.transport.abort()
 
     # -- supervisor helpers ---------------------------------------------------------------
 
@@ -790,87 +756,10 @@ class MqttLink:
             if time.monotonic() - self.stats.last_rx_monotonic > timeout_s:
                 raise TimeoutError
 
-    async def _sleep_unless_closing(self, delay_s: float) -> None:
-        try:
-            async with asyncio.timeout(delay_s):
-                await self._closing_event.wait()
-        except TimeoutError:
-            pass
-
-    def _enter_up(self) -> None:
-        now = time.monotonic()
-        cfg = self._config
-        if self._ever_up:
-            lost = not cfg.clean_start and not self.session_present
-            self._log.log(
-                logging.WARNING if lost else logging.INFO,
-                "%s back after %.1f s%s",
-                self.name,
-                now - self._down_since,
-                ": the broker did not keep our session" if lost else "",
-            )
-        else:
-            self._log.info(
-                "%s up (%s:%d, MQTT %s, session present: %s)",
-                self.name,
-                cfg.host,
-                cfg.port,
-                "5" if cfg.protocol == PROTOCOL_V5 else "3.1.1",
-                self.session_present,
-            )
-        self._ever_up = True
-        self._logged_failure = False
-        self._logged_queue_full = False
-        self._logged_tls = ""
-        self._up_since = now
-        self.watch.set(LinkState.UP, now)
-
-    def _enter_down(self, reason: str, *, expected: bool = False, fatal: bool = False) -> None:
-        """Enter DOWN and log why: ``expected`` for our own stop, ``fatal`` when `run` is
-        about to raise (the caller logs that error; no "retrying" line)."""
-        now = time.monotonic()
-        if not expected:
-            self.last_error = reason
-        if self.watch.state is LinkState.UP:
-            self._log.log(
-                logging.INFO if expected else logging.WARNING,
-                "%s down after %.1f s: %s",
-                self.name,
-                now - self._up_since,
-                reason,
-            )
-            self._down_since = now
-        elif expected or fatal:
-            self._log.debug("%s stopped while %s", self.name, self.watch.state.value)
-        else:
-            # A TLS failure is a configuration problem more often than a network one: an
-            # error, once per cause (also after the link was up); others a warning, once.
-            tls = "TLS handshake failed" in reason
-            if (
-                reason != self._logged_tls
-                if tls
-                else not self._ever_up and not self._logged_failure
-            ):
-                self._logged_failure = True
-                if tls:
-                    self._logged_tls = reason
-                self._log.log(
-                    logging.ERROR if tls else logging.WARNING,
-                    "%s cannot connect to %s:%d: %s (retrying)",
-                    self.name,
-                    self._config.host,
-                    self._config.port,
-                    reason,
-                )
-            else:
-                self._log.debug("%s connect attempt failed: %s", self.name, reason)
-        self.watch.set(LinkState.DOWN, now)
-
     # -- protocol callbacks ---------------------------------------------------------------
 
     def _on_connection_made(self, conn: _Connection) -> None:
         self._conn = conn
-        self._epoch += 1
         self._acks.clear()
         self.stats.last_rx_monotonic = time.monotonic()
 
@@ -917,9 +806,7 @@ class MqttLink:
             if transport.can_write_eof():
                 transport.write_eof()
             transport.resume_reading()  # the broker's EOF must be read even if paused
-            conn.linger = asyncio.get_running_loop().create_task(
-                self._linger(transport), name=f"{self.name}.linger"
-            )
+            conn.linger = conn.tasks.spawn(f"{self.name}.linger", self._linger, transport)
             return
         if transport is None:
             if not conn.closed.done():
@@ -1232,9 +1119,7 @@ class MqttLink:
     def _start_keepalive(self, conn: _Connection, keepalive_s: float) -> None:
         conn.keepalive_s = keepalive_s
         conn.last_ping = time.monotonic()
-        conn.keepalive = asyncio.get_running_loop().create_task(
-            self._keepalive(conn), name=f"{self.name}.keepalive"
-        )
+        conn.keepalive = conn.tasks.spawn(f"{self.name}.keepalive", self._keepalive, conn)
 
     async def _keepalive(self, conn: _Connection) -> None:
         """Every quarter keepalive: a PINGREQ when half a keepalive passed since the last,
@@ -1367,14 +1252,9 @@ class MqttLink:
 
 
 def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown"
     if isinstance(exc, ssl.SSLError):
         return _describe_tls(exc)
-    text = str(exc)
-    if isinstance(exc, DeviceError) and text:
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe_error(exc)
 
 
 def _describe_tls(exc: ssl.SSLError) -> str:

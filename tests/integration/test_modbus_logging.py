@@ -113,7 +113,7 @@ async def test_link_state_changes_are_logged_once(
         for link in links:
             got = lines(caplog, f"floorhand.plc.{link.name}")
             assert len(got) == 1, got
-            assert "cannot reach" in got[0]
+            assert "cannot connect to" in got[0]
 
         caplog.clear()
         # The PLC simulator in its own process: the server's own pymodbus lines (it logs too
@@ -130,6 +130,6 @@ async def test_link_state_changes_are_logged_once(
         got = lines(caplog, "floorhand.plc.plc-0")
         assert len(got) == 2, got
         assert "down after" in got[0]
-        assert "cannot reach" in got[1]
+        assert "cannot connect to" in got[1]
         assert lines(caplog, "floorhand.plc.plc-1") == []
         assert lines(caplog, "pymodbus") == []

@@ -102,8 +102,13 @@ def test_mqtt_link_reconnects_after_0_1_to_2_s_reset_by_a_session_of_10_s() -> N
     assert params(cfg.reconnect_backoff()) == (0.5, 4.0, 2.0, 0.2, 1.0)
 
 
-def test_modbus_link_reconnects_after_50_ms_to_1_s_reset_by_every_connection() -> None:
-    assert params(ModbusLinkConfig().reconnect_backoff()) == (0.05, 1.0, 2.0, 0.2, 0.0)
+def test_modbus_link_reconnects_after_50_ms_to_1_s_reset_by_a_session_of_1_s() -> None:
+    """Reset only by a connection that stayed up a liveness timeout (four heartbeats): a PLC
+    that accepts and drops us at once is not reconnected to 20 times a second (it was reset
+    by every connection that came up)."""
+    assert params(ModbusLinkConfig().reconnect_backoff()) == (0.05, 1.0, 2.0, 0.2, 1.0)
+    cfg = ModbusLinkConfig(backoff_reset_after_s=0.0)
+    assert params(cfg.reconnect_backoff()) == (0.05, 1.0, 2.0, 0.2, 0.0)
 
 
 def test_modbus_busy_retries_double_from_10_ms_to_100_ms() -> None:
