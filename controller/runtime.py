@@ -25,25 +25,27 @@ from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.config import PlcConfig, SiteConfig
 from controller.owner import OwnerProbe, SiteOwnership
-from controller.ports import EventRow, HistorySink, LinkStateChanged
+from controller.ports import HistorySink
 from controller.services.alerts import AlertService
 from controller.services.history import HistoryService, HistorySettings, Topology
 from controller.services.ingest import IngestService, shelf_specs, subscriptions
 from controller.services.picking import PickingService
+from controller.services.supervision import (
+    RETAIN_OUTBOX_ROWS,
+    PlcView,
+    ReadGate,
+    SupervisionService,
+    SupervisionSettings,
+    link_state_name,
+)
 from devices.conveyor import ConveyorDriver
 from devices.errors import DeviceError
-from devices.link.modbus import ModbusLink, ModbusLinkConfig
+from devices.link.modbus import DeviceHealth, ModbusLink, ModbusLinkConfig
 from devices.link.mqtt import MqttLink, MqttLinkConfig
 from devices.link.state import LinkState
 from devices.sorter import SorterDriver
 
 log = logging.getLogger("floorhand.runtime")
-
-TICK_S = 0.5
-"""Supervision period: staleness, alert dwell timers, outbox housekeeping."""
-
-ALERT_REPUBLISH_QUEUE = 2_000
-"""Deferred alert states are re-sent while fewer publishes than this are queued."""
 
 SAFE_STOP_S = 1.0
 """Bound of the STOP sent to every PLC on shutdown."""
@@ -62,9 +64,6 @@ OWNER_GATE_S = 2.0
 """PLC links start once the owner check is over, or after this long."""
 
 _PACKAGES = ("controller", "devices")
-
-RETAIN_OUTBOX_ROWS = 1_000_000
-"""With history disabled the journal keeps this many recent readings for inspection."""
 
 
 def command_topic(site: SiteConfig) -> str:
@@ -156,24 +155,28 @@ class PlcHandle:
     def id(self) -> str:
         return self.config.id
 
-    def snapshot(self) -> dict[str, Any]:
+    def view(self) -> PlcView:
         """Link state, health and epoch, without I/O."""
         fault = self.link.fault
-        return {
-            "id": self.config.id,
-            "kind": self.config.kind,
-            "endpoint": self.config.endpoint,
-            "unit": self.config.unit,
-            "link": self.link.state.value,
-            "since_s": time.monotonic() - self.link.watch.since,
-            "health": self.link.health.value,
-            "fault": fault.reason if fault is not None else None,
-            "last_down_reason": self.link.last_down_reason,
-            "epoch": self.driver.epoch,
-            "restarts": self.driver.restarts,
-            "connects": self.link.stats.connects,
-            "heartbeat": self.config.heartbeat,
-        }
+        return PlcView(
+            id=self.config.id,
+            kind=self.config.kind,
+            endpoint=self.config.endpoint,
+            unit=self.config.unit,
+            link=link_state_name(self.link.state),
+            since_s=time.monotonic() - self.link.watch.since,
+            health="faulty" if self.link.health is DeviceHealth.FAULTY else "ok",
+            fault=fault.reason if fault is not None else None,
+            last_down_reason=self.link.last_down_reason,
+            epoch=self.driver.epoch,
+            restarts=self.driver.restarts,
+            connects=self.link.stats.connects,
+            heartbeat=self.config.heartbeat,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """``view()`` as a dict."""
+        return self.view().as_dict()
 
 
 def build_plc(cfg: PlcConfig) -> PlcHandle:
@@ -194,26 +197,6 @@ def build_plc(cfg: PlcConfig) -> PlcHandle:
     if not cfg.heartbeat:
         link.remove_heartbeat(cfg.unit, driver.map["heartbeat"].address)
     return PlcHandle(cfg, link, driver)
-
-
-class ReadGate:
-    """Reading from the broker is paused while any holder asks for it (journal failing,
-    outbox full): one holder's release does not undo another's hold."""
-
-    def __init__(self, link: MqttLink) -> None:
-        self._link = link
-        self.holds: set[str] = set()
-
-    def hold(self, reason: str) -> None:
-        if not self.holds:
-            self._link.pause_reading()
-        self.holds.add(reason)
-
-    def release(self, reason: str) -> None:
-        if reason in self.holds:
-            self.holds.discard(reason)
-            if not self.holds:
-                self._link.resume_reading()
 
 
 class _IngestLink:
@@ -275,7 +258,7 @@ class Runtime:
             self.owner.link_config(session),
             self._on_messages,
             name="mqtt",
-            on_oversize=self._on_oversize,
+            on_oversize=lambda topic, size: self.supervision.on_oversize(topic, size),
             logger=logging.getLogger("floorhand.mqtt"),
         )
         self.owner.attach(self.link)
@@ -298,13 +281,35 @@ class Runtime:
             site, self.journal, self.link, self.bus.publish, self.ingest.states, self.specs
         )
         self.bus.add_listener(self._after_commit)
-        self.link.watch.add_listener(self._on_link_state)
         self.history = build_history(site, self.journal, clock)
-        self.plcs: dict[str, PlcHandle] = {}
-        for plc_cfg in site.plcs:
-            handle = build_plc(plc_cfg)
-            handle.link.watch.add_listener(self._plc_state_listener(plc_cfg.id))
-            self.plcs[plc_cfg.id] = handle
+        self.plcs: dict[str, PlcHandle] = {plc.id: build_plc(plc) for plc in site.plcs}
+        self.supervision = SupervisionService(
+            SupervisionSettings(
+                site_id=site.site.id,
+                topic_prefix=site.mqtt.topic_prefix,
+                max_outbox_rows=site.journal.max_outbox_rows,
+                dead_letter_keep=site.journal.dead_letter_keep,
+                keep_outbox_rows=(
+                    min(RETAIN_OUTBOX_ROWS, site.journal.max_outbox_rows // 2)
+                    if site.history.backend == "none"
+                    else None
+                ),
+            ),
+            link=self.link,
+            gate=self.gate,
+            journal=self.journal,
+            ingest=self.ingest,
+            alerts=self.alerts,
+            history=self.history,
+            plcs=self.plcs,
+            bus=self.bus,
+            publish_events=self.bus.publish,
+            clock=clock,
+            monotonic=time.monotonic,
+        )
+        self.link.watch.add_listener(self.supervision.on_link_state)
+        for plc_id, handle in self.plcs.items():
+            handle.link.watch.add_listener(self.supervision.plc_state_listener(plc_id))
         self.picking = PickingService(
             site,
             self.journal,
@@ -322,11 +327,6 @@ class Runtime:
         )
         self.bus.add_listener(self.picking.on_events)
         self._command_topic = command_topic(site)
-        self.started = asyncio.Event()
-        self.started_at_s: float | None = None
-        self.backpressure = False
-        self._max_outbox_rows = site.journal.max_outbox_rows
-        self.oversize = 0
         # Start-up: (link epoch, batch) held from the first pick command on, until the PLC
         # links had their first chance to connect (PickingService.devices_settled).
         self._early: list[tuple[int, list[Any]]] | None = None
@@ -352,9 +352,7 @@ class Runtime:
             msgs = [m for m in msgs if m.topic != topic]
         if msgs:
             self.ingest.on_messages(msgs)
-        # The bound is enforced right after the commit that reached it, not at the next tick.
-        if not self.backpressure and self.journal.outbox_rows >= self._max_outbox_rows:
-            self._backpressure_on()
+        self.supervision.check_outbox_bound()
 
     def _hold_early(self, msgs: list[Any]) -> None:
         """A pick command queued in the broker session arrived before the PLC links had their
@@ -391,38 +389,23 @@ class Runtime:
                 log.error("could not publish a pick command result: %s", exc)
         self.link.ack([m.packet_id for m in msgs if m.packet_id], epoch)
 
-    def _on_link_state(self, old: LinkState, new: LinkState, *, link: str = "mqtt") -> None:
-        """Link state changes (broker, PLCs) are events like any other: journaled for the
-        history, published on the bus for live consumers."""
-        now = self.clock()
-        body = LinkStateChanged(now, link, old, new).as_dict()
-        try:
-            self.journal.commit((), events=[EventRow(now, "link_state", body)])
-        except Exception as exc:
-            log.error("could not journal the link state change: %s", exc)
-        self.bus.publish([body])
-
-    def _plc_state_listener(self, plc_id: str) -> Callable[[LinkState, LinkState], None]:
-        def on_change(old: LinkState, new: LinkState) -> None:
-            # Reconnect attempts flap CONNECTING <-> DOWN every second while a PLC is away:
-            # only entering and leaving UP are events.
-            if LinkState.UP in (old, new):
-                self._on_link_state(old, new, link=f"plc:{plc_id}")
-
-        return on_change
-
-    def _on_oversize(self, topic: str, size: int) -> None:
-        self.oversize += 1
-        self.ingest.rejected["oversize"] += 1
-        log.warning("dropped an oversize message on %s (%d bytes)", topic, size)
-
     def _after_commit(self, events: list[dict[str, Any]]) -> None:
         self.alerts.on_events(events)
         self.alerts.evaluate_dirty(self.clock())
 
+    # -- supervision's state, for the callers that read it off the runtime -----------------------
+    @property
+    def started(self) -> asyncio.Event:
+        """Set once the journal is open and the state restored."""
+        return self.supervision.started
+
     @property
     def ready(self) -> bool:
-        return self.started.is_set() and self.link.state is LinkState.UP
+        return self.supervision.ready
+
+    @property
+    def backpressure(self) -> bool:
+        return self.supervision.backpressure
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
@@ -446,8 +429,7 @@ class Runtime:
             reconcile = self.picking.restore()
             if reconcile:
                 log.info("%d open order(s) to reconcile with their PLCs", len(reconcile))
-            self.started_at_s = self.clock()
-            self.started.set()
+            self.supervision.mark_started()
             log.info("runtime started in %.0f ms", (time.monotonic() - t0) * 1000)
             if on_started is not None:
                 on_started()
@@ -522,7 +504,7 @@ class Runtime:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._run_session(), name="mqtt-link")
             tg.create_task(self.picking.run(reconcile), name="picking")
-            tg.create_task(self._supervise(), name="supervision")
+            tg.create_task(self.supervision.run(), name="supervision")
             if self.history is not None:
                 tg.create_task(self.history.run(), name="history")
             for plc_id, plc in self.plcs.items():
@@ -542,79 +524,16 @@ class Runtime:
                 await self.owner.checked.wait()
         await plc.link.run()
 
-    async def _supervise(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            now = self.clock()
-            self.ingest.tick(now)
-            self.alerts.tick(now)
-            if self.alerts.unpublished and self.link.state is LinkState.UP:
-                # Retained alert states that did not fit the link's queue (large sites at
-                # start-up, long outages): a bounded slice per tick, paced by the queue.
-                self.alerts.retry_unpublished(ALERT_REPUBLISH_QUEUE - self.link.queued_publishes)
-            self._housekeeping()
-
-    def _housekeeping(self) -> None:
-        journal = self.journal
-        try:
-            keep = min(RETAIN_OUTBOX_ROWS, self.site.journal.max_outbox_rows // 2)
-            if self.site.history.backend == "none" and journal.outbox_rows > keep:
-                # No historian: keep a bounded window of recent readings and events (well
-                # under the backpressure bound, which is for an unreachable historian only).
-                journal.trim_outbox(keep, max(1, keep // 10))
-            journal.trim_dead_letters(self.site.journal.dead_letter_keep)
-        except Exception as exc:
-            log.error("journal housekeeping failed: %s", exc)
-        full = journal.outbox_rows >= self._max_outbox_rows
-        if full and not self.backpressure:
-            self._backpressure_on()
-        elif not full and self.backpressure:
-            self.backpressure = False
-            self.gate.release("outbox")
-            self._publish_system_alert("outbox_full", False)
-            log.info("outbox below its bound again: backpressure off")
-
-    def _backpressure_on(self) -> None:
-        self.backpressure = True
-        self.gate.hold("outbox")
-        self._publish_system_alert("outbox_full", True)
-        log.error(
-            "outbox full (%d rows): backpressure on, not reading from the broker%s",
-            self.journal.outbox_rows,
-            (
-                f" (history {self.history.stats.state}: {self.history.stats.last_error})"
-                if self.history is not None
-                else ""
-            ),
-        )
-
-    def _publish_system_alert(self, name: str, active: bool) -> None:
-        """Retained controller alerts on ``<prefix>/<site>/alerts/system/<name>`` (beside the
-        SKU alerts), so supervisors see why ingest stopped reading from the broker."""
-        body = {
-            "key": f"system:{name}",
-            "active": active,
-            "since": self.clock(),
-            "outbox_rows": self.journal.outbox_rows,
-            "max_outbox_rows": self.site.journal.max_outbox_rows,
-            "history": self.history.snapshot() if self.history is not None else None,
-            "plcs": {plc_id: plc.link.state.value for plc_id, plc in self.plcs.items()},
-        }
-        topic = f"{self.site.mqtt.topic_prefix}/{self.site.site.id}/alerts/system/{name}"
-        try:
-            self.link.publish(topic, orjson.dumps(body), qos=1, retain=True)
-        except DeviceError as exc:  # queue full while the broker is unreachable
-            log.error("could not publish the %s alert: %s", name, exc)
-
     def snapshot(self) -> dict[str, Any]:
-        """Health figures for the API and logs."""
+        """Health figures for logs (the API renders ``supervision.report()``)."""
+        report = self.supervision.report()
         return {
-            "ready": self.ready,
-            "link": self.link.state.value,
-            "outbox_rows": self.journal.outbox_rows,
-            "backpressure": self.backpressure,
-            "history": self.history.snapshot() if self.history is not None else None,
-            "plcs": {plc_id: plc.link.state.value for plc_id, plc in self.plcs.items()},
+            "ready": report.ready,
+            "link": report.mqtt.state,
+            "outbox_rows": report.ingest.outbox_rows,
+            "backpressure": report.ingest.backpressure,
+            "history": report.history.as_dict() if report.history is not None else None,
+            "plcs": {pid: plc.link for pid, plc in report.plcs.items()},
         }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -14,34 +13,27 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.api.deps import ENGINEER, PUBLIC, READ_ALL, RuntimeDep, install_queries
+from controller.api.deps import ENGINEER, READ_ALL, RuntimeDep, install_queries
 from controller.api.limits import allowed_methods, install_security
+from controller.api.routes import alerts as alerts_routes
+from controller.api.routes import devices as devices_routes
+from controller.api.routes import health as health_routes
 from controller.api.routes import ops as ops_routes
 from controller.api.routes import orders as orders_routes
 from controller.api.routes import stock as stock_routes
 from controller.api.schemas import (
     PROBLEM,
-    AlertPublic,
     DeadLetterPublic,
-    DevicePublic,
-    HealthPublic,
     HistoryBucketPublic,
-    HistoryHealth,
     HistoryPublic,
     HistorySeriesPublic,
-    IngestStats,
-    LinkPublic,
-    PlcLinkSummary,
-    PlcPublic,
     Problem,
 )
 from controller.api.web import install_web
 from controller.config import SiteConfig
-from controller.domain.model import ShelfStatus
 from controller.owner import refusal
 from controller.ports import HistoryError, HistoryQuery, SinkUnavailable
 from controller.runtime import Runtime
-from devices.link.state import LinkState
 
 log = logging.getLogger("floorhand.api")
 
@@ -105,69 +97,17 @@ def create_app(
     _install_problem_handlers(app)
     install_security(app, site.api, rt)
     app.include_router(stock_routes.router)  # stock, shelves, zones (read model)
+    app.include_router(alerts_routes.router)  # alert states (read model), ack/snooze
+    app.include_router(devices_routes.router)  # scales' figures, PLC links (read model)
     _routes(app)
+    app.include_router(health_routes.router)  # health, ready (supervision's HealthReport)
     app.include_router(orders_routes.router)  # picks and orders (docs/picking.md)
-    app.include_router(ops_routes.router)  # ack/snooze, PLC commands, scales, tare
+    app.include_router(ops_routes.router)  # PLC commands, scales, tare
     install_web(app, rt)  # dashboard assets and /api/v1/live (docs/dashboard.md)
     return app
 
 
 def _routes(app: FastAPI) -> None:
-    @app.get(
-        "/api/v1/alerts",
-        response_model=list[AlertPublic],
-        tags=["alerts"],
-        dependencies=READ_ALL,
-    )
-    def list_alerts(
-        rt: RuntimeDep,
-        active: Annotated[bool | None, Query(description="true: only raised episodes")] = None,
-    ) -> list[AlertPublic]:
-        """Reorder alert state of every SKU (and configured shelf)."""
-        out = [AlertPublic(**rt.alerts.public(k)) for k in rt.alerts.targets]
-        if active is not None:
-            out = [a for a in out if a.active is active]
-        return out
-
-    @app.get(
-        "/api/v1/devices",
-        response_model=list[DevicePublic],
-        tags=["devices"],
-        dependencies=READ_ALL,
-    )
-    def list_devices(rt: RuntimeDep) -> list[DevicePublic]:
-        now = rt.clock()
-        out = []
-        for sc in rt.site.scales:
-            info = rt.ingest.devices[sc.id]
-            cur = rt.ingest.cursors.get(sc.id)
-            stale_after = sc.reporting_interval_s * rt.site.site.stale_after_intervals
-            out.append(
-                DevicePublic(
-                    id=sc.id,
-                    zone=sc.zone,
-                    format=sc.format,
-                    last_seen=info.last_seen_s,
-                    stale=info.last_seen_s is None or now - info.last_seen_s > stale_after,
-                    online=info.online,
-                    epoch=cur.epoch if cur else None,
-                    last_seq=cur.seq if cur else None,
-                    applied=cur.applied if cur else 0,
-                    gaps=info.gaps,
-                    missing_readings=info.missing_readings,
-                )
-            )
-        return out
-
-    @app.get(
-        "/api/v1/plcs",
-        response_model=list[PlcPublic],
-        tags=["devices"],
-        dependencies=READ_ALL,
-    )
-    def list_plcs(rt: RuntimeDep) -> list[PlcPublic]:
-        return [PlcPublic(**plc.snapshot()) for plc in rt.plcs.values()]
-
     @app.get(
         "/api/v1/ingest/dead-letters",
         response_model=list[DeadLetterPublic],
@@ -275,91 +215,6 @@ def _routes(app: FastAPI) -> None:
                 "series": series,
             }
         )
-
-    @app.get(
-        "/api/v1/health",
-        response_model=HealthPublic,
-        tags=["health"],
-        dependencies=PUBLIC,
-    )
-    def health(rt: RuntimeDep) -> HealthPublic:
-        return _health(rt)
-
-    @app.get(
-        "/api/v1/ready",
-        response_model=HealthPublic,
-        tags=["health"],
-        responses={503: {"model": HealthPublic}},
-        dependencies=PUBLIC,
-    )
-    def ready(rt: RuntimeDep) -> Any:
-        """200 when the journal is open and the broker link is up, else 503."""
-        h = _health(rt)
-        if not h.ready:
-            return JSONResponse(h.model_dump(), status_code=503)
-        return h
-
-
-def _health(rt: Runtime) -> HealthPublic:
-    now = rt.clock()
-    link = rt.link
-    ing = rt.ingest
-    stale = sum(1 for s in ing.states.values() if s.status is ShelfStatus.STALE)
-    active = sum(1 for a in rt.alerts.alerts.values() if a.episode is not None)
-    ready = rt.ready
-    hist = rt.history.snapshot() if rt.history is not None else None
-    degraded = (
-        rt.backpressure
-        or ing.last_commit_error is not None
-        or (hist is not None and hist["state"] == "down")
-        or any(plc.link.state is not LinkState.UP for plc in rt.plcs.values())
-        or bool(link.warnings)
-    )
-    status = (
-        "starting" if not rt.started.is_set() else ("degraded" if degraded or not ready else "ok")
-    )
-    return HealthPublic(
-        status=status,
-        ready=ready,
-        site=rt.site.site.id,
-        uptime_s=now - rt.started_at_s if rt.started_at_s else 0.0,
-        mqtt=LinkPublic(
-            state=link.state.value,
-            since_s=time.monotonic() - link.since,
-            session_present=link.session_present,
-            connects=link.stats.connects,
-            max_qos=link.server_max_qos,
-            retain_available=link.retain_available,
-            granted_qos=dict(link.granted_qos),
-            warnings=link.warnings,
-            oversize_in=link.stats.oversize_in,
-            invalid_in=link.stats.invalid_in,
-            qos_downgraded=link.stats.qos_downgraded,
-            retain_dropped=link.stats.retain_dropped,
-            last_error=link.last_error,
-        ),
-        ingest=IngestStats(
-            messages=ing.messages,
-            readings=ing.readings,
-            commits=ing.commits,
-            commit_failures=ing.commit_failures,
-            rejected=dict(ing.rejected),
-            ignored_retained=ing.ignored_retained,
-            late_readings=ing.late_readings,
-            outbox_rows=rt.journal.outbox_rows,
-            backpressure=rt.backpressure,
-            last_commit_error=ing.last_commit_error,
-        ),
-        alerts_active=active,
-        stale_shelves=stale,
-        history=HistoryHealth(**hist) if hist is not None else None,
-        plcs={
-            plc_id: PlcLinkSummary(
-                link=plc.link.state.value, health=plc.link.health.value, epoch=plc.driver.epoch
-            )
-            for plc_id, plc in rt.plcs.items()
-        },
-    )
 
 
 def _install_problem_handlers(app: FastAPI) -> None:

@@ -1,7 +1,8 @@
-"""The dependencies every route module shares, as ``Annotated`` aliases: the runtime, the stock
-queries, the calling principal by role, and the role guards of routes that do not use the
-caller. Route modules import from here; this module imports no route module and not the app,
-so there is no import cycle between the app and its routers."""
+"""The dependencies every route module shares, as ``Annotated`` aliases: the runtime, the read
+model (stock queries; devices, alerts, health), the calling principal by role, and the role
+guards of routes that do not use the caller. Route modules import from here; this module
+imports no route module and not the app, so there is no import cycle between the app and its
+routers."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from fastapi import Depends, FastAPI, Request
 
 from controller.api.auth import Principal, PublicDep, Role, require
 from controller.runtime import Runtime
-from controller.services.queries import StockQueries
+from controller.services.queries import AlertQueries, DeviceQueries, ReadModel, StockQueries
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -26,15 +27,30 @@ def get_queries(request: Request) -> StockQueries:
     return queries
 
 
-def install_queries(app: FastAPI, rt: Runtime) -> StockQueries:
-    """Build the stock read model over ``rt``'s services and keep it on the app."""
-    queries = StockQueries(rt.site, rt.specs, rt.ingest.states, rt.ingest.calibrations, rt.alerts)
-    app.state.queries = queries
-    return queries
+def get_reads(request: Request) -> ReadModel:
+    """The whole read model (built once by ``install_queries``)."""
+    reads: ReadModel = request.app.state.reads
+    return reads
+
+
+def install_queries(app: FastAPI, rt: Runtime) -> ReadModel:
+    """Build the read model over ``rt``'s services once and keep it on the app."""
+    stock = StockQueries(rt.site, rt.specs, rt.ingest.states, rt.ingest.calibrations, rt.alerts)
+    reads = ReadModel(
+        stock=stock,
+        devices=DeviceQueries(rt.site, rt.ingest.devices, rt.ingest.cursors, rt.clock),
+        alerts=AlertQueries(rt.alerts),
+        health=rt.supervision.report,
+        plcs=rt.supervision.plc_views,
+    )
+    app.state.queries = stock
+    app.state.reads = reads
+    return reads
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 QueriesDep = Annotated[StockQueries, Depends(get_queries)]
+ReadsDep = Annotated[ReadModel, Depends(get_reads)]
 
 Supervisor = Annotated[Principal, Depends(require(Role.SUPERVISOR))]
 """The caller, who must be a supervisor."""

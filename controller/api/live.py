@@ -294,8 +294,7 @@ class LiveHub:
                     "last_reading_ts": st.last_ts_s,
                 }
             )
-        links = {"mqtt": rt.link.state.value}
-        links.update({f"plc:{pid}": plc.link.state.value for pid, plc in rt.plcs.items()})
+        health = rt.supervision.report()
         return {
             "type": "snapshot",
             "t": self.clock(),
@@ -306,27 +305,28 @@ class LiveHub:
             "alerts": [
                 rt.alerts.public(k) for k, a in rt.alerts.alerts.items() if a.episode is not None
             ],
-            "links": links,
-            "plcs": [plc.snapshot() for plc in rt.plcs.values()],
+            "links": health.links,
+            "plcs": [plc.as_dict() for plc in health.plcs.values()],
             "stats": self.stats(),
         }
 
     def stats(self) -> dict[str, Any]:
-        """Counters shared by every client's ``stats`` message (cached for half a period)."""
+        """Counters shared by every client's ``stats`` message (cached for half a period),
+        from the supervision service's ``HealthReport``."""
         now = time.monotonic()
         if self._stats_cache is not None and now - self._stats_cache[0] < STATS_EVERY_S / 2:
             return self._stats_cache[1]
-        rt = self.rt
-        ing = rt.ingest
+        health = self.rt.supervision.report()
+        ing = health.ingest
         body = {
             "readings": ing.readings,
             "messages": ing.messages,
             "rejected": sum(ing.rejected.values()),
-            "bus_events": rt.bus.published,
-            "alerts_active": sum(1 for a in rt.alerts.alerts.values() if a.episode is not None),
-            "mqtt": rt.link.state.value,
-            "backpressure": rt.backpressure,
-            "ready": rt.ready,
+            "bus_events": health.bus_events,
+            "alerts_active": health.alerts.active,
+            "mqtt": health.mqtt.state,
+            "backpressure": ing.backpressure,
+            "ready": health.ready,
             "clients": len(self.clients),
             "dropped_total": self.dropped_total,
         }

@@ -1,7 +1,8 @@
 """``/metrics``: Prometheus text exposition (prometheus-client).
 
-Runtime figures (ingest, outbox, links, alerts, history, the event bus) are read from the live
-runtime at scrape time by custom collectors, so nothing is counted twice; the HTTP layer keeps
+Runtime figures (ingest, outbox, links, alerts, history) are the supervision service's
+``HealthReport`` (the one health /api/v1/health renders), taken at scrape time; the event bus's
+counters are read from the bus. Nothing is counted twice; the HTTP layer keeps
 its own counters (requests, latency, auth failures, rate limiting, oversize bodies). Each app
 has its own registry; the pick latency histogram is process-wide (``observe_pick_latency``),
 fed from the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.md.
@@ -9,7 +10,6 @@ fed from the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.
 
 from __future__ import annotations
 
-from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,8 +25,8 @@ from prometheus_client.registry import Collector
 
 from controller.api.auth import Role, public, require
 from controller.bus import Bus
-from controller.domain.model import ShelfStatus
 from controller.runtime import Runtime
+from controller.services.supervision import HealthReport
 from devices.link.state import LinkState
 
 PICK_LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
@@ -125,7 +125,7 @@ class ApiMetrics:
         r.register(PICK_LATENCY)
         self.picks = PickLatencyProbe()
         if runtime is not None:
-            r.register(RuntimeCollector(runtime))
+            r.register(RuntimeCollector(runtime.supervision.report))
             r.register(BusCollector(runtime.bus))
             runtime.bus.add_listener(self.picks.on_events)
 
@@ -137,15 +137,16 @@ class ApiMetrics:
 
 
 class RuntimeCollector(Collector):
-    """Reads the runtime's counters at scrape time. Called on the event loop (the ``/metrics``
-    handler is ``async``), so it never races the loop that mutates them."""
+    """Renders the supervision service's ``HealthReport`` at scrape time. Called on the event
+    loop (the ``/metrics`` handler is ``async``), so it never races the loop that mutates the
+    figures."""
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    def __init__(self, report: Callable[[], HealthReport]) -> None:
+        self.report = report
 
     def collect(self) -> Iterator[Metric]:
-        rt = self.rt
-        ing = rt.ingest
+        h = self.report()
+        ing = h.ingest
         yield _counter("floorhand_ingest_messages", "MQTT messages handled.", ing.messages)
         yield _counter("floorhand_ingest_readings", "Readings applied.", ing.readings)
         yield _counter("floorhand_ingest_commits", "Journal commits.", ing.commits)
@@ -165,51 +166,51 @@ class RuntimeCollector(Collector):
         rejected = CounterMetricFamily(
             "floorhand_ingest_rejected", "Messages rejected, by reason.", labels=["reason"]
         )
-        for reason, n in sorted(dict(ing.rejected).items()):
+        for reason, n in sorted(ing.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
         yield _counter(
-            "floorhand_ingest_oversize", "Messages above the payload limit.", rt.oversize
+            "floorhand_ingest_oversize", "Messages above the payload limit.", ing.oversize
         )
-        stats = rt.link.stats
+        mqtt = h.mqtt
         yield _counter(
             "floorhand_mqtt_oversize_in",
             "Messages above the MQTT link's packet limit (acked, dropped).",
-            stats.oversize_in,
+            mqtt.oversize_in,
         )
         yield _counter(
             "floorhand_mqtt_invalid_in",
             "Messages whose topic is not UTF-8 (acked, dropped).",
-            stats.invalid_in,
+            mqtt.invalid_in,
         )
         yield _counter(
             "floorhand_mqtt_qos_downgraded",
             "QoS 1 publishes sent as QoS 0 (the broker's Maximum QoS is 0).",
-            stats.qos_downgraded,
+            mqtt.qos_downgraded,
         )
         yield _counter(
             "floorhand_mqtt_retain_dropped",
             "Retained publishes sent without retain (the broker has no retain).",
-            stats.retain_dropped,
+            mqtt.retain_dropped,
         )
         yield _gauge(
             "floorhand_mqtt_warnings",
             "Guarantees the broker weakened (see health mqtt.warnings).",
-            len(rt.link.warnings),
+            len(mqtt.warnings),
         )
 
-        yield _gauge("floorhand_outbox_rows", "Rows waiting in the outbox.", rt.journal.outbox_rows)
+        yield _gauge("floorhand_outbox_rows", "Rows waiting in the outbox.", ing.outbox_rows)
         yield _gauge(
             "floorhand_outbox_max_rows",
             "Outbox bound ([journal] max_outbox_rows).",
-            rt.site.journal.max_outbox_rows,
+            ing.max_outbox_rows,
         )
         yield _gauge(
             "floorhand_backpressure",
             "1 while ingest is paused because the outbox is full.",
-            1 if rt.backpressure else 0,
+            1 if ing.backpressure else 0,
         )
-        yield _gauge("floorhand_ready", "1 when the controller is ready.", 1 if rt.ready else 0)
+        yield _gauge("floorhand_ready", "1 when the controller is ready.", 1 if h.ready else 0)
 
         states = GaugeMetricFamily(
             "floorhand_link_state",
@@ -219,72 +220,64 @@ class RuntimeCollector(Collector):
         connects = CounterMetricFamily(
             "floorhand_link_connects", "Successful connects per link.", labels=["link"]
         )
-        links = [("mqtt", rt.link.state, rt.link.stats.connects)]
-        links += [
-            (f"plc:{pid}", plc.link.state, plc.link.stats.connects)
-            for pid, plc in sorted(rt.plcs.items())
-        ]
+        links = [("mqtt", mqtt.state, mqtt.connects)]
+        links += [(f"plc:{pid}", plc.link, plc.connects) for pid, plc in sorted(h.plcs.items())]
         for name, state, n in links:
             for s in LinkState:
-                states.add_metric([name, s.value], 1 if state is s else 0)
+                states.add_metric([name, s.value], 1 if state == s.value else 0)
             connects.add_metric([name], n)
         yield states
         yield connects
         faulty = GaugeMetricFamily(
             "floorhand_plc_faulty", "1 while a PLC's health is faulty.", labels=["plc"]
         )
-        for pid, plc in sorted(rt.plcs.items()):
-            faulty.add_metric([pid], 1 if plc.link.health.value == "faulty" else 0)
+        for pid, plc in sorted(h.plcs.items()):
+            faulty.add_metric([pid], 1 if plc.health == "faulty" else 0)
         yield faulty
 
-        by_state: Tally[str] = Tally(a.state.value for a in rt.alerts.alerts.values())
+        alerts = h.alerts
         alert_states = GaugeMetricFamily(
             "floorhand_alerts", "Alert targets by stock state.", labels=["state"]
         )
-        for st in ("ok", "low", "critical", "out", "unknown"):
-            alert_states.add_metric([st], by_state.get(st, 0))
+        for st, n in alerts.by_state.items():
+            alert_states.add_metric([st], n)
         yield alert_states
-        episodes = [a.episode for a in rt.alerts.alerts.values() if a.episode is not None]
-        now_s = rt.clock()
-        yield _gauge("floorhand_alerts_active", "Raised alert episodes.", len(episodes))
+        yield _gauge("floorhand_alerts_active", "Raised alert episodes.", alerts.active)
         yield _gauge(
             "floorhand_alerts_acknowledged",
             "Raised episodes a supervisor acknowledged.",
-            sum(1 for e in episodes if e.acked_by is not None),
+            alerts.acknowledged,
         )
         yield _gauge(
-            "floorhand_alerts_snoozed",
-            "Raised episodes snoozed right now.",
-            sum(1 for e in episodes if e.snoozed(now_s)),
+            "floorhand_alerts_snoozed", "Raised episodes snoozed right now.", alerts.snoozed
         )
-        shelves: Tally[str] = Tally(s.status.value for s in ing.states.values())
         shelf_fam = GaugeMetricFamily("floorhand_shelves", "Shelves by status.", labels=["status"])
-        for status in ShelfStatus:
-            shelf_fam.add_metric([status.value], shelves.get(status.value, 0))
+        for status, n in h.shelves.items():
+            shelf_fam.add_metric([status], n)
         yield shelf_fam
 
-        if rt.history is not None:
-            h = rt.history.snapshot()
+        hist = h.history
+        if hist is not None:
             yield _counter(
-                "floorhand_history_points_written", "Points confirmed.", h["points_written"]
+                "floorhand_history_points_written", "Points confirmed.", hist.points_written
             )
-            yield _counter("floorhand_history_batches", "Batches confirmed.", h["batches"])
-            yield _counter("floorhand_history_retries", "Failed write attempts.", h["retries"])
+            yield _counter("floorhand_history_batches", "Batches confirmed.", hist.batches)
+            yield _counter("floorhand_history_retries", "Failed write attempts.", hist.retries)
             yield _counter(
                 "floorhand_history_rejected_requests",
                 "Writes the sink refused.",
-                h["rejected_requests"],
+                hist.rejected_requests,
             )
             yield _counter(
-                "floorhand_history_dead_lettered", "Points dead-lettered.", h["dead_lettered"]
+                "floorhand_history_dead_lettered", "Points dead-lettered.", hist.dead_lettered
             )
             yield _counter(
-                "floorhand_history_corrupt_rows", "Unconvertible outbox rows.", h["corrupt_rows"]
+                "floorhand_history_corrupt_rows", "Unconvertible outbox rows.", hist.corrupt_rows
             )
             yield _gauge(
                 "floorhand_history_lag_seconds",
                 "Age of the newest reading delivered while rows wait.",
-                h["lag_s"],
+                hist.lag_s,
             )
             up = GaugeMetricFamily(
                 "floorhand_history_state",
@@ -292,7 +285,7 @@ class RuntimeCollector(Collector):
                 labels=["backend", "state"],
             )
             for st in ("starting", "up", "down"):
-                up.add_metric([h["backend"], st], 1 if h["state"] == st else 0)
+                up.add_metric([hist.backend, st], 1 if hist.state == st else 0)
             yield up
 
 

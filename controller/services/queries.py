@@ -5,21 +5,29 @@ while the controller runs: ``StockQueries`` indexes it once, from the site and t
 targets, so every query costs O(its answer), not a scan of the site per shelf. What does change
 (shelf states, calibrations, calibrated specs, alert episodes) is read live from the mappings
 the ingest and alert services own and update in place; nothing here is copied or cached.
+
+The same holds for the devices (``DeviceQueries``: each scale's zone, format and staleness
+bound indexed once; its figures read live from ingest) and the alerts (``AlertQueries``: the
+targets' order and keys once; their state live). ``ReadModel`` is the facade the API reads
+through: stock, devices, alerts, and health and PLCs from the supervision service's
+``HealthReport`` (controller/services/supervision.py), so no route reaches into a service.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from controller.config import SiteConfig, SkuConfig, ZoneConfig
 from controller.domain.calibration import ShelfCalibration
 from controller.domain.model import ShelfSpec, StockState
 from controller.domain.reorder import AlertState, classify
 from controller.domain.stock import ShelfState, sku_level
+from controller.ports import Cursor
 from controller.services.alerts import AlertTarget
+from controller.services.supervision import HealthReport, PlcView
 
 
 class AlertReads(Protocol):
@@ -215,3 +223,136 @@ class StockQueries:
                 )
             )
         return ZoneStockView(zone=zone, shelves=[self.shelf(s) for s in shelves], skus=skus)
+
+
+# -- devices, alerts, health: the rest of the read side ----------------------------------------
+
+
+class DeviceFigures(Protocol):
+    """What ingest knows of one scale (``IngestService.devices``)."""
+
+    @property
+    def last_seen_s(self) -> float | None: ...
+
+    @property
+    def online(self) -> bool | None: ...
+
+    @property
+    def gaps(self) -> int: ...
+
+    @property
+    def missing_readings(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One scale as ``GET /api/v1/devices`` shows it."""
+
+    id: str
+    zone: str
+    format: str
+    last_seen_s: float | None
+    stale: bool
+    online: bool | None
+    epoch: int | None
+    last_seq: int | None
+    applied: int
+    gaps: int
+    missing_readings: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Scale:
+    id: str
+    zone: str
+    format: str
+    stale_after_s: float
+
+
+class DeviceQueries:
+    """Every scale in site order, with what ingest knows of it. ``devices`` and ``cursors``
+    are the ingest service's own mappings (updated in place by it)."""
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        devices: Mapping[str, DeviceFigures],
+        cursors: Mapping[str, Cursor],
+        clock: Callable[[], float],
+    ) -> None:
+        intervals = site.site.stale_after_intervals
+        self._scales = tuple(
+            _Scale(sc.id, sc.zone, sc.format, sc.reporting_interval_s * intervals)
+            for sc in site.scales
+        )
+        self._devices = devices
+        self._cursors = cursors
+        self._clock = clock
+
+    def devices(self) -> list[DeviceView]:
+        now = self._clock()
+        out = []
+        for sc in self._scales:
+            info = self._devices[sc.id]
+            cur = self._cursors.get(sc.id)
+            seen = info.last_seen_s
+            out.append(
+                DeviceView(
+                    id=sc.id,
+                    zone=sc.zone,
+                    format=sc.format,
+                    last_seen_s=seen,
+                    stale=seen is None or now - seen > sc.stale_after_s,
+                    online=info.online,
+                    epoch=cur.epoch if cur else None,
+                    last_seq=cur.seq if cur else None,
+                    applied=cur.applied if cur else 0,
+                    gaps=info.gaps,
+                    missing_readings=info.missing_readings,
+                )
+            )
+        return out
+
+
+class AlertPublicReads(AlertReads, Protocol):
+    """The alert service's public answer per key."""
+
+    def public(self, key: str) -> dict[str, Any]: ...
+
+
+class AlertQueries:
+    """Reorder alert states of every target (SKU, then shelves with their own policy), in
+    the alert service's order, read live."""
+
+    def __init__(self, alerts: AlertPublicReads) -> None:
+        self._service = alerts
+        self._keys = tuple(alerts.targets)
+
+    def has_key(self, key: str) -> bool:
+        return key in self._service.targets
+
+    def alert(self, key: str) -> dict[str, Any]:
+        """The public state of ``key`` (KeyError for an unknown key)."""
+        return self._service.public(key)
+
+    def alerts(self, active: bool | None = None) -> list[dict[str, Any]]:
+        """Every target's state; with ``active``, only those with (or without) an episode."""
+        states = self._service.alerts
+        keys = self._keys
+        if active is not None:
+            keys = tuple(k for k in keys if (states[k].episode is not None) is active)
+        return [self._service.public(k) for k in keys]
+
+
+@dataclass(frozen=True, slots=True)
+class ReadModel:
+    """The API's read side: stock and shelves, devices, alerts, and health and PLCs (the
+    supervision service's report)."""
+
+    stock: StockQueries
+    devices: DeviceQueries
+    alerts: AlertQueries
+    health: Callable[[], HealthReport]
+    """A fresh ``HealthReport`` (``SupervisionService.report``)."""
+    plcs: Callable[[], list[PlcView]]
+    """Every ``[[plcs]]`` entry in site order (``SupervisionService.plc_views``)."""

@@ -67,7 +67,7 @@ def _set_scene(rt: Runtime) -> None:
     ing.devices["s1_1"].online = False
     ing.cursors["s0_0"] = Cursor(3, 17, NOW_S - 5, applied=15)
     rt.started.set()
-    rt.started_at_s = NOW_S - 60
+    rt.supervision.started_at_s = NOW_S - 60
 
 
 async def _answers(rt: Runtime, site: Any) -> dict[str, Any]:

@@ -1,8 +1,8 @@
-"""Operations: alert ack/snooze, manual PLC commands, scales, tare/calibration.
+"""Operations: manual PLC commands, scales, tare/calibration (alert ack/snooze: routes/alerts.py).
 
-Role guards (docs/api.md, "Operations"): supervisors acknowledge and snooze alerts; engineers
-run belt commands and calibrate shelves; scales are readable by supervisors and engineers (like
-the devices); zones are in routes/stock.py. Every change is committed to the journal before the
+Role guards (docs/api.md, "Operations"): engineers run belt commands and calibrate shelves;
+scales are readable by supervisors and engineers (like the devices); zones are in
+routes/stock.py. Every change is committed to the journal before the
 answer and evented on the bus; errors are problem+json.
 
 Handlers that change state are ``async def``: they run on the event loop, like ingest and the
@@ -18,12 +18,9 @@ from fastapi import APIRouter, Body, HTTPException, Path, Request
 
 from controller.adapters.journal import JournalError
 from controller.api.auth import Principal
-from controller.api.deps import READ_ALL, Engineer, QueriesDep, RuntimeDep, Supervisor
+from controller.api.deps import READ_ALL, Engineer, QueriesDep, RuntimeDep
 from controller.api.routes.stock import shelf_public
 from controller.api.schemas import (
-    AlertAckCreate,
-    AlertPublic,
-    AlertSnoozeCreate,
     PlcCommandPublic,
     PlcStatusPublic,
     ScaleChannelPublic,
@@ -34,7 +31,6 @@ from controller.api.schemas import (
     problem_responses,
 )
 from controller.domain.calibration import CalibrationError, NotSettled
-from controller.domain.reorder import NoActiveEpisode
 from controller.runtime import Runtime
 from controller.services.plc_commands import Command, CommandOutcome, PlcCommandService
 from controller.services.queries import StockQueries
@@ -45,79 +41,10 @@ router = APIRouter()
 _problems = problem_responses
 
 
-def _journal_failed(exc: Exception) -> HTTPException:
+def journal_failed(exc: Exception) -> HTTPException:
+    """The 503 of a change the journal could not store."""
     log.error("ops change not committed: %s", exc)
     return HTTPException(503, f"the journal could not store the change, nothing changed: {exc}")
-
-
-# -- alerts ---------------------------------------------------------------------------------------
-
-AlertKey = Annotated[
-    str, Path(description="a SKU id, or shelf:<id> for a shelf with its own reorder policy")
-]
-
-
-def _alert_key(rt: Runtime, key: str) -> str:
-    if key not in rt.alerts.targets:
-        raise HTTPException(404, f"unknown alert key {key!r}")
-    return key
-
-
-@router.post(
-    "/api/v1/alerts/{key}/ack",
-    response_model=AlertPublic,
-    tags=["alerts"],
-    responses=_problems(
-        e404="unknown alert key",
-        e409="no active episode",
-        e503="the journal could not store it",
-    ),
-)
-async def ack_alert(
-    rt: RuntimeDep,
-    principal: Supervisor,
-    key: AlertKey,
-    body: Annotated[AlertAckCreate | None, Body()] = None,
-) -> AlertPublic:
-    """Acknowledge the key's active alert episode. ``by`` is the caller's token name. The ack
-    stays on the episode (published on the retained alert topic, kept across restarts) until
-    it resolves, or until it escalates to a worse severity, which needs a new ack."""
-    _alert_key(rt, key)
-    note = body.note if body is not None else ""
-    try:
-        public = rt.alerts.acknowledge(key, principal.name, note, rt.clock())
-    except NoActiveEpisode as exc:
-        raise HTTPException(409, str(exc)) from None
-    except JournalError as exc:
-        raise _journal_failed(exc) from None
-    return AlertPublic(**public)
-
-
-@router.post(
-    "/api/v1/alerts/{key}/snooze",
-    response_model=AlertPublic,
-    tags=["alerts"],
-    responses=_problems(
-        e404="unknown alert key",
-        e409="no active episode",
-        e503="the journal could not store it",
-    ),
-)
-async def snooze_alert(
-    rt: RuntimeDep, principal: Supervisor, key: AlertKey, body: AlertSnoozeCreate
-) -> AlertPublic:
-    """Silence re-notification of the key's active episode for ``minutes`` (1..1440), with a
-    reason. While snoozed its de-escalation and resolution events carry ``notify: false``; an
-    escalation to a worse severity still notifies (and ends the snooze). When the snooze runs
-    out with the episode still active, an ``alert_snooze_ended`` event re-notifies."""
-    _alert_key(rt, key)
-    try:
-        public = rt.alerts.snooze(key, principal.name, body.reason, body.minutes * 60.0, rt.clock())
-    except NoActiveEpisode as exc:
-        raise HTTPException(409, str(exc)) from None
-    except JournalError as exc:
-        raise _journal_failed(exc) from None
-    return AlertPublic(**public)
 
 
 # -- PLC commands ---------------------------------------------------------------------------------
@@ -332,7 +259,7 @@ async def tare_shelf(
     except CalibrationError as exc:
         raise _invalid(exc) from None
     except JournalError as exc:
-        raise _journal_failed(exc) from None
+        raise journal_failed(exc) from None
     return _calibration_result(queries, shelf_id, events)
 
 
@@ -364,7 +291,7 @@ async def calibrate_shelf(
     except CalibrationError as exc:
         raise _invalid(exc) from None
     except JournalError as exc:
-        raise _journal_failed(exc) from None
+        raise journal_failed(exc) from None
     return _calibration_result(queries, shelf_id, events)
 
 
@@ -382,5 +309,5 @@ async def reset_calibration(
     try:
         events = rt.ingest.clear_calibration(shelf_id, principal.name, rt.clock())
     except JournalError as exc:
-        raise _journal_failed(exc) from None
+        raise journal_failed(exc) from None
     return _calibration_result(queries, shelf_id, events)
