@@ -54,31 +54,25 @@ class AlertTarget:
     policy: ReorderPolicy
 
 
-class AlertService:
-    def __init__(
-        self,
-        site: SiteConfig,
-        journal: AlertStore,
-        link: MessageLink,
-        publish_events: Callable[[list[dict[str, Any]]], None],
-        shelf_states: dict[str, ShelfState],
-        shelf_specs: dict[str, ShelfSpec],
-    ) -> None:
-        self._journal = journal
-        self._link = link
-        self._publish_events = publish_events
-        self._states = shelf_states  # owned by ingest; read only here
-        self._specs = shelf_specs
-        self._topic_base = f"{site.mqtt.topic_prefix}/{site.site.id}/alerts"
-        self.targets: dict[str, AlertTarget] = {}
-        self._by_sku: dict[str, list[str]] = {}
-        self._by_shelf: dict[str, list[str]] = {}
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """What the alert service needs of the site: where alert states go and what it watches."""
+
+    topic_base: str
+    """``<prefix>/<site>/alerts``: a target's retained state goes to ``<base>/<key>`` (a
+    ``shelf:<id>`` key as ``shelf/<id>``)."""
+    targets: tuple[AlertTarget, ...]
+
+    @classmethod
+    def from_site(cls, site: SiteConfig) -> AlertSettings:
+        """One target per SKU (the sum of its shelves), one per shelf with its own reorder
+        point."""
+        targets: list[AlertTarget] = []
         shelves_of: dict[str, list[str]] = {}
         for shelf in site.shelves:
             shelves_of.setdefault(shelf.sku, []).append(shelf.id)
         skus = {sku.id: sku for sku in site.skus}
         for sku in site.skus:
-            shelves = tuple(shelves_of.get(sku.id, ()))
             policy = ReorderPolicy(
                 reorder_point=sku.reorder_point,
                 safety_stock=sku.safety_stock,
@@ -88,17 +82,42 @@ class AlertService:
                 ),
                 dwell_s=sku.dwell_s,
             )
-            self._add(AlertTarget(sku.id, sku.id, shelves, policy))
+            targets.append(AlertTarget(sku.id, sku.id, tuple(shelves_of.get(sku.id, ())), policy))
         for shelf in site.shelves:
             if shelf.reorder is not None:
-                sku = skus[shelf.sku]
                 policy = ReorderPolicy(
                     reorder_point=shelf.reorder.reorder_point,
                     safety_stock=shelf.reorder.safety_stock,
                     max_stock=shelf.capacity_units,
-                    dwell_s=sku.dwell_s,
+                    dwell_s=skus[shelf.sku].dwell_s,
                 )
-                self._add(AlertTarget(f"shelf:{shelf.id}", shelf.sku, (shelf.id,), policy))
+                targets.append(AlertTarget(f"shelf:{shelf.id}", shelf.sku, (shelf.id,), policy))
+        return cls(f"{site.mqtt.topic_prefix}/{site.site.id}/alerts", tuple(targets))
+
+
+class AlertService:
+    def __init__(
+        self,
+        settings: AlertSettings | SiteConfig,
+        journal: AlertStore,
+        link: MessageLink,
+        publish_events: Callable[[list[dict[str, Any]]], None],
+        shelf_states: dict[str, ShelfState],
+        shelf_specs: dict[str, ShelfSpec],
+    ) -> None:
+        if isinstance(settings, SiteConfig):
+            settings = AlertSettings.from_site(settings)  # until runtime.py passes settings
+        self._journal = journal
+        self._link = link
+        self._publish_events = publish_events
+        self._states = shelf_states  # owned by ingest; read only here
+        self._specs = shelf_specs
+        self._topic_base = settings.topic_base
+        self.targets: dict[str, AlertTarget] = {}
+        self._by_sku: dict[str, list[str]] = {}
+        self._by_shelf: dict[str, list[str]] = {}
+        for target in settings.targets:
+            self._add(target)
         self.alerts: dict[str, AlertState] = {k: AlertState(k) for k in self.targets}
         self.levels: dict[str, int | None] = dict.fromkeys(self.targets)
         self.published = 0

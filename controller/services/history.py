@@ -538,6 +538,17 @@ class HistorySettings:
     event_share: float = 0.2
     """Part of a batch reserved for events so a reading backlog does not starve them."""
 
+    @classmethod
+    def from_site(cls, site: SiteConfig) -> HistorySettings:
+        """The site file's ``[history]`` figures (event share: the default)."""
+        h = site.history
+        return cls(
+            batch_size=h.batch_size,
+            backoff_initial_s=h.backoff_initial_s,
+            backoff_max_s=h.backoff_max_s,
+            flush_interval_s=h.flush_interval_s,
+        )
+
     def sink_backoff(self) -> Backoff:
         """Between writes the sink refused as unavailable: ``backoff_initial_s`` doubling to
         ``backoff_max_s``, each delay 50–100 % of that (jitter 0.5)."""

@@ -97,10 +97,31 @@ class DeviceInfo:
     """Readings those gaps left missing that have not arrived since (late arrivals subtract)."""
 
 
+@dataclass(frozen=True, slots=True)
+class IngestSettings:
+    """What ingest needs of the site: the scales it serves and the rules for their messages."""
+
+    site_id: str
+    topic_prefix: str
+    max_payload_bytes: int
+    max_clock_skew_s: float
+    scales: tuple[ScaleConfig, ...]
+
+    @classmethod
+    def from_site(cls, site: SiteConfig) -> IngestSettings:
+        return cls(
+            site_id=site.site.id,
+            topic_prefix=site.mqtt.topic_prefix,
+            max_payload_bytes=site.mqtt.max_payload_bytes,
+            max_clock_skew_s=site.site.max_clock_skew_s,
+            scales=tuple(site.scales),
+        )
+
+
 class IngestService:
     def __init__(
         self,
-        site: SiteConfig,
+        settings: IngestSettings | SiteConfig,
         journal: ReadingStore,
         link: MessageLink,
         publish_events: Callable[[list[dict[str, Any]]], None],
@@ -108,13 +129,15 @@ class IngestService:
         clock: Callable[[], float] = time.time,
         shelf_specs: dict[str, ShelfSpec],
     ) -> None:
-        self.site = site
+        if isinstance(settings, SiteConfig):
+            settings = IngestSettings.from_site(settings)  # until runtime.py passes settings
+        self.settings = settings
         self._journal = journal
         self._link = link
         self._publish_events = publish_events
         self._clock = clock
-        self._max_payload = site.mqtt.max_payload_bytes
-        self._max_skew_s = site.site.max_clock_skew_s
+        self._max_payload = settings.max_payload_bytes
+        self._max_skew_s = settings.max_clock_skew_s
         self.specs = shelf_specs
         self.base_specs: dict[str, ShelfSpec] = dict(shelf_specs)
         """The site file's specs; ``specs`` holds them with the calibration overrides applied."""
@@ -127,11 +150,11 @@ class IngestService:
         }
         self.cursors: dict[str, Cursor] = {}
         self.devices: dict[str, DeviceInfo] = {
-            sc.id: DeviceInfo(sc.id, sc.zone, sc.format) for sc in site.scales
+            sc.id: DeviceInfo(sc.id, sc.zone, sc.format) for sc in settings.scales
         }
         self.routes: dict[str, Route] = {}
-        prefix, site_id = site.mqtt.topic_prefix, site.site.id
-        for sc in site.scales:
+        prefix, site_id = settings.topic_prefix, settings.site_id
+        for sc in settings.scales:
             if sc.format == "native":
                 self.routes[native_topic(prefix, site_id, sc.zone, sc.id)] = Route(_NATIVE, sc)
             else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ from controller.adapters.journal import Journal
 from controller.bus import Bus
 from controller.config import load_site
 from controller.domain.stock import ShelfState
-from controller.services.alerts import AlertService
-from controller.services.ingest import IngestService, shelf_specs
+from controller.services.alerts import AlertService, AlertSettings
+from controller.services.ingest import IngestService, IngestSettings, shelf_specs
 from devices.errors import DeviceUnavailable
 from devices.link.mqtt import MqttMessage
 from tests.sites import TARE_G, UNIT_G, topic, write_small_site
@@ -58,7 +59,7 @@ class World:
         self.now = T0
         specs = shelf_specs(self.site)
         self.ingest = IngestService(
-            self.site,
+            IngestSettings.from_site(self.site),
             self.journal,
             self.link,
             self.bus.publish,
@@ -66,7 +67,12 @@ class World:
             shelf_specs=specs,
         )
         self.alerts = AlertService(
-            self.site, self.journal, self.link, self.bus.publish, self.ingest.states, specs
+            AlertSettings.from_site(self.site),
+            self.journal,
+            self.link,
+            self.bus.publish,
+            self.ingest.states,
+            specs,
         )
         self.events: list[dict[str, Any]] = []
         self.bus.add_listener(self.events.extend)
@@ -205,5 +211,29 @@ def test_retained_states_beyond_the_link_queue_are_deferred_not_fatal(tmp_path: 
         assert sorted(t for t, _ in link.published) == sorted(
             f"fh/t/alerts/K{i}" for i in range(25)
         )
+    finally:
+        journal.close()
+
+
+def test_alerts_watch_the_targets_their_settings_name(tmp_path: Path) -> None:
+    """AlertService is built from AlertSettings, not the site file: one target per SKU from
+    ``from_site``, and a service given a subset watches only that subset."""
+    site = load_site(write_small_site(tmp_path, mqtt_port=1, scales=3))
+    settings = AlertSettings.from_site(site)
+    assert [t.key for t in settings.targets] == [sku.id for sku in site.skus]
+    assert settings.topic_base == f"{site.mqtt.topic_prefix}/{site.site.id}/alerts"
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.open()
+    try:
+        specs = shelf_specs(site)
+        states = {sid: ShelfState(spec) for sid, spec in specs.items()}
+        link = RecordingLink()
+        first = replace(settings, targets=settings.targets[:1])
+        alerts = AlertService(first, journal, link, Bus().publish, states, specs)
+        alerts.republish_all()
+        assert list(alerts.targets) == [settings.targets[0].key]
+        assert [topic for topic, _ in link.published] == [
+            f"{settings.topic_base}/{settings.targets[0].key}"
+        ]
     finally:
         journal.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from controller.adapters.journal import Journal, JournalUnavailableError
 from controller.config import SiteConfig, load_site
 from controller.ports import ReadingRow
 from controller.services.history import HistoryService, Topology
-from controller.services.ingest import MAX_HOLES, IngestService, shelf_specs
+from controller.services.ingest import MAX_HOLES, IngestService, IngestSettings, shelf_specs
 from devices.link.mqtt import MqttMessage
 from devices.shelf_scale import REASONS
 from tests.unit.test_history_service import FAST, MemorySink
@@ -64,7 +65,7 @@ class Harness:
         self.events: list[dict[str, Any]] = []
         self.now = NOW
         self.ingest = IngestService(
-            site,
+            IngestSettings.from_site(site),
             self.journal,
             self.link,
             self.events.extend,
@@ -377,6 +378,31 @@ async def test_close_cancels_a_pending_commit_retry(tmp_path: Path, site: SiteCo
     h.ingest.close()
     assert not h.ingest.retry_pending
     h.journal.close()
+
+
+def test_ingest_serves_the_scales_its_settings_name(tmp_path: Path, site: SiteConfig) -> None:
+    """Ingest is built from IngestSettings, not the site file: settings naming only zone A's
+    scales give an ingest that applies zone A and rejects a zone B scale as unknown."""
+    whole = IngestSettings.from_site(site)
+    zone_a = replace(whole, scales=tuple(sc for sc in whole.scales if sc.zone == "A"))
+    specs = {k: v for k, v in shelf_specs(site).items() if v.zone == "A"}
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    link = FakeLink()
+    ingest = IngestService(zone_a, journal, link, lambda events: None, clock=lambda: NOW,
+                           shelf_specs=specs)  # fmt: skip
+    b01 = "floorhand/demo/B/scale/scale-b01"
+    ingest.on_messages(
+        [
+            MqttMessage(T_A01, reading(1, 1500.0), 1, False, 1, False),
+            MqttMessage(b01, reading(1, 1500.0, device="scale-b01"), 1, False, 2, False),
+        ]
+    )
+    assert set(ingest.devices) == {sc.id for sc in zone_a.scales}
+    assert ingest.readings == 1
+    assert dict(ingest.rejected) == {"unknown_device": 1}
+    assert link.acked == [1, 2]
+    journal.close()
 
 
 class BuggyJournal(Journal):
