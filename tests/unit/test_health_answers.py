@@ -1,7 +1,7 @@
 """The health, device, alert and PLC answers, pinned field for field on one state: /health,
-/ready, /devices, /alerts, /plcs, the runtime's /metrics lines and the live feed's snapshot and
-stats, recorded before SupervisionService and the read models replaced the API's own reads of
-the runtime (commit 4dd9882). The JSON must not change."""
+/ready, /devices, /alerts, /plcs, /scales, the runtime's /metrics lines and the live feed's
+snapshot and stats, recorded before SupervisionService and the read models replaced the API's
+own reads of the runtime (commit 4dd9882). The JSON must not change."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 
 from controller.api.app import create_app
 from controller.config import load_site
+from controller.domain.calibration import ShelfCalibration
 from controller.domain.model import ShelfStatus, StockState
 from controller.domain.reorder import AlertState, Episode
 from controller.ports import Cursor
@@ -33,6 +34,7 @@ READS = [
     "/api/v1/alerts?active=true",
     "/api/v1/alerts?active=false",
     "/api/v1/plcs",
+    "/api/v1/scales",
 ]
 ANSWERS = Path(__file__).parent.parent / "data" / "health_api_answers.json"
 """Stem of the recorded answers: ``health_api_answers_<history backend>.json``."""
@@ -65,6 +67,10 @@ def _set_scene(rt: Runtime) -> None:
     dev.last_seen_s, dev.gaps, dev.missing_readings = NOW_S - 5, 1, 4
     ing.devices["s1_1"].last_seen_s = NOW_S - 500
     ing.devices["s1_1"].online = False
+    ing.devices["s1_0"].last_seen_s = NOW_S - 500  # stale, not offline
+    ing.calibrations["sh1_0"] = ShelfCalibration(
+        "sh1_0", scale_factor=1.1, updated_at_s=NOW_S - 9, updated_by="eng"
+    )
     ing.cursors["s0_0"] = Cursor(3, 17, NOW_S - 5, applied=15)
     rt.started.set()
     rt.supervision.started_at_s = NOW_S - 60
