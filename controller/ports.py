@@ -90,11 +90,16 @@ class DeviceStatusChanged(Event):
     online: bool
 
 
-class JournalUnavailable(Exception):
+class JournalError(Exception):
+    """A journal call failed and wrote nothing: the journal is not open or cannot be opened,
+    a value cannot be stored, or (`JournalUnavailable`) the file cannot be used just now."""
+
+
+class JournalUnavailable(JournalError):
     """The journal cannot be written or read just now (disk full, I/O error, database locked
     or busy): nothing of the call was written. Retryable: the caller keeps what it holds
     (unacknowledged messages, unsent alert changes, outbox rows) and tries again later. Any
-    other exception out of a journal call is a bug, not an outage."""
+    other JournalError (a value it cannot store) or exception (a bug) is not an outage."""
 
 
 # -- the journal, one narrow port per use case (controller/adapters/journal.py implements all) --

@@ -39,6 +39,7 @@ from controller.ports import (
     OutboxReading,
     ReadingRow,
 )
+from controller.ports import JournalError as JournalError  # re-exported: callers' import
 
 log = logging.getLogger("floorhand.journal")
 
@@ -151,15 +152,6 @@ def _insert_events(db: sqlite3.Connection, events: Sequence[EventRow]) -> None:
         )
 
 
-class JournalError(Exception):
-    """The journal could not be opened or written (disk full, I/O error, locked)."""
-
-
-class JournalUnavailableError(JournalError, JournalUnavailable):
-    """The journal could not be written or read just now (disk full, I/O error, locked or
-    busy); nothing was written. Retryable (``ports.JournalUnavailable``)."""
-
-
 _RETRYABLE_CODES = frozenset(
     {
         sqlite3.SQLITE_BUSY,
@@ -178,11 +170,11 @@ the same call again would fail the same way."""
 
 
 def _failure(what: str, exc: Exception) -> JournalError:
-    """The JournalError for ``exc``: JournalUnavailableError when SQLite reports a condition
+    """The JournalError for ``exc``: JournalUnavailable when SQLite reports a condition
     that can pass (``sqlite3.OperationalError`` also covers SQL errors, hence the code)."""
     code = exc.sqlite_errorcode if isinstance(exc, sqlite3.OperationalError) else None
     if code is not None and code & 0xFF in _RETRYABLE_CODES:
-        return JournalUnavailableError(f"{what} failed: {exc}")
+        return JournalUnavailable(f"{what} failed: {exc}")
     return JournalError(f"{what} failed: {exc}")
 
 
@@ -457,7 +449,7 @@ class Journal:
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """BEGIN … COMMIT; on any failure (a bad value included) roll back — never leave a
         transaction open — and raise JournalError (its cause is the original error):
-        JournalUnavailableError when the file cannot be written just now."""
+        JournalUnavailable when the file cannot be written just now."""
         db = self.db
         try:
             db.execute("BEGIN")
@@ -472,7 +464,7 @@ class Journal:
     @contextlib.contextmanager
     def _statement(self, what: str) -> Iterator[sqlite3.Connection]:
         """One statement outside a transaction: a SQLite failure becomes a JournalError
-        (JournalUnavailableError when it can pass)."""
+        (JournalUnavailable when it can pass)."""
         db = self.db
         try:
             yield db
@@ -488,7 +480,7 @@ class Journal:
         events: Sequence[EventRow] = (),
         alert_states: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        """Write one group atomically. On failure nothing is written: JournalUnavailableError
+        """Write one group atomically. On failure nothing is written: JournalUnavailable
         (retryable: disk full, I/O error, locked), else JournalError (a value or a bug)."""
         with self._transaction("journal commit") as db:
             if readings:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.adapters.journal import Journal, JournalUnavailableError
+from controller.adapters.journal import Journal
 from controller.config import SiteConfig, load_site
-from controller.ports import ReadingRow
+from controller.ports import JournalUnavailable, ReadingRow
 from controller.services.history import HistoryService, Topology
 from controller.services.ingest import MAX_HOLES, IngestService, IngestSettings, shelf_specs
 from devices.link.mqtt import MqttMessage
@@ -334,7 +334,7 @@ class FailingJournal(Journal):
     def commit(self, readings: Sequence[ReadingRow], *args: Any, **kwargs: Any) -> None:
         if self.fail:
             self.fail -= 1
-            raise JournalUnavailableError("journal commit failed: database or disk is full")
+            raise JournalUnavailable("journal commit failed: database or disk is full")
         super().commit(readings, *args, **kwargs)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from controller import ports
 from controller.adapters.journal import Journal, JournalError, JournalLocked
 from controller.ports import Cursor, DeadLetter, EventRow, JournalUnavailable, ReadingRow
 
@@ -140,6 +141,7 @@ def test_a_full_disk_is_journal_unavailable_and_writes_nothing(tmp_path: Path) -
     with pytest.raises(JournalUnavailable, match="full") as caught:
         j.commit(big, events=[EventRow(1.0, "k", {})])
     assert isinstance(caught.value, JournalError)  # callers that catch JournalError still do
+    assert JournalError is ports.JournalError  # one class: the API need not import the adapter
     assert j.count("readings") == 0
     assert j.outbox_rows == 0
     j.db.execute("PRAGMA max_page_count=1073741823")  # space again: the same group commits
