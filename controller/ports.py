@@ -225,6 +225,25 @@ class OrderJournalPort(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
+class InboundMessage(Protocol):
+    """One message received from the broker, as ingest reads it (the MQTT link's
+    ``MqttMessage`` is one)."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
+
+    @property
+    def retain(self) -> bool: ...
+
+    @property
+    def packet_id(self) -> int:
+        """0 for QoS 0 (nothing to acknowledge)."""
+        ...
+
+
 class MessageLink(Protocol):
     """The broker side of ingest: acknowledge, publish, apply backpressure."""
 

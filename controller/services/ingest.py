@@ -23,7 +23,7 @@ import bisect
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
@@ -45,13 +45,13 @@ from controller.ports import (
     DeadLetter,
     DeviceStatusChanged,
     EventRow,
+    InboundMessage,
     JournalUnavailable,
     MessageLink,
     ReadingRow,
     ReadingStore,
 )
 from devices.link.backoff import Backoff
-from devices.link.mqtt import MqttMessage
 from devices.shelf_scale import (
     RawReading,
     Rejected,
@@ -172,7 +172,7 @@ class IngestService:
         self.ignored_retained = 0
         self.commits = 0
         self.commit_failures = 0
-        self._retry: list[MqttMessage] = []
+        self._retry: list[InboundMessage] = []
         self._retry_epoch = 0
         self._retry_handle: asyncio.TimerHandle | None = None
         self._retry_backoff = commit_retry_backoff()
@@ -202,7 +202,7 @@ class IngestService:
                 info.missing_readings = cur.missing
 
     # -- the hot path ---------------------------------------------------------------------------
-    def on_messages(self, msgs: list[MqttMessage]) -> None:
+    def on_messages(self, msgs: Sequence[InboundMessage]) -> None:
         epoch = self._link.epoch
         if self._retry:
             # A failed group is waiting for its retry: keep arrival order, commit together.
@@ -214,7 +214,7 @@ class IngestService:
             return
         self._process(msgs, epoch)
 
-    def _process(self, msgs: list[MqttMessage], epoch: int) -> None:
+    def _process(self, msgs: Sequence[InboundMessage], epoch: int) -> None:
         now = self._clock()
         batch = _Batch()
         try:
@@ -292,7 +292,7 @@ class IngestService:
         if batch.bus_events:
             self._publish_events(batch.bus_events)
 
-    def _handle(self, msg: MqttMessage, now: float, batch: _Batch) -> None:
+    def _handle(self, msg: InboundMessage, now: float, batch: _Batch) -> None:
         route = self.routes.get(msg.topic)
         if msg.retain and (route is None or route.kind == _ESP_STATE):
             # Retained copies are last-known values of unknown age, not fresh readings (ESPHome
@@ -480,7 +480,7 @@ class IngestService:
     def _reject(
         self,
         batch: _Batch,
-        msg: MqttMessage,
+        msg: InboundMessage,
         reason: str,
         detail: str,
         element: RawReading | Rejected | None = None,
