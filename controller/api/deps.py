@@ -38,7 +38,15 @@ def install_queries(app: FastAPI, rt: Runtime) -> ReadModel:
     stock = StockQueries(rt.site, rt.specs, rt.ingest.states, rt.ingest.calibrations, rt.alerts)
     reads = ReadModel(
         stock=stock,
-        devices=DeviceQueries(rt.site, rt.ingest.devices, rt.ingest.cursors, rt.clock),
+        devices=DeviceQueries(
+            rt.site,
+            rt.specs,
+            rt.ingest.devices,
+            rt.ingest.cursors,
+            rt.ingest.states,
+            rt.ingest.calibrations,
+            rt.clock,
+        ),
         alerts=AlertQueries(rt.alerts),
         health=rt.supervision.report,
         plcs=rt.supervision.plc_views,

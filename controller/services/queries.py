@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from controller.config import SiteConfig, SkuConfig, ZoneConfig
 from controller.domain.calibration import ShelfCalibration
@@ -261,33 +261,122 @@ class DeviceView:
     missing_readings: int
 
 
+ScaleStatus = Literal["ok", "stale", "offline", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleChannelView:
+    """One channel of a scale: its shelf (None: unused), that shelf's status, the gain."""
+
+    channel: int
+    shelf: str | None
+    shelf_status: str | None
+    scale_factor: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleView:
+    """One scale as ``GET /api/v1/scales`` shows it."""
+
+    id: str
+    zone: str
+    format: str
+    status: ScaleStatus
+    last_seen_s: float | None
+    reporting_interval_s: float
+    max_weight_g: float
+    channels: list[ScaleChannelView]
+
+
 @dataclass(frozen=True, slots=True)
 class _Scale:
     id: str
     zone: str
     format: str
     stale_after_s: float
+    reporting_interval_s: float
+    max_weight_g: float
+    shelves: tuple[str | None, ...]
+    """The shelf of each channel (None: unused)."""
 
 
 class DeviceQueries:
-    """Every scale in site order, with what ingest knows of it. ``devices`` and ``cursors``
-    are the ingest service's own mappings (updated in place by it)."""
+    """Every scale in site order, with what ingest knows of it. ``devices``, ``cursors``,
+    ``states`` and ``calibrations`` are the ingest service's own mappings (updated in place by
+    it); which shelf sits on which channel is indexed once."""
 
     def __init__(
         self,
         site: SiteConfig,
+        specs: Mapping[str, ShelfSpec],
         devices: Mapping[str, DeviceFigures],
         cursors: Mapping[str, Cursor],
+        states: Mapping[str, ShelfState],
+        calibrations: Mapping[str, ShelfCalibration],
         clock: Callable[[], float],
     ) -> None:
         intervals = site.site.stale_after_intervals
+        by_channel = {(s.scale_id, s.channel): s.shelf_id for s in specs.values()}
         self._scales = tuple(
-            _Scale(sc.id, sc.zone, sc.format, sc.reporting_interval_s * intervals)
+            _Scale(
+                sc.id,
+                sc.zone,
+                sc.format,
+                sc.reporting_interval_s * intervals,
+                sc.reporting_interval_s,
+                sc.max_weight_g,
+                tuple(by_channel.get((sc.id, ch)) for ch in range(sc.channels)),
+            )
             for sc in site.scales
         )
         self._devices = devices
         self._cursors = cursors
+        self._states = states
+        self._calibrations = calibrations
         self._clock = clock
+
+    def scales(self) -> list[ScaleView]:
+        """Every scale: status, last seen, and per channel its shelf and scale factor."""
+        now = self._clock()
+        out = []
+        for sc in self._scales:
+            info = self._devices[sc.id]
+            seen = info.last_seen_s
+            status: ScaleStatus
+            if seen is None:
+                status = "unknown"
+            elif info.online is False:
+                status = "offline"
+            elif now - seen > sc.stale_after_s:
+                status = "stale"
+            else:
+                status = "ok"
+            channels = []
+            for ch, shelf in enumerate(sc.shelves):
+                cal = self._calibrations.get(shelf) if shelf is not None else None
+                channels.append(
+                    ScaleChannelView(
+                        channel=ch,
+                        shelf=shelf,
+                        shelf_status=(
+                            self._states[shelf].status.value if shelf is not None else None
+                        ),
+                        scale_factor=cal.scale_factor if cal is not None else 1.0,
+                    )
+                )
+            out.append(
+                ScaleView(
+                    id=sc.id,
+                    zone=sc.zone,
+                    format=sc.format,
+                    status=status,
+                    last_seen_s=seen,
+                    reporting_interval_s=sc.reporting_interval_s,
+                    max_weight_g=sc.max_weight_g,
+                    channels=channels,
+                )
+            )
+        return out
 
     def devices(self) -> list[DeviceView]:
         now = self._clock()

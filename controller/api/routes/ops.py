@@ -1,8 +1,8 @@
-"""Operations: manual PLC commands, scales, tare/calibration (alert ack/snooze: routes/alerts.py).
+"""Operations: manual PLC commands, tare/calibration (alert ack/snooze: routes/alerts.py;
+scales: routes/devices.py).
 
 Role guards (docs/api.md, "Operations"): engineers run belt commands and calibrate shelves;
-scales are readable by supervisors and engineers (like the devices); zones are in
-routes/stock.py. Every change is committed to the journal before the
+zones are in routes/stock.py. Every change is committed to the journal before the
 answer and evented on the bus; errors are problem+json.
 
 Handlers that change state are ``async def``: they run on the event loop, like ingest and the
@@ -18,13 +18,11 @@ from fastapi import APIRouter, Body, HTTPException, Path, Request
 
 from controller.adapters.journal import JournalError
 from controller.api.auth import Principal
-from controller.api.deps import READ_ALL, Engineer, QueriesDep, RuntimeDep
+from controller.api.deps import Engineer, QueriesDep, RuntimeDep
 from controller.api.routes.stock import shelf_public
 from controller.api.schemas import (
     PlcCommandPublic,
     PlcStatusPublic,
-    ScaleChannelPublic,
-    ScalePublic,
     ShelfCalibrationCreate,
     ShelfCalibrationResult,
     ShelfTareCreate,
@@ -159,55 +157,7 @@ async def reset_plc(
     return await _run_command(request, rt, principal, plc_id, "reset")
 
 
-# -- scales, tare and calibration -----------------------------------------------------------------
-
-
-@router.get(
-    "/api/v1/scales", response_model=list[ScalePublic], tags=["devices"], dependencies=READ_ALL
-)
-async def list_scales(rt: RuntimeDep) -> list[ScalePublic]:
-    """Every scale: status, last seen, and per channel its shelf and scale factor."""
-    now = rt.clock()
-    by_channel = {(s.scale_id, s.channel): s for s in rt.specs.values()}
-    out = []
-    for sc in rt.site.scales:
-        info = rt.ingest.devices[sc.id]
-        stale_after = sc.reporting_interval_s * rt.site.site.stale_after_intervals
-        if info.last_seen_s is None:
-            status = "unknown"
-        elif info.online is False:
-            status = "offline"
-        elif now - info.last_seen_s > stale_after:
-            status = "stale"
-        else:
-            status = "ok"
-        channels = []
-        for ch in range(sc.channels):
-            spec = by_channel.get((sc.id, ch))
-            cal = rt.ingest.calibrations.get(spec.shelf_id) if spec is not None else None
-            channels.append(
-                ScaleChannelPublic(
-                    channel=ch,
-                    shelf=spec.shelf_id if spec is not None else None,
-                    shelf_status=(
-                        rt.ingest.states[spec.shelf_id].status.value if spec is not None else None
-                    ),
-                    scale_factor=cal.scale_factor if cal is not None else 1.0,
-                )
-            )
-        out.append(
-            ScalePublic(
-                id=sc.id,
-                zone=sc.zone,
-                format=sc.format,
-                status=status,
-                last_seen=info.last_seen_s,
-                reporting_interval_s=sc.reporting_interval_s,
-                max_weight_g=sc.max_weight_g,
-                channels=channels,
-            )
-        )
-    return out
+# -- tare and calibration -----------------------------------------------------------------
 
 
 _CAL_ERRORS = _problems(
