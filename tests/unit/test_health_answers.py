@@ -22,7 +22,7 @@ from controller.domain.reorder import AlertState, Episode
 from controller.ports import Cursor
 from controller.runtime import Runtime
 from tests.sites import auth_headers
-from tests.unit.test_read_models import _set_state, write_zoned_site
+from tests.unit.test_read_models import _CountingTuple, _set_state, write_zoned_site
 
 NOW_S = 1_700_000_100.0
 
@@ -116,3 +116,22 @@ async def test_health_device_alert_and_plc_answers_are_unchanged(
     assert got == json.loads(path.read_text())
     assert json.loads(got["/api/v1/health"]["body"])["status"] == "degraded"
     assert got["/api/v1/ready"]["status"] == 503
+
+
+async def test_device_scale_and_alert_reads_never_walk_the_site(tmp_path: Path) -> None:
+    """Which scale is in which zone, its staleness bound and its channels' shelves are indexed
+    once when the app is built: a read walks no site list (it walked the scales, and for
+    /scales every shelf spec, on each request)."""
+    site = load_site(write_zoned_site(tmp_path, zones=4, shelves_per_zone=50))
+    rt = Runtime(site)
+    app = create_app(site, runtime=rt)
+    for name in ("shelves", "skus", "zones", "scales"):
+        object.__setattr__(site, name, _CountingTuple(getattr(site, name)))
+    _CountingTuple.walks = 0
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        for path, n in (("/api/v1/devices", 200), ("/api/v1/scales", 200), ("/api/v1/alerts", 52)):
+            r = await client.get(path, headers=auth_headers("engineer"))
+            assert r.status_code == 200
+            assert len(r.json()) == n, path  # 50 SKUs, KX, the shelf with its own policy
+    assert _CountingTuple.walks == 0
