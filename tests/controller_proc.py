@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import ssl
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -18,6 +19,26 @@ from tests.waiting import wait_for_condition
 
 ROOT = Path(__file__).resolve().parents[1]
 
+SHARED_SSL = ssl.create_default_context()
+"""For every httpx client of the tests: the API is plain HTTP on 127.0.0.1, but an httpx client
+built without one loads the CA bundle into a new SSL context (about 150 ms of CPU each, so a
+wait polling with a client per request kept a core busy)."""
+
+
+class ChildProcess(Protocol):
+    """What this module uses of a controller process: an `asyncio.subprocess.Process`, or a
+    child of tests/fork_server.py."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    async def wait(self) -> int: ...
+
 
 class ControllerProcess:
     def __init__(self, site: Path, folder: Path, *, env: dict[str, str] | None = None) -> None:
@@ -25,7 +46,7 @@ class ControllerProcess:
         self.folder = folder
         self.api_port = free_port()
         self.env = env or {}
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: ChildProcess | None = None
         self.starts = 0
         self.log_path = folder / "controller.log"
         self.ready_after_s: list[float] = []
@@ -53,7 +74,7 @@ class ControllerProcess:
         t0 = time.monotonic() if since is None else since
         proc = self.proc
 
-        async with httpx.AsyncClient(base_url=self.base, timeout=1.0) as client:
+        async with httpx.AsyncClient(base_url=self.base, timeout=1.0, verify=SHARED_SSL) as client:
 
             async def answers() -> int:
                 if proc.returncode is not None:
@@ -70,9 +91,13 @@ class ControllerProcess:
                 context=self.tail,
             )
 
+    def child_env(self) -> dict[str, str]:
+        """The process's environment: ours, ``env`` and the API address."""
+        return {**os.environ, **self.env, "FLOORHAND_API_BIND": f"127.0.0.1:{self.api_port}"}
+
     async def spawn(self) -> None:
         """Start the process without waiting for anything."""
-        env = {**os.environ, **self.env, "FLOORHAND_API_BIND": f"127.0.0.1:{self.api_port}"}
+        env = self.child_env()
         log = self.log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -96,8 +121,10 @@ class ControllerProcess:
     async def stop(self, timeout_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> int:
         """Send ``sig`` and return the exit code; SIGKILL after ``timeout_s`` (then the code
         is -9). The time from the signal to the exit is appended to ``stopped_after_s``."""
-        if self.proc is None or self.proc.returncode is not None:
-            return self.proc.returncode if self.proc else 0
+        if self.proc is None:
+            return 0
+        if self.proc.returncode is not None:
+            return self.proc.returncode
         t0 = time.monotonic()
         self.proc.send_signal(sig)
         try:
@@ -140,7 +167,7 @@ class ControllerProcess:
     async def get(self, path: str, role: str = "engineer") -> Any:
         """GET ``path`` with the test token of ``role`` (tests/sites.py)."""
         async with httpx.AsyncClient(
-            base_url=self.base, timeout=5.0, headers=auth_headers(role)
+            base_url=self.base, timeout=5.0, headers=auth_headers(role), verify=SHARED_SSL
         ) as client:
             r = await client.get(path)
             r.raise_for_status()

@@ -9,6 +9,13 @@ Then the whole process: ``floorhand run`` started and stopped with SIGTERM/SIGIN
 state (broker down, PLCs unreachable, links mid-connect, commands in flight, history sink
 hanging), each stop bounded; a second signal exits at once; a stop that overruns its bound
 dumps every thread's stack and exits non-zero.
+
+The 50 stops of the five conditions (10 each) are each a ``floorhand run`` process of its own,
+stopped by a signal and checked on its own. To keep them cheap: every start after the first of
+a condition is forked from tests/fork_server.py (the same command in its own process, without
+re-importing FastAPI and the controller: that was most of a stop's cost), and a condition's
+stops run in a few independent lanes at once (own controller, journal, PLCs and broker each),
+since most of a stop's time is waiting on the owner gate or a retry cycle.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import random
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +42,10 @@ from simulators.conveyor import ConveyorPlc
 from simulators.modbus_host import PlcHost, free_port
 from simulators.plc import BeltPlc
 from simulators.sorter import SorterPlc
-from tests.controller_proc import ControllerProcess
+from tests.controller_proc import SHARED_SSL, ControllerProcess
+from tests.fork_server import ForkedController, ForkServer
 from tests.integration.test_picking import ORDER, picking_site
-from tests.mosquitto import MosquittoBroker, paho_publish
+from tests.mosquitto import MosquittoBroker, paho_publish, running_mosquitto
 from tests.sites import auth_headers
 from tests.waiting import wait_for_condition
 
@@ -195,14 +203,24 @@ async def stop_bounded(ctl: ControllerProcess, sig: signal.Signals) -> None:
 
 async def plcs_up(ctl: ControllerProcess, timeout_s: float = 15.0) -> None:
     """Wait until the controller reports every PLC link up (polling its API, bounded)."""
-    await wait_for_condition(
-        lambda: ctl.get("/api/v1/plcs"),
-        timeout_s,
-        what="every PLC link up",
-        until=lambda plcs: bool(plcs) and all(p["link"] == "up" for p in plcs),
-        interval_s=0.05,
-        context=ctl.tail,
-    )
+    headers = auth_headers("engineer")
+    async with httpx.AsyncClient(
+        base_url=ctl.base, timeout=5.0, headers=headers, verify=SHARED_SSL
+    ) as client:
+
+        async def plcs() -> Any:
+            r = await client.get("/api/v1/plcs")
+            r.raise_for_status()
+            return r.json()
+
+        await wait_for_condition(
+            plcs,
+            timeout_s,
+            what="every PLC link up",
+            until=lambda plcs: bool(plcs) and all(p["link"] == "up" for p in plcs),
+            interval_s=0.05,
+            context=ctl.tail,
+        )
 
 
 @contextlib.asynccontextmanager
@@ -242,7 +260,7 @@ async def submit_pick(ctl: ControllerProcess, order_id: str) -> int:
     Returns the command id of its sorter task."""
     body = {**ORDER, "order_id": order_id, "lines": [{"sku": "K0", "qty": 1}]}
     headers = {**auth_headers("floor"), "Idempotency-Key": f"key-{order_id}"}
-    async with httpx.AsyncClient(base_url=ctl.base, timeout=5.0) as client:
+    async with httpx.AsyncClient(base_url=ctl.base, timeout=5.0, verify=SHARED_SSL) as client:
         r = await wait_for_condition(  # until the controller counted the shelf
             lambda: client.post("/api/v1/picks", json=body, headers=headers),
             15.0,
@@ -260,131 +278,189 @@ STOPS_PER_CONDITION = 10
 """Five conditions: 50 bounded stops in all (issue 10 asks for at least 50)."""
 
 
+@pytest.fixture
+async def fork_server() -> AsyncIterator[ForkServer]:
+    """Starts ``floorhand run`` without paying the interpreter's imports each time
+    (tests/fork_server.py); still one process per start, signalled by PID."""
+    async with ForkServer() as server:
+        yield server
+
+
+async def in_lanes(lanes: int, stop: Callable[[int, range], Coroutine[Any, Any, None]]) -> None:
+    """The condition's stops split over ``lanes`` independent set-ups run at once: lane ``k``
+    does stops ``k, k + lanes, ...`` (so every stop keeps its index, its signal and its own
+    assertions). Each lane has its own controller, journal, PLCs and broker (or none): the
+    stops of one lane never see another's. Most of a stop's time is waiting (the owner gate,
+    a random point of a retry cycle, a handshake time-out), which lanes overlap."""
+    async with asyncio.TaskGroup() as tg:
+        for lane in range(lanes):
+            tg.create_task(stop(lane, range(lane, STOPS_PER_CONDITION, lanes)), name=f"lane-{lane}")
+
+
+def lane_folder(tmp_path: Path, lane: int) -> Path:
+    folder = tmp_path / f"lane-{lane}"
+    folder.mkdir()
+    return folder
+
+
 @pytest.mark.slow
 async def test_m11_stops_with_the_broker_down(
-    tmp_path: Path, controllers: list[ControllerProcess]
+    tmp_path: Path, controllers: list[ControllerProcess], fork_server: ForkServer
 ) -> None:
     """Nobody listens on the broker port; the PLCs are up. Every stop: STOP reaches both
     PLCs, exit 0 within the bound."""
-    rng = random.Random(11)
-    async with plc_pair() as (conveyor, sorter, ch, sh):
-        site = picking_site(tmp_path, free_port(), ch.port, sh.port)
-        ctl = ControllerProcess(site, tmp_path)
-        controllers.append(ctl)
-        for i in range(STOPS_PER_CONDITION):
-            await ctl.start(wait_ready=False)
-            await plcs_up(ctl)
-            await asyncio.sleep(rng.uniform(0, 0.5))  # a random point of the retry cycle
-            before = stops_received(conveyor), stops_received(sorter)
-            await stop_bounded(ctl, stop_signal(i))
-            assert stops_received(conveyor) > before[0], ctl.tail()
-            assert stops_received(sorter) > before[1], ctl.tail()
+
+    async def lane(k: int, stops: range) -> None:
+        rng = random.Random(1100 + k)
+        async with plc_pair() as (conveyor, sorter, ch, sh):
+            folder = lane_folder(tmp_path, k)
+            site = picking_site(folder, free_port(), ch.port, sh.port)
+            ctl = ForkedController(site, folder, fork_server, exec_first=k == 0)
+            controllers.append(ctl)
+            for i in stops:
+                await ctl.start(wait_ready=False)
+                await plcs_up(ctl)
+                await asyncio.sleep(rng.uniform(0, 0.5))  # a random point of the retry cycle
+                before = stops_received(conveyor), stops_received(sorter)
+                await stop_bounded(ctl, stop_signal(i))
+                assert stops_received(conveyor) > before[0], ctl.tail()
+                assert stops_received(sorter) > before[1], ctl.tail()
+
+    await in_lanes(5, lane)
 
 
 @pytest.mark.slow
 async def test_m11_stops_with_plcs_unreachable_and_an_open_order(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    tmp_path: Path, controllers: list[ControllerProcess], fork_server: ForkServer
 ) -> None:
     """The field report: an open order in the journal, PLCs not running (refused), the
     broker up. First an order is left open (controller killed mid-command), then the
     controller is started and stopped with the PLCs gone."""
-    rng = random.Random(12)
-    async with plc_pair() as (_, sorter, ch, sh):
-        site = picking_site(tmp_path, mosquitto.port, ch.port, sh.port)
-        ctl = ControllerProcess(site, tmp_path)
-        controllers.append(ctl)
-        await ctl.start()
-        await Shelf(mosquitto.port).publish(units=30)
-        cmd_id = await submit_pick(ctl, "open-1")
-        await sorter.wait_until(lambda: sorter.ack_id == cmd_id, 10.0)
-        await ctl.kill()
-    # The PLC hosts are gone: their ports refuse connections.
-    for i in range(STOPS_PER_CONDITION):
-        await ctl.start()
-        assert "open order(s) to reconcile" in ctl.log_text()
-        await asyncio.sleep(rng.uniform(0, 0.5))
-        await stop_bounded(ctl, stop_signal(i))
+
+    async def lane(k: int, stops: range) -> None:
+        rng = random.Random(1200 + k)
+        folder = lane_folder(tmp_path, k)
+        async with running_mosquitto(folder / "mosquitto") as broker:
+            async with plc_pair() as (_, sorter, ch, sh):
+                site = picking_site(folder, broker.port, ch.port, sh.port)
+                ctl = ForkedController(site, folder, fork_server, exec_first=k == 0)
+                controllers.append(ctl)
+                await ctl.start()
+                await Shelf(broker.port).publish(units=30)
+                cmd_id = await submit_pick(ctl, f"open-{k}")
+                await sorter.wait_until(lambda: sorter.ack_id == cmd_id, 10.0)
+                await ctl.kill()
+            # The PLC hosts are gone: their ports refuse connections.
+            for i in stops:
+                await ctl.start()
+                assert "open order(s) to reconcile" in ctl.log_text()
+                await asyncio.sleep(rng.uniform(0, 0.5))
+                await stop_bounded(ctl, stop_signal(i))
+
+    await in_lanes(2, lane)
 
 
 @pytest.mark.slow
 async def test_m11_stops_with_links_mid_connect(
-    tmp_path: Path, controllers: list[ControllerProcess]
+    tmp_path: Path, controllers: list[ControllerProcess], fork_server: ForkServer
 ) -> None:
     """The broker and both PLCs accept TCP connections and never answer: the MQTT handshake
     (5 s CONNACK time-out) and the PLCs' first heartbeat are pending when the signal comes."""
-    rng = random.Random(13)
-    async with BlackHole() as broker, BlackHole() as conveyor, BlackHole() as sorter:
-        site = picking_site(tmp_path, broker.port, conveyor.port, sorter.port)
-        ctl = ControllerProcess(site, tmp_path)
-        controllers.append(ctl)
-        for i in range(STOPS_PER_CONDITION):
-            await ctl.start(wait_ready=False)
-            async with asyncio.timeout(10):
-                await broker.received.wait()  # the CONNECT is out, no CONNACK will come
-                await sorter.received.wait()  # the first heartbeat is out, no reply will come
-            await asyncio.sleep(rng.uniform(0, 1.0))  # within the handshake / retry cycles
-            await stop_bounded(ctl, stop_signal(i))
-            for hole in (broker, conveyor, sorter):
-                hole.received.clear()
+
+    async def lane(k: int, stops: range) -> None:
+        rng = random.Random(1300 + k)
+        async with BlackHole() as broker, BlackHole() as conveyor, BlackHole() as sorter:
+            folder = lane_folder(tmp_path, k)
+            site = picking_site(folder, broker.port, conveyor.port, sorter.port)
+            ctl = ForkedController(site, folder, fork_server, exec_first=k == 0)
+            controllers.append(ctl)
+            for i in stops:
+                await ctl.start(wait_ready=False)
+                async with asyncio.timeout(10):
+                    await broker.received.wait()  # the CONNECT is out, no CONNACK will come
+                    await sorter.received.wait()  # the first heartbeat is out, no reply comes
+                await asyncio.sleep(rng.uniform(0, 1.0))  # within the handshake / retry cycles
+                await stop_bounded(ctl, stop_signal(i))
+                for hole in (broker, conveyor, sorter):
+                    hole.received.clear()
+
+    await in_lanes(5, lane)
 
 
 @pytest.mark.slow
 async def test_m11_stops_with_commands_in_flight(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    tmp_path: Path, controllers: list[ControllerProcess], fork_server: ForkServer
 ) -> None:
     """Broker and PLCs up, a pick executing (the sorter accepted its command, belts
     running): every stop sends STOP to both PLCs and exits 0 within the bound. Each round
     has fresh PLCs and a fresh journal (a stopped sorter keeps its totes: rounds would pile
     them up until its induct refuses new ones)."""
-    for i in range(STOPS_PER_CONDITION):
-        folder = tmp_path / f"round-{i}"
-        folder.mkdir()
-        async with plc_pair() as (conveyor, sorter, ch, sh):
-            site = picking_site(folder, mosquitto.port, ch.port, sh.port)
-            ctl = ControllerProcess(site, folder)
-            controllers.append(ctl)
-            await ctl.start()
-            await plcs_up(ctl)
-            await Shelf(mosquitto.port).publish(units=30)
-            cmd_id = await submit_pick(ctl, f"inflight-{i}")
-            await sorter.wait_until(
-                lambda sorter=sorter, cmd_id=cmd_id: sorter.ack_id == cmd_id and sorter.moving,
-                10.0,
-            )
-            before = stops_received(conveyor), stops_received(sorter)
-            await stop_bounded(ctl, stop_signal(i))
-            assert stops_received(conveyor) > before[0], ctl.tail()
-            assert stops_received(sorter) > before[1], ctl.tail()
+
+    async def lane(k: int, stops: range) -> None:
+        async with running_mosquitto(lane_folder(tmp_path, k) / "mosquitto") as broker:
+            for i in stops:
+                folder = tmp_path / f"round-{i}"
+                folder.mkdir()
+                async with plc_pair() as (conveyor, sorter, ch, sh):
+                    site = picking_site(folder, broker.port, ch.port, sh.port)
+                    ctl = ForkedController(site, folder, fork_server, exec_first=i == 0)
+                    controllers.append(ctl)
+                    await ctl.start()
+                    await plcs_up(ctl)
+                    await Shelf(broker.port).publish(units=30)
+                    cmd_id = await submit_pick(ctl, f"inflight-{i}")
+
+                    def executing(sorter: SorterPlc = sorter, cmd_id: int = cmd_id) -> bool:
+                        return sorter.ack_id == cmd_id and sorter.moving
+
+                    await sorter.wait_until(executing, 10.0)
+                    before = stops_received(conveyor), stops_received(sorter)
+                    await stop_bounded(ctl, stop_signal(i))
+                    assert stops_received(conveyor) > before[0], ctl.tail()
+                    assert stops_received(sorter) > before[1], ctl.tail()
+
+    await in_lanes(2, lane)
 
 
 @pytest.mark.slow
 async def test_m11_stops_with_the_history_sink_hanging(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    tmp_path: Path, controllers: list[ControllerProcess], fork_server: ForkServer
 ) -> None:
     """The InfluxDB server accepts the write and never answers (HTTP time-out 300 s): the
     write blocks influxdb-client's thread. The stop abandons it (the batch stays in the
     outbox) and exits 0 within the bound; STOP still reaches the PLCs."""
-    async with plc_pair() as (conveyor, sorter, ch, sh), BlackHole() as influx:
-        site = with_history(
-            picking_site(tmp_path, mosquitto.port, ch.port, sh.port),
-            "[history]\n"
-            'backend = "influxdb2"\n'
-            f'url = "http://127.0.0.1:{influx.port}"\n'
-            'org = "o"\nbucket = "b"\ntimeout_s = 300\nflush_interval_s = 0.1\n',
-        )
-        ctl = ControllerProcess(site, tmp_path, env={"FLOORHAND_INFLUX_TOKEN": "t"})
-        controllers.append(ctl)
-        for i in range(STOPS_PER_CONDITION):
-            influx.received.clear()
-            await ctl.start()
-            await plcs_up(ctl)
-            async with asyncio.timeout(10):
-                await influx.received.wait()  # a write is on the wire, never answered
-            before = stops_received(conveyor), stops_received(sorter)
-            await stop_bounded(ctl, stop_signal(i))
-            assert stops_received(conveyor) > before[0], ctl.tail()
-            assert stops_received(sorter) > before[1], ctl.tail()
-        assert "still busy" in ctl.log_text()
+
+    async def lane(k: int, stops: range) -> None:
+        folder = lane_folder(tmp_path, k)
+        async with (
+            running_mosquitto(folder / "mosquitto") as broker,
+            plc_pair() as (conveyor, sorter, ch, sh),
+            BlackHole() as influx,
+        ):
+            site = with_history(
+                picking_site(folder, broker.port, ch.port, sh.port),
+                "[history]\n"
+                'backend = "influxdb2"\n'
+                f'url = "http://127.0.0.1:{influx.port}"\n'
+                'org = "o"\nbucket = "b"\ntimeout_s = 300\nflush_interval_s = 0.1\n',
+            )
+            ctl = ForkedController(
+                site, folder, fork_server, exec_first=k == 0, env={"FLOORHAND_INFLUX_TOKEN": "t"}
+            )
+            controllers.append(ctl)
+            for i in stops:
+                influx.received.clear()
+                await ctl.start()
+                await plcs_up(ctl)
+                async with asyncio.timeout(10):
+                    await influx.received.wait()  # a write is on the wire, never answered
+                before = stops_received(conveyor), stops_received(sorter)
+                await stop_bounded(ctl, stop_signal(i))
+                assert stops_received(conveyor) > before[0], ctl.tail()
+                assert stops_received(sorter) > before[1], ctl.tail()
+            assert "still busy" in ctl.log_text()
+
+    await in_lanes(2, lane)
 
 
 @contextlib.contextmanager
