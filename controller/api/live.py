@@ -38,6 +38,7 @@ from controller.api.metrics import LiveCollector
 from controller.domain.model import StockState
 from controller.domain.reorder import classify
 from controller.runtime import Runtime
+from controller.services.queries import ReadModel
 
 log = logging.getLogger("floorhand.api.live")
 
@@ -192,12 +193,14 @@ class LiveHub:
     def __init__(
         self,
         rt: Runtime,
+        reads: ReadModel,
         *,
         queue_size: int = 2_000,
         allowed_origins: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rt = rt
+        self.reads = reads
         self.queue_size = queue_size
         self.allowed_origins = tuple(allowed_origins)
         self.clock = clock
@@ -235,8 +238,8 @@ class LiveHub:
                 )
         if kind.startswith("alert"):
             key = ev.get("key")
-            if isinstance(key, str) and key in self.rt.alerts.targets:
-                alert = self.rt.alerts.public(key)
+            if isinstance(key, str) and self.reads.alerts.has_key(key):
+                alert = self.reads.alerts.alert(key)
                 return Message({"type": "alert", "t": now, "event": ev, "alert": alert})
         typ = _TYPE_BY_KIND.get(kind)
         if typ is None:
@@ -246,7 +249,7 @@ class LiveHub:
     # -- views -------------------------------------------------------------------------------------
     def shelf_delta(self, sid: str) -> dict[str, Any]:
         """The dynamic part of a shelf, with its SKU's level and state."""
-        st = self.rt.ingest.states[sid]
+        st = self.reads.stock.state(sid)
         sku = self._sku_of[sid]
         return {
             "id": sid,
@@ -280,7 +283,7 @@ class LiveHub:
         rt = self.rt
         shelves = []
         for cfg in rt.site.shelves:
-            st = rt.ingest.states[cfg.id]
+            st = self.reads.stock.state(cfg.id)
             shelves.append(
                 {
                     "id": cfg.id,
@@ -294,7 +297,7 @@ class LiveHub:
                     "last_reading_ts": st.last_ts_s,
                 }
             )
-        health = rt.supervision.report()
+        health = self.reads.health()
         return {
             "type": "snapshot",
             "t": self.clock(),
@@ -302,9 +305,7 @@ class LiveHub:
             "zones": [{"id": z.id, "name": z.name} for z in rt.site.zones],
             "shelves": shelves,
             "skus": [self.sku_view(s.id) for s in rt.site.skus],
-            "alerts": [
-                rt.alerts.public(k) for k, a in rt.alerts.alerts.items() if a.episode is not None
-            ],
+            "alerts": self.reads.alerts.alerts(active=True),
             "links": health.links,
             "plcs": [plc.as_dict() for plc in health.plcs.values()],
             "stats": self.stats(),
@@ -316,7 +317,7 @@ class LiveHub:
         now = time.monotonic()
         if self._stats_cache is not None and now - self._stats_cache[0] < STATS_EVERY_S / 2:
             return self._stats_cache[1]
-        health = self.rt.supervision.report()
+        health = self.reads.health()
         ing = health.ingest
         body = {
             "readings": ing.readings,
@@ -493,7 +494,8 @@ def _frame(parts: list[bytes]) -> str:
 def install_live(app: FastAPI, rt: Runtime) -> LiveHub:
     """Add ``/api/v1/live`` to ``app``; the hub is ``app.state.live``."""
     api = rt.site.api
-    hub = LiveHub(rt, queue_size=api.live_queue, allowed_origins=api.allowed_origins)
+    reads: ReadModel = app.state.reads  # controller/api/deps.py install_queries, built first
+    hub = LiveHub(rt, reads, queue_size=api.live_queue, allowed_origins=api.allowed_origins)
     app.state.live = hub
     metrics = getattr(app.state, "metrics", None)
     if metrics is not None:  # /metrics (controller/api/metrics.py) reports the hub too

@@ -135,6 +135,10 @@ class StockQueries:
     def has_shelf(self, shelf_id: str) -> bool:
         return shelf_id in self._location
 
+    def state(self, shelf_id: str) -> ShelfState:
+        """The live state of ``shelf_id`` alone (KeyError when the site has no such shelf)."""
+        return self._states[shelf_id]
+
     def shelf(self, shelf_id: str) -> ShelfView:
         """The shelf ``shelf_id`` (KeyError when the site has none)."""
         return ShelfView(
