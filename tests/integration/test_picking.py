@@ -729,7 +729,7 @@ async def test_short_pick_jam_and_full_lane_end_in_exception(
         # Jam: the conveyor cannot start; the sorter never gets the command.
         conveyor.jam()
         await bus_until(rt, lambda: not conveyor.moving, 5)
-        rt.picking._belt_ok.clear()  # forget "seen running" so the next pick reads the belt
+        rt.picking.executor._belt_ok.clear()  # forget "seen running": the next pick reads it
         before = dict(sorter.executions)
         r = await f.pick("jam", {**ORDER, "order_id": "J-1", "lines": [{"sku": "K0", "qty": 1}]})
         jam_id = r.json()["order_id"]
@@ -742,7 +742,7 @@ async def test_short_pick_jam_and_full_lane_end_in_exception(
         # Full lane: the tote cannot be diverted into lane 3.
         conveyor.reset(conveyor.last_tick)
         sorter.set_lane_fill(3, sorter.lane_capacity)
-        rt.picking._belt_ok.clear()
+        rt.picking.executor._belt_ok.clear()
         r = await f.pick("full", {**ORDER, "order_id": "F-1", "lines": [{"sku": "K0", "qty": 1}]})
         full_id = r.json()["order_id"]
         await bus_until(rt, lambda: order_state(rt, full_id) == "EXCEPTION", 20)
@@ -908,7 +908,7 @@ async def test_cancel_an_order_before_its_command_is_sent(
             lambda evs: seen.extend(e for e in evs if e.get("kind") == "order_state")
         )
         await f.shelf("s0", 20)
-        belts = rt.picking._belt_locks["conveyor-1"]
+        belts = rt.picking.executor._belt_locks["conveyor-1"]
         await belts.acquire()
         try:
             a = await f.pick(

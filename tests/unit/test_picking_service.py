@@ -17,7 +17,9 @@ from controller.config import SiteConfig, load_site
 from controller.domain.model import ShelfStatus
 from controller.domain.stock import ShelfState
 from controller.services.ingest import shelf_specs
-from controller.services.picking import PickError, PickingService, PickRequest
+from controller.services.order_desk import PickRefused
+from controller.services.pick_wire import status_of
+from controller.services.picking import PickingService, PickRequest
 from devices.link.state import LinkState
 from tests.sites import write_small_site
 
@@ -140,18 +142,21 @@ async def test_submit_journals_everything_in_one_go(tmp_path: Path) -> None:
             True,
             done.order["order_id"],
         )
-        with pytest.raises(PickError) as err:
+        with pytest.raises(PickRefused) as err:
             svc.submit(
                 PickRequest("W-1", (("K0", 4),), "PS1", "wms"), key="k1", principal="floor-1"
             )
-        assert (err.value.status, err.value.extra) == (422, {"order_id": done.order["order_id"]})
-        with pytest.raises(PickError) as err:
+        assert (status_of(err.value), err.value.extra) == (
+            422,
+            {"order_id": done.order["order_id"]},
+        )
+        with pytest.raises(PickRefused) as err:
             svc.submit(REQ, key="k1", principal="someone-else")
-        assert (err.value.status, err.value.extra) == (422, {})
+        assert (status_of(err.value), err.value.extra) == (422, {})
         # Another caller's (channel, order id), under its own key: 409, nothing of the order.
-        with pytest.raises(PickError) as err:
+        with pytest.raises(PickRefused) as err:
             svc.submit(REQ, key="k-other", principal="someone-else")
-        assert (err.value.status, err.value.code, err.value.extra) == (409, "order_exists", {})
+        assert (status_of(err.value), err.value.code, err.value.extra) == (409, "order_exists", {})
         assert done.order["order_id"] not in err.value.detail
         assert svc.stats["accepted"] == 1
     finally:
@@ -188,16 +193,16 @@ async def test_expired_keys_fall_back_to_the_journal(tmp_path: Path) -> None:
         first = svc.submit(REQ, key="k1", principal="p")
         clock.now += 2 * 3600
         svc2, _ = service(site, journal, clock)  # a restart, two hours later
-        assert svc2._keys == {}
+        assert svc2.desk._keys == {}
         again = svc2.submit(REQ, key="k1", principal="p")
         assert (again.status, again.replayed) == (200, True)
         assert again.order["order_id"] == first.order["order_id"]
-        with pytest.raises(PickError) as err:
+        with pytest.raises(PickRefused) as err:
             svc2.submit(PickRequest("W-1", (("K0", 1),), "PS1", "wms"), key="k2", principal="p")
-        assert (err.value.status, err.value.code) == (409, "order_exists")
-        with pytest.raises(PickError) as err:  # another caller, found by the journal's index
+        assert (status_of(err.value), err.value.code) == (409, "order_exists")
+        with pytest.raises(PickRefused) as err:  # another caller, found by the journal's index
             svc2.submit(REQ, key="k3", principal="other")
-        assert (err.value.status, err.value.code, err.value.extra) == (409, "order_exists", {})
+        assert (status_of(err.value), err.value.code, err.value.extra) == (409, "order_exists", {})
         assert journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 1
     finally:
         journal.close()
@@ -217,9 +222,9 @@ async def test_refusals_reserve_nothing_and_write_nothing(tmp_path: Path) -> Non
             (PickRequest("E", (("K0", 3),), "PS1"), 409, "insufficient_stock"),
         ]
         for req, status, code in cases:
-            with pytest.raises(PickError) as err:
+            with pytest.raises(PickRefused) as err:
                 svc.submit(req, key=f"key-{req.external_id}", principal="p")
-            assert (err.value.status, err.value.code) == (status, code), req
+            assert (status_of(err.value), err.value.code) == (status, code), req
         assert svc.reserved("sh0") == 0
         assert journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 0
         assert journal.db.execute("SELECT count(*) FROM idempotency").fetchone()[0] == 0
@@ -290,12 +295,12 @@ async def test_cmd_ids_move_above_the_plcs_before_the_next_pick(tmp_path: Path) 
     journal.open()
     try:
         svc, published = service(site, journal, clock)
-        sorter = svc.sorters["s1"]
+        sorter = svc.executor.sorters["s1"]
         assert isinstance(sorter, FakeSorter)
         sorter.mailbox_known = False
-        with pytest.raises(PickError) as err:
+        with pytest.raises(PickRefused) as err:
             svc.submit(REQ, key="k0", principal="p")
-        assert (err.value.status, err.value.code) == (503, "device_unavailable")
+        assert (status_of(err.value), err.value.code) == (503, "device_unavailable")
         sorter.mailbox_known = True
         sorter.report(500)
         assert journal.counters()["cmd:s1"] == 500
@@ -317,3 +322,62 @@ async def test_cmd_ids_move_above_the_plcs_before_the_next_pick(tmp_path: Path) 
         )
     finally:
         journal.close()
+
+
+def command(**changes: Any) -> bytes:
+    body: dict[str, Any] = {
+        "order_id": "M-1",
+        "pack_station": "PS1",
+        "lines": [{"sku": "K0", "qty": 1}],
+    }
+    body.update(changes)
+    return orjson.dumps({k: v for k, v in body.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        # Values the shared schema refuses for their size or form: 422 as the desk's own checks
+        # (the statuses the hand-written parser gave them).
+        (command(lines=[{"sku": "K0", "qty": 0}]), 422, "invalid_pick"),
+        (command(order_id=""), 422, "invalid_pick"),
+        (command(lines=[{"sku": "no such sku", "qty": 1}]), 422, "invalid_pick"),
+        (command(pack_station="PS9"), 422, "invalid_pick"),
+        # Not the schema's shape, or a bad channel / key: 400.
+        (command(lines=[{"sku": "K0", "qty": "1"}]), 400, "bad_command"),
+        (command(channel=""), 400, "bad_command"),
+        (command(idempotency_key=""), 400, "bad_command"),
+        # Unknown fields are ignored on MQTT, as they always were.
+        (command(note="from plant b"), 201, None),
+    ],
+)
+async def test_mqtt_commands_are_answered_like_before(
+    tmp_path: Path, payload: bytes, status: int, code: str | None
+) -> None:
+    site, clock = site_with_route(tmp_path), Clock()
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    try:
+        svc, _ = service(site, journal, clock)
+        got, reply = svc.on_command(payload)
+        assert (got, reply.get("code")) == (status, code), reply
+        if status == 422:
+            assert reply["order_id"] == orjson.loads(payload)["order_id"]
+    finally:
+        journal.close()
+
+
+def test_the_mqtt_command_and_the_api_share_one_pick_schema() -> None:
+    """One `PickIn` (services/pick_wire.py): the API's body and, with the key, the MQTT
+    command; no hand-written parser of the same fields."""
+    import inspect
+
+    from controller.api.routes import orders
+    from controller.services import picking
+    from controller.services.pick_wire import PickCommand, PickIn
+
+    assert orders.PickIn is PickIn
+    assert inspect.signature(orders.create_pick).parameters["body"].annotation in (PickIn, "PickIn")
+    assert issubclass(PickCommand, PickIn)
+    assert set(PickCommand.model_fields) == {*PickIn.model_fields, "idempotency_key"}
+    assert "orjson.loads" not in inspect.getsource(picking)

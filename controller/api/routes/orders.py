@@ -20,61 +20,83 @@ The semantics (docs/picking.md):
   ``not_cancellable`` once a command went to the sorter or the order is closed.
 * ``resolve`` (supervisors): an UNKNOWN task's outcome, CONFIRMED or FAILED, with a reason;
   409 ``task_not_unknown`` for any other task.
+
+The desk refuses with `PickRefused` subclasses (no status codes); every route of this router
+answers one as problem+json through `_PickRoute` with the status `pick_wire.status_of` gives
+(the MQTT channel answers with the same statuses). The request body is the shared `PickIn`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Path, Query, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.api.auth import Principal, Role, require
 from controller.api.deps import RuntimeDep
 from controller.api.schemas import PROBLEM
 from controller.domain.orders import OrderState, Resolution
-from controller.services.picking import PickError, PickRequest
+from controller.services.order_desk import OrderNotFound, PickRefused
+from controller.services.pick_wire import PickIn, PickLineIn, status_of
 
-router = APIRouter(tags=["orders"])
+__all__ = ["OrderOut", "PickIn", "PickLineIn", "problem", "router", "wire"]
 
-Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    extra: dict[str, Any] | None = None,
+    retry_after_s: float | None = None,
+) -> JSONResponse:
+    """An ``application/problem+json`` answer of the pick routes."""
+    body: dict[str, Any] = {
+        "type": f"urn:floorhand:problem:{code}",
+        "title": code.replace("_", " "),
+        "status": status,
+        "detail": detail,
+        **(extra or {}),
+    }
+    headers = {}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after_s)))
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+class _PickRoute(APIRoute):
+    """The one place a desk refusal becomes an HTTP answer (status: `pick_wire.status_of`)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except PickRefused as exc:
+                return problem(
+                    status_of(exc),
+                    exc.code,
+                    exc.detail,
+                    extra=exc.extra,
+                    retry_after_s=exc.retry_after_s,
+                )
+
+        return answer
+
+
+router = APIRouter(tags=["orders"], route_class=_PickRoute)
 
 
 class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # "qty": "2" is refused
-
-
-class PickLineIn(_Wire):
-    sku: Ident
-    qty: Annotated[int, Field(gt=0, le=100_000)]
-
-
-class PickIn(_Wire):
-    """A pick request: the lines of one order for one pack station."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "order_id": "WMS-1001",
-                    "lines": [{"sku": "SKU-A01", "qty": 2}],
-                    "pack_station": "PS-1",
-                    "channel": "wms",
-                }
-            ]
-        },
-    )
-    order_id: Annotated[str, Field(min_length=1, max_length=128)]
-    """The floor system's own order id, unique per channel."""
-    lines: Annotated[list[PickLineIn], Field(min_length=1, max_length=10_000)]
-    pack_station: Ident
-    channel: Ident = "api"
 
 
 class PickTaskOut(BaseModel):
@@ -191,20 +213,6 @@ def _json(body: Any, status: int = 200, **headers: str) -> Response:
     )
 
 
-def _problem(exc: PickError) -> JSONResponse:
-    body: dict[str, Any] = {
-        "type": f"urn:floorhand:problem:{exc.code}",
-        "title": exc.code.replace("_", " "),
-        "status": exc.status,
-        "detail": exc.detail,
-        **exc.extra,
-    }
-    headers = {}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    return JSONResponse(body, status_code=exc.status, media_type=PROBLEM, headers=headers)
-
-
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"content": {PROBLEM: {}}, "description": text}
     for code, text in {
@@ -255,31 +263,21 @@ async def create_pick(
     # async def on purpose: the whole submission runs on the event loop, with no await between
     # the idempotency check and the journal commit (services/picking.py).
     if idempotency_key is None or not 1 <= len(idempotency_key) <= 255:
-        return _problem(
-            PickError(
-                400,
-                "idempotency_key_required",
-                "the Idempotency-Key header (1..255 characters) is required",
-            )
+        return problem(
+            400,
+            "idempotency_key_required",
+            "the Idempotency-Key header (1..255 characters) is required",
         )
     # At start-up, wait (bounded) until the PLC links had their first chance to connect.
     await rt.picking.wait_devices_settled()
-    req = PickRequest(
-        external_id=body.order_id,
-        lines=tuple((line.sku, line.qty) for line in body.lines),
-        pack_station=body.pack_station,
-        channel=body.channel,
-    )
-    try:
-        done = rt.picking.submit(req, key=idempotency_key, principal=principal.name)
-    except PickError as exc:
-        return _problem(exc)
+    done = rt.picking.submit(body.request(), key=idempotency_key, principal=principal.name)
     headers = {"Location": f"/api/v1/orders/{done.order['order_id']}"}
     if done.replayed:
         headers["Idempotent-Replayed"] = "true"
     else:
         # Let the order's execution task take its first step (up to the sorter's Modbus
-        # write) before this response is serialised and sent.
+        # write) before this response is serialised and sent. Python 3.11 has no eager tasks
+        # to start it inside submit; it goes with the executor's own loop (docs/picking.md).
         await asyncio.sleep(0)
     return _json(wire(done.order), done.status, **headers)
 
@@ -310,9 +308,8 @@ async def get_order(
     principal: Annotated[Principal, Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))],
 ) -> Response:
     body = rt.picking.get(order_id)
-    if not _visible(body, principal):
-        return _problem(PickError(404, "order_not_found", f"no order {order_id!r}"))
-    assert body is not None
+    if body is None or not _visible(body, principal):
+        raise OrderNotFound("order_not_found", f"no order {order_id!r}")
     return _json(wire(body))
 
 
@@ -327,11 +324,7 @@ async def pack_order(
     rt: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Role.SUPERVISOR, Role.ENGINEER))],
 ) -> Response:
-    try:
-        body = rt.picking.pack(order_id, by=principal.name)
-    except PickError as exc:
-        return _problem(exc)
-    return _json(wire(body))
+    return _json(wire(rt.picking.pack(order_id, by=principal.name)))
 
 
 @router.post(
@@ -346,12 +339,7 @@ async def ship_order(
     rt: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Role.SUPERVISOR, Role.ENGINEER))],
 ) -> Response:
-    try:
-        out = rt.picking.ship(
-            order_id, by=principal.name, carrier=body.carrier, tracking=body.tracking
-        )
-    except PickError as exc:
-        return _problem(exc)
+    out = rt.picking.ship(order_id, by=principal.name, carrier=body.carrier, tracking=body.tracking)
     return _json(wire(out))
 
 
@@ -368,14 +356,9 @@ async def cancel_order(
     body: CancelIn | None = None,
 ) -> Response:
     if not _visible(rt.picking.get(order_id), principal):  # another floor caller's: unknown
-        return _problem(PickError(404, "order_not_found", f"no order {order_id!r}"))
-    try:
-        out = rt.picking.cancel(
-            order_id, by=principal.name, reason=body.reason if body is not None else None
-        )
-    except PickError as exc:
-        return _problem(exc)
-    return _json(wire(out))
+        raise OrderNotFound("order_not_found", f"no order {order_id!r}")
+    reason = body.reason if body is not None else None
+    return _json(wire(rt.picking.cancel(order_id, by=principal.name, reason=reason)))
 
 
 @router.post(
@@ -391,10 +374,7 @@ async def resolve_task(
     rt: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Role.SUPERVISOR))],
 ) -> Response:
-    try:
-        out = rt.picking.resolve(
-            order_id, task_no, Resolution(body.outcome), by=principal.name, reason=body.reason
-        )
-    except PickError as exc:
-        return _problem(exc)
+    out = rt.picking.resolve(
+        order_id, task_no, Resolution(body.outcome), by=principal.name, reason=body.reason
+    )
     return _json(wire(out))
