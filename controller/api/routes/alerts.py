@@ -12,11 +12,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Path, Query
 
-from controller.adapters.journal import JournalError
 from controller.api.deps import READ_ALL, ReadsDep, RuntimeDep, Supervisor
 from controller.api.routes.ops import journal_failed
 from controller.api.schemas import AlertAckCreate, AlertPublic, AlertSnoozeCreate, problem_responses
 from controller.domain.reorder import NoActiveEpisode
+from controller.ports import JournalError
 from controller.services.queries import ReadModel
 
 router = APIRouter()

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Path, Request
 
-from controller.adapters.journal import JournalError
 from controller.api.auth import Principal
 from controller.api.deps import Engineer, QueriesDep, RuntimeDep
 from controller.api.routes.stock import shelf_public
@@ -29,6 +28,7 @@ from controller.api.schemas import (
     problem_responses,
 )
 from controller.domain.calibration import CalibrationError, NotSettled
+from controller.ports import JournalError
 from controller.runtime import Runtime
 from controller.services.plc_commands import Command, CommandOutcome, PlcCommandService
 from controller.services.queries import StockQueries
