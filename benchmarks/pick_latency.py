@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ from benchmarks.ingest_e2e import (  # noqa: E402
 from benchmarks.loadgen import device_names, encode_readings, publish_all  # noqa: E402
 from benchmarks.modbus_roundtrip import plcs_process  # noqa: E402
 from controller.api.app import create_app  # noqa: E402
-from controller.config import load_site  # noqa: E402
+from controller.config import SiteConfig, load_site  # noqa: E402
 from controller.runtime import Runtime  # noqa: E402
 from devices.sorter import SorterDriver  # noqa: E402
 from tests.mosquitto import free_port  # noqa: E402
@@ -268,6 +270,38 @@ async def stage(
     }
 
 
+@contextlib.asynccontextmanager
+async def controller_with_api(
+    site: SiteConfig, api_port: int, broker_port: int
+) -> AsyncIterator[Runtime]:
+    """The controller as ``floorhand run`` builds it (`Runtime` + the app under uvicorn on
+    ``api_port``), in this process; yields once every link is up and every shelf is counted
+    (a preload of readings: 30 units each), and stops it when the block ends."""
+    enc = encode_readings(device_names(DEVICES), 6 * DEVICES, ts0=time.time() - 10, step_every=0)
+    rt = Runtime(site)
+    app = create_app(site, runtime=rt)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning")
+    )
+    serve = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(20):
+            await rt.started.wait()
+            await rt.link.wait_up(10)
+            for plc in rt.plcs.values():
+                await plc.link.wait_up(10)
+            while not server.started:  # noqa: ASYNC110 (uvicorn has no event)
+                await asyncio.sleep(0.01)
+        await asyncio.to_thread(publish_all, broker_port, enc, qos=1)
+        async with asyncio.timeout(20):
+            while rt.ingest.readings < enc.readings:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        yield rt
+    finally:
+        server.should_exit = True
+        await serve
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine(), "target_p99_ms": TARGET_P99_MS, "stages": {}}
     with tempfile.TemporaryDirectory(prefix="pick-bench-") as tmp:
@@ -276,70 +310,48 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             api_port, conv_port, sorter_port = free_port(), free_port(), free_port()
             site_path = write_site(base_dir, broker.port, api_port, conv_port, sorter_port)
             site = load_site(site_path)
-            # Preload: every shelf counted (30 units) before the first pick.
-            enc = encode_readings(
-                device_names(DEVICES), 6 * DEVICES, ts0=time.time() - 10, step_every=0
-            )
-            async with plcs_process(site_path):
-                rt = Runtime(site)
-                app = create_app(site, runtime=rt)
-                server = uvicorn.Server(
-                    uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning")
+            async with (
+                plcs_process(site_path),
+                controller_with_api(site, api_port, broker.port) as rt,
+            ):
+                probe = Probe(rt)
+                url = f"http://127.0.0.1:{api_port}"
+                lag = LoopLag()
+                lag.start()
+                say("stage idle: paced picks, one connection")
+                report["stages"]["idle"] = await stage(
+                    rt, probe, url, picks=args.picks, rate=args.rate, workers=1, tag="idle"
                 )
-                serve = asyncio.create_task(server.serve())
-                try:
-                    async with asyncio.timeout(20):
-                        await rt.started.wait()
-                        await rt.link.wait_up(10)
-                        for plc in rt.plcs.values():
-                            await plc.link.wait_up(10)
-                        while not server.started:  # noqa: ASYNC110 (uvicorn has no event)
-                            await asyncio.sleep(0.01)
-                    await asyncio.to_thread(publish_all, broker.port, enc, qos=1)
-                    async with asyncio.timeout(20):
-                        while rt.ingest.readings < enc.readings:  # noqa: ASYNC110
-                            await asyncio.sleep(0.01)
-                    probe = Probe(rt)
-                    url = f"http://127.0.0.1:{api_port}"
+                report["stages"]["idle"]["loop_lag"] = await lag.stop()
+                say(json.dumps(report["stages"]["idle"]))
+                say("stage throughput: picks as fast as 8 connections send them")
+                report["stages"]["throughput"] = await stage(
+                    rt, probe, url, picks=args.picks, rate=0, workers=8, tag="max"
+                )
+                say(json.dumps(report["stages"]["throughput"]))
+                if args.load_rate > 0:
+                    say(f"stage load: paced picks while ingesting {args.load_rate:g} msg/s")
+                    duration = max(5.0, args.picks / args.rate + 3)
+                    gen = await start_loadgen(
+                        broker.port, args.load_rate, duration, devices=DEVICES, first_device=0
+                    )
+                    gen.tell("GO")
+                    await asyncio.sleep(1.0)  # let the load reach its rate first
                     lag = LoopLag()
                     lag.start()
-                    say("stage idle: paced picks, one connection")
-                    report["stages"]["idle"] = await stage(
-                        rt, probe, url, picks=args.picks, rate=args.rate, workers=1, tag="idle"
+                    before = rt.ingest.readings
+                    t0 = time.monotonic()
+                    report["stages"]["under_load"] = await stage(
+                        rt, probe, url, picks=args.picks, rate=args.rate, workers=1, tag="load"
                     )
-                    report["stages"]["idle"]["loop_lag"] = await lag.stop()
-                    say(json.dumps(report["stages"]["idle"]))
-                    say("stage throughput: picks as fast as 8 connections send them")
-                    report["stages"]["throughput"] = await stage(
-                        rt, probe, url, picks=args.picks, rate=0, workers=8, tag="max"
+                    report["stages"]["under_load"]["loop_lag"] = await lag.stop()
+                    report["stages"]["under_load"]["ingest_msg_s"] = round(
+                        (rt.ingest.readings - before) / (time.monotonic() - t0)
                     )
-                    say(json.dumps(report["stages"]["throughput"]))
-                    if args.load_rate > 0:
-                        say(f"stage load: paced picks while ingesting {args.load_rate:g} msg/s")
-                        duration = max(5.0, args.picks / args.rate + 3)
-                        gen = await start_loadgen(
-                            broker.port, args.load_rate, duration, devices=DEVICES, first_device=0
-                        )
-                        gen.tell("GO")
-                        await asyncio.sleep(1.0)  # let the load reach its rate first
-                        lag = LoopLag()
-                        lag.start()
-                        before = rt.ingest.readings
-                        t0 = time.monotonic()
-                        report["stages"]["under_load"] = await stage(
-                            rt, probe, url, picks=args.picks, rate=args.rate, workers=1, tag="load"
-                        )
-                        report["stages"]["under_load"]["loop_lag"] = await lag.stop()
-                        report["stages"]["under_load"]["ingest_msg_s"] = round(
-                            (rt.ingest.readings - before) / (time.monotonic() - t0)
-                        )
-                        done = await gen.expect("DONE", timeout_s=120)
-                        report["stages"]["under_load"]["loadgen"] = done
-                        await gen.close()
-                        say(json.dumps(report["stages"]["under_load"]))
-                finally:
-                    server.should_exit = True
-                    await serve
+                    done = await gen.expect("DONE", timeout_s=120)
+                    report["stages"]["under_load"]["loadgen"] = done
+                    await gen.close()
+                    say(json.dumps(report["stages"]["under_load"]))
     return report
 
 

@@ -7,6 +7,8 @@ everything it started (by PID) and writes ``benchmarks/results/latest.json`` and
 
 Stages (``--stages``, comma-separated; default all):
 
+* ``link``: the MQTT link alone (benchmarks/mqtt_link_drain.py: receive + PUBACK, no ingest,
+  no journal) draining a pre-loaded session: the ceiling the ingest drains are judged against.
 * ``ingest``: Floorhand drains of a pre-loaded persistent session (real Runtime in this
   process, PUBACK after the journal commit): QoS 1 and QoS 0 single readings, QoS 1 batches of
   10 and 50 readings; median of ``--runs``; event-loop lag during each drain.
@@ -16,15 +18,18 @@ Stages (``--stages``, comma-separated; default all):
 * ``history``: points/s drained to sqlite, influxdb1 (influxd 1.6.7) and the v2 write API
   (victoria-metrics); catch-up after an outage while readings keep arriving.
 * ``actuation``: benchmarks/modbus_roundtrip.py (sorter simulator), and
-  benchmarks/pick_latency.py when it exists (pick API → first Modbus write under load).
+  benchmarks/pick_latency.py when it exists (pick API → first Modbus write, and the
+  controller's own part, submit → first write, idle and under load).
+* ``plc``: benchmarks/plc_timing.py (heartbeat gaps at the PLC and STOP latency with picks
+  queued, idle and while ingesting 20k msg/s).
 * ``scale``: controller start-up time and RSS for 1k, 10k, 100k SKUs/shelves (benchmarks/scale.py).
 * ``peers``: the naive and the batching paho + influxdb-client peers (benchmarks/peers.py) at
   QoS 1 and QoS 0, Floorhand with its historian writing to the same victoria-metrics, and the
   Floorhand/peer ratios.
 * ``profile``: py-spy on a QoS 1 drain (full mode; ``--profile`` in quick mode).
 
-``--quick`` finishes in under 3 minutes (smaller counts, 1 run each, no 100k site, no profile);
-the full run takes about 11–15 minutes. docs/performance.md explains the method and the figures.
+``--quick`` takes about 4 minutes (smaller counts, 1 run each, no 100k site, no profile);
+the full run takes about 14–18 minutes. docs/performance.md explains the method and the figures.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import logging
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,7 +57,13 @@ sys.path.insert(0, str(ROOT))
 
 import psutil  # type: ignore[import-untyped,unused-ignore]  # noqa: E402
 
-from benchmarks import history_drain, ingest_e2e, modbus_roundtrip, scale  # noqa: E402
+from benchmarks import (  # noqa: E402
+    history_drain,
+    ingest_e2e,
+    modbus_roundtrip,
+    mqtt_link_drain,
+    scale,
+)
 from benchmarks.ingest_e2e import (  # noqa: E402
     Child,
     MachineCpu,
@@ -64,10 +76,23 @@ from benchmarks.ingest_e2e import (  # noqa: E402
 )
 from benchmarks.loadgen import device_names, encode_readings, publish_all  # noqa: E402
 from tests.influx_servers import VictoriaMetrics  # noqa: E402
+from tests.mosquitto import MosquittoBroker  # noqa: E402
 
 PEERS = ROOT / "benchmarks" / "peers.py"
 PICK_LATENCY = ROOT / "benchmarks" / "pick_latency.py"
-ALL_STAGES = ("ingest", "live", "latency", "history", "actuation", "scale", "peers", "profile")
+PLC_TIMING = ROOT / "benchmarks" / "plc_timing.py"
+ALL_STAGES = (
+    "link",
+    "ingest",
+    "live",
+    "latency",
+    "history",
+    "actuation",
+    "plc",
+    "scale",
+    "peers",
+    "profile",
+)
 
 
 def settings_for(quick: bool) -> dict[str, Any]:
@@ -77,7 +102,7 @@ def settings_for(quick: bool) -> dict[str, Any]:
             "drain_messages": 50_000,
             "drain_readings_batched": 50_000,
             "live_duration_s": 3.0,
-            "latency_rates": [1_000, 5_000, 20_000],
+            "latency_rates": [1_000, 4_000, 20_000],
             "latency_samples": 80,
             "history_points": 30_000,
             "history_outage_s": 5.0,
@@ -111,13 +136,22 @@ def settings_for(quick: bool) -> dict[str, Any]:
 
 
 TARGETS = {
-    "qos1_msg_s": 30_000.0,
-    "qos0_msg_s": 50_000.0,
-    "batched_readings_s": 100_000.0,
-    "cpu_us_per_msg": 25.0,
+    # Issue 11. Throughput as ratios to references measured in the same run (absolute figures
+    # on these machines drift by 2x between days): the MQTT link's own drain (stage link) and
+    # the batching paho + influxdb-client peer (stage peers).
+    "qos1_vs_link_x": 0.35,
+    "qos1_vs_batching_peer_x": 6.0,
+    "cpu_vs_link_x": 3.0,
+    "qos0_vs_link_x": 0.4,
+    "batched_vs_single_x": 3.0,
     "alert_p99_ms_4k": 5.0,
-    "alert_p99_ms_20k": 10.0,
-    "pick_modbus_p99_ms": 2.0,
+    "alert_p99_ms_20k": 20.0,
+    "pick_submit_p99_ms": 2.0,
+    "pick_api_p99_ms": 10.0,
+    "heartbeat_gap_p99_ms": 300.0,
+    # Not an issue 11 target: the bound test B7 asserted before the figure moved here.
+    "stop_p99_ms": 200.0,
+    # Earlier issues.
     "rss_mb_100k": 80.0,
     "startup_s": 2.0,
     "live_no_loss_msg_s": 25_000.0,
@@ -187,6 +221,36 @@ class Noise:
 
 # ---------------------------------------------------------------------------------------------
 # Stages
+
+
+async def stage_link(base: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The MQTT link alone (receive + PUBACK per batch, nothing else) draining a pre-loaded
+    persistent QoS 1 session: the drain ceiling of this machine today. Median of ``runs``."""
+    n = cfg["drain_messages"]
+    folder = base / "link"
+    folder.mkdir(parents=True, exist_ok=True)
+    broker = MosquittoBroker(folder, autosave_interval=1_000_000_000)
+    await broker.start()
+    runs: list[dict[str, float]] = []
+    try:
+        await mqtt_link_drain.create_session(broker.port, 5)
+        for run in range(1, cfg["runs"] + 1):
+            await mqtt_link_drain.preload(broker.port, n)
+            r = await mqtt_link_drain.drain_once(broker.port, n, 5, 2000, "none")
+            runs.append(r)
+            say(
+                f"  run {run}/{cfg['runs']}: {r['msg_per_s']:,.0f} msg/s, "
+                f"{r['cpu_us_per_msg']:.2f} µs CPU/msg"
+            )
+    finally:
+        await broker.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "messages": n,
+        "msg_s": statistics.median(r["msg_per_s"] for r in runs),
+        "cpu_us_per_msg": statistics.median(r["cpu_us_per_msg"] for r in runs),
+        "msg_s_all": [r["msg_per_s"] for r in runs],
+    }
 
 
 async def stage_ingest(base: Path, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -288,20 +352,35 @@ async def stage_actuation(base: Path, cfg: dict[str, Any], quick: bool) -> dict[
     return out
 
 
-async def run_pick_latency(base: Path, quick: bool) -> dict[str, Any]:
-    """Run the other engineers' pick benchmark as a child process; use ``--quick`` and
-    ``--json PATH`` when its ``--help`` offers them, otherwise keep its stdout."""
+async def stage_plc(base: Path, quick: bool) -> dict[str, Any]:
+    """benchmarks/plc_timing.py as a child process: heartbeat gaps and STOP latency."""
+    out = await run_child_benchmark(PLC_TIMING, base, quick)
+    for name, st in ((out.get("json") or {}).get("stages") or {}).items():
+        hb = (st.get("heartbeat_gap") or {}).get("all", {})
+        stop = (st.get("stop") or {}).get("stop_to_plc", {})
+        say(
+            f"    {name}: heartbeat gap p50 {_f(hb.get('p50_ms'), '.1f')} / p99 "
+            f"{_f(hb.get('p99_ms'), '.1f')} / max {_f(hb.get('max_ms'), '.1f')} ms; STOP → PLC "
+            f"p50 {_f(stop.get('p50_ms'), '.1f')} / p99 {_f(stop.get('p99_ms'), '.1f')} ms "
+            f"(n={stop.get('n')}); ingest {_f(st.get('ingest_msg_s'))} msg/s"
+        )
+    return out
+
+
+async def run_child_benchmark(script: Path, base: Path, quick: bool) -> dict[str, Any]:
+    """Run a benchmark script as a child process; use ``--quick`` and ``--json PATH`` when its
+    ``--help`` offers them, otherwise keep its stdout."""
     helper = await asyncio.create_subprocess_exec(
-        sys.executable, str(PICK_LATENCY), "--help", cwd=ROOT, stdout=asyncio.subprocess.PIPE
+        sys.executable, str(script), "--help", cwd=ROOT, stdout=asyncio.subprocess.PIPE
     )
     help_text = (await helper.communicate())[0].decode(errors="replace")
-    argv = [sys.executable, str(PICK_LATENCY)]
+    argv = [sys.executable, str(script)]
     if quick and "--quick" in help_text:
         argv.append("--quick")
-    json_path = base / "pick_latency.json"
+    json_path = base / f"{script.stem}.json"
     if "--json" in help_text:
         argv += ["--json", str(json_path)]
-    say(f"  pick latency: {' '.join(argv[1:])}")
+    say(f"  {script.stem}: {' '.join(argv[1:])}")
     proc = await asyncio.create_subprocess_exec(
         *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
     )
@@ -317,17 +396,23 @@ async def run_pick_latency(base: Path, quick: bool) -> dict[str, Any]:
     if json_path.exists():
         with contextlib.suppress(ValueError):
             result["json"] = json.loads(json_path.read_text())
-    stages = (result.get("json") or {}).get("stages") or {}
-    for name, st in stages.items():
-        fw = st.get("api_to_first_write", {})
-        say(
-            f"    {name}: API → first Modbus write p50 {_f(fw.get('p50_ms'), '.2f')} ms, p99 "
-            f"{_f(fw.get('p99_ms'), '.2f')} ms (n={fw.get('n')}); ingest "
-            f"{_f(st.get('ingest_msg_s'))} msg/s"
-        )
-    if not stages:
+    if not (result.get("json") or {}).get("stages"):
         for line in text.splitlines()[-25:]:
             say(f"    {line[:300]}")
+    return result
+
+
+async def run_pick_latency(base: Path, quick: bool) -> dict[str, Any]:
+    """benchmarks/pick_latency.py as a child process."""
+    result = await run_child_benchmark(PICK_LATENCY, base, quick)
+    for name, st in ((result.get("json") or {}).get("stages") or {}).items():
+        fw = st.get("api_to_first_write", {})
+        sw = st.get("submit_to_first_write", {})
+        say(
+            f"    {name}: API → first Modbus write p50 {_f(fw.get('p50_ms'), '.2f')} ms, p99 "
+            f"{_f(fw.get('p99_ms'), '.2f')} ms (n={fw.get('n')}); submit → first write p99 "
+            f"{_f(sw.get('p99_ms'), '.2f')} ms; ingest {_f(st.get('ingest_msg_s'))} msg/s"
+        )
     return result
 
 
@@ -566,35 +651,50 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
         return next((d for d in drains if d["qos"] == qos and d["readings_per_msg"] == batch), None)
 
     q1, q0 = drain(1, 1), drain(0, 1)
+    link = results.get("link")
+    peers = (results.get("peers") or {}).get("peers") or []
+    batching = next((p for p in peers if p["kind"] == "batching" and p["qos"] == 1), None)
+    ceiling = f"the link's own drain ({link['msg_s']:,.0f} msg/s)" if link else "the link's drain"
+    for what, d, key in (
+        ("QoS 1 durable drain, single readings", q1, "qos1_vs_link_x"),
+        ("QoS 0 drain", q0, "qos0_vs_link_x"),
+    ):
+        if d is None:
+            continue
+        lost = d["journal"]["lost"]
+        x = d["msg_s"] / link["msg_s"] if link else None
+        add(
+            f"{what} vs {ceiling}",
+            f"≥ {TARGETS[key]:g}×",
+            f"{_x(x)} ({d['msg_s']:,.0f} msg/s, {lost} lost)",
+            None if x is None else x >= TARGETS[key] and not lost,
+        )
     if q1:
+        x = q1["msg_s"] / batching["msg_s"] if batching and batching["msg_s"] else None
         add(
-            "QoS 1 single-reading ingest (drain, durable)",
-            "≥ 30,000 msg/s",
-            f"{q1['msg_s']:,.0f} msg/s, {q1['journal']['lost']} lost",
-            q1["msg_s"] >= TARGETS["qos1_msg_s"] and not q1["journal"]["lost"],
+            "QoS 1 durable drain vs the batching paho + influxdb-client peer (QoS 1)",
+            f"≥ {TARGETS['qos1_vs_batching_peer_x']:g}×",
+            _x(x)
+            + (f" ({q1['msg_s']:,.0f} vs {batching['msg_s']:,.0f} msg/s)" if batching else ""),
+            None if x is None else x >= TARGETS["qos1_vs_batching_peer_x"],
         )
+        x = q1["cpu_us_per_msg"] / link["cpu_us_per_msg"] if link else None
         add(
-            "controller CPU per message (QoS 1 drain)",
-            "≤ 25 µs",
-            f"{q1['cpu_us_per_msg']:.1f} µs",
-            q1["cpu_us_per_msg"] <= TARGETS["cpu_us_per_msg"],
+            "CPU per durable QoS 1 message vs the link's CPU per message",
+            f"≤ {TARGETS['cpu_vs_link_x']:g}×",
+            _x(x)
+            + (f" ({q1['cpu_us_per_msg']:.1f} vs {link['cpu_us_per_msg']:.2f} µs)" if link else ""),
+            None if x is None else x <= TARGETS["cpu_vs_link_x"],
         )
-    if q0:
+    d50 = drain(1, 50)
+    if d50 and q1:
+        x = d50["readings_s"] / q1["readings_s"]
         add(
-            "QoS 0 single-reading ingest (drain)",
-            "≥ 50,000 msg/s",
-            f"{q0['msg_s']:,.0f} msg/s, {q0['journal']['lost']} lost",
-            q0["msg_s"] >= TARGETS["qos0_msg_s"] and not q0["journal"]["lost"],
+            "batched (50 readings/message) vs the single-reading drain, readings/s",
+            f"≥ {TARGETS['batched_vs_single_x']:g}×",
+            f"{_x(x)} ({d50['readings_s']:,.0f} vs {q1['readings_s']:,.0f} readings/s)",
+            x >= TARGETS["batched_vs_single_x"],
         )
-    for batch in (10, 50):
-        d = drain(1, batch)
-        if d:
-            add(
-                f"batched ingest, {batch} readings/message (QoS 1 drain)",
-                "≥ 100,000 readings/s",
-                f"{d['readings_s']:,.0f} readings/s",
-                d["readings_s"] >= TARGETS["batched_readings_s"],
-            )
     live = results.get("live")
     if live:
         ok = (
@@ -622,7 +722,7 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
     if l4:
         add(
             f"reading → alert p99 at {label4} msg/s",
-            "≤ 5 ms",
+            f"≤ {TARGETS['alert_p99_ms_4k']:g} ms",
             f"{l4['p99_ms']:.2f} ms (p50 {l4['p50_ms']:.2f}, max {l4['max_ms']:.1f})",
             l4["p99_ms"] <= TARGETS["alert_p99_ms_4k"] and not l4["timeouts"],
         )
@@ -630,30 +730,70 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
     if l20:
         add(
             "reading → alert p99 at 20k msg/s",
-            "≤ 10 ms",
+            f"≤ {TARGETS['alert_p99_ms_20k']:g} ms",
             f"{l20['p99_ms']:.2f} ms (p50 {l20['p50_ms']:.2f}, max {l20['max_ms']:.1f})",
             l20["p99_ms"] <= TARGETS["alert_p99_ms_20k"] and not l20["timeouts"],
         )
     act = results.get("actuation") or {}
     pick = act.get("pick_latency") or {}
-    load = pick_under_load(pick)
-    if load is not None:
-        fw = load["api_to_first_write"]
-        rate = load.get("ingest_msg_s", 0)
+    pick_stages = (pick.get("json") or {}).get("stages") or {}
+    if act and not pick_stages:
+        why = pick.get("skipped") or pick.get("error") or "no figures in its report"
+        add("pick submit → first Modbus write p99 (controller's own part)", "≤ 2 ms", why, None)
+        add("pick API → first Modbus write p99 while ingesting 20k msg/s", "≤ 10 ms", why, None)
+    for name in ("idle", "under_load"):
+        st = pick_stages.get(name)
+        if not isinstance(st, dict):
+            continue
+        rate = st.get("ingest_msg_s", 0)
+        where = "idle" if name == "idle" else f"while ingesting (measured {rate:,} msg/s)"
+        loaded = name == "idle" or rate >= 19_000
+        sw = st.get("submit_to_first_write") or {}
         add(
-            f"pick API → first Modbus write p99 while ingesting (measured {rate:,} msg/s; "
-            "target load 20k)",
-            "≤ 2 ms",
-            f"{fw['p99_ms']:.2f} ms (p50 {fw['p50_ms']:.2f}, n={fw['n']})",
-            fw["p99_ms"] <= TARGETS["pick_modbus_p99_ms"] and rate >= 19_000,
+            f"pick submit → first Modbus write p99 (controller's own part), {where}",
+            f"≤ {TARGETS['pick_submit_p99_ms']:g} ms",
+            f"{sw['p99_ms']:.2f} ms (p50 {sw['p50_ms']:.2f}, n={sw['n']})"
+            if "p99_ms" in sw
+            else "not in its report",
+            sw["p99_ms"] <= TARGETS["pick_submit_p99_ms"] and loaded if "p99_ms" in sw else None,
         )
-    elif act:
-        add(
-            "pick API → first Modbus write p99 while ingesting 20k msg/s",
-            "≤ 2 ms",
-            pick.get("skipped") or pick.get("error") or "no under-load figures in its report",
-            None,
-        )
+        fw = st.get("api_to_first_write") or {}
+        if name == "under_load" and "p99_ms" in fw:
+            add(
+                f"pick API → first Modbus write p99 {where}; target load 20k",
+                f"≤ {TARGETS['pick_api_p99_ms']:g} ms",
+                f"{fw['p99_ms']:.2f} ms (p50 {fw['p50_ms']:.2f}, n={fw['n']})",
+                fw["p99_ms"] <= TARGETS["pick_api_p99_ms"] and loaded,
+            )
+    plc = results.get("plc") or {}
+    plc_stages = (plc.get("json") or {}).get("stages") or {}
+    if plc and not plc_stages:
+        why = plc.get("error") or "no figures in its report"
+        add("heartbeat gap p99 at the PLC while ingesting 20k msg/s", "≤ 300 ms", why, None)
+    for name, st in plc_stages.items():
+        rate = st.get("ingest_msg_s", 0)
+        where = "idle" if name == "idle" else f"while ingesting (measured {rate:,} msg/s)"
+        hb = (st.get("heartbeat_gap") or {}).get("all") or {}
+        trips = sum((st.get("heartbeat_gap") or {}).get("watchdog_trips", {}).values())
+        if name == "under_load" and "p99_ms" in hb:
+            add(
+                f"heartbeat gap p99 at the PLC {where}; target load 20k, watchdog 1 s",
+                f"≤ {TARGETS['heartbeat_gap_p99_ms']:g} ms",
+                f"{hb['p99_ms']:.1f} ms (p50 {hb['p50_ms']:.1f}, max {hb['max_ms']:.1f}, "
+                f"n={hb['n']}, watchdog trips {trips})",
+                hb["p99_ms"] <= TARGETS["heartbeat_gap_p99_ms"] and rate >= 19_000 and not trips,
+            )
+        stop = st.get("stop") or {}
+        lat = stop.get("stop_to_plc") or {}
+        if "p99_ms" in lat:
+            add(
+                f"STOP request → STOP at the PLC p99, picks queued (B7), {where}; the PLC "
+                f"answers {stop.get('plc_latency_ms', 0):g} ms late",
+                f"≤ {TARGETS['stop_p99_ms']:g} ms (B7's former test bound; no issue 11 target)",
+                f"{lat['p99_ms']:.1f} ms (p50 {lat['p50_ms']:.1f}, n={lat['n']}, "
+                f"{stop.get('missing_stop_writes', 0)} missing)",
+                lat["p99_ms"] <= TARGETS["stop_p99_ms"] and not stop.get("missing_stop_writes"),
+            )
     sites = (results.get("scale") or {}).get("sites", [])
     for s in sites:
         if s["size"] == 100_000:
@@ -693,16 +833,14 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
     return t
 
 
-def pick_under_load(pick: dict[str, Any]) -> dict[str, Any] | None:
-    """benchmarks/pick_latency.py's ``stages.under_load`` (pick API → first Modbus write while
-    ingesting ``--load-rate`` msg/s), when its JSON report was read."""
-    doc = pick.get("json")
-    if not isinstance(doc, dict):
-        return None
-    stage = (doc.get("stages") or {}).get("under_load")
-    if not isinstance(stage, dict) or "p99_ms" not in stage.get("api_to_first_write", {}):
-        return None
-    return stage
+def _spread(stats: dict[str, Any], fmt: str, count: int = 3) -> str:
+    """``p50 / p99 / max ms`` of a latency summary (the first ``count`` of them)."""
+    keys = ("p50_ms", "p99_ms", "max_ms")[:count]
+    return " / ".join(_f(stats.get(k), fmt) for k in keys) + " ms"
+
+
+def _x(ratio: float | None) -> str:
+    return "not measured (its reference stage did not run)" if ratio is None else f"{ratio:.2f}×"
 
 
 def _busy(lag: dict[str, float]) -> str:
@@ -744,6 +882,16 @@ def markdown(results: dict[str, Any]) -> str:
     for v in results["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[v["met"]]
         lines.append(f"| {v['what']} | {v['target']} | {v['measured']} | {met} |")
+    link = results.get("link")
+    if link:
+        lines += [
+            "",
+            "## MQTT link alone (benchmarks/mqtt_link_drain.py: receive + PUBACK, the ceiling)",
+            "",
+            f"{link['messages']:,} QoS 1 messages: {link['msg_s']:,.0f} msg/s (runs: "
+            + ", ".join(f"{x:,.0f}" for x in link["msg_s_all"])
+            + f"), {link['cpu_us_per_msg']:.2f} µs CPU/msg.",
+        ]
     ing = results.get("ingest")
     if ing:
         lines += [
@@ -851,27 +999,53 @@ def markdown(results: dict[str, Any]) -> str:
                 "Picks through the API (benchmarks/pick_latency.py: controller + API in-process, "
                 "conveyor and sorter simulators):",
                 "",
-                "| stage | ingest msg/s | API → first Modbus write p50 / p99 / max | API → sorted "
-                "p50 / p99 | HTTP response p50 / p99 | sorted/s | loop lag p99 (busy p99) |",
-                "|---|---|---|---|---|---|---|",
+                "| stage | ingest msg/s | API → first Modbus write p50 / p99 / max | submit → "
+                "first write p50 / p99 | API → sorted p50 / p99 | HTTP response p50 / p99 | "
+                "sorted/s | loop lag p99 (busy p99) |",
+                "|---|---|---|---|---|---|---|---|",
             ]
             for name, st in (pick["json"].get("stages") or {}).items():
                 fw = st.get("api_to_first_write", {})
+                sw = st.get("submit_to_first_write", {})
                 so = st.get("api_to_sorted", {})
                 hr = st.get("http_response", {})
                 lag = st.get("loop_lag") or {}
                 lines.append(
-                    f"| {name} | {_f(st.get('ingest_msg_s'))} | {_f(fw.get('p50_ms'), '.2f')} / "
-                    f"{_f(fw.get('p99_ms'), '.2f')} / {_f(fw.get('max_ms'), '.2f')} ms | "
-                    f"{_f(so.get('p50_ms'), '.2f')} / {_f(so.get('p99_ms'), '.2f')} ms | "
-                    f"{_f(hr.get('p50_ms'), '.2f')} / {_f(hr.get('p99_ms'), '.2f')} ms | "
-                    f"{_f(st.get('sorted_per_s'), '.0f')} | {_f(lag.get('p99_ms'), '.1f')} ms "
-                    f"({_f(lag.get('busy_p99_ms'), '.1f')} ms) |"
+                    f"| {name} | {_f(st.get('ingest_msg_s'))} | {_spread(fw, '.2f')} | "
+                    f"{_spread(sw, '.2f', 2)} | {_spread(so, '.2f', 2)} | "
+                    f"{_spread(hr, '.2f', 2)} | {_f(st.get('sorted_per_s'), '.0f')} | "
+                    f"{_f(lag.get('p99_ms'), '.1f')} ms ({_f(lag.get('busy_p99_ms'), '.1f')} ms) |"
                 )
         elif pick:
             tail = "\n".join(pick.get("stdout", "").strip().splitlines()[-30:])
             lines += ["", "Pick API → Modbus (benchmarks/pick_latency.py), its output:", ""]
             lines += ["```", tail, "```"]
+    plc = results.get("plc") or {}
+    plc_stages = (plc.get("json") or {}).get("stages") or {}
+    if plc_stages:
+        lines += [
+            "",
+            "## PLC timing (benchmarks/plc_timing.py: controller + API in-process, conveyor and "
+            "sorter simulators in a child process)",
+            "",
+            "| stage | ingest msg/s | heartbeat gap p50 / p99 / max | watchdog trips | STOP → "
+            "PLC p50 / p99 / max (picks queued) | STOP HTTP response p99 | PLC answers late by |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, st in plc_stages.items():
+            hb = (st.get("heartbeat_gap") or {}).get("all") or {}
+            trips = sum((st.get("heartbeat_gap") or {}).get("watchdog_trips", {}).values())
+            stop = st.get("stop") or {}
+            lat = stop.get("stop_to_plc") or {}
+            resp = stop.get("http_response") or {}
+            lines.append(
+                f"| {name} | {_f(st.get('ingest_msg_s'))} | {_spread(hb, '.1f')} | {trips} | "
+                f"{_spread(lat, '.1f')} (n={lat.get('n')}) | {_f(resp.get('p99_ms'), '.1f')} ms "
+                f"| {_f(stop.get('plc_latency_ms'), 'g')} ms |"
+            )
+    elif plc:
+        tail = "\n".join(plc.get("stdout", "").strip().splitlines()[-30:])
+        lines += ["", "PLC timing (benchmarks/plc_timing.py), its output:", "", "```", tail, "```"]
     sc = results.get("scale")
     if sc:
         lines += [
@@ -1052,11 +1226,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     noise = Noise()
     t0 = time.monotonic()
     plan: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
+        ("link", lambda: stage_link(base, cfg)),
         ("ingest", lambda: stage_ingest(base, cfg)),
         ("live", lambda: stage_live_shipped(base, cfg)),
         ("latency", lambda: stage_latencies(base, cfg, results["errors"])),
         ("history", lambda: stage_history(base, cfg)),
         ("actuation", lambda: stage_actuation(base, cfg, args.quick)),
+        ("plc", lambda: stage_plc(base, args.quick)),
         ("scale", lambda: stage_scale(cfg)),
         ("peers", lambda: stage_peers(base, cfg)),
         ("profile", lambda: stage_profile(base, cfg)),
@@ -1107,7 +1283,7 @@ def main() -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    parser.add_argument("--quick", action="store_true", help="under 3 minutes, smaller counts")
+    parser.add_argument("--quick", action="store_true", help="about 4 minutes, smaller counts")
     parser.add_argument(
         "--stages",
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
