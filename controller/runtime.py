@@ -26,9 +26,9 @@ from controller.bus import Bus
 from controller.config import PlcConfig, SiteConfig
 from controller.owner import OwnerProbe, SiteOwnership
 from controller.ports import HistorySink
-from controller.services.alerts import AlertService
+from controller.services.alerts import AlertService, AlertSettings
 from controller.services.history import HistoryService, HistorySettings, Topology
-from controller.services.ingest import IngestService, shelf_specs, subscriptions
+from controller.services.ingest import IngestService, IngestSettings, shelf_specs, subscriptions
 from controller.services.picking import PickingService
 from controller.services.supervision import (
     RETAIN_OUTBOX_ROWS,
@@ -132,12 +132,7 @@ def build_history(
         journal,
         build_history_sink(site, clock),
         Topology.from_site(site),
-        HistorySettings(
-            batch_size=h.batch_size,
-            backoff_initial_s=h.backoff_initial_s,
-            backoff_max_s=h.backoff_max_s,
-            flush_interval_s=h.flush_interval_s,
-        ),
+        HistorySettings.from_site(site),
         state_path=state_path,
         clock=clock,
     )
@@ -208,7 +203,7 @@ class _IngestLink:
 
     @property
     def epoch(self) -> int:
-        return self._link.epoch
+        return self._link.connection_number
 
     def ack(self, packet_ids: Sequence[int], epoch: int | None = None) -> None:
         self._link.ack(packet_ids, epoch)
@@ -270,7 +265,7 @@ class Runtime:
         )
         self.gate = ReadGate(self.link)
         self.ingest = IngestService(
-            site,
+            IngestSettings.from_site(site),
             self.journal,
             _IngestLink(self.link, self.gate),
             self.bus.publish,
@@ -278,7 +273,12 @@ class Runtime:
             shelf_specs=self.specs,
         )
         self.alerts = AlertService(
-            site, self.journal, self.link, self.bus.publish, self.ingest.states, self.specs
+            AlertSettings.from_site(site),
+            self.journal,
+            self.link,
+            self.bus.publish,
+            self.ingest.states,
+            self.specs,
         )
         self.bus.add_listener(self._after_commit)
         self.history = build_history(site, self.journal, clock)
@@ -362,19 +362,19 @@ class Runtime:
             self._early = []
             self.gate.hold("plcs")
             log.info("pick command(s) before the PLC links are up: held until they are")
-        self._early.append((self.link.epoch, msgs))
+        self._early.append((self.link.connection_number, msgs))
 
     def _release_early(self) -> None:
         early, self._early = self._early, None
         for epoch, msgs in early or ():
-            if epoch == self.link.epoch:  # else the broker redelivers them on this connection
+            if epoch == self.link.connection_number:  # else the broker redelivers them
                 self._on_messages(msgs)
         self.gate.release("plcs")
 
     def _on_commands(self, msgs: list[Any]) -> None:
         """Pick requests on the MQTT command topic: each gets a reply on ``…/result``, then
         is acknowledged (a duplicate delivery is recognised by its channel + order id)."""
-        epoch = self.link.epoch
+        epoch = self.link.connection_number
         for msg in msgs:
             if msg.retain:
                 continue  # a retained command is stale by definition: never executed
