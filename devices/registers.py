@@ -30,6 +30,7 @@ import struct
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -46,6 +47,7 @@ __all__ = [
     "builtin_map_path",
     "load_builtin_map",
     "load_register_map",
+    "maps_dir",
     "parse_register_map",
 ]
 
@@ -58,7 +60,19 @@ MAX_ADDRESS = 0xFFFF
 Access = Literal["r", "rw"]
 Value = int | float
 
-_MAPS_DIR = Path(__file__).resolve().parents[1] / "firmware-configs" / "plc"
+PACKAGED_MAPS = "register_maps"
+"""Where a wheel holds ``firmware-configs/plc``: package data of ``devices`` (pyproject.toml
+maps the folder there; the repository keeps it at the top level, beside the other configs)."""
+
+
+def maps_dir() -> Path:
+    """The folder of the shipped register maps: ``devices/register_maps`` of an installed
+    wheel, else ``firmware-configs/plc`` of the checkout this package runs from (a git
+    checkout or an editable install)."""
+    packaged = resources.files("devices").joinpath(PACKAGED_MAPS)
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[1] / "firmware-configs" / "plc"
 
 
 class RegisterType(enum.Enum):
@@ -632,8 +646,8 @@ def load_register_map(path: str | Path) -> RegisterMap:
 
 
 def builtin_map_path(kind: str) -> Path:
-    """``firmware-configs/plc/<kind>.toml`` of this checkout."""
-    return _MAPS_DIR / f"{kind}.toml"
+    """The shipped ``firmware-configs/plc/<kind>.toml`` (`maps_dir`)."""
+    return maps_dir() / f"{kind}.toml"
 
 
 def load_builtin_map(kind: str) -> RegisterMap:

@@ -9,6 +9,7 @@ styles and connections to this origin only.
 from __future__ import annotations
 
 import logging
+from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException
@@ -19,8 +20,24 @@ from controller.runtime import Runtime
 
 log = logging.getLogger("floorhand.api.web")
 
-DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "dashboards" / "web"
-"""The assets, in the source tree (the controller runs from a checkout or an editable install)."""
+PACKAGED_DASHBOARD = "dashboard"
+"""Where a wheel holds ``dashboards/web``: package data of ``controller.api`` (pyproject.toml
+maps the folder there; the repository keeps it at the top level, beside the Grafana
+dashboards)."""
+
+
+def dashboard_dir() -> Path:
+    """The folder of the dashboard's assets: ``controller/api/dashboard`` of an installed
+    wheel, else ``dashboards/web`` of the checkout this package runs from (a git checkout or an
+    editable install)."""
+    packaged = resources.files("controller.api").joinpath(PACKAGED_DASHBOARD)
+    if isinstance(packaged, Path) and packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parents[2] / "dashboards" / "web"
+
+
+DASHBOARD_DIR = dashboard_dir()
+"""The assets served (`dashboard_dir`)."""
 
 MEDIA_TYPES = {
     ".html": "text/html; charset=utf-8",
