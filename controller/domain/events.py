@@ -6,17 +6,19 @@ then the fields in declaration order) and ``from_dict()`` (the inverse). The dic
 format: journal event bodies, history points, the live WebSocket and the bus carry it, so a
 field's name, order and type are part of the format. Events that were hand-built dicts before
 they had a type (``seq_gap``…) keep their wire name ``ts`` for the field ``ts_s``
-(``WIRE_NAMES``).
+(``WIRE_NAMES``); a field named in ``OMIT_NONE`` is left off the wire while it is None (a field
+added to a kind later, so its earlier bodies keep their bytes), and takes its default when a
+body does not carry it.
 """
 
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from enum import Enum
 from typing import Any, ClassVar
 
-from controller.domain.model import ShelfStatus, StockState
+from controller.domain.model import OrderState, ShelfStatus, StockState, TaskState
 
 _BY_KIND: dict[str, type[Event]] = {}
 
@@ -41,6 +43,8 @@ class Event:
     kind: ClassVar[str]
     WIRE_NAMES: ClassVar[dict[str, str]] = {}
     """Field name → wire name, where they differ."""
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
+    """Fields left off the wire while they are None."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -54,6 +58,8 @@ class Event:
         names = self.WIRE_NAMES
         for f in fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
+            if value is None and f.name in self.OMIT_NONE:
+                continue
             if isinstance(value, Enum):
                 value = value.value
             elif isinstance(value, Value):
@@ -71,7 +77,11 @@ class Event:
         names = cls.WIRE_NAMES
         kwargs: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]
-            value = body[names.get(f.name, f.name)]
+            wire = names.get(f.name, f.name)
+            if wire not in body and f.name in cls.OMIT_NONE and f.default is not MISSING:
+                kwargs[f.name] = f.default
+                continue
+            value = body[wire]
             hint = hints[f.name]
             if isinstance(hint, type) and issubclass(hint, Enum):
                 value = hint(value)
@@ -202,6 +212,75 @@ class SeqGapFilled(Event):
     first_seq: int
     last_seq: int
     filled: int
+
+
+@dataclass(frozen=True, slots=True)
+class OrderStateChanged(Event):
+    """An order moved from ``old`` to ``new`` (``reason`` for EXCEPTION, CANCELLED, pack/ship
+    confirmations and resolutions)."""
+
+    kind: ClassVar[str] = "order_state"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    ts_s: float
+    order_id: str
+    channel: str
+    external_id: str
+    old: OrderState
+    new: OrderState
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OrderException(OrderStateChanged):
+    """The same transition into EXCEPTION, announced once more under its own kind (for the
+    listeners that only want the exceptions)."""
+
+    kind: ClassVar[str] = "order_exception"
+
+    @classmethod
+    def of(cls, event: OrderStateChanged) -> OrderException:
+        return cls(**{f.name: getattr(event, f.name) for f in fields(event)})
+
+
+@dataclass(frozen=True, slots=True)
+class PickTaskChanged(Event):
+    """A pick task (one tote, ``cmd_id`` on ``sorter``) is now in ``state``; ``by`` names the
+    person who resolved it from UNKNOWN (absent from the wire otherwise)."""
+
+    kind: ClassVar[str] = "pick_task"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"by"})
+    ts_s: float
+    order_id: str
+    task_no: int
+    sku: str
+    qty: int
+    shelf: str
+    sorter: str
+    cmd_id: int
+    tote: int
+    state: TaskState
+    result: str | None
+    reason: str | None
+    by: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PlcCommandIssued(Event):
+    """A manual PLC command (``start``, ``stop``, ``reset``) by ``by`` with ``role``, whatever
+    its ``result`` (``ok`` or why not); ``state`` and ``fault`` as read back (None without)."""
+
+    kind: ClassVar[str] = "plc_command"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    ts_s: float
+    plc: str
+    command: str
+    by: str
+    role: str
+    result: str
+    detail: str
+    state: str | None
+    fault: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,6 +55,33 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ValueError(f"{field}: {message}")
 
 
+class OrderState(StrEnum):
+    """Where an order is in its lifecycle (controller/domain/orders.py has the table)."""
+
+    RECEIVED = "RECEIVED"
+    VALIDATED = "VALIDATED"
+    ALLOCATED = "ALLOCATED"
+    PICKING = "PICKING"
+    SORTED = "SORTED"
+    PACKED = "PACKED"
+    SHIPPED = "SHIPPED"
+    EXCEPTION = "EXCEPTION"
+    CANCELLED = "CANCELLED"
+
+
+class TaskState(StrEnum):
+    """Where a pick task (one tote) is (controller/domain/orders.py has the table)."""
+
+    DISPATCHED = "DISPATCHED"
+    ACCEPTED = "ACCEPTED"
+    DIVERTED = "DIVERTED"
+    CONFIRMED = "CONFIRMED"
+    SHORT = "SHORT"
+    FAILED = "FAILED"
+    UNKNOWN = "UNKNOWN"
+    CANCELLED = "CANCELLED"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReorderPolicy:
     """When to alert for a stock level (units).

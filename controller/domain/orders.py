@@ -30,6 +30,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.domain.events import OrderStateChanged, PickTaskChanged
+from controller.domain.model import OrderState, TaskState
+
 __all__ = [
     "FINAL_TASK_STATES",
     "OPEN_ORDER_STATES",
@@ -48,18 +51,6 @@ __all__ = [
     "reconcile_event",
     "transition",
 ]
-
-
-class OrderState(enum.StrEnum):
-    RECEIVED = "RECEIVED"
-    VALIDATED = "VALIDATED"
-    ALLOCATED = "ALLOCATED"
-    PICKING = "PICKING"
-    SORTED = "SORTED"
-    PACKED = "PACKED"
-    SHIPPED = "SHIPPED"
-    EXCEPTION = "EXCEPTION"
-    CANCELLED = "CANCELLED"
 
 
 _NEXT: dict[OrderState, frozenset[OrderState]] = {
@@ -85,17 +76,6 @@ OPEN_ORDER_STATES = frozenset(
     {OrderState.RECEIVED, OrderState.VALIDATED, OrderState.ALLOCATED, OrderState.PICKING}
 )
 """States in which an order still holds reservations and may drive devices."""
-
-
-class TaskState(enum.StrEnum):
-    DISPATCHED = "DISPATCHED"
-    ACCEPTED = "ACCEPTED"
-    DIVERTED = "DIVERTED"
-    CONFIRMED = "CONFIRMED"
-    SHORT = "SHORT"
-    FAILED = "FAILED"
-    UNKNOWN = "UNKNOWN"
-    CANCELLED = "CANCELLED"
 
 
 FINAL_TASK_STATES = frozenset(
@@ -221,6 +201,24 @@ class PickTask:
     @property
     def final(self) -> bool:
         return self.state in FINAL_TASK_STATES
+
+    def event(self, order_id: str, *, by: str | None = None) -> PickTaskChanged:
+        """The task as it stands, as a ``pick_task`` event (``by``: who resolved it)."""
+        return PickTaskChanged(
+            self.updated_ts,
+            order_id,
+            self.task_no,
+            self.sku,
+            self.qty,
+            self.shelf,
+            self.sorter,
+            self.cmd_id,
+            self.tote,
+            self.state,
+            self.result,
+            self.reason,
+            by=by,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -353,7 +351,9 @@ class Order:
     def can(self, new: OrderState) -> bool:
         return new in _NEXT[self.state]
 
-    def transition(self, new: OrderState, ts: float, reason: str | None = None) -> dict[str, Any]:
+    def transition(
+        self, new: OrderState, ts: float, reason: str | None = None
+    ) -> OrderStateChanged:
         """Move to ``new``; returns the ``order_state`` event. `InvalidTransition` otherwise."""
         if new not in _NEXT[self.state] or (
             self.state is OrderState.EXCEPTION
@@ -370,21 +370,14 @@ class Order:
             self.reason = reason
         elif old is OrderState.EXCEPTION:
             self.reason = None  # resolved: the exception's reason stays in the history
-        return {
-            "kind": "order_state",
-            "ts": ts,
-            "order_id": self.order_id,
-            "channel": self.channel,
-            "external_id": self.external_id,
-            "old": old.value,
-            "new": new.value,
-            "reason": reason,
-        }
+        return OrderStateChanged(
+            ts, self.order_id, self.channel, self.external_id, old, new, reason
+        )
 
     def tasks_final(self) -> bool:
         return all(t.final for t in self.tasks)
 
-    def cancel(self, ts: float, reason: str, *, commands_sent: bool) -> dict[str, Any]:
+    def cancel(self, ts: float, reason: str, *, commands_sent: bool) -> OrderStateChanged:
         """Cancel an open order none of whose commands was handed to a sorter
         (``commands_sent``: an execution fact the caller knows). Every task becomes CANCELLED;
         returns the ``order_state`` event. `NotCancellable` (nothing changed) otherwise."""
@@ -401,7 +394,7 @@ class Order:
 
     def resolve(
         self, task: PickTask, resolution: Resolution, ts: float, *, by: str, reason: str
-    ) -> list[dict[str, Any]]:
+    ) -> list[OrderStateChanged]:
         """A person's finding for an UNKNOWN ``task`` of this order: CONFIRMED (the units were
         picked into the pack station) or FAILED. An EXCEPTION order whose tasks are then all
         CONFIRMED becomes SORTED (it can be packed); an open order goes on as before. Returns

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import orjson
 
 from controller.config import PickingConfig
+from controller.domain.events import OrderException
 from controller.domain.model import ShelfSpec, ShelfStatus
 from controller.domain.orders import (
     FINAL_TASK_STATES,
@@ -338,7 +339,7 @@ class OrderDesk:
             created_ts=now,
             principal=principal,
         )
-        events = [order.transition(OrderState.VALIDATED, now)]
+        events = [order.transition(OrderState.VALIDATED, now).as_dict()]
         pending: dict[str, int] = defaultdict(int)
         for n, p in enumerate(plans):
             counters["tote"] = tote = counters.get("tote", 0) + 1
@@ -366,8 +367,8 @@ class OrderDesk:
                     updated_ts=now,
                 )
             )
-        events.append(order.transition(OrderState.ALLOCATED, now))
-        events.append(order.transition(OrderState.PICKING, now))
+        events.append(order.transition(OrderState.ALLOCATED, now).as_dict())
+        events.append(order.transition(OrderState.PICKING, now).as_dict())
         body = order.as_dict()
         idem = (
             [IdempotencyRow(key, principal, digest, 201, order.order_id, now)]
@@ -571,7 +572,7 @@ class OrderDesk:
             self._release(task)
         self.stats["orders_cancelled"] += 1
         log.info("order %s %s", order_id, text)
-        self.store(order, [*(self.task_event(order, t) for t in order.tasks), event])
+        self.store(order, [*(self.task_event(order, t) for t in order.tasks), event.as_dict()])
         return order.as_dict()
 
     def resolve(
@@ -597,7 +598,8 @@ class OrderDesk:
             ) from None
         self.stats[f"task_resolved_{resolution.value.lower()}"] += 1
         log.warning("order %s task %d: %s", order_id, task_no, task.reason)
-        self.store(order, [{**self.task_event(order, task), "by": by}, *events])
+        body = task.event(order.order_id, by=by).as_dict()
+        self.store(order, [body, *(e.as_dict() for e in events)])
         return order.as_dict()
 
     def _any_order(self, order_id: str) -> Order:
@@ -620,7 +622,7 @@ class OrderDesk:
             order.packed_by = by
         else:
             order.shipped_by = by
-        self.store(order, [event])
+        self.store(order, [event.as_dict()])
         return order.as_dict()
 
     # -- the executor's book ------------------------------------------------------------------
@@ -645,21 +647,8 @@ class OrderDesk:
         self.stats[f"task_{task.state.value.lower()}"] += 1
 
     def task_event(self, order: Order, task: PickTask) -> dict[str, Any]:
-        return {
-            "kind": "pick_task",
-            "ts": task.updated_ts,
-            "order_id": order.order_id,
-            "task_no": task.task_no,
-            "sku": task.sku,
-            "qty": task.qty,
-            "shelf": task.shelf,
-            "sorter": task.sorter,
-            "cmd_id": task.cmd_id,
-            "tote": task.tote,
-            "state": task.state.value,
-            "result": task.result,
-            "reason": task.reason,
-        }
+        """The task's ``pick_task`` event, as the bus and the journal carry it."""
+        return task.event(order.order_id).as_dict()
 
     def publish(self, events: list[dict[str, Any]]) -> None:
         """Announce events that are not journaled (a task ACCEPTED: a restart asks the PLC)."""
@@ -678,9 +667,9 @@ class OrderDesk:
             reason = "; ".join(f"task {t.task_no} {t.state.value}: {t.reason}" for t in bad)
             event = order.transition(OrderState.EXCEPTION, now, reason)
             self.stats["orders_exception"] += 1
-            closing = [event, {**event, "kind": "order_exception"}]
+            closing = [event.as_dict(), OrderException.of(event).as_dict()]
         else:
-            closing = [order.transition(OrderState.SORTED, now)]
+            closing = [order.transition(OrderState.SORTED, now).as_dict()]
             self.stats["orders_sorted"] += 1
         self.store(order, [*events, *closing])
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from controller.domain.events import PlcCommandIssued
 from controller.ports import EventRow, JournalPort
 from devices.conveyor import ConveyorDriver, ConveyorStatus
 from devices.errors import (
@@ -108,18 +109,17 @@ class PlcCommandService:
     def _record(self, o: CommandOutcome, role: str) -> None:
         key = (o.command, o.result)
         self.counts[key] = self.counts.get(key, 0) + 1
-        body: dict[str, Any] = {
-            "kind": "plc_command",
-            "ts": o.at_s,
-            "plc": o.plc,
-            "command": o.command,
-            "by": o.by,
-            "role": role,
-            "result": o.result,
-            "detail": o.detail,
-            "state": o.status.state.value if o.status is not None else None,
-            "fault": o.status.fault.value if o.status is not None else None,
-        }
+        body = PlcCommandIssued(
+            o.at_s,
+            o.plc,
+            o.command,
+            o.by,
+            role,
+            o.result,
+            o.detail,
+            o.status.state.value if o.status is not None else None,
+            o.status.fault.value if o.status is not None else None,
+        ).as_dict()
         if o.result == "ok":
             log.info("%s: %s by %s -> %s", o.plc, o.command, o.by, body["state"])
         else:

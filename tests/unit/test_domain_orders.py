@@ -57,7 +57,7 @@ def test_lifecycle_happy_path_and_events() -> None:
     ]
     for i, new in enumerate(steps):
         ev = order.transition(new, 11.0 + i)
-        assert (ev["kind"], ev["new"], ev["order_id"]) == ("order_state", new.value, "o1")
+        assert (ev.kind, ev.new, ev.order_id, ev.ts_s) == ("order_state", new, "o1", 11.0 + i)
     assert not order.open
     assert [h[1] for h in order.history] == ["RECEIVED", *(s.value for s in steps)]
     assert order.updated_ts == 16.0
@@ -201,7 +201,7 @@ def test_a_final_task_has_nothing_to_reconcile() -> None:
 def test_cancel_before_any_command_was_sent() -> None:
     order = picking_order(task(), task(task_no=1))
     ev = order.cancel(4.0, "customer withdrew", commands_sent=False)
-    assert (ev["old"], ev["new"], ev["reason"]) == ("PICKING", "CANCELLED", "customer withdrew")
+    assert (ev.old, ev.new, ev.reason) == ("PICKING", "CANCELLED", "customer withdrew")
     assert not order.open
     assert order.reason == "customer withdrew"
     assert [t.state for t in order.tasks] == [TaskState.CANCELLED] * 2
@@ -234,7 +234,7 @@ def test_resolving_the_last_unknown_task_as_picked_sorts_the_order() -> None:
     with pytest.raises(InvalidTransition):  # not while a task is not CONFIRMED
         order.transition(OrderState.SORTED, 2.5)
     events = order.resolve(order.tasks[1], Resolution.CONFIRMED, 3.0, by="sup", reason="in tote")
-    assert [(e["old"], e["new"]) for e in events] == [("EXCEPTION", "SORTED")]
+    assert [(e.old, e.new) for e in events] == [("EXCEPTION", "SORTED")]
     t = order.tasks[1]
     assert (t.state, t.picked_qty, t.resolved_by, t.resolved_ts) == (
         TaskState.CONFIRMED,

@@ -18,6 +18,10 @@ from controller.domain.events import (
     AlertResolved,
     CalibrationValues,
     Event,
+    OrderException,
+    OrderStateChanged,
+    PickTaskChanged,
+    PlcCommandIssued,
     SeqGap,
     SeqGapFilled,
     ShelfCalibrated,
@@ -25,7 +29,7 @@ from controller.domain.events import (
     StockChanged,
     event_from_dict,
 )
-from controller.domain.model import ShelfStatus, StockState
+from controller.domain.model import OrderState, ShelfStatus, StockState, TaskState
 from controller.domain.reorder import AlertAcknowledged, AlertSnoozed, AlertSnoozeEnded
 from controller.ports import DeviceStatusChanged, LinkStateChanged
 from devices.link.state import LinkState
@@ -75,6 +79,81 @@ WIRE: list[tuple[Event, dict[str, Any]]] = [
         ShelfStatusChanged("sh1", ShelfStatus.OK, ShelfStatus.STALE, 17.0, "no_reading"),
         {"kind": "shelf_status_changed", "shelf_id": "sh1", "old": "ok", "new": "stale"}
         | {"ts_s": 17.0, "reason": "no_reading"},
+    ),
+    # Orders and picks (services/order_desk.py, domain/orders.py), as built by hand before.
+    (
+        OrderStateChanged(
+            18.0, "t-00000001", "wms", "W-1", OrderState.ALLOCATED, OrderState.PICKING, None
+        ),
+        {"kind": "order_state", "ts": 18.0, "order_id": "t-00000001", "channel": "wms"}
+        | {"external_id": "W-1", "old": "ALLOCATED", "new": "PICKING", "reason": None},
+    ),
+    (
+        OrderException(
+            19.0,
+            "t-00000001",
+            "api",
+            "W-2",
+            OrderState.PICKING,
+            OrderState.EXCEPTION,
+            "task 0 SHORT: x",
+        ),
+        {"kind": "order_exception", "ts": 19.0, "order_id": "t-00000001", "channel": "api"}
+        | {"external_id": "W-2", "old": "PICKING", "new": "EXCEPTION", "reason": "task 0 SHORT: x"},
+    ),
+    (
+        PickTaskChanged(
+            20.0,
+            "t-00000001",
+            0,
+            "K0",
+            2,
+            "sh0",
+            "sorter-1",
+            7,
+            3,
+            TaskState.DIVERTED,
+            "DIVERTED",
+            None,
+        ),
+        {"kind": "pick_task", "ts": 20.0, "order_id": "t-00000001", "task_no": 0, "sku": "K0"}
+        | {"qty": 2, "shelf": "sh0", "sorter": "sorter-1", "cmd_id": 7, "tote": 3}
+        | {"state": "DIVERTED", "result": "DIVERTED", "reason": None},
+    ),
+    (  # a supervisor's resolution: the one pick_task with ``by``
+        PickTaskChanged(
+            21.0,
+            "t-00000001",
+            1,
+            "K0",
+            1,
+            "sh0",
+            "sorter-1",
+            8,
+            4,
+            TaskState.CONFIRMED,
+            None,
+            "resolved",
+            by="sup",
+        ),
+        {"kind": "pick_task", "ts": 21.0, "order_id": "t-00000001", "task_no": 1, "sku": "K0"}
+        | {"qty": 1, "shelf": "sh0", "sorter": "sorter-1", "cmd_id": 8, "tote": 4}
+        | {"state": "CONFIRMED", "result": None, "reason": "resolved", "by": "sup"},
+    ),
+    (
+        PlcCommandIssued(
+            22.0, "conveyor-1", "stop", "eng", "engineer", "ok", "", "STOPPED", "NONE"
+        ),
+        {"kind": "plc_command", "ts": 22.0, "plc": "conveyor-1", "command": "stop", "by": "eng"}
+        | {"role": "engineer", "result": "ok", "detail": "", "state": "STOPPED", "fault": "NONE"},
+    ),
+    (
+        PlcCommandIssued(
+            23.0, "sorter-1", "start", "eng", "engineer", "unavailable", "down", None, None
+        ),
+        {"kind": "plc_command", "ts": 23.0, "plc": "sorter-1", "command": "start", "by": "eng"}
+        | {"role": "engineer", "result": "unavailable", "detail": "down", "state": None}
+        | {"fault": None},
     ),
 ]
 
