@@ -15,9 +15,12 @@ The simulators encode with the same module, so both sides agree by construction.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from math import isfinite
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -69,12 +72,14 @@ def _bad(reason: str, detail: str) -> Rejected:
     return Rejected(reason, detail)
 
 
-def _is_int(v: object) -> bool:
-    return type(v) is int  # bool is a subclass of int: exclude it
+_raw: Callable[[tuple[Any, ...]], RawReading] = functools.partial(tuple.__new__, RawReading)
+"""``RawReading`` from its fields' tuple, without the NamedTuple's Python-level ``__new__``."""
 
 
 def _parse_one(obj: object) -> RawReading | Rejected:
-    if not isinstance(obj, dict):
+    # Exact type checks (``type(x) is int``): orjson produces exactly these types, and ``bool``
+    # (a subclass of int) must not pass for an integer; cheaper than isinstance on this path.
+    if type(obj) is not dict:
         return _bad("bad_schema", "reading is not a JSON object")
     try:
         device = obj["device"]
@@ -85,23 +90,25 @@ def _parse_one(obj: object) -> RawReading | Rejected:
         return _bad("bad_schema", f"missing field {exc.args[0]!r}")
     channel = obj.get("ch", 0)
     epoch = obj.get("epoch", 0)
-    if not isinstance(device, str) or not device or len(device) > 64:
+    if type(device) is not str or not device or len(device) > 64:
         return _bad("wrong_type", "device must be a non-empty string")
-    if not _is_int(seq) or not _is_int(channel) or not _is_int(epoch):
+    if type(seq) is not int or type(channel) is not int or type(epoch) is not int:
         return _bad("wrong_type", "seq, ch and epoch must be integers")
     if seq < 0 or channel < 0 or epoch < 0 or seq > _MAX_SEQ or epoch > _MAX_SEQ:
         return _bad("wrong_type", "seq, ch and epoch must be non-negative 63-bit integers")
-    if not isinstance(ts, int | float) or isinstance(ts, bool):
-        return _bad("wrong_type", "ts must be a number (Unix seconds)")
-    if not isinstance(grams, int | float) or isinstance(grams, bool):
-        return _bad("wrong_type", "grams must be a number")
-    ts_f = float(ts)
-    grams_f = float(grams)
-    if not (math.isfinite(ts_f) and math.isfinite(grams_f)):
+    if type(ts) is not float:
+        if type(ts) is not int:
+            return _bad("wrong_type", "ts must be a number (Unix seconds)")
+        ts = float(ts)
+    if type(grams) is not float:
+        if type(grams) is not int:
+            return _bad("wrong_type", "grams must be a number")
+        grams = float(grams)
+    if not (isfinite(ts) and isfinite(grams)):
         return _bad("not_finite", "ts and grams must be finite")
-    if ts_f <= 0:
+    if ts <= 0:
         return _bad("wrong_type", "ts must be a positive Unix time in seconds")
-    return RawReading(device, channel, epoch, seq, ts_f, grams_f)
+    return _raw((device, channel, epoch, seq, ts, grams))
 
 
 def parse_native(payload: bytes) -> list[RawReading | Rejected] | Rejected:

@@ -31,6 +31,12 @@ is ignored: accepted, it would make every later (correct) reading look out of or
 _NO_EVENTS: Final[tuple[ShelfEvent, ...]] = ()
 _STATE_VERSION: Final = 1
 
+ShelfSnapshot = tuple[
+    ShelfStatus, str | None, int | None, float | None, float | None,
+    tuple[float, ...], tuple[float, ...],
+]  # fmt: skip
+"""``ShelfState.snapshot()``: status, reason, units, weight, newest time, window, pending."""
+
 
 @dataclass(frozen=True, slots=True)
 class CountResult:
@@ -127,7 +133,7 @@ class ShelfState:
         return {
             "v": _STATE_VERSION,
             "shelf_id": self.shelf_id,
-            "status": self.status.value,
+            "status": self.status._value_,  # .value goes through the enum's descriptor: slower
             "reason": self.reason,
             "units": self.units,
             "weight_g": self.weight_g,
@@ -135,6 +141,31 @@ class ShelfState:
             "window": list(self.conditioner.window),
             "pending": list(self.conditioner.pending),
         }
+
+    def snapshot(self) -> ShelfSnapshot:
+        """What ``restore`` needs to bring this state back (cheaper than ``to_dict``: taken on
+        the hot path before a group mutates the state, used only to roll the group back)."""
+        conditioner = self.conditioner
+        return (
+            self.status,
+            self.reason,
+            self.units,
+            self.weight_g,
+            self.last_ts_s,
+            tuple(conditioner.window),
+            tuple(conditioner.pending),
+        )
+
+    def restore(self, snapshot: ShelfSnapshot, spec: ShelfSpec) -> None:
+        """Back to the state ``snapshot`` was taken of (in place)."""
+        status, reason, units, weight_g, last_ts_s, window, pending = snapshot
+        self.status = status
+        self.reason = reason
+        self.units = units
+        self.weight_g = weight_g
+        self.last_ts_s = last_ts_s
+        self.conditioner = ScaleConditioner(window, pending, spec=spec)
+        self.ignored_reason = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], spec: ShelfSpec) -> ShelfState:
@@ -162,11 +193,6 @@ class ShelfState:
         )
 
 
-def _ignore(state: ShelfState, reason: IgnoredReason) -> tuple[ShelfState, tuple[ShelfEvent, ...]]:
-    state.ignored_reason = reason
-    return state, _NO_EVENTS
-
-
 def apply_reading(
     state: ShelfState,
     spec: ShelfSpec,
@@ -185,15 +211,33 @@ def apply_reading(
     applied but leaves the shelf STALE; one after a gap longer than ``stale_after_s`` restarts
     settling from scratch.
     """
-    ts_s = reading.ts_s
-    weight_g = reading.weight_g
+    return state, apply_weight(
+        state, spec, reading.ts_s, reading.weight_g, now_s, max_future_s=max_future_s
+    )
+
+
+def apply_weight(
+    state: ShelfState,
+    spec: ShelfSpec,
+    ts_s: float,
+    weight_g: float,
+    now_s: float,
+    *,
+    max_future_s: float = MAX_FUTURE_S,
+) -> tuple[ShelfEvent, ...]:
+    """``apply_reading`` for a reading given as its time and weight; returns only the events
+    (``state`` is updated in place). The ingest hot path calls this, without building a
+    ``Reading``."""
     last_ts_s = state.last_ts_s
     if not (math.isfinite(weight_g) and math.isfinite(ts_s)):
-        return _ignore(state, "non_finite")
+        state.ignored_reason = "non_finite"
+        return _NO_EVENTS
     if last_ts_s is not None and ts_s < last_ts_s:
-        return _ignore(state, "out_of_order")
+        state.ignored_reason = "out_of_order"
+        return _NO_EVENTS
     if ts_s > now_s + max_future_s:
-        return _ignore(state, "future_ts")
+        state.ignored_reason = "future_ts"
+        return _NO_EVENTS
     state.ignored_reason = None
     state.last_ts_s = ts_s
     conditioner = state.conditioner
@@ -233,7 +277,7 @@ def apply_reading(
             *events,
             ShelfStatusChanged(spec.shelf_id, old_status, status, ts_s, reason),
         )
-    return state, events
+    return events
 
 
 def check_stale(

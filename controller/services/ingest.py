@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import functools
 import logging
 import time
 from collections import Counter
@@ -37,8 +38,8 @@ from controller.domain.calibration import (
     settled_gross_g,
 )
 from controller.domain.events import CalibrationValues, SeqGap, SeqGapFilled, ShelfCalibrated
-from controller.domain.model import Reading, ShelfSpec
-from controller.domain.stock import ShelfState, apply_reading, check_stale
+from controller.domain.model import ShelfSpec
+from controller.domain.stock import ShelfSnapshot, ShelfState, apply_weight, check_stale
 from controller.ports import (
     CalibrationStore,
     Cursor,
@@ -72,6 +73,11 @@ the oldest range is forgotten: its readings stay counted missing, and one that s
 is recognised through the journal's outbox instead of the cursor."""
 
 _NATIVE, _ESP_STATE, _ESP_STATUS = 0, 1, 2
+
+# Per-reading rows built with tuple.__new__ straight: a NamedTuple's own __new__ is a Python
+# function (a frame per call); these are C calls. The argument is the fields' tuple, in order.
+_cursor: Callable[[tuple[Any, ...]], Cursor] = functools.partial(tuple.__new__, Cursor)
+_row: Callable[[tuple[Any, ...]], ReadingRow] = functools.partial(tuple.__new__, ReadingRow)
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,59 +359,57 @@ class IngestService:
         self, scale: ScaleConfig, r: RawReading, now: float, batch: _Batch
     ) -> tuple[str, str] | None:
         """Validate one reading against the site and its device's sequence; apply it."""
-        if r.device != scale.id:
-            return "device_mismatch", f"payload device {r.device!r} on the topic of {scale.id!r}"
-        if r.channel >= scale.channels:
-            return "unknown_device", f"channel {r.channel} of a {scale.channels}-channel scale"
-        if r.weight_g < 0:
-            return "negative", f"{r.weight_g} g"
-        if r.weight_g > scale.max_weight_g:
-            return "over_range", f"{r.weight_g} g > max_weight_g {scale.max_weight_g}"
-        if r.ts_s > now + self._max_skew_s:
-            return "ts_future", f"ts {r.ts_s:.3f} is {r.ts_s - now:.0f} s ahead of the controller"
-        device = r.device
-        cur = self.cursors.get(device)
+        device, channel, epoch, seq, ts_s, weight_g = r
+        if device != scale.id:
+            return "device_mismatch", f"payload device {device!r} on the topic of {scale.id!r}"
+        if channel >= scale.channels:
+            return "unknown_device", f"channel {channel} of a {scale.channels}-channel scale"
+        if weight_g < 0:
+            return "negative", f"{weight_g} g"
+        if weight_g > scale.max_weight_g:
+            return "over_range", f"{weight_g} g > max_weight_g {scale.max_weight_g}"
+        if ts_s > now + self._max_skew_s:
+            return "ts_future", f"ts {ts_s:.3f} is {ts_s - now:.0f} s ahead of the controller"
+        cursors = self.cursors
+        cur = cursors.get(device)
         if cur is None:
-            new = Cursor(r.epoch, r.seq, r.ts_s, 1, r.seq)
-        elif r.epoch == cur.epoch and r.seq > cur.seq:
-            if r.seq - cur.seq > 1:
-                new = self._gap(batch, device, cur, r.seq, r.ts_s)
-            else:
-                new = Cursor(
-                    cur.epoch, r.seq, r.ts_s, cur.applied + 1, cur.floor, cur.holes,
-                    cur.gaps, cur.missing,
-                )  # fmt: skip
-        elif r.epoch > cur.epoch:
-            new = Cursor(r.epoch, r.seq, r.ts_s, cur.applied + 1, r.seq, (), cur.gaps, cur.missing)
-            log.info("scale %s restarted (epoch %d → %d)", device, cur.epoch, r.epoch)
+            new = _cursor((epoch, seq, ts_s, 1, seq, (), 0, 0))
         else:
-            return self._late(r, cur, batch)
-        spec = self._by_channel.get((device, r.channel))
-        if device not in batch.old_cursors:
-            batch.old_cursors[device] = cur
-        self.cursors[device] = new
+            c_epoch, c_seq, _ts, applied, floor, holes, gaps, missing = cur
+            if epoch == c_epoch and seq > c_seq:
+                if seq - c_seq > 1:
+                    new = self._gap(batch, device, cur, seq, ts_s)
+                else:
+                    new = _cursor((c_epoch, seq, ts_s, applied + 1, floor, holes, gaps, missing))
+            elif epoch > c_epoch:
+                new = _cursor((epoch, seq, ts_s, applied + 1, seq, (), gaps, missing))
+                log.info("scale %s restarted (epoch %d → %d)", device, c_epoch, epoch)
+            else:
+                return self._late(r, cur, batch)
+        old_cursors = batch.old_cursors
+        if device not in old_cursors:
+            old_cursors[device] = cur
+        cursors[device] = new
         batch.seen[device] = now
+        spec = self._by_channel.get((device, channel))
         if spec is None:
             return None  # an unused channel: the reading is valid but feeds no shelf
         sid = spec.shelf_id
         state = self.states[sid]
-        if sid not in batch.old_states:
-            batch.old_states[sid] = state.to_dict()  # for rollback: apply mutates in place
-        reading = Reading(*r)  # same fields, domain type
+        old_states = batch.old_states
+        if sid not in old_states:
+            old_states[sid] = state.snapshot()  # for rollback: apply mutates in place
         if self._gains:
-            gain = self._gains.get((device, r.channel))
+            gain = self._gains.get((device, channel))
             if gain is not None:
-                reading = reading._replace(weight_g=r.weight_g * gain)
-        state, events = apply_reading(state, spec, reading, now)
-        self.states[sid] = state
-        batch.rows.append(
-            ReadingRow(device, r.channel, r.epoch, r.seq, r.ts_s, reading.weight_g, sid)
-        )
+                weight_g *= gain
+        events = apply_weight(state, spec, ts_s, weight_g, now)
+        batch.rows.append(_row((device, channel, epoch, seq, ts_s, weight_g, sid)))
         if events:
             for ev in events:
                 body = ev.as_dict()
                 batch.bus_events.append(body)
-                batch.events.append(EventRow(r.ts_s, ev.kind, body))
+                batch.events.append(EventRow(ts_s, ev.kind, body))
         return None
 
     def _late(self, r: RawReading, cur: Cursor, batch: _Batch) -> tuple[str, str] | None:
@@ -509,7 +513,7 @@ class IngestService:
             else:
                 self.cursors[device] = cur
         for sid, saved in batch.old_states.items():
-            self.states[sid] = ShelfState.from_dict(saved, self.specs[sid])
+            self.states[sid].restore(saved, self.specs[sid])
 
     def _schedule_retry(self) -> None:
         self._link.pause_reading()
@@ -715,7 +719,7 @@ class _Batch:
     events: list[EventRow]
     bus_events: list[dict[str, Any]]
     old_cursors: dict[str, Cursor | None]
-    old_states: dict[str, dict[str, Any]]
+    old_states: dict[str, ShelfSnapshot]
     reasons: list[str]
     gaps: list[tuple[str, int, int]]
     seen: dict[str, float]

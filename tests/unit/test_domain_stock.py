@@ -403,3 +403,19 @@ def test_snapshot_round_trip_resumes_identically(
     t0_s = (original.last_ts_s or 1_000.0) + 1.0
     assert run_stream(restored, suffix, t0_s) == run_stream(original, suffix, t0_s)
     assert restored.to_dict() == original.to_dict()
+
+
+@given(prefix=reading_steps, suffix=reading_steps)
+def test_restoring_a_snapshot_undoes_the_readings_applied_since(
+    prefix: list[tuple[float, float, float]], suffix: list[tuple[float, float, float]]
+) -> None:
+    """Ingest rolls a group back this way when its journal commit fails."""
+    state = ShelfState(SPEC)
+    run_stream(state, prefix)
+    before = state.to_dict()
+    snapshot = state.snapshot()
+    t0_s = (state.last_ts_s or 1_000.0) + 1.0
+    first = run_stream(state, suffix, t0_s)
+    state.restore(snapshot, SPEC)
+    assert state.to_dict() == before
+    assert run_stream(state, suffix, t0_s) == first

@@ -326,6 +326,20 @@ def test_stock_counts_from_weight(h: Harness, site: SiteConfig) -> None:
     assert any(e["kind"] == "stock_changed" and e["new_units"] == 12 for e in h.events)
 
 
+def test_integer_ts_and_grams_are_numbers(h: Harness) -> None:
+    h.send(
+        h.msg(
+            T_A01,
+            orjson.dumps({"device": "scale-a01", "seq": 1, "ts": 1_764_067_200, "grams": 1500}),
+        )
+    )
+    assert h.ingest.readings == 1
+    assert not h.ingest.rejected
+    row = h.journal.db.execute("SELECT ts, weight_g FROM readings").fetchone()
+    assert row == (1_764_067_200.0, 1500.0)
+    assert all(type(v) is float for v in row)
+
+
 class FailingJournal(Journal):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -347,12 +361,15 @@ async def test_commit_failure_holds_acks_rolls_back_and_retries(
     h.journal.open()
     h.ingest._journal = h.journal
     h.send(h.msg(T_A01, reading(1, 1500.0)))
+    shelf = next(sid for sid, spec in h.ingest.specs.items() if spec.scale_id == "scale-a01")
+    before = h.ingest.states[shelf].to_dict()
     h.journal.fail = 2
     m2 = h.msg(T_A01, reading(2, 1501.0, NOW + 1))
     h.send(m2)
     assert m2.packet_id not in h.link.acked
     assert h.link.paused == 1
     assert h.ingest.cursors["scale-a01"].seq == 1, "in-memory state must roll back"
+    assert h.ingest.states[shelf].to_dict() == before, "the shelf state too"
     m3 = h.msg(T_A01, reading(3, 1502.0, NOW + 2))
     h.send(m3)  # arrives while the retry is pending: held, order kept
     h.link.resumed_event = asyncio.Event()
