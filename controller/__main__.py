@@ -64,11 +64,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _load(args: argparse.Namespace) -> SiteConfig:
+    """The site file, checked, with the packages it needs installed; exit 2 otherwise."""
+    from controller.extras import MissingExtraError, check_site
+
     try:
-        return load_site(args.site, _overrides(args))
-    except ConfigError as exc:
+        site = load_site(args.site, _overrides(args))
+        check_site(site)
+    except (ConfigError, MissingExtraError) as exc:
         print(f"floorhand: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(EXIT_CONFIG) from None
+    return site
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from tests.controller_proc import SHARED_SSL, ControllerProcess
 from tests.integration.test_picking import ORDER, picking_site
 from tests.integration.test_sensing_e2e import readings
 from tests.mosquitto import MosquittoBroker, paho_publish
-from tests.sites import auth_headers
+from tests.sites import auth_headers, write_small_site
 from tests.waiting import wait_for_condition
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -113,21 +113,73 @@ class InstalledController(ControllerProcess):
         self.starts += 1
 
 
-async def test_installed_wheel_serves_the_dashboard_and_executes_a_pick(
-    mosquitto: MosquittoBroker, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def core_install(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel of this checkout installed without extras into a fresh virtualenv; its bin
+    folder. Built and installed once for this module's tests."""
+    folder = tmp_path_factory.mktemp("wheel")
     t0 = time.monotonic()
-    dist = tmp_path / "dist"
+    dist = folder / "dist"
     dist.mkdir()
-    wheel = await asyncio.to_thread(build_wheel, dist)
+    wheel = build_wheel(dist)
     built_s = time.monotonic() - t0
-    bin_dir = await asyncio.to_thread(install_fresh, wheel, tmp_path / "venv")
-    installed_s = time.monotonic() - t0 - built_s
-    print(f"wheel built in {built_s:.1f} s, installed in {installed_s:.1f} s")
+    bin_dir = install_fresh(wheel, folder / "venv")
+    print(f"wheel built in {built_s:.1f} s, installed in {time.monotonic() - t0 - built_s:.1f} s")
+    workdir = folder / "elsewhere"
+    workdir.mkdir()
+    where = imported_from(bin_dir, workdir)
+    assert Path(where).is_relative_to(folder / "venv"), where  # not the checkout
+    return bin_dir
+
+
+def run_installed(bin_dir: Path, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A command of the virtualenv's bin folder, in ``cwd``, without PYTHONPATH."""
+    return subprocess.run(
+        [str(bin_dir / args[0]), *args[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        timeout=60,
+    )
+
+
+def test_core_install_leaves_out_the_optional_packages_and_names_their_extra(
+    core_install: Path, tmp_path: Path
+) -> None:
+    """numpy (imported nowhere), paho-mqtt (the simulators), influxdb-client (the influxdb2
+    history backend) and amqtt (the demo's broker) are not in the core install; a feature that
+    needs one says which extra to install."""
+    optional = ("numpy", "paho", "influxdb_client", "amqtt")
+    probe = f"import importlib.util as u; print(*[m for m in {optional!r} if u.find_spec(m)])"
+    found = run_installed(core_install, ["python", "-c", probe], tmp_path)
+    assert (found.returncode, found.stdout.strip()) == (0, ""), found
+
+    site = write_small_site(tmp_path, mqtt_port=1883, history_backend=None)
+    site.write_text(
+        site.read_text()
+        + '[history]\nbackend = "influxdb2"\nurl = "http://127.0.0.1:8086"\n'
+        + 'org = "o"\nbucket = "b"\n'
+    )
+    for command in ("check-config", "run"):
+        done = run_installed(core_install, ["floorhand", command, str(site)], tmp_path)
+        assert done.returncode == 2, done
+        assert "influxdb-client" in done.stderr, done.stderr
+        assert "pip install 'floorhand[influxdb2]'" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
+
+    done = run_installed(core_install, ["python", "-m", "simulators", "plcs", str(site)], tmp_path)
+    assert done.returncode == 2, done
+    assert "pip install 'floorhand[sim]'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+async def test_installed_wheel_serves_the_dashboard_and_executes_a_pick(
+    core_install: Path, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    bin_dir = core_install
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
-    where = await asyncio.to_thread(imported_from, bin_dir, workdir)
-    assert Path(where).is_relative_to(tmp_path / "venv"), where  # not the checkout
 
     conveyor = ConveyorPlc("conveyor-1")
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
