@@ -1,0 +1,139 @@
+"""PickExecutor against stand-ins for its narrow belt and sorter ports (our own interfaces), with
+the real desk and SQLite journal: the executor's decisions go through the pure task machine.
+Against simulated PLCs: tests/integration/test_picking.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
+
+from controller.adapters.journal import Journal
+from controller.domain.model import ShelfStatus
+from controller.domain.orders import Resolution
+from controller.domain.stock import ShelfState
+from controller.services.ingest import shelf_specs
+from controller.services.picking import PickingService, PickRequest
+from devices.errors import CommandOutcomeUnknown
+from devices.sorter import SortResult
+from tests.unit.test_picking_service import Clock, link, site_with_route
+from tests.waiting import wait_for_condition
+
+
+class Belt:
+    """A conveyor port: ``status()`` waits for ``gate`` (a belt slow to answer)."""
+
+    KIND: ClassVar[str] = "conveyor"
+
+    def __init__(self) -> None:
+        self.link = link(True)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.asked = asyncio.Event()
+
+    async def status(self) -> SimpleNamespace:
+        self.asked.set()
+        await self.gate.wait()
+        return SimpleNamespace(running=True)
+
+    async def start(self) -> object:
+        return None
+
+
+class Sorter(Belt):
+    """A sorter port: records the commands handed to it; ``lost`` makes the next send's
+    outcome unknown, as a PLC restart with the command pending would."""
+
+    KIND: ClassVar[str] = "sorter"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epoch: int | None = 7
+        self.mailbox_known = True
+        self.sent: list[int] = []
+        self.lost = False
+
+    def add_mailbox_listener(self, callback: Callable[[int, int], None]) -> None:
+        pass
+
+    async def send(self, cmd_id: int, tote: int, lane: int) -> None:
+        self.sent.append(cmd_id)
+        if self.lost:
+            raise CommandOutcomeUnknown(cmd_id, "PLC restarted (epoch 7 -> 8)")
+
+    async def wait_result(self, cmd_id: int, *, timeout_s: float | None = None) -> SimpleNamespace:
+        return SimpleNamespace(result=SortResult.DIVERTED)
+
+    async def lookup(self, cmd_id: int) -> None:
+        raise AssertionError("not after a restart")
+
+
+@asynccontextmanager
+async def running(tmp_path: Path) -> AsyncIterator[tuple[PickingService, Belt, Sorter]]:
+    site, clock = site_with_route(tmp_path), Clock()
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    specs = shelf_specs(site)
+    states = {sid: ShelfState(spec) for sid, spec in specs.items()}
+    for st in states.values():
+        st.units, st.status, st.last_ts_s = 20, ShelfStatus.OK, clock.now
+    belt, sorter = Belt(), Sorter()
+    svc = PickingService(
+        site,
+        journal,
+        states,
+        specs,
+        conveyors={"c1": belt},
+        sorters={"s1": sorter},
+        publish_bus=lambda events: None,
+        clock=clock,
+    )
+    svc.restore()
+    task = asyncio.create_task(svc.run())
+    try:
+        yield svc, belt, sorter
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        journal.close()
+
+
+def executing(order_id: str) -> bool:
+    return any(t.get_name() == f"order:{order_id}" for t in asyncio.all_tasks())
+
+
+async def test_an_order_cancelled_while_its_belts_start_sends_nothing(tmp_path: Path) -> None:
+    async with running(tmp_path) as (svc, belt, sorter):
+        belt.gate.clear()  # the conveyor's status read is slow
+        done = svc.submit(PickRequest("W-1", (("K0", 3),), "PS1"), key="k", principal="p")
+        oid = done.order["order_id"]
+        await asyncio.wait_for(belt.asked.wait(), 5)
+        assert not svc.executor.commands_sent(oid)
+        body = svc.cancel(oid, by="p")
+        assert (body["state"], body["tasks"][0]["state"]) == ("CANCELLED", "CANCELLED")
+        assert svc.reserved("sh0") == 0
+        belt.gate.set()
+        await wait_for_condition(lambda: not executing(oid), 5.0, what="the execution ended")
+        assert sorter.sent == []
+
+
+async def test_a_lost_command_is_unknown_until_a_person_resolves_it(tmp_path: Path) -> None:
+    async with running(tmp_path) as (svc, _, sorter):
+        sorter.lost = True
+        done = svc.submit(PickRequest("W-1", (("K0", 3),), "PS1"), key="k", principal="p")
+        oid = done.order["order_id"]
+        body = await wait_for_condition(
+            lambda: svc.get(oid),
+            5.0,
+            what="the order in EXCEPTION",
+            until=lambda o: o is not None and o["state"] == "EXCEPTION",
+        )
+        assert body is not None
+        assert body["tasks"][0]["state"] == "UNKNOWN"
+        assert sorter.sent == [1]  # handed over once, never replayed
+        body = svc.resolve(oid, 0, Resolution.CONFIRMED, by="sup", reason="in the tote")
+        assert (body["state"], body["tasks"][0]["state"]) == ("SORTED", "CONFIRMED")
+        assert svc.stats["task_resolved_confirmed"] == 1
