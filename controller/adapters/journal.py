@@ -152,6 +152,25 @@ def _insert_events(db: sqlite3.Connection, events: Sequence[EventRow]) -> None:
         )
 
 
+# State rows are updated in place (an UPSERT), not deleted and re-inserted (INSERT OR REPLACE:
+# a delete plus an insert in the table and in its primary-key index, per row, per group).
+# Same rows, same columns: the file is the same for any reader.
+_UPSERT_CURSOR = (
+    "INSERT INTO device_cursors"
+    "(device, epoch, seq, window, ts, applied, floor, holes, gaps, missing) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(device) DO UPDATE SET epoch=excluded.epoch, "
+    "seq=excluded.seq, window=excluded.window, ts=excluded.ts, applied=excluded.applied, "
+    "floor=excluded.floor, holes=excluded.holes, gaps=excluded.gaps, missing=excluded.missing"
+)
+_UPSERT_SHELF_STATE = (
+    "INSERT INTO shelf_states(shelf, body) VALUES (?,?) "
+    "ON CONFLICT(shelf) DO UPDATE SET body=excluded.body"
+)
+_UPSERT_ALERT_STATE = (
+    "INSERT INTO alert_states(key, body) VALUES (?,?) "
+    "ON CONFLICT(key) DO UPDATE SET body=excluded.body"
+)
+
 _RETRYABLE_CODES = frozenset(
     {
         sqlite3.SQLITE_BUSY,
@@ -507,34 +526,21 @@ class Journal:
                 )
             if cursors:
                 db.executemany(
-                    "INSERT OR REPLACE INTO device_cursors"
-                    "(device, epoch, seq, window, ts, applied, floor, holes, gaps, missing) "
-                    "VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    _UPSERT_CURSOR,
                     [
-                        (
-                            k,
-                            c.epoch,
-                            c.seq,
-                            b"",
-                            c.ts_s,
-                            c.applied,
-                            c.floor,
-                            orjson.dumps(c.holes),
-                            c.gaps,
-                            c.missing,
-                        )
-                        for k, c in cursors.items()
+                        (k, epoch, seq, b"", ts_s, applied, floor,
+                         orjson.dumps(holes) if holes else b"[]", gaps, missing)
+                        for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing)
+                        in cursors.items()
                     ],
-                )
+                )  # fmt: skip
             if shelf_states:
                 db.executemany(
-                    "INSERT OR REPLACE INTO shelf_states(shelf, body) VALUES (?,?)",
-                    [(k, orjson.dumps(v)) for k, v in shelf_states.items()],
+                    _UPSERT_SHELF_STATE, [(k, orjson.dumps(v)) for k, v in shelf_states.items()]
                 )
             if alert_states:
                 db.executemany(
-                    "INSERT OR REPLACE INTO alert_states(key, body) VALUES (?,?)",
-                    [(k, orjson.dumps(v)) for k, v in alert_states.items()],
+                    _UPSERT_ALERT_STATE, [(k, orjson.dumps(v)) for k, v in alert_states.items()]
                 )
             _insert_events(db, events)
         self.outbox_rows += len(readings) + len(events)
@@ -785,7 +791,7 @@ class Journal:
                     (shelf, orjson.dumps(calibration)),
                 )
             db.execute(
-                "INSERT OR REPLACE INTO shelf_states(shelf, body) VALUES (?,?)",
+                _UPSERT_SHELF_STATE,
                 (shelf, orjson.dumps(shelf_state)),
             )
             _insert_events(db, events)

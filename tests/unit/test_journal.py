@@ -73,6 +73,28 @@ def test_cursor_saved_as_a_window_is_read_as_gaps(tmp_path: Path) -> None:
     assert Journal(path).open().cursors["d1"].holes == ((92, 94), (97, 97))
 
 
+def test_state_rows_are_overwritten_with_the_same_columns(tmp_path: Path) -> None:
+    """Cursors, shelf and alert states committed again replace their row's values (one row per
+    key); the columns hold what earlier versions wrote (an empty holes list as ``[]``)."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit([], cursors={"d1": CURSOR}, shelf_states={"s": {"u": 1}}, alert_states={"k": {"a": 1}})
+    later = Cursor(1, 3, 4.0, 8, floor=3)
+    j.commit([], cursors={"d1": later}, shelf_states={"s": {"u": 2}}, alert_states={"k": {"a": 2}})
+    db = j.db
+    assert db.execute("SELECT * FROM device_cursors").fetchall() == [
+        ("d1", 1, 3, b"", 4.0, 8, 3, b"[]", 0, 0)
+    ]
+    assert db.execute("SELECT * FROM shelf_states").fetchall() == [("s", b'{"u":2}')]
+    assert db.execute("SELECT * FROM alert_states").fetchall() == [("k", b'{"a":2}')]
+    j.close()
+    j2 = Journal(tmp_path / "j.sqlite")
+    restored = j2.open()
+    j2.close()
+    assert restored.cursors == {"d1": later}
+    assert restored.shelf_states == {"s": {"u": 2}}
+
+
 def test_reinserted_identity_is_ignored(tmp_path: Path) -> None:
     j = Journal(tmp_path / "j.sqlite")
     j.open()
