@@ -8,9 +8,9 @@ task; persist it with ``to_dict`` and restore it with ``ShelfState.from_dict``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from math import isfinite
 from typing import Any, Final, Literal
 
 from controller.domain.events import ShelfEvent, ShelfStatusChanged, StockChanged
@@ -29,6 +29,13 @@ MAX_FUTURE_S: Final = 60.0
 is ignored: accepted, it would make every later (correct) reading look out of order."""
 
 _NO_EVENTS: Final[tuple[ShelfEvent, ...]] = ()
+# Members as module constants: ``ShelfStatus.OK`` is a class-attribute lookup through the enum
+# metaclass (~15x a global's cost), paid per reading on the hot path and per shelf per tick.
+_UNKNOWN: Final = ShelfStatus.UNKNOWN
+_OK: Final = ShelfStatus.OK
+_SETTLING: Final = ShelfStatus.SETTLING
+_AMBIGUOUS: Final = ShelfStatus.AMBIGUOUS
+_STALE: Final = ShelfStatus.STALE
 _STATE_VERSION: Final = 1
 
 ShelfSnapshot = tuple[
@@ -229,7 +236,7 @@ def apply_weight(
     (``state`` is updated in place). The ingest hot path calls this, without building a
     ``Reading``."""
     last_ts_s = state.last_ts_s
-    if not (math.isfinite(weight_g) and math.isfinite(ts_s)):
+    if not (isfinite(weight_g) and isfinite(ts_s)):
         state.ignored_reason = "non_finite"
         return _NO_EVENTS
     if last_ts_s is not None and ts_s < last_ts_s:
@@ -250,24 +257,24 @@ def apply_weight(
     reason: StatusReason
     if weight_g > spec.max_weight_g:
         conditioner.reset(spec)
-        status, reason = ShelfStatus.AMBIGUOUS, "over_range"
+        status, reason = _AMBIGUOUS, "over_range"
     else:
         settled, median_g, _spike = conditioner.push(weight_g, spec)
         state.weight_g = median_g
         if not settled:
-            status, reason = ShelfStatus.SETTLING, "settling"
+            status, reason = _SETTLING, "settling"
         else:
             units, _estimate, issue = _count(median_g, spec)
             if issue is not None:
-                status, reason = ShelfStatus.AMBIGUOUS, issue
+                status, reason = _AMBIGUOUS, issue
             else:
-                status, reason = ShelfStatus.OK, "settled"
+                status, reason = _OK, "settled"
                 old_units = state.units
                 if units != old_units:
                     state.units = units
                     events = (StockChanged(spec.shelf_id, spec.sku, old_units, units, ts_s),)
     if now_s - ts_s > stale_after_s:
-        status, reason = ShelfStatus.STALE, "late_reading"
+        status, reason = _STALE, "late_reading"
 
     old_status = state.status
     if status is not old_status:
@@ -286,18 +293,12 @@ def check_stale(
     """Mark the shelf STALE (one event) when its newest reading is older than
     ``stale_after_s`` at ``now_s``. A shelf that never reported stays UNKNOWN."""
     last_ts_s = state.last_ts_s
-    if (
-        last_ts_s is None
-        or state.status is ShelfStatus.STALE
-        or now_s - last_ts_s <= spec.stale_after_s
-    ):
+    if last_ts_s is None or state.status is _STALE or now_s - last_ts_s <= spec.stale_after_s:
         return state, _NO_EVENTS
     old_status = state.status
-    state.status = ShelfStatus.STALE
+    state.status = _STALE
     state.reason = "no_reading"
-    return state, (
-        ShelfStatusChanged(spec.shelf_id, old_status, ShelfStatus.STALE, now_s, "no_reading"),
-    )
+    return state, (ShelfStatusChanged(spec.shelf_id, old_status, _STALE, now_s, "no_reading"),)
 
 
 def sku_level(shelf_states: Iterable[ShelfState]) -> int | None:
@@ -309,7 +310,7 @@ def sku_level(shelf_states: Iterable[ShelfState]) -> int | None:
     for state in shelf_states:
         units = state.units
         status = state.status
-        if units is None or status is ShelfStatus.STALE or status is ShelfStatus.UNKNOWN:
+        if units is None or status is _STALE or status is _UNKNOWN:
             return None
         total += units
         seen = True
