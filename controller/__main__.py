@@ -1,8 +1,9 @@
-"""The ``floorhand`` command line.
+"""The floorhand command line (floorhand --help; docs/deployment.md).
 
 floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
 floorhand check-config SITE.toml
 floorhand token NAME --role floor|supervisor|engineer
+floorhand --version
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import faulthandler
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from controller import logs
 from controller.config import ConfigError, SiteConfig, load_site, split_bind
 
 log = logging.getLogger("floorhand")
@@ -348,6 +351,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_level=args.log_level.lower(),
+        log_config=None,  # uvicorn's loggers propagate to ours: one handler, one format
         access_log=False,
         lifespan="on",
         # The live feed serves dashboards on the site network: per-message compression cost
@@ -359,7 +363,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = _server_class(guard)(config)
     log.info(
         "floorhand %s: site %s, mqtt %s, api http://%s",
-        "0.1.0",
+        version(),
         site.site.id,
         site.mqtt.url,
         site.api.bind,
@@ -414,31 +418,88 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def version() -> str:
+    """The installed package's version (importlib.metadata)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("floorhand")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+"""A token name the site file accepts (``[[api.tokens]] name``)."""
+
+
+def _token_name(value: str) -> str:
+    if not TOKEN_NAME.match(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return value
+
+
+def _from_env(
+    parser: argparse.ArgumentParser, var: str, allowed: tuple[str, ...], default: str
+) -> str:
+    """The default of an option from the environment, checked like the option itself."""
+    value = os.environ.get(var, default)
+    checked = value.lower() if allowed == logs.FORMATS else value.upper()
+    if checked not in allowed:
+        parser.error(f"{var}={value!r}: choose from {', '.join(allowed)}")
+    return checked
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (every bad flag is a usage error, exit 2)."""
     parser = argparse.ArgumentParser(
-        prog="floorhand", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="floorhand",
+        description="Floorhand, the warehouse controller: MQTT shelf scales, Modbus conveyors "
+        "and sorters, reorder alerts, history, the API and the dashboard.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("FLOORHAND_LOG_LEVEL", "INFO"))
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"floorhand {version()}")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=logs.LEVELS,
+        help="log lines at this level and above (default INFO; env FLOORHAND_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=logs.FORMATS,
+        help="text: 'LEVEL logger: message', time-stamped unless stderr is the systemd journal; "
+        "json: one object per line (default text; env FLOORHAND_LOG_FORMAT)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_run = sub.add_parser("run", help="run the controller for a site")
-    p_run.add_argument("site", type=Path)
+    p_run.add_argument("site", type=Path, help="the site file (TOML)")
     p_run.add_argument("--mqtt-url", help="override [mqtt] url (env FLOORHAND_MQTT_URL)")
     p_run.add_argument("--api-bind", help="override [api] bind HOST:PORT (env FLOORHAND_API_BIND)")
     p_run.add_argument("--journal", help="override [journal] path (env FLOORHAND_JOURNAL)")
     p_run.set_defaults(fn=cmd_run)
     p_chk = sub.add_parser("check-config", help="validate a site file and print a summary")
-    p_chk.add_argument("site", type=Path)
+    p_chk.add_argument("site", type=Path, help="the site file (TOML)")
     p_chk.set_defaults(fn=cmd_check_config)
     p_tok = sub.add_parser("token", help="make an API token and print its [[api.tokens]] entry")
-    p_tok.add_argument("name", help="who holds it (letters, digits, _ . -)")
+    p_tok.add_argument(
+        "name", type=_token_name, help="who holds it (letters, digits, _ . -; at most 64)"
+    )
     p_tok.add_argument("--role", required=True, choices=["floor", "supervisor", "engineer"])
     p_tok.set_defaults(fn=cmd_token)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if args.log_level is None:
+        args.log_level = _from_env(parser, "FLOORHAND_LOG_LEVEL", logs.LEVELS, "INFO")
+    if args.log_format is None:
+        args.log_format = _from_env(parser, "FLOORHAND_LOG_FORMAT", logs.FORMATS, "text")
+    logs.configure(args.log_level, args.log_format)
     rc: int = args.fn(args)
     return rc
 
