@@ -24,6 +24,7 @@ from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.config import PlcConfig, SiteConfig
+from controller.control import ControlLoop, ControlTask
 from controller.owner import OwnerProbe, SiteOwnership
 from controller.ports import HistorySink
 from controller.services.alerts import AlertService, AlertSettings
@@ -308,11 +309,18 @@ class Runtime:
             monotonic=time.monotonic,
         )
         self.link.watch.add_listener(self.supervision.on_link_state)
+        self.control = ControlLoop("control")
+        self._main_loop: asyncio.AbstractEventLoop | None = None
+        self._plcs_go = asyncio.Event()  # of the control loop (bound at its first wait)
         for plc_id, handle in self.plcs.items():
-            handle.link.watch.add_listener(self.supervision.plc_state_listener(plc_id))
+            # The PLC links run on the control loop: their state changes cross to this one.
+            handle.link.watch.add_listener(
+                self._to_main(self.supervision.plc_state_listener(plc_id))
+            )
+        self.order_journal = self.journal.second_connection()
         self.picking = PickingService(
             site,
-            self.journal,
+            self.order_journal,
             self.ingest.states,
             self.specs,
             conveyors={
@@ -321,18 +329,35 @@ class Runtime:
             sorters={
                 i: h.driver for i, h in self.plcs.items() if isinstance(h.driver, SorterDriver)
             },
-            publish_bus=self.bus.publish,
-            publish_mqtt=lambda topic, body: self.link.publish(topic, body, qos=1),
+            publish_bus=self._to_main(self.bus.publish),
+            publish_mqtt=self._to_main(self._publish_order_side),
             clock=clock,
+            control=self.control,
         )
         self.bus.add_listener(self.picking.on_events)
         self._command_topic = command_topic(site)
         # Start-up: (link epoch, batch) held from the first pick command on, until the PLC
         # links had their first chance to connect (PickingService.devices_settled).
         self._early: list[tuple[int, list[Any]]] | None = None
-        self.picking.add_settled_listener(self._release_early)
+        self.picking.add_settled_listener(self._to_main(self._release_early))
 
     # -- wiring -----------------------------------------------------------------------------------
+    def _to_main(self, fn: Callable[..., None]) -> Callable[..., None]:
+        """``fn`` called from the control loop (or this one): queued on the main loop, in
+        order (at once before the runtime runs or on the main loop itself)."""
+
+        def queued(*args: Any) -> None:
+            ControlLoop.post_to(self._main_loop, fn, *args)
+
+        return queued
+
+    def _publish_order_side(self, topic: str, body: bytes) -> None:
+        """An order state or pick instruction of the desk, published on the main loop."""
+        try:
+            self.link.publish(topic, body, qos=1)
+        except DeviceError as exc:
+            log.warning("could not publish on %s: %s", topic, exc)
+
     def _on_messages(self, msgs: list[Any]) -> None:
         probe = self.owner.probe_topic
         if any(m.topic == probe for m in msgs):  # QoS 0: nothing to ack
@@ -372,13 +397,22 @@ class Runtime:
         self.gate.release("plcs")
 
     def _on_commands(self, msgs: list[Any]) -> None:
-        """Pick requests on the MQTT command topic: each gets a reply on ``…/result``, then
-        is acknowledged (a duplicate delivery is recognised by its channel + order id)."""
+        """Pick requests on the MQTT command topic: answered on the control loop (never
+        behind an ingest group), then each gets a reply on ``…/result`` and is acknowledged
+        here (a duplicate delivery is recognised by its channel + order id). The acks wait
+        for the answers: a command is acknowledged only once its order is journaled."""
         epoch = self.link.connection_number
-        for msg in msgs:
-            if msg.retain:
-                continue  # a retained command is stale by definition: never executed
-            status, reply = self.picking.on_command(msg.payload)
+        fresh = [m for m in msgs if not m.retain]  # a retained command is stale: never executed
+
+        def answered(replies: list[tuple[int, dict[str, Any]]]) -> None:
+            ControlLoop.post_to(self._main_loop, self._commands_answered, epoch, msgs, replies)
+
+        self.picking.answer_commands([m.payload for m in fresh], answered)
+
+    def _commands_answered(
+        self, epoch: int, msgs: list[Any], replies: list[tuple[int, dict[str, Any]]]
+    ) -> None:
+        for status, reply in replies:
             try:
                 self.link.publish(
                     f"{self._command_topic}/result",
@@ -412,7 +446,9 @@ class Runtime:
         t0 = time.monotonic()
         older_tasks = asyncio.all_tasks()
         restored = self.journal.open()
+        control: ControlTask | None = None
         try:
+            self.order_journal.open_second()
             self.ingest.restore(restored.cursors, restored.shelf_states)
             self.alerts.restore(restored.alert_states)
             log.info(
@@ -431,19 +467,37 @@ class Runtime:
                 log.info("%d open order(s) to reconcile with their PLCs", len(reconcile))
             self.supervision.mark_started()
             log.info("runtime started in %.0f ms", (time.monotonic() - t0) * 1000)
+            # From here on the desk, the executor and the PLC links belong to the control
+            # loop (docs/architecture.md, "Two event loops").
+            self._main_loop = asyncio.get_running_loop()
+            self.control.start()
+            control = self.control.spawn(self._run_control(reconcile), name="control-main")
             if on_started is not None:
                 on_started()
-            tasks = asyncio.create_task(self._run_tasks(reconcile), name="runtime-tasks")
+            tasks = asyncio.create_task(self._run_tasks(control), name="runtime-tasks")
             try:
                 await asyncio.shield(tasks)
             except asyncio.CancelledError:
                 # Shutdown: stop the belts while the links still run, then stop everything.
                 await self.safe_stop()
                 await self.owner.release(RELEASE_CLAIM_S)
+                # The control loop stops its tasks (the same bound) while this one does.
+                control.cancel()
+                stop_by = time.monotonic() + STOP_TASKS_S + 0.1
                 await self._stop_tasks(tasks, older_tasks)
+                if not await control.wait(stop_by - time.monotonic()):
+                    log.error("the control loop's tasks did not end within %.1f s", STOP_TASKS_S)
+                raise
+            except BaseException:
+                control.cancel()
+                await control.wait(STOP_TASKS_S + 0.1)
                 raise
         finally:
+            stopped = self.control.close(timeout_s=0.5)
+            self._main_loop = None
             self.ingest.close()
+            if stopped:
+                self.order_journal.close()  # else its thread may still use it: left open
             self.journal.close()
 
     async def _stop_tasks(self, tasks: asyncio.Task[None], older: set[asyncio.Task[Any]]) -> None:
@@ -481,7 +535,15 @@ class Runtime:
 
     async def safe_stop(self) -> None:
         """STOP every belt through the priority lane, bounded by SAFE_STOP_S (the PLCs'
-        watchdog stops them anyway once the heartbeat ends)."""
+        watchdog stops them anyway once the heartbeat ends). On the control loop, where the
+        drivers live; bounded here too, in case that loop does not answer."""
+        try:
+            async with asyncio.timeout(SAFE_STOP_S + 0.1):
+                await self.control.call_async(self._safe_stop)
+        except TimeoutError:
+            log.error("safe stop: the control loop did not answer within %.1f s", SAFE_STOP_S)
+
+    async def _safe_stop(self) -> None:
         drivers = [h.driver for h in self.plcs.values() if h.link.state is LinkState.UP]
         if not drivers:
             return
@@ -499,16 +561,45 @@ class Runtime:
         except TimeoutError:
             log.error("safe stop did not finish within %.1f s", SAFE_STOP_S)
 
-    async def _run_tasks(self, reconcile: Sequence[Any]) -> None:
-        """Every long-lived task, in one group: one failing stops the runtime."""
+    async def _run_tasks(self, control: ControlTask) -> None:
+        """Every long-lived task of the main loop, in one group, plus the watch of the
+        control loop's group: one failing stops the runtime."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._run_session(), name="mqtt-link")
-            tg.create_task(self.picking.run(reconcile), name="picking")
             tg.create_task(self.supervision.run(), name="supervision")
             if self.history is not None:
                 tg.create_task(self.history.run(), name="history")
+            tg.create_task(self._open_plc_gate(), name="plc-gate")
+            tg.create_task(self._watch_control(control), name="control")
+
+    async def _watch_control(self, control: ControlTask) -> None:
+        """Ends (or raises) when the control loop's group does: its failure is the runtime's."""
+        await control.result()
+
+    async def _run_control(self, reconcile: Sequence[Any]) -> None:
+        """On the control loop: the PLC links and picking, in one group; cancelled, its
+        tasks are stopped as the main loop's are (`_stop_tasks`, bounded)."""
+        older = asyncio.all_tasks()
+        tasks = asyncio.create_task(self._run_control_tasks(reconcile), name="control-tasks")
+        try:
+            await asyncio.shield(tasks)
+        except asyncio.CancelledError:
+            await self._stop_tasks(tasks, older)
+            raise
+
+    async def _run_control_tasks(self, reconcile: Sequence[Any]) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.picking.run(reconcile), name="picking")
             for plc_id, plc in self.plcs.items():
                 tg.create_task(self._run_plc(plc), name=f"modbus:{plc_id}")
+
+    async def _open_plc_gate(self) -> None:
+        """Let the PLC links start once the owner check is over (a refused instance never
+        touches the owner's PLCs), or after OWNER_GATE_S if the broker is slow to answer."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(OWNER_GATE_S):
+                await self.owner.checked.wait()
+        self.control.post(self._plcs_go.set)
 
     async def _run_session(self) -> None:
         """The site's MQTT session, connected only once no live controller owns the site
@@ -517,11 +608,8 @@ class Runtime:
         await self.link.run()
 
     async def _run_plc(self, plc: PlcHandle) -> None:
-        """A PLC link, started once the owner check is over (a refused instance never
-        touches the owner's PLCs), or after OWNER_GATE_S if the broker is slow to answer."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(OWNER_GATE_S):
-                await self.owner.checked.wait()
+        """A PLC link (on the control loop), started once `_open_plc_gate` says so."""
+        await self._plcs_go.wait()
         await plc.link.run()
 
     def snapshot(self) -> dict[str, Any]:

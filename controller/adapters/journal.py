@@ -128,6 +128,12 @@ _CURSOR_COLUMNS = {"floor": "INTEGER", "holes": "BLOB", "gaps": "INTEGER", "miss
 CHECKPOINT_INTERVAL_S = 0.25
 """How often the checkpoint thread folds the WAL into the database."""
 
+SECOND_BUSY_TIMEOUT_S = 0.2
+"""How long a commit of the control loop's connection waits for SQLite's write lock (held by
+an ingest commit for well under a millisecond, by a TRUNCATE checkpoint a little longer)
+before it fails as `JournalUnavailable`: the waiting thread also sends the PLC heartbeats
+(every 0.25 s, watchdog 1 s), so it never waits long."""
+
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL may grow to before the checkpoint thread truncates it (also the size SQLite
 trims it back to after a checkpoint)."""
@@ -253,7 +259,10 @@ class Journal:
         self._lock_fd: int | None = None
         self._db: sqlite3.Connection | None = None
         self._synchronous = synchronous
-        self.outbox_rows = 0
+        self._outbox_rows = 0
+        self._rows_lock = threading.Lock()  # the control loop's connection counts here too
+        self._primary: Journal | None = None
+        self._busy_timeout_s = 5.0
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
         self.checkpoints = 0
@@ -261,6 +270,52 @@ class Journal:
         self.checkpointed = threading.Event()
         """Set after each checkpoint (tests and tools wait on it)."""
         self.checkpoint_error: str | None = None
+
+    @property
+    def outbox_rows(self) -> int:
+        """Rows in the outbox (readings + events), as counted by every connection's commits."""
+        if self._primary is not None:
+            return self._primary.outbox_rows
+        return self._outbox_rows
+
+    @outbox_rows.setter
+    def outbox_rows(self, value: int) -> None:
+        self._outbox_rows = value
+
+    def _add_rows(self, n: int) -> None:
+        """Count ``n`` rows added (negative: removed) to the outbox; from either thread."""
+        if self._primary is not None:
+            self._primary._add_rows(n)
+            return
+        with self._rows_lock:
+            self._outbox_rows = max(0, self._outbox_rows + n)
+
+    def second_connection(self, *, busy_timeout_s: float = SECOND_BUSY_TIMEOUT_S) -> Journal:
+        """Another connection to the same journal file, for the control loop's thread (the
+        order desk: orders, counters, idempotency keys and their events). Open it with
+        `open_second` after this journal is open; close it before. SQLite's write lock
+        serialises its transactions with this connection's (WAL: readers never wait);
+        ``busy_timeout_s`` bounds how long one of its commits waits for that lock, because
+        the waiting thread is the one that sends the PLC heartbeats."""
+        second = Journal(self.path, synchronous=self._synchronous)
+        second._primary = self
+        second._busy_timeout_s = busy_timeout_s
+        return second
+
+    def open_second(self) -> None:
+        """Open a connection made by `second_connection` (no lock, schema or restore: the
+        primary did those)."""
+        assert self._primary is not None, "open_second is for a second connection"
+        try:
+            db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False,
+                timeout=self._busy_timeout_s,
+            )  # fmt: skip
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite3.Error as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
+        self._db = db
 
     # -- lifecycle -------------------------------------------------------------------------
     def lock(self) -> None:
@@ -471,7 +526,9 @@ class Journal:
         JournalUnavailable when the file cannot be written just now."""
         db = self.db
         try:
-            db.execute("BEGIN")
+            # IMMEDIATE: the write lock is taken (through the busy handler) at BEGIN, so a
+            # second connection's commit can never make this one fail half-way.
+            db.execute("BEGIN IMMEDIATE")
             yield db
             db.execute("COMMIT")
         except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
@@ -543,7 +600,7 @@ class Journal:
                     _UPSERT_ALERT_STATE, [(k, orjson.dumps(v)) for k, v in alert_states.items()]
                 )
             _insert_events(db, events)
-        self.outbox_rows += len(readings) + len(events)
+        self._add_rows(len(readings) + len(events))
 
     def has_reading(self, device: str, epoch: int, seq: int) -> bool:
         """Whether this reading is in the outbox (asked for a reading its device's cursor does
@@ -586,7 +643,7 @@ class Journal:
                 n += db.execute("DELETE FROM readings WHERE id <= ?", (readings_through,)).rowcount
             if events_through is not None:
                 n += db.execute("DELETE FROM events WHERE id <= ?", (events_through,)).rowcount
-        self.outbox_rows = max(0, self.outbox_rows - n)
+        self._add_rows(-n)
         return n
 
     def trim_outbox(self, keep_readings: int, keep_events: int) -> int:
@@ -599,7 +656,7 @@ class Journal:
             n += db.execute(
                 "DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (keep_events,)
             ).rowcount
-        self.outbox_rows = max(0, self.outbox_rows - n)
+        self._add_rows(-n)
         return n
 
     def trim_dead_letters(self, keep: int) -> int:
@@ -659,7 +716,7 @@ class Journal:
             if isinstance(cause, sqlite3.IntegrityError) and "orders.channel" in str(cause):
                 raise DuplicateOrderError(f"order commit refused: {cause}") from cause
             raise
-        self.outbox_rows += len(events)
+        self._add_rows(len(events))
 
     @staticmethod
     def _commit_orders(
@@ -795,6 +852,6 @@ class Journal:
                 (shelf, orjson.dumps(shelf_state)),
             )
             _insert_events(db, events)
-        self.outbox_rows += len(events)
+        self._add_rows(len(events))
 
     # -- shelf calibration overrides -- end --------------------------------------------------------

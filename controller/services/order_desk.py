@@ -33,7 +33,7 @@ import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -54,9 +54,11 @@ from controller.domain.orders import (
     transition,
 )
 from controller.domain.routing import AllocationError, StockSource, Topology, plan
-from controller.domain.stock import ShelfState
 from controller.ports import DuplicateOrder, EventRow, IdempotencyRow, OrderJournalPort
 from devices.errors import DeviceError
+
+if TYPE_CHECKING:
+    from controller.services.pick_executor import ShelfView
 
 log = logging.getLogger("floorhand.picking")
 
@@ -182,7 +184,7 @@ class OrderDesk:
         topology: Topology,
         skus: Iterable[str],
         journal: OrderJournalPort,
-        shelf_states: Mapping[str, ShelfState],
+        shelf_states: Mapping[str, ShelfView],
         specs: Mapping[str, ShelfSpec],
         execution: Execution,
         publish_bus: Callable[[list[dict[str, Any]]], None],

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 from controller.config import PickingConfig
+from controller.domain.model import ShelfStatus
 from controller.domain.orders import (
     Order,
     OrderState,
@@ -44,7 +45,6 @@ from controller.domain.orders import (
     reconcile_event,
     transition,
 )
-from controller.domain.stock import ShelfState
 from devices.errors import (
     CommandOutcomeUnknown,
     CommandRefused,
@@ -63,6 +63,7 @@ __all__ = [
     "BeltPort",
     "OrderBook",
     "PickExecutor",
+    "ShelfView",
     "SorterPort",
 ]
 
@@ -87,6 +88,17 @@ _PLC_KNOWS = {
 
 
 # -- ports ------------------------------------------------------------------------------------
+class ShelfView(Protocol):
+    """What picking reads of a shelf: its count and status (ingest's `ShelfState` on one
+    loop; an immutable `controller.services.picking.ShelfCount` on the control loop)."""
+
+    @property
+    def units(self) -> int | None: ...
+
+    @property
+    def status(self) -> ShelfStatus: ...
+
+
 class _Watch(Protocol):
     def add_listener(self, callback: Callable[[LinkState, LinkState], None]) -> None: ...
 
@@ -173,7 +185,7 @@ class PickExecutor:
         *,
         conveyors: Mapping[str, BeltPort],
         sorters: Mapping[str, SorterPort],
-        shelf_states: Mapping[str, ShelfState],
+        shelf_states: Mapping[str, ShelfView],
         clock: Callable[[], float],
         stats: defaultdict[str, int],
     ) -> None:

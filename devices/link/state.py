@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -29,13 +30,15 @@ class StateWatch:
     ``(old, new)`` on every change; a listener that raises is logged and otherwise ignored.
     """
 
-    __slots__ = ("_listeners", "_since", "_state", "_waiters")
+    __slots__ = ("_listeners", "_since", "_state", "_waiters", "_waiters_lock")
 
     def __init__(self, initial: LinkState = LinkState.DOWN) -> None:
         self._state = initial
         self._since = time.monotonic()
         self._listeners: list[StateListener] = []
         self._waiters: list[tuple[LinkState, asyncio.Future[None]]] = []
+        # A waiter may sit on another thread's event loop than the link's (control loop).
+        self._waiters_lock = threading.Lock()
 
     @property
     def state(self) -> LinkState:
@@ -64,15 +67,16 @@ class StateWatch:
         self._state = new
         self._since = time.monotonic() if now is None else now
         if self._waiters:
-            keep: list[tuple[LinkState, asyncio.Future[None]]] = []
-            for wanted, fut in self._waiters:
-                if fut.done():
-                    continue
-                if wanted is new:
-                    fut.set_result(None)
-                else:
-                    keep.append((wanted, fut))
-            self._waiters = keep
+            with self._waiters_lock:
+                keep: list[tuple[LinkState, asyncio.Future[None]]] = []
+                for wanted, fut in self._waiters:
+                    if fut.done():
+                        continue
+                    if wanted is new:
+                        _resolve_soon(fut)
+                    else:
+                        keep.append((wanted, fut))
+                self._waiters = keep
         for callback in tuple(self._listeners):
             try:
                 callback(old, new)
@@ -84,12 +88,35 @@ class StateWatch:
         if self._state is state:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((state, fut))
+        with self._waiters_lock:
+            self._waiters.append((state, fut))
+        if self._state is state:  # entered (on another thread) before the waiter was listed
+            _resolve(fut)
         try:
             async with asyncio.timeout(timeout_s):
                 await fut
         finally:
             if not fut.done():
                 fut.cancel()
-                with contextlib.suppress(ValueError):
+                with self._waiters_lock, contextlib.suppress(ValueError):
                     self._waiters.remove((state, fut))
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _resolve_soon(fut: asyncio.Future[None]) -> None:
+    """Resolve a waiter's future: at once on its own loop, else through that loop (a link
+    running on another thread's loop than its waiter: docs/architecture.md, "Two event
+    loops")."""
+    loop = fut.get_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        fut.set_result(None)
+    elif not loop.is_closed():
+        loop.call_soon_threadsafe(_resolve, fut)

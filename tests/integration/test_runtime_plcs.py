@@ -74,17 +74,22 @@ async def test_runtime_connects_plcs_and_reports_them(
             for plc in rt.plcs.values():
                 await plc.link.watch.wait_for(LinkState.UP, 10)
             epochs = asyncio.Event()
+            loop = asyncio.get_running_loop()
 
-            def check_epochs(*_: Any) -> None:
+            def check_epochs(*_: Any) -> None:  # called on the control loop's thread
                 if all(p.driver.epoch is not None for p in rt.plcs.values()):
-                    epochs.set()
+                    loop.call_soon_threadsafe(epochs.set)
 
             for plc in rt.plcs.values():
                 plc.driver.add_epoch_listener(check_epochs)
             check_epochs()
             await asyncio.wait_for(epochs.wait(), 5)
-            tasks = {t.get_name() for t in asyncio.all_tasks()}
+            # The PLC links run on the control loop, not on this (ingest's) loop.
+            tasks = await rt.control.call(lambda: {t.get_name() for t in asyncio.all_tasks()})
             assert {"modbus:conveyor-1", "modbus:sorter-1"} <= tasks
+            assert not {"modbus:conveyor-1", "modbus:sorter-1"} & {
+                t.get_name() for t in asyncio.all_tasks()
+            }
 
             # The runtime started no belt and sent no command: heartbeats and reads only.
             assert conveyor.state is SimBeltState.STOPPED
@@ -117,7 +122,7 @@ async def test_runtime_connects_plcs_and_reports_them(
             # test starts keeps running over several watchdog periods.
             driver = rt.plcs["conveyor-1"].driver
             assert isinstance(driver, ConveyorDriver)
-            status = await driver.start()
+            status = await rt.control.call_async(driver.start)
             assert status.state.moving
             t0 = conveyor.last_tick
             await conveyor.wait_until(lambda: heartbeats_since(conveyor, t0) >= 8, 5)

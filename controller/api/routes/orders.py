@@ -28,7 +28,6 @@ answers one as problem+json through `_PickRoute` with the status `pick_wire.stat
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, Literal
@@ -260,25 +259,21 @@ async def create_pick(
         ),
     ] = None,
 ) -> Response:
-    # async def on purpose: the whole submission runs on the event loop, with no await between
-    # the idempotency check and the journal commit (services/picking.py).
+    # The submission runs on the control loop (services/picking.py: no await between the
+    # idempotency check and the journal commit there); this loop only awaits its answer.
     if idempotency_key is None or not 1 <= len(idempotency_key) <= 255:
         return problem(
             400,
             "idempotency_key_required",
             "the Idempotency-Key header (1..255 characters) is required",
         )
-    # At start-up, wait (bounded) until the PLC links had their first chance to connect.
-    await rt.picking.wait_devices_settled()
-    done = rt.picking.submit(body.request(), key=idempotency_key, principal=principal.name)
+    # At start-up it waits (bounded) until the PLC links had their first chance to connect.
+    done = await rt.picking.submit_async(
+        body.request(), key=idempotency_key, principal=principal.name
+    )
     headers = {"Location": f"/api/v1/orders/{done.order['order_id']}"}
     if done.replayed:
         headers["Idempotent-Replayed"] = "true"
-    else:
-        # Let the order's execution task take its first step (up to the sorter's Modbus
-        # write) before this response is serialised and sent. Python 3.11 has no eager tasks
-        # to start it inside submit; it goes with the executor's own loop (docs/picking.md).
-        await asyncio.sleep(0)
     return _json(wire(done.order), done.status, **headers)
 
 
@@ -295,7 +290,8 @@ async def list_orders(
     state: OrderState | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[OrderOut]:
-    bodies = rt.picking.recent(limit=limit, state=state)
+    desk = rt.picking.desk
+    bodies = await rt.picking.on_control(lambda: desk.recent(limit=limit, state=state))
     return [OrderOut.model_validate(wire(b)) for b in bodies if _visible(b, principal)]
 
 
@@ -307,7 +303,7 @@ async def get_order(
     rt: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Role.FLOOR, Role.SUPERVISOR, Role.ENGINEER))],
 ) -> Response:
-    body = rt.picking.get(order_id)
+    body = await rt.picking.on_control(rt.picking.desk.get, order_id)
     if body is None or not _visible(body, principal):
         raise OrderNotFound("order_not_found", f"no order {order_id!r}")
     return _json(wire(body))
@@ -324,7 +320,8 @@ async def pack_order(
     rt: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Role.SUPERVISOR, Role.ENGINEER))],
 ) -> Response:
-    return _json(wire(rt.picking.pack(order_id, by=principal.name)))
+    desk = rt.picking.desk
+    return _json(wire(await rt.picking.on_control(lambda: desk.pack(order_id, by=principal.name))))
 
 
 @router.post(
@@ -339,7 +336,10 @@ async def ship_order(
     rt: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Role.SUPERVISOR, Role.ENGINEER))],
 ) -> Response:
-    out = rt.picking.ship(order_id, by=principal.name, carrier=body.carrier, tracking=body.tracking)
+    desk = rt.picking.desk
+    out = await rt.picking.on_control(
+        lambda: desk.ship(order_id, by=principal.name, carrier=body.carrier, tracking=body.tracking)
+    )
     return _json(wire(out))
 
 
@@ -355,10 +355,16 @@ async def cancel_order(
     principal: Annotated[Principal, Depends(require(Role.FLOOR, Role.SUPERVISOR))],
     body: CancelIn | None = None,
 ) -> Response:
-    if not _visible(rt.picking.get(order_id), principal):  # another floor caller's: unknown
-        raise OrderNotFound("order_not_found", f"no order {order_id!r}")
+    desk = rt.picking.desk
     reason = body.reason if body is not None else None
-    return _json(wire(rt.picking.cancel(order_id, by=principal.name, reason=reason)))
+
+    def cancel() -> dict[str, Any]:
+        # One step on the control loop: the check of whose order it is and the cancel.
+        if not _visible(desk.get(order_id), principal):  # another floor caller's: unknown
+            raise OrderNotFound("order_not_found", f"no order {order_id!r}")
+        return desk.cancel(order_id, by=principal.name, reason=reason)
+
+    return _json(wire(await rt.picking.on_control(cancel)))
 
 
 @router.post(
@@ -374,7 +380,10 @@ async def resolve_task(
     rt: RuntimeDep,
     principal: Annotated[Principal, Depends(require(Role.SUPERVISOR))],
 ) -> Response:
-    out = rt.picking.resolve(
-        order_id, task_no, Resolution(body.outcome), by=principal.name, reason=body.reason
+    desk = rt.picking.desk
+    out = await rt.picking.on_control(
+        lambda: desk.resolve(
+            order_id, task_no, Resolution(body.outcome), by=principal.name, reason=body.reason
+        )
     )
     return _json(wire(out))

@@ -1,0 +1,245 @@
+"""The control loop: an asyncio event loop in a thread of its own for the PLC side.
+
+The PLC links (heartbeats, resync), their drivers, the order desk and the pick executor run
+on this loop (docs/architecture.md, "Two event loops"); ingest, alerts, the historian,
+supervision and the API stay on the main loop. Nothing on one loop ever blocks waiting for
+the other, so a long ingest group delays neither a heartbeat nor a pick's first Modbus
+write; with the GIL the two threads still share one interpreter (the switch interval,
+``sys.getswitchinterval()``, 5 ms by default, bounds how long a runnable thread waits).
+
+Crossing between the loops, in both directions, only through:
+
+* `ControlLoop.call` (main loop → control loop, awaited): ``await call(fn, *args)`` runs
+  ``fn(*args)`` (a coroutine function's result is awaited) on the control loop;
+* `ControlLoop.call_blocking`: the same from a thread that is not running the control loop
+  and may block (tests, tools; the control loop never waits for the main loop, so this
+  cannot deadlock);
+* `ControlLoop.post` / `post_to`: a callback queued with ``call_soon_threadsafe`` (FIFO per
+  target loop, so events keep their order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+log = logging.getLogger("floorhand.control")
+
+__all__ = ["ControlLoop", "ControlTask"]
+
+T = TypeVar("T")
+
+
+class ControlTask:
+    """A task running on the control loop, seen from another thread: ``cancel()`` is
+    thread-safe, ``wait()`` awaits its end from any loop (bounded), ``future`` is its
+    outcome."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, future: concurrent.futures.Future[Any]):
+        self._loop = loop
+        self.future = future
+        self._task: asyncio.Task[Any] | None = None
+
+    def cancel(self) -> None:
+        """Cancel the task (from any thread)."""
+        task = self._task
+        if task is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(task.cancel)
+
+    def done(self) -> bool:
+        return self.future.done()
+
+    def _observe(self) -> asyncio.Future[Any]:
+        """A future of the caller's loop that copies the task's outcome. Unlike
+        ``asyncio.wrap_future``, cancelling it (a waiter being cancelled) leaves the task
+        alone: only `cancel` stops it."""
+        loop = asyncio.get_running_loop()
+        mirror: asyncio.Future[Any] = loop.create_future()
+
+        def copy() -> None:
+            if mirror.done():
+                return
+            source = self.future
+            if source.cancelled():
+                mirror.cancel()
+            elif (exc := source.exception()) is not None:
+                mirror.set_exception(exc)
+            else:
+                mirror.set_result(source.result())
+
+        def on_done(_: concurrent.futures.Future[Any]) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(copy)
+
+        self.future.add_done_callback(on_done)
+        return mirror
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Wait (on the caller's loop) until the task has ended, at most ``timeout_s``;
+        whether it ended. Cancelling the waiter does not cancel the task."""
+        if self.future.done():
+            return True
+        await asyncio.wait({self._observe()}, timeout=max(0.0, timeout_s))
+        return self.future.done()
+
+    async def result(self) -> Any:
+        """The task's result (or its exception), awaited on the caller's loop; cancelling
+        the waiter does not cancel the task."""
+        return await self._observe()
+
+
+class ControlLoop:
+    """An event loop in a daemon thread (module doc). ``start()`` it, ``close()`` it."""
+
+    def __init__(self, name: str = "control") -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the loop's thread; returns once the loop runs. Idempotent."""
+        if self._thread is not None:
+            return
+        self._ready.clear()
+        thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+        self._thread = thread
+        thread.start()
+        self._ready.wait()
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        loop.call_soon(self._ready.set)
+        try:
+            loop.run_forever()
+        finally:
+            with contextlib.suppress(Exception):
+                for task in asyncio.all_tasks(loop):
+                    task.cancel()
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    def close(self, timeout_s: float = 1.0) -> bool:
+        """Stop the loop and join its thread, at most ``timeout_s``; whether it ended (a
+        thread stuck in C code is left behind: it is a daemon)."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return True
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout_s)
+        if thread.is_alive():
+            log.error("control loop thread still running %.1f s after its stop", timeout_s)
+            return False
+        self._thread = None
+        self._loop = None
+        return True
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the control loop is not running")
+        return self._loop
+
+    @property
+    def running(self) -> bool:
+        loop = self._loop
+        return loop is not None and loop.is_running()
+
+    def in_loop(self) -> bool:
+        """Whether the caller runs on the control loop's thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    # -- crossing ----------------------------------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, T], name: str) -> ControlTask:
+        """Run ``coro`` as a task of the control loop (from any thread)."""
+        loop = self.loop
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        handle = ControlTask(loop, future)
+
+        def create() -> None:
+            task = loop.create_task(coro, name=name)
+            handle._task = task
+
+            def done(t: asyncio.Task[T]) -> None:
+                if t.cancelled():
+                    future.cancel()
+                elif t.exception() is not None:
+                    future.set_exception(t.exception())
+                else:
+                    future.set_result(t.result())
+
+            task.add_done_callback(done)
+
+        loop.call_soon_threadsafe(create)
+        return handle
+
+    def _future(
+        self, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> concurrent.futures.Future[Any]:
+        async def run() -> Any:
+            out = fn(*args)
+            if inspect.isawaitable(out):
+                out = await out
+            return out
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` (a plain function) on the control loop, awaited from the caller's
+        loop; exceptions propagate. On the control loop itself (or without it running):
+        at once."""
+        if self.in_loop() or not self.running:
+            return fn(*args)
+        out: T = await asyncio.wrap_future(self._future(fn, args))
+        return out
+
+    async def call_async(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await fn(*args)`` on the control loop, awaited from the caller's loop."""
+        if self.in_loop() or not self.running:
+            return await fn(*args)
+        out: T = await asyncio.wrap_future(self._future(fn, args))
+        return out
+
+    def call_blocking(self, fn: Callable[..., T], *args: Any, timeout_s: float = 10.0) -> T:
+        """``fn(*args)`` (a plain function) on the control loop, blocking the caller until
+        it returned; at once when called on the control loop or when it is not running."""
+        if self.in_loop() or not self.running:
+            return fn(*args)
+        out: T = self._future(fn, args).result(timeout_s)
+        return out
+
+    def post(self, fn: Callable[..., object], *args: Any) -> None:
+        """Queue ``fn(*args)`` on the control loop (FIFO; at once if not running)."""
+        if self.in_loop() or not self.running:
+            fn(*args)
+            return
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    @staticmethod
+    def post_to(
+        loop: asyncio.AbstractEventLoop | None, fn: Callable[..., object], *args: Any
+    ) -> None:
+        """Queue ``fn(*args)`` on ``loop`` (FIFO): at once when the caller runs on it, or
+        when it is None or closed (nothing else could run it)."""
+        if loop is None or loop.is_closed():
+            fn(*args)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            fn(*args)
+        else:
+            loop.call_soon_threadsafe(fn, *args)
