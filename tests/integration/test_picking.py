@@ -193,7 +193,8 @@ async def floor(
             if sorter_port is None or plc_id != "sorter-1":
                 await plc.link.watch.wait_for(LinkState.UP, 10)
                 if isinstance(plc.driver, SorterDriver):
-                    await plc.driver.wait_mailbox_known(10)
+                    # The drivers live on the control loop: wait there.
+                    await rt.control.call_async(plc.driver.wait_mailbox_known, 10)
         yield Floor(rt, client, mosquitto.port)
 
 
@@ -519,7 +520,7 @@ async def test_device_down_fails_fast(mosquitto: MosquittoBroker, tmp_path: Path
             # Picks use a sorter once its mailbox was read on the new connection (B6).
             driver = f.rt.plcs["sorter-1"].driver
             assert isinstance(driver, SorterDriver)
-            await driver.wait_mailbox_known(10)
+            await f.rt.control.call_async(driver.wait_mailbox_known, 10)
             r = await f.pick("k-down", ORDER)
             assert r.status_code == 201, r.text
 
@@ -832,11 +833,13 @@ async def test_b6_cmd_ids_move_above_a_plc_that_is_ahead(
             driver = rt.plcs["sorter-1"].driver
             assert isinstance(driver, SorterDriver)
             restarted = asyncio.Event()
-            driver.add_epoch_listener(lambda old, new: restarted.set())
+            loop = asyncio.get_running_loop()
+            # Called on the control loop's thread.
+            driver.add_epoch_listener(lambda old, new: loop.call_soon_threadsafe(restarted.set))
             await sh.restart()
             await hand_submit(sh.port, 3000, 73, 1)
             await asyncio.wait_for(restarted.wait(), 10)
-            await driver.wait_mailbox_known(10)
+            await rt.control.call_async(driver.wait_mailbox_known, 10)
             assert driver.epoch == sorter.epoch
             await pick_above("B6-3", 3000)
             assert all(n == 1 for n in sorter.executions.values())
@@ -909,7 +912,7 @@ async def test_cancel_an_order_before_its_command_is_sent(
         )
         await f.shelf("s0", 20)
         belts = rt.picking.executor._belt_locks["conveyor-1"]
-        await belts.acquire()
+        await rt.control.call_async(belts.acquire)  # the executor's lock, on its loop
         try:
             a = await f.pick(
                 "c-a", {**ORDER, "order_id": "C-A", "lines": [{"sku": "K0", "qty": 2}]}
@@ -960,7 +963,7 @@ async def test_cancel_an_order_before_its_command_is_sent(
             assert r.json()["reason"] == "cancelled by test-supervisor"
             assert rt.picking.reserved("sh0") == 0
         finally:
-            belts.release()
+            await rt.control.call(belts.release)
         await wait_for_condition(
             lambda: no_execution(oid_a) and no_execution(oid_b), 10.0, what="executions ended"
         )

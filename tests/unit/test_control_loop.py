@@ -1,0 +1,110 @@
+"""`ControlLoop` (the control loop's thread and the ways across) and the journal's second
+connection the control loop commits through."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controller.adapters.journal import Journal
+from controller.control import ControlLoop
+from controller.ports import EventRow, JournalUnavailable
+
+
+@pytest.fixture
+def control() -> Iterator[ControlLoop]:
+    loop = ControlLoop("test-control")
+    loop.start()
+    yield loop
+    assert loop.close(timeout_s=2.0)
+
+
+async def test_calls_run_on_the_control_thread_and_raise_there(control: ControlLoop) -> None:
+    main = threading.current_thread()
+    where = await control.call(threading.current_thread)
+    assert where is not main
+    assert where.name == "test-control"
+    assert not control.in_loop()
+    assert await control.call(control.in_loop)
+
+    async def coro(x: int) -> int:
+        await asyncio.sleep(0)
+        return x * 2
+
+    assert await control.call_async(coro, 21) == 42
+
+    def boom() -> None:
+        raise ValueError("on the control loop")
+
+    with pytest.raises(ValueError, match="on the control loop"):
+        await control.call(boom)
+
+
+async def test_posts_keep_their_order_and_blocking_calls_work_from_threads(
+    control: ControlLoop,
+) -> None:
+    seen: list[int] = []
+    for i in range(200):
+        control.post(seen.append, i)
+    # A blocking call from another thread is queued behind the posts (FIFO).
+    got = await asyncio.to_thread(control.call_blocking, lambda: list(seen))
+    assert got == list(range(200))
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    control.post(ControlLoop.post_to, loop, done.set)  # and back to this loop
+    await asyncio.wait_for(done.wait(), 5)
+
+
+async def test_a_spawned_task_ends_only_when_cancelled_itself(control: ControlLoop) -> None:
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    task = control.spawn(forever(), name="forever")
+    assert await asyncio.to_thread(started.wait, 5)
+    waiter = asyncio.create_task(task.result())
+    await asyncio.sleep(0)
+    waiter.cancel()  # a waiter going away leaves the task running
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not await task.wait(0.05)
+    task.cancel()
+    assert await task.wait(5)
+    assert task.future.cancelled()
+
+
+def test_the_second_connection_shares_the_journal_and_its_outbox_count(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    second = journal.second_connection(busy_timeout_s=0.05)
+    second.open_second()
+    try:
+        before = journal.outbox_rows
+        body = {"order_id": "o-1", "channel": "api", "external_id": "e-1", "state": "PICKING",
+                "updated_ts": 1.0}  # fmt: skip
+        second.commit_orders(
+            [body], counters={"cmd:s": 7}, events=[EventRow(1.0, "order_state", {"kind": "x"})]
+        )
+        # One source of truth: the primary reads what the second connection committed.
+        assert journal.order("o-1") == body
+        assert journal.counters() == {"cmd:s": 7}
+        assert journal.outbox_rows == before + 1 == second.outbox_rows
+        # While the primary holds the write lock, the second connection's commit fails as
+        # retryable after its busy timeout instead of waiting (its thread heartbeats PLCs).
+        journal.db.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(JournalUnavailable):
+                second.commit_orders([], counters={"cmd:s": 8})
+        finally:
+            journal.db.execute("ROLLBACK")
+        second.commit_orders([], counters={"cmd:s": 8})
+        assert journal.counters() == {"cmd:s": 8}
+    finally:
+        second.close()
+        journal.close()
