@@ -11,7 +11,7 @@ status code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,6 +62,15 @@ def _classify(exc: DeviceError) -> Result:
     return "error"
 
 
+DeviceCall = Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+"""How a driver's coroutine is run: on the loop its link runs on (the runtime's control loop:
+``ControlLoop.call_async``)."""
+
+
+async def _here(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return await fn()
+
+
 class PlcCommandService:
     """Runs manual commands and keeps their record (journal + bus)."""
 
@@ -70,8 +79,10 @@ class PlcCommandService:
         journal: JournalPort,
         publish_events: Callable[[list[dict[str, Any]]], None],
         clock: Callable[[], float],
+        device_call: DeviceCall | None = None,
     ) -> None:
         self._journal = journal
+        self._device_call: DeviceCall = device_call if device_call is not None else _here
         self._publish_events = publish_events
         self._clock = clock
         self.counts: dict[tuple[str, str], int] = {}
@@ -91,11 +102,11 @@ class PlcCommandService:
         detail = ""
         try:
             if command == "start":
-                status = await driver.start()
+                status = await self._device_call(driver.start)
             elif command == "stop":
-                status = await driver.stop()
+                status = await self._device_call(driver.stop)
             elif command == "reset":
-                status = await driver.reset()
+                status = await self._device_call(driver.reset)
             else:  # pragma: no cover - the API validates the command
                 raise ValueError(f"unknown command {command!r}")
         except DeviceError as exc:

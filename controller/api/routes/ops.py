@@ -60,7 +60,10 @@ _COMMAND_STATUS = {
 def _plc_commands(request: Request, rt: Runtime) -> PlcCommandService:
     svc: PlcCommandService | None = getattr(request.app.state, "plc_commands", None)
     if svc is None:
-        svc = PlcCommandService(rt.journal, rt.bus.publish, rt.clock)
+        # The drivers run on the control loop; the record stays on this one.
+        svc = PlcCommandService(
+            rt.journal, rt.bus.publish, rt.clock, device_call=rt.control.call_async
+        )
         request.app.state.plc_commands = svc
     return svc
 
