@@ -248,10 +248,11 @@ def _read_head(path: Path, n: int) -> bytes:
 
 
 class Journal:
-    """Synchronous SQLite journal, used from the event loop thread only.
+    """Synchronous SQLite journal: each connection is used from one thread only.
 
     Commits take ~0.1–0.5 ms for a group of hundreds of rows, so they run inline where the
-    messages are read (STACK.md: a commit thread competing for the GIL is slower).
+    messages are read (a commit thread competing for the GIL is slower). The main loop owns
+    this connection; the control loop (orders) commits through `second_connection`.
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:

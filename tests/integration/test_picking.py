@@ -415,8 +415,14 @@ async def test_idempotency_matrix(
         oid = ids.pop()
         assert rt.journal.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 2
         # Reserved: this order's 2 units, plus the warm-up's while it is still open.
-        open_units = sum(t.qty for o in rt.picking.orders.values() for t in o.tasks if not t.final)
-        assert rt.picking.reserved("sh0") == open_units
+        # Read on the control loop, which owns the orders, in one step with the reservation.
+        open_units, reserved = await rt.control.call(
+            lambda: (
+                sum(t.qty for o in rt.picking.orders.values() for t in o.tasks if not t.final),
+                rt.picking.reserved("sh0"),
+            )
+        )
+        assert reserved == open_units
         assert rt.picking.get(oid)["tasks"][0]["state"] != "FAILED"  # type: ignore[index]
 
         other = await f.pick("dup-key", {**body, "lines": [{"sku": "K0", "qty": 3}]})
