@@ -103,6 +103,9 @@ def test_the_second_connection_shares_the_journal_and_its_outbox_count(tmp_path:
                 second.commit_orders([], counters={"cmd:s": 8})
         finally:
             journal.db.execute("ROLLBACK")
+        # The same while a transaction of the primary holds the process's writer lock.
+        with journal._writers, pytest.raises(JournalUnavailable):
+            second.commit_orders([], counters={"cmd:s": 8})
         second.commit_orders([], counters={"cmd:s": 8})
         assert journal.counters() == {"cmd:s": 8}
     finally:
