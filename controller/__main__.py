@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from controller import logs
+from controller.build import version
 from controller.config import ConfigError, SiteConfig, load_site, split_bind
 
 log = logging.getLogger("floorhand")
@@ -416,17 +417,6 @@ def cmd_token(args: argparse.Namespace) -> int:
         f"{args.role}:{token}"
     )
     return 0
-
-
-def version() -> str:
-    """The installed package's version (importlib.metadata)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
-
-    try:
-        return dist_version("floorhand")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
 
 
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")

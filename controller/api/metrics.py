@@ -10,11 +10,18 @@ fed from the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,6 +31,7 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from controller.api.auth import Role, public, require
+from controller.build import version
 from controller.bus import Bus
 from controller.runtime import Runtime
 from controller.services.supervision import HealthReport
@@ -123,6 +131,15 @@ class ApiMetrics:
             registry=r,
         )
         r.register(PICK_LATENCY)
+        self.build_info = Gauge(
+            "floorhand_build_info",
+            "Always 1; the labels name the installed release, the Python and the site id.",
+            ["version", "python", "site"],
+            registry=r,
+        )
+        self.build_info.labels(
+            version(), platform.python_version(), runtime.site.site.id if runtime else ""
+        ).set(1)
         self.picks = PickLatencyProbe()
         if runtime is not None:
             r.register(RuntimeCollector(runtime.supervision.report))
