@@ -442,6 +442,24 @@ def _from_env(
     return checked
 
 
+def _add_log_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=logs.LEVELS,
+        default=default,
+        help="log lines at this level and above (default INFO; env FLOORHAND_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=logs.FORMATS,
+        default=default,
+        help="text: 'LEVEL logger: message', time-stamped unless stderr is the systemd journal; "
+        "json: one object per line (default text; env FLOORHAND_LOG_FORMAT)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (every bad flag is a usage error, exit 2)."""
     parser = argparse.ArgumentParser(
@@ -450,30 +468,24 @@ def build_parser() -> argparse.ArgumentParser:
         "and sorters, reorder alerts, history, the API and the dashboard.",
     )
     parser.add_argument("--version", action="version", version=f"floorhand {version()}")
-    parser.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=logs.LEVELS,
-        help="log lines at this level and above (default INFO; env FLOORHAND_LOG_LEVEL)",
-    )
-    parser.add_argument(
-        "--log-format",
-        type=str.lower,
-        choices=logs.FORMATS,
-        help="text: 'LEVEL logger: message', time-stamped unless stderr is the systemd journal; "
-        "json: one object per line (default text; env FLOORHAND_LOG_FORMAT)",
-    )
+    _add_log_flags(parser, default=None)
+    log_flags = argparse.ArgumentParser(add_help=False)
+    _add_log_flags(log_flags, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p_run = sub.add_parser("run", help="run the controller for a site")
+    p_run = sub.add_parser("run", help="run the controller for a site", parents=[log_flags])
     p_run.add_argument("site", type=Path, help="the site file (TOML)")
     p_run.add_argument("--mqtt-url", help="override [mqtt] url (env FLOORHAND_MQTT_URL)")
     p_run.add_argument("--api-bind", help="override [api] bind HOST:PORT (env FLOORHAND_API_BIND)")
     p_run.add_argument("--journal", help="override [journal] path (env FLOORHAND_JOURNAL)")
     p_run.set_defaults(fn=cmd_run)
-    p_chk = sub.add_parser("check-config", help="validate a site file and print a summary")
+    p_chk = sub.add_parser(
+        "check-config", help="validate a site file and print a summary", parents=[log_flags]
+    )
     p_chk.add_argument("site", type=Path, help="the site file (TOML)")
     p_chk.set_defaults(fn=cmd_check_config)
-    p_tok = sub.add_parser("token", help="make an API token and print its [[api.tokens]] entry")
+    p_tok = sub.add_parser(
+        "token", help="make an API token and print its [[api.tokens]] entry", parents=[log_flags]
+    )
     p_tok.add_argument(
         "name", type=_token_name, help="who holds it (letters, digits, _ . -; at most 64)"
     )
@@ -490,7 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_format is None:
         args.log_format = _from_env(parser, "FLOORHAND_LOG_FORMAT", logs.FORMATS, "text")
     logs.configure(args.log_level, args.log_format)
-    rc: int = args.fn(args)
+    try:
+        rc: int = args.fn(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`floorhand check-config SITE | head -1`): no traceback, and no
+        # second one at exit when Python flushes stdout again (the recipe of Python's docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return rc
 
 
