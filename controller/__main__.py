@@ -25,11 +25,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller import logs
 from controller.build import version
 from controller.config import ConfigError, SiteConfig, load_site, split_bind
+from controller.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from controller.runtime import Runtime
 
 log = logging.getLogger("floorhand")
 
@@ -219,7 +223,19 @@ class StopGuard:
         os._exit(EXIT_STOP_OVERRUN)
 
 
-def _server_class(guard: StopGuard) -> type[Any]:
+def _notify_systemd(notifier: Notifier, runtime: Runtime, server: Any) -> None:
+    """After each supervision tick: ``READY=1`` once the journal is open and the state
+    restored, the broker session is up and the API serves; the watchdog fed."""
+    notifier.watchdog()
+    if notifier.ready_sent or notifier.stopping_sent or not notifier.enabled:
+        return
+    if runtime.ready and server.started:
+        notifier.ready(f"ready: site {runtime.site.site.id}, api http://{runtime.site.api.bind}")
+    else:
+        notifier.status("waiting for the broker session" if server.started else "starting")
+
+
+def _server_class(guard: StopGuard, notifier: Notifier | None = None) -> type[Any]:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -239,6 +255,8 @@ def _server_class(guard: StopGuard) -> type[Any]:
 
         def request_stop(self) -> None:
             self.should_exit = True
+            if notifier is not None:
+                notifier.stopping()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             self.request_stop()
@@ -333,6 +351,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from controller.api.auth import TokenConfigError
     from controller.runtime import Runtime
 
+    notifier = Notifier.from_environ()
     runtime = Runtime(site)
     try:
         runtime.journal.lock()  # before the broker: a second controller must not touch it
@@ -361,7 +380,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A stop must not wait on a slow request (a history query on a hanging database).
         timeout_graceful_shutdown=HTTP_DRAIN_S,
     )
-    server = _server_class(guard)(config)
+    server = _server_class(guard, notifier)(config)
+    runtime.supervision.after_tick.append(lambda: _notify_systemd(notifier, runtime, server))
+    notifier.status("starting: opening the journal, connecting to the broker")
     log.info(
         "floorhand %s: site %s, mqtt %s, api http://%s",
         version(),
@@ -375,6 +396,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SystemExit:
         pass  # uvicorn's "startup failed" (3); the runtime's own outcome decides the code
     guard.arm()  # from here on the process leaves within the bound, whatever hangs
+    notifier.stopping()
+    notifier.close()
     if not server.started and exit_code == EXIT_OK:
         exit_code = EXIT_FAILED
     if refused is not None:

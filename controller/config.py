@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -44,6 +45,34 @@ class ConfigError(Exception):
         self.errors = errors
         lines = "\n".join(f"  {path}: {msg}" for path, msg in errors)
         super().__init__(f"{source}: {len(errors)} configuration error(s)\n{lines}")
+
+
+class SecretError(ValueError):
+    """A secret's file (``<VAR>_FILE``) cannot be read."""
+
+
+def env_secret(name: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The secret named by the site file's ``*_env`` key ``name``, from, in order: the
+    variable ``name`` itself; the file named by ``<name>_FILE``; the file ``name`` in systemd's
+    ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=<name>:...``). One trailing newline of a file
+    is dropped. ``None`` when none is set; `SecretError` when a named file cannot be read."""
+    if not name:
+        return None
+    env = os.environ if environ is None else environ
+    if value := env.get(name):
+        return value
+    path: str | None = env.get(f"{name}_FILE") or None
+    if path is None and (creds := env.get("CREDENTIALS_DIRECTORY")):
+        candidate = Path(creds) / name
+        path = str(candidate) if candidate.is_file() else None
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SecretError(f"{name}: cannot read the secret file {path}: {reason}") from None
+    return text.removesuffix("\n").removesuffix("\r") or None
 
 
 class TlsConfig(_Frozen):
@@ -97,10 +126,9 @@ class MqttConfig(_Frozen):
         return self.tls.enabled or urlsplit(self.url).scheme in ("mqtts", "ssl")
 
     def credentials(self) -> tuple[str | None, str | None]:
-        """Username and password from the environment (``None`` when unset)."""
-        user = os.environ.get(self.username_env) if self.username_env else None
-        password = os.environ.get(self.password_env) if self.password_env else None
-        return user or None, password or None
+        """Username and password from the environment or their files (`env_secret`;
+        ``None`` when unset)."""
+        return env_secret(self.username_env), env_secret(self.password_env)
 
 
 class JournalConfig(_Frozen):
@@ -227,8 +255,8 @@ class HistoryConfig(_Frozen):
         return self
 
     def secret(self, env_name: str | None) -> str | None:
-        """The value of an environment variable named by the file (``None`` when unset)."""
-        return (os.environ.get(env_name) or None) if env_name else None
+        """The secret named by the file (`env_secret`; ``None`` when unset)."""
+        return env_secret(env_name)
 
 
 class ZoneConfig(_Frozen):
@@ -585,7 +613,10 @@ def load_site(path: str | Path, overrides: dict[str, str] | None = None) -> Site
 
     ``overrides`` may set ``mqtt_url``, ``mqtt_protocol``, ``api_bind`` and ``journal_path``;
     otherwise the environment variables ``FLOORHAND_MQTT_URL``, ``FLOORHAND_MQTT_PROTOCOL``,
-    ``FLOORHAND_API_BIND`` and ``FLOORHAND_JOURNAL`` apply, so one site file runs anywhere."""
+    ``FLOORHAND_API_BIND`` and ``FLOORHAND_JOURNAL`` apply, so one site file runs anywhere.
+    With ``$STATE_DIRECTORY`` set (systemd's ``StateDirectory=``), a relative journal path
+    resolves against it (no path in the file: ``$STATE_DIRECTORY/journal.sqlite``). A secret
+    file (`env_secret`) that cannot be read is a configuration error."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -616,7 +647,28 @@ def load_site(path: str | Path, overrides: dict[str, str] | None = None) -> Site
         journal = data.setdefault("journal", {})
         if isinstance(journal, dict):
             journal["path"] = journal_path
-    return parse_site(data, str(p))
+    site = parse_site(data, str(p))
+    state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_dir and not site.journal.path.is_absolute():
+        # Under systemd (StateDirectory=): the journal lives in the service's state directory.
+        named = isinstance(data.get("journal"), dict) and "path" in data["journal"]
+        path = Path(state_dir) / (site.journal.path if named else "journal.sqlite")
+        site = site.model_copy(update={"journal": site.journal.model_copy(update={"path": path})})
+    errors: list[tuple[str, str]] = []
+    secrets = [("mqtt.username_env", site.mqtt.username_env)]
+    secrets.append(("mqtt.password_env", site.mqtt.password_env))
+    h = site.history
+    secrets += [
+        (f"history.{k}", getattr(h, k)) for k in ("token_env", "username_env", "password_env")
+    ]
+    for key, name in secrets:
+        try:
+            env_secret(name)
+        except SecretError as exc:
+            errors.append((key, str(exc)))
+    if errors:
+        raise ConfigError(str(p), errors)
+    return site
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

@@ -445,6 +445,8 @@ class SupervisionService:
         self.started_at_s: float | None = None
         self.backpressure = False
         self.oversize = 0
+        self.after_tick: list[Callable[[], None]] = []
+        """Called after every tick of `run` (``floorhand run``: systemd readiness, watchdog)."""
         self._unsent: dict[str, tuple[bool, float]] = {}
         """System alerts the link could not queue (broker away, queue full): name → (active,
         since), sent again on each tick until the link takes them; a newer state replaces."""
@@ -459,10 +461,17 @@ class SupervisionService:
         return self.started.is_set() and self._link.state is LinkState.UP
 
     async def run(self) -> None:
-        """The ``supervision`` task: one ``tick`` every ``tick_s``."""
+        """The ``supervision`` task: one ``tick`` every ``tick_s``, then the ``after_tick``
+        hooks (the systemd watchdog: it is fed only while this loop runs, so a wedged event
+        loop stops feeding it)."""
         while True:
             await asyncio.sleep(self.settings.tick_s)
             self.tick()
+            for hook in self.after_tick:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a supervision hook failed")
 
     def tick(self) -> None:
         now = self._clock()
