@@ -245,7 +245,7 @@ class Journal:
     """Synchronous SQLite journal, used from the event loop thread only.
 
     Commits take ~0.1–0.5 ms for a group of hundreds of rows, so they run inline where the
-    messages are read (STACK.md: a commit thread competing for the GIL is slower).
+    messages are read (measured here: a commit thread competing for the GIL is slower).
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
