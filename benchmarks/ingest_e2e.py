@@ -284,8 +284,12 @@ async def running(rt: Runtime, *, wait_up: bool = True) -> AsyncIterator[asyncio
                 await rt.link.wait_up(15)
         yield task
     finally:
-        # Wait until the broker closed the connection (so it holds the session as offline and
-        # queues what comes next: QoS 0 sent to a closing connection is lost), then stop.
+        # Clear the owner claim first, as a clean stop does (a clean DISCONNECT does not fire
+        # the will, so the next runtime of the same site would wait for the claim to go stale);
+        # then wait until the broker closed the connection (so it holds the session as offline
+        # and queues what comes next: QoS 0 sent to a closing connection is lost), then stop.
+        with contextlib.suppress(Exception):
+            await rt.owner.release(5.0)
         with contextlib.suppress(Exception):
             await rt.link.disconnect()
         task.cancel()
