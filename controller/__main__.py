@@ -3,6 +3,7 @@
 floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
 floorhand check-config SITE.toml
 floorhand token NAME --role floor|supervisor|engineer
+floorhand journal backup DEST --site SITE.toml | --journal PATH
 floorhand --version
 """
 
@@ -442,6 +443,31 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_journal_backup(args: argparse.Namespace) -> int:
+    """``floorhand journal backup DEST``: progress on stderr, a summary line on stdout."""
+    from controller.adapters.journal_backup import BackupError, backup_journal
+
+    source: Path = args.journal if args.journal is not None else _load(args).journal.path
+    last = [-1]
+
+    def progress(copied: int, total: int) -> None:
+        percent = copied * 100 // max(1, total)
+        if percent // 10 != last[0] // 10 or copied == total:
+            last[0] = percent
+            print(f"backup: {copied}/{total} pages ({percent}%)", file=sys.stderr)
+
+    try:
+        result = backup_journal(source, args.dest, progress=progress)
+    except BackupError as exc:
+        print(f"floorhand: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"journal {source} backed up to {result.dest}: {result.pages} pages, "
+        f"{result.bytes} bytes, integrity_check ok, {result.took_s:.2f} s"
+    )
+    return EXIT_OK
+
+
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 """A token name the site file accepts (``[[api.tokens]] name``)."""
 
@@ -514,6 +540,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_tok.add_argument("--role", required=True, choices=["floor", "supervisor", "engineer"])
     p_tok.set_defaults(fn=cmd_token)
+    p_jrn = sub.add_parser("journal", help="journal maintenance (backup)", parents=[log_flags])
+    jrn = p_jrn.add_subparsers(dest="journal_command", required=True, metavar="ACTION")
+    p_bak = jrn.add_parser(
+        "backup",
+        help="copy the journal to DEST (SQLite online backup: safe while the controller runs)",
+        parents=[log_flags],
+    )
+    p_bak.add_argument("dest", type=Path, help="the new file to write (never overwritten)")
+    where = p_bak.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site", type=Path, help="the site file: its [journal] path")
+    where.add_argument("--journal", type=Path, help="the journal file itself")
+    p_bak.set_defaults(fn=cmd_journal_backup)
     return parser
 
 
