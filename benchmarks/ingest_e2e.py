@@ -77,7 +77,7 @@ from benchmarks.loadgen import (  # noqa: E402
 from controller.adapters.journal import Journal  # noqa: E402
 from controller.config import SiteConfig, load_site  # noqa: E402
 from controller.runtime import Runtime  # noqa: E402
-from controller.services.ingest import IngestService, shelf_specs  # noqa: E402
+from controller.services.ingest import IngestService, IngestSettings, shelf_specs  # noqa: E402
 from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage  # noqa: E402
 from devices.link.mqtt_codec import PacketParser, encode_publish  # noqa: E402
 from tests.mosquitto import MOSQUITTO_BIN, MosquittoBroker  # noqa: E402
@@ -1019,7 +1019,11 @@ def stage_breakdown(
                 journal = Journal(site.journal.path, synchronous=site.journal.synchronous)
                 journal.open()
             ingest = IngestService(
-                site, journal, _NullLink(), lambda events: None, shelf_specs=shelf_specs(site)
+                IngestSettings.from_site(site),
+                journal,
+                _NullLink(),
+                lambda events: None,
+                shelf_specs=shelf_specs(site),
             )
             parser = PacketParser(5)
             parse_s = 0.0

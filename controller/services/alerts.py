@@ -98,15 +98,13 @@ class AlertSettings:
 class AlertService:
     def __init__(
         self,
-        settings: AlertSettings | SiteConfig,
+        settings: AlertSettings,
         journal: AlertStore,
         link: MessageLink,
         publish_events: Callable[[list[dict[str, Any]]], None],
         shelf_states: dict[str, ShelfState],
         shelf_specs: dict[str, ShelfSpec],
     ) -> None:
-        if isinstance(settings, SiteConfig):
-            settings = AlertSettings.from_site(settings)  # until runtime.py passes settings
         self._journal = journal
         self._link = link
         self._publish_events = publish_events

@@ -127,7 +127,7 @@ class IngestSettings:
 class IngestService:
     def __init__(
         self,
-        settings: IngestSettings | SiteConfig,
+        settings: IngestSettings,
         journal: ReadingStore,
         link: MessageLink,
         publish_events: Callable[[list[dict[str, Any]]], None],
@@ -135,8 +135,6 @@ class IngestService:
         clock: Callable[[], float] = time.time,
         shelf_specs: dict[str, ShelfSpec],
     ) -> None:
-        if isinstance(settings, SiteConfig):
-            settings = IngestSettings.from_site(settings)  # until runtime.py passes settings
         self.settings = settings
         self._journal = journal
         self._link = link

@@ -197,7 +197,9 @@ def test_retained_states_beyond_the_link_queue_are_deferred_not_fatal(tmp_path: 
         link = FullQueueLink(room=10)
         specs = shelf_specs(site)
         states = {sid: ShelfState(spec) for sid, spec in specs.items()}
-        alerts = AlertService(site, journal, link, Bus().publish, states, specs)
+        alerts = AlertService(
+            AlertSettings.from_site(site), journal, link, Bus().publish, states, specs
+        )
         alerts.republish_all()  # must not raise
         assert len(link.published) == 10
         assert len(alerts.unpublished) == 15
