@@ -41,6 +41,7 @@ from controller.domain.events import CalibrationValues, SeqGap, SeqGapFilled, Sh
 from controller.domain.model import ShelfSpec
 from controller.domain.stock import ShelfSnapshot, ShelfState, apply_weight, check_stale
 from controller.ports import (
+    Backoff,
     CalibrationStore,
     Cursor,
     DeadLetter,
@@ -52,7 +53,6 @@ from controller.ports import (
     ReadingRow,
     ReadingStore,
 )
-from devices.link.backoff import Backoff
 from devices.shelf_scale import (
     RawReading,
     Rejected,

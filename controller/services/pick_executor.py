@@ -45,13 +45,13 @@ from controller.domain.orders import (
     transition,
 )
 from controller.domain.stock import ShelfState
+from controller.ports import LinkState
 from devices.errors import (
     CommandOutcomeUnknown,
     CommandRefused,
     DeviceError,
     ResultTimeout,
 )
-from devices.link.state import LinkState
 from devices.sorter import CmdIdBelowPlc, CommandLookup, CommandState, SortResult
 
 log = logging.getLogger("floorhand.picking")

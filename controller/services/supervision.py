@@ -33,9 +33,8 @@ import orjson
 
 from controller.domain.model import ShelfStatus
 from controller.domain.reorder import AlertState
-from controller.ports import EventRow, LinkStateChanged, ReadingRow
+from controller.ports import EventRow, LinkState, LinkStateChanged, ReadingRow
 from devices.errors import DeviceError
-from devices.link.state import LinkState
 
 log = logging.getLogger("floorhand.supervision")
 
