@@ -4,6 +4,9 @@ alert, outbox housekeeping, link events, oversize counting."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -446,3 +449,34 @@ def test_only_entering_and_leaving_up_are_plc_events() -> None:
         ("plc:c1", "down"),
     ]
     assert len(rig.journal.events) == 2
+
+
+# -- hooks after each tick (floorhand run: systemd readiness and watchdog) ----------------------
+
+
+async def test_hooks_run_after_every_tick_and_a_failing_one_stops_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    svc = started(Rig())
+    svc.settings = dataclasses.replace(svc.settings, tick_s=0.001)
+    fed: list[int] = []
+    three = asyncio.Event()
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    def feed() -> None:
+        fed.append(1)
+        if len(fed) >= 3:
+            three.set()
+
+    svc.after_tick += [broken, feed]
+    task = asyncio.create_task(svc.run(), name="supervision")
+    try:
+        await asyncio.wait_for(three.wait(), 5.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(fed) >= 3
+    assert "a supervision hook failed" in caplog.text
