@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from controller.config import ConfigError, SecretError, env_secret, load_site
+from controller.api.auth import Principal, Role, TokenConfigError, TokenStore
+from controller.config import ApiConfig, ConfigError, SecretError, env_secret, load_site
 from tests.sites import write_small_site
 
 VARS = (
@@ -77,3 +78,29 @@ def test_a_relative_journal_path_lives_in_the_state_directory(
     monkeypatch.delenv("STATE_DIRECTORY")
     monkeypatch.setenv("FLOORHAND_JOURNAL", "data/j.sqlite")
     assert load_site(site_file).journal.path == Path("data/j.sqlite")  # the working directory
+
+
+def test_api_tokens_from_files_and_the_credentials_directory(tmp_path: Path) -> None:
+    """``FLOORHAND_TOKEN_<NAME>`` also from ``<VAR>_FILE`` and from a systemd credential."""
+    api = ApiConfig()
+    token_file = tmp_path / "ops-token"
+    token_file.write_text("supervisor:ops-token-0123456789abcdef\n")
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "FLOORHAND_TOKEN_LINE1").write_text("floor:line1-token-0123456789abcdef")
+    (creds / "unrelated").write_text("x")
+    environ = {
+        "FLOORHAND_TOKEN_OPS_FILE": str(token_file),
+        "FLOORHAND_TOKEN_ENG": "engineer:eng-token-0123456789abcdef",
+        "CREDENTIALS_DIRECTORY": str(creds),
+    }
+    store = TokenStore.from_config(api, environ)
+    assert store.lookup("ops-token-0123456789abcdef") == Principal("ops", Role.SUPERVISOR)
+    assert store.lookup("line1-token-0123456789abcdef") == Principal("line1", Role.FLOOR)
+    assert store.lookup("eng-token-0123456789abcdef") == Principal("eng", Role.ENGINEER)
+    assert len(store.entries) == 3
+    with pytest.raises(TokenConfigError, match="FLOORHAND_TOKEN_OPS: cannot read"):
+        TokenStore.from_config(api, {"FLOORHAND_TOKEN_OPS_FILE": str(tmp_path / "missing")})
+    token_file.write_text("no-role-here")
+    with pytest.raises(TokenConfigError, match="expected <role>:<token>"):
+        TokenStore.from_config(api, {"FLOORHAND_TOKEN_OPS_FILE": str(token_file)})
