@@ -552,6 +552,16 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--site", type=Path, help="the site file: its [journal] path")
     where.add_argument("--journal", type=Path, help="the journal file itself")
     p_bak.set_defaults(fn=cmd_journal_backup)
+    from controller.site_schema import cmd_config_schema
+
+    p_cfg = sub.add_parser("config", help="site file tools (schema)", parents=[log_flags])
+    cfg = p_cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p_sch = cfg.add_parser(
+        "schema",
+        help="print the site file's JSON Schema (docs/site-file.md), for editors",
+        parents=[log_flags],
+    )
+    p_sch.set_defaults(fn=cmd_config_schema)
     return parser
 
 
