@@ -21,6 +21,7 @@ Everything is parsed from the two files, so the test and the files cannot drift 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
@@ -433,3 +435,78 @@ def test_the_compose_file_passes_docker_compose_config(folder: Path) -> None:
     result = config(broken)
     assert result.returncode != 0
     assert "stop_grace" in result.stderr, result.stderr
+
+
+def first_stage(text: str) -> tuple[str, list[tuple[str, str]], list[str]]:
+    """The build stage: its WORKDIR, its COPY (source, destination) pairs and its RUN lines."""
+    steps = instructions(text)
+    froms = [i for i, (word, _) in enumerate(steps) if word == "FROM"]
+    assert len(froms) == 2, "a build stage and a runtime stage"
+    workdir, copies, runs = "/", [], []
+    for word, args in steps[froms[0] + 1 : froms[1]]:
+        if word == "WORKDIR":
+            workdir = args
+        elif word == "COPY":
+            *sources, dest = shlex.split(args)
+            copies += [(src, dest) for src in sources]
+        elif word == "RUN":
+            runs.append(args)
+    return workdir, copies, runs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_build_stage_copies_enough_for_a_complete_wheel(folder: Path) -> None:
+    """What the build stage copies into the image is built into the wheel here, as its RUN
+    does (pip wheel, build backend isolated): nothing the wheel needs is left out."""
+    workdir, copies, runs = first_stage(DOCKERFILE.read_text())
+    assert any("pip wheel" in run and "--no-deps" in run for run in runs), runs
+    src = folder / workdir.lstrip("/")
+    src.mkdir(parents=True)
+    for source, dest in copies:
+        target = src / dest if not dest.startswith("/") else folder / dest.lstrip("/")
+        if (ROOT / source).is_dir():
+            shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / source, target)
+    out = folder / "dist"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    [wheel] = out.glob("floorhand-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = set(zf.namelist())
+    expected = {
+        str(p.relative_to(ROOT))
+        for package in ("controller", "devices", "simulators")
+        for p in (ROOT / package).rglob("*.py")
+    }
+    expected |= {
+        "devices/register_maps/" + p.name for p in (ROOT / "firmware-configs" / "plc").iterdir()
+    }
+    expected |= {
+        "controller/api/dashboard/" + str(p.relative_to(ROOT / "dashboards" / "web"))
+        for p in (ROOT / "dashboards" / "web").rglob("*")
+        if p.is_file()
+    }
+    assert not expected - names, sorted(expected - names)[:20]
+
+
+def test_the_healthcheck_asks_loopback_for_a_wildcard_bind_and_refuses_a_bad_one() -> None:
+    spec = importlib.util.spec_from_file_location("healthcheck", ROOT / "deploy" / "healthcheck.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.target("0.0.0.0:8080") == ("127.0.0.1", 8080)
+    assert module.target(":8080") == ("127.0.0.1", 8080)
+    assert module.target("[::]:9000") == ("::1", 9000)
+    assert module.target("[::1]:9000") == ("::1", 9000)
+    assert module.target("10.0.0.5:8080") == ("10.0.0.5", 8080)
+    for bad in ("8080", "host:", "host:http"):
+        with pytest.raises(ValueError, match="is not HOST:PORT"):
+            module.target(bad)
