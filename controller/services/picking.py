@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from controller.config import SiteConfig
+from controller.domain.events import BusEvent
 from controller.domain.model import ShelfSpec
 from controller.domain.orders import Order, OrderState, Resolution
 from controller.domain.routing import Station, Topology, ZoneRoute
@@ -65,7 +66,7 @@ class PickingService:
         *,
         conveyors: Mapping[str, BeltPort],
         sorters: Mapping[str, SorterPort],
-        publish_bus: Callable[[list[dict[str, Any]]], None],
+        publish_bus: Callable[[list[BusEvent]], None],
         publish_mqtt: Callable[[str, bytes], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -159,7 +160,7 @@ class PickingService:
         )
 
     # -- the executor --------------------------------------------------------------------------
-    def on_events(self, events: list[dict[str, Any]]) -> None:
+    def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener: a shelf's count fell → confirm waiting tasks on that shelf."""
         self.executor.on_events(events)
 

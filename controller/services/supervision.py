@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from controller.domain.events import BusEvent
 from controller.domain.model import ShelfStatus
 from controller.domain.reorder import AlertState
 from controller.ports import EventRow, LinkState, LinkStateChanged, ReadingRow
@@ -169,7 +170,7 @@ class SupervisedIngest(Protocol):
     @property
     def states(self) -> Mapping[str, ShelfStatusReads]: ...
 
-    def tick(self, now: float) -> list[dict[str, Any]]: ...
+    def tick(self, now: float) -> list[BusEvent]: ...
 
 
 class SupervisedAlerts(Protocol):
@@ -424,7 +425,7 @@ class SupervisionService:
         history: SupervisedHistory | None,
         plcs: Mapping[str, SupervisedPlc],
         bus: BusFigures,
-        publish_events: Callable[[list[dict[str, Any]]], None],
+        publish_events: Callable[[list[BusEvent]], None],
         clock: Callable[[], float],
         monotonic: Callable[[], float],
     ) -> None:
@@ -555,12 +556,12 @@ class SupervisionService:
         """Link state changes (broker, PLCs) are events like any other: journaled for the
         history, published on the bus for live consumers."""
         now = self._clock()
-        body = LinkStateChanged(now, link, old, new).as_dict()
+        event = LinkStateChanged(now, link, old, new)
         try:
-            self._journal.commit((), events=[EventRow(now, "link_state", body)])
+            self._journal.commit((), events=[EventRow(now, event.kind, event.as_dict())])
         except Exception as exc:
             log.error("could not journal the link state change: %s", exc)
-        self._publish_events([body])
+        self._publish_events([event])
 
     def plc_state_listener(self, plc_id: str) -> Callable[[LinkState, LinkState], None]:
         """The state listener of one PLC link: only entering and leaving UP are events
