@@ -444,12 +444,15 @@ class SupervisionService:
         self.started = asyncio.Event()
         self.started_at_s: float | None = None
         self.backpressure = False
+        self.journal_failing = False
+        """Ingest holds reading because the journal cannot be written (disk full, I/O error,
+        locked): the ``journal_unavailable`` system alert is active."""
         self.oversize = 0
         self.after_tick: list[Callable[[], None]] = []
         """Called after every tick of `run` (``floorhand run``: systemd readiness, watchdog)."""
-        self._unsent: dict[str, tuple[bool, float]] = {}
+        self._unsent: dict[str, tuple[bool, float, str | None]] = {}
         """System alerts the link could not queue (broker away, queue full): name → (active,
-        since), sent again on each tick until the link takes them; a newer state replaces."""
+        since, error), sent again on each tick until the link takes them; a newer state replaces."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def mark_started(self) -> None:
@@ -485,7 +488,8 @@ class SupervisionService:
         self._housekeeping()
         for name, pending in unsent.items():
             if self._unsent.get(name) == pending:
-                self._publish_system_alert(name, *pending)
+                active, since_s, error = pending
+                self._publish_system_alert(name, active, since_s, error=error)
 
     # -- outbox and backpressure --------------------------------------------------------------
     def check_outbox_bound(self) -> None:
@@ -513,6 +517,22 @@ class SupervisionService:
             self.gate.release("outbox")
             self._publish_system_alert("outbox_full", False)
             log.info("outbox below its bound again: backpressure off")
+        self._watch_journal()
+
+    def _watch_journal(self) -> None:
+        """Ingest holds reading while its group commit fails (the ``journal`` hold of the
+        gate): a retained system alert says so, with the journal's error, and clears once a
+        commit got through again (ingest retries on its own; no restart)."""
+        failing = "journal" in self.gate.holds
+        if failing is self.journal_failing:
+            return
+        self.journal_failing = failing
+        error = self._ingest.last_commit_error if failing else None
+        self._publish_system_alert("journal_unavailable", failing, error=error)
+        if failing:
+            log.error("journal unavailable (%s): not reading from the broker", error)
+        else:
+            log.info("journal writable again: reading from the broker")
 
     def _backpressure_on(self) -> None:
         self.backpressure = True
@@ -525,7 +545,9 @@ class SupervisionService:
             f" (history {hist['state']}: {hist['last_error']})" if hist is not None else "",
         )
 
-    def _publish_system_alert(self, name: str, active: bool, since_s: float | None = None) -> None:
+    def _publish_system_alert(
+        self, name: str, active: bool, since_s: float | None = None, *, error: str | None = None
+    ) -> None:
         """Retained controller alerts on ``<prefix>/<site>/alerts/system/<name>`` (beside the
         SKU alerts), so supervisors see why ingest stopped reading from the broker. One the
         link cannot queue is kept and sent again by the next tick."""
@@ -540,6 +562,8 @@ class SupervisionService:
             "history": hist,
             "plcs": {pid: plc.view().link for pid, plc in self._plcs.items()},
         }
+        if name == "journal_unavailable":
+            body["error"] = error
         topic = f"{self.settings.system_alert_base}/{name}"
         try:
             self._link.publish(topic, orjson.dumps(body), qos=1, retain=True)
@@ -547,7 +571,7 @@ class SupervisionService:
             pending = self._unsent.get(name)
             if pending is None or pending[0] is not active:  # once per state, not per tick
                 log.error("could not publish the %s alert (sent again later): %s", name, exc)
-            self._unsent[name] = (active, since_s)
+            self._unsent[name] = (active, since_s, error)
             return
         self._unsent.pop(name, None)
 
