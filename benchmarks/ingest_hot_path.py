@@ -47,6 +47,19 @@ def _child(root: Path, messages: int, groups: list[int], inner: int) -> dict[str
     from controller.services.ingest import IngestService, shelf_specs
     from devices.link.mqtt_codec import PacketParser
 
+    def ingest_settings(site: Any) -> Any:
+        """The constructor's first argument: settings since a1008e7, the site before (--base)."""
+        from controller.services import ingest
+
+        cls = getattr(ingest, "IngestSettings", None)
+        return cls.from_site(site) if cls is not None else site
+
+    def alert_settings(site: Any) -> Any:
+        from controller.services import alerts
+
+        cls = getattr(alerts, "AlertSettings", None)
+        return cls.from_site(site) if cls is not None else site
+
     # The drain's messages: MQTT 3.1.1 QoS 1 PUBLISH packets, one native reading each.
     encoded = encode_readings(device_names(DEVICES), messages, ts0=time.time() - messages / 4e4)
     buf, offsets = encoded.buf, encoded.offsets
@@ -59,9 +72,11 @@ def _child(root: Path, messages: int, groups: list[int], inner: int) -> dict[str
             journal.open()
             bus = Bus()
             link = _NullLink()
-            ingest = IngestService(site, journal, link, bus.publish, shelf_specs=shelf_specs(site))
+            ingest = IngestService(
+                ingest_settings(site), journal, link, bus.publish, shelf_specs=shelf_specs(site)
+            )
             alerts = AlertService(
-                site, journal, link, bus.publish, ingest.states, shelf_specs(site)
+                alert_settings(site), journal, link, bus.publish, ingest.states, shelf_specs(site)
             )
 
             def after_commit(events: list[dict[str, Any]]) -> None:

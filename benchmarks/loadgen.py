@@ -1,6 +1,6 @@
 """A fast raw MQTT 3.1.1 load generator: pre-encoded PUBLISH packets written in big chunks.
 
-paho-mqtt tops out near 25–30k msg/s QoS 1 on this machine (STACK.md), below what the
+paho-mqtt tops out near 25–30k msg/s QoS 1 on this machine (measured), below what the
 controller is meant to ingest, so benchmarks publish with this instead. Every packet is encoded
 before the clock starts and stored in one contiguous buffer; sending is ``sendall`` of a slice.
 QoS 1 PUBACKs are counted by a reader thread (a v3.1.1 PUBACK is exactly 4 bytes and the broker

@@ -52,6 +52,8 @@ from benchmarks.loadgen import device_names, encode_readings, publish_all  # noq
 from benchmarks.modbus_roundtrip import plcs_process  # noqa: E402
 from controller.api.app import create_app  # noqa: E402
 from controller.config import SiteConfig, load_site  # noqa: E402
+from controller.domain.events import BusEvent, PickTaskChanged  # noqa: E402
+from controller.domain.model import TaskState  # noqa: E402
 from controller.runtime import Runtime  # noqa: E402
 from devices.sorter import SorterDriver  # noqa: E402
 from tests.mosquitto import free_port  # noqa: E402
@@ -149,10 +151,10 @@ class Probe:
     def _on_write(self, cmd_id: int) -> None:
         self.first_write.setdefault(cmd_id, time.monotonic())
 
-    def _on_events(self, events: list[dict[str, Any]]) -> None:
+    def _on_events(self, events: list[BusEvent]) -> None:
         for ev in events:
-            if ev.get("kind") == "pick_task" and ev.get("state") == "DIVERTED":
-                self.sorted_at.setdefault(ev["order_id"], time.monotonic())
+            if isinstance(ev, PickTaskChanged) and ev.state is TaskState.DIVERTED:
+                self.sorted_at.setdefault(ev.order_id, time.monotonic())
 
 
 async def run_client(

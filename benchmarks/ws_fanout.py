@@ -37,6 +37,9 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 import psutil  # type: ignore[import-untyped,unused-ignore]  # noqa: E402
 
+from controller.domain.events import BusEvent, PickTaskChanged, StockChanged  # noqa: E402
+from controller.domain.model import TaskState  # noqa: E402
+
 TOKEN = "bench-live-token-0123456789abcdef"
 GROUP_S = 0.01
 
@@ -176,34 +179,30 @@ async def inject(
             return sent, now - t0
         due = int((now - t0) * rate)
         if due > sent:
-            group: list[dict[str, Any]] = []
+            group: list[BusEvent] = []
             ts = time.time()
             for i in range(sent, due):
                 if rng.random() < pick_share:
+                    # cmd_id numbers the pick events: the clients find the ones never seen
                     group.append(
-                        {
-                            "kind": "pick_task",
-                            "ts": ts,
-                            "order_id": f"B{i // 4}",
-                            "task_no": i % 4,
-                            "sku": "K1",
-                            "qty": 1,
-                            "state": "CONFIRMED",
-                            "seq": i,
-                        }
+                        PickTaskChanged(
+                            ts,
+                            f"B{i // 4}",
+                            i % 4,
+                            "K1",
+                            1,
+                            "sh1",
+                            "sorter-1",
+                            i,
+                            i,
+                            TaskState.CONFIRMED,
+                            "ok",
+                            None,
+                        )
                     )
                 else:
                     sid = rng.choice(shelves)
-                    group.append(
-                        {
-                            "kind": "stock_changed",
-                            "shelf_id": sid,
-                            "sku": "K" + sid[2:],
-                            "old_units": 20,
-                            "new_units": 19,
-                            "ts_s": ts,
-                        }
-                    )
+                    group.append(StockChanged(sid, "K" + sid[2:], 20, 19, ts))
             rt.bus.publish(group)
             sent = due
         await asyncio.sleep(GROUP_S)
@@ -332,7 +331,7 @@ async def clients_main(args: argparse.Namespace) -> None:
                         if len(lags) < 400_000 and rng.random() < 0.2:
                             lags.append(lag)
                         if typ == "pick":
-                            seq = m["event"]["seq"]
+                            seq = m["event"]["cmd_id"]
                             seen.add(seq)
                             if i == 0:
                                 picks_in_window.add(seq)

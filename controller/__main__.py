@@ -3,6 +3,7 @@
 floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
 floorhand check-config SITE.toml
 floorhand token NAME --role floor|supervisor|engineer
+floorhand journal backup DEST --site SITE.toml | --journal PATH
 floorhand --version
 """
 
@@ -25,10 +26,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller import logs
+from controller.build import version
 from controller.config import ConfigError, SiteConfig, load_site, split_bind
+from controller.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from controller.runtime import Runtime
 
 log = logging.getLogger("floorhand")
 
@@ -218,7 +224,19 @@ class StopGuard:
         os._exit(EXIT_STOP_OVERRUN)
 
 
-def _server_class(guard: StopGuard) -> type[Any]:
+def _notify_systemd(notifier: Notifier, runtime: Runtime, server: Any) -> None:
+    """After each supervision tick: ``READY=1`` once the journal is open and the state
+    restored, the broker session is up and the API serves; the watchdog fed."""
+    notifier.watchdog()
+    if notifier.ready_sent or notifier.stopping_sent or not notifier.enabled:
+        return
+    if runtime.ready and server.started:
+        notifier.ready(f"ready: site {runtime.site.site.id}, api http://{runtime.site.api.bind}")
+    else:
+        notifier.status("waiting for the broker session" if server.started else "starting")
+
+
+def _server_class(guard: StopGuard, notifier: Notifier | None = None) -> type[Any]:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -238,6 +256,8 @@ def _server_class(guard: StopGuard) -> type[Any]:
 
         def request_stop(self) -> None:
             self.should_exit = True
+            if notifier is not None:
+                notifier.stopping()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             self.request_stop()
@@ -332,6 +352,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from controller.api.auth import TokenConfigError
     from controller.runtime import Runtime
 
+    notifier = Notifier.from_environ()
     runtime = Runtime(site)
     try:
         runtime.journal.lock()  # before the broker: a second controller must not touch it
@@ -360,7 +381,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A stop must not wait on a slow request (a history query on a hanging database).
         timeout_graceful_shutdown=HTTP_DRAIN_S,
     )
-    server = _server_class(guard)(config)
+    server = _server_class(guard, notifier)(config)
+    runtime.supervision.after_tick.append(lambda: _notify_systemd(notifier, runtime, server))
+    notifier.status("starting: opening the journal, connecting to the broker")
     log.info(
         "floorhand %s: site %s, mqtt %s, api http://%s",
         version(),
@@ -374,6 +397,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except SystemExit:
         pass  # uvicorn's "startup failed" (3); the runtime's own outcome decides the code
     guard.arm()  # from here on the process leaves within the bound, whatever hangs
+    notifier.stopping()
+    notifier.close()
     if not server.started and exit_code == EXIT_OK:
         exit_code = EXIT_FAILED
     if refused is not None:
@@ -418,15 +443,29 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def version() -> str:
-    """The installed package's version (importlib.metadata)."""
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as dist_version
+def cmd_journal_backup(args: argparse.Namespace) -> int:
+    """``floorhand journal backup DEST``: progress on stderr, a summary line on stdout."""
+    from controller.adapters.journal_backup import BackupError, backup_journal
+
+    source: Path = args.journal if args.journal is not None else _load(args).journal.path
+    last = [-1]
+
+    def progress(copied: int, total: int) -> None:
+        percent = copied * 100 // max(1, total)
+        if percent // 10 != last[0] // 10 or copied == total:
+            last[0] = percent
+            print(f"backup: {copied}/{total} pages ({percent}%)", file=sys.stderr)
 
     try:
-        return dist_version("floorhand")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown (not installed)"
+        result = backup_journal(source, args.dest, progress=progress)
+    except BackupError as exc:
+        print(f"floorhand: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"journal {source} backed up to {result.dest}: {result.pages} pages, "
+        f"{result.bytes} bytes, integrity_check ok, {result.took_s:.2f} s"
+    )
+    return EXIT_OK
 
 
 TOKEN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -452,6 +491,24 @@ def _from_env(
     return checked
 
 
+def _add_log_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=logs.LEVELS,
+        default=default,
+        help="log lines at this level and above (default INFO; env FLOORHAND_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=logs.FORMATS,
+        default=default,
+        help="text: 'LEVEL logger: message', time-stamped unless stderr is the systemd journal; "
+        "json: one object per line (default text; env FLOORHAND_LOG_FORMAT)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser (every bad flag is a usage error, exit 2)."""
     parser = argparse.ArgumentParser(
@@ -460,35 +517,51 @@ def build_parser() -> argparse.ArgumentParser:
         "and sorters, reorder alerts, history, the API and the dashboard.",
     )
     parser.add_argument("--version", action="version", version=f"floorhand {version()}")
-    parser.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=logs.LEVELS,
-        help="log lines at this level and above (default INFO; env FLOORHAND_LOG_LEVEL)",
-    )
-    parser.add_argument(
-        "--log-format",
-        type=str.lower,
-        choices=logs.FORMATS,
-        help="text: 'LEVEL logger: message', time-stamped unless stderr is the systemd journal; "
-        "json: one object per line (default text; env FLOORHAND_LOG_FORMAT)",
-    )
+    _add_log_flags(parser, default=None)
+    log_flags = argparse.ArgumentParser(add_help=False)
+    _add_log_flags(log_flags, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p_run = sub.add_parser("run", help="run the controller for a site")
+    p_run = sub.add_parser("run", help="run the controller for a site", parents=[log_flags])
     p_run.add_argument("site", type=Path, help="the site file (TOML)")
     p_run.add_argument("--mqtt-url", help="override [mqtt] url (env FLOORHAND_MQTT_URL)")
     p_run.add_argument("--api-bind", help="override [api] bind HOST:PORT (env FLOORHAND_API_BIND)")
     p_run.add_argument("--journal", help="override [journal] path (env FLOORHAND_JOURNAL)")
     p_run.set_defaults(fn=cmd_run)
-    p_chk = sub.add_parser("check-config", help="validate a site file and print a summary")
+    p_chk = sub.add_parser(
+        "check-config", help="validate a site file and print a summary", parents=[log_flags]
+    )
     p_chk.add_argument("site", type=Path, help="the site file (TOML)")
     p_chk.set_defaults(fn=cmd_check_config)
-    p_tok = sub.add_parser("token", help="make an API token and print its [[api.tokens]] entry")
+    p_tok = sub.add_parser(
+        "token", help="make an API token and print its [[api.tokens]] entry", parents=[log_flags]
+    )
     p_tok.add_argument(
         "name", type=_token_name, help="who holds it (letters, digits, _ . -; at most 64)"
     )
     p_tok.add_argument("--role", required=True, choices=["floor", "supervisor", "engineer"])
     p_tok.set_defaults(fn=cmd_token)
+    p_jrn = sub.add_parser("journal", help="journal maintenance (backup)", parents=[log_flags])
+    jrn = p_jrn.add_subparsers(dest="journal_command", required=True, metavar="ACTION")
+    p_bak = jrn.add_parser(
+        "backup",
+        help="copy the journal to DEST (SQLite online backup: safe while the controller runs)",
+        parents=[log_flags],
+    )
+    p_bak.add_argument("dest", type=Path, help="the new file to write (never overwritten)")
+    where = p_bak.add_mutually_exclusive_group(required=True)
+    where.add_argument("--site", type=Path, help="the site file: its [journal] path")
+    where.add_argument("--journal", type=Path, help="the journal file itself")
+    p_bak.set_defaults(fn=cmd_journal_backup)
+    from controller.site_schema import cmd_config_schema
+
+    p_cfg = sub.add_parser("config", help="site file tools (schema)", parents=[log_flags])
+    cfg = p_cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    p_sch = cfg.add_parser(
+        "schema",
+        help="print the site file's JSON Schema (docs/site-file.md), for editors",
+        parents=[log_flags],
+    )
+    p_sch.set_defaults(fn=cmd_config_schema)
     return parser
 
 
@@ -500,7 +573,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.log_format is None:
         args.log_format = _from_env(parser, "FLOORHAND_LOG_FORMAT", logs.FORMATS, "text")
     logs.configure(args.log_level, args.log_format)
-    rc: int = args.fn(args)
+    try:
+        rc: int = args.fn(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`floorhand check-config SITE | head -1`): no traceback, and no
+        # second one at exit when Python flushes stdout again (the recipe of Python's docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return rc
 
 

@@ -15,6 +15,10 @@ Contract:
   group's event kinds; delivery to the other listeners and subscriptions goes on, and nothing
   propagates to the publisher (the ingest commit and ack are already done when it publishes).
 
+Events are typed (``controller.domain.events.BusEvent``: frozen event classes and the alert
+notices); listeners dispatch on their type and read attributes. The wire dict (``as_dict()``)
+is made only at the edges that serialise (journal, MQTT, the live WebSocket, history).
+
 Publishing never blocks and never waits on a consumer (the control path must not wait on the
 dashboard or history): each subscription is a bounded deque with a stated overflow policy,
 drop-oldest, and a counter of what it dropped.
@@ -26,11 +30,12 @@ import asyncio
 import logging
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+
+from controller.domain.events import BusEvent
 
 log = logging.getLogger("floorhand.bus")
 
-Listener = Callable[[list[dict[str, Any]]], None]
+Listener = Callable[[list[BusEvent]], None]
 
 
 class Subscription:
@@ -40,25 +45,25 @@ class Subscription:
         self._bus = bus
         self.name = name
         self.kinds = kinds
-        self._items: deque[dict[str, Any]] = deque(maxlen=maxsize)
+        self._items: deque[BusEvent] = deque(maxlen=maxsize)
         self._ready = asyncio.Event()
         self.dropped = 0
         self.delivered = 0
 
-    def offer(self, event: dict[str, Any]) -> None:
+    def offer(self, event: BusEvent) -> None:
         if len(self._items) == self._items.maxlen:
             self.dropped += 1  # deque(maxlen) drops the oldest on append
         self._items.append(event)
         self._ready.set()
 
-    def get_nowait(self) -> dict[str, Any] | None:
+    def get_nowait(self) -> BusEvent | None:
         if self._items:
             self.delivered += 1
             return self._items.popleft()
         self._ready.clear()
         return None
 
-    async def get(self, timeout_s: float | None = None) -> dict[str, Any]:
+    async def get(self, timeout_s: float | None = None) -> BusEvent:
         while True:
             item = self.get_nowait()
             if item is not None:
@@ -72,19 +77,19 @@ class Subscription:
     def close(self) -> None:
         self._bus._subs.discard(self)
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    async def __aiter__(self) -> AsyncIterator[BusEvent]:
         while True:
             yield await self.get()
 
 
 class Bus:
-    """Events are JSON-safe dicts with at least ``kind`` and ``ts``; groups are delivered in
-    publish order (the module docstring states the contract)."""
+    """Typed events (``BusEvent``), in groups delivered in publish order (the module docstring
+    states the contract)."""
 
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
         self._listeners: list[tuple[str, Listener]] = []
-        self._queue: deque[list[dict[str, Any]]] = deque()
+        self._queue: deque[list[BusEvent]] = deque()
         self._draining = False
         self._logged: set[tuple[str, type[BaseException]]] = set()
         self.published = 0
@@ -105,7 +110,7 @@ class Bus:
         label = name if name is not None else str(getattr(fn, "__qualname__", repr(fn)))
         self._listeners.append((label, fn))
 
-    def publish(self, events: list[dict[str, Any]]) -> None:
+    def publish(self, events: list[BusEvent]) -> None:
         """Queue ``events`` (one group) and, unless a drain is already running (a listener is
         publishing), deliver everything queued before returning."""
         if not events:
@@ -121,7 +126,7 @@ class Bus:
         finally:
             self._draining = False
 
-    def _deliver(self, events: list[dict[str, Any]]) -> None:
+    def _deliver(self, events: list[BusEvent]) -> None:
         for name, fn in self._listeners:
             try:
                 fn(events)
@@ -130,17 +135,17 @@ class Bus:
         for sub in self._subs:
             kinds = sub.kinds
             for ev in events:
-                if kinds is None or ev["kind"] in kinds:
+                if kinds is None or ev.kind in kinds:
                     sub.offer(ev)
 
-    def _listener_failed(self, name: str, events: list[dict[str, Any]], exc: Exception) -> None:
+    def _listener_failed(self, name: str, events: list[BusEvent], exc: Exception) -> None:
         self.listener_errors += 1
         self.listener_errors_by_name[name] += 1
         key = (name, type(exc))
         if key in self._logged or len(self._logged) >= 1000:
             return
         self._logged.add(key)
-        kinds = ", ".join(sorted({str(ev.get("kind")) for ev in events}))
+        kinds = ", ".join(sorted({ev.kind for ev in events}))
         log.error(
             "bus listener %s failed on %s (later failures of this kind are only counted): %s",
             name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -33,7 +34,7 @@ NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
 class ConfigError(Exception):
@@ -46,26 +47,73 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {len(errors)} configuration error(s)\n{lines}")
 
 
+class SecretError(ValueError):
+    """A secret's file (``<VAR>_FILE``) cannot be read."""
+
+
+def env_secret(name: str | None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The secret named by the site file's ``*_env`` key ``name``, from, in order: the
+    variable ``name`` itself; the file named by ``<name>_FILE``; the file ``name`` in systemd's
+    ``$CREDENTIALS_DIRECTORY`` (``LoadCredential=<name>:...``). One trailing newline of a file
+    is dropped. ``None`` when none is set; `SecretError` when a named file cannot be read."""
+    if not name:
+        return None
+    env = os.environ if environ is None else environ
+    if value := env.get(name):
+        return value
+    path: str | None = env.get(f"{name}_FILE") or None
+    if path is None and (creds := env.get("CREDENTIALS_DIRECTORY")):
+        candidate = Path(creds) / name
+        path = str(candidate) if candidate.is_file() else None
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise SecretError(f"{name}: cannot read the secret file {path}: {reason}") from None
+    return text.removesuffix("\n").removesuffix("\r") or None
+
+
 class TlsConfig(_Frozen):
     enabled: bool = False
+    """Connect to the broker over TLS (also implied by an ``mqtts://`` URL)."""
     ca_file: Path | None = None
+    """CA certificate (PEM) that signs the broker's certificate; the system CAs when unset."""
     cert_file: Path | None = None
+    """Client certificate (PEM) for brokers that require one."""
     key_file: Path | None = None
+    """The client certificate's private key (PEM)."""
     insecure_skip_verify: bool = False
+    """Accept any broker certificate and host name; for a bench, never a site."""
 
 
 class MqttConfig(_Frozen):
     url: str = "mqtt://127.0.0.1:1883"
+    """The broker, ``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883, TLS)."""
     client_id: Identifier = "floorhand"
+    """The controller's MQTT client id; the broker keeps its persistent session under it."""
     protocol: Literal[4, 5] = 5
+    """MQTT protocol version: 5 (MQTT 5) or 4 (3.1.1, for brokers without MQTT 5)."""
     username_env: str | None = "FLOORHAND_MQTT_USERNAME"
+    """Environment variable holding the broker user name (or ``<VAR>_FILE``, or a systemd
+    credential of that name)."""
     password_env: str | None = "FLOORHAND_MQTT_PASSWORD"
+    """Environment variable holding the broker password (same lookup as ``username_env``)."""
     topic_prefix: Identifier = "floorhand"
+    """First level of every Floorhand topic: ``<prefix>/<site>/<zone>/scale/<id>``."""
     keepalive_s: Annotated[float, Field(ge=1, le=600)] = 10.0
+    """MQTT keep-alive: the broker drops the connection after 1.5 times this without a packet."""
     session_expiry_s: Annotated[int, Field(ge=0)] = 86_400
+    """How long the broker keeps the controller's session (subscriptions and queued QoS 1
+    readings) while it is offline; 0 ends it at disconnect."""
     receive_maximum: Annotated[int, Field(ge=1, le=65_535)] = 4_000
+    """MQTT 5 Receive Maximum: QoS 1/2 messages the broker may send before the controller
+    acknowledges (each is acknowledged only once journaled)."""
     max_payload_bytes: Annotated[int, Field(ge=64, le=16_777_216)] = 262_144
+    """Larger messages are rejected and counted (``rejected[\"oversize\"]``), never parsed."""
     tls: TlsConfig = TlsConfig()
+    """TLS settings (``[mqtt.tls]``)."""
 
     @field_validator("url")
     @classmethod
@@ -97,17 +145,24 @@ class MqttConfig(_Frozen):
         return self.tls.enabled or urlsplit(self.url).scheme in ("mqtts", "ssl")
 
     def credentials(self) -> tuple[str | None, str | None]:
-        """Username and password from the environment (``None`` when unset)."""
-        user = os.environ.get(self.username_env) if self.username_env else None
-        password = os.environ.get(self.password_env) if self.password_env else None
-        return user or None, password or None
+        """Username and password from the environment or their files (`env_secret`;
+        ``None`` when unset)."""
+        return env_secret(self.username_env), env_secret(self.password_env)
 
 
 class JournalConfig(_Frozen):
     path: Path = Path("var/floorhand/journal.sqlite")
+    """The SQLite journal (stock, alerts, orders, the history outbox); relative paths resolve
+    against the working directory, or ``$STATE_DIRECTORY`` under systemd."""
     max_outbox_rows: Annotated[int, Field(ge=1_000)] = 5_000_000
+    """Bound of the history outbox: at it, the controller stops reading from the broker
+    (backpressure: readings wait, unacknowledged, in the broker) until the historian drains it."""
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    """SQLite ``PRAGMA synchronous``: NORMAL (WAL; a power cut may lose the last commits, never
+    corrupts) or FULL (every commit on disk, slower)."""
     dead_letter_keep: Annotated[int, Field(ge=0)] = 10_000
+    """Dead letters (messages that could not be handled) kept in the journal; older ones are
+    deleted."""
 
 
 class ApiTokenConfig(_Frozen):
@@ -115,24 +170,31 @@ class ApiTokenConfig(_Frozen):
     (``floorhand token`` prints a new token and its entry; docs/api.md)."""
 
     name: Identifier
+    """Who holds the token (appears in logs and the audit trail)."""
     role: Literal["floor", "supervisor", "engineer"]
+    """What the token may do: floor < supervisor < engineer (docs/api.md)."""
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    """SHA-256 of the token, 64 lower-case hex digits."""
 
 
 class ApiConfig(_Frozen):
     """``[api]``: bind address, bearer-token auth, body and rate limits (docs/api.md)."""
 
     bind: str = "127.0.0.1:8080"
+    """HOST:PORT the API, dashboard and ``/metrics`` listen on."""
     auth: Literal["on", "off"] = "on"
     """``off`` serves every route without a token (logged loudly); for a bench, never a site."""
     tokens: tuple[ApiTokenConfig, ...] = ()
+    """Bearer tokens (``[[api.tokens]]``)."""
     token_env_prefix: str = "FLOORHAND_TOKEN_"
     """Environment variables ``<prefix><NAME>=<role>:<token>`` add tokens (plaintext in the
     process environment only; hashed on load)."""
     max_body_bytes: Annotated[int, Field(ge=1_024, le=16_777_216)] = 65_536
+    """Larger request bodies are refused with 413 (never read whole)."""
     rate_per_s: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] = 20.0
     """Token-bucket refill rate per token (per client address without a valid token)."""
     rate_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 40
+    """Token-bucket size: requests a client may send at once before ``rate_per_s`` applies."""
     metrics: Literal["engineer", "open"] = "engineer"
     """Who may scrape ``/metrics``: an engineer token, or anyone who can reach the port."""
     allowed_origins: tuple[Annotated[str, Field(pattern=r"^(\*|https?://[^/\s]+)$")], ...] = ()
@@ -166,24 +228,42 @@ class HistoryConfig(_Frozen):
     recent outbox rows. Secrets come from the environment variables named here."""
 
     backend: Literal["none", "sqlite", "influxdb2", "influxdb1"] = "sqlite"
+    """Where history goes: ``sqlite`` (embedded), ``influxdb2``, ``influxdb1`` or ``none``."""
     url: str | None = None
     """InfluxDB base URL, ``http(s)://host:port`` (influxdb2, influxdb1)."""
     org: str | None = None
+    """InfluxDB organization (influxdb2)."""
     bucket: str | None = None
+    """InfluxDB bucket (influxdb2)."""
     token_env: str | None = "FLOORHAND_INFLUX_TOKEN"
+    """Environment variable holding the InfluxDB API token (influxdb2)."""
     db: str | None = None
+    """InfluxDB database (influxdb1)."""
     rp: str | None = None
+    """InfluxDB retention policy (influxdb1); the database's default when unset."""
     username_env: str | None = "FLOORHAND_INFLUX_USERNAME"
+    """Environment variable holding the InfluxDB user name (influxdb1)."""
     password_env: str | None = "FLOORHAND_INFLUX_PASSWORD"
+    """Environment variable holding the InfluxDB password (influxdb1)."""
     batch_size: Annotated[int, Field(ge=1, le=5_000)] = 5_000
+    """Outbox rows (points) per write to the history store."""
     gzip: bool = True
+    """Compress writes to InfluxDB."""
     timeout_s: Annotated[float, Field(gt=0, le=300, allow_inf_nan=False)] = 10.0
+    """Time limit of one write or query to InfluxDB."""
     backoff_initial_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 0.2
+    """First retry delay after a failed write; it doubles (with jitter) up to ``backoff_max_s``
+    and resets on success."""
     backoff_max_s: Annotated[float, Field(gt=0, le=3_600, allow_inf_nan=False)] = 30.0
+    """Longest retry delay after failed writes."""
     flush_interval_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] = 1.0
+    """Longest wait between drains of the outbox when it is not full (a new row wakes the
+    historian sooner)."""
     sqlite_path: Path | None = None
     """The embedded store's file; default ``history.sqlite`` next to the journal."""
     retention_days: Annotated[float, Field(gt=0, le=36_500, allow_inf_nan=False)] = 30.0
+    """History kept by the embedded ``sqlite`` store; older points are deleted (InfluxDB keeps
+    its own retention)."""
     state_path: Path | None = None
     """The historian's timestamp state; default ``<journal>.history-state.json``."""
 
@@ -227,13 +307,15 @@ class HistoryConfig(_Frozen):
         return self
 
     def secret(self, env_name: str | None) -> str | None:
-        """The value of an environment variable named by the file (``None`` when unset)."""
-        return (os.environ.get(env_name) or None) if env_name else None
+        """The secret named by the file (`env_secret`; ``None`` when unset)."""
+        return env_secret(env_name)
 
 
 class ZoneConfig(_Frozen):
     id: Identifier
+    """Zone id (appears in MQTT topics)."""
     name: str = ""
+    """Display name."""
     conveyors: tuple[Identifier, ...] = ()
     """Conveyor PLCs (``[[plcs]]`` ids, kind conveyor) that carry this zone's totes to its
     sorter, in order. They are started (if stopped) before a pick from this zone."""
@@ -245,9 +327,13 @@ class PackStationConfig(_Frozen):
     """``[[pack_stations]]``: a pack station is one lane of a sorter."""
 
     id: Identifier
+    """Pack station id."""
     name: str = ""
+    """Display name."""
     sorter: Identifier
+    """The sorter PLC (``[[plcs]]`` id, kind sorter) whose lane this is."""
     lane: Annotated[int, Field(ge=1, le=16)]
+    """The sorter lane (1-based) that ends at this station."""
 
 
 class PickingConfig(_Frozen):
@@ -270,13 +356,24 @@ class PickingConfig(_Frozen):
 
 class SkuConfig(_Frozen):
     id: Identifier
+    """SKU id."""
     name: str = ""
+    """Display name."""
     reorder_point: Annotated[int, Field(ge=0)]
+    """Total units (all shelves) at or below which a LOW reorder alert is raised."""
     safety_stock: Annotated[int, Field(ge=0)]
+    """Total units at or below which the alert is CRITICAL (0 units: OUT); at most
+    ``reorder_point``."""
     max_stock: Annotated[int, Field(gt=0)]
+    """Units to order up to; at least ``reorder_point``."""
     lead_time_d: NonNegFloat = 7.0
+    """Supplier lead time, shown with the alert (informational)."""
     hysteresis_units: Annotated[int, Field(ge=0)] | None = None
+    """An alert resolves only once stock stays above ``reorder_point`` + this for ``dwell_s``;
+    unset: ``max(1, round(0.1 * reorder_point))``."""
     dwell_s: NonNegFloat = 5.0
+    """How long a level must hold before an alert is raised, escalated, de-escalated or resolved
+    (a level flapping around the reorder point raises once)."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> Self:
@@ -296,13 +393,23 @@ class ScaleConfig(_Frozen):
     """
 
     id: Identifier
+    """Scale id (appears in MQTT topics)."""
     zone: Identifier
+    """The zone (``[[zones]]`` id) the scale is in."""
     format: Literal["native", "esphome"] = "native"
+    """``native`` (Floorhand JSON readings) or ``esphome`` (stock ESPHome firmware, one number
+    in grams per sensor)."""
     channels: Annotated[int, Field(ge=1, le=64)] = 1
+    """Load cells (shelves) the scale reports."""
     esphome_node: Identifier | None = None
+    """ESPHome node name (the first topic level); required for ``esphome``."""
     esphome_sensors: tuple[Identifier, ...] = ()
+    """ESPHome sensor object ids, one per channel, in channel order."""
     reporting_interval_s: PositiveFloat = 5.0
+    """How often the scale reports; a shelf is STALE after ``[site] stale_after_intervals`` of
+    these without a reading."""
     max_weight_g: PositiveFloat = 100_000.0
+    """The scale's range; a heavier reading makes the shelf AMBIGUOUS (``over_range``)."""
 
     @model_validator(mode="after")
     def _esphome(self) -> Self:
@@ -319,21 +426,36 @@ class ScaleConfig(_Frozen):
 
 class ShelfReorderConfig(_Frozen):
     reorder_point: Annotated[int, Field(ge=0)]
+    """Units on this shelf at or below which a shelf-level LOW alert is raised."""
     safety_stock: Annotated[int, Field(ge=0)] = 0
+    """Units on this shelf at or below which the shelf alert is CRITICAL."""
 
 
 class ShelfConfig(_Frozen):
     id: Identifier
+    """Shelf id."""
     zone: Identifier
+    """The zone (``[[zones]]`` id); the same as its scale's."""
     location: str = ""
+    """Where the shelf is (free text, e.g. aisle/bay/level)."""
     scale: Identifier
+    """The scale (``[[scales]]`` id) under the shelf."""
     channel: Annotated[int, Field(ge=0)] = 0
+    """The scale channel (0-based) this shelf sits on."""
     sku: Identifier
+    """The SKU (``[[skus]]`` id) stocked here."""
     unit_weight_g: PositiveFloat
+    """Weight of one unit."""
     tare_g: NonNegFloat = 0.0
+    """Weight of the empty shelf (bin, tray) on the scale."""
     capacity_units: Annotated[int, Field(gt=0)]
+    """Units that fit; a full shelf must be within the scale's ``max_weight_g``."""
     tolerance_frac: Annotated[float, Field(gt=0, le=0.5)] = 0.3
+    """Counting tolerance: ``(weight - tare) / unit_weight`` counts when within this fraction of
+    a unit of a whole number, else the shelf is AMBIGUOUS (``between_units``)."""
     reorder: ShelfReorderConfig | None = None
+    """Optional per-shelf reorder policy (``[shelves.reorder]``): alerts keyed by shelf instead
+    of SKU."""
 
 
 class PlcConfig(_Frozen):
@@ -344,28 +466,46 @@ class PlcConfig(_Frozen):
     uses (belt length, speeds, lanes ...) are accepted here and otherwise ignored."""
 
     id: Identifier
+    """PLC id."""
     kind: Literal["conveyor", "sorter"]
+    """``conveyor`` or ``sorter`` (selects the register map, docs/plc-integration.md)."""
     host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    """The PLC's Modbus TCP host."""
     port: Annotated[int, Field(ge=1, le=65_535)]
+    """The PLC's Modbus TCP port."""
     unit: Annotated[int, Field(ge=1, le=247)] = 1
+    """Modbus unit (slave) id."""
     timeout_s: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] = 0.5
     """Reply time limit of one request; an unanswered request counts toward liveness."""
     heartbeat: bool = True
     """Write the heartbeat register every 250 ms (the PLC's watchdog needs it)."""
     # Simulator-only keys (simulators/plc.py PlcSpec), accepted so one site file serves both.
     length_mm: NonNegFloat | None = None
+    """Simulator only (conveyor): belt length."""
     max_speed_mm_s: NonNegFloat | None = None
+    """Simulator only (conveyor): top belt speed."""
     speed_mm_s: NonNegFloat | None = None
+    """Simulator only: a conveyor's initial speed setpoint; a sorter's belt speed."""
     ramp_s: NonNegFloat | None = None
+    """Simulator only: time to ramp the belt up to speed."""
     jam_rate_per_h: NonNegFloat | None = None
+    """Simulator only: random jams per hour."""
     induct_mm: NonNegFloat | None = None
+    """Simulator only (sorter): distance from the induction to the first lane."""
     lane_pitch_mm: NonNegFloat | None = None
+    """Simulator only (sorter): distance between lanes."""
     loop_mm: NonNegFloat | None = None
+    """Simulator only (sorter): length of the loop."""
     lane_drain_s: NonNegFloat | None = None
+    """Simulator only (sorter): time a pack station takes to clear one tote from its lane."""
     lanes: Annotated[int, Field(ge=0)] | None = None
+    """Sorter lanes; pack stations are checked against it (the simulator builds this many)."""
     lane_capacity: Annotated[int, Field(ge=0)] | None = None
+    """Simulator only (sorter): totes a lane holds before it is full."""
     queue_capacity: Annotated[int, Field(ge=0)] | None = None
+    """Simulator only (sorter): divert commands it queues."""
     max_recirculations: Annotated[int, Field(ge=0)] | None = None
+    """Simulator only (sorter): times a tote may go round the loop."""
 
     @property
     def endpoint(self) -> str:
@@ -374,7 +514,9 @@ class PlcConfig(_Frozen):
 
 class SiteInfo(_Frozen):
     id: Identifier
+    """Site id (the second MQTT topic level)."""
     name: str = ""
+    """Display name."""
     stale_after_intervals: Annotated[float, Field(ge=1.5)] = 3.0
     """A scale is STALE after this many missed reporting intervals."""
     max_clock_skew_s: PositiveFloat = 300.0
@@ -422,17 +564,29 @@ def _check_routes(site: SiteConfig, errors: list[tuple[str, str]]) -> None:
 
 class SiteConfig(_Frozen):
     site: SiteInfo
+    """The site itself (``[site]``)."""
     mqtt: MqttConfig = MqttConfig()
+    """The broker connection (``[mqtt]``)."""
     journal: JournalConfig = JournalConfig()
+    """The SQLite journal (``[journal]``)."""
     api: ApiConfig = ApiConfig()
+    """The HTTP API and dashboard (``[api]``)."""
     history: HistoryConfig = HistoryConfig()
+    """The historian (``[history]``)."""
     zones: tuple[ZoneConfig, ...]
+    """Zones (``[[zones]]``)."""
     skus: tuple[SkuConfig, ...]
+    """SKUs and their reorder policy (``[[skus]]``)."""
     scales: tuple[ScaleConfig, ...]
+    """Scales (``[[scales]]``)."""
     shelves: tuple[ShelfConfig, ...]
+    """Shelves (``[[shelves]]``): one per scale channel."""
     plcs: tuple[PlcConfig, ...] = ()
+    """Conveyor and sorter PLCs (``[[plcs]]``)."""
     pack_stations: tuple[PackStationConfig, ...] = ()
+    """Pack stations (``[[pack_stations]]``)."""
     picking: PickingConfig = PickingConfig()
+    """Picking (``[picking]``)."""
 
     @model_validator(mode="after")
     def _cross_check(self) -> Self:
@@ -585,7 +739,10 @@ def load_site(path: str | Path, overrides: dict[str, str] | None = None) -> Site
 
     ``overrides`` may set ``mqtt_url``, ``mqtt_protocol``, ``api_bind`` and ``journal_path``;
     otherwise the environment variables ``FLOORHAND_MQTT_URL``, ``FLOORHAND_MQTT_PROTOCOL``,
-    ``FLOORHAND_API_BIND`` and ``FLOORHAND_JOURNAL`` apply, so one site file runs anywhere."""
+    ``FLOORHAND_API_BIND`` and ``FLOORHAND_JOURNAL`` apply, so one site file runs anywhere.
+    With ``$STATE_DIRECTORY`` set (systemd's ``StateDirectory=``), a relative journal path
+    resolves against it (no path in the file: ``$STATE_DIRECTORY/journal.sqlite``). A secret
+    file (`env_secret`) that cannot be read is a configuration error."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -616,7 +773,28 @@ def load_site(path: str | Path, overrides: dict[str, str] | None = None) -> Site
         journal = data.setdefault("journal", {})
         if isinstance(journal, dict):
             journal["path"] = journal_path
-    return parse_site(data, str(p))
+    site = parse_site(data, str(p))
+    state_dir = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    if state_dir and not site.journal.path.is_absolute():
+        # Under systemd (StateDirectory=): the journal lives in the service's state directory.
+        named = isinstance(data.get("journal"), dict) and "path" in data["journal"]
+        path = Path(state_dir) / (site.journal.path if named else "journal.sqlite")
+        site = site.model_copy(update={"journal": site.journal.model_copy(update={"path": path})})
+    errors: list[tuple[str, str]] = []
+    secrets = [("mqtt.username_env", site.mqtt.username_env)]
+    secrets.append(("mqtt.password_env", site.mqtt.password_env))
+    h = site.history
+    secrets += [
+        (f"history.{k}", getattr(h, k)) for k in ("token_env", "username_env", "password_env")
+    ]
+    for key, name in secrets:
+        try:
+            env_secret(name)
+        except SecretError as exc:
+            errors.append((key, str(exc)))
+    if errors:
+        raise ConfigError(str(p), errors)
+    return site
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from controller.domain.events import Event
-from devices.link.state import LinkState
+
+# The link's state and the retry policy are shared with the device links (devices/ never imports
+# controller/): services take them from here, never from devices.link (an import contract).
+from devices.link.backoff import Backoff as Backoff
+from devices.link.state import LinkState as LinkState
 
 
 class ReadingRow(NamedTuple):

@@ -25,6 +25,7 @@ from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.config import PlcConfig, SiteConfig
 from controller.control import ControlLoop, ControlTask
+from controller.domain.events import BusEvent
 from controller.owner import OwnerProbe, SiteOwnership
 from controller.ports import HistorySink
 from controller.services.alerts import AlertService, AlertSettings
@@ -423,7 +424,7 @@ class Runtime:
                 log.error("could not publish a pick command result: %s", exc)
         self.link.ack([m.packet_id for m in msgs if m.packet_id], epoch)
 
-    def _after_commit(self, events: list[dict[str, Any]]) -> None:
+    def _after_commit(self, events: list[BusEvent]) -> None:
         self.alerts.on_events(events)
         self.alerts.evaluate_dirty(self.clock())
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -13,7 +15,6 @@ from typing import Any, Protocol
 
 import httpx
 
-from tests.mosquitto import free_port
 from tests.sites import auth_headers
 from tests.waiting import wait_for_condition
 
@@ -23,6 +24,29 @@ SHARED_SSL = ssl.create_default_context()
 """For every httpx client of the tests: the API is plain HTTP on 127.0.0.1, but an httpx client
 built without one loads the CA bundle into a new SSL context (about 150 ms of CPU each, so a
 wait polling with a client per request kept a core busy)."""
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def api_port() -> int:
+    """A port on 127.0.0.1 nobody listens on, below the kernel's ephemeral range. A port from
+    that range (bind to port 0) can be taken by any outgoing connection on the machine in the
+    seconds before the controller binds it; that refused a start ("the API address ... is in
+    use") in test_shutdown on a busy machine."""
+    low = _ephemeral_low()
+    while True:
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class ChildProcess(Protocol):
@@ -44,7 +68,7 @@ class ControllerProcess:
     def __init__(self, site: Path, folder: Path, *, env: dict[str, str] | None = None) -> None:
         self.site = site
         self.folder = folder
-        self.api_port = free_port()
+        self.api_port = api_port()
         self.env = env or {}
         self.proc: ChildProcess | None = None
         self.starts = 0

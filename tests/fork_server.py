@@ -1,7 +1,7 @@
 """``floorhand run`` processes without the interpreter start: a fork server for tests that start
 the controller many times (tests/integration/test_shutdown.py: 50 bounded stops).
 
-A fresh ``python -m controller run`` spends about 1.5 s of CPU importing FastAPI, pydantic,
+A fresh ``python -m controller run`` spends 1.5-3 s here importing FastAPI, pydantic,
 uvicorn and the controller before it does anything; on a loaded 2-core machine that was most of
 each stop test's time. The server (``python -m tests.fork_server``, one per test) imports all of
 that once, single-threaded, then forks one child per request. The child redirects its output to
@@ -119,8 +119,7 @@ def serve() -> None:
     eof = False
     while not eof or children:
         fds = [wake_r] if eof else [stdin, wake_r]
-        with contextlib.suppress(InterruptedError):
-            readable, _, _ = select.select(fds, [], [], 1.0)
+        readable, _, _ = select.select(fds, [], [], 1.0)  # retried on EINTR (PEP 475)
         if wake_r in readable:
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 512)

@@ -44,6 +44,8 @@ from controller.ports import JournalError as JournalError  # re-exported: caller
 log = logging.getLogger("floorhand.journal")
 
 SCHEMA_VERSION = 1
+"""The journal layout this controller writes, kept in ``PRAGMA user_version`` (and, for
+releases that only read it there, in ``meta.schema_version``). `MIGRATIONS` lead up to it."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -124,6 +126,75 @@ _CURSOR_COLUMNS = {"floor": "INTEGER", "holes": "BLOB", "gaps": "INTEGER", "miss
 """Columns journals written before gap accounting lack (added on open). Their rows carry a
 ``window`` bitmap of the 256 seqs below the newest instead (bit i ↔ seq − 1 − i), read once by
 ``_legacy_cursor``; cursors written since store an empty window."""
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a DDL script, run one by one: ``executescript`` would commit the
+    migration's transaction half way."""
+    return [stmt.strip() for stmt in script.split(";") if stmt.strip()]
+
+
+def _migrate_to_1(db: sqlite3.Connection) -> None:
+    """Layout 1, the baseline: what every journal before versioning (``user_version`` 0) had
+    or lacked, completed. Creates the tables older layouts lack (orders, idempotency, counters,
+    shelf_calibrations; all of them for a new file) and the gap-accounting cursor columns;
+    a journal that already has them is left as it is."""
+    for stmt in _statements(_SCHEMA + _ORDER_SCHEMA + _CALIBRATION_SCHEMA):
+        db.execute(stmt)
+    have = {r[1] for r in db.execute("PRAGMA table_info(device_cursors)")}
+    for column, kind in _CURSOR_COLUMNS.items():
+        if column not in have:
+            db.execute(f"ALTER TABLE device_cursors ADD COLUMN {column} {kind}")
+
+
+Migration = tuple[int, str, Callable[[sqlite3.Connection], None]]
+
+MIGRATIONS: tuple[Migration, ...] = (
+    (1, "baseline: orders, idempotency, counters, calibrations, cursor gap columns", _migrate_to_1),
+)
+"""Step ``(n, what, fn)`` takes a journal from layout n − 1 to n, in one transaction that also
+sets ``user_version`` to n. A layout change adds a step (and bumps `SCHEMA_VERSION`); a released
+step is never edited, since journals on sites were migrated by it."""
+
+
+class JournalTooNew(JournalError):
+    """The journal was written by a newer Floorhand (a later layout): it is not touched."""
+
+
+def _refuse_newer(db: sqlite3.Connection, path: Path) -> None:
+    """JournalTooNew when ``db``'s layout is later than `SCHEMA_VERSION`; reads only."""
+    layout = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if layout > SCHEMA_VERSION:
+        raise JournalTooNew(
+            f"journal {path} has layout {layout}, written by a newer Floorhand; this one reads "
+            f"layouts up to {SCHEMA_VERSION}: refusing to open it (run the newer release, or "
+            "restore a backup made by this one)"
+        )
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> tuple[int, ...]:
+    """Run the steps of `MIGRATIONS` the journal lacks; the versions applied (``()``: none)."""
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    applied: list[int] = []
+    for version, what, step in MIGRATIONS:
+        if version <= found:
+            continue
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            step(db)
+            db.execute(f"PRAGMA user_version={version}")
+            db.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(version),),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        log.info("journal %s: migrated to layout %d (%s)", path, version, what)
+        applied.append(version)
+    return tuple(applied)
+
 
 CHECKPOINT_INTERVAL_S = 0.25
 """How often the checkpoint thread folds the WAL into the database."""
@@ -251,8 +322,9 @@ class Journal:
     """Synchronous SQLite journal: each connection is used from one thread only.
 
     Commits take ~0.1–0.5 ms for a group of hundreds of rows, so they run inline where the
-    messages are read (a commit thread competing for the GIL is slower). The main loop owns
-    this connection; the control loop (orders) commits through `second_connection`.
+    messages are read (measured here: a commit thread competing for the GIL is slower). The
+    main loop owns this connection; the control loop (orders) commits through
+    `second_connection`.
     """
 
     def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
@@ -272,6 +344,8 @@ class Journal:
         self.checkpointed = threading.Event()
         """Set after each checkpoint (tests and tools wait on it)."""
         self.checkpoint_error: str | None = None
+        self.migrated: tuple[int, ...] = ()
+        """Layouts the last `open` migrated the file to (``()``: it was current)."""
 
     @property
     def outbox_rows(self) -> int:
@@ -339,6 +413,18 @@ class Journal:
                 "(same site identity): refusing to start"
             ) from None
         self._lock_fd = fd
+        if self.path.exists():  # the CLI locks first: a newer layout is refused before the broker
+            try:
+                db = sqlite3.connect(self.path)
+                try:
+                    _refuse_newer(db, self.path)
+                finally:
+                    db.close()
+            except JournalTooNew:
+                self.close()
+                raise
+            except sqlite3.Error:
+                pass  # an unreadable file: `open` reports it with its integrity check
 
     def open(self) -> Restored:
         self.lock()
@@ -349,6 +435,7 @@ class Journal:
             self.close()
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
         try:
+            _refuse_newer(db, self.path)  # before anything writes: such a file stays untouched
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.execute("PRAGMA temp_store=MEMORY")
@@ -360,24 +447,7 @@ class Journal:
             integrity = db.execute("PRAGMA quick_check").fetchone()[0]
             if integrity != "ok":
                 raise JournalError(f"journal {self.path} failed its integrity check: {integrity}")
-            db.executescript(_SCHEMA)
-            db.executescript(_ORDER_SCHEMA)
-            db.executescript(_CALIBRATION_SCHEMA)
-            have = {r[1] for r in db.execute("PRAGMA table_info(device_cursors)")}
-            for column, kind in _CURSOR_COLUMNS.items():
-                if column not in have:
-                    db.execute(f"ALTER TABLE device_cursors ADD COLUMN {column} {kind}")
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO meta(key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise JournalError(
-                    f"journal {self.path} has schema {row[0]}, this controller expects "
-                    f"{SCHEMA_VERSION}"
-                )
+            self.migrated = _migrate(db, self.path)
         except sqlite3.Error as exc:
             db.close()
             self.close()

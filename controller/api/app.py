@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controller.api.api_docs import install_api_docs
 from controller.api.deps import install_queries
 from controller.api.limits import allowed_methods, install_security
 from controller.api.routes import alerts as alerts_routes
@@ -77,6 +78,8 @@ def create_app(
         version="0.1.0",
         summary="Warehouse stock monitoring and automation controller",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load from a CDN; ours are served locally (api_docs)
+        redoc_url=None,
         responses={422: {"model": Problem, "content": {PROBLEM: {}}}},
     )
     app.state.runtime = rt
@@ -92,6 +95,7 @@ def create_app(
     app.include_router(orders_routes.router)  # picks and orders (docs/picking.md)
     app.include_router(ops_routes.router)  # PLC commands, scales, tare
     install_web(app, rt)  # dashboard assets and /api/v1/live (docs/dashboard.md)
+    install_api_docs(app)  # /docs and /redoc, every asset local
     return app
 
 

@@ -22,6 +22,7 @@ import enum
 import hashlib
 import hmac
 import logging
+import os
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException, WebSocketException
 from starlette.requests import HTTPConnection
 from starlette.routing import BaseRoute
 
-from controller.config import ApiConfig
+from controller.config import ApiConfig, SecretError, env_secret
 
 log = logging.getLogger("floorhand.api.auth")
 
@@ -97,14 +98,18 @@ class TokenStore:
 
     @classmethod
     def from_config(cls, api: ApiConfig, environ: Mapping[str, str]) -> TokenStore:
-        """Tokens of ``[[api.tokens]]`` plus ``<token_env_prefix><NAME>=<role>:<token>``."""
+        """Tokens of ``[[api.tokens]]`` plus ``<token_env_prefix><NAME>=<role>:<token>``; the
+        value may also come from the file named by ``<token_env_prefix><NAME>_FILE`` or from
+        ``$CREDENTIALS_DIRECTORY/<token_env_prefix><NAME>`` (`env_secret`)."""
         entries = [TokenEntry(t.name, Role(t.role), bytes.fromhex(t.sha256)) for t in api.tokens]
         prefix = api.token_env_prefix
-        for var in sorted(environ):
-            if not prefix or not var.startswith(prefix) or var == prefix:
-                continue
+        for var in _token_variables(prefix, environ):
             name = var[len(prefix) :].lower()
-            role, sep, token = environ[var].partition(":")
+            try:
+                value = env_secret(var, environ) or ""
+            except SecretError as exc:
+                raise TokenConfigError(str(exc)) from None
+            role, sep, token = value.partition(":")
             if not sep or role not in Role.__members__.values():
                 raise TokenConfigError(
                     f"{var}: expected <role>:<token> with role one of "
@@ -128,6 +133,18 @@ class TokenStore:
             if hmac.compare_digest(digest, entry.digest):
                 found = entry
         return Principal(found.name, found.role) if found is not None else None
+
+
+def _token_variables(prefix: str, environ: Mapping[str, str]) -> list[str]:
+    """The token variables named in the environment, by ``<VAR>_FILE`` or by a file of
+    systemd's credentials directory, sorted."""
+    if not prefix:
+        return []
+    names = {v.removesuffix("_FILE") for v in environ if v.startswith(prefix)}
+    creds = environ.get("CREDENTIALS_DIRECTORY")
+    if creds and os.path.isdir(creds):
+        names.update(f for f in os.listdir(creds) if f.startswith(prefix))
+    return sorted(n for n in names if n != prefix)
 
 
 def bearer_token(conn: HTTPConnection) -> str | None:

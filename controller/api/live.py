@@ -35,8 +35,19 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from controller.api.auth import ALL_ROLES, Principal, authenticate, bearer_token, checked_in_handler
 from controller.api.metrics import LiveCollector
+from controller.domain.events import (
+    AlertManualNotice,
+    AlertNotice,
+    BusEvent,
+    OrderStateChanged,
+    PickTaskChanged,
+    SeqGap,
+    ShelfStatusChanged,
+    StockChanged,
+)
 from controller.domain.model import StockState
-from controller.domain.reorder import classify
+from controller.domain.reorder import AlertAcknowledged, AlertSnoozed, AlertSnoozeEnded, classify
+from controller.ports import DeviceStatusChanged, LinkStateChanged
 from controller.runtime import Runtime
 from controller.services.queries import ReadModel
 
@@ -58,9 +69,33 @@ RESYNC_MIN_S = 5.0
 MAX_CLIENT_MESSAGE = 4096
 """Client messages are tiny commands; anything longer is refused (counted)."""
 
-_SHELF_KINDS = frozenset({"stock_changed", "shelf_status_changed"})
-_TYPE_BY_KIND = {"link_state": "link", "device_status": "device", "seq_gap": "device"}
-_TYPE_BY_PREFIX = (("pick", "pick"), ("order", "order"), ("alert", "alert"))
+
+def _frame_type(ev: BusEvent) -> str:
+    """The frame ``type`` of an event that is not a shelf delta."""
+    match ev:
+        case LinkStateChanged():
+            return "link"
+        case DeviceStatusChanged() | SeqGap():
+            return "device"
+        case PickTaskChanged():
+            return "pick"
+        case OrderStateChanged():  # and its OrderException echo
+            return "order"
+        case AlertNotice() | AlertManualNotice():
+            return "alert"
+        case _:
+            return "event"
+
+
+def _alert_key(ev: AlertNotice | AlertManualNotice) -> str | None:
+    if isinstance(ev, AlertNotice):
+        return ev.transition.key
+    inner = ev.event
+    if isinstance(inner, AlertAcknowledged | AlertSnoozed | AlertSnoozeEnded):
+        return inner.key
+    return None
+
+
 """Other kinds are forwarded as they are, typed by prefix (``pick_task`` → ``pick``,
 ``order_state`` → ``order``); anything else as ``event``. ``alert_*`` events with a known
 ``key`` (raised, escalated, ack, snooze…) also carry the alert's current public state."""
@@ -216,7 +251,7 @@ class LiveHub:
         rt.bus.add_listener(self.on_events)
 
     # -- bus side (synchronous, on the publisher's path) -----------------------------------------
-    def on_events(self, events: list[dict[str, Any]]) -> None:
+    def on_events(self, events: list[BusEvent]) -> None:
         if not self.clients:
             return
         # A raise here is the bus's to isolate, count and log (controller/bus.py).
@@ -226,25 +261,23 @@ class LiveHub:
             for c in clients:
                 c.offer(msg)
 
-    def _message(self, ev: dict[str, Any]) -> Message:
-        kind = str(ev.get("kind", ""))
+    def _message(self, ev: BusEvent) -> Message:
         now = self.clock()
-        if kind in _SHELF_KINDS:
-            sid = ev.get("shelf_id")
-            if isinstance(sid, str) and sid in self._sku_of:
+        if isinstance(ev, StockChanged | ShelfStatusChanged):
+            sid = ev.shelf_id
+            if sid in self._sku_of:
                 return Message(
                     {"type": "shelf", "t": now, "shelf": self.shelf_delta(sid)},
                     key="shelf:" + sid,
                 )
-        if kind.startswith("alert"):
-            key = ev.get("key")
-            if isinstance(key, str) and self.reads.alerts.has_key(key):
+        elif isinstance(ev, AlertNotice | AlertManualNotice):
+            key = _alert_key(ev)
+            if key is not None and self.reads.alerts.has_key(key):
                 alert = self.reads.alerts.alert(key)
-                return Message({"type": "alert", "t": now, "event": ev, "alert": alert})
-        typ = _TYPE_BY_KIND.get(kind)
-        if typ is None:
-            typ = next((t for p, t in _TYPE_BY_PREFIX if kind.startswith(p)), "event")
-        return Message({"type": typ, "t": now, "event": ev})
+                body = ev.as_dict()
+                return Message({"type": "alert", "t": now, "event": body, "alert": alert})
+        # The wire dict is made here, at the edge (the frame's bytes are the journal body's).
+        return Message({"type": _frame_type(ev), "t": now, "event": ev.as_dict()})
 
     # -- views -------------------------------------------------------------------------------------
     def shelf_delta(self, sid: str) -> dict[str, Any]:

@@ -10,11 +10,18 @@ fed from the bus's order events by ``PickLatencyProbe``. Metric names: docs/api.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -24,7 +31,10 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from controller.api.auth import Role, public, require
+from controller.build import version
 from controller.bus import Bus
+from controller.domain.events import BusEvent, OrderStateChanged
+from controller.domain.model import OrderState
 from controller.runtime import Runtime
 from controller.services.supervision import HealthReport
 from devices.link.state import LinkState
@@ -57,21 +67,19 @@ class PickLatencyProbe:
         self.max_open = max_open
         self._started: dict[str, float] = {}
 
-    def on_events(self, events: list[dict[str, Any]]) -> None:
+    def on_events(self, events: list[BusEvent]) -> None:
         for ev in events:
-            if ev.get("kind") != "order_state":
+            if type(ev) is not OrderStateChanged:  # nor its OrderException echo
                 continue
-            order_id, ts = ev.get("order_id"), ev.get("ts")
-            if not isinstance(order_id, str) or not isinstance(ts, int | float):
-                continue
-            if ev.get("old") == "RECEIVED":
-                self._started[order_id] = float(ts)
+            order_id, ts_s = ev.order_id, ev.ts_s
+            if ev.old is OrderState.RECEIVED:
+                self._started[order_id] = ts_s
                 if len(self._started) > self.max_open:
                     del self._started[next(iter(self._started))]
-            elif ev.get("new") in ("SORTED", "EXCEPTION"):
+            elif ev.new in (OrderState.SORTED, OrderState.EXCEPTION):
                 t0 = self._started.pop(order_id, None)
-                if t0 is not None and ev.get("new") == "SORTED":
-                    observe_pick_latency(float(ts) - t0)
+                if t0 is not None and ev.new is OrderState.SORTED:
+                    observe_pick_latency(ts_s - t0)
 
 
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -123,6 +131,15 @@ class ApiMetrics:
             registry=r,
         )
         r.register(PICK_LATENCY)
+        self.build_info = Gauge(
+            "floorhand_build_info",
+            "Always 1; the labels name the installed release, the Python and the site id.",
+            ["version", "python", "site"],
+            registry=r,
+        )
+        self.build_info.labels(
+            version(), platform.python_version(), runtime.site.site.id if runtime else ""
+        ).set(1)
         self.picks = PickLatencyProbe()
         if runtime is not None:
             r.register(RuntimeCollector(runtime.supervision.report))

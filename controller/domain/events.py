@@ -2,9 +2,10 @@
 
 Every event is a frozen slotted dataclass with a ``kind`` (stable wire name), ``as_dict()``
 (JSON-safe: enums become their string values, nested `Value` objects dicts; ``kind`` first,
-then the fields in declaration order) and ``from_dict()`` (the inverse). The dict is the wire
-format: journal event bodies, history points, the live WebSocket and the bus carry it, so a
-field's name, order and type are part of the format. Events that were hand-built dicts before
+then the fields in declaration order) and ``from_dict()`` (the inverse). The bus carries the
+typed events; the dict is the wire format, made at the edges: journal event bodies, history
+points, MQTT and the live WebSocket carry it, so a field's name, order and type are part of
+the format. Events that were hand-built dicts before
 they had a type (``seq_gap``…) keep their wire name ``ts`` for the field ``ts_s``
 (``WIRE_NAMES``); a field named in ``OMIT_NONE`` is left off the wire while it is None (a field
 added to a kind later, so its earlier bodies keep their bytes), and takes its default when a
@@ -284,6 +285,20 @@ class PlcCommandIssued(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CmdIdsMoved(Event):
+    """A status read showed ``sorter`` knowing cmd ids up to ``new`` (link ``epoch``), above the
+    journal's counter ``old``: the counter moved above it."""
+
+    kind: ClassVar[str] = "cmd_ids_moved"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    ts_s: float
+    sorter: str
+    epoch: int
+    old: int
+    new: int
+
+
+@dataclass(frozen=True, slots=True)
 class CalibrationValues(Value):
     """A shelf's conversion at one moment: tare, unit weight, scale factor."""
 
@@ -380,3 +395,7 @@ class AlertManualNotice:
 ShelfEvent = StockChanged | ShelfStatusChanged
 AlertTransition = AlertRaised | AlertEscalated | AlertDeescalated | AlertResolved
 DomainEvent = ShelfEvent | AlertTransition
+BusEvent = Event | AlertNotice | AlertManualNotice
+"""What the bus carries: a typed event, or an alert notice (a transition with its SKU...).
+Each has a ``kind`` and an ``as_dict()``, the wire dict the edges (journal, MQTT, the live
+WebSocket, history) serialise."""

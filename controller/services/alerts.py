@@ -23,7 +23,15 @@ from typing import Any
 import orjson
 
 from controller.config import SiteConfig
-from controller.domain.events import AlertManualNotice, AlertNotice, AlertRaised, AlertResolved
+from controller.domain.events import (
+    AlertManualNotice,
+    AlertNotice,
+    AlertRaised,
+    AlertResolved,
+    BusEvent,
+    ShelfStatusChanged,
+    StockChanged,
+)
 from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec
 from controller.domain.reorder import (
     AlertManualEvent,
@@ -40,8 +48,6 @@ from controller.ports import AlertStore, EventRow, JournalUnavailable, MessageLi
 from devices.errors import DeviceError
 
 log = logging.getLogger("floorhand.alerts")
-
-_STOCK_EVENTS = frozenset({"stock_changed", "shelf_status_changed"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +104,13 @@ class AlertSettings:
 class AlertService:
     def __init__(
         self,
-        settings: AlertSettings | SiteConfig,
+        settings: AlertSettings,
         journal: AlertStore,
         link: MessageLink,
-        publish_events: Callable[[list[dict[str, Any]]], None],
+        publish_events: Callable[[list[BusEvent]], None],
         shelf_states: dict[str, ShelfState],
         shelf_specs: dict[str, ShelfSpec],
     ) -> None:
-        if isinstance(settings, SiteConfig):
-            settings = AlertSettings.from_site(settings)  # until runtime.py passes settings
         self._journal = journal
         self._link = link
         self._publish_events = publish_events
@@ -148,11 +152,11 @@ class AlertService:
             self._publish_state(key)
 
     # -- triggers -------------------------------------------------------------------------------
-    def on_events(self, events: list[dict[str, Any]]) -> None:
+    def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener: called after the ingest commit with the group's events."""
         for ev in events:
-            if ev["kind"] in _STOCK_EVENTS:
-                keys = self._by_shelf.get(ev["shelf_id"])
+            if isinstance(ev, StockChanged | ShelfStatusChanged):
+                keys = self._by_shelf.get(ev.shelf_id)
                 if keys:
                     self._dirty.update(keys)
 
@@ -192,12 +196,11 @@ class AlertService:
                 notices.append(AlertNotice(tr, target.sku, qty, notify))
         if not changed:
             return
-        events = [n.as_dict() for n in notices]
         try:
             self._journal.commit(
                 (),
                 alert_states={k: v.to_dict() for k, v in changed.items()},
-                events=[EventRow(now_s, e["kind"], e) for e in events],
+                events=[EventRow(now_s, n.kind, n.as_dict()) for n in notices],
             )
         except JournalUnavailable as exc:
             self.commit_failures += 1
@@ -217,10 +220,10 @@ class AlertService:
                 log.info("reorder alert %s resolved, level %s", tr.key, tr.level)
         for key, new in changed.items():
             prev = old[key]
-            if events or _public(prev) != _public(new):
+            if notices or _public(prev) != _public(new):
                 self._publish_state(key)
-        if events:
-            self._publish_events(events)
+        if notices:
+            self._publish_events(list(notices))
 
     # -- acknowledgement and snooze (supervisors, via the API) -----------------------------------
     def acknowledge(self, key: str, by: str, note: str, now_s: float) -> dict[str, Any]:
@@ -259,18 +262,18 @@ class AlertService:
     def _commit_manual(
         self, key: str, new: AlertState, event: AlertManualEvent, *, notify: bool
     ) -> None:
-        body = AlertManualNotice(event, self.targets[key].sku, notify).as_dict()
+        notice = AlertManualNotice(event, self.targets[key].sku, notify)
         self._journal.commit(
             (),
             alert_states={key: new.to_dict()},
-            events=[EventRow(event.ts_s, event.kind, body)],
+            events=[EventRow(event.ts_s, event.kind, notice.as_dict())],
         )
         self.alerts[key] = new
         try:
             self._publish_state(key)
         except Exception as exc:  # the link's queue is full while the broker is away
             log.error("could not publish the alert state of %s: %s", key, exc)
-        self._publish_events([body])
+        self._publish_events([notice])
 
     # -- output ----------------------------------------------------------------------------------
     def public(self, key: str) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import orjson
 
 from controller.config import SiteConfig
 from controller.ports import (
+    Backoff,
     DeadLetter,
     FieldValue,
     HistoryPoint,
@@ -53,7 +54,6 @@ from controller.ports import (
     SinkRejected,
     SinkUnavailable,
 )
-from devices.link.backoff import Backoff
 
 log = logging.getLogger("floorhand.history")
 

@@ -37,10 +37,18 @@ from controller.domain.calibration import (
     recalibrate,
     settled_gross_g,
 )
-from controller.domain.events import CalibrationValues, SeqGap, SeqGapFilled, ShelfCalibrated
+from controller.domain.events import (
+    BusEvent,
+    CalibrationValues,
+    Event,
+    SeqGap,
+    SeqGapFilled,
+    ShelfCalibrated,
+)
 from controller.domain.model import ShelfSpec
 from controller.domain.stock import ShelfSnapshot, ShelfState, apply_weight, check_stale
 from controller.ports import (
+    Backoff,
     CalibrationStore,
     Cursor,
     DeadLetter,
@@ -52,7 +60,6 @@ from controller.ports import (
     ReadingRow,
     ReadingStore,
 )
-from devices.link.backoff import Backoff
 from devices.shelf_scale import (
     RawReading,
     Rejected,
@@ -127,16 +134,14 @@ class IngestSettings:
 class IngestService:
     def __init__(
         self,
-        settings: IngestSettings | SiteConfig,
+        settings: IngestSettings,
         journal: ReadingStore,
         link: MessageLink,
-        publish_events: Callable[[list[dict[str, Any]]], None],
+        publish_events: Callable[[list[BusEvent]], None],
         *,
         clock: Callable[[], float] = time.time,
         shelf_specs: dict[str, ShelfSpec],
     ) -> None:
-        if isinstance(settings, SiteConfig):
-            settings = IngestSettings.from_site(settings)  # until runtime.py passes settings
         self.settings = settings
         self._journal = journal
         self._link = link
@@ -352,7 +357,7 @@ class IngestService:
             info = self.devices[scale.id]
             if info.online is not status:
                 log.info("scale %s %s", scale.id, "online" if status else "offline")
-                batch.event(DeviceStatusChanged(now, scale.id, status).as_dict())
+                batch.event(DeviceStatusChanged(now, scale.id, status))
             info.online = status
 
     def _accept(
@@ -406,10 +411,9 @@ class IngestService:
         events = apply_weight(state, spec, ts_s, weight_g, now)
         batch.rows.append(_row((device, channel, epoch, seq, ts_s, weight_g, sid)))
         if events:
+            batch.bus_events.extend(events)
             for ev in events:
-                body = ev.as_dict()
-                batch.bus_events.append(body)
-                batch.events.append(EventRow(ts_s, ev.kind, body))
+                batch.events.append(EventRow(ts_s, ev.kind, ev.as_dict()))
         return None
 
     def _late(self, r: RawReading, cur: Cursor, batch: _Batch) -> tuple[str, str] | None:
@@ -468,7 +472,7 @@ class IngestService:
         if len(holes) > MAX_HOLES:
             floor = holes[0][1] + 1
             holes = holes[1:]
-        batch.event(SeqGap(ts_s, device, last_seq, seq, missing).as_dict())
+        batch.event(SeqGap(ts_s, device, last_seq, seq, missing))
         batch.gaps.append((device, last_seq, seq))
         return Cursor(
             cur.epoch, seq, ts_s, cur.applied + 1, floor, holes, cur.gaps + 1,
@@ -479,7 +483,7 @@ class IngestService:
         """One ``seq_gap_filled`` event per device and epoch of the group: history sums
         ``seq_gap.missing`` with these subtracted (docs/influx-schema.md)."""
         for (device, epoch), (n, first, last, ts_s) in batch.filled.items():
-            batch.event(SeqGapFilled(ts_s, device, epoch, first, last, n).as_dict())
+            batch.event(SeqGapFilled(ts_s, device, epoch, first, last, n))
 
     def _reject(
         self,
@@ -603,7 +607,7 @@ class IngestService:
         state, shelf_events = recalibrate(
             self.states[shelf_id], new_spec, new_factor / old_factor, now_s
         )
-        body = ShelfCalibrated(
+        calibrated = ShelfCalibrated(
             now_s,
             shelf_id,
             new_spec.sku,
@@ -613,8 +617,9 @@ class IngestService:
             by,
             old=CalibrationValues(old_spec.tare_g, old_spec.unit_weight_g, old_factor),
             new=CalibrationValues(new_spec.tare_g, new_spec.unit_weight_g, new_factor),
-        ).as_dict()
-        events = [body, *(ev.as_dict() for ev in shelf_events)]
+        )
+        typed: list[BusEvent] = [calibrated, *shelf_events]
+        events = [ev.as_dict() for ev in typed]
         store.commit_calibration(
             shelf_id,
             None if cal is None or cal.empty else cal.to_dict(),
@@ -632,7 +637,7 @@ class IngestService:
             new_spec.unit_weight_g,
             new_factor,
         )
-        self._publish_events(events)
+        self._publish_events(typed)
         return events
 
     def _install_calibration(
@@ -676,22 +681,24 @@ class IngestService:
             )
 
     # -- periodic ----------------------------------------------------------------------------
-    def tick(self, now: float) -> list[dict[str, Any]]:
+    def tick(self, now: float) -> list[BusEvent]:
         """Staleness: a shelf whose scale missed its reporting intervals becomes STALE."""
-        out: list[dict[str, Any]] = []
+        out: list[BusEvent] = []
         changed: dict[str, dict[str, Any]] = {}
         for sid, spec in self.specs.items():
             state, events = check_stale(self.states[sid], spec, now)
             if events:
                 self.states[sid] = state
                 changed[sid] = state.to_dict()
-                out.extend(ev.as_dict() for ev in events)
+                out.extend(events)
         if out:
             # Journaled like every other event (the historian stores them); staleness is
             # recomputed from time after a restart, so a failed write only loses the record.
             try:
                 self._journal.commit(
-                    (), shelf_states=changed, events=[EventRow(now, e["kind"], e) for e in out]
+                    (),
+                    shelf_states=changed,
+                    events=[EventRow(now, e.kind, e.as_dict()) for e in out],
                 )
             except JournalUnavailable as exc:
                 log.error("could not journal %d staleness event(s): %s", len(out), exc)
@@ -717,7 +724,7 @@ class _Batch:
     rows: list[ReadingRow]
     dead: list[DeadLetter]
     events: list[EventRow]
-    bus_events: list[dict[str, Any]]
+    bus_events: list[BusEvent]
     old_cursors: dict[str, Cursor | None]
     old_states: dict[str, ShelfSnapshot]
     reasons: list[str]
@@ -742,10 +749,11 @@ class _Batch:
         self.unknown = set()
         self.late = 0
 
-    def event(self, body: dict[str, Any]) -> None:
-        """Journal ``body`` (at its ``ts``) and publish it after the commit."""
-        self.bus_events.append(body)
-        self.events.append(EventRow(body["ts"], body["kind"], body))
+    def event(self, ev: Event) -> None:
+        """Journal ``ev`` (at its ``ts``) and publish it after the commit."""
+        body = ev.as_dict()
+        self.bus_events.append(ev)
+        self.events.append(EventRow(body["ts"], ev.kind, body))
 
 
 def commit_retry_backoff() -> Backoff:

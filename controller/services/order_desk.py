@@ -38,7 +38,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from controller.config import PickingConfig
-from controller.domain.events import OrderException
+from controller.domain.events import (
+    BusEvent,
+    CmdIdsMoved,
+    OrderException,
+    OrderStateChanged,
+    PickTaskChanged,
+)
 from controller.domain.model import ShelfSpec, ShelfStatus
 from controller.domain.orders import (
     FINAL_TASK_STATES,
@@ -187,7 +193,7 @@ class OrderDesk:
         shelf_states: Mapping[str, ShelfView],
         specs: Mapping[str, ShelfSpec],
         execution: Execution,
-        publish_bus: Callable[[list[dict[str, Any]]], None],
+        publish_bus: Callable[[list[BusEvent]], None],
         publish_mqtt: Callable[[str, bytes], None] | None,
         clock: Callable[[], float],
         stats: defaultdict[str, int],
@@ -341,7 +347,7 @@ class OrderDesk:
             created_ts=now,
             principal=principal,
         )
-        events = [order.transition(OrderState.VALIDATED, now).as_dict()]
+        events: list[BusEvent] = [order.transition(OrderState.VALIDATED, now)]
         pending: dict[str, int] = defaultdict(int)
         for n, p in enumerate(plans):
             counters["tote"] = tote = counters.get("tote", 0) + 1
@@ -369,8 +375,8 @@ class OrderDesk:
                     updated_ts=now,
                 )
             )
-        events.append(order.transition(OrderState.ALLOCATED, now).as_dict())
-        events.append(order.transition(OrderState.PICKING, now).as_dict())
+        events.append(order.transition(OrderState.ALLOCATED, now))
+        events.append(order.transition(OrderState.PICKING, now))
         body = order.as_dict()
         idem = (
             [IdempotencyRow(key, principal, digest, 201, order.order_id, now)]
@@ -382,7 +388,7 @@ class OrderDesk:
                 [body],
                 counters=counters,
                 idempotency=idem,
-                events=[EventRow(now, "order_state", e) for e in events],
+                events=[EventRow(now, e.kind, e.as_dict()) for e in events],
             )
         except DuplicateOrder:
             # Older than the in-memory window: the journal's unique index caught it.
@@ -409,7 +415,7 @@ class OrderDesk:
         asyncio.get_running_loop().call_soon(self._announce_new, order, events)
         return Submitted(body, False)
 
-    def _announce_new(self, order: Order, events: list[dict[str, Any]]) -> None:
+    def _announce_new(self, order: Order, events: list[BusEvent]) -> None:
         self._announce(order, events)
         for task in order.tasks:
             self._publish_task(order, task)
@@ -476,14 +482,7 @@ class OrderDesk:
             return
         counters = {**self._counters, key: highest_id}
         now = self.clock()
-        body = {
-            "kind": "cmd_ids_moved",
-            "ts": now,
-            "sorter": sorter,
-            "epoch": epoch,
-            "old": old,
-            "new": highest_id,
-        }
+        event = CmdIdsMoved(now, sorter, epoch, old, highest_id)
         # In memory even if the commit fails: every order commit carries all counters, so no
         # id drawn from the moved counter can reach the PLC before the move is on disk.
         self._counters = counters
@@ -498,12 +497,12 @@ class OrderDesk:
         )
         try:
             self.journal.commit_orders(
-                [], counters=counters, events=[EventRow(now, "cmd_ids_moved", body)]
+                [], counters=counters, events=[EventRow(now, event.kind, event.as_dict())]
             )
         except Exception as exc:
             self.stats["journal_failed"] += 1
             log.error("could not journal the cmd id counter of %s: %s", sorter, exc)
-        self.publish_bus([body])
+        self.publish_bus([event])
 
     def renumber(self, order: Order, task: PickTask, floor: int) -> bool:
         """Give a task that was never sent a cmd id above ``floor`` (journaled with the order
@@ -574,7 +573,7 @@ class OrderDesk:
             self._release(task)
         self.stats["orders_cancelled"] += 1
         log.info("order %s %s", order_id, text)
-        self.store(order, [*(self.task_event(order, t) for t in order.tasks), event.as_dict()])
+        self.store(order, [*(self.task_event(order, t) for t in order.tasks), event])
         return order.as_dict()
 
     def resolve(
@@ -600,8 +599,7 @@ class OrderDesk:
             ) from None
         self.stats[f"task_resolved_{resolution.value.lower()}"] += 1
         log.warning("order %s task %d: %s", order_id, task_no, task.reason)
-        body = task.event(order.order_id, by=by).as_dict()
-        self.store(order, [body, *(e.as_dict() for e in events)])
+        self.store(order, [task.event(order.order_id, by=by), *events])
         return order.as_dict()
 
     def _any_order(self, order_id: str) -> Order:
@@ -624,7 +622,7 @@ class OrderDesk:
             order.packed_by = by
         else:
             order.shipped_by = by
-        self.store(order, [event.as_dict()])
+        self.store(order, [event])
         return order.as_dict()
 
     # -- the executor's book ------------------------------------------------------------------
@@ -648,15 +646,15 @@ class OrderDesk:
             self._reserved.pop(task.shelf, None)
         self.stats[f"task_{task.state.value.lower()}"] += 1
 
-    def task_event(self, order: Order, task: PickTask) -> dict[str, Any]:
-        """The task's ``pick_task`` event, as the bus and the journal carry it."""
-        return task.event(order.order_id).as_dict()
+    def task_event(self, order: Order, task: PickTask) -> PickTaskChanged:
+        """The task's ``pick_task`` event."""
+        return task.event(order.order_id)
 
-    def publish(self, events: list[dict[str, Any]]) -> None:
+    def publish(self, events: list[BusEvent]) -> None:
         """Announce events that are not journaled (a task ACCEPTED: a restart asks the PLC)."""
         self.publish_bus(events)
 
-    def close(self, order: Order, events: Sequence[dict[str, Any]] = ()) -> None:
+    def close(self, order: Order, events: Sequence[BusEvent] = ()) -> None:
         """All tasks final: SORTED if every one was confirmed, else EXCEPTION (journaled
         together with ``events``, the last task's)."""
         if not order.tasks_final() or not order.open:
@@ -669,19 +667,19 @@ class OrderDesk:
             reason = "; ".join(f"task {t.task_no} {t.state.value}: {t.reason}" for t in bad)
             event = order.transition(OrderState.EXCEPTION, now, reason)
             self.stats["orders_exception"] += 1
-            closing = [event.as_dict(), OrderException.of(event).as_dict()]
+            closing: list[BusEvent] = [event, OrderException.of(event)]
         else:
-            closing = [order.transition(OrderState.SORTED, now).as_dict()]
+            closing = [order.transition(OrderState.SORTED, now)]
             self.stats["orders_sorted"] += 1
         self.store(order, [*events, *closing])
 
-    def store(self, order: Order, events: list[dict[str, Any]]) -> None:
+    def store(self, order: Order, events: list[BusEvent]) -> None:
         """Journal the order's new state with its events, then announce them. A journal
         failure is logged and the state kept in memory; the next store writes it again."""
         now = self.clock()
         try:
             self.journal.commit_orders(
-                [order.as_dict()], events=[EventRow(now, e["kind"], e) for e in events]
+                [order.as_dict()], events=[EventRow(now, e.kind, e.as_dict()) for e in events]
             )
         except Exception as exc:
             self.stats["journal_failed"] += 1
@@ -692,12 +690,12 @@ class OrderDesk:
             self._closed.move_to_end(order.order_id)
             while len(self._closed) > self.cfg.keep_closed_orders:
                 self._closed.popitem(last=False)
-        if any(e["kind"] == "order_state" for e in events):
+        if any(isinstance(e, OrderStateChanged) for e in events):
             self._announce(order, events)  # bus + the order's MQTT topic
         else:
             self.publish_bus(events)
 
-    def _announce(self, order: Order, events: list[dict[str, Any]]) -> None:
+    def _announce(self, order: Order, events: list[BusEvent]) -> None:
         self.publish_bus(events)
         if self.publish_mqtt is not None:
             body = orjson.dumps(

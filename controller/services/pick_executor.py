@@ -31,9 +31,10 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 from controller.config import PickingConfig
+from controller.domain.events import BusEvent, PickTaskChanged, StockChanged
 from controller.domain.model import ShelfStatus
 from controller.domain.orders import (
     Order,
@@ -45,13 +46,13 @@ from controller.domain.orders import (
     reconcile_event,
     transition,
 )
+from controller.ports import LinkState
 from devices.errors import (
     CommandOutcomeUnknown,
     CommandRefused,
     DeviceError,
     ResultTimeout,
 )
-from devices.link.state import LinkState
 from devices.sorter import CmdIdBelowPlc, CommandLookup, CommandState, SortResult
 
 log = logging.getLogger("floorhand.picking")
@@ -163,17 +164,17 @@ class OrderBook(Protocol):
 
     def finish(self, task: PickTask, event: TaskEvent, reason: str | None) -> None: ...
 
-    def store(self, order: Order, events: list[dict[str, Any]]) -> None: ...
+    def store(self, order: Order, events: list[BusEvent]) -> None: ...
 
-    def close(self, order: Order, events: Sequence[dict[str, Any]] = ()) -> None: ...
+    def close(self, order: Order, events: Sequence[BusEvent] = ()) -> None: ...
 
     def renumber(self, order: Order, task: PickTask, floor: int) -> bool: ...
 
-    def task_event(self, order: Order, task: PickTask) -> dict[str, Any]: ...
+    def task_event(self, order: Order, task: PickTask) -> PickTaskChanged: ...
 
     def on_mailbox(self, sorter: str, epoch: int, highest_id: int) -> None: ...
 
-    def publish(self, events: list[dict[str, Any]]) -> None: ...
+    def publish(self, events: list[BusEvent]) -> None: ...
 
 
 class PickExecutor:
@@ -512,15 +513,15 @@ class PickExecutor:
             )
 
     # -- scales -------------------------------------------------------------------------------
-    def on_events(self, events: list[dict[str, Any]]) -> None:
+    def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener: a shelf's count fell → confirm waiting tasks on that shelf."""
         for ev in events:
-            if ev.get("kind") != "stock_changed":
+            if not isinstance(ev, StockChanged):
                 continue
-            waiting = self._waiting.get(ev["shelf_id"])
+            waiting = self._waiting.get(ev.shelf_id)
             if not waiting:
                 continue
-            units = ev["new_units"]
+            units = ev.new_units
             for task, done in waiting:
                 if units <= task.target_count:
                     done.set()

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from controller.config import SiteConfig
 from controller.control import ControlLoop
+from controller.domain.events import BusEvent, StockChanged
 from controller.domain.model import ShelfSpec, ShelfStatus
 from controller.domain.orders import Order, OrderState, Resolution
 from controller.domain.routing import Station, Topology, ZoneRoute
@@ -92,7 +93,7 @@ class PickingService:
         *,
         conveyors: Mapping[str, BeltPort],
         sorters: Mapping[str, SorterPort],
-        publish_bus: Callable[[list[dict[str, Any]]], None],
+        publish_bus: Callable[[list[BusEvent]], None],
         publish_mqtt: Callable[[str, bytes], None] | None = None,
         clock: Callable[[], float] = time.time,
         control: ControlLoop | None = None,
@@ -247,21 +248,21 @@ class PickingService:
             self._control.post(answer)
 
     # -- the executor --------------------------------------------------------------------------
-    def on_events(self, events: list[dict[str, Any]]) -> None:
+    def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener: a shelf's count fell → confirm waiting tasks on that shelf. With a
         control loop (this runs on ingest's loop, after the commit): the changed shelves'
         counts as snapshots, then the events, handed over in one FIFO callback."""
         if self._control is None:
             self.executor.on_events(events)
             return
-        changed = {e["shelf_id"] for e in events if "shelf_id" in e}
+        changed = {sid for e in events if isinstance(sid := getattr(e, "shelf_id", None), str)}
         if not changed:
             return
         counts = {sid: ShelfCount.of(self._source[sid]) for sid in changed if sid in self._source}
-        stock = [e for e in events if e.get("kind") == "stock_changed"]
+        stock: list[BusEvent] = [e for e in events if isinstance(e, StockChanged)]
         self._control.post(self._on_shelves, counts, stock)
 
-    def _on_shelves(self, counts: dict[str, ShelfCount], stock: list[dict[str, Any]]) -> None:
+    def _on_shelves(self, counts: dict[str, ShelfCount], stock: list[BusEvent]) -> None:
         self.shelves.update(counts)
         if stock:
             self.executor.on_events(stock)

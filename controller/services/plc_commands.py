@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from controller.domain.events import PlcCommandIssued
+from controller.domain.events import BusEvent, PlcCommandIssued
 from controller.ports import EventRow, JournalPort
 from devices.conveyor import ConveyorDriver, ConveyorStatus
 from devices.errors import (
@@ -77,7 +77,7 @@ class PlcCommandService:
     def __init__(
         self,
         journal: JournalPort,
-        publish_events: Callable[[list[dict[str, Any]]], None],
+        publish_events: Callable[[list[BusEvent]], None],
         clock: Callable[[], float],
         device_call: DeviceCall | None = None,
     ) -> None:
@@ -120,7 +120,7 @@ class PlcCommandService:
     def _record(self, o: CommandOutcome, role: str) -> None:
         key = (o.command, o.result)
         self.counts[key] = self.counts.get(key, 0) + 1
-        body = PlcCommandIssued(
+        event = PlcCommandIssued(
             o.at_s,
             o.plc,
             o.command,
@@ -130,14 +130,14 @@ class PlcCommandService:
             o.detail,
             o.status.state.value if o.status is not None else None,
             o.status.fault.value if o.status is not None else None,
-        ).as_dict()
+        )
         if o.result == "ok":
-            log.info("%s: %s by %s -> %s", o.plc, o.command, o.by, body["state"])
+            log.info("%s: %s by %s -> %s", o.plc, o.command, o.by, event.state)
         else:
             log.warning("%s: %s by %s failed (%s): %s", o.plc, o.command, o.by, o.result, o.detail)
         try:
-            self._journal.commit((), events=[EventRow(o.at_s, "plc_command", body)])
+            self._journal.commit((), events=[EventRow(o.at_s, event.kind, event.as_dict())])
         except Exception as exc:
             # The command already happened on the PLC; the caller still gets its outcome.
             log.error("could not journal the %s command on %s: %s", o.command, o.plc, exc)
-        self._publish_events([body])
+        self._publish_events([event])

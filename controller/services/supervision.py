@@ -31,11 +31,11 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
+from controller.domain.events import BusEvent
 from controller.domain.model import ShelfStatus
 from controller.domain.reorder import AlertState
-from controller.ports import EventRow, LinkStateChanged, ReadingRow
+from controller.ports import EventRow, LinkState, LinkStateChanged, ReadingRow
 from devices.errors import DeviceError
-from devices.link.state import LinkState
 
 log = logging.getLogger("floorhand.supervision")
 
@@ -170,7 +170,7 @@ class SupervisedIngest(Protocol):
     @property
     def states(self) -> Mapping[str, ShelfStatusReads]: ...
 
-    def tick(self, now: float) -> list[dict[str, Any]]: ...
+    def tick(self, now: float) -> list[BusEvent]: ...
 
 
 class SupervisedAlerts(Protocol):
@@ -425,7 +425,7 @@ class SupervisionService:
         history: SupervisedHistory | None,
         plcs: Mapping[str, SupervisedPlc],
         bus: BusFigures,
-        publish_events: Callable[[list[dict[str, Any]]], None],
+        publish_events: Callable[[list[BusEvent]], None],
         clock: Callable[[], float],
         monotonic: Callable[[], float],
     ) -> None:
@@ -444,10 +444,15 @@ class SupervisionService:
         self.started = asyncio.Event()
         self.started_at_s: float | None = None
         self.backpressure = False
+        self.journal_failing = False
+        """Ingest holds reading because the journal cannot be written (disk full, I/O error,
+        locked): the ``journal_unavailable`` system alert is active."""
         self.oversize = 0
-        self._unsent: dict[str, tuple[bool, float]] = {}
+        self.after_tick: list[Callable[[], None]] = []
+        """Called after every tick of `run` (``floorhand run``: systemd readiness, watchdog)."""
+        self._unsent: dict[str, tuple[bool, float, str | None]] = {}
         """System alerts the link could not queue (broker away, queue full): name → (active,
-        since), sent again on each tick until the link takes them; a newer state replaces."""
+        since, error), sent again on each tick until the link takes them; a newer state replaces."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def mark_started(self) -> None:
@@ -459,10 +464,17 @@ class SupervisionService:
         return self.started.is_set() and self._link.state is LinkState.UP
 
     async def run(self) -> None:
-        """The ``supervision`` task: one ``tick`` every ``tick_s``."""
+        """The ``supervision`` task: one ``tick`` every ``tick_s``, then the ``after_tick``
+        hooks (the systemd watchdog: it is fed only while this loop runs, so a wedged event
+        loop stops feeding it)."""
         while True:
             await asyncio.sleep(self.settings.tick_s)
             self.tick()
+            for hook in self.after_tick:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("a supervision hook failed")
 
     def tick(self) -> None:
         now = self._clock()
@@ -476,7 +488,8 @@ class SupervisionService:
         self._housekeeping()
         for name, pending in unsent.items():
             if self._unsent.get(name) == pending:
-                self._publish_system_alert(name, *pending)
+                active, since_s, error = pending
+                self._publish_system_alert(name, active, since_s, error=error)
 
     # -- outbox and backpressure --------------------------------------------------------------
     def check_outbox_bound(self) -> None:
@@ -504,6 +517,22 @@ class SupervisionService:
             self.gate.release("outbox")
             self._publish_system_alert("outbox_full", False)
             log.info("outbox below its bound again: backpressure off")
+        self._watch_journal()
+
+    def _watch_journal(self) -> None:
+        """Ingest holds reading while its group commit fails (the ``journal`` hold of the
+        gate): a retained system alert says so, with the journal's error, and clears once a
+        commit got through again (ingest retries on its own; no restart)."""
+        failing = "journal" in self.gate.holds
+        if failing is self.journal_failing:
+            return
+        self.journal_failing = failing
+        error = self._ingest.last_commit_error if failing else None
+        self._publish_system_alert("journal_unavailable", failing, error=error)
+        if failing:
+            log.error("journal unavailable (%s): not reading from the broker", error)
+        else:
+            log.info("journal writable again: reading from the broker")
 
     def _backpressure_on(self) -> None:
         self.backpressure = True
@@ -516,7 +545,9 @@ class SupervisionService:
             f" (history {hist['state']}: {hist['last_error']})" if hist is not None else "",
         )
 
-    def _publish_system_alert(self, name: str, active: bool, since_s: float | None = None) -> None:
+    def _publish_system_alert(
+        self, name: str, active: bool, since_s: float | None = None, *, error: str | None = None
+    ) -> None:
         """Retained controller alerts on ``<prefix>/<site>/alerts/system/<name>`` (beside the
         SKU alerts), so supervisors see why ingest stopped reading from the broker. One the
         link cannot queue is kept and sent again by the next tick."""
@@ -531,6 +562,8 @@ class SupervisionService:
             "history": hist,
             "plcs": {pid: plc.view().link for pid, plc in self._plcs.items()},
         }
+        if name == "journal_unavailable":
+            body["error"] = error
         topic = f"{self.settings.system_alert_base}/{name}"
         try:
             self._link.publish(topic, orjson.dumps(body), qos=1, retain=True)
@@ -538,7 +571,7 @@ class SupervisionService:
             pending = self._unsent.get(name)
             if pending is None or pending[0] is not active:  # once per state, not per tick
                 log.error("could not publish the %s alert (sent again later): %s", name, exc)
-            self._unsent[name] = (active, since_s)
+            self._unsent[name] = (active, since_s, error)
             return
         self._unsent.pop(name, None)
 
@@ -547,12 +580,12 @@ class SupervisionService:
         """Link state changes (broker, PLCs) are events like any other: journaled for the
         history, published on the bus for live consumers."""
         now = self._clock()
-        body = LinkStateChanged(now, link, old, new).as_dict()
+        event = LinkStateChanged(now, link, old, new)
         try:
-            self._journal.commit((), events=[EventRow(now, "link_state", body)])
+            self._journal.commit((), events=[EventRow(now, event.kind, event.as_dict())])
         except Exception as exc:
             log.error("could not journal the link state change: %s", exc)
-        self._publish_events([body])
+        self._publish_events([event])
 
     def plc_state_listener(self, plc_id: str) -> Callable[[LinkState, LinkState], None]:
         """The state listener of one PLC link: only entering and leaving UP are events

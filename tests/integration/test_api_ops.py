@@ -89,9 +89,11 @@ def _cursor(rt: Runtime, device: str) -> int:
 
 
 async def next_event(sub: Subscription, pred: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The next event of ``sub`` whose wire dict (what the journal and the live frames carry)
+    matches ``pred``: that dict."""
     async with asyncio.timeout(10):
         while True:
-            ev = await sub.get()
+            ev = (await sub.get()).as_dict()
             if pred(ev):
                 return ev
 

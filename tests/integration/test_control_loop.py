@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from controller.domain.events import BusEvent, StockChanged
 from controller.runtime import Runtime
 from simulators.conveyor import ConveyorPlc
 from simulators.modbus_host import PlcHost
@@ -111,12 +112,12 @@ async def test_a_blocked_ingest_loop_delays_no_heartbeat_and_no_pick_command(
             await f.shelf("s0", 20)
             seen: dict[str, Any] = {}
 
-            def block_ingest(events: list[dict[str, Any]]) -> None:
+            def block_ingest(events: list[BusEvent]) -> None:
                 """On the first count of shelf sh1: block this (the ingest) loop until the
                 simulators saw six heartbeats (1.5 s, watchdog 1 s) and the mailbox write of
                 the pick command published just before the readings."""
                 if seen or not any(
-                    e.get("kind") == "stock_changed" and e.get("shelf_id") == "sh1" for e in events
+                    isinstance(e, StockChanged) and e.shelf_id == "sh1" for e in events
                 ):
                     return
                 seen["blocked"] = True

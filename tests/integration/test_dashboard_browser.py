@@ -30,6 +30,7 @@ HAVE_CHROMIUM = CHROMIUM.exists()
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 ARTIFACTS = ROOT / "artifacts" / "dashboard"
 TIMEOUT_MS = 20_000
+DWELL_S = 3.0
 
 
 @pytest.fixture
@@ -72,6 +73,9 @@ async def test_grid_alert_ack_and_reconnect(
         scales=4,
         history_backend="sqlite",
         reporting_interval_s=60.0,  # no shelf goes STALE while the controller restarts
+        # Long enough to see an alert during its resolve dwell (recovering), short enough to
+        # keep the raise quick.
+        dwell_s=DWELL_S,
     )
     ctl = ControllerProcess(site, tmp_path)
     controllers.append(ctl)
@@ -151,7 +155,12 @@ async def _scenario(
     await expect(alert).to_contain_text("delivery at 14:00")
     await cell.click()
     await expect(page.locator("#trend-sku")).to_have_text("K0")
-    await expect(page.locator("#detail")).to_contain_text("sh0")
+    detail = page.locator("#detail")
+    await expect(detail).to_contain_text("sh0")
+    await expect(detail.locator('[data-field="units"]')).to_have_text("0/40 units")
+    await expect(detail.locator('[data-field="state"]')).to_have_text("OUT")
+    await expect(detail.locator('[data-field="alert"]')).to_contain_text("OUT")
+    await _alert_list_fills_the_column(page)
     path = screenshot_path("dashboard")
     await page.screenshot(path=str(path), full_page=True)
     print(f"dashboard screenshot: {path}")
@@ -169,7 +178,45 @@ async def _scenario(
     await expect(cell).to_have_attribute("data-state", "out")
     await expect(alert).to_contain_text("acked by test-supervisor")
 
-    # Restocked: the cell is OK again.
+    # Restocked: the cell is OK again, and the open detail panel follows it live.
+    weight_before = await detail.locator('[data-field="weight"]').inner_text()
     seqs["s0"] = await publish(broker, "s0", seqs["s0"], 30)
     await expect(cell).to_have_attribute("data-state", "ok", timeout=TIMEOUT_MS)
     await expect(cell).to_have_text("30")
+    await expect(detail.locator('[data-field="units"]')).to_have_text("30/40 units")
+    await expect(detail.locator('[data-field="state"]')).to_have_text("OK")
+    await expect(detail.locator('[data-field="weight"]')).not_to_have_text(weight_before)
+    # During the resolve dwell the card no longer says OUT beside a level of 30: it is
+    # recovering, with the current level, until the episode resolves and the card goes.
+    await expect(alert.locator(".badge")).to_have_text("RECOVERING", timeout=TIMEOUT_MS)
+    await expect(alert).to_have_class(re.compile(r"\brecovering\b"))
+    await expect(alert).to_contain_text("level 30")
+    await expect(alert).not_to_contain_text("order 40")  # nothing to order while recovering
+    await expect(detail.locator('[data-field="alert"]')).to_contain_text("recovering")
+    await page.screenshot(path=str(screenshot_path("recovering")), full_page=True)
+    await expect(alert).to_have_count(0, timeout=TIMEOUT_MS)
+    await expect(page.locator("#alert-count")).to_have_text("0")
+    await expect(detail.locator('[data-field="alert"]')).to_have_text("no active alert")
+    # Closed, the panel stops following the shelf.
+    await detail.locator('button[data-action="close-detail"]').click()
+    await expect(detail).not_to_contain_text("sh0")
+    await expect(cell).not_to_have_class(re.compile(r"\bselected\b"))
+
+
+async def _alert_list_fills_the_column(page: Page) -> None:
+    """At 1366×768 the alert list takes the height of the page's columns (no empty space under
+    the charts, no small scroll box above an empty area), and scrolls within itself."""
+    box = await page.evaluate(
+        """() => {
+          const r = (sel) => document.querySelector(sel).getBoundingClientRect();
+          const left = [...document.querySelectorAll("#main > :not(.side)")]
+            .reduce((b, n) => Math.max(b, n.getBoundingClientRect().bottom), 0);
+          const list = document.querySelector("#alerts");
+          return { left, side: r(".side").bottom, list: r("#alerts").height,
+                   overflow: getComputedStyle(list).overflowY, vh: innerHeight };
+        }"""
+    )
+    # The left column's panels reach as far down as the alert column (within one gap).
+    assert abs(box["left"] - box["side"]) <= 16, box
+    assert box["list"] >= 0.4 * box["vh"], box
+    assert box["overflow"] == "auto", box

@@ -11,8 +11,9 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import orjson
@@ -33,6 +34,7 @@ from controller.api.live import (
     origin_allowed,
 )
 from controller.config import load_site
+from controller.domain.events import Event
 from controller.runtime import Runtime
 from tests.integration.test_sensing_e2e import readings
 from tests.mosquitto import MosquittoBroker, paho_publish
@@ -255,6 +257,17 @@ async def test_slow_client_drops_oldest_and_others_get_everything(
                 await _fan_out(srv, slow, fast, n)
 
 
+@dataclass(frozen=True, slots=True)
+class Marker(Event):
+    """A test event; its frames carry ``{"kind": "test_marker", "ts", "seq", "pad"}``."""
+
+    kind: ClassVar[str] = "test_marker"
+    WIRE_NAMES: ClassVar[dict[str, str]] = {"ts_s": "ts"}
+    ts_s: float
+    seq: int
+    pad: str
+
+
 def _markers(frame: list[dict[str, Any]], seqs: list[int], notices: list[dict[str, Any]]) -> None:
     for m in frame:
         if m["type"] == "event" and m["event"]["kind"] == "test_marker":
@@ -274,12 +287,7 @@ async def _fan_out(srv: LiveServer, slow: ClientConnection, fast: ClientConnecti
 
     reader = asyncio.create_task(read_fast())
     for first in range(0, n, 100):
-        srv.rt.bus.publish(
-            [
-                {"kind": "test_marker", "ts": 0.0, "seq": i, "pad": pad}
-                for i in range(first, first + 100)
-            ]
-        )
+        srv.rt.bus.publish([Marker(0.0, i, pad) for i in range(first, first + 100)])
         await asyncio.sleep(0)  # let the senders run between groups, as between ingest reads
     async with asyncio.timeout(30):
         await reader

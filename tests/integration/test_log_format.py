@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -12,43 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.controller_proc import ROOT, ControllerProcess
+from tests.command_proc import CommandController
 from tests.mosquitto import MosquittoBroker
 from tests.sites import write_small_site
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class CliController(ControllerProcess):
-    """``python -m controller [global flags] run SITE``."""
-
-    def __init__(self, site: Path, folder: Path, flags: list[str], env: dict[str, str]) -> None:
-        super().__init__(site, folder, env=env)
-        self.flags = flags
-
-    async def spawn(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "controller",
-            *self.flags,
-            "run",
-            str(self.site),
-            stdout=log,
-            stderr=log,
-            env=self.child_env(),
-            cwd=str(ROOT),
-        )
-        log.close()
-        self.starts += 1
-
-
 async def run_once(tmp_path: Path, port: int, flags: list[str], env: dict[str, str]) -> str:
     """Start, wait until ready, stop; the process's stderr."""
     os.makedirs(tmp_path, exist_ok=True)
     site = write_small_site(tmp_path, mqtt_port=port)
-    ctl = CliController(site, tmp_path, flags, env)
+    ctl = CommandController(site, tmp_path, [sys.executable, "-m", "controller", *flags], env=env)
     await ctl.start()
     assert await ctl.stop() == 0, ctl.tail()
     return ctl.log_text()

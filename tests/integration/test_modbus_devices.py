@@ -2,7 +2,9 @@
 
 Every fault is injected at run time in the simulated PLC (pymodbus server action hook) or in
 its fault proxy. Tests wait on the simulator's state or on the link's state watch, with
-timeouts; never on fixed sleeps. Reliability rows: shared/RELIABILITY.md B1–B8.
+timeouts; never on fixed sleeps. The b1–b8 prefixes number the actuation fault cases (a lost
+reply, a PLC restart, a dropped link, ...); each test's name and body state its fault and pass
+criterion.
 """
 
 from __future__ import annotations

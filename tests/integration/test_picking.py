@@ -21,7 +21,8 @@ from pymodbus.client import AsyncModbusTcpClient
 from controller.api.app import create_app
 from controller.api.routes.orders import OrderOut
 from controller.config import load_site
-from controller.domain.model import ShelfStatus
+from controller.domain.events import AlertNotice, AlertRaised, OrderException, OrderStateChanged
+from controller.domain.model import OrderState, ShelfStatus
 from controller.runtime import Runtime
 from controller.services.picking import PickRequest
 from devices.link.state import LinkState
@@ -313,11 +314,15 @@ async def test_pick_end_to_end_to_shipped(
         )
         assert rt.picking.reserved("sh0") == 0
         # The stock crossed the reorder point (10): the alert is raised after its dwell.
-        raised: list[dict[str, Any]] = []
+        raised: list[AlertRaised] = []
         rt.bus.add_listener(
-            lambda events: raised.extend(e for e in events if e.get("kind") == "alert_raised")
+            lambda events: raised.extend(
+                e.transition
+                for e in events
+                if isinstance(e, AlertNotice) and isinstance(e.transition, AlertRaised)
+            )
         )
-        await bus_until(rt, lambda: any(e["key"] == "K0" for e in raised), 10)
+        await bus_until(rt, lambda: any(e.key == "K0" for e in raised), 10)
         alerts = (await f.client.get("/api/v1/alerts", headers=auth_headers("supervisor"))).json()
         k0 = next(a for a in alerts if a["sku"] == "K0")
         assert (k0["active"], k0["state"], k0["level"]) == (True, "low", 9)
@@ -717,9 +722,9 @@ async def test_short_pick_jam_and_full_lane_end_in_exception(
         floor(mosquitto, tmp_path, ch, sh, scale_timeout_s=2) as f,
     ):
         rt = f.rt
-        exceptions: list[dict[str, Any]] = []
+        exceptions: list[OrderException] = []
         rt.bus.add_listener(
-            lambda evs: exceptions.extend(e for e in evs if e.get("kind") == "order_exception")
+            lambda evs: exceptions.extend(e for e in evs if isinstance(e, OrderException))
         )
         await f.shelf("s0", 20)
 
@@ -756,7 +761,7 @@ async def test_short_pick_jam_and_full_lane_end_in_exception(
         (task,) = rt.picking.get(full_id)["tasks"]  # type: ignore[index]
         assert (task["state"], task["result"]) == ("FAILED", "RECIRCULATED")
 
-        assert {e["order_id"] for e in exceptions} == {short_id, jam_id, full_id}
+        assert {e.order_id for e in exceptions} == {short_id, jam_id, full_id}
         assert rt.picking.reserved("sh0") == 0
         r = await f.client.get("/api/v1/orders?state=EXCEPTION", headers=auth_headers("supervisor"))
         assert {o["order_id"] for o in r.json()} == {short_id, jam_id, full_id}
@@ -912,10 +917,8 @@ async def test_cancel_an_order_before_its_command_is_sent(
         floor(mosquitto, tmp_path, ch, sh) as f,
     ):
         rt = f.rt
-        seen: list[dict[str, Any]] = []
-        rt.bus.add_listener(
-            lambda evs: seen.extend(e for e in evs if e.get("kind") == "order_state")
-        )
+        seen: list[OrderStateChanged] = []
+        rt.bus.add_listener(lambda evs: seen.extend(e for e in evs if type(e) is OrderStateChanged))
         await f.shelf("s0", 20)
         belts = rt.picking.executor._belt_locks["conveyor-1"]
         await rt.control.call_async(belts.acquire)  # the executor's lock, on its loop
@@ -975,7 +978,7 @@ async def test_cancel_an_order_before_its_command_is_sent(
         )
         assert not cmds & set(sorter.executions)  # never reached the sorter
         assert sorter.ack_id < min(cmds)
-        cancelled = [(e["order_id"], e["old"]) for e in seen if e["new"] == "CANCELLED"]
+        cancelled = [(e.order_id, e.old) for e in seen if e.new is OrderState.CANCELLED]
         assert cancelled == [(oid_a, "PICKING"), (oid_b, "PICKING")]
         assert [
             (e["order_id"], e["reason"])

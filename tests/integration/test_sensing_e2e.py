@@ -13,6 +13,7 @@ import orjson
 import paho.mqtt.client as paho
 
 from controller.config import load_site
+from controller.domain.events import AlertNotice, BusEvent, StockChanged
 from controller.runtime import Runtime
 from simulators.shelf_scale import ScaleSimOptions, WarehouseScales
 from simulators.site import load_site as load_sim_site
@@ -153,7 +154,8 @@ async def test_restart_with_an_active_alert_keeps_the_episode(
         t0 = rt.clock()
         await asyncio.to_thread(paho_publish, mosquitto.port, readings("s1", 0, 4, 8, t0))
         event = await raised.get(timeout_s=10)
-        assert event["key"] == "K1"
+        assert isinstance(event, AlertNotice)
+        assert event.transition.key == "K1"
         episode = rt.alerts.alerts["K1"].episode
         assert episode is not None
     async with running(Runtime(site)) as rt2:
@@ -199,9 +201,9 @@ async def test_consumers_see_causal_order_and_a_raising_listener_stays_off_the_a
     the alert from its listener, on the commit that lowered the stock."""
     site = load_site(write_small_site(tmp_path, mqtt_port=mosquitto.port, dwell_s=0.0))
     async with running(Runtime(site)) as rt:
-        seen: list[dict[str, Any]] = []
+        seen: list[BusEvent] = []
 
-        def broken(events: list[dict[str, Any]]) -> None:
+        def broken(events: list[BusEvent]) -> None:
             raise RuntimeError("a listener's bug")
 
         rt.bus.add_listener(broken)
@@ -211,10 +213,10 @@ async def test_consumers_see_causal_order_and_a_raising_listener_stays_off_the_a
         await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 6, t0))
         await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 6, 5, 8, t0 + 1))
         await raised.get(timeout_s=10)
-        first_alert = next(i for i, e in enumerate(seen) if e["kind"] == "alert_raised")
-        before = [e for e in seen[:first_alert] if e["kind"] == "stock_changed"]
-        assert before, [e["kind"] for e in seen]
-        assert before[-1]["new_units"] == 5, "the change that caused the alert comes first"
+        first_alert = next(i for i, e in enumerate(seen) if e.kind == "alert_raised")
+        before = [e for e in seen[:first_alert] if isinstance(e, StockChanged)]
+        assert before, [e.kind for e in seen]
+        assert before[-1].new_units == 5, "the change that caused the alert comes first"
         assert rt.bus.listener_errors_by_name[broken.__qualname__] >= 2
         assert rt.link.stats.callback_errors == 0
         assert rt.link.stats.connects == 1

@@ -1,4 +1,4 @@
-"""The controller always stops (shared RELIABILITY.md M11).
+"""The controller always stops (fault case M11: docs/architecture.md, "Stopping").
 
 First at the Modbus link: a cancellation that arrives in the same loop step as a pymodbus
 result (a failed connect, a heartbeat reply) must still end `ModbusLink.run`. pymodbus awaits

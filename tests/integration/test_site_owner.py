@@ -1,4 +1,5 @@
-"""One owner per site (shared RELIABILITY.md M9), against a real mosquitto.
+"""One owner per site (fault case M9, docs/architecture.md "One owner per site"), against a real
+mosquitto.
 
 A second ``floorhand run`` for a site that a running controller owns must refuse to start
 (clear message, exit code EXIT_REFUSED) without disturbing the first one, not even once: the

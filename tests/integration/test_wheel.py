@@ -18,7 +18,8 @@ import pytest
 from simulators.conveyor import ConveyorPlc
 from simulators.modbus_host import PlcHost
 from simulators.sorter import SorterPlc
-from tests.controller_proc import SHARED_SSL, ControllerProcess
+from tests.command_proc import CommandController
+from tests.controller_proc import SHARED_SSL
 from tests.integration.test_picking import ORDER, picking_site
 from tests.integration.test_sensing_e2e import readings
 from tests.mosquitto import MosquittoBroker, paho_publish
@@ -81,36 +82,6 @@ def imported_from(bin_dir: Path, workdir: Path) -> str:
         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         check=True,
     ).stdout.strip()
-
-
-class InstalledController(ControllerProcess):
-    """``floorhand run`` from the virtualenv's script, in a working directory of its own, with
-    no PYTHONPATH: nothing of the checkout is importable."""
-
-    def __init__(self, site: Path, folder: Path, bin_dir: Path, workdir: Path) -> None:
-        super().__init__(site, folder)
-        self.bin_dir = bin_dir
-        self.workdir = workdir
-
-    def child_env(self) -> dict[str, str]:
-        env = super().child_env()
-        env.pop("PYTHONPATH", None)
-        env.pop("VIRTUAL_ENV", None)
-        return env
-
-    async def spawn(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = await asyncio.create_subprocess_exec(
-            str(self.bin_dir / "floorhand"),
-            "run",
-            str(self.site),
-            stdout=log,
-            stderr=log,
-            env=self.child_env(),
-            cwd=str(self.workdir),
-        )
-        log.close()
-        self.starts += 1
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +156,14 @@ async def test_installed_wheel_serves_the_dashboard_and_executes_a_pick(
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
     async with PlcHost(conveyor, seed=1) as ch, PlcHost(sorter, seed=2) as sh:
         site = picking_site(tmp_path, mosquitto.port, ch.port, sh.port)
-        ctl = InstalledController(site, tmp_path, bin_dir, workdir)
+        # Nothing of the checkout is importable: another directory, no PYTHONPATH.
+        ctl = CommandController(
+            site,
+            tmp_path,
+            [str(bin_dir / "floorhand")],
+            cwd=workdir,
+            drop_env=("PYTHONPATH", "VIRTUAL_ENV"),
+        )
         await ctl.start(ready_timeout_s=30.0)
         try:
             async with httpx.AsyncClient(base_url=ctl.base, timeout=5.0, verify=SHARED_SSL) as c:

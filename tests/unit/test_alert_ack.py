@@ -22,7 +22,7 @@ from controller.domain.reorder import (
     snooze,
 )
 from controller.ports import JournalUnavailable
-from controller.services.alerts import AlertService
+from controller.services.alerts import AlertService, AlertSettings
 from tests.sites import TARE_G, UNIT_G
 from tests.unit.test_alerts_service import World
 
@@ -181,7 +181,14 @@ def test_service_ack_commits_publishes_and_survives_a_reopen(tmp_path: Path) -> 
     journal = Journal(tmp_path / "journal.sqlite")
     restored = journal.open()
     try:
-        svc = AlertService(w.site, journal, w.link, lambda e: None, w.ingest.states, w.ingest.specs)
+        svc = AlertService(
+            AlertSettings.from_site(w.site),
+            journal,
+            w.link,
+            lambda e: None,
+            w.ingest.states,
+            w.ingest.specs,
+        )
         svc.restore(restored.alert_states)
         ep = svc.alerts["K0"].episode
         assert ep is not None

@@ -15,6 +15,7 @@ import pytest
 from controller.adapters.journal import Journal
 from controller.bus import Bus
 from controller.config import load_site
+from controller.domain.events import BusEvent
 from controller.domain.stock import ShelfState
 from controller.services.alerts import AlertService, AlertSettings
 from controller.services.ingest import IngestService, IngestSettings, shelf_specs
@@ -75,11 +76,12 @@ class World:
             specs,
         )
         self.events: list[dict[str, Any]] = []
-        self.bus.add_listener(self.events.extend)
+        """What the bus carried, as wire dicts (the journal's and the live frames' bodies)."""
+        self.bus.add_listener(lambda evs: self.events.extend(e.as_dict() for e in evs))
         self.bus.add_listener(self._after_commit)
         self.seq = 0
 
-    def _after_commit(self, events: list[dict[str, Any]]) -> None:
+    def _after_commit(self, events: list[BusEvent]) -> None:
         self.alerts.on_events(events)
         self.alerts.evaluate_dirty(self.now)
 
@@ -197,7 +199,9 @@ def test_retained_states_beyond_the_link_queue_are_deferred_not_fatal(tmp_path: 
         link = FullQueueLink(room=10)
         specs = shelf_specs(site)
         states = {sid: ShelfState(spec) for sid, spec in specs.items()}
-        alerts = AlertService(site, journal, link, Bus().publish, states, specs)
+        alerts = AlertService(
+            AlertSettings.from_site(site), journal, link, Bus().publish, states, specs
+        )
         alerts.republish_all()  # must not raise
         assert len(link.published) == 10
         assert len(alerts.unpublished) == 15

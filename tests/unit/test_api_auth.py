@@ -27,6 +27,8 @@ from controller.api.auth import (
 )
 from controller.api.limits import RateLimiter, is_stop_request
 from controller.config import ApiConfig, ApiTokenConfig, load_site
+from controller.domain.events import OrderException, OrderStateChanged, PickTaskChanged
+from controller.domain.model import OrderState, TaskState
 from controller.runtime import Runtime
 from tests.sites import TOKENS, auth_headers, write_small_site
 
@@ -241,14 +243,18 @@ def test_pick_latency_from_order_events() -> None:
     probe = PickLatencyProbe(max_open=2)
     n0, s0 = _pick_count(), _pick_sum()
 
-    def ev(order: str, old: str, new: str, ts: float) -> dict[str, object]:
-        return {"kind": "order_state", "order_id": order, "old": old, "new": new, "ts": ts}
+    def ev(order: str, old: str, new: str, ts: float) -> OrderStateChanged:
+        return OrderStateChanged(
+            ts, order, "api", "x-" + order, OrderState(old), OrderState(new), None
+        )
 
+    task = PickTaskChanged(5.0, "a", 0, "K1", 1, "sh0", "s1", 1, 1, TaskState.CONFIRMED, "ok", None)
     probe.on_events([ev("a", "RECEIVED", "VALIDATED", 100.0), ev("b", "RECEIVED", "VALIDATED", 1)])
-    probe.on_events([ev("a", "ALLOCATED", "PICKING", 101.0), {"kind": "pick_task", "ts": 5}])
+    probe.on_events([ev("a", "ALLOCATED", "PICKING", 101.0), task])
     probe.on_events([ev("a", "PICKING", "SORTED", 104.5)])
     assert (_pick_count() - n0, _pick_sum() - s0) == (1, pytest.approx(4.5))
-    probe.on_events([ev("b", "PICKING", "EXCEPTION", 9.0)])  # not a latency
+    exc = ev("b", "PICKING", "EXCEPTION", 9.0)
+    probe.on_events([exc, OrderException.of(exc)])  # not a latency; the echo is no transition
     probe.on_events([ev("a", "SORTED", "PACKED", 200.0)])  # already observed
     assert _pick_count() - n0 == 1
     for o in ("c", "d", "e"):  # bounded: the oldest open order is forgotten

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,30 +16,39 @@ from prometheus_client.exposition import generate_latest
 
 from controller.api.metrics import BusCollector
 from controller.bus import Bus
+from controller.domain.events import BusEvent, Event
 from tests.sites import TARE_G, UNIT_G
 from tests.unit.test_alerts_service import RecordingLink, World
 
 
-def _kinds(events: list[dict[str, Any]]) -> list[str]:
-    return [e["kind"] for e in events]
+@dataclass(frozen=True, slots=True)
+class Note(Event):
+    """A test event whose kind is its own (the bus only reads ``kind``)."""
+
+    kind: str  # type: ignore[misc]
+    ts_s: float = 0.0
+
+
+def _kinds(events: Sequence[BusEvent | dict[str, Any]]) -> list[str]:
+    return [e["kind"] if isinstance(e, dict) else e.kind for e in events]
 
 
 def test_a_listener_publishing_is_delivered_after_the_current_group() -> None:
     bus = Bus()
-    seen_by_first: list[dict[str, Any]] = []
-    seen_by_last: list[dict[str, Any]] = []
+    seen_by_first: list[BusEvent] = []
+    seen_by_last: list[BusEvent] = []
     right_after_publish: list[str] = []
 
-    def cause_effect(events: list[dict[str, Any]]) -> None:
+    def cause_effect(events: list[BusEvent]) -> None:
         seen_by_first.extend(events)
-        if any(e["kind"] == "cause" for e in events):
-            bus.publish([{"kind": "effect", "ts": 1.0}])
+        if any(e.kind == "cause" for e in events):
+            bus.publish([Note("effect", 1.0)])
             right_after_publish.extend(_kinds(seen_by_first))
 
     bus.add_listener(cause_effect)
     bus.add_listener(seen_by_last.extend)
     sub = bus.subscribe("all")
-    bus.publish([{"kind": "cause", "ts": 0.0}, {"kind": "other", "ts": 0.0}])
+    bus.publish([Note("cause", 0.0), Note("other", 0.0)])
 
     # The effect was queued behind the current group, not delivered from inside the listener.
     assert right_after_publish == ["cause", "other"]
@@ -56,27 +66,27 @@ def test_groups_published_during_a_drain_keep_their_order() -> None:
     bus = Bus()
     order: list[str] = []
 
-    def fan(events: list[dict[str, Any]]) -> None:
+    def fan(events: list[BusEvent]) -> None:
         for e in events:
-            if e["kind"] == "a":
-                bus.publish([{"kind": "b1", "ts": 0.0}])
-                bus.publish([{"kind": "b2", "ts": 0.0}])
-            elif e["kind"] == "b1":
-                bus.publish([{"kind": "c", "ts": 0.0}])
+            if e.kind == "a":
+                bus.publish([Note("b1", 0.0)])
+                bus.publish([Note("b2", 0.0)])
+            elif e.kind == "b1":
+                bus.publish([Note("c", 0.0)])
 
     bus.add_listener(fan)
     bus.add_listener(lambda events: order.extend(_kinds(events)))
-    bus.publish([{"kind": "a", "ts": 0.0}])
+    bus.publish([Note("a", 0.0)])
     assert order == ["a", "b1", "b2", "c"]
 
 
 def test_the_publisher_may_reuse_its_list() -> None:
     bus = Bus()
     got: list[str] = []
-    group = [{"kind": "x", "ts": 0.0}]
+    group = [Note("x", 0.0)]
 
-    def republish(events: list[dict[str, Any]]) -> None:
-        if events[0]["kind"] == "x":
+    def republish(events: list[BusEvent]) -> None:
+        if events[0].kind == "x":
             bus.publish(group)  # queued: delivered after this group
             group.clear()  # the caller reuses its list before delivery
 
@@ -92,15 +102,15 @@ def test_a_raising_listener_is_counted_logged_once_and_others_still_receive(
     bus = Bus()
     got: list[str] = []
 
-    def broken(events: list[dict[str, Any]]) -> None:
+    def broken(events: list[BusEvent]) -> None:
         raise KeyError("shelf_id")
 
     bus.add_listener(broken)
     bus.add_listener(lambda events: got.extend(_kinds(events)))
     sub = bus.subscribe("sub")
     with caplog.at_level(logging.ERROR, logger="floorhand.bus"):
-        bus.publish([{"kind": "stock_changed", "ts": 0.0}])
-        bus.publish([{"kind": "seq_gap", "ts": 1.0}])  # must not raise either
+        bus.publish([Note("stock_changed", 0.0)])
+        bus.publish([Note("seq_gap", 1.0)])  # must not raise either
     assert got == ["stock_changed", "seq_gap"]
     assert len(sub) == 2
     assert bus.listener_errors == 2
@@ -110,7 +120,7 @@ def test_a_raising_listener_is_counted_logged_once_and_others_still_receive(
     assert broken.__qualname__ in logged[0].getMessage()
     assert "stock_changed" in logged[0].getMessage()
     # The bus is not left half-way: the next group is delivered normally.
-    bus.publish([{"kind": "after", "ts": 2.0}])
+    bus.publish([Note("after", 2.0)])
     assert got[-1] == "after"
 
 
@@ -119,8 +129,8 @@ def test_stock_changed_precedes_the_alert_it_caused(tmp_path: Path) -> None:
     (picking, metrics, the live hub) and subscriptions still see the ``stock_changed`` first.
     No dwell: the alert is raised by the listener itself, on the commit that lowered the stock."""
     w = World(tmp_path, reorder_point=20, dwell_s=0.0)
-    later: list[dict[str, Any]] = []
-    w.bus.add_listener(later.extend)  # in the place of picking / metrics / live
+    later: list[dict[str, Any]] = []  # in the place of picking / metrics / live
+    w.bus.add_listener(lambda evs: later.extend(e.as_dict() for e in evs))
     sub = w.bus.subscribe("live-like")
     for _ in range(6):
         w.reading(TARE_G + 35 * UNIT_G)
@@ -130,7 +140,7 @@ def test_stock_changed_precedes_the_alert_it_caused(tmp_path: Path) -> None:
         w.advance(0.5)
     subbed = []
     while (ev := sub.get_nowait()) is not None:
-        subbed.append(ev)
+        subbed.append(ev.as_dict())
     for seen in (w.events, later, subbed):
         kinds = [k for k in _kinds(seen) if k in ("stock_changed", "alert_raised")]
         assert "alert_raised" in kinds
@@ -158,11 +168,11 @@ def test_a_raising_listener_does_not_reach_the_ingest_ack_path(tmp_path: Path) -
     link = AckRecordingLink()
     w.ingest._link = link
 
-    def broken(events: list[dict[str, Any]]) -> None:
+    def broken(events: list[BusEvent]) -> None:
         raise RuntimeError("listener bug")
 
     w.bus.add_listener(broken)
-    later: list[dict[str, Any]] = []
+    later: list[BusEvent] = []
     w.bus.add_listener(later.extend)
     for units in (35,) * 6 + (5,) * 6:
         w.reading(TARE_G + units * UNIT_G)  # must not raise into the MQTT link's callback
@@ -176,11 +186,11 @@ def test_a_raising_listener_does_not_reach_the_ingest_ack_path(tmp_path: Path) -
 def test_bus_counters_are_exposed_as_metrics() -> None:
     bus = Bus()
 
-    def broken(events: list[dict[str, Any]]) -> None:
+    def broken(events: list[BusEvent]) -> None:
         raise ValueError("bug")
 
     bus.add_listener(broken, name="broken")
-    bus.publish([{"kind": "a", "ts": 0.0}, {"kind": "b", "ts": 0.0}])
+    bus.publish([Note("a", 0.0), Note("b", 0.0)])
     registry = CollectorRegistry()
     registry.register(BusCollector(bus))
     text = generate_latest(registry).decode()

@@ -85,3 +85,35 @@ def test_help_has_no_rst_markup(command: list[str]) -> None:
     assert done.returncode == 0, done
     assert "usage: floorhand" in done.stdout
     assert "``" not in done.stdout, done.stdout
+
+
+def test_global_flags_also_work_after_the_command(site: Path) -> None:
+    """``floorhand check-config SITE --log-level DEBUG`` is what people type; it used to be a
+    usage error (global flags were accepted before the command only)."""
+    done = floorhand("check-config", str(site), "--log-level", "debug", "--log-format", "json")
+    assert done.returncode == 0, done
+    bad = floorhand("check-config", str(site), "--log-level", "loud")
+    assert bad.returncode == 2, bad
+    assert "--log-level" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_a_closed_stdout_pipe_is_no_traceback(site: Path) -> None:
+    """``floorhand check-config SITE | head -1``: the reader went away before the summary was
+    written; the command ends quietly (exit 1 as Python's own recipe), no BrokenPipeError
+    traceback. The pipe's read end is closed before the process starts, so the first write
+    fails for certain."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "controller", "check-config", str(site)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, done

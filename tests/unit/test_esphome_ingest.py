@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.config import load_site
-from controller.services.ingest import IngestService, shelf_specs, subscriptions
+from controller.services.ingest import IngestService, IngestSettings, shelf_specs, subscriptions
 from devices.link.mqtt import MqttMessage
 from tests.unit.test_esphome_yaml import _weight_sensor, config, object_id
 from tests.unit.test_ingest import DEMO, FakeLink, Journal
@@ -31,7 +31,7 @@ def test_esphome_config_output_is_applied_to_its_demo_shelf(
     journal.open()
     now = [1_764_067_200.0]
     ingest = IngestService(
-        site,
+        IngestSettings.from_site(site),
         journal,
         FakeLink(),
         lambda ev: None,

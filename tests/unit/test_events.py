@@ -17,6 +17,7 @@ from controller.domain.events import (
     AlertRaised,
     AlertResolved,
     CalibrationValues,
+    CmdIdsMoved,
     Event,
     OrderException,
     OrderStateChanged,
@@ -139,6 +140,11 @@ WIRE: list[tuple[Event, dict[str, Any]]] = [
         {"kind": "pick_task", "ts": 21.0, "order_id": "t-00000001", "task_no": 1, "sku": "K0"}
         | {"qty": 1, "shelf": "sh0", "sorter": "sorter-1", "cmd_id": 8, "tote": 4}
         | {"state": "CONFIRMED", "result": None, "reason": "resolved", "by": "sup"},
+    ),
+    (
+        CmdIdsMoved(21.5, "sorter-1", 3, 41, 57),
+        {"kind": "cmd_ids_moved", "ts": 21.5, "sorter": "sorter-1", "epoch": 3}
+        | {"old": 41, "new": 57},
     ),
     (
         PlcCommandIssued(

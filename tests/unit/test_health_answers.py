@@ -89,7 +89,7 @@ async def _answers(rt: Runtime, site: Any) -> dict[str, Any]:
             ln
             for ln in r.text.splitlines()
             if ln.startswith("floorhand_")
-            and not ln.startswith(("floorhand_http", "floorhand_pick"))
+            and not ln.startswith(("floorhand_http", "floorhand_pick", "floorhand_build_info"))
         ]
         got["/metrics"] = {"status": r.status_code, "lines": lines}
     hub = app.state.live

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from controller.adapters.journal import Journal
 from controller.config import SiteConfig, load_site
+from controller.domain.events import BusEvent, SeqGap, SeqGapFilled, StockChanged
 from controller.ports import JournalUnavailable, ReadingRow
 from controller.services.history import HistoryService, Topology
 from controller.services.ingest import MAX_HOLES, IngestService, IngestSettings, shelf_specs
@@ -62,13 +63,14 @@ class Harness:
         self.journal = Journal(tmp / "j.sqlite")
         restored = self.journal.open()
         self.link = FakeLink()
-        self.events: list[dict[str, Any]] = []
+        self.published: list[BusEvent] = []
+        """The typed events ingest published (the bus carries them)."""
         self.now = NOW
         self.ingest = IngestService(
             IngestSettings.from_site(site),
             self.journal,
             self.link,
-            self.events.extend,
+            self.published.extend,
             clock=lambda: self.now,
             shelf_specs=shelf_specs(site),
         )
@@ -173,7 +175,7 @@ def test_duplicates_are_dropped(h: Harness) -> None:
     assert h.ingest.rejected["duplicate"] == 2
     assert h.ingest.readings == 4
     assert h.ingest.devices["scale-a01"].gaps == 1
-    assert any(e["kind"] == "seq_gap" and e["missing"] == 1 for e in h.events)
+    assert any(isinstance(e, SeqGap) and e.missing == 1 for e in h.published)
 
 
 def shelf_of_a01(site: SiteConfig) -> str:
@@ -208,16 +210,8 @@ async def test_late_reading_is_journaled_and_historied_once_without_moving_state
     assert (cursor.epoch, cursor.seq, cursor.ts_s) == (0, 5, cursor_before.ts_s)
     assert cursor.applied == cursor_before.applied + 1
     assert (info.gaps, info.missing_readings) == (1, 1), "seq 3 filled its gap; seq 4 missing"
-    assert [e for e in h.events if e["kind"] == "seq_gap_filled"] == [
-        {
-            "kind": "seq_gap_filled",
-            "ts": NOW + 3,
-            "device": "scale-a01",
-            "epoch": 0,
-            "first_seq": 3,
-            "last_seq": 3,
-            "filled": 1,
-        }
+    assert [e for e in h.published if isinstance(e, SeqGapFilled)] == [
+        SeqGapFilled(NOW + 3, "scale-a01", 0, 3, 3, 1)
     ]
     # A second copy of seq 3 is a true duplicate.
     h.send(h.msg(T_A01, reading(3, 1900.0, NOW + 3)))
@@ -323,7 +317,13 @@ def test_stock_counts_from_weight(h: Harness, site: SiteConfig) -> None:
     grams = shelf.tare_g + 12 * shelf.unit_weight_g
     h.send(*(h.msg(T_A01, reading(s, grams + 0.2, NOW + s)) for s in range(1, 8)))
     assert h.ingest.states[shelf.id].units == 12
-    assert any(e["kind"] == "stock_changed" and e["new_units"] == 12 for e in h.events)
+    assert any(isinstance(e, StockChanged) and e.new_units == 12 for e in h.published)
+    # The journal row of each published event is its wire dict.
+    rows = [
+        orjson.loads(r[0])
+        for r in h.journal.db.execute("SELECT body FROM events WHERE kind = 'stock_changed'")
+    ]
+    assert rows == [e.as_dict() for e in h.published if isinstance(e, StockChanged)]
 
 
 def test_integer_ts_and_grams_are_numbers(h: Harness) -> None:

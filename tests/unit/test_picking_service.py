@@ -14,6 +14,7 @@ import pytest
 
 from controller.adapters.journal import DuplicateOrderError, Journal
 from controller.config import SiteConfig, load_site
+from controller.domain.events import BusEvent, CmdIdsMoved
 from controller.domain.model import ShelfStatus
 from controller.domain.stock import ShelfState
 from controller.services.ingest import shelf_specs
@@ -99,7 +100,7 @@ def service(
     states = {sid: ShelfState(spec) for sid, spec in specs.items()}
     for st in states.values():
         st.units, st.status, st.last_ts_s = units, ShelfStatus.OK, clock.now
-    published: list[dict[str, Any]] = []
+    published: list[BusEvent] = []
     svc = PickingService(
         site,
         journal,
@@ -304,7 +305,7 @@ async def test_cmd_ids_move_above_the_plcs_before_the_next_pick(tmp_path: Path) 
         sorter.mailbox_known = True
         sorter.report(500)
         assert journal.counters()["cmd:s1"] == 500
-        assert [e["kind"] for e in published] == ["cmd_ids_moved"]
+        assert [type(e) for e in published] == [CmdIdsMoved]
         kinds = [r[0] for r in journal.db.execute("SELECT kind FROM events")]
         assert kinds == ["cmd_ids_moved"]
         sorter.report(20)  # below the counter: nothing to do

@@ -4,6 +4,9 @@ alert, outbox housekeeping, link events, oversize counting."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -12,9 +15,10 @@ from typing import Any
 import orjson
 import pytest
 
+from controller.domain.events import BusEvent
 from controller.domain.model import ShelfStatus, StockState
 from controller.domain.reorder import AlertState, Episode
-from controller.ports import EventRow, ReadingRow
+from controller.ports import EventRow, LinkStateChanged, ReadingRow
 from controller.services.supervision import (
     ALERT_REPUBLISH_QUEUE,
     HealthReport,
@@ -177,9 +181,9 @@ class FakePlc:
 @dataclass
 class FakeBus:
     published: int = 0
-    groups: list[list[dict[str, Any]]] = field(default_factory=list)
+    groups: list[list[BusEvent]] = field(default_factory=list)
 
-    def publish(self, events: list[dict[str, Any]]) -> None:
+    def publish(self, events: list[BusEvent]) -> None:
         self.published += len(events)
         self.groups.append(events)
 
@@ -421,7 +425,7 @@ def test_a_link_state_change_is_journaled_then_published() -> None:
     svc.on_link_state(LinkState.CONNECTING, LinkState.UP)
     body = {"kind": "link_state", "ts": NOW_S, "link": "mqtt", "old": "connecting", "new": "up"}
     assert rig.journal.events == [EventRow(NOW_S, "link_state", body)]
-    assert rig.bus.groups == [[body]]
+    assert rig.bus.groups == [[LinkStateChanged(NOW_S, "mqtt", LinkState.CONNECTING, LinkState.UP)]]
 
 
 def test_a_link_event_the_journal_refuses_is_still_published() -> None:
@@ -430,7 +434,9 @@ def test_a_link_event_the_journal_refuses_is_still_published() -> None:
     svc = rig.service()
     svc.on_link_state(LinkState.UP, LinkState.DOWN)
     assert rig.journal.events == []
-    assert [ev["new"] for g in rig.bus.groups for ev in g] == ["down"]
+    assert [ev.new for g in rig.bus.groups for ev in g if isinstance(ev, LinkStateChanged)] == [
+        LinkState.DOWN
+    ]
 
 
 def test_only_entering_and_leaving_up_are_plc_events() -> None:
@@ -441,8 +447,41 @@ def test_only_entering_and_leaving_up_are_plc_events() -> None:
     assert rig.bus.groups == []
     on_change(LinkState.CONNECTING, LinkState.UP)
     on_change(LinkState.UP, LinkState.DOWN)
-    assert [(ev["link"], ev["new"]) for g in rig.bus.groups for ev in g] == [
-        ("plc:c1", "up"),
-        ("plc:c1", "down"),
+    assert [
+        (ev.link, ev.new) for g in rig.bus.groups for ev in g if isinstance(ev, LinkStateChanged)
+    ] == [
+        ("plc:c1", LinkState.UP),
+        ("plc:c1", LinkState.DOWN),
     ]
     assert len(rig.journal.events) == 2
+
+
+# -- hooks after each tick (floorhand run: systemd readiness and watchdog) ----------------------
+
+
+async def test_hooks_run_after_every_tick_and_a_failing_one_stops_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    svc = started(Rig())
+    svc.settings = dataclasses.replace(svc.settings, tick_s=0.001)
+    fed: list[int] = []
+    three = asyncio.Event()
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    def feed() -> None:
+        fed.append(1)
+        if len(fed) >= 3:
+            three.set()
+
+    svc.after_tick += [broken, feed]
+    task = asyncio.create_task(svc.run(), name="supervision")
+    try:
+        await asyncio.wait_for(three.wait(), 5.0)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(fed) >= 3
+    assert "a supervision hook failed" in caplog.text

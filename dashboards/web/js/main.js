@@ -7,9 +7,10 @@ import { Store } from "./store.js";
 import { ShelfGrid } from "./grid.js";
 import { LineChart } from "./charts.js";
 import {
-  AlertFeed, CoverEstimator, renderEvents, renderLowStock, renderOrders, renderPlcs,
+  alertNow, AlertFeed, CoverEstimator, renderEvents, renderLowStock, renderOrders, renderPlcs,
 } from "./panels.js";
-import { clock, duration, fmtNum, STATE_LABEL } from "./util.js";
+import { cellState } from "./store.js";
+import { clock, duration, el, fmtNum, STATE_LABEL } from "./util.js";
 
 const TOKEN_KEY = "floorhand.token";
 const PLC_POLL_MS = 5000;
@@ -51,6 +52,7 @@ const api = new Api(token, () => signOut("The controller rejected the token (401
 
 let grid, alerts, cover, ingestChart, picksChart, trendChart;
 let selectedSku = null;
+let selectedShelf = null; // id of the shelf whose detail panel is open
 let plcTimer = null, orderTimer = null, trendTimer = null, tick = null, ticks = 0;
 let lastOrdersAt = 0;
 let connState = "connecting", connInfo = {};
@@ -149,7 +151,12 @@ function render() {
   } else if (d.shelves.size || d.skus.size) {
     grid.update(d.shelves, d.skus);
   }
-  panels.alerts ||= d.alerts;
+  // A level change moves the alerts of its SKU or shelf too (current level, recovering).
+  panels.alerts ||= d.alerts || alertMoved(d);
+  const sel = selectedShelf && store.shelves.get(selectedShelf);
+  if (selectedShelf && (d.structure || d.alerts || d.shelves.has(selectedShelf) || (sel && d.skus.has(sel.sku)))) {
+    renderDetail();
+  }
   panels.lowStock ||= d.lowStock || d.structure;
   panels.events ||= d.events;
   const structure = d.structure;
@@ -165,6 +172,13 @@ function render() {
   perf.renderMs += took;
   if (took > perf.maxRenderMs) perf.maxRenderMs = took;
   if (panels.alerts || panels.lowStock || panels.events) renderPanels(structure);
+}
+
+function alertMoved(d) {
+  if (!store.alerts.size) return false;
+  for (const sku of d.skus) if (store.alerts.has(sku)) return true;
+  for (const id of d.shelves) if (store.alerts.has(`shelf:${id}`)) return true;
+  return false;
 }
 
 // The side panels are lists rebuilt as a whole: at most every PANEL_MS, however fast the
@@ -235,9 +249,57 @@ function renderStatus() {
 
 function selectShelf(sh) {
   if (!sh) return;
-  const k = store.skus.get(sh.sku);
-  $("detail").textContent = `${sh.id}${sh.location ? ` (${sh.location})` : ""} · zone ${sh.zone} · shelf ${sh.status}, ${fmtNum(sh.units)}/${sh.capacity_units} units · SKU ${sh.sku}${k && k.name ? ` ${k.name}` : ""}: level ${fmtNum(k && k.level)}, ${k ? STATE_LABEL[k.state] : "—"}, reorder at ${k ? k.reorder_point : "—"} · last reading ${clock(sh.last_reading_ts)}`;
+  selectedShelf = sh.id;
+  renderDetail();
   selectSku(sh.sku);
+}
+
+const DETAIL_HINT = "Select a shelf for its details and its SKU's stock trend.";
+
+/** The selected shelf as the store has it now: drawn on selection and again on every frame
+ *  that changed the shelf, its SKU or the alerts, until closed or another shelf is selected. */
+function renderDetail() {
+  const box = $("detail");
+  const sh = selectedShelf && store.shelves.get(selectedShelf);
+  if (!sh) {
+    box.className = "detail muted";
+    delete box.dataset.shelf;
+    delete box.dataset.state;
+    box.replaceChildren(DETAIL_HINT);
+    return;
+  }
+  const k = store.skus.get(sh.sku);
+  const state = cellState(sh, k);
+  const a = store.alerts.get(`shelf:${sh.id}`) || store.alerts.get(sh.sku);
+  let alertText = "no active alert";
+  if (a) {
+    const now = alertNow(a, store);
+    alertText = now.recovering
+      ? `alert ${a.key}: recovering (raised ${STATE_LABEL[now.severity]}, now ${STATE_LABEL[now.state]})`
+      : `alert ${a.key}: ${STATE_LABEL[now.severity] || now.severity}${a.since ? ` since ${clock(a.since)}` : ""}${a.acked_by ? `, acked by ${a.acked_by}` : ""}`;
+  }
+  box.className = "detail";
+  box.dataset.shelf = sh.id;
+  box.dataset.state = state;
+  box.replaceChildren(
+    el("span", { class: `badge s-${state}`, "data-field": "state" }, STATE_LABEL[state]), " ",
+    el("strong", {}, sh.id), `${sh.location ? ` (${sh.location})` : ""} · zone ${sh.zone} · SKU ${sh.sku}${k && k.name ? ` ${k.name}` : ""} · `,
+    el("span", { "data-field": "units" }, `${fmtNum(sh.units)}/${sh.capacity_units} units`), " · ",
+    el("span", { "data-field": "weight" }, `${fmtNum(sh.weight_g)} g`),
+    ` · shelf ${sh.status} · SKU level ${fmtNum(k && k.level)}, reorder at ${k ? k.reorder_point : "—"} · `,
+    el("span", { "data-field": "alert" }, alertText),
+    ` · last reading ${clock(sh.last_reading_ts)} `,
+    el("button", {
+      class: "btn small", type: "button", "data-action": "close-detail", "aria-label": "Close the shelf details",
+      onclick: closeDetail,
+    }, "Close"),
+  );
+}
+
+function closeDetail() {
+  selectedShelf = null;
+  grid.select(null);
+  renderDetail();
 }
 
 function selectSku(sku) {

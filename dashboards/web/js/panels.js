@@ -7,6 +7,33 @@ const MAX_CARDS = 40; // alert cards shown, worst first
 
 // -- alerts ------------------------------------------------------------------------------------
 
+/** An alert's level and state now, and whether it is recovering. A SKU alert follows its SKU
+ *  in the store (`shelf` messages carry the SKU's level and state after each change); a shelf
+ *  alert its settled shelf count. Recovering: the level is already better than the episode's
+ *  severity and the controller waits for it to hold for the dwell before it de-escalates or
+ *  resolves (the API's `state` is then better than its `severity`). */
+export function alertNow(a, store) {
+  let level = a.level, state = a.state;
+  const k = a.key === a.sku ? store.skus.get(a.sku) : null;
+  if (k) { level = k.level; state = k.state; }
+  else if (a.key.startsWith("shelf:")) {
+    const sh = store.shelves.get(a.key.slice("shelf:".length));
+    if (sh && sh.status === "ok" && typeof sh.units === "number") { level = sh.units; state = classify(level, a); }
+  }
+  const severity = a.severity || state;
+  const rank = SEVERITY_RANK[state] ?? -1;
+  const recovering = rank >= 0 && rank < (SEVERITY_RANK[severity] ?? -1);
+  return { level, state, severity, recovering, rank: recovering ? rank : (SEVERITY_RANK[severity] ?? -1) };
+}
+
+/** As the controller classifies a level against a policy (without hysteresis). */
+function classify(level, p) {
+  if (level <= 0) return "out";
+  if (level <= p.safety_stock) return "critical";
+  if (level <= p.reorder_point) return "low";
+  return "ok";
+}
+
 export class AlertFeed {
   constructor(root, countEl, api, { onChanged }) {
     this.root = root;
@@ -19,8 +46,10 @@ export class AlertFeed {
   }
 
   render(store) {
+    // Worst first by the situation now: a recovering alert ranks by its current level.
+    const now_ = new Map([...store.alerts.values()].map((a) => [a.key, alertNow(a, store)]));
     const alerts = [...store.alerts.values()].sort((a, b) =>
-      (SEVERITY_RANK[b.severity] ?? -1) - (SEVERITY_RANK[a.severity] ?? -1) || (b.since ?? 0) - (a.since ?? 0));
+      now_.get(b.key).rank - now_.get(a.key).rank || (b.since ?? 0) - (a.since ?? 0));
     this.countEl.textContent = String(alerts.length);
     // Keep a snooze form the user is typing in: rebuild the others only.
     const keep = new Map();
@@ -31,26 +60,39 @@ export class AlertFeed {
     const now = Date.now() / 1000;
     for (const a of alerts.slice(0, MAX_CARDS)) {
       if (keep.has(a.key)) { this.root.append(keep.get(a.key)); continue; }
-      this.root.append(this.card(a, store, now));
+      this.root.append(this.card(a, store, now, now_.get(a.key)));
     }
     if (alerts.length > MAX_CARDS) {
       this.root.append(el("p", { class: "muted small" }, `${alerts.length - MAX_CARDS} more (less severe or older): see the low-stock table.`));
     }
   }
 
-  card(a, store, now) {
+  card(a, store, now, cur) {
     const sku = store.skus.get(a.sku);
-    const sev = a.severity || a.state;
+    const sev = cur.severity;
+    // Re-computed from the current level (the alert's own figure is from its last transition).
+    let order = cur.recovering ? null : a.suggested_order_qty;
+    if (!cur.recovering && a.key === a.sku && sku && typeof sku.max_stock === "number" && typeof cur.level === "number") {
+      order = Math.max(sku.max_stock - cur.level, 0);
+    }
     const flags = [];
     if (a.acked_by) flags.push(`acked by ${a.acked_by}${a.ack_note ? ` — ${a.ack_note}` : ""}`);
     if (a.snoozed_until && a.snoozed_until > now) flags.push(`snoozed by ${a.snoozed_by} for ${duration(a.snoozed_until - now)}${a.snooze_reason ? ` — ${a.snooze_reason}` : ""}`);
-    const node = el("article", { class: `alert sev-${sev}`, dataset: { key: a.key }, "aria-label": `Alert ${a.key}` },
+    const badge = cur.recovering
+      ? el("span", {
+        class: "badge recovering",
+        title: `Raised ${STATE_LABEL[sev]}; the level is ${STATE_LABEL[cur.state]} now and must hold for the dwell before the alert ${cur.state === "ok" ? "resolves" : "de-escalates"}.`,
+      }, "RECOVERING")
+      : el("span", { class: `badge s-${sev}` }, STATE_LABEL[sev] || sev);
+    const node = el("article", { class: `alert sev-${sev}${cur.recovering ? " recovering" : ""}`, dataset: { key: a.key }, "aria-label": `Alert ${a.key}` },
       el("div", { class: "row" },
-        el("span", { class: `badge s-${sev}` }, STATE_LABEL[sev] || sev),
+        badge,
         el("span", { class: "title" }, a.key.startsWith("shelf:") ? a.key : `${a.sku}${sku && sku.name ? ` · ${sku.name}` : ""}`)),
       el("div", { class: "meta" },
-        `level ${fmtNum(a.level)} · reorder at ${a.reorder_point} · safety ${a.safety_stock}`,
-        a.suggested_order_qty ? ` · order ${a.suggested_order_qty}` : "",
+        `level ${fmtNum(cur.level)}`,
+        cur.recovering ? ` (${STATE_LABEL[cur.state]}, raised ${STATE_LABEL[sev]})` : "",
+        ` · reorder at ${a.reorder_point} · safety ${a.safety_stock}`,
+        order ? ` · order ${order}` : "",
         a.since ? ` · since ${clock(a.since)} (${duration(now - a.since)})` : ""),
       flags.length ? el("div", { class: "meta" }, flags.join(" · ")) : null,
     );
