@@ -23,6 +23,7 @@ listener `on_events` (docs/architecture.md, "Two event loops").
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -103,6 +104,11 @@ class PickingService:
         self._source = shelf_states
         self.shelves: dict[str, ShelfCount] = {}
         """With a control loop: the snapshots the desk and the executor read (`on_events`)."""
+        # Handed over from the main loop, coalesced: at most one callback queued at a time.
+        self._handover = threading.Lock()
+        self._pending_counts: dict[str, ShelfCount] = {}
+        self._pending_stock: list[BusEvent] = []
+        self._pending_posted = False
         states: Mapping[str, ShelfView] = self.shelves if control is not None else shelf_states
         self.executor = PickExecutor(
             site.picking,
@@ -251,7 +257,9 @@ class PickingService:
     def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener: a shelf's count fell → confirm waiting tasks on that shelf. With a
         control loop (this runs on ingest's loop, after the commit): the changed shelves'
-        counts as snapshots, then the events, handed over in one FIFO callback."""
+        counts as snapshots, then the events, handed over in one FIFO callback. Groups that
+        arrive while that callback is still queued join it (in order), so a burst of ingest
+        groups wakes the control thread once, not once per group."""
         if self._control is None:
             self.executor.on_events(events)
             return
@@ -259,10 +267,22 @@ class PickingService:
         if not changed:
             return
         counts = {sid: ShelfCount.of(self._source[sid]) for sid in changed if sid in self._source}
-        stock: list[BusEvent] = [e for e in events if isinstance(e, StockChanged)]
-        self._control.post(self._on_shelves, counts, stock)
+        stock = [e for e in events if isinstance(e, StockChanged)]
+        with self._handover:
+            self._pending_counts.update(counts)
+            self._pending_stock.extend(stock)
+            if self._pending_posted:
+                return
+            self._pending_posted = True
+        self._control.post(self._on_shelves)
 
-    def _on_shelves(self, counts: dict[str, ShelfCount], stock: list[BusEvent]) -> None:
+    def _on_shelves(self) -> None:
+        """On the control loop: the snapshots and stock events handed over since the last
+        call, the snapshots first."""
+        with self._handover:
+            counts, self._pending_counts = self._pending_counts, {}
+            stock, self._pending_stock = self._pending_stock, []
+            self._pending_posted = False
         self.shelves.update(counts)
         if stock:
             self.executor.on_events(stock)
