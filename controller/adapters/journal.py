@@ -415,7 +415,9 @@ class Journal:
         self._lock_fd = fd
         if self.path.exists():  # the CLI locks first: a newer layout is refused before the broker
             try:
-                db = sqlite3.connect(self.path)
+                # Read-only: closing it must not checkpoint and reset the WAL, which would
+                # hide a torn tail from `open` (and write before the checks `open` makes).
+                db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True)
                 try:
                     _refuse_newer(db, self.path)
                 finally:

@@ -1,5 +1,5 @@
 """Hostile and edge-case requests against a live controller (uvicorn on 127.0.0.1), beside the
-schemathesis run (RELIABILITY S3): inputs a generator rarely produces but people and scanners
+schemathesis run (fault case S3): inputs a generator rarely produces but people and scanners
 send — NUL bytes and traversal in asset paths, infinite, NaN and huge numbers in queries, a
 history server that cannot answer the query. Each answer is the documented 4xx (or 502 for the
 history server) as ``application/problem+json``, never a 5xx from the controller itself, and

@@ -1,11 +1,11 @@
-"""Schemathesis against the served OpenAPI (RELIABILITY S3): a live controller under uvicorn on
+"""Schemathesis against the served OpenAPI (fault case S3): a live controller under uvicorn on
 127.0.0.1 with an engineer token; no 5xx, no response that violates the schema (status codes,
 content types, bodies, headers).
 
 Bounded: ``--max-examples`` per operation and a fixed seed, so a run takes well under a minute
 and a failure reproduces. ``positive_data_acceptance`` is off: schema-valid requests are refused
 by design when they name things that do not exist (unknown SKU or pack station: 422/404) or
-lack the ``Idempotency-Key`` the picks endpoint requires (400, RELIABILITY A4). 413 counts as a
+lack the ``Idempotency-Key`` the picks endpoint requires (400, fault case A4). 413 counts as a
 correct refusal of an invalid body (a body above ``[api] max_body_bytes`` never reaches
 validation).
 

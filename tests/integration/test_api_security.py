@@ -1,4 +1,4 @@
-"""API security over real HTTP (RELIABILITY S4, S5): ``floorhand run`` as a child process under
+"""API security over real HTTP (fault case S4, S5): ``floorhand run`` as a child process under
 uvicorn on 127.0.0.1, a real mosquitto, a simulated conveyor PLC over Modbus TCP.
 
 * every route declares who may call it, and the role matrix generated from the served OpenAPI

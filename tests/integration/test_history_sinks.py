@@ -405,7 +405,7 @@ class CommitWatch:
 async def test_slow_database_stalls_only_the_writer(
     mosquitto: MosquittoBroker, influxd: InfluxD, tmp_path: Path
 ) -> None:
-    """RELIABILITY I2: while the database holds the historian's write, ingest keeps committing
+    """fault case I2: while the database holds the historian's write, ingest keeps committing
     and the API answers (both before the write returns); once it is slow-but-moving and then
     fast again, every point lands exactly once."""
     db = "slow"

@@ -1,4 +1,4 @@
-"""RELIABILITY M7 on real mosquitto: a plain paho publisher (QoS 1, persistent session, paho's
+"""fault case M7 on real mosquitto: a plain paho publisher (QoS 1, persistent session, paho's
 own queue and resend), a broker restart and controller kill -9s in the middle. After a broker
 restart paho sends new readings ahead of its unacknowledged backlog; every reading the broker
 acknowledged to the publisher must end up in history exactly once, and the gap counters must

@@ -1,4 +1,4 @@
-"""RELIABILITY I5: the database is down and the outbox reaches its bound. The controller stops
+"""fault case I5: the database is down and the outbox reaches its bound. The controller stops
 reading from the broker (the broker keeps the messages), raises a retained system alert, does not
 crash, and recovers without a restart once the database is back: every reading lands."""
 

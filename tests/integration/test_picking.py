@@ -1,6 +1,6 @@
 """Picks end to end: API → journal → Modbus (simulated conveyor and sorter PLCs on 127.0.0.1)
 → sorter result → scale delta over a real mosquitto → stock and alerts; the idempotency
-matrix (RELIABILITY A4); fail-fast when a device is down; restart reconciliation (B5, B6).
+matrix (fault case A4); fail-fast when a device is down; restart reconciliation (B5, B6).
 
 Waits are on the bus and the simulators' state with timeouts, never fixed sleeps."""
 

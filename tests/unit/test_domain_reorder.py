@@ -246,7 +246,7 @@ def spec_for(shelf_id: str) -> ShelfSpec:
 
 
 def test_weight_oscillating_one_percent_around_the_reorder_point_raises_once() -> None:
-    """RELIABILITY A1, from raw weights to alerts."""
+    """fault case A1, from raw weights to alerts."""
     policy = ReorderPolicy(reorder_point=100, safety_stock=20, max_stock=250)
     spec = spec_for("A-01")
     shelf = ShelfState(spec)

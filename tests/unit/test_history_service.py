@@ -336,7 +336,7 @@ def weight_point(seq: int, ts_ms: int, epoch: int = 1) -> HistoryPoint:
 
 
 def test_time_assigner_keeps_a_late_readings_own_time_and_the_series_state() -> None:
-    """A reading delivered after newer ones (RELIABILITY M7) is stored at its own millisecond,
+    """A reading delivered after newer ones (fault case M7) is stored at its own millisecond,
     whether it is 1 ms or an hour behind, and the series carries on as if it never came."""
     a = TimeAssigner()
     burst = [a.assign(weight_point(s, 10_000)) for s in (10, 11, 12)]

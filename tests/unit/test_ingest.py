@@ -185,7 +185,7 @@ def shelf_of_a01(site: SiteConfig) -> str:
 async def test_late_reading_is_journaled_and_historied_once_without_moving_state(
     h: Harness, site: SiteConfig
 ) -> None:
-    """RELIABILITY M7: a publisher may send seq 5 before its unacknowledged seq 3 (paho after a
+    """fault case M7: a publisher may send seq 5 before its unacknowledged seq 3 (paho after a
     broker restart). Seq 3 is a real measurement: journaled, in history at its own time, once;
     the shelf keeps the state of seq 5; the gap seq 5 opened is filled."""
     sid = shelf_of_a01(site)
