@@ -13,6 +13,7 @@ import pytest
 from controller.runtime import command_topic
 from tests.integration.test_api_ops import ops_server
 from tests.integration.test_mqtt_link import wire_order
+from tests.integration.test_sensing_e2e import PahoWatcher
 from tests.mosquitto import paho_publish, running_mosquitto
 from tests.sites import topic, write_small_site
 
@@ -42,11 +43,20 @@ async def test_controller_pubacks_follow_arrival_order(tmp_path: Path) -> None:
                 reading("s1", 0),
                 reading("s0", 2),
             ]
+            # The commands are answered on the control loop and acked when their answers come
+            # back: the acks of everything after them wait for that (arrival order).
+            replies = PahoWatcher(broker.port, f"{commands}/result", client_id="replies")
+            await replies.subscribed()
             rt.gate.hold("test")  # let them pile up at the broker: one read holds the mix
             await asyncio.to_thread(paho_publish, broker.port, mixed, protocol=4)
             rt.gate.release("test")
             srv.seq["s3"] = -1
             await srv.publish("s3", 1500.0, n=1)  # handled after everything before it
+            try:
+                await replies.wait_for(lambda t, b: len(replies.messages) >= 2)
+            finally:
+                replies.close()
+            assert [b["status"] for _, b, _ in replies.messages] == [400, 400]
             assert rt.link.stats.oversize_in == 1
             assert rt.link.acks_held == 0
         sent, acked = wire_order(broker.log_path.read_text(), "fh-order")
