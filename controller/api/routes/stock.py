@@ -8,9 +8,19 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from controller.api.deps import ANY_ROLE, QueriesDep
+from controller.api.paging import (
+    DEFAULT_LIMIT,
+    PAGE_HEADERS,
+    Limit,
+    PageCursor,
+    Text,
+    Zone,
+    page_query,
+    paged,
+)
 from controller.api.schemas import (
     Problem,
     ShelfCalibrationPublic,
@@ -21,6 +31,7 @@ from controller.api.schemas import (
     ZoneStockPublic,
     problem_responses,
 )
+from controller.domain.model import ShelfStatus, StockState
 from controller.services.queries import ShelfView, SkuView
 
 router = APIRouter(tags=["stock"], dependencies=ANY_ROLE)
@@ -73,14 +84,25 @@ def _sku_public(view: SkuView) -> SkuStockPublic:
     )
 
 
-@router.get("/api/v1/stock", response_model=list[SkuStockPublic])
+@router.get(
+    "/api/v1/stock",
+    response_model=list[SkuStockPublic],
+    responses={200: {"headers": PAGE_HEADERS}},
+)
 def list_stock(
+    request: Request,
+    response: Response,
     queries: QueriesDep,
     zone: Annotated[str | None, Query(description="only SKUs with a shelf in this zone")] = None,
-    state: Annotated[str | None, Query(pattern="^(ok|low|critical|out|unknown)$")] = None,
+    state: Annotated[StockState | None, Query(description="only SKUs in this stock state")] = None,
+    q: Text = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
 ) -> list[SkuStockPublic]:
-    """Stock per SKU: the sum of its shelves' unit counts."""
-    return [_sku_public(v) for v in queries.stock(zone=zone, state=state)]
+    """Stock per SKU: the sum of its shelves' unit counts. Paginated in site order
+    (docs/api.md, "Pages"); ``q`` matches the SKU's id or name."""
+    query = page_query(limit, cursor, zone=zone, state=None if state is None else state.value, q=q)
+    return [_sku_public(v) for v in paged(request, response, query, queries.stock_page)]
 
 
 @router.get(
@@ -92,11 +114,27 @@ def get_stock(queries: QueriesDep, sku: str) -> SkuStockPublic:
     return _sku_public(queries.sku(sku))
 
 
-@router.get("/api/v1/shelves", response_model=list[ShelfPublic])
+@router.get(
+    "/api/v1/shelves",
+    response_model=list[ShelfPublic],
+    responses={200: {"headers": PAGE_HEADERS}},
+)
 def list_shelves(
-    queries: QueriesDep, zone: str | None = None, status: str | None = None
+    request: Request,
+    response: Response,
+    queries: QueriesDep,
+    zone: Zone = None,
+    status: Annotated[ShelfStatus | None, Query(description="only shelves in this status")] = None,
+    q: Text = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
 ) -> list[ShelfPublic]:
-    return [shelf_public(v) for v in queries.shelves(zone=zone, status=status)]
+    """Every shelf: count, weight, status, calibration. Paginated in site order (docs/api.md,
+    "Pages"); ``q`` matches the shelf's id, SKU or location."""
+    query = page_query(
+        limit, cursor, zone=zone, state=None if status is None else status.value, q=q
+    )
+    return [shelf_public(v) for v in paged(request, response, query, queries.shelves_page)]
 
 
 @router.get("/api/v1/zones", response_model=list[ZonePublic])
