@@ -187,9 +187,10 @@ def replace(
                     written += _insert(db, rows)
                     if progress is not None:
                         progress(written, total)
-        written += _insert(db, rows)
-        if progress is not None:
-            progress(written, total)
+        if rows or not written:
+            written += _insert(db, rows)
+            if progress is not None:
+                progress(written, total)
         db.execute("COMMIT")
     except BaseException:
         if db.in_transaction:

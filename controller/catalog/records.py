@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
+
+from pydantic import BaseModel
 
 from controller.config import ScaleConfig, ShelfConfig, ShelfReorderConfig, SkuConfig
 
@@ -106,15 +108,39 @@ def model_input(kind: Kind, record: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
-def construct(kind: Kind, record: Mapping[str, Any]) -> Model:
-    """The model of a record validated before (read back from the journal): no validation."""
-    data = model_input(kind, record)
-    if kind == "shelf":
-        reorder = data.get("reorder")
-        if reorder is not None:
-            data["reorder"] = ShelfReorderConfig.model_construct(**reorder)
-        return ShelfConfig.model_construct(**data)
+_set_attr = object.__setattr__
+_FIELDS: dict[type[BaseModel], frozenset[str]] = {}
+
+
+def _built(cls: type[BaseModel], values: dict[str, Any]) -> Any:
+    """What ``cls.model_construct(**values)`` builds when ``values`` holds every field, at a
+    fraction of its cost (it looks up each field's default: ~50 µs a record, seconds at 100k)."""
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        fields = _FIELDS[cls] = frozenset(cls.model_fields)
+    if values.keys() != fields:
+        return cls.model_construct(**{k: v for k, v in values.items() if v is not None})
+    model = cls.__new__(cls)
+    _set_attr(model, "__dict__", values)
+    _set_attr(model, "__pydantic_fields_set__", set(values))
+    _set_attr(model, "__pydantic_extra__", None)
+    _set_attr(model, "__pydantic_private__", None)
+    return model
+
+
+def construct(kind: Kind, record: dict[str, Any]) -> Model:
+    """The model of a record validated before (read back from the journal, every column
+    present): no validation. ``record`` is consumed."""
+    if kind == "sku":
+        return cast(SkuConfig, _built(SkuConfig, record))
     if kind == "scale":
-        data["esphome_sensors"] = tuple(data.get("esphome_sensors", ()))
-        return ScaleConfig.model_construct(**data)
-    return SkuConfig.model_construct(**data)
+        record["esphome_sensors"] = tuple(record.get("esphome_sensors") or ())
+        return cast(ScaleConfig, _built(ScaleConfig, record))
+    point = record.pop("shelf_reorder_point", None)
+    safety = record.pop("shelf_safety_stock", None)
+    record["reorder"] = (
+        None
+        if point is None
+        else _built(ShelfReorderConfig, {"reorder_point": point, "safety_stock": safety or 0})
+    )
+    return cast(ShelfConfig, _built(ShelfConfig, record))

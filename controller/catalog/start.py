@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from controller.adapters import catalog_store
-from controller.catalog.records import KINDS, Catalogue
+from controller.catalog.records import Catalogue
 from controller.config import ConfigError, SiteConfig
 from controller.ports import JournalError
 
@@ -57,12 +57,11 @@ def journal_catalogue(site: SiteConfig) -> Catalogue:
         )
     zones = {z.id for z in site.zones}
     errors: list[tuple[str, str]] = []
-    for kind in KINDS:
-        for model in catalogue.records(kind):
-            zone = getattr(model, "zone", None)
-            if zone is not None and zone not in zones:
+    for kind, located in (("scale", catalogue.scales), ("shelf", catalogue.shelves)):
+        for model in located:
+            if model.zone not in zones:
                 errors.append(
-                    (f"catalogue {kind} {model.id}", f"zone {zone!r} is not in the site file")
+                    (f"catalogue {kind} {model.id}", f"zone {model.zone!r} is not in the site file")
                 )
     if errors:
         raise ConfigError(f"{path} (catalogue version {catalogue.version})", errors)
