@@ -180,9 +180,11 @@ def replace(
         total = len(catalogue)
         rows: list[tuple[str, str, bytes]] = []
         written = 0
+        known = {(c.kind, c.id): c.after for c in changes.changes if c.after is not None}
         for kind in KINDS:
             for model in catalogue.records(kind):
-                rows.append((kind, model.id, orjson.dumps(flat(kind, model))))
+                rec = known.get((kind, model.id)) or flat(kind, model)
+                rows.append((kind, model.id, orjson.dumps(rec)))
                 if len(rows) == WRITE_PROGRESS_EVERY:
                     written += _insert(db, rows)
                     if progress is not None:

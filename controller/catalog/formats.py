@@ -138,6 +138,7 @@ def _csv_rows(text: str) -> Iterator[Row | RowError]:
             bad = True
     if bad:
         return
+    lists = [n for n in names if n in LIST_COLUMNS]
     line = reader.line_num + 1
     while True:
         try:
@@ -153,11 +154,12 @@ def _csv_rows(text: str) -> Iterator[Row | RowError]:
         if len(cells) != len(names):
             yield RowError(line, "-", f"{len(cells)} cell(s) for {len(names)} column(s)")
         else:
-            row: dict[str, Any] = {}
-            for name, cell in zip(names, cells, strict=True):
-                value = cell.strip()
-                if value:
-                    row[name] = value.split() if name in LIST_COLUMNS else value
+            row: dict[str, Any] = {
+                n: v for n, c in zip(names, cells, strict=True) if (v := c.strip())
+            }
+            for name in lists:
+                if name in row:
+                    row[name] = row[name].split()
             yield Row(line, row)
         line = reader.line_num + 1
 

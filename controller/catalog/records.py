@@ -86,20 +86,21 @@ class Catalogue:
 
 def flat(kind: Kind, model: Model) -> dict[str, Any]:
     """The record of a validated model: every column of ``kind``, ``None`` where unset."""
-    values = model.__dict__
-    out = {c: values.get(c) for c in COLUMNS[kind]}
+    out = dict(model.__dict__)  # the columns are the fields (a copy: cheaper than by name)
     if kind == "shelf":
-        reorder = values.get("reorder")
+        reorder = out.pop("reorder")
         out["shelf_reorder_point"] = reorder.reorder_point if reorder is not None else None
         out["shelf_safety_stock"] = reorder.safety_stock if reorder is not None else None
-    if kind == "scale":
-        out["esphome_sensors"] = list(out["esphome_sensors"] or ())
+    elif kind == "scale":
+        out["esphome_sensors"] = list(out["esphome_sensors"])
     return out
 
 
 def model_input(kind: Kind, record: Mapping[str, Any]) -> dict[str, Any]:
     """The model's input for a record: unset columns left out, a shelf's reorder columns nested
     (the reorder table exists when either is set)."""
+    if kind != "shelf":
+        return {k: v for k, v in record.items() if v is not None}
     data = {k: v for k, v in record.items() if v is not None and k not in SHELF_REORDER}
     if kind == "shelf":
         reorder = {SHELF_REORDER[c]: record[c] for c in SHELF_REORDER if record.get(c) is not None}

@@ -28,6 +28,7 @@ from controller.catalog.records import (
 from controller.config import ScaleConfig, ShelfConfig, SkuConfig, catalogue_problems
 
 _REORDER_COLUMN = {v: k for k, v in SHELF_REORDER.items()}
+_ALLOWED = {kind: frozenset(COLUMNS[kind]) for kind in KINDS}
 
 
 def _column(kind: Kind, loc: tuple[int | str, ...], message: str) -> str:
@@ -54,19 +55,15 @@ def _row_model(row: Row, errors: list[RowError]) -> tuple[Kind, Model] | None:
         errors.append(RowError(row.line, "kind", what, id=ident))
         return None
     kind = cast(Kind, raw_kind)
-    allowed = COLUMNS[kind]
-    record: dict[str, Any] = {}
-    bad = False
-    for name, value in cells.items():
-        if name == "kind":
-            continue
-        if name not in allowed:
-            errors.append(
-                RowError(row.line, name, f"not a column of a {kind} row", kind=kind, id=ident)
-            )
-            bad = True
-        else:
-            record[name] = value
+    record: dict[str, Any] = dict(cells)
+    del record["kind"]
+    foreign = record.keys() - _ALLOWED[kind]
+    for name in sorted(foreign):
+        errors.append(
+            RowError(row.line, name, f"not a column of a {kind} row", kind=kind, id=ident)
+        )
+        del record[name]
+    bad = bool(foreign)
     try:
         model = MODELS[kind].model_validate(model_input(kind, record))
     except ValidationError as exc:
