@@ -4,6 +4,7 @@ against a real mosquitto serves the imported shelves (docs/catalogue.md)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from controller.adapters import catalog_store
 from tests.controller_proc import ROOT, ControllerProcess
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import grams, topic, write_small_site
@@ -104,3 +106,24 @@ def test_a_bad_file_names_every_bad_row_and_imports_nothing(tmp_path: Path, fmt:
     assert f"{bad}:3: sku K1 column reorder_point:" in out.stderr
     assert f"{bad}:5: shelf sh0 column sku: unknown SKU 'K9'" in out.stderr
     assert not (tmp_path / "journal.sqlite").exists()
+
+
+async def test_an_inline_catalogue_is_journaled_at_start(
+    tmp_path: Path, mosquitto: MosquittoBroker, controllers: list[ControllerProcess]
+) -> None:
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=2)
+    ctl = ControllerProcess(site, tmp_path)
+    controllers.append(ctl)
+    await ctl.start()
+    assert await ctl.stop() == 0
+    db = sqlite3.connect(tmp_path / "journal.sqlite")
+    try:
+        (version,) = catalog_store.versions(db)
+    finally:
+        db.close()
+    assert (version.version, version.source, version.actor, version.added) == (
+        1,
+        "site file",
+        "controller",
+        6,
+    )
