@@ -53,6 +53,12 @@ def _actor() -> str:
         return f"uid {os.getuid()}"
 
 
+def _actor_name(value: str) -> str:
+    if not 1 <= len(value) <= 128 or not value.isprintable():
+        raise argparse.ArgumentTypeError("1 to 128 printable characters")
+    return value
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     """Validate FILE against the site's topology; print the diff (``--dry-run``) or write it
     as a new catalogue version into the site's journal."""
@@ -79,8 +85,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         _err(f"{path}: {exc.strerror or exc}")
         return EXIT_INVALID
 
-    def read_progress(n: int) -> None:
-        print(f"catalog: read {n} rows", file=sys.stderr)
+    def read_progress(step: str, n: int) -> None:
+        print(f"catalog: {step} {n} rows", file=sys.stderr)
 
     try:
         catalogue, n_rows = parse(data, fmt, {z.id for z in site.zones}, source, read_progress)
@@ -131,7 +137,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         version, changes = catalog_store.replace(
             journal.db,
             catalogue,
-            actor=_actor(),
+            actor=args.actor or _actor(),
             source=IMPORT_SOURCE,
             detail=str(path.resolve()),
             progress=write_progress,
@@ -210,6 +216,11 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p_imp.add_argument("--format", choices=formats.FORMATS, help="default: by the suffix")
     p_imp.add_argument(
         "--dry-run", action="store_true", help="print what would change; write nothing"
+    )
+    p_imp.add_argument(
+        "--actor",
+        type=_actor_name,
+        help="who the audit trail names (default: the operating-system user)",
     )
     p_imp.set_defaults(fn=cmd_import)
     p_exp = cat.add_parser(

@@ -13,7 +13,14 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from controller.catalog.formats import CatalogueInvalid, Format, Row, RowError, read_rows
+from controller.catalog.formats import (
+    PROGRESS_EVERY_ROWS,
+    CatalogueInvalid,
+    Format,
+    Row,
+    RowError,
+    read_rows,
+)
 from controller.catalog.records import (
     COLUMNS,
     KIND_OF_SECTION,
@@ -84,12 +91,16 @@ def parse(
     fmt: Format,
     zones: Collection[str],
     source: str,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[str, int], None] | None = None,
 ) -> tuple[Catalogue, int]:
     """Read and validate a catalogue file: the catalogue and its number of rows; CatalogueInvalid
-    with every problem of the file (reading and validation alike) otherwise."""
-    rows, errors = read_rows(data, fmt, source, progress)
-    return validate(rows, zones, source, errors), len(rows)
+    with every problem of the file (reading and validation alike) otherwise. ``progress(step,
+    rows)`` is called every `PROGRESS_EVERY_ROWS` rows read and validated."""
+    rows, errors = read_rows(
+        data, fmt, source, None if progress is None else lambda n: progress("read", n)
+    )
+    validated = None if progress is None else lambda n: progress("validated", n)
+    return validate(rows, zones, source, errors, validated), len(rows)
 
 
 def validate(
@@ -97,13 +108,16 @@ def validate(
     zones: Collection[str],
     source: str,
     errors_so_far: Sequence[RowError] = (),
+    progress: Callable[[int], None] | None = None,
 ) -> Catalogue:
     """The catalogue the rows describe, checked against the site's ``zones``; CatalogueInvalid
     with every problem (line, column, message; ``errors_so_far`` too) otherwise."""
     errors: list[RowError] = list(errors_so_far)
     kept: dict[Kind, list[tuple[int, Model]]] = {k: [] for k in KINDS}
     rejected: dict[Kind, set[str]] = {k: set() for k in KINDS}
-    for row in rows:
+    for n, row in enumerate(rows, start=1):
+        if progress is not None and n % PROGRESS_EVERY_ROWS == 0:
+            progress(n)
         found = _row_model(row, errors)
         if found is None:
             kind = row.cells.get("kind")

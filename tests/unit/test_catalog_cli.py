@@ -4,11 +4,13 @@ catalogue (docs/catalogue.md)."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from controller.__main__ import main
+from controller.adapters import catalog_store
 from tests.sites import write_small_site
 
 
@@ -16,8 +18,12 @@ def test_export_then_import_changes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=1883, scales=3, catalogue_csv=True)
-    assert main(["catalog", "import", str(tmp_path / "catalogue.csv"), "--site", str(site)]) == 0
+    csv = str(tmp_path / "catalogue.csv")
+    assert main(["catalog", "import", csv, "--site", str(site), "--actor", "wms sync"]) == 0
     assert "catalogue version 1" in capsys.readouterr().out
+    db = sqlite3.connect(tmp_path / "journal.sqlite")
+    assert [v.actor for v in catalog_store.versions(db)] == ["wms sync"]
+    db.close()
     for fmt in ("jsonl", "csv"):
         out = tmp_path / f"export.{fmt}"
         assert (
@@ -54,5 +60,6 @@ def test_a_long_import_reports_progress(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["catalog", "import", str(tmp_path / "catalogue.csv"), "--site", str(site)]) == 0
     err = capsys.readouterr().err.splitlines()
     assert "catalog: read 10000 rows" in err
+    assert "catalog: validated 10000 rows" in err
     assert "catalog: wrote 10000/10200 records" in err
     assert err[-1] == "catalog: wrote 10200/10200 records"
