@@ -145,8 +145,15 @@ def main() -> None:
     print(f"{'shelves':>8} {'ms/s mean':>10} {'ms/s max':>9} {'stale':>7} {'examined':>12}")
     for n in (int(x) for x in args.sizes.split(",")):
         out = subprocess.run(
-            [sys.executable, __file__, "--child", str(args.tree), str(n)]
-            + ["--seconds", str(args.seconds)],
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(args.tree),
+                str(n),
+                "--seconds",
+                f"{args.seconds}",
+            ],
             check=True,
             capture_output=True,
             text=True,
