@@ -21,8 +21,9 @@ a key never shows twice, and a key that kept its state is never skipped.
 Threads: ``update`` runs on the event loop (bus listener); ``select`` may run in a worker
 thread. Bucket lists are only changed by single list operations (``insert``, ``del``) and read
 by ``bisect`` and slices, each atomic under the GIL, so a concurrent read sees each bucket
-before or after a move, never a broken list. The first build and ``update`` take one lock, so
-no event is lost while a build reads the live state.
+before or after a move, never a broken list. While the first build runs (in a worker thread,
+O(keys)), ``update`` parks its keys in a set that the build re-reads when it ends, so no event
+is lost and the event loop never waits for the build.
 """
 
 from __future__ import annotations
@@ -100,6 +101,8 @@ class ListIndex:
         self._values: dict[str, list[str]] = {}
         self._buckets: dict[str, dict[tuple[str | None, str], list[int]]] = {}
         self._built = False
+        self._building = False
+        self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._matches: dict[tuple[str, str | None], list[int]] = {}
 
@@ -125,6 +128,7 @@ class ListIndex:
         with self._lock:
             if self._built:
                 return
+            self._building = True
             for name, fn in self._facets.items():
                 values = [fn(k) for k in self._keys]
                 buckets: dict[tuple[str | None, str], list[int]] = {}
@@ -135,6 +139,17 @@ class ListIndex:
                 self._values[name] = values
                 self._buckets[name] = buckets
             self._built = True
+            self._building = False
+            self._apply(self._drain_pending())
+
+    def _drain_pending(self) -> list[str]:
+        keys = []
+        while self._pending:
+            try:
+                keys.append(self._pending.pop())
+            except KeyError:  # drained by the other thread meanwhile
+                break
+        return keys
 
     def rebuild(self) -> None:
         """Forget the indexed facets; the next filter rebuilds them from the live state (for a
@@ -146,29 +161,40 @@ class ListIndex:
 
     def update(self, keys: Iterable[str]) -> None:
         """Re-read the indexed facets of ``keys`` (unknown keys are ignored) and move each
-        whose value changed. Nothing to do before the first build."""
-        if not self._built or not self._facets:
+        whose value changed. Nothing to do before the first build; during it (in another
+        thread) the keys wait in a set the build drains when it ends, so the caller (the bus
+        listener on the event loop) never waits for a build."""
+        if not self._facets:
             return
-        with self._lock:
-            if not self._built:
+        if not self._built:
+            if not self._building:
                 return
-            for key in keys:
-                pos = self._pos.get(key)
-                if pos is None:
+            self._pending.update(keys)
+            if not self._built:
+                return  # the build drains them
+            keys = self._drain_pending()  # it ended meanwhile, maybe before draining these
+        with self._lock:
+            if self._built:
+                self._apply(keys)
+
+    def _apply(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            pos = self._pos.get(key)
+            if pos is None:
+                continue
+            for name, fn in self._facets.items():
+                values = self._values[name]
+                old, new = values[pos], fn(key)
+                if old == new:
                     continue
-                for name, fn in self._facets.items():
-                    values = self._values[name]
-                    old, new = values[pos], fn(key)
-                    if old == new:
-                        continue
-                    buckets = self._buckets[name]
-                    for z in (None, *self._zones[pos]):
-                        bucket = buckets[(z, old)]
-                        i = bisect_left(bucket, pos)
-                        if i < len(bucket) and bucket[i] == pos:
-                            del bucket[i]
-                        insort(buckets.setdefault((z, new), []), pos)
-                    values[pos] = new
+                buckets = self._buckets[name]
+                for z in (None, *self._zones[pos]):
+                    bucket = buckets[(z, old)]
+                    i = bisect_left(bucket, pos)
+                    if i < len(bucket) and bucket[i] == pos:
+                        del bucket[i]
+                    insort(buckets.setdefault((z, new), []), pos)
+                values[pos] = new
 
     # -- pages -------------------------------------------------------------------------------
     def _text_matches(self, q: str, zone: str | None) -> list[int]:

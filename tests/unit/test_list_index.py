@@ -88,6 +88,23 @@ def test_facets_are_built_once_on_first_use_then_moved_by_updates() -> None:
     assert "k0" not in idx.select(limit=10, filters={"s": "x"}).keys
 
 
+def test_an_update_during_the_first_build_waits_for_it_and_is_applied() -> None:
+    """A bus event arriving while a worker thread builds the index (here: from inside the build,
+    after it read the key) neither blocks the caller nor is lost."""
+    states = _states()
+    idx: ListIndex | None = None
+
+    def state(key: str) -> str:
+        if key == "k9" and idx is not None and not idx.built:
+            states["k2"] = "y"  # k2 was read already: its event must not be lost
+            idx.update(["k2"])  # returns at once (a lock would deadlock here)
+        return states[key]
+
+    idx = ListIndex(list(states), [("A",)] * 10, list(states), facets={"s": state})
+    assert idx.select(limit=10, filters={"s": "y"}).keys == ["k2", "k5", "k6", "k7", "k8", "k9"]
+    assert idx.select(limit=10, filters={"s": "x"}, zone="A").total == 4
+
+
 def test_a_cursor_neither_repeats_nor_skips_a_key_when_states_change_between_pages() -> None:
     states = _states()
     idx = _index(states)
