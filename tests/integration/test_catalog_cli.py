@@ -37,10 +37,6 @@ async def test_an_imported_catalogue_is_what_the_controller_serves(
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=3, catalogue_csv=True)
     csv = tmp_path / "catalogue.csv"
 
-    no_catalogue = floorhand("check-config", site)
-    assert no_catalogue.returncode == 2
-    assert "holds no catalogue" in no_catalogue.stderr
-
     dry = floorhand("catalog", "import", csv, "--site", site, "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "+ shelf sh2" in dry.stdout
@@ -83,10 +79,6 @@ async def test_an_imported_catalogue_is_what_the_controller_serves(
         "is locked): stop it to import a catalogue"
     )
     assert running.stderr.count("floorhand:") == 1
-
-    exported = floorhand("catalog", "export", "--site", site, "--format", "jsonl")
-    assert exported.returncode == 0, exported.stderr
-    assert exported.stdout.count('"kind":"shelf"') == 3
 
 
 @pytest.mark.parametrize("fmt", ["csv"])

@@ -18,6 +18,10 @@ def test_export_then_import_changes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=1883, scales=3, catalogue_csv=True)
+    assert main(["check-config", str(site)]) == 2  # no catalogue yet
+    assert "the journal holds no catalogue" in capsys.readouterr().err
+    assert main(["catalog", "export", "--site", str(site)]) == 2
+    assert "the journal holds no catalogue" in capsys.readouterr().err
     csv = str(tmp_path / "catalogue.csv")
     assert main(["catalog", "import", csv, "--site", str(site), "--actor", "wms sync"]) == 0
     assert "catalogue version 1" in capsys.readouterr().out
