@@ -196,6 +196,18 @@ class ListIndex:
                     insort(buckets.setdefault((z, new), []), pos)
                 values[pos] = new
 
+    def counts(self, facet: str, zone: str | None = None) -> dict[str, int]:
+        """How many keys (of ``zone``) have each value of the indexed ``facet`` now, sorted by
+        value, values no key has left out: O(values × zones), not O(keys)."""
+        self._ensure_built()
+        return {
+            value: len(bucket)
+            for (z, value), bucket in sorted(
+                self._buckets[facet].items(), key=lambda item: item[0][1]
+            )
+            if z == zone and bucket
+        }
+
     # -- pages -------------------------------------------------------------------------------
     def _text_matches(self, q: str, zone: str | None) -> list[int]:
         needle = q.casefold()

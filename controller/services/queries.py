@@ -175,6 +175,11 @@ class StockQueries:
         for key, target in targets.items():
             for zone in dict.fromkeys(specs[s].zone for s in target.shelves):
                 self._zone_targets[zone].append(key)
+        # Each zone's SKUs sorted by id (``/zones``); a shelf's SKU never changes.
+        self._zone_sku_ids = {
+            z: tuple(sorted({specs[s].sku for s in shelves}))
+            for z, shelves in self._zone_shelves.items()
+        }
         sku_zones: dict[str, list[str]] = {sku: [] for sku in self._skus}
         for zone, skus in self._zone_skus.items():
             for sku in skus:
@@ -281,14 +286,13 @@ class StockQueries:
 
     def _zone_summary(self, zone: ZoneConfig) -> ZoneSummary:
         shelves = self._zone_shelves[zone.id]
-        status = Counter(self._states[s].status.value for s in shelves)
         alerts = self._alerts.alerts
         return ZoneSummary(
             zone=zone,
             shelves=len(shelves),
             scales=self._zone_scales[zone.id],
-            skus=sorted({self._specs[s].sku for s in shelves}),
-            shelf_status=dict(sorted(status.items())),
+            skus=list(self._zone_sku_ids[zone.id]),
+            shelf_status=self._shelf_index.counts("status", zone.id),
             alerts_active=sum(
                 1 for k in self._zone_targets[zone.id] if alerts[k].episode is not None
             ),

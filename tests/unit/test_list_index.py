@@ -204,3 +204,24 @@ def test_the_read_model_follows_the_bus(tmp_path: Path) -> None:
     assert [v.sku.id for v in queries.stock_page(PageQuery(limit=10, state="ok")).items] == ["K1"]
     shelves = queries.shelves_page(PageQuery(limit=10, state="unknown", zone="Z1"))
     assert [v.spec.shelf_id for v in shelves.items] == ["sh3"]
+
+
+def test_zone_counts_come_from_the_index_and_follow_events(tmp_path: Path) -> None:
+    """/zones' shelf counts per status: read from the status buckets (no shelf state read per
+    request once built), and moved by the read model's listener."""
+    site = load_site(write_site_in_zones(tmp_path, zones=4, mqtt_port=1, scales=4000))
+    rt = Runtime(site)
+    states = _CountingStates(rt.ingest.states)
+    queries = StockQueries(site, rt.specs, states, rt.ingest.calibrations, rt.alerts)
+    first = queries.zones()
+    assert [(z.zone.id, z.shelves, z.shelf_status) for z in first][:2] == [
+        ("Z0", 1000, {"unknown": 1000}),
+        ("Z1", 1000, {"unknown": 1000}),
+    ]
+    assert first[1].skus[:3] == ["K1", "K1001", "K1005"]  # sorted by id
+    states.reads.clear()
+    spec = rt.specs["sh5"]
+    states["sh5"] = ShelfState(spec, status=ShelfStatus.OK, units=3, weight_g=800.0, last_ts_s=1.0)
+    queries.on_events([ShelfStatusChanged("sh5", ShelfStatus.UNKNOWN, ShelfStatus.OK, 1.0, "x")])
+    assert queries.zones()[1].shelf_status == {"ok": 1, "unknown": 999}
+    assert set(states.reads) == {"sh5"}  # the event's shelf only, not the zone's 1000
