@@ -1,7 +1,8 @@
 """The catalogue in the journal (layout 2): records, versions and the audit trail.
 
 ``catalog_records`` holds the current catalogue, one row per SKU, scale or shelf in file order
-(``body``: the record's columns as JSON, every value validated on import). Each change makes a
+(``body``: the record's values as a JSON array, in the order of the column names kept once in
+``meta`` under ``catalog_columns``; every value validated on import). Each change makes a
 new version: a ``catalog_versions`` row (who, from where, how many records added, removed,
 changed) and one ``catalog_audit`` row per record changed (``op`` add / remove / change, the
 whole record before and after). Writes happen in one transaction: a catalogue is never half
@@ -20,12 +21,16 @@ from typing import Any, cast
 import orjson
 
 from controller.catalog.diff import CatalogueDiff, diff
-from controller.catalog.records import KINDS, Catalogue, Kind, Model, construct, flat
+from controller.catalog.records import COLUMNS, KINDS, Catalogue, Kind, Model, construct, flat
 from controller.config import ScaleConfig, ShelfConfig, SkuConfig
 from controller.ports import JournalError
 
 CATALOG_LAYOUT = 2
 """The journal layout that has the catalogue tables."""
+
+_COLUMNS_KEY = "catalog_columns"
+"""``meta`` key of the columns (per kind, in order) of the records' bodies: each body is a JSON
+array of values in that order, so the column names are stored once, not per record."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,9 +64,13 @@ def load(db: sqlite3.Connection) -> Catalogue | None:
     version = current_version(db)
     if version == 0:
         return None
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (_COLUMNS_KEY,)).fetchone()
+    columns: dict[str, list[str]] = orjson.loads(row[0]) if row else {}
+    names = {k: columns.get(k, COLUMNS[k]) for k in KINDS}
     by_kind: dict[str, list[Model]] = {k: [] for k in KINDS}
     for kind, body in db.execute("SELECT kind, body FROM catalog_records ORDER BY seq"):
-        by_kind[kind].append(construct(cast(Kind, kind), orjson.loads(body)))
+        values = dict(zip(names[kind], orjson.loads(body), strict=True))
+        by_kind[kind].append(construct(cast(Kind, kind), values))
     return Catalogue(
         cast(tuple[SkuConfig, ...], tuple(by_kind["sku"])),
         cast(tuple[ScaleConfig, ...], tuple(by_kind["scale"])),
@@ -82,7 +91,7 @@ def read_journal(path: Path) -> Catalogue | None:
         raise JournalError(f"cannot read the catalogue of journal {path}: {exc}") from exc
     try:
         return load(db)
-    except (sqlite3.Error, orjson.JSONDecodeError) as exc:
+    except (sqlite3.Error, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
         raise JournalError(f"cannot read the catalogue of journal {path}: {exc}") from exc
     finally:
         db.close()
@@ -177,14 +186,19 @@ def replace(
         )
         # The records are rewritten whole, so their order is the new file's.
         db.execute("DELETE FROM catalog_records")
+        db.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+            (_COLUMNS_KEY, orjson.dumps(COLUMNS).decode()),
+        )
         total = len(catalogue)
         rows: list[tuple[str, str, bytes]] = []
         written = 0
         known = {(c.kind, c.id): c.after for c in changes.changes if c.after is not None}
         for kind in KINDS:
+            columns = COLUMNS[kind]
             for model in catalogue.records(kind):
                 rec = known.get((kind, model.id)) or flat(kind, model)
-                rows.append((kind, model.id, orjson.dumps(rec)))
+                rows.append((kind, model.id, orjson.dumps([rec[c] for c in columns])))
                 if len(rows) == WRITE_PROGRESS_EVERY:
                     written += _insert(db, rows)
                     if progress is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 
 from controller.adapters import catalog_store
@@ -79,6 +80,8 @@ def test_each_change_is_a_version_with_an_audit_row_per_record(tmp_path: Path) -
     changed = _catalogue(site, edited.replace("shelf,sh1,,,,,Z,,,s1,K1,100.0,500.0,40\n", ""))
     assert _replace(path, changed, actor="bob") == (2, 2)
     db = sqlite3.connect(path)
+    (body,) = db.execute("SELECT body FROM catalog_records WHERE kind='sku' AND id='K0'").fetchone()
+    assert orjson.loads(body) == ["K0", "", 10, 3, 40, 7.0, None, 0.2]  # values, columns in meta
     rows = catalog_store.versions(db)
     assert [(v.version, v.actor, v.added, v.removed, v.changed) for v in rows] == [
         (1, "alice", 6, 0, 0),
