@@ -189,3 +189,14 @@ def test_docs_catalogue_columns_are_generated_from_the_models() -> None:
         "docs/catalogue.md is out of date: python -m controller.site_schema --write-doc"
     )
     assert ",".join(HEADER) in doc.splitlines()
+
+
+def test_lines_are_counted_in_the_file_across_quoted_newlines_and_blank_lines() -> None:
+    text = (
+        "kind,id,name,reorder_point,safety_stock,max_stock\n"
+        'sku,K1,"two\nlines",1,0,5\n'  # lines 2-3
+        "sku,K2,x,bad,0,5\n"  # line 4
+        "\n"
+        "sku,K3,y,1,0,5,9\n"  # line 6
+    )
+    assert _errors(text) == {(4, "reorder_point"), (6, "-")}
