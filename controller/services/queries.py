@@ -175,27 +175,38 @@ class StockQueries:
         for key, target in targets.items():
             for zone in dict.fromkeys(specs[s].zone for s in target.shelves):
                 self._zone_targets[zone].append(key)
-        # Each zone's SKUs sorted by id (``/zones``); a shelf's SKU never changes.
-        self._zone_sku_ids = {
-            z: tuple(sorted({specs[s].sku for s in shelves}))
-            for z, shelves in self._zone_shelves.items()
-        }
-        sku_zones: dict[str, list[str]] = {sku: [] for sku in self._skus}
-        for zone, skus in self._zone_skus.items():
-            for sku in skus:
-                sku_zones[sku].append(zone)
+        self._zone_sku_ids: dict[str, tuple[str, ...]] | None = None
         self._sku_index = ListIndex(
             tuple(self._skus),
-            [sku_zones[s] for s in self._skus],
-            [f"{s.id}\n{s.name}" for s in self._skus.values()],
+            self._sku_zones,
+            lambda: [f"{s.id}\n{s.name}" for s in self._skus.values()],
             facets={"state": lambda sku: self._sku_state(sku).value},
         )
         self._shelf_index = ListIndex(
             self._shelf_ids,
-            [(specs[s].zone,) for s in self._shelf_ids],
-            [f"{s}\n{specs[s].sku}\n{self._location.get(s, '')}" for s in self._shelf_ids],
+            lambda: [(specs[s].zone,) for s in self._shelf_ids],
+            lambda: [f"{s}\n{specs[s].sku}\n{self._location.get(s, '')}" for s in self._shelf_ids],
             facets={"status": lambda sid: self._states[sid].status.value},
         )
+
+    def _sku_zones(self) -> list[list[str]]:
+        """Each SKU's zones (those of its shelves), in site order."""
+        sku_zones: dict[str, list[str]] = {sku: [] for sku in self._skus}
+        for zone, skus in self._zone_skus.items():
+            for sku in skus:
+                sku_zones[sku].append(zone)
+        return list(sku_zones.values())
+
+    def _zone_skus_sorted(self, zone: str) -> tuple[str, ...]:
+        """The SKUs of ``zone``'s shelves sorted by id, indexed on first use (a shelf's SKU
+        never changes)."""
+        if self._zone_sku_ids is None:
+            specs = self._specs
+            self._zone_sku_ids = {
+                z: tuple(sorted({specs[s].sku for s in shelves}))
+                for z, shelves in self._zone_shelves.items()
+            }
+        return self._zone_sku_ids[zone]
 
     def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener: move the shelves an event names, and their SKUs, to their new status
@@ -291,7 +302,7 @@ class StockQueries:
             zone=zone,
             shelves=len(shelves),
             scales=self._zone_scales[zone.id],
-            skus=list(self._zone_sku_ids[zone.id]),
+            skus=list(self._zone_skus_sorted(zone.id)),
             shelf_status=self._shelf_index.counts("status", zone.id),
             alerts_active=sum(
                 1 for k in self._zone_targets[zone.id] if alerts[k].episode is not None
@@ -435,8 +446,8 @@ class DeviceQueries:
         self._by_id = {sc.id: sc for sc in self._scales}
         self._index = ListIndex(
             tuple(self._by_id),
-            [(sc.zone,) for sc in self._scales],
-            [sc.id for sc in self._scales],
+            lambda: [(sc.zone,) for sc in self._scales],
+            lambda: [sc.id for sc in self._scales],
             live={"state": lambda sid: self._status(self._by_id[sid], self._clock())},
         )
 
@@ -536,15 +547,12 @@ class AlertQueries:
         self._service = alerts
         targets = alerts.targets
         self._keys = tuple(targets)
-        self._shelf_keys: dict[str, list[str]] = {}
-        for key, target in targets.items():
-            for shelf in target.shelves:
-                self._shelf_keys.setdefault(shelf, []).append(key)
+        self._shelf_keys: dict[str, list[str]] | None = None  # built with the state index
         states = alerts.alerts
         self._index = ListIndex(
             self._keys,
-            [dict.fromkeys(specs[s].zone for s in targets[k].shelves) for k in self._keys],
-            [f"{k}\n{targets[k].sku}" for k in self._keys],
+            lambda: [dict.fromkeys(specs[s].zone for s in targets[k].shelves) for k in self._keys],
+            lambda: [f"{k}\n{targets[k].sku}" for k in self._keys],
             facets={
                 "state": lambda k: states[k].state.value,
                 "active": lambda k: "true" if states[k].episode is not None else "false",
@@ -554,6 +562,15 @@ class AlertQueries:
     def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener (after the alert service's, so its states are current): move the keys
         an event names, or whose shelves it names, to their new state in the index."""
+        if not self._index.listening:
+            return  # nothing is indexed by state yet
+        shelf_keys = self._shelf_keys
+        if shelf_keys is None:
+            shelf_keys = {}
+            for key, target in self._service.targets.items():
+                for shelf in target.shelves:
+                    shelf_keys.setdefault(shelf, []).append(key)
+            self._shelf_keys = shelf_keys
         keys: set[str] = set()
         for ev in events:
             if isinstance(ev, AlertNotice):
@@ -561,7 +578,7 @@ class AlertQueries:
             elif isinstance(ev, AlertManualNotice):
                 continue  # an ack or snooze changes neither the state nor the episode
             elif isinstance(ev, StockChanged | ShelfStatusChanged | ShelfCalibrated):
-                keys.update(self._shelf_keys.get(ev.shelf_id, ()))
+                keys.update(shelf_keys.get(ev.shelf_id, ()))
         if keys:
             self._index.update(keys)
 

@@ -31,11 +31,10 @@ def _index(states: dict[str, str], calls: Counter[str] | None = None) -> ListInd
             calls[key] += 1
         return states[key]
 
-    zones = [("A",) if i % 2 == 0 else ("B",) for i in range(len(keys))]
+    zones: list[tuple[str, ...]] = [("A",) if i % 2 == 0 else ("B",) for i in range(len(keys))]
     zones[-1] = ("A", "B")
-    return ListIndex(
-        keys, zones, [f"{k}\nItem {i}" for i, k in enumerate(keys)], facets={"s": state}
-    )
+    text = [f"{k}\nItem {i}" for i, k in enumerate(keys)]
+    return ListIndex(keys, lambda: zones, lambda: text, facets={"s": state})
 
 
 def _states() -> dict[str, str]:
@@ -100,7 +99,8 @@ def test_an_update_during_the_first_build_waits_for_it_and_is_applied() -> None:
             idx.update(["k2"])  # returns at once (a lock would deadlock here)
         return states[key]
 
-    idx = ListIndex(list(states), [("A",)] * 10, list(states), facets={"s": state})
+    keys = list(states)
+    idx = ListIndex(keys, lambda: [("A",)] * 10, lambda: keys, facets={"s": state})
     assert idx.select(limit=10, filters={"s": "y"}).keys == ["k2", "k5", "k6", "k7", "k8", "k9"]
     assert idx.select(limit=10, filters={"s": "x"}, zone="A").total == 4
 
@@ -130,9 +130,34 @@ def test_text_is_a_case_insensitive_substring_cached_per_query_and_bounded() -> 
     assert len(idx._matches) <= list_index.TEXT_CACHE_SIZE
 
 
+def test_zones_and_text_are_indexed_on_first_use_not_at_start() -> None:
+    """Building the read model is on the start-up path: an index reads its keys' zones and
+    text only when a read first needs them."""
+    calls: Counter[str] = Counter()
+    keys = ["a", "b", "c"]
+
+    def zones() -> list[tuple[str, ...]]:
+        calls["zones"] += 1
+        return [("Z",), ("Y",), ("Z",)]
+
+    def text() -> list[str]:
+        calls["text"] += 1
+        return ["Apple", "Banana", "Cherry"]
+
+    idx = ListIndex(keys, zones, text)
+    assert not calls
+    assert idx.select(limit=5, zone="Z").keys == ["a", "c"]
+    assert idx.select(limit=5, after="a").keys == ["b", "c"]
+    assert calls == Counter({"zones": 1})
+    assert idx.select(limit=5, q="an").keys == ["b"]
+    assert idx.select(limit=5, q="e", zone="Z").keys == ["a", "c"]
+    assert calls == Counter({"zones": 1, "text": 1})
+
+
 def test_live_facets_are_read_per_candidate_when_asked() -> None:
     live = {"k0": "ok", "k1": "stale", "k2": "ok"}
-    idx = ListIndex(list(live), [("A",)] * 3, list(live), live={"state": live.__getitem__})
+    keys = list(live)
+    idx = ListIndex(keys, lambda: [("A",)] * 3, lambda: keys, live={"state": live.__getitem__})
     assert idx.select(limit=1, filters={"state": "ok"}).keys == ["k0"]
     live["k0"] = "stale"
     sel = idx.select(limit=5, filters={"state": "stale"})
@@ -171,11 +196,11 @@ def test_a_page_of_a_large_site_reads_only_its_own_shelves(tmp_path: Path) -> No
     assert (len(page.items), page.total, page.next_after) == (50, 1000, "K198")
     assert len(states.reads) == 50
     states.reads.clear()
-    page = queries.shelves_page(PageQuery(limit=20, zone="Z1", after="sh997", q="99"))
+    shelves = queries.shelves_page(PageQuery(limit=20, zone="Z1", after="sh997", q="99"))
     hits = [f"sh{i}" for i in range(998, 4000) if i % 4 == 1 and "99" in str(i)]
-    assert [v.spec.shelf_id for v in page.items] == hits[:20]
-    assert page.total == len([i for i in range(4000) if i % 4 == 1 and "99" in str(i)])
-    assert set(states.reads) == {v.spec.shelf_id for v in page.items}
+    assert [v.spec.shelf_id for v in shelves.items] == hits[:20]
+    assert shelves.total == len([i for i in range(4000) if i % 4 == 1 and "99" in str(i)])
+    assert set(states.reads) == {v.spec.shelf_id for v in shelves.items}
     queries.stock_page(PageQuery(limit=1, state="unknown"))  # builds the state index
     states.reads.clear()
     page = queries.stock_page(PageQuery(limit=30, state="unknown", zone="Z3", after="K3"))
