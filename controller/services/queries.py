@@ -16,7 +16,7 @@ through: stock, devices, alerts, and health and PLCs from the supervision servic
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -166,15 +166,10 @@ class StockQueries:
         self._sku_shelves: dict[str, tuple[str, ...]] = {
             sku: targets[sku].shelves for sku in self._skus
         }
-        # SKUs with a shelf in the zone, in the site's SKU order (the order /stock lists them).
-        self._zone_skus: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
-        for sku, shelves in self._sku_shelves.items():
-            for zone in dict.fromkeys(specs[s].zone for s in shelves):
-                self._zone_skus[zone].append(sku)
-        self._zone_targets: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
-        for key, target in targets.items():
-            for zone in dict.fromkeys(specs[s].zone for s in target.shelves):
-                self._zone_targets[zone].append(key)
+        # Zone indexes of SKUs and alert targets: built on first use (``_zone_index``), not
+        # on the start-up path.
+        self._zone_skus_ix: dict[str, list[str]] | None = None
+        self._zone_targets_ix: dict[str, list[str]] | None = None
         self._zone_sku_ids: dict[str, tuple[str, ...]] | None = None
         self._sku_index = ListIndex(
             tuple(self._skus),
@@ -188,6 +183,32 @@ class StockQueries:
             lambda: [f"{s}\n{specs[s].sku}\n{self._location.get(s, '')}" for s in self._shelf_ids],
             facets={"status": lambda sid: self._states[sid].status.value},
         )
+
+    def _zone_index(self, keys: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        """Per zone, the ``keys`` (in their order) with a shelf there; ``keys`` maps each to
+        its shelves."""
+        specs = self._specs
+        out: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
+        for key, shelves in keys.items():
+            for zone in dict.fromkeys(specs[s].zone for s in shelves):
+                out[zone].append(key)
+        return out
+
+    @property
+    def _zone_skus(self) -> dict[str, list[str]]:
+        """SKUs with a shelf in the zone, in the site's SKU order (the order /stock lists
+        them)."""
+        if self._zone_skus_ix is None:
+            self._zone_skus_ix = self._zone_index(self._sku_shelves)
+        return self._zone_skus_ix
+
+    @property
+    def _zone_targets(self) -> dict[str, list[str]]:
+        """Alert targets watching a shelf of the zone."""
+        if self._zone_targets_ix is None:
+            targets = self._alerts.targets
+            self._zone_targets_ix = self._zone_index({k: t.shelves for k, t in targets.items()})
+        return self._zone_targets_ix
 
     def _sku_zones(self) -> list[list[str]]:
         """Each SKU's zones (those of its shelves), in site order."""
@@ -221,6 +242,15 @@ class StockQueries:
         that published no event)."""
         self._shelf_index.rebuild()
         self._sku_index.rebuild()
+
+    def apply_skus(self, skus: Iterable[SkuConfig]) -> None:
+        """A live catalogue change of SKUs the site already has (name, thresholds: no SKU
+        added, removed or moved, docs/catalogue.md): answer with the new records, and re-read
+        every stock state and name on the next filtered read."""
+        for sku in skus:
+            if sku.id in self._skus:
+                self._skus[sku.id] = sku
+        self.rebuild()
 
     # -- shelves ------------------------------------------------------------------------------
     def has_shelf(self, shelf_id: str) -> bool:
