@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from controller.api.app import create_app
@@ -18,6 +19,7 @@ from controller.runtime import Runtime
 from controller.services import list_index
 from controller.services.list_index import BadCursor, ListIndex, decode_cursor, encode_cursor
 from controller.services.queries import PageQuery, StockQueries
+from tests.sites import auth_headers
 from tests.unit.test_read_models import _CountingStates
 from tests.zoned_sites import write_site_in_zones
 
@@ -250,3 +252,34 @@ def test_zone_counts_come_from_the_index_and_follow_events(tmp_path: Path) -> No
     queries.on_events([ShelfStatusChanged("sh5", ShelfStatus.UNKNOWN, ShelfStatus.OK, 1.0, "x")])
     assert queries.zones()[1].shelf_status == {"ok": 1, "unknown": 999}
     assert set(states.reads) == {"sh5"}  # the event's shelf only, not the zone's 1000
+
+
+class _CatalogChanged:
+    """Stands in for the catalogue's change event: the read model keys on its ``kind``."""
+
+    kind = "catalog_changed"
+
+
+async def test_a_catalogue_change_gives_the_app_a_new_read_model_that_follows_the_bus(
+    tmp_path: Path,
+) -> None:
+    site = load_site(write_site_in_zones(tmp_path, zones=2, mqtt_port=1, scales=4))
+    rt = Runtime(site)
+    app = create_app(site, runtime=rt)
+    before = app.state.queries
+    assert before.stock_page(PageQuery(limit=10, state="ok")).items == []  # built
+    rt.bus.publish([_CatalogChanged()])  # type: ignore[list-item]
+    after: StockQueries = app.state.queries
+    assert after is not before
+    assert app.state.reads.stock is after
+    assert after.stock_page(PageQuery(limit=10, state="ok")).items == []
+    spec = rt.specs["sh2"]
+    rt.ingest.states["sh2"] = ShelfState(
+        spec, status=ShelfStatus.OK, units=20, weight_g=2500.0, last_ts_s=1.0
+    )
+    rt.bus.publish([StockChanged("sh2", "K2", None, 20, 1.0)])
+    assert [v.sku.id for v in after.stock_page(PageQuery(limit=10, state="ok")).items] == ["K2"]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        r = await client.get("/api/v1/stock?state=ok", headers=auth_headers("floor"))
+    assert [s["sku"] for s in r.json()] == ["K2"]
