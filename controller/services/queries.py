@@ -454,32 +454,43 @@ class DeviceQueries:
         calibrations: Mapping[str, ShelfCalibration],
         clock: Callable[[], float],
     ) -> None:
-        intervals = site.site.stale_after_intervals
-        by_channel = {(s.scale_id, s.channel): s.shelf_id for s in specs.values()}
-        self._scales = tuple(
-            _Scale(
-                sc.id,
-                sc.zone,
-                sc.format,
-                sc.reporting_interval_s * intervals,
-                sc.reporting_interval_s,
-                sc.max_weight_g,
-                tuple(by_channel.get((sc.id, ch)) for ch in range(sc.channels)),
-            )
-            for sc in site.scales
-        )
+        self._stale_after_intervals = site.site.stale_after_intervals
+        self._scale_configs = site.scales  # walked once, on first use (``_by_id``)
+        self._specs = specs
         self._devices = devices
         self._cursors = cursors
         self._states = states
         self._calibrations = calibrations
         self._clock = clock
-        self._by_id = {sc.id: sc for sc in self._scales}
+        self._scales_ix: dict[str, _Scale] | None = None
+        scales = self._scale_configs
         self._index = ListIndex(
-            tuple(self._by_id),
-            lambda: [(sc.zone,) for sc in self._scales],
-            lambda: [sc.id for sc in self._scales],
+            tuple(sc.id for sc in scales),
+            lambda: [(sc.zone,) for sc in scales],
+            lambda: [sc.id for sc in scales],
             live={"state": lambda sid: self._status(self._by_id[sid], self._clock())},
         )
+
+    @property
+    def _by_id(self) -> dict[str, _Scale]:
+        """Each scale with its staleness bound and channels' shelves, built on first use (not
+        on the start-up path)."""
+        if self._scales_ix is None:
+            intervals = self._stale_after_intervals
+            by_channel = {(s.scale_id, s.channel): s.shelf_id for s in self._specs.values()}
+            self._scales_ix = {
+                sc.id: _Scale(
+                    sc.id,
+                    sc.zone,
+                    sc.format,
+                    sc.reporting_interval_s * intervals,
+                    sc.reporting_interval_s,
+                    sc.max_weight_g,
+                    tuple(by_channel.get((sc.id, ch)) for ch in range(sc.channels)),
+                )
+                for sc in self._scale_configs
+            }
+        return self._scales_ix
 
     def _status(self, sc: _Scale, now: float) -> ScaleStatus:
         info = self._devices[sc.id]
