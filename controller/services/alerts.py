@@ -145,6 +145,37 @@ class AlertService:
         for sid in target.shelves:
             self._by_shelf.setdefault(sid, []).append(target.key)
 
+    def apply_targets(self, settings: AlertSettings) -> list[str]:
+        """A new catalogue's targets (docs/catalogue.md, "Live changes"): a key that stays
+        keeps its state and episode and is evaluated again at the next tick with its new
+        policy; a new key starts with no episode; a key that goes is forgotten. Returns the
+        keys that went with an active episode (the caller says so in an event)."""
+        old = dict(self.targets)
+        new = {t.key: t for t in settings.targets}
+        ended = [k for k in old if k not in new and self.alerts[k].episode is not None]
+        # In place: the read model holds these mappings.
+        self.targets.clear()
+        self._by_sku.clear()
+        self._by_shelf.clear()
+        for target in settings.targets:
+            self._add(target)
+        for key in old.keys() - new.keys():
+            del self.alerts[key]
+            del self.levels[key]
+        for key in new.keys() - old.keys():
+            self.alerts[key] = AlertState(key)
+            self.levels[key] = None
+        self._order = {key: i for i, key in enumerate(self.targets)}
+        self._timed &= self.targets.keys()
+        self._snoozed &= self.targets.keys()
+        self.unpublished &= self.targets.keys()
+        self._dirty = {k for k in self._dirty if k in new} | {
+            k for k, t in new.items() if old.get(k) != t
+        }
+        for key in ended:
+            log.info("alert %s: its target left the catalogue; its episode ended", key)
+        return ended
+
     def restore(self, saved: dict[str, dict[str, Any]]) -> None:
         for key, body in saved.items():
             if key not in self.targets:
