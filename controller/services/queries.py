@@ -635,9 +635,17 @@ class AlertQueries:
         return self._service.public(key)
 
     def alerts(self, active: bool | None = None) -> list[dict[str, Any]]:
-        """Every target's state; with ``active``, only those with (or without) an episode."""
-        query = PageQuery(limit=max(1, len(self._index)))
-        return self.alerts_page(query, active).items
+        """Every target's state; with ``active``, only those with (or without) an episode.
+        From the index once a filtered read built it; until then by a scan of the episodes
+        (the live feed's snapshot calls this on the event loop: it must not be the one that
+        pays for the build)."""
+        if self._index.built:
+            return self.alerts_page(PageQuery(limit=max(1, len(self._index))), active).items
+        states = self._service.alerts
+        keys = self._keys
+        if active is not None:
+            keys = tuple(k for k in keys if (states[k].episode is not None) is active)
+        return [self._service.public(k) for k in keys]
 
     def alerts_page(self, query: PageQuery, active: bool | None = None) -> Page[dict[str, Any]]:
         """A page of the targets' states in order, by zone, state (ok, low, critical, out,

@@ -13,7 +13,8 @@ import pytest
 from controller.api.app import create_app
 from controller.config import load_site
 from controller.domain.events import ShelfStatusChanged, StockChanged
-from controller.domain.model import ShelfStatus
+from controller.domain.model import ShelfStatus, StockState
+from controller.domain.reorder import AlertState, Episode
 from controller.domain.stock import ShelfState
 from controller.runtime import Runtime
 from controller.services import list_index
@@ -283,3 +284,22 @@ async def test_a_catalogue_change_gives_the_app_a_new_read_model_that_follows_th
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         r = await client.get("/api/v1/stock?state=ok", headers=auth_headers("floor"))
     assert [s["sku"] for s in r.json()] == ["K2"]
+
+
+def test_the_live_feeds_active_alerts_never_build_the_index_themselves(tmp_path: Path) -> None:
+    """``AlertQueries.alerts(active=True)`` (the live snapshot, on the event loop) scans the
+    episodes until a filtered read built the index in a worker thread, then reads the index:
+    the same answer either way."""
+    site = load_site(write_site_in_zones(tmp_path, zones=2, mqtt_port=1, scales=6))
+    rt = Runtime(site)
+    app = create_app(site, runtime=rt)
+    alerts = app.state.reads.alerts
+    episode = Episode("ep-1", StockState.CRITICAL, 1_700_000_000.0, 2, 1)
+    rt.alerts.alerts["K3"] = AlertState("K3", StockState.CRITICAL, 2, episode)
+    scanned = alerts.alerts(active=True)
+    assert [a["key"] for a in scanned] == ["K3"]
+    assert not alerts._index.built
+    assert alerts.alerts_page(PageQuery(limit=1, state="critical")).total == 1  # builds
+    assert alerts._index.built
+    assert alerts.alerts(active=True) == scanned
+    assert [a["key"] for a in alerts.alerts(active=False)] == ["K0", "K1", "K2", "K4", "K5"]
