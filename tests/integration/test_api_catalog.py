@@ -4,6 +4,7 @@ paho. Each documented status code and each live-change rule has its own test."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from tests.integration.test_api_ops import (
     ops_server,
 )
 from tests.mosquitto import MosquittoBroker
-from tests.sites import grams, write_small_site
+from tests.sites import TOKENS, grams, write_small_site
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -299,3 +300,51 @@ async def test_a_raised_reorder_point_raises_at_once_without_new_readings(
         assert raised["level"] == 15
     finally:
         sub.close()
+
+
+# -- floorhand catalog import --url ---------------------------------------------------------
+
+
+async def test_cli_import_sends_the_file_to_a_running_controller(
+    server: OpsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, records = await export(server)
+    sku_of(records, "K1")["reorder_point"] = 12
+    changed = tmp_path / "changed.jsonl"
+    changed.write_bytes(jsonl(records))
+    token = tmp_path / "token"
+    token.write_text(TOKENS["engineer"] + "\n")
+    args = ["catalog", "import", str(changed), "--url", server.base, "--token-file", str(token)]
+
+    assert await asyncio.to_thread(main, [*args, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "~ sku K1: reorder_point 10 -> 12" in out
+    assert "dry run: catalogue version 1 -> 1: 0 added, 0 removed, 1 changed" in out
+    assert f"catalog: sending {changed.stat().st_size} bytes to {server.base}/api/v1/catalog" in err
+
+    assert await asyncio.to_thread(main, args) == 0
+    out, _ = capsys.readouterr()
+    assert "catalogue version 1 -> 2: 0 added, 0 removed, 1 changed" in out
+    version, now = await export(server)
+    assert version == 2
+    assert sku_of(now, "K1")["reorder_point"] == 12
+    async with server.client("supervisor") as c:
+        versions = (await c.get("/api/v1/catalog/versions")).json()["versions"]
+    assert (versions[-1]["actor"], versions[-1]["source"]) == (ENG, "api")
+
+    sku_of(records, "K2")["safety_stock"] = 30
+    changed.write_bytes(jsonl(records))
+    assert await asyncio.to_thread(main, args) == 2
+    _, err = capsys.readouterr()
+    assert (
+        f"  {changed}:3: sku K2 column safety_stock: safety_stock (30) > reorder_point (10)" in err
+    )
+    assert (await export(server))[0] == 2
+
+
+def test_cli_import_needs_a_site_or_a_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "c.csv").write_text("kind,id\n")
+    assert main(["catalog", "import", str(tmp_path / "c.csv")]) == 2
+    assert "needs --site SITE (into its journal) or --url URL" in capsys.readouterr().err
