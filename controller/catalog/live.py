@@ -8,11 +8,12 @@ version with its audit rows, applied to the running services on the event loop (
 owner), and announced with a `CatalogChanged` event (journaled, on the bus).
 
 What applies live in this version: a SKU's columns (name, thresholds, lead time) and a shelf's
-reorder thresholds while it keeps or lacks one. Alert episodes are kept and re-evaluated with
-the new policy at once; counts, shelf states and picks are untouched (no shelf, scale or SKU
-changes identity). Anything else (a record added or removed, a shelf moved, a scale changed, a
-shelf-level alert added or removed) is refused with every such record named: stop the
-controller and use ``floorhand catalog import``.
+reorder thresholds (a shelf-level alert added or removed with them). Alert episodes of the keys
+that stay are kept and re-evaluated with the new policy at once; a removed shelf-level alert's
+episode ends (named in the event); counts, shelf states and picks are untouched (no shelf,
+scale or SKU changes identity). Anything else (a record added or removed, a shelf moved, a
+scale changed) is refused with every such record named: stop the controller and use
+``floorhand catalog import``.
 """
 
 from __future__ import annotations
@@ -250,10 +251,6 @@ def check_live(changes: CatalogueDiff) -> None:
             bad.append(f"{'+' if c.op == 'add' else '-'} {c.kind} {c.id}")
             continue
         cols = [k for k in c.fields if k not in LIVE_COLUMNS[c.kind]]
-        if c.kind == "shelf" and "shelf_reorder_point" in c.fields:
-            b, a = c.fields["shelf_reorder_point"]
-            if (b is None) != (a is None):
-                cols.append("shelf_reorder_point (a shelf-level alert added or removed)")
         if cols:
             bad.append(f"~ {c.kind} {c.id}: {', '.join(cols)}")
     if bad:

@@ -172,9 +172,28 @@ class AlertService:
         self._dirty = {k for k in self._dirty if k in new} | {
             k for k, t in new.items() if old.get(k) != t
         }
-        for key in ended:
-            log.info("alert %s: its target left the catalogue; its episode ended", key)
+        gone = old.keys() - new.keys()
+        if gone:
+            self._forget(sorted(gone), ended)
         return ended
+
+    def _forget(self, keys: list[str], ended: list[str]) -> None:
+        """Keys whose target left the catalogue: their journaled state is reset (a key added
+        again later starts with no episode, after a restart too) and their retained topic
+        cleared."""
+        try:
+            self._journal.commit(
+                (), alert_states={k: AlertState(k).to_dict() for k in keys}, events=()
+            )
+        except JournalUnavailable as exc:
+            log.error("could not reset the alert state of %s: %s", ", ".join(keys), exc)
+        for key in keys:
+            if key in ended:
+                log.warning("alert %s: its target left the catalogue; its episode ended", key)
+            try:
+                self._link.publish(f"{self._topic_base}/{key.replace(':', '/')}", b"", 1, True)
+            except DeviceError as exc:
+                log.warning("could not clear the retained alert of %s: %s", key, exc)
 
     def restore(self, saved: dict[str, dict[str, Any]]) -> None:
         for key, body in saved.items():

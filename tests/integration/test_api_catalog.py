@@ -348,3 +348,52 @@ def test_cli_import_needs_a_site_or_a_url(
     (tmp_path / "c.csv").write_text("kind,id\n")
     assert main(["catalog", "import", str(tmp_path / "c.csv")]) == 2
     assert "needs --site SITE (into its journal) or --url URL" in capsys.readouterr().err
+
+
+async def test_a_shelf_level_alert_added_and_removed_live_ends_its_episode(
+    server: OpsServer,
+) -> None:
+    rt = server.rt
+    sub = rt.bus.subscribe("test")
+    try:
+        r = await patch(
+            server,
+            [{"kind": "shelf", "id": "sh1", "shelf_reorder_point": 5, "shelf_safety_stock": 1}],
+            "supervisor",
+        )
+        assert r.status_code == 200, r.text
+        await server.publish("s1", grams(4))  # 4 <= 5 on the shelf (and <= 10 for K1)
+        raised = await next_event(
+            sub, lambda e: e["kind"] == "alert_raised" and e["key"] == "shelf:sh1"
+        )
+        assert raised["level"] == 4
+        r = await patch(
+            server,
+            [
+                {
+                    "kind": "shelf",
+                    "id": "sh1",
+                    "shelf_reorder_point": None,
+                    "shelf_safety_stock": None,
+                }
+            ],
+            "supervisor",
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["ended_episodes"] == ["shelf:sh1"]
+        changed = await next_event(
+            sub, lambda e: e["kind"] == "catalog_changed" and e["version"] == 3
+        )
+        assert list(changed["ended"]) == ["shelf:sh1"]
+    finally:
+        sub.close()
+    async with server.client("supervisor") as c:
+        keys = [a["key"] for a in (await c.get("/api/v1/alerts")).json()]
+    assert keys == ["K0", "K1", "K2"]
+    assert rt.alerts.alerts["K1"].episode is not None  # the SKU's own episode is untouched
+    db = sqlite3.connect(f"file:{rt.site.journal.path}?mode=ro", uri=True)
+    try:
+        body = db.execute("SELECT body FROM alert_states WHERE key = 'shelf:sh1'").fetchone()[0]
+    finally:
+        db.close()
+    assert orjson.loads(body)["episode"] is None  # a restart or a re-add starts afresh
