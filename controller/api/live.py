@@ -43,6 +43,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from controller.api.auth import ALL_ROLES, Principal, authenticate, bearer_token, checked_in_handler
 from controller.api.metrics import LiveCollector
+from controller.config import ShelfConfig
 from controller.domain.events import (
     AlertManualNotice,
     AlertNotice,
@@ -306,7 +307,7 @@ class LiveHub:
         """Snapshots built (each shared by the clients that join or resync in its window)."""
         # Overview: each shelf's cell state and the counts per zone, kept from dirty shelves.
         self._zone_of: dict[str, str] = {}
-        self._zone_shelves: dict[str, list[str]] = {}
+        self._zone_shelves: dict[str, list[ShelfConfig]] = {}
         self._cells: dict[str, str] | None = None
         self._counts: dict[str, dict[str, int]] = {}
         self._dirty_shelves: set[str] = set()
@@ -320,7 +321,7 @@ class LiveHub:
         self._zone_of = {cfg.id: cfg.zone for cfg in self.rt.site.shelves}
         self._zone_shelves = {z.id: [] for z in self.rt.site.zones}
         for cfg in self.rt.site.shelves:
-            self._zone_shelves.setdefault(cfg.zone, []).append(cfg.id)
+            self._zone_shelves.setdefault(cfg.zone, []).append(cfg)
         self._cells = None
         self._overview_cache = None
         self._drop_snapshots()
@@ -432,10 +433,9 @@ class LiveHub:
         zone's shelves with their SKUs and alerts, or the overview alone (no shelves)."""
         rt = self.rt
         if scope == SCOPE_SITE:
-            cfgs: Iterable[Any] = rt.site.shelves
+            cfgs: Iterable[ShelfConfig] = rt.site.shelves
         elif scope.startswith(ZONE_PREFIX):
-            wanted = set(self._zone_shelves.get(scope.removeprefix(ZONE_PREFIX), ()))
-            cfgs = [cfg for cfg in rt.site.shelves if cfg.id in wanted]
+            cfgs = self._zone_shelves.get(scope.removeprefix(ZONE_PREFIX), ())
         else:
             cfgs = ()
         shelves = []

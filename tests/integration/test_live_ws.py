@@ -346,6 +346,7 @@ async def test_zone_scope_snapshot_shelves_and_overview(
             assert hello["scope"]["kind"] == "zone"
             assert hello["scope"]["zone"] == "Z1"
             assert hello["scope"]["default"] == "site"  # 4 shelves: the whole site by default
+            assert hello["scope"]["site_scope_max_shelves"] == 5_000  # documented default
             assert snapshot["scope"] == hello["scope"]
             assert [s["id"] for s in snapshot["shelves"]] == ["sh2", "sh3"]
             assert [k["sku"] for k in snapshot["skus"]] == ["K2", "K3"]
@@ -447,6 +448,37 @@ async def test_joining_clients_share_one_snapshot_and_miss_nothing(
             assert next(s for s in snapshot["shelves"] if s["id"] == "sh0")["units"] is None
             msg = await wait_message(late, lambda m: m["type"] == "shelf")
             assert (msg["shelf"]["id"], msg["shelf"]["units"]) == ("sh0", 25)
+
+
+async def test_shared_snapshots_expire_and_the_log_is_bounded(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached snapshot serves joins for ``SNAPSHOT_REUSE_S`` (1 s by default), then the next
+    join builds a new one; state messages beyond ``SNAPSHOT_LOG_MAX`` (20,000) after it drop the
+    cache, so the next join builds afresh and gets no replay."""
+    assert (live_module.SNAPSHOT_REUSE_S, live_module.SNAPSHOT_LOG_MAX) == (1.0, 20_000)
+    async with live_server(tmp_path, mosquitto, monkeypatch) as srv:
+        await srv.rt.link.wait_up(10)
+        hub = srv.hub
+        async with srv.connect(subprotocols=bearer(TOKEN)) as first:
+            await recv_messages(first)
+            builds = hub.snapshot_builds
+            monkeypatch.setattr(live_module, "SNAPSHOT_REUSE_S", 0.0)
+            async with srv.connect(subprotocols=bearer(TOKEN)) as ws:
+                await recv_messages(ws)
+            assert hub.snapshot_builds == builds + 1  # expired: built again
+            monkeypatch.setattr(live_module, "SNAPSHOT_REUSE_S", 60.0)
+            monkeypatch.setattr(live_module, "SNAPSHOT_LOG_MAX", 1)
+            async with srv.connect(subprotocols=bearer(TOKEN)) as ws:
+                await recv_messages(ws)
+            assert hub.snapshot_builds == builds + 1  # in the window again: shared
+            t0 = srv.rt.clock()
+            await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 6, t0))
+            await wait_message(first, lambda m: m["type"] == "shelf" and m["shelf"]["units"] == 25)
+            async with srv.connect(subprotocols=bearer(TOKEN)) as ws:
+                _, snapshot = await recv_messages(ws)
+            assert hub.snapshot_builds == builds + 2  # the log overflowed: the cache was dropped
+            assert next(s for s in snapshot["shelves"] if s["id"] == "sh0")["units"] == 25
 
 
 async def test_dashboard_assets_are_served_safely(
