@@ -7,13 +7,14 @@ changes thresholds only) and against what applies live, then journaled as one ne
 version with its audit rows, applied to the running services on the event loop (the state
 owner), and announced with a `CatalogChanged` event (journaled, on the bus).
 
-What applies live in this version: a SKU's columns (name, thresholds, lead time) and a shelf's
-reorder thresholds (a shelf-level alert added or removed with them). Alert episodes of the keys
-that stay are kept and re-evaluated with the new policy at once; a removed shelf-level alert's
-episode ends (named in the event); counts, shelf states and picks are untouched (no shelf,
-scale or SKU changes identity). Anything else (a record added or removed, a shelf moved, a
-scale changed) is refused with every such record named: stop the controller and use
-``floorhand catalog import``.
+What applies live in this version: a SKU's columns (name, thresholds, lead time), a shelf's
+reorder thresholds (a shelf-level alert added or removed with them), its location and counting
+columns (tare, unit weight, tolerance, capacity; a scale's range and reporting interval: the
+shelves recount as a calibration recounts them). Alert episodes of the keys that stay are kept
+and re-evaluated with the new policy at once; a removed shelf-level alert's episode ends (named
+in the event); picks are untouched (no shelf, scale or SKU changes identity). Anything else (a
+record added or removed, a shelf moved, a scale's zone or format) is refused with every such
+record named: stop the controller and use ``floorhand catalog import``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from controller.config import SiteConfig
 from controller.domain.events import CatalogChanged
 from controller.ports import EventRow, JournalError
 from controller.services.alerts import AlertSettings
+from controller.services.ingest import shelf_specs
 
 if TYPE_CHECKING:
     from controller.runtime import Runtime
@@ -62,10 +64,17 @@ THRESHOLD_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
 }
 """The columns a supervisor may change (an engineer may change any)."""
 
+COUNTING_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
+    "sku": frozenset(),
+    "scale": frozenset({"reporting_interval_s", "max_weight_g"}),
+    "shelf": frozenset({"tare_g", "unit_weight_g", "tolerance_frac", "capacity_units"}),
+}
+"""Columns that change how a shelf counts: a changed one recounts the shelf."""
+
 LIVE_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
     "sku": frozenset(COLUMNS["sku"]) - {"id"},
-    "scale": frozenset(),
-    "shelf": THRESHOLD_COLUMNS["shelf"],
+    "scale": COUNTING_COLUMNS["scale"],
+    "shelf": THRESHOLD_COLUMNS["shelf"] | COUNTING_COLUMNS["shelf"] | {"location"},
 }
 """The columns a running controller takes without a restart (see the module docstring)."""
 
@@ -256,7 +265,9 @@ def check_live(changes: CatalogueDiff) -> None:
     if bad:
         raise ChangeRefused(
             409,
-            "a running controller takes changes of SKU columns and of shelf thresholds only; "
+            "a running controller takes changes of SKU columns, shelf thresholds, locations and "
+            "counting columns (tare_g, unit_weight_g, tolerance_frac, capacity_units, a scale's "
+            "max_weight_g and reporting_interval_s) only; "
             "stop it and use `floorhand catalog import` for: " + "; ".join(bad),
             bad,
         )
@@ -324,6 +335,9 @@ class CatalogueEditor:
         fields.update(skus=after.skus, scales=after.scales, shelves=after.shelves)
         rt.site = SiteConfig.model_construct(**fields)
         ended = rt.alerts.apply_targets(AlertSettings.from_site(rt.site))
+        # Shelves whose counting columns changed recount (journaled and published as a
+        # calibration's recount is: the alerts see the new counts).
+        rt.ingest.recount_specs(shelf_specs(rt.site), rt.clock())
         counts = changes.counts()
         now = rt.clock()
         event = CatalogChanged(

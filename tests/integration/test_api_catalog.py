@@ -397,3 +397,32 @@ async def test_a_shelf_level_alert_added_and_removed_live_ends_its_episode(
     finally:
         db.close()
     assert orjson.loads(body)["episode"] is None  # a restart or a re-add starts afresh
+
+
+async def test_a_changed_tare_recounts_the_shelf_as_a_calibration_does(
+    server: OpsServer,
+) -> None:
+    rt = server.rt
+    sub = rt.bus.subscribe("test")
+    try:
+        await server.publish("s1", grams(8))  # 1300 g: (1300 - 500) / 100 = 8 units
+        assert rt.ingest.states["sh1"].units == 8
+        r = await patch(server, [{"kind": "shelf", "id": "sh1", "tare_g": 100.0}])
+        assert r.status_code == 200, r.text
+        stock = await next_event(
+            sub, lambda e: e["kind"] == "stock_changed" and e["old_units"] is not None
+        )
+        assert (stock["shelf_id"], stock["old_units"], stock["new_units"]) == ("sh1", 8, 12)
+        assert rt.ingest.specs["sh1"].tare_g == 100.0
+        assert rt.ingest.states["sh1"].units == 12
+        # The next reading counts with the new tare too (and the count is kept).
+        await server.publish("s1", grams(8))
+        assert rt.ingest.states["sh1"].units == 12
+    finally:
+        sub.close()
+    db = sqlite3.connect(f"file:{rt.site.journal.path}?mode=ro", uri=True)
+    try:
+        body = db.execute("SELECT body FROM shelf_states WHERE shelf = 'sh1'").fetchone()[0]
+    finally:
+        db.close()
+    assert orjson.loads(body)["units"] == 12
