@@ -59,6 +59,7 @@ from controller.domain.reorder import AlertAcknowledged, AlertSnoozed, AlertSnoo
 from controller.ports import DeviceStatusChanged, LinkStateChanged
 from controller.runtime import Runtime
 from controller.services.queries import ReadModel
+from controller.services.supervision import HealthReport
 
 log = logging.getLogger("floorhand.api.live")
 
@@ -299,6 +300,7 @@ class LiveHub:
         self._sku_of = {sid: spec.sku for sid, spec in rt.specs.items()}
         self._sku_cfg = {s.id: s for s in rt.site.skus}
         self._stats_cache: tuple[float, dict[str, Any]] | None = None
+        self._health_cache: tuple[float, HealthReport] | None = None
         # Shared snapshots: scope -> (position in the state log when built, frame bytes).
         self._snapshots: dict[str, tuple[int, bytes]] = {}
         self._log: list[Message] = []
@@ -356,6 +358,8 @@ class LiveHub:
         for ev in events:
             if isinstance(ev, StockChanged | ShelfStatusChanged):
                 dirty.add(ev.shelf_id)
+            elif isinstance(ev, LinkStateChanged):
+                self._health_cache = None  # a snapshot's links are never older than this
         if not self.clients:
             if self._snapshots:  # nobody to replay the log to: the next join builds afresh
                 self._drop_snapshots()
@@ -454,7 +458,7 @@ class LiveHub:
                     "last_reading_ts": st.last_ts_s,
                 }
             )
-        health = self.reads.health()
+        health = self._health()
         alerts = self.reads.alerts.alerts(active=True)
         if scope == SCOPE_SITE:
             skus = [self.sku_view(s.id) for s in rt.site.skus]
@@ -581,13 +585,21 @@ class LiveHub:
         self._overview_cache = (now, msg)
         return msg
 
+    def _health(self) -> HealthReport:
+        """The supervision service's report, shared by the stats and the snapshots built within
+        half a stats period (it counts every shelf's status: O(shelves) a call)."""
+        now = time.monotonic()
+        if self._health_cache is None or now - self._health_cache[0] >= STATS_EVERY_S / 2:
+            self._health_cache = (now, self.reads.health())
+        return self._health_cache[1]
+
     def stats(self) -> dict[str, Any]:
         """Counters shared by every client's ``stats`` message (cached for half a period),
         from the supervision service's ``HealthReport``."""
         now = time.monotonic()
         if self._stats_cache is not None and now - self._stats_cache[0] < STATS_EVERY_S / 2:
             return self._stats_cache[1]
-        health = self.reads.health()
+        health = self._health()
         ing = health.ingest
         body = {
             "readings": ing.readings,
