@@ -556,3 +556,23 @@ async def test_open_pick_tasks_refuse_a_removed_sku_or_a_moved_shelf_until_they_
                 headers={"Idempotency-Key": "w-2"},
             )
         assert_problem(r, 422, "unknown SKU 'K0'")
+
+
+async def test_a_live_change_is_the_catalogue_after_a_restart(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    site = journal_site(tmp_path, mosquitto.port)
+    async with ops_server(site) as srv:
+        await srv.publish("s1", grams(8))
+        r = await patch(srv, [{"kind": "sku", "id": "K1", "safety_stock": 9}], "supervisor")
+        assert r.status_code == 200, r.text
+        episode = srv.rt.alerts.alerts["K1"].episode
+        assert episode is not None
+    async with ops_server(site) as srv:
+        version, records = await export(srv)
+        assert version == 2
+        assert sku_of(records, "K1")["safety_stock"] == 9
+        assert srv.rt.ingest.states["sh1"].units == 8
+        again = srv.rt.alerts.alerts["K1"].episode
+        assert again is not None
+        assert again.episode_id == episode.episode_id
