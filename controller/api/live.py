@@ -676,7 +676,8 @@ class LiveHub:
                 "queue_size": client.maxsize,
                 "scope": self.scope_view(scope),
             }
-            client.overview_seen = self._overview_version
+            # The shared snapshot's overview may be older than the hub's: the first stats tick
+            # sends the current one (overview_seen starts at -1).
             await ws.send_text(_frame([_dumps(hello), snapshot]))
             async with asyncio.TaskGroup() as tg:
                 recv = tg.create_task(self._receive(ws, client), name=f"live-recv-{client.id}")
@@ -764,7 +765,7 @@ class LiveHub:
                     parts.extend(m.data for m in since)
                     replayed = {id(m) for m in since}
                     batch = [m for m in client.take(MAX_BATCH) if id(m) not in replayed]
-                    client.overview_seen = self._overview_version
+                    client.overview_seen = -1  # as at connect: the current one follows
                     client.want_snapshot = resync_due = False
                     last_snapshot = now
                 else:

@@ -81,8 +81,15 @@ async def live_server(
     extra_api: str = "",
     scales: int = 2,
     zones: int = 1,
+    reporting_interval_s: float = 1.0,
 ) -> AsyncIterator[LiveServer]:
-    site_path = write_small_site(tmp_path, mqtt_port=broker.port, scales=scales, zones=zones)
+    site_path = write_small_site(
+        tmp_path,
+        mqtt_port=broker.port,
+        scales=scales,
+        zones=zones,
+        reporting_interval_s=reporting_interval_s,
+    )
     if extra_api:
         text = site_path.read_text().replace("[api]\n", "[api]\n" + extra_api + "\n", 1)
         site_path.write_text(text)
@@ -339,7 +346,9 @@ async def test_zone_scope_snapshot_shelves_and_overview(
     """A client of zone Z1 gets Z1's shelves in its snapshot and Z1's shelf messages only, the
     overview of every zone as it changes; ``subscribe`` moves it to Z0 (a new snapshot); an
     unknown zone is refused with 4400 or an ``error`` message."""
-    async with live_server(tmp_path, mosquitto, monkeypatch, scales=4, zones=2) as srv:
+    async with live_server(
+        tmp_path, mosquitto, monkeypatch, scales=4, zones=2, reporting_interval_s=60.0
+    ) as srv:
         await srv.rt.link.wait_up(10)
         async with srv.connect(url=srv.url + "?zone=Z1", subprotocols=bearer(TOKEN)) as ws:
             hello, snapshot = await recv_messages(ws)
@@ -425,7 +434,8 @@ async def test_joining_clients_share_one_snapshot_and_miss_nothing(
     after a change gets the shared (older) snapshot and then the change, so its picture is
     current."""
     monkeypatch.setattr(live_module, "SNAPSHOT_REUSE_S", 60.0)
-    async with live_server(tmp_path, mosquitto, monkeypatch) as srv:
+    # No shelf goes STALE while the overview is compared.
+    async with live_server(tmp_path, mosquitto, monkeypatch, reporting_interval_s=60.0) as srv:
         await srv.rt.link.wait_up(10)
         async with contextlib.AsyncExitStack() as stack:
             first = await stack.enter_async_context(srv.connect(subprotocols=bearer(TOKEN)))
@@ -441,13 +451,27 @@ async def test_joining_clients_share_one_snapshot_and_miss_nothing(
             assert srv.hub.snapshot_builds == builds  # the first client's snapshot, shared
             t0 = srv.rt.clock()
             await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 6, t0))
-            await wait_message(first, lambda m: m["type"] == "shelf" and m["shelf"]["units"] == 25)
+            want = {"Z": {"ok": 1, "unknown": 1}}
+            seen: list[dict[str, Any]] = []
+
+            def record(m: dict[str, Any]) -> bool:
+                seen.append(m)
+                return m["type"] == "overview" and overview_of(m["zones"]) == want
+
+            # The hub's overview has the change before the late client joins.
+            await wait_message(first, record)
+            assert ("sh0", 25) in [(m["shelf"]["id"], m["shelf"]["units"]) for m in seen
+                                   if m["type"] == "shelf"]  # fmt: skip
             late = await stack.enter_async_context(srv.connect(subprotocols=bearer(TOKEN)))
             _, snapshot = await recv_messages(late)
             assert srv.hub.snapshot_builds == builds
             assert next(s for s in snapshot["shelves"] if s["id"] == "sh0")["units"] is None
             msg = await wait_message(late, lambda m: m["type"] == "shelf")
             assert (msg["shelf"]["id"], msg["shelf"]["units"]) == ("sh0", 25)
+            # The shared snapshot's overview is as old as the snapshot: the current one follows.
+            assert overview_of(snapshot["overview"]) == {"Z": {"unknown": 2}}
+            ov = await wait_message(late, lambda m: m["type"] == "overview", timeout_s=5)
+            assert overview_of(ov["zones"]) == want
 
 
 async def test_shared_snapshots_expire_and_the_log_is_bounded(
