@@ -106,6 +106,7 @@ async def test_export_answers_the_catalogue_in_force_with_its_version(server: Op
 async def test_versions_list_and_one_version_with_its_audit_rows(server: OpsServer) -> None:
     r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
     assert r.status_code == 200, r.text
+    assert r.headers["x-catalog-version"] == "2"
     async with server.client("supervisor") as c:
         listed = (await c.get("/api/v1/catalog/versions")).json()
         one = await c.get("/api/v1/catalog/versions/2")
