@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from controller.__main__ import main
 from controller.bus import Subscription
@@ -29,6 +31,7 @@ from tests.integration.test_api_ops import (
     next_event,
     ops_server,
 )
+from tests.integration.test_live_ws import wait_message
 from tests.integration.test_picking import picking_site
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import TOKENS, grams, topic, write_small_site
@@ -628,3 +631,21 @@ async def test_shelves_and_scales_added_and_removed_live(server: OpsServer) -> N
         scales = [s["id"] for s in (await c.get("/api/v1/scales")).json()]
     assert shelves == ["sh0", "sh1", "sh9"]
     assert scales == ["s0", "s1", "s9"]
+
+
+async def test_live_clients_get_the_change_and_a_snapshot_of_the_new_catalogue(
+    server: OpsServer,
+) -> None:
+    url = server.base.replace("http://", "ws://") + "/api/v1/live"
+    subprotocols = [Subprotocol("bearer"), Subprotocol(TOKENS["supervisor"])]
+    async with connect(url, subprotocols=subprotocols) as ws:
+        await wait_message(ws, lambda m: m["type"] == "snapshot")
+        r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
+        assert r.status_code == 200, r.text
+        msg = await wait_message(ws, lambda m: m.get("event", {}).get("kind") == "catalog_changed")
+        assert msg["type"] == "event"
+        assert (msg["event"]["version"], msg["event"]["skus"]) == (2, ["K1"])
+        await ws.send(orjson.dumps({"type": "resync"}).decode())
+        snap = await wait_message(ws, lambda m: m["type"] == "snapshot")
+    k1 = next(s for s in snap["skus"] if s["sku"] == "K1")
+    assert k1["reorder_point"] == 12
