@@ -315,6 +315,8 @@ class Runtime:
             monotonic=time.monotonic,
         )
         self.link.watch.add_listener(self.supervision.on_link_state)
+        self.bus.add_listener(self.supervision.on_events)
+        self.supervision.track_shelf_statuses()
         self.control = ControlLoop("control")
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._plcs_go = asyncio.Event()  # of the control loop (bound at its first wait)

@@ -16,7 +16,8 @@ re-notification).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec
 from controller.domain.reorder import (
     AlertManualEvent,
     AlertState,
+    Episode,
     acknowledge,
     end_snooze,
     evaluate,
@@ -101,6 +103,64 @@ class AlertSettings:
         return cls(f"{site.mqtt.topic_prefix}/{site.site.id}/alerts", tuple(targets))
 
 
+class AlertStates(dict[str, AlertState]):
+    """The alert state of every key, with the figures the health report needs kept as the
+    states change: keys per ``StockState`` and the keys with an active episode. The report
+    then costs O(active episodes), not O(keys) (a 100k-SKU site answers /health in
+    microseconds). Every way of changing the mapping goes through `__setitem__` /
+    `__delitem__`."""
+
+    def __init__(self, items: Iterable[tuple[str, AlertState]] = ()) -> None:
+        super().__init__()
+        self.by_state: Counter[str] = Counter()
+        self.active: set[str] = set()
+        for key, state in items:
+            self[key] = state
+
+    def __setitem__(self, key: str, state: AlertState) -> None:
+        old = self.get(key)
+        if old is not None:
+            self.by_state[old.state.value] -= 1
+        super().__setitem__(key, state)
+        self.by_state[state.state.value] += 1
+        if state.episode is not None:
+            self.active.add(key)
+        else:
+            self.active.discard(key)
+
+    def __delitem__(self, key: str) -> None:
+        old = self[key]
+        super().__delitem__(key)
+        self.by_state[old.state.value] -= 1
+        self.active.discard(key)
+
+    def update(  # type: ignore[override]
+        self, other: Mapping[str, AlertState] | None = None, /, **kw: AlertState
+    ) -> None:
+        for key, state in {**(other or {}), **kw}.items():
+            self[key] = state
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key not in self:
+            if default:
+                return default[0]
+            raise KeyError(key)
+        state = self[key]
+        del self[key]
+        return state
+
+    def setdefault(self, *args: Any, **kw: Any) -> Any:
+        raise TypeError("AlertStates: assign a key instead")
+
+    def popitem(self) -> tuple[str, AlertState]:
+        raise TypeError("AlertStates: delete a key instead")
+
+    def clear(self) -> None:
+        super().clear()
+        self.by_state.clear()
+        self.active.clear()
+
+
 class AlertService:
     def __init__(
         self,
@@ -122,7 +182,7 @@ class AlertService:
         self._by_shelf: dict[str, list[str]] = {}
         for target in settings.targets:
             self._add(target)
-        self.alerts: dict[str, AlertState] = {k: AlertState(k) for k in self.targets}
+        self.alerts: AlertStates = AlertStates((k, AlertState(k)) for k in self.targets)
         self.levels: dict[str, int | None] = dict.fromkeys(self.targets)
         self.published = 0
         self.publish_deferred = 0
@@ -245,6 +305,12 @@ class AlertService:
             self._evaluate(sorted(keys, key=order.__getitem__), now_s)
         if self._snoozed:
             self._expire_snoozes(now_s)
+
+    def figures(self) -> tuple[Mapping[str, int], list[Episode]]:
+        """Keys per state and the active episodes (the health report): O(active episodes)."""
+        alerts = self.alerts
+        episodes = [ep for k in alerts.active if (ep := alerts[k].episode) is not None]
+        return alerts.by_state, episodes
 
     def level_of(self, key: str) -> int | None:
         target = self.targets[key]

@@ -31,9 +31,9 @@ from typing import Any, Literal, Protocol
 
 import orjson
 
-from controller.domain.events import BusEvent
+from controller.domain.events import BusEvent, CatalogChanged, ShelfStatusChanged
 from controller.domain.model import ShelfStatus
-from controller.domain.reorder import AlertState
+from controller.domain.reorder import AlertState, Episode
 from controller.ports import EventRow, LinkState, LinkStateChanged, ReadingRow
 from devices.errors import DeviceError
 
@@ -178,6 +178,10 @@ class SupervisedAlerts(Protocol):
 
     @property
     def alerts(self) -> Mapping[str, AlertState]: ...
+
+    def figures(self) -> tuple[Mapping[str, int], list[Episode]]:
+        """Keys per state and the active episodes, without a pass over every key."""
+        ...
 
     @property
     def unpublished(self) -> Collection[str]: ...
@@ -453,11 +457,45 @@ class SupervisionService:
         self._unsent: dict[str, tuple[bool, float, str | None]] = {}
         """System alerts the link could not queue (broker away, queue full): name → (active,
         since, error), sent again on each tick until the link takes them; a newer state replaces."""
+        self._tracking = False
+        self._shelf_counts: Counter[str] | None = None
+        """Shelves per status, kept from the bus's ``shelf_status_changed`` events once
+        `track_shelf_statuses` was called (the report is then O(1) in shelves, not a pass over
+        every shelf); counted again at the next tick after a catalogue change."""
 
     # -- lifecycle ----------------------------------------------------------------------------
     def mark_started(self) -> None:
         self.started_at_s = self._clock()
         self.started.set()
+        self._count_shelves()
+
+    def track_shelf_statuses(self) -> None:
+        """Keep the shelves per status from the bus (`on_events` must be a bus listener,
+        ahead of any listener that reads the report) instead of counting them per report."""
+        self._tracking = True
+        self._count_shelves()
+
+    def on_events(self, events: list[BusEvent]) -> None:
+        """Bus listener: moves the shelf counts with each status change; a catalogue change
+        (shelves added or removed without events) has them counted again at the next tick."""
+        counts = self._shelf_counts
+        if counts is None:
+            return
+        for ev in events:
+            if type(ev) is ShelfStatusChanged:
+                counts[ev.old.value] -= 1
+                counts[ev.new.value] += 1
+            elif type(ev) is CatalogChanged:
+                self._shelf_counts = None
+                return
+
+    def _count_shelves(self) -> None:
+        """Count the shelves per status: on the event loop, outside any bus delivery (at the
+        start and at a tick), so every state change so far has had its event delivered."""
+        if self._tracking and self.started.is_set():
+            counts: Counter[str] = Counter(dict.fromkeys((st.value for st in ShelfStatus), 0))
+            counts.update(s.status.value for s in self._ingest.states.values())
+            self._shelf_counts = counts
 
     @property
     def ready(self) -> bool:
@@ -478,6 +516,8 @@ class SupervisionService:
 
     def tick(self) -> None:
         now = self._clock()
+        if self._tracking and self._shelf_counts is None:
+            self._count_shelves()
         self._ingest.tick(now)
         self._alerts.tick(now)
         if self._alerts.unpublished and self._link.state is LinkState.UP:
@@ -632,9 +672,10 @@ class SupervisionService:
             else ()
         )
         status: HealthStatus = "starting" if not started else ("degraded" if reasons else "ok")
-        episodes = [a.episode for a in self._alerts.alerts.values() if a.episode is not None]
-        by_state = Counter(a.state.value for a in self._alerts.alerts.values())
-        shelves = Counter(s.status.value for s in ing.states.values())
+        by_state, episodes = self._alerts.figures()
+        shelves = self._shelf_counts
+        if shelves is None:
+            shelves = Counter(s.status.value for s in ing.states.values())
         return HealthReport(
             status=status,
             ready=ready,

@@ -133,6 +133,10 @@ class FakeAlerts:
         self.budgets.append(budget)
         return 0
 
+    def figures(self) -> tuple[Counter[str], list[Episode]]:
+        by_state = Counter(a.state.value for a in self.alerts.values())
+        return by_state, [a.episode for a in self.alerts.values() if a.episode is not None]
+
 
 @dataclass
 class FakeHistory:

@@ -6,7 +6,9 @@ random schedules."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -21,6 +23,7 @@ from controller.services.ingest import IngestService, IngestSettings, shelf_spec
 from devices.link.mqtt import MqttMessage
 from tests.sites import TARE_G, UNIT_G, topic, write_small_site
 from tests.unit.test_alerts_service import RecordingLink
+from tests.unit.test_supervision import Rig
 
 T0 = 1_764_067_200.0
 
@@ -164,5 +167,56 @@ def test_random_schedules_match_the_brute_force_rule(tmp_path: Path, seed: int) 
                 s.tick(now)
                 expected = {sid for sid, ts in last.items() if now - ts > s.stale_after_s}
                 assert s.stale() == expected, f"seed {seed} at +{now - T0:.1f} s"
+    finally:
+        s.journal.close()
+
+
+class CountingStates(dict[str, Any]):
+    """Ingest's shelf states, counting the passes over them (``values()``)."""
+
+    passes = 0
+
+    def values(self) -> Any:
+        type(self).passes += 1
+        return super().values()
+
+
+def test_the_health_report_keeps_shelf_and_alert_counts_without_a_pass_over_the_site(
+    tmp_path: Path,
+) -> None:
+    """/health, /metrics and the live stats render one report; at 100k shelves a pass over
+    every shelf and alert per report held the loop ~250 ms. The counts follow the bus."""
+    s = Site(tmp_path, 200)
+    try:
+        s.ingest.states = CountingStates(s.ingest.states)
+        s.alerts._states = s.ingest.states
+        rig = Rig(ingest=s.ingest, alerts=s.alerts)  # type: ignore[arg-type]
+        svc = rig.service()
+        s.bus.add_listener(svc.on_events)
+        svc.track_shelf_statuses()
+        svc.mark_started()
+
+        def full_count() -> dict[str, int]:
+            c = Counter(st.status.value for st in dict.values(s.ingest.states))
+            return {st.value: c.get(st.value, 0) for st in ShelfStatus}
+
+        s.readings(list(range(200)))
+        for k in range(8):  # shelf 7 settles low: its alert raises after the dwell
+            s.now = T0 + 0.1 * k
+            s.readings([7], units=2)
+        s.tick(T0 + 1.0)
+        s.tick(T0 + 3.5)
+        CountingStates.passes = 0
+        report = svc.report()
+        assert CountingStates.passes == 0
+        assert dict(report.shelves) == full_count()
+        assert report.alerts.active == 1
+        assert report.alerts.by_state["critical"] == 1
+        assert sum(report.alerts.by_state.values()) == len(s.alerts.targets)
+        s.tick(T0 + s.stale_after_s + 5.0)  # every shelf goes STALE: the counts follow
+        report = svc.report()
+        assert report.shelves["stale"] == 200
+        assert dict(report.shelves) == full_count()
+        assert CountingStates.passes == 0
     finally:
         s.journal.close()
