@@ -70,9 +70,15 @@ async def wait_applied(base: str, seqs: dict[int, int], timeout_s: float = 120) 
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=10) as client:
         while True:
-            r = await client.get("/api/v1/devices")
-            r.raise_for_status()
-            have = {d["id"]: d["last_seq"] for d in r.json()}
+            have: dict[str, int | None] = {}
+            params: dict[str, str | int] = {"limit": 5000}
+            while True:  # every page (docs/api.md, "Pages")
+                r = await client.get("/api/v1/devices", params=params)
+                r.raise_for_status()
+                have.update((d["id"], d["last_seq"]) for d in r.json())
+                if "x-next-cursor" not in r.headers:
+                    break
+                params["cursor"] = r.headers["x-next-cursor"]
             if all(have.get(f"s{i}") == s - 1 for i, s in seqs.items()):
                 return
             if time.monotonic() > deadline:

@@ -4,6 +4,7 @@ floorhand run SITE.toml [--mqtt-url URL] [--api-bind HOST:PORT] [--journal PATH]
 floorhand check-config SITE.toml
 floorhand token NAME --role floor|supervisor|engineer
 floorhand journal backup DEST --site SITE.toml | --journal PATH
+floorhand catalog import FILE --site SITE.toml [--dry-run] | export --site SITE.toml
 floorhand --version
 """
 
@@ -86,13 +87,29 @@ def _load(args: argparse.Namespace) -> SiteConfig:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from controller.adapters.journal import JournalError
+    from controller.catalog.start import with_catalogue
+
     site = _load(args)
+    try:  # a site file without the catalogue inline: the journal's (docs/catalogue.md)
+        site, catalogue_version = with_catalogue(site)
+    except (ConfigError, JournalError) as exc:
+        print(f"floorhand: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     per_zone = Counter(s.zone for s in site.shelves)
     formats = Counter(s.format for s in site.scales)
     print(f"site {site.site.id} ({site.site.name or 'unnamed'}): configuration OK")
     print(
         f"  zones   {len(site.zones)}: "
         + ", ".join(f"{z.id} ({per_zone[z.id]} shelves)" for z in site.zones)
+    )
+    print(
+        "  catalog "
+        + (
+            f"journal version {catalogue_version}"
+            if catalogue_version
+            else "inline in the site file"
+        )
     )
     print(f"  SKUs    {len(site.skus)}")
     print(f"  shelves {len(site.shelves)}")
@@ -353,8 +370,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from controller.runtime import Runtime
 
     notifier = Notifier.from_environ()
-    runtime = Runtime(site)
     try:
+        runtime = Runtime(site)  # with the catalogue (the site file's, or the journal's)
         runtime.journal.lock()  # before the broker: a second controller must not touch it
     except JournalLocked as exc:
         print(f"floorhand: refusing to start: {exc}", file=sys.stderr)
@@ -362,6 +379,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except JournalError as exc:
         print(f"floorhand: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ConfigError as exc:  # no catalogue, or one naming a zone the site file lacks
+        print(f"floorhand: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    site = runtime.site
     try:
         app = create_app(site, runtime=runtime, on_runtime_exit=on_runtime_exit)
     except TokenConfigError as exc:
@@ -562,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[log_flags],
     )
     p_sch.set_defaults(fn=cmd_config_schema)
+    from controller.catalog.cli import add_parser as add_catalog_parser
+
+    add_catalog_parser(sub, [log_flags])
     return parser
 
 

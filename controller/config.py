@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
@@ -355,6 +355,9 @@ class PickingConfig(_Frozen):
 
 
 class SkuConfig(_Frozen):
+    """One SKU of the catalogue: a ``[[skus]]`` table, or a ``sku`` row of a catalogue file
+    (docs/catalogue.md)."""
+
     id: Identifier
     """SKU id."""
     name: str = ""
@@ -389,7 +392,9 @@ class SkuConfig(_Frozen):
 class ScaleConfig(_Frozen):
     """A weighing device. ``format='native'`` publishes Floorhand JSON readings on
     ``<prefix>/<site>/<zone>/scale/<id>``; ``format='esphome'`` is off-the-shelf ESPHome
-    firmware publishing ``<node>/sensor/<sensor>/state`` with a plain number in grams.
+    firmware publishing ``<node>/sensor/<sensor>/state`` with a plain number in grams. Part
+    of the catalogue: a ``[[scales]]`` table, or a ``scale`` row of a catalogue file
+    (docs/catalogue.md; ``esphome_sensors`` space-separated in a CSV cell).
     """
 
     id: Identifier
@@ -432,6 +437,10 @@ class ShelfReorderConfig(_Frozen):
 
 
 class ShelfConfig(_Frozen):
+    """One shelf position of the catalogue: a ``[[shelves]]`` table, or a ``shelf`` row of a
+    catalogue file (docs/catalogue.md; its ``reorder`` table is the columns
+    ``shelf_reorder_point`` and ``shelf_safety_stock`` there)."""
+
     id: Identifier
     """Shelf id."""
     zone: Identifier
@@ -575,12 +584,14 @@ class SiteConfig(_Frozen):
     """The historian (``[history]``)."""
     zones: tuple[ZoneConfig, ...]
     """Zones (``[[zones]]``)."""
-    skus: tuple[SkuConfig, ...]
-    """SKUs and their reorder policy (``[[skus]]``)."""
-    scales: tuple[ScaleConfig, ...]
-    """Scales (``[[scales]]``)."""
-    shelves: tuple[ShelfConfig, ...]
-    """Shelves (``[[shelves]]``): one per scale channel."""
+    skus: tuple[SkuConfig, ...] = ()
+    """SKUs and their reorder policy (``[[skus]]``). With ``[[scales]]`` and ``[[shelves]]``
+    the catalogue: written here inline, or left out and imported into the journal
+    (``floorhand catalog import``, docs/catalogue.md)."""
+    scales: tuple[ScaleConfig, ...] = ()
+    """Scales (``[[scales]]``); part of the catalogue."""
+    shelves: tuple[ShelfConfig, ...] = ()
+    """Shelves (``[[shelves]]``): one per scale channel; part of the catalogue."""
     plcs: tuple[PlcConfig, ...] = ()
     """Conveyor and sorter PLCs (``[[plcs]]``)."""
     pack_stations: tuple[PackStationConfig, ...] = ()
@@ -593,9 +604,6 @@ class SiteConfig(_Frozen):
         errors: list[tuple[str, str]] = []
         _check_routes(self, errors)
         _unique(errors, "zones", [z.id for z in self.zones])
-        _unique(errors, "skus", [s.id for s in self.skus])
-        _unique(errors, "scales", [s.id for s in self.scales])
-        _unique(errors, "shelves", [s.id for s in self.shelves])
         _unique(errors, "plcs", [p.id for p in self.plcs])
         endpoints: dict[tuple[str, int, int], int] = {}
         for i, plc in enumerate(self.plcs):
@@ -611,67 +619,14 @@ class SiteConfig(_Frozen):
                 )
             else:
                 endpoints[ep] = i
-        zones = {z.id for z in self.zones}
-        skus = {s.id: s for s in self.skus}
-        scales = {s.id: s for s in self.scales}
-        nodes: dict[str, int] = {}
-        for i, scale in enumerate(self.scales):
-            if scale.zone not in zones:
-                errors.append((f"scales[{i}].zone", f"unknown zone {scale.zone!r}"))
-            if scale.esphome_node:
-                if scale.esphome_node in nodes:
-                    errors.append(
-                        (
-                            f"scales[{i}].esphome_node",
-                            f"node {scale.esphome_node!r} already used by "
-                            f"scales[{nodes[scale.esphome_node]}]",
-                        )
-                    )
-                nodes[scale.esphome_node] = i
-        channels: dict[tuple[str, int], int] = {}
-        for i, shelf in enumerate(self.shelves):
-            where = f"shelves[{i}]"
-            if shelf.zone not in zones:
-                errors.append((f"{where}.zone", f"unknown zone {shelf.zone!r}"))
-            if shelf.sku not in skus:
-                errors.append((f"{where}.sku", f"unknown SKU {shelf.sku!r}"))
-            sc = scales.get(shelf.scale)
-            if sc is None:
-                errors.append((f"{where}.scale", f"unknown scale {shelf.scale!r}"))
-                continue
-            if shelf.channel >= sc.channels:
-                errors.append(
-                    (
-                        f"{where}.channel",
-                        f"scale {sc.id!r} has {sc.channels} channel(s); "
-                        f"channel {shelf.channel} does not exist",
-                    )
-                )
-            if sc.zone != shelf.zone:
-                errors.append(
-                    (f"{where}.zone", f"shelf in zone {shelf.zone!r} but scale in {sc.zone!r}")
-                )
-            key = (shelf.scale, shelf.channel)
-            if key in channels:
-                errors.append(
-                    (
-                        f"{where}.channel",
-                        f"scale {shelf.scale!r} channel {shelf.channel} is already used by "
-                        f"shelves[{channels[key]}] ({self.shelves[channels[key]].id})",
-                    )
-                )
-            channels[key] = i
-            full_g = shelf.tare_g + shelf.capacity_units * shelf.unit_weight_g
-            if full_g > sc.max_weight_g:
-                errors.append(
-                    (
-                        f"{where}.capacity_units",
-                        f"a full shelf weighs {full_g:.0f} g, over the scale's "
-                        f"max_weight_g {sc.max_weight_g:.0f}",
-                    )
-                )
-            if shelf.reorder and shelf.reorder.safety_stock > shelf.reorder.reorder_point:
-                errors.append((f"{where}.reorder", "safety_stock > reorder_point"))
+        problems = catalogue_problems(
+            {z.id for z in self.zones},
+            self.skus,
+            self.scales,
+            self.shelves,
+            lambda section, i: f"{section}[{i}]",
+        )
+        errors += [(f"{section}[{i}].{key}", msg) for section, i, key, msg in problems]
         if errors:
             raise _CrossCheckError(errors)
         return self
@@ -684,6 +639,112 @@ class SiteConfig(_Frozen):
     @functools.cached_property
     def _skus_by_id(self) -> dict[str, SkuConfig]:
         return {s.id: s for s in self.skus}
+
+
+Problem = tuple[str, int, str, str]
+"""``(section, index, key, message)``: ``section`` is ``skus``, ``scales`` or ``shelves``."""
+
+
+def catalogue_problems(
+    zones: Collection[str],
+    skus: Sequence[SkuConfig],
+    scales: Sequence[ScaleConfig],
+    shelves: Sequence[ShelfConfig],
+    ref: Callable[[str, int], str],
+) -> list[Problem]:
+    """The catalogue's cross-checks against the site's zones: duplicate ids, unknown zone,
+    SKU or scale, a channel the scale lacks or already used, a full shelf over the scale's
+    range, shelf thresholds out of order. ``ref(section, index)`` names another record in a
+    message (``shelves[3]`` in a site file, ``line 12`` in an import)."""
+    out: list[Problem] = []
+    groups: tuple[tuple[str, Sequence[SkuConfig | ScaleConfig | ShelfConfig]], ...] = (
+        ("skus", skus),
+        ("scales", scales),
+        ("shelves", shelves),
+    )
+    for section, records in groups:
+        first: dict[str, int] = {}
+        for i, rec in enumerate(records):
+            if rec.id in first:
+                out.append(
+                    (
+                        section,
+                        i,
+                        "id",
+                        f"duplicate id {rec.id!r} (first at {ref(section, first[rec.id])})",
+                    )
+                )
+            else:
+                first[rec.id] = i
+    sku_ids = {s.id for s in skus}
+    scales_by_id = {s.id: s for s in scales}
+    nodes: dict[str, int] = {}
+    for i, scale in enumerate(scales):
+        if scale.zone not in zones:
+            out.append(("scales", i, "zone", f"unknown zone {scale.zone!r}"))
+        if scale.esphome_node:
+            if scale.esphome_node in nodes:
+                out.append(
+                    (
+                        "scales",
+                        i,
+                        "esphome_node",
+                        f"node {scale.esphome_node!r} already used by "
+                        f"{ref('scales', nodes[scale.esphome_node])}",
+                    )
+                )
+            nodes[scale.esphome_node] = i
+    channels: dict[tuple[str, int], int] = {}
+    for i, shelf in enumerate(shelves):
+        if shelf.zone not in zones:
+            out.append(("shelves", i, "zone", f"unknown zone {shelf.zone!r}"))
+        if shelf.sku not in sku_ids:
+            out.append(("shelves", i, "sku", f"unknown SKU {shelf.sku!r}"))
+        sc = scales_by_id.get(shelf.scale)
+        if sc is None:
+            out.append(("shelves", i, "scale", f"unknown scale {shelf.scale!r}"))
+            continue
+        if shelf.channel >= sc.channels:
+            out.append(
+                (
+                    "shelves",
+                    i,
+                    "channel",
+                    f"scale {sc.id!r} has {sc.channels} channel(s); "
+                    f"channel {shelf.channel} does not exist",
+                )
+            )
+        if sc.zone != shelf.zone:
+            out.append(
+                ("shelves", i, "zone", f"shelf in zone {shelf.zone!r} but scale in {sc.zone!r}")
+            )
+        key = (shelf.scale, shelf.channel)
+        if key in channels:
+            j = channels[key]
+            out.append(
+                (
+                    "shelves",
+                    i,
+                    "channel",
+                    f"scale {shelf.scale!r} channel {shelf.channel} is already used by "
+                    f"{ref('shelves', j)} ({shelves[j].id})",
+                )
+            )
+        channels[key] = i
+        full_g = shelf.tare_g + shelf.capacity_units * shelf.unit_weight_g
+        if full_g > sc.max_weight_g:
+            out.append(
+                (
+                    "shelves",
+                    i,
+                    "capacity_units",
+                    f"a full shelf weighs {full_g:.0f} g, over the scale's "
+                    f"max_weight_g {sc.max_weight_g:.0f}",
+                )
+            )
+        if shelf.reorder and shelf.reorder.safety_stock > shelf.reorder.reorder_point:
+            out.append(("shelves", i, "reorder", "safety_stock > reorder_point"))
+    return out
 
 
 class _CrossCheckError(ValueError):

@@ -23,6 +23,7 @@ from controller.adapters.influx import InfluxV1Sink, InfluxV2Sink
 from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
+from controller.catalog.start import settle_catalogue, with_catalogue
 from controller.config import PlcConfig, SiteConfig
 from controller.control import ControlLoop, ControlTask
 from controller.domain.events import BusEvent
@@ -222,6 +223,8 @@ class _IngestLink:
 
 class Runtime:
     def __init__(self, site: SiteConfig, *, clock: Callable[[], float] = time.time) -> None:
+        # The catalogue: the site file's inline tables, or the journal's (docs/catalogue.md).
+        site, self.catalogue_version = with_catalogue(site)
         self.site = site
         self.clock = clock
         self.bus = Bus()
@@ -449,6 +452,9 @@ class Runtime:
         restored = self.journal.open()
         control: ControlTask | None = None
         try:
+            self.catalogue_version = settle_catalogue(
+                self.site, self.journal.db, self.catalogue_version, self.clock
+            )
             self.order_journal.open_second()
             self.ingest.restore(restored.cursors, restored.shelf_states)
             self.alerts.restore(restored.alert_states)

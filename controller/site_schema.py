@@ -3,7 +3,8 @@
 Each key's meaning is the attribute docstring under it in controller/config.py; its unit comes
 from its name's suffix (``_s`` seconds, ``_g`` grams ...; STYLE: names carry units) or from
 `UNITS` for the few keys whose name cannot. ``python -m controller.site_schema --write-doc``
-rewrites the generated part of docs/site-file.md; a test fails when it is out of date.
+rewrites the generated part of docs/site-file.md and the catalogue's column tables in
+docs/catalogue.md; a test fails when either is out of date.
 """
 
 from __future__ import annotations
@@ -220,13 +221,44 @@ def markdown_reference() -> str:
     return "\n".join(out)
 
 
-def render_doc(current: str) -> str:
-    """``current`` (docs/site-file.md) with its generated part replaced by today's."""
+def catalogue_reference() -> str:
+    """One table per kind of catalogue record (docs/catalogue.md): column, type, default, unit,
+    meaning; the same models as the site file's ``[[skus]]``, ``[[scales]]``, ``[[shelves]]``."""
+    from controller.catalog.records import COLUMNS, KINDS, MODELS, SHELF_REORDER
+    from controller.config import ShelfReorderConfig
+
+    out: list[str] = []
+    for kind in KINDS:
+        model = MODELS[kind]
+        out.append(f"### `{kind}` rows\n")
+        out.append("| column | type | default | unit | meaning |")
+        out.append("|---|---|---|---|---|")
+        for column in COLUMNS[kind]:
+            owner: type[BaseModel] = model
+            key = column
+            if column in SHELF_REORDER:
+                owner, key = ShelfReorderConfig, SHELF_REORDER[column]
+            field = owner.model_fields[key]
+            default = _default(field)
+            if owner is ShelfReorderConfig and field.is_required():
+                default = "unset (no shelf-level alert)"
+            out.append(
+                f"| `{column}` | {_field_type(field)} | {default} | {unit_of(owner, key)} | "
+                f"{_cell(field.description or '')} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def render_doc(current: str, reference: str | None = None) -> str:
+    """``current`` (docs/site-file.md, or docs/catalogue.md with ``reference``) with its
+    generated part replaced by today's."""
     head, sep, rest = current.partition(DOC_BEGIN)
     _, sep2, tail = rest.partition(DOC_END)
     if not sep or not sep2:
         raise ValueError(f"markers {DOC_BEGIN!r} ... {DOC_END!r} not found")
-    return f"{head}{DOC_BEGIN}\n\n{markdown_reference()}\n{DOC_END}{tail}"
+    body = markdown_reference() if reference is None else reference
+    return f"{head}{DOC_BEGIN}\n\n{body}\n{DOC_END}{tail}"
 
 
 def cmd_config_schema(args: object) -> int:
@@ -240,6 +272,10 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--write-doc"]:
         doc = Path(argv[1] if len(argv) > 1 else "docs/site-file.md")
         doc.write_text(render_doc(doc.read_text(encoding="utf-8")), encoding="utf-8")
+        if len(argv) == 1:  # and the catalogue's columns, from the same models
+            cat = Path("docs/catalogue.md")
+            text = render_doc(cat.read_text(encoding="utf-8"), catalogue_reference())
+            cat.write_text(text, encoding="utf-8")
         return 0
     print(json.dumps(site_json_schema(), indent=2))
     return 0

@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.controller_proc import ControllerProcess
+from tests.fork_server import ForkServer
 from tests.mosquitto import MosquittoBroker, running_mosquitto
 
 pytest_plugins = ["pytester"]  # tests/unit/test_task_leak_fixture.py runs an inner session
@@ -64,3 +65,15 @@ async def controllers() -> AsyncIterator[list[ControllerProcess]]:
     yield started
     for ctl in started:
         await ctl.stop(timeout_s=5.0)
+
+
+@pytest.fixture(scope="session")
+def controller_forks() -> Iterator[ForkServer]:
+    """One fork server for the session (tests/fork_server.py): ``ForkedController`` starts
+    ``floorhand run`` from it without paying the interpreter's imports each time (about 2 s
+    of CPU per start). For tests whose point is not the interpreter's own start."""
+    server = ForkServer().start()
+    try:
+        yield server
+    finally:
+        server.close()

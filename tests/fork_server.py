@@ -1,15 +1,17 @@
 """``floorhand run`` processes without the interpreter start: a fork server for tests that start
-the controller many times (tests/integration/test_shutdown.py: 50 bounded stops).
+the controller many times (tests/integration/test_shutdown.py: 50 bounded stops; the kill -9,
+restart and second-instance tests through the session's server, ``controller_forks`` in
+tests/conftest.py).
 
 A fresh ``python -m controller run`` spends 1.5-3 s here importing FastAPI, pydantic,
 uvicorn and the controller before it does anything; on a loaded 2-core machine that was most of
-each stop test's time. The server (``python -m tests.fork_server``, one per test) imports all of
-that once, single-threaded, then forks one child per request. The child redirects its output to
-the controller's log, takes the requested environment and working directory and runs
-``controller.__main__.main(["run", SITE])``: the same command, from argument parsing through
-the signal handling and the stop to its exit code, in its own process. The test signals the
-child by PID; the server reaps it and reports its exit code (negative: killed by that signal,
-as ``asyncio.subprocess.Process.returncode``).
+each stop test's time. The server (``python -m tests.fork_server``, one per test or one per
+session) imports all of that once, single-threaded, then forks one child per request. The child
+redirects its output to the controller's log, takes the requested environment and working
+directory and runs ``controller.__main__.main(["run", SITE])``: the same command, from argument
+parsing through the signal handling and the stop to its exit code, in its own process. The test
+signals the child by PID; the server reaps it and reports its exit code (negative: killed by
+that signal, as ``asyncio.subprocess.Process.returncode``).
 
 Line protocol (JSON requests on stdin, one per line; replies on stdout):
 ``READY`` once imported; ``PID <pid>`` per request; ``EXIT <pid> <code>`` per child that ended.
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import contextlib
 import json
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import traceback
@@ -172,70 +176,99 @@ class ForkedProcess:
         return await asyncio.shield(self._exited)
 
 
+def _resolve(fut: asyncio.Future[int], value: int) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[int], value: int) -> None:
+    """Resolve ``fut`` in its own loop, from the reader thread; nothing if that loop is gone
+    (a test that ended with a child still running: its teardown killed the child)."""
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        loop.call_soon_threadsafe(_resolve, fut, value)
+
+
 class ForkServer:
-    """The server as an async context manager; `spawn` starts one ``floorhand run``.
-    Leaving kills (SIGKILL, by PID) any child still running and ends the server."""
+    """One fork server process; `spawn` starts one ``floorhand run`` from it.
+
+    Not tied to an event loop: a thread reads the server's replies and resolves each child's
+    futures in the loop of the test that spawned it, so one server can serve a whole session
+    (`start` / `close`, the ``controller_forks`` fixture of tests/conftest.py) or one test
+    (``async with ForkServer()``). Leaving (or `close`) kills (SIGKILL, by PID) any child still
+    running and ends the server."""
 
     def __init__(self) -> None:
-        self._proc: asyncio.subprocess.Process | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-        self._pids: asyncio.Queue[int] = asyncio.Queue()
-        self._exits: dict[int, asyncio.Future[int]] = {}
-        self._ready = asyncio.Event()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._reader: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._waiting: collections.deque[
+            tuple[asyncio.AbstractEventLoop, asyncio.Future[int], asyncio.Future[int]]
+        ] = collections.deque()
+        self._exits: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future[int]]] = {}
+        self._live: set[int] = set()
 
-    async def __aenter__(self) -> ForkServer:
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.fork_server",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+    def start(self, ready_timeout_s: float = 60.0) -> ForkServer:
+        """Start the server and wait until it imported everything (``READY``)."""
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fork_server"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
             cwd=str(ROOT),
         )
-        self._reader = asyncio.create_task(self._read(), name="fork-server-reader")
-        async with asyncio.timeout(60):
-            await self._ready.wait()
+        self._reader = threading.Thread(target=self._read, name="fork-server-reader", daemon=True)
+        self._reader.start()
+        if not self._ready.wait(ready_timeout_s):
+            self.close()
+            raise TimeoutError(f"the fork server was not ready within {ready_timeout_s} s")
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    def close(self) -> None:
+        """SIGKILL every child still running, end the server, join the reader."""
         assert self._proc is not None
-        assert self._reader is not None
-        live = [f for f in self._exits.values() if not f.done()]
-        for pid, fut in self._exits.items():
-            if not fut.done():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        if live:
-            await asyncio.wait(live, timeout=10.0)
+        with self._lock:
+            live = list(self._live)
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         assert self._proc.stdin is not None
-        self._proc.stdin.close()
+        with contextlib.suppress(BrokenPipeError):
+            self._proc.stdin.close()
         try:
-            async with asyncio.timeout(10.0):
-                await self._proc.wait()
-        except TimeoutError:
+            self._proc.wait(timeout=10.0)  # the server exits once its children were reaped
+        except subprocess.TimeoutExpired:
             self._proc.kill()
-            await self._proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+            self._proc.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=10.0)
 
-    async def _read(self) -> None:
+    async def __aenter__(self) -> ForkServer:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    def _read(self) -> None:
         assert self._proc is not None
         assert self._proc.stdout is not None
-        loop = asyncio.get_running_loop()
-        while line := await self._proc.stdout.readline():
+        for line in self._proc.stdout:
             words = line.decode().split()
             if words == ["READY"]:
                 self._ready.set()
             elif words[0] == "PID":
                 pid = int(words[1])
-                self._exits[pid] = loop.create_future()
-                self._pids.put_nowait(pid)
+                with self._lock:
+                    loop, pid_fut, exit_fut = self._waiting.popleft()
+                    self._exits[pid] = (loop, exit_fut)
+                    self._live.add(pid)
+                _deliver(loop, pid_fut, pid)
             elif words[0] == "EXIT":
-                fut = self._exits.get(int(words[1]))
-                if fut is not None and not fut.done():
-                    fut.set_result(int(words[2]))
+                pid, code = int(words[1]), int(words[2])
+                with self._lock:
+                    self._live.discard(pid)
+                    waiter = self._exits.pop(pid, None)
+                if waiter is not None:
+                    _deliver(*waiter, code)
 
     async def spawn(
         self, argv: list[str], *, env: Mapping[str, str], cwd: Path, log: Path
@@ -244,13 +277,20 @@ class ForkServer:
         and stderr appended to ``log``."""
         assert self._proc is not None
         assert self._proc.stdin is not None
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"the fork server exited ({self._proc.returncode})")
+        loop = asyncio.get_running_loop()
+        pid_fut: asyncio.Future[int] = loop.create_future()
+        exit_fut: asyncio.Future[int] = loop.create_future()
         request = {"argv": argv, "env": dict(env), "cwd": str(cwd), "log": str(log)}
-        async with self._lock:
+        # The server answers requests in order: the n-th PID line is the n-th request's.
+        with self._lock:
+            self._waiting.append((loop, pid_fut, exit_fut))
             self._proc.stdin.write(json.dumps(request).encode() + b"\n")
-            await self._proc.stdin.drain()
-            async with asyncio.timeout(10.0):
-                pid = await self._pids.get()
-        return ForkedProcess(pid, self._exits[pid])
+            self._proc.stdin.flush()
+        async with asyncio.timeout(10.0):
+            pid = await pid_fut
+        return ForkedProcess(pid, exit_fut)
 
 
 class ForkedController(ControllerProcess):

@@ -47,6 +47,7 @@ def write_small_site(
     keepalive_s: float = 5.0,
     history_backend: str | None = "none",
     api_settings: dict[str, str | int | float] | None = None,
+    catalogue_csv: bool = False,
 ) -> Path:
     """One zone ``Z``; scale ``s<i>`` (1 channel) holds shelf ``sh<i>`` of SKU ``K<i>``:
     unit 100 g, tare 500 g, capacity 40.
@@ -54,7 +55,8 @@ def write_small_site(
     ``[history] backend`` is ``"none"`` unless asked otherwise, so the journal's outbox keeps
     every reading (the fault tests count them there) and no history file is written; with
     ``history_backend=None`` the file has no ``[history]`` table at all (the site default, or a
-    table the caller appends)."""
+    table the caller appends). With ``catalogue_csv`` the SKUs, scales and shelves go to
+    ``catalogue.csv`` beside the site file (docs/catalogue.md) instead of inline tables."""
     lines = [
         "[site]",
         'id = "t"',
@@ -111,6 +113,17 @@ def write_small_site(
             "capacity_units = 40",
             "",
         ]
+    if catalogue_csv:
+        lines = lines[: lines.index("[[skus]]")] if scales else lines
+        rows = ["kind,id,reorder_point,safety_stock,max_stock,dwell_s,zone,reporting_interval_s,"
+                "max_weight_g,scale,sku,unit_weight_g,tare_g,capacity_units"]  # fmt: skip
+        for i in range(scales):
+            rows.append(f"sku,K{i},{reorder_point},{safety_stock},{max_stock},{dwell_s},,,,,,,,")
+        for i in range(scales):
+            rows.append(f"scale,s{i},,,,,Z,{reporting_interval_s},10000.0,,,,,")
+        for i in range(scales):
+            rows.append(f"shelf,sh{i},,,,,Z,,,s{i},K{i},{UNIT_G},{TARE_G},40")
+        (folder / "catalogue.csv").write_text("\n".join(rows) + "\n")
     path = folder / "site.toml"
     path.write_text("\n".join(lines))
     return path

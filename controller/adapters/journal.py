@@ -43,7 +43,7 @@ from controller.ports import JournalError as JournalError  # re-exported: caller
 
 log = logging.getLogger("floorhand.journal")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The journal layout this controller writes, kept in ``PRAGMA user_version`` (and, for
 releases that only read it there, in ``meta.schema_version``). `MIGRATIONS` lead up to it."""
 
@@ -147,10 +147,52 @@ def _migrate_to_1(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE device_cursors ADD COLUMN {column} {kind}")
 
 
+def _migrate_to_2(db: sqlite3.Connection) -> None:
+    """Layout 2: the site's catalogue (SKUs, scales, shelves; controller/adapters/
+    catalog_store.py): its records in file order, a row per catalogue version, and an audit row
+    per record changed."""
+    for stmt in _statements(
+        """
+        CREATE TABLE IF NOT EXISTS catalog_records (
+            seq INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL,
+            id TEXT NOT NULL,
+            body BLOB NOT NULL
+        );
+        CREATE UNIQUE INDEX IF NOT EXISTS catalog_records_id ON catalog_records (kind, id);
+        CREATE TABLE IF NOT EXISTS catalog_versions (
+            version INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            actor TEXT NOT NULL,
+            source TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            added INTEGER NOT NULL,
+            removed INTEGER NOT NULL,
+            changed INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS catalog_audit (
+            id INTEGER PRIMARY KEY,
+            version INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            actor TEXT NOT NULL,
+            source TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            record_id TEXT NOT NULL,
+            op TEXT NOT NULL,
+            before BLOB,
+            after BLOB
+        );
+        CREATE INDEX IF NOT EXISTS catalog_audit_record ON catalog_audit (kind, record_id);
+        """
+    ):
+        db.execute(stmt)
+
+
 Migration = tuple[int, str, Callable[[sqlite3.Connection], None]]
 
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "baseline: orders, idempotency, counters, calibrations, cursor gap columns", _migrate_to_1),
+    (2, "the catalogue: records, versions, audit", _migrate_to_2),
 )
 """Step ``(n, what, fn)`` takes a journal from layout n − 1 to n, in one transaction that also
 sets ``user_version`` to n. A layout change adds a step (and bumps `SCHEMA_VERSION`); a released

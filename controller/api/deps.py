@@ -47,10 +47,13 @@ def install_queries(app: FastAPI, rt: Runtime) -> ReadModel:
             rt.ingest.calibrations,
             rt.clock,
         ),
-        alerts=AlertQueries(rt.alerts),
+        alerts=AlertQueries(rt.alerts, rt.specs),
         health=rt.supervision.report,
         plcs=rt.supervision.plc_views,
     )
+    # After the alert service's listener (added by the runtime): the indexes read its states.
+    rt.bus.add_listener(stock.on_events, name="read model: stock")
+    rt.bus.add_listener(reads.alerts.on_events, name="read model: alerts")
     app.state.queries = stock
     app.state.reads = reads
     return reads

@@ -130,6 +130,14 @@ class AlertService:
         self.raised = 0
         self.commit_failures = 0
         self._dirty: set[str] = set()
+        self._order = {key: i for i, key in enumerate(self.targets)}
+        self._timed: set[str] = set()
+        """Keys waiting on a dwell (``pending`` or ``recovering``): the tick evaluates these."""
+        self._snoozed: set[str] = set()
+        """Keys whose episode is snoozed: the tick lifts expired snoozes among these."""
+        self._full_tick = True
+        self.evaluated = 0
+        """Keys evaluated so far (a tick evaluates the dirty and the timed ones, not all)."""
 
     def _add(self, target: AlertTarget) -> None:
         self.targets[target.key] = target
@@ -145,6 +153,7 @@ class AlertService:
                 self.alerts[key] = AlertState.from_dict(body)
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("discarding unreadable saved alert %s: %s", key, exc)
+        self._full_tick = True
 
     def republish_all(self) -> None:
         """Retained state of every target (at start: same episodes, no new notification)."""
@@ -166,11 +175,26 @@ class AlertService:
             self._evaluate(keys, now_s)
 
     def tick(self, now_s: float) -> None:
-        """Every target: completes dwell timers, notices levels that became unknown, lifts
-        expired snoozes."""
-        self._dirty.clear()
-        self._evaluate(self.targets.keys(), now_s)
-        self._expire_snoozes(now_s)
+        """Completes dwell timers, lifts expired snoozes, and evaluates what changed since
+        (levels change only with a shelf's count or status, which mark their keys dirty).
+        Costs O(keys waiting on a dwell + keys changed), not O(keys); the first tick after a
+        start or a restore evaluates every key."""
+        if self._full_tick:
+            self._full_tick = False
+            self._dirty.clear()
+            self._snoozed = {
+                k
+                for k, st in self.alerts.items()
+                if st.episode is not None and st.episode.snoozed_until_s is not None
+            }
+            self._evaluate(self.targets.keys(), now_s)
+        elif self._dirty or self._timed:
+            keys = self._dirty | self._timed
+            self._dirty = set()
+            order = self._order
+            self._evaluate(sorted(keys, key=order.__getitem__), now_s)
+        if self._snoozed:
+            self._expire_snoozes(now_s)
 
     def level_of(self, key: str) -> int | None:
         target = self.targets[key]
@@ -180,12 +204,18 @@ class AlertService:
         changed: dict[str, AlertState] = {}
         old: dict[str, AlertState] = {}
         notices: list[AlertNotice] = []
+        timed = self._timed
         for key in keys:
+            self.evaluated += 1
             target = self.targets[key]
             level = self.level_of(key)
             self.levels[key] = level
             state = self.alerts[key]
             new, transitions = evaluate(state, target.policy, level, now_s)
+            if new.pending is not None or new.recovering is not None:
+                timed.add(key)
+            elif key in timed:
+                timed.discard(key)
             if new != state:
                 old[key] = state
                 changed[key] = new
@@ -246,9 +276,13 @@ class AlertService:
         return self.public(key)
 
     def _expire_snoozes(self, now_s: float) -> None:
-        for key, state in self.alerts.items():
+        for key in sorted(self._snoozed, key=self._order.__getitem__):
+            state = self.alerts[key]
             ep = state.episode
-            if ep is None or ep.snoozed_until_s is None or now_s < ep.snoozed_until_s:
+            if ep is None or ep.snoozed_until_s is None:
+                self._snoozed.discard(key)
+                continue
+            if now_s < ep.snoozed_until_s:
                 continue
             new, event = end_snooze(state, now_s)
             if event is None:
@@ -269,6 +303,10 @@ class AlertService:
             events=[EventRow(event.ts_s, event.kind, notice.as_dict())],
         )
         self.alerts[key] = new
+        if new.episode is not None and new.episode.snoozed_until_s is not None:
+            self._snoozed.add(key)
+        else:
+            self._snoozed.discard(key)
         try:
             self._publish_state(key)
         except Exception as exc:  # the link's queue is full while the broker is away

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -337,6 +338,10 @@ def _reading_order(p: HistoryPoint) -> tuple[int, int]:
 LATE_MEMORY = 256
 """Milliseconds given to late points that a series remembers (to keep the next ones apart)."""
 
+GAP_MEMORY = 64
+"""Gaps between two in-order points (a jump of seq) that a series remembers, so the late
+readings that fill them land between those two points' milliseconds."""
+
 
 class TimeAssigner:
     """Gives every point a millisecond its series has not used, deterministically.
@@ -353,14 +358,25 @@ class TimeAssigner:
     only if an earlier late point of its series (of the last ``LATE_MEMORY``) already took that
     millisecond does it move to the next free one. The same reading late again (journaled twice
     because its copy had left the outbox) gets the millisecond it got the first time.
+
+    A late reading that falls in a remembered gap (a jump of its series' seq between two
+    in-order points, the last ``GAP_MEMORY`` per series) is kept strictly between those two
+    points' milliseconds: in-order times only grow, so no in-order point can have one there.
+    Without that, a late reading stamped in the same millisecond as the reading before its gap
+    (a burst) would overwrite it. A gap with fewer free milliseconds than late readings is
+    counted in ``crowded`` and its extra readings keep their own time.
     """
 
     def __init__(self) -> None:
         self.last: dict[SeriesKey, tuple[int, int, int, int]] = {}
         self.late_ms: dict[SeriesKey, list[tuple[int, int, int]]] = {}
         """Per series, ``(ms, epoch, seq)`` of its most recent late points, oldest first."""
+        self.gaps: dict[SeriesKey, list[tuple[int, int, int, int, int]]] = {}
+        """Per series, ``(epoch, first seq, last seq, ms before, ms after)`` of its most recent
+        gaps between two in-order points, oldest first."""
         self.nudged = 0
         self.late = 0
+        self.crowded = 0
 
     def assign(self, p: HistoryPoint) -> HistoryPoint:
         key = (p.measurement, p.tags)
@@ -374,6 +390,8 @@ class TimeAssigner:
         if order != _NO_ORDER:
             if order <= (epoch, seq):
                 return self._late(key, p, order)
+            if order[0] == epoch and order[1] > seq + 1:
+                self._gap(key, epoch, seq + 1, order[1] - 1, last, p)
             epoch, seq = order
         if ts > last:
             self.last[key] = (ts, ts, epoch, seq)
@@ -382,10 +400,35 @@ class TimeAssigner:
             t = last + 1
             self.last[key] = (t, ts, epoch, seq)
             self.nudged += 1
+            if key in self.gaps:
+                self._gap_after(key, t)
             return HistoryPoint(p.measurement, p.tags, p.fields, t)
         # The source clock stepped back by more than the window: trust it, start again there.
         self.last[key] = (ts, ts, epoch, seq)
         return p
+
+    def _gap(
+        self, key: SeriesKey, epoch: int, first: int, last_seq: int, ms_before: int, p: HistoryPoint
+    ) -> None:
+        """Remember a gap before in-order point ``p``; its own time (``ms after``) is set here
+        and corrected by `_gap_after` if ``p`` is nudged."""
+        gaps = self.gaps.setdefault(key, [])
+        gaps.append((epoch, first, last_seq, ms_before, p.ts_ms))
+        if len(gaps) > GAP_MEMORY:
+            del gaps[0]
+
+    def _gap_after(self, key: SeriesKey, t: int) -> None:
+        e, first, last_seq, before, after = self.gaps[key][-1]
+        if after < t and self.last[key][2:] == (e, last_seq + 1):
+            self.gaps[key][-1] = (e, first, last_seq, before, t)
+
+    def _in_gap(self, key: SeriesKey, order: tuple[int, int]) -> tuple[int, int] | None:
+        """The free milliseconds ``(lo, hi)`` of the remembered gap ``order`` falls in."""
+        epoch, seq = order
+        for e, first, last_seq, before, after in reversed(self.gaps.get(key, ())):
+            if e == epoch and first <= seq <= last_seq:
+                return before + 1, after - 1
+        return None
 
     def _late(self, key: SeriesKey, p: HistoryPoint, order: tuple[int, int]) -> HistoryPoint:
         self.late += 1
@@ -397,8 +440,12 @@ class TimeAssigner:
         else:
             taken = {ms for ms, _, _ in used}
             t = p.ts_ms
-            while t in taken:
-                t += 1
+            span = self._in_gap(key, order)
+            if span is not None:
+                t = self._free_in(span, t, taken)
+            else:
+                while t in taken:
+                    t += 1
             used.append((t, *order))
             if len(used) > LATE_MEMORY:
                 del used[0]
@@ -407,32 +454,62 @@ class TimeAssigner:
         self.nudged += 1
         return HistoryPoint(p.measurement, p.tags, p.fields, t)
 
-    def checkpoint(self) -> tuple[dict[SeriesKey, Any], dict[SeriesKey, list[Any]]]:
-        """The state, for ``rollback`` when a batch fails."""
-        return dict(self.last), {k: list(v) for k, v in self.late_ms.items()}
+    def _free_in(self, span: tuple[int, int], ts: int, taken: set[int]) -> int:
+        """A millisecond in ``span`` no late point took: ``ts`` (clamped into it) or the next
+        free one up, else down; ``ts`` itself (counted ``crowded``) when the span is full."""
+        lo, hi = span
+        start = min(max(ts, lo), hi)
+        if lo <= hi:
+            for t in itertools.chain(range(start, hi + 1), range(start - 1, lo - 1, -1)):
+                if t not in taken:
+                    return t
+        self.crowded += 1
+        log.warning(
+            "history: a gap of %d ms holds more late readings than milliseconds; one keeps its "
+            "own time %d and may overwrite a point there",
+            max(0, hi - lo + 1),
+            ts,
+        )
+        return ts
 
-    def rollback(self, saved: tuple[dict[SeriesKey, Any], dict[SeriesKey, list[Any]]]) -> None:
-        self.last, self.late_ms = saved
+    def checkpoint(self) -> tuple[dict[SeriesKey, Any], dict[SeriesKey, list[Any]], Any]:
+        """The state, for ``rollback`` when a batch fails."""
+        return (
+            dict(self.last),
+            {k: list(v) for k, v in self.late_ms.items()},
+            {k: list(v) for k, v in self.gaps.items()},
+        )
+
+    def rollback(self, saved: tuple[dict[SeriesKey, Any], dict[SeriesKey, list[Any]], Any]) -> None:
+        self.last, self.late_ms, self.gaps = saved
 
     def snapshot(self, keep_after_ms: int | None = None) -> list[Any]:
-        late = self.late_ms
+        late, gaps = self.late_ms, self.gaps
         return [
-            [m, [list(t) for t in tags], last, src, epoch, seq, *([late[k]] if k in late else [])]
+            [
+                m, [list(t) for t in tags], last, src, epoch, seq,
+                *([late.get(k, []), gaps[k]] if k in gaps else [late[k]] if k in late else []),
+            ]
             for k, (last, src, epoch, seq) in self.last.items()
             if keep_after_ms is None or last >= keep_after_ms
             for m, tags in (k,)
-        ]
+        ]  # fmt: skip
 
     def restore(self, data: list[Any]) -> None:
         """Load a ``snapshot`` (also the older ``[m, tags, last, src]`` form)."""
         self.last = {}
         self.late_ms = {}
+        self.gaps = {}
         for m, tags, last, src, *rest in data:
             key = (str(m), tuple((str(k), str(v)) for k, v in tags))
             order = (int(rest[0]), int(rest[1])) if rest else _NO_ORDER
             self.last[key] = (int(last), int(src), *order)
             if len(rest) > 2 and rest[2]:
                 self.late_ms[key] = [(int(t), int(e), int(q)) for t, e, q in rest[2]]
+            if len(rest) > 3 and rest[3]:
+                self.gaps[key] = [
+                    (int(e), int(f), int(q), int(b), int(a)) for e, f, q, b, a in rest[3]
+                ]
 
 
 class AssignerStateFile:

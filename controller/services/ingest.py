@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import heapq
 import logging
 import time
 from collections import Counter
@@ -45,7 +46,7 @@ from controller.domain.events import (
     SeqGapFilled,
     ShelfCalibrated,
 )
-from controller.domain.model import ShelfSpec
+from controller.domain.model import ShelfSpec, ShelfStatus
 from controller.domain.stock import ShelfSnapshot, ShelfState, apply_weight, check_stale
 from controller.ports import (
     Backoff,
@@ -80,6 +81,7 @@ the oldest range is forgotten: its readings stay counted missing, and one that s
 is recognised through the journal's outbox instead of the cursor."""
 
 _NATIVE, _ESP_STATE, _ESP_STATUS = 0, 1, 2
+_STALE: Final = ShelfStatus.STALE
 
 # Per-reading rows built with tuple.__new__ straight: a NamedTuple's own __new__ is a Python
 # function (a frame per call); these are C calls. The argument is the fields' tuple, in order.
@@ -190,9 +192,17 @@ class IngestService:
         self._paused_by_failure = False
         self.last_commit_error: str | None = None
         self._logged: set[tuple[str, str]] = set()
+        self._stale_due: list[tuple[float, str]] = []
+        """Heap of (when the shelf may turn STALE, shelf id): every shelf with a reading that
+        is not STALE has one entry, whose time is checked against its state when due."""
+        self._stale_watched: set[str] = set()
+        self._stale_built = False
+        self.stale_checks = 0
+        """Shelves the staleness tick has examined (it examines only those due)."""
 
     # -- restart -----------------------------------------------------------------------------
     def restore(self, cursors: dict[str, Cursor], shelf_states: dict[str, dict[str, Any]]) -> None:
+        self._stale_built = False  # the next tick indexes the restored states
         if isinstance(self._journal, CalibrationStore):
             self._restore_calibrations(self._journal.shelf_calibrations())
         self.cursors.update(cursors)
@@ -260,6 +270,11 @@ class IngestService:
         self.commits += 1
         self.messages += len(msgs)
         self.readings += len(batch.rows)
+        if self._stale_built:
+            watched = self._stale_watched
+            for sid in batch.old_states:
+                if sid not in watched:
+                    self._watch(sid)
         for reason in batch.reasons:
             self.rejected[reason] += 1
         for dead in batch.dead:
@@ -682,13 +697,34 @@ class IngestService:
 
     # -- periodic ----------------------------------------------------------------------------
     def tick(self, now: float) -> list[BusEvent]:
-        """Staleness: a shelf whose scale missed its reporting intervals becomes STALE."""
+        """Staleness: a shelf whose scale missed its reporting intervals becomes STALE.
+
+        Costs O(shelves due), not O(shelves): each reporting shelf waits in a heap keyed by the
+        time it may turn STALE; a due entry whose shelf reported since goes back in at its new
+        time (once per ``stale_after_s`` per shelf at most), one that turned STALE leaves until
+        its next reading."""
+        if not self._stale_built:
+            self._build_stale_index()
         out: list[BusEvent] = []
         changed: dict[str, dict[str, Any]] = {}
-        for sid, spec in self.specs.items():
-            state, events = check_stale(self.states[sid], spec, now)
+        heap = self._stale_due
+        states, specs = self.states, self.specs
+        while heap and heap[0][0] < now:
+            _due, sid = heapq.heappop(heap)
+            self.stale_checks += 1
+            spec = specs.get(sid)
+            state = states.get(sid)
+            last_ts_s = None if state is None else state.last_ts_s
+            if spec is None or state is None or last_ts_s is None or state.status is _STALE:
+                self._stale_watched.discard(sid)
+                continue
+            if now <= last_ts_s + spec.stale_after_s:
+                heapq.heappush(heap, (last_ts_s + spec.stale_after_s, sid))
+                continue
+            self._stale_watched.discard(sid)
+            state, events = check_stale(state, spec, now)
             if events:
-                self.states[sid] = state
+                states[sid] = state
                 changed[sid] = state.to_dict()
                 out.extend(events)
         if out:
@@ -704,6 +740,27 @@ class IngestService:
                 log.error("could not journal %d staleness event(s): %s", len(out), exc)
             self._publish_events(out)
         return out
+
+    def _build_stale_index(self) -> None:
+        """The staleness heap from the current states (first tick: after the restore)."""
+        self._stale_built = True
+        self._stale_due.clear()
+        self._stale_watched.clear()
+        for sid in self.specs:
+            self._watch(sid, heapify=False)
+        heapq.heapify(self._stale_due)
+
+    def _watch(self, sid: str, *, heapify: bool = True) -> None:
+        state = self.states.get(sid)
+        spec = self.specs.get(sid)
+        if state is None or spec is None or state.last_ts_s is None or state.status is _STALE:
+            return
+        entry = (state.last_ts_s + spec.stale_after_s, sid)
+        if heapify:
+            heapq.heappush(self._stale_due, entry)
+        else:
+            self._stale_due.append(entry)
+        self._stale_watched.add(sid)
 
 
 def _first(hole: tuple[int, int]) -> int:

@@ -16,18 +16,63 @@ through: stock, devices, alerts, and health and PLCs from the supervision servic
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from controller.config import SiteConfig, SkuConfig, ZoneConfig
 from controller.domain.calibration import ShelfCalibration
+from controller.domain.events import (
+    AlertManualNotice,
+    AlertNotice,
+    BusEvent,
+    ShelfCalibrated,
+    ShelfStatusChanged,
+    StockChanged,
+)
 from controller.domain.model import ShelfSpec, StockState
 from controller.domain.reorder import AlertState, classify
 from controller.domain.stock import ShelfState, sku_level
 from controller.ports import Cursor
 from controller.services.alerts import AlertTarget
+from controller.services.list_index import ListIndex, Selection
 from controller.services.supervision import HealthReport, PlcView
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    """Which page of a list: the filters (None: any), the key after which it starts (None: the
+    first page; a key the list does not have is ``BadCursor``) and at most how many items."""
+
+    limit: int
+    zone: str | None = None
+    state: str | None = None
+    q: str | None = None
+    after: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a list: its items, the size of the whole filtered list, and the key after
+    which the next page starts (None: this is the last page)."""
+
+    items: list[T]
+    total: int
+    next_after: str | None
+
+
+def _page(sel: Selection, view: Callable[[str], T]) -> Page[T]:
+    return Page([view(k) for k in sel.keys], sel.total, sel.next_after)
+
+
+def _shelf_ids_of(events: Iterable[BusEvent]) -> set[str]:
+    return {
+        ev.shelf_id
+        for ev in events
+        if isinstance(ev, StockChanged | ShelfStatusChanged | ShelfCalibrated)
+    }
 
 
 class AlertReads(Protocol):
@@ -130,6 +175,41 @@ class StockQueries:
         for key, target in targets.items():
             for zone in dict.fromkeys(specs[s].zone for s in target.shelves):
                 self._zone_targets[zone].append(key)
+        # Each zone's SKUs sorted by id (``/zones``); a shelf's SKU never changes.
+        self._zone_sku_ids = {
+            z: tuple(sorted({specs[s].sku for s in shelves}))
+            for z, shelves in self._zone_shelves.items()
+        }
+        sku_zones: dict[str, list[str]] = {sku: [] for sku in self._skus}
+        for zone, skus in self._zone_skus.items():
+            for sku in skus:
+                sku_zones[sku].append(zone)
+        self._sku_index = ListIndex(
+            tuple(self._skus),
+            [sku_zones[s] for s in self._skus],
+            [f"{s.id}\n{s.name}" for s in self._skus.values()],
+            facets={"state": lambda sku: self._sku_state(sku).value},
+        )
+        self._shelf_index = ListIndex(
+            self._shelf_ids,
+            [(specs[s].zone,) for s in self._shelf_ids],
+            [f"{s}\n{specs[s].sku}\n{self._location.get(s, '')}" for s in self._shelf_ids],
+            facets={"status": lambda sid: self._states[sid].status.value},
+        )
+
+    def on_events(self, events: list[BusEvent]) -> None:
+        """Bus listener: move the shelves an event names, and their SKUs, to their new status
+        and stock state in the indexes."""
+        shelves = _shelf_ids_of(events)
+        if shelves:
+            self._shelf_index.update(shelves)
+            self._sku_index.update({self._specs[s].sku for s in shelves if s in self._specs})
+
+    def rebuild(self) -> None:
+        """Re-read every status and stock state on the next filtered read (after a change
+        that published no event)."""
+        self._shelf_index.rebuild()
+        self._sku_index.rebuild()
 
     # -- shelves ------------------------------------------------------------------------------
     def has_shelf(self, shelf_id: str) -> bool:
@@ -151,11 +231,17 @@ class StockQueries:
     def shelves(self, zone: str | None = None, status: str | None = None) -> list[ShelfView]:
         """Every shelf in site order, or those of ``zone``; then those whose status is
         ``status``."""
-        ids: Sequence[str] = self._shelf_ids if zone is None else self._zone_shelves.get(zone, [])
-        out = [self.shelf(sid) for sid in ids]
-        if status is not None:
-            out = [v for v in out if v.state.status.value == status]
-        return out
+        query = PageQuery(limit=max(1, len(self._shelf_index)), zone=zone, state=status)
+        return self.shelves_page(query).items
+
+    def shelves_page(self, query: PageQuery) -> Page[ShelfView]:
+        """A page of the shelves in site order, by zone, status (``query.state``) and text (id,
+        SKU or location)."""
+        filters = {"status": query.state} if query.state is not None else None
+        sel = self._shelf_index.select(
+            zone=query.zone, q=query.q, filters=filters, after=query.after, limit=query.limit
+        )
+        return _page(sel, self.shelf)
 
     # -- stock ----------------------------------------------------------------------------------
     def has_sku(self, sku_id: str) -> bool:
@@ -175,14 +261,23 @@ class StockQueries:
             shelves=[self.shelf(s) for s in self._sku_shelves[sku_id]],
         )
 
+    def _sku_state(self, sku_id: str) -> StockState:
+        return classify(self.level(sku_id), self._alerts.targets[sku_id].policy)
+
     def stock(self, zone: str | None = None, state: str | None = None) -> list[SkuView]:
         """Every SKU in site order, or those with a shelf in ``zone``; then those whose stock
         state is ``state``."""
-        ids: Sequence[str] = list(self._skus) if zone is None else self._zone_skus.get(zone, [])
-        out = [self.sku(s) for s in ids]
-        if state is not None:
-            out = [v for v in out if v.state.value == state]
-        return out
+        query = PageQuery(limit=max(1, len(self._sku_index)), zone=zone, state=state)
+        return self.stock_page(query).items
+
+    def stock_page(self, query: PageQuery) -> Page[SkuView]:
+        """A page of the SKUs in site order, by zone (a shelf there), stock state and text
+        (id or name)."""
+        filters = {"state": query.state} if query.state is not None else None
+        sel = self._sku_index.select(
+            zone=query.zone, q=query.q, filters=filters, after=query.after, limit=query.limit
+        )
+        return _page(sel, self.sku)
 
     # -- zones ----------------------------------------------------------------------------------
     def zones(self) -> list[ZoneSummary]:
@@ -191,14 +286,13 @@ class StockQueries:
 
     def _zone_summary(self, zone: ZoneConfig) -> ZoneSummary:
         shelves = self._zone_shelves[zone.id]
-        status = Counter(self._states[s].status.value for s in shelves)
         alerts = self._alerts.alerts
         return ZoneSummary(
             zone=zone,
             shelves=len(shelves),
             scales=self._zone_scales[zone.id],
-            skus=sorted({self._specs[s].sku for s in shelves}),
-            shelf_status=dict(sorted(status.items())),
+            skus=list(self._zone_sku_ids[zone.id]),
+            shelf_status=self._shelf_index.counts("status", zone.id),
             alerts_active=sum(
                 1 for k in self._zone_targets[zone.id] if alerts[k].episode is not None
             ),
@@ -338,73 +432,93 @@ class DeviceQueries:
         self._states = states
         self._calibrations = calibrations
         self._clock = clock
+        self._by_id = {sc.id: sc for sc in self._scales}
+        self._index = ListIndex(
+            tuple(self._by_id),
+            [(sc.zone,) for sc in self._scales],
+            [sc.id for sc in self._scales],
+            live={"state": lambda sid: self._status(self._by_id[sid], self._clock())},
+        )
+
+    def _status(self, sc: _Scale, now: float) -> ScaleStatus:
+        info = self._devices[sc.id]
+        seen = info.last_seen_s
+        if seen is None:
+            return "unknown"
+        if info.online is False:
+            return "offline"
+        if now - seen > sc.stale_after_s:
+            return "stale"
+        return "ok"
+
+    def _select(self, query: PageQuery) -> Selection:
+        filters = {"state": query.state} if query.state is not None else None
+        return self._index.select(
+            zone=query.zone, q=query.q, filters=filters, after=query.after, limit=query.limit
+        )
+
+    def _all(self) -> PageQuery:
+        return PageQuery(limit=max(1, len(self._index)))
 
     def scales(self) -> list[ScaleView]:
         """Every scale: status, last seen, and per channel its shelf and scale factor."""
+        return self.scales_page(self._all()).items
+
+    def scales_page(self, query: PageQuery) -> Page[ScaleView]:
+        """A page of the scales in site order, by zone, status (``query.state``: ok, stale,
+        offline, unknown, evaluated now for each scale of the narrowest list) and text (id)."""
         now = self._clock()
-        out = []
-        for sc in self._scales:
-            info = self._devices[sc.id]
-            seen = info.last_seen_s
-            status: ScaleStatus
-            if seen is None:
-                status = "unknown"
-            elif info.online is False:
-                status = "offline"
-            elif now - seen > sc.stale_after_s:
-                status = "stale"
-            else:
-                status = "ok"
-            channels = []
-            for ch, shelf in enumerate(sc.shelves):
-                cal = self._calibrations.get(shelf) if shelf is not None else None
-                channels.append(
-                    ScaleChannelView(
-                        channel=ch,
-                        shelf=shelf,
-                        shelf_status=(
-                            self._states[shelf].status.value if shelf is not None else None
-                        ),
-                        scale_factor=cal.scale_factor if cal is not None else 1.0,
-                    )
-                )
-            out.append(
-                ScaleView(
-                    id=sc.id,
-                    zone=sc.zone,
-                    format=sc.format,
-                    status=status,
-                    last_seen_s=seen,
-                    reporting_interval_s=sc.reporting_interval_s,
-                    max_weight_g=sc.max_weight_g,
-                    channels=channels,
+        return _page(self._select(query), lambda sid: self._scale(self._by_id[sid], now))
+
+    def _scale(self, sc: _Scale, now: float) -> ScaleView:
+        channels = []
+        for ch, shelf in enumerate(sc.shelves):
+            cal = self._calibrations.get(shelf) if shelf is not None else None
+            channels.append(
+                ScaleChannelView(
+                    channel=ch,
+                    shelf=shelf,
+                    shelf_status=(self._states[shelf].status.value if shelf is not None else None),
+                    scale_factor=cal.scale_factor if cal is not None else 1.0,
                 )
             )
-        return out
+        return ScaleView(
+            id=sc.id,
+            zone=sc.zone,
+            format=sc.format,
+            status=self._status(sc, now),
+            last_seen_s=self._devices[sc.id].last_seen_s,
+            reporting_interval_s=sc.reporting_interval_s,
+            max_weight_g=sc.max_weight_g,
+            channels=channels,
+        )
 
     def devices(self) -> list[DeviceView]:
+        """Every scale's figures, in site order."""
+        return self.devices_page(self._all()).items
+
+    def devices_page(self, query: PageQuery) -> Page[DeviceView]:
+        """A page of the scales' figures; the filters of ``scales_page``."""
         now = self._clock()
-        out = []
-        for sc in self._scales:
-            info = self._devices[sc.id]
-            cur = self._cursors.get(sc.id)
-            seen = info.last_seen_s
-            out.append(
-                DeviceView(
-                    id=sc.id,
-                    zone=sc.zone,
-                    format=sc.format,
-                    last_seen_s=seen,
-                    stale=seen is None or now - seen > sc.stale_after_s,
-                    online=info.online,
-                    epoch=cur.epoch if cur else None,
-                    last_seq=cur.seq if cur else None,
-                    applied=cur.applied if cur else 0,
-                    gaps=info.gaps,
-                    missing_readings=info.missing_readings,
-                )
-            )
-        return out
+        return _page(self._select(query), lambda sid: self._device(self._by_id[sid], now))
+
+    def _device(self, sc: _Scale, now: float) -> DeviceView:
+        info = self._devices[sc.id]
+        cur = self._cursors.get(sc.id)
+        seen = info.last_seen_s
+        return DeviceView(
+            id=sc.id,
+            zone=sc.zone,
+            format=sc.format,
+            last_seen_s=seen,
+            stale=seen is None or now - seen > sc.stale_after_s,
+            online=info.online,
+            epoch=cur.epoch if cur else None,
+            last_seq=cur.seq if cur else None,
+            applied=cur.applied if cur else 0,
+            gaps=info.gaps,
+            missing_readings=info.missing_readings,
+        )
 
 
 class AlertPublicReads(AlertReads, Protocol):
@@ -415,11 +529,45 @@ class AlertPublicReads(AlertReads, Protocol):
 
 class AlertQueries:
     """Reorder alert states of every target (SKU, then shelves with their own policy), in
-    the alert service's order, read live."""
+    the alert service's order, read live; indexed by zone (of the target's shelves), key and
+    SKU text, and by state and active episode (moved by ``on_events``)."""
 
-    def __init__(self, alerts: AlertPublicReads) -> None:
+    def __init__(self, alerts: AlertPublicReads, specs: Mapping[str, ShelfSpec]) -> None:
         self._service = alerts
-        self._keys = tuple(alerts.targets)
+        targets = alerts.targets
+        self._keys = tuple(targets)
+        self._shelf_keys: dict[str, list[str]] = {}
+        for key, target in targets.items():
+            for shelf in target.shelves:
+                self._shelf_keys.setdefault(shelf, []).append(key)
+        states = alerts.alerts
+        self._index = ListIndex(
+            self._keys,
+            [dict.fromkeys(specs[s].zone for s in targets[k].shelves) for k in self._keys],
+            [f"{k}\n{targets[k].sku}" for k in self._keys],
+            facets={
+                "state": lambda k: states[k].state.value,
+                "active": lambda k: "true" if states[k].episode is not None else "false",
+            },
+        )
+
+    def on_events(self, events: list[BusEvent]) -> None:
+        """Bus listener (after the alert service's, so its states are current): move the keys
+        an event names, or whose shelves it names, to their new state in the index."""
+        keys: set[str] = set()
+        for ev in events:
+            if isinstance(ev, AlertNotice):
+                keys.add(ev.transition.key)
+            elif isinstance(ev, AlertManualNotice):
+                continue  # an ack or snooze changes neither the state nor the episode
+            elif isinstance(ev, StockChanged | ShelfStatusChanged | ShelfCalibrated):
+                keys.update(self._shelf_keys.get(ev.shelf_id, ()))
+        if keys:
+            self._index.update(keys)
+
+    def rebuild(self) -> None:
+        """Re-read every key's state on the next filtered read (after a restore)."""
+        self._index.rebuild()
 
     def has_key(self, key: str) -> bool:
         return key in self._service.targets
@@ -430,11 +578,21 @@ class AlertQueries:
 
     def alerts(self, active: bool | None = None) -> list[dict[str, Any]]:
         """Every target's state; with ``active``, only those with (or without) an episode."""
-        states = self._service.alerts
-        keys = self._keys
+        query = PageQuery(limit=max(1, len(self._index)))
+        return self.alerts_page(query, active).items
+
+    def alerts_page(self, query: PageQuery, active: bool | None = None) -> Page[dict[str, Any]]:
+        """A page of the targets' states in order, by zone, state (ok, low, critical, out,
+        unknown), active episode and text (key or SKU)."""
+        filters: dict[str, str] = {}
         if active is not None:
-            keys = tuple(k for k in keys if (states[k].episode is not None) is active)
-        return [self._service.public(k) for k in keys]
+            filters["active"] = "true" if active else "false"
+        if query.state is not None:
+            filters["state"] = query.state
+        sel = self._index.select(
+            zone=query.zone, q=query.q, filters=filters, after=query.after, limit=query.limit
+        )
+        return _page(sel, self._service.public)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,9 @@
 """Faults under load on real mosquitto: controller kill -9, broker restart. Loss and duplicates
-are counted from the publisher's broker-acknowledged (device, seq) pairs against the journal."""
+are counted from the publisher's broker-acknowledged (device, seq) pairs against the journal.
+
+Every ``floorhand run`` here is forked from the session's fork server (tests/fork_server.py):
+the same command in its own process, killed by PID, without re-importing the controller at
+each restart; what these tests check starts at the journal and the broker session."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.controller_proc import ControllerProcess
+from tests.fork_server import ForkedController, ForkServer
 from tests.loadgen import AckedPublisher
 from tests.mosquitto import MosquittoBroker
 from tests.sites import write_small_site
@@ -44,10 +49,13 @@ def assert_exactly_once(pub: AckedPublisher, journal: Path) -> None:
 
 
 async def test_controller_kill9_under_load_loses_nothing_and_applies_nothing_twice(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-kill")
-    ctl = ControllerProcess(site, tmp_path)
+    ctl = ForkedController(site, tmp_path, controller_forks)
     controllers.append(ctl)
     await ctl.start()
     pub = AckedPublisher(mosquitto.port, DEVICES, rate=3000)
@@ -68,10 +76,13 @@ async def test_controller_kill9_under_load_loses_nothing_and_applies_nothing_twi
 
 
 async def test_broker_restart_under_load_resumes_the_session_and_loses_nothing(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-broker")
-    ctl = ControllerProcess(site, tmp_path)
+    ctl = ForkedController(site, tmp_path, controller_forks)
     controllers.append(ctl)
     await ctl.start()
     pub = AckedPublisher(mosquitto.port, DEVICES, rate=3000)
@@ -103,11 +114,14 @@ async def test_broker_restart_under_load_resumes_the_session_and_loses_nothing(
 
 
 async def test_second_controller_with_the_same_identity_refuses_to_start(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, client_id="fh-twin")
-    first = ControllerProcess(site, tmp_path)
-    second = ControllerProcess(site, tmp_path / "second")
+    first = ForkedController(site, tmp_path, controller_forks)
+    second = ForkedController(site, tmp_path / "second", controller_forks)
     controllers.extend([first, second])
     await first.start()
     (tmp_path / "second").mkdir()

@@ -36,6 +36,10 @@ class PlainPahoPublisher:
     def __init__(self, port: int, *, total: int, rate: float) -> None:
         assert total < 65_535, "packet ids must not wrap: acks are mapped back by id"
         self.total = total
+        """At most this many readings (`stop` ends the run sooner)."""
+        self.count = 0
+        """Readings the generator published (plus ``on_connect_readings``)."""
+        self._stop = threading.Event()
         self.rate = rate
         self._sent: dict[int, tuple[str, int]] = {}
         self._acked_mids: set[int] = set()
@@ -94,13 +98,21 @@ class PlainPahoPublisher:
             raise TimeoutError("paho did not connect")
         self._thread.start()
 
+    def stop(self) -> None:
+        """End the run (it publishes until then, so every fault of the test happens while
+        readings flow, however long the controller takes to start on a loaded machine)."""
+        self._stop.set()
+
     def _run(self) -> None:
         t0 = time.monotonic()
         for n in range(self.total):
+            if self._stop.is_set():
+                break
             delay = t0 + n / self.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)  # pacing the generator, not waiting for state
             self._publish_next()
+            self.count += 1
         with self._lock:
             self.published.set()
             self._check_done()
@@ -170,7 +182,7 @@ async def test_plain_paho_backlog_after_broker_restart_is_stored_exactly_once(
     ctl = ControllerProcess(site, tmp_path)
     controllers.append(ctl)
     await ctl.start()
-    pub = PlainPahoPublisher(mosquitto.port, total=12_000, rate=1_000.0)
+    pub = PlainPahoPublisher(mosquitto.port, total=60_000, rate=1_000.0)
     pub.start()
     await asyncio.sleep(2.0)  # a point in the load, not a wait for state
     await ctl.kill()
@@ -182,6 +194,7 @@ async def test_plain_paho_backlog_after_broker_restart_is_stored_exactly_once(
     await asyncio.sleep(2.0)  # a point in the load
     await ctl.kill()
     await ctl.start()
+    pub.stop()
     acked = await asyncio.to_thread(pub.wait_all_acked, 60.0)
     want = {d: sum(1 for dd, _ in acked if dd == d) for d in DEVICES}
     await wait_until(ctl, want, timeout_s=60.0)
@@ -194,7 +207,7 @@ async def test_plain_paho_backlog_after_broker_restart_is_stored_exactly_once(
     assert len(identities) == len(set(identities)), "a reading stored twice"
     lost = acked - set(identities)
     assert not lost, f"{len(lost)} acknowledged readings not in history, e.g. {sorted(lost)[:5]}"
-    assert len(stored) == len(acked) == 12_000 + pub.on_connect_readings
+    assert len(stored) == len(acked) == pub.count + pub.on_connect_readings
     assert {d["id"]: d["missing_readings"] for d in devices} == dict.fromkeys(DEVICES, 0)
     assert health["ingest"]["rejected"].get("out_of_order", 0) == 0
     journal = sqlite3.connect(tmp_path / "journal.sqlite")

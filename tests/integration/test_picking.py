@@ -32,7 +32,7 @@ from simulators.conveyor import ConveyorPlc
 from simulators.modbus_host import PlcHost
 from simulators.plc import BeltState as SimBeltState
 from simulators.sorter import SorterPlc
-from tests.controller_proc import ControllerProcess
+from tests.fork_server import ForkedController, ForkServer
 from tests.integration.test_sensing_e2e import PahoWatcher, readings, running
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import auth_headers, write_small_site
@@ -581,15 +581,22 @@ async def test_restart_reconciles_open_commands(mosquitto: MosquittoBroker, tmp_
 
 
 @pytest.mark.slow
-async def test_b5_controller_killed_mid_command(mosquitto: MosquittoBroker, tmp_path: Path) -> None:
+async def test_b5_controller_killed_mid_command(
+    mosquitto: MosquittoBroker, tmp_path: Path, controller_forks: ForkServer
+) -> None:
     """B5 with a real process: ``floorhand run`` is SIGKILLed while a tote is on the sorter.
     The PLCs' watchdog stops both belts within 1.25 s; the restarted controller reconciles the
-    command from its journal and the PLC's completion ring: executed once, order finished."""
+    command from its journal and the PLC's completion ring: executed once, order finished.
+
+    Both processes are forked from the session's fork server (tests/fork_server.py): the same
+    command in its own process, killed by PID. The sorter runs in real time: the tote needs
+    about 4 s to its lane, the belts stop within 1.25 s of the kill, and the test checks that
+    the tote was still on the belt."""
     conveyor = ConveyorPlc("conveyor-1", speed=20.0)
-    sorter = SorterPlc("sorter-1", speed=0.3, lane_drain_s=0.0)
+    sorter = SorterPlc("sorter-1", lane_drain_s=0.0)
     async with PlcHost(conveyor, seed=1) as ch, PlcHost(sorter, seed=2) as sh:
         site = picking_site(tmp_path, mosquitto.port, ch.port, sh.port)
-        ctl = ControllerProcess(site, tmp_path)
+        ctl = ForkedController(site, tmp_path, controller_forks)
         await ctl.start()
         try:
             t0 = time.time() - 0.6

@@ -7,6 +7,10 @@ first's MQTT connection count must not change and it keeps ingesting. Whatever t
 in common with the first: the journal, only the MQTT client id (another journal, as on another
 host), or the API port. Once the owner is gone (killed, its host dead, or only a stale claim
 left) a new instance starts.
+
+The controllers are forked from the session's fork server (tests/fork_server.py): each is the
+same ``floorhand run`` in its own process, signalled by PID, without re-importing the
+controller; what these tests check starts at the site's claim.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from controller.__main__ import EXIT_REFUSED
 from controller.owner import OwnerProbe, SiteOwned, SiteOwnership
 from devices.link.mqtt import MqttLink, MqttLinkConfig, MqttMessage
 from tests.controller_proc import ControllerProcess
+from tests.fork_server import ForkedController, ForkServer
 from tests.integration.test_mosquitto_config import USERS, start_broker
 from tests.mosquitto import MosquittoBroker, free_port, paho_publish
 from tests.sites import grams, topic, write_small_site
@@ -57,11 +62,12 @@ async def owner_and_scale(
     mosquitto: MosquittoBroker,
     tmp_path: Path,
     controllers: list[ControllerProcess],
+    forks: ForkServer,
     keepalive_s: float = 5.0,
 ) -> tuple[ControllerProcess, Scale, Path]:
     """The running owner, ingesting, and its site file."""
     site = write_small_site(tmp_path, mqtt_port=mosquitto.port, keepalive_s=keepalive_s)
-    owner = ControllerProcess(site, tmp_path)
+    owner = ForkedController(site, tmp_path, forks)
     controllers.append(owner)
     await owner.start()
     scale = Scale(mosquitto.port)
@@ -73,13 +79,14 @@ def second(
     site: Path,
     folder: Path,
     controllers: list[ControllerProcess],
+    forks: ForkServer,
     *,
     own_journal: bool,
     api_port: int | None = None,
 ) -> ControllerProcess:
     folder.mkdir()
     env = {"FLOORHAND_JOURNAL": str(folder / "journal.sqlite")} if own_journal else {}
-    ctl = ControllerProcess(site, folder, env=env)
+    ctl = ForkedController(site, folder, forks, env=env)
     if api_port is not None:
         ctl.api_port = api_port
     controllers.append(ctl)
@@ -108,80 +115,109 @@ async def assert_undisturbed(owner: ControllerProcess, scale: Scale, connects: i
 
 
 async def test_m9_a_second_instance_with_the_same_journal_refuses(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
-    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers)
+    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, controller_forks)
     connects = await mqtt_connects(owner)
     await assert_refused(
-        second(site, tmp_path / "b", controllers, own_journal=False), "is in use by another"
+        second(site, tmp_path / "b", controllers, controller_forks, own_journal=False),
+        "is in use by another",
     )
     await assert_undisturbed(owner, scale, connects)
 
 
 async def test_m9_a_second_instance_with_another_journal_refuses(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     """Same site file, another journal: what a second host would do. Before the fix the
     second took the broker session over and the first exited."""
-    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers)
+    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, controller_forks)
     connects = await mqtt_connects(owner)
     await assert_refused(
-        second(site, tmp_path / "b", controllers, own_journal=True), "is owned by a running"
+        second(site, tmp_path / "b", controllers, controller_forks, own_journal=True),
+        "is owned by a running",
     )
     await assert_undisturbed(owner, scale, connects)
 
 
 async def test_m9_a_second_instance_on_a_busy_api_port_refuses(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     """Before the fix the second connected to the broker before it failed to bind, and
     evicted the first once."""
-    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers)
+    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, controller_forks)
     connects = await mqtt_connects(owner)
-    ctl = second(site, tmp_path / "b", controllers, own_journal=True, api_port=owner.api_port)
+    ctl = second(
+        site,
+        tmp_path / "b",
+        controllers,
+        controller_forks,
+        own_journal=True,
+        api_port=owner.api_port,
+    )
     await assert_refused(ctl, "is in use")
     await assert_undisturbed(owner, scale, connects)
 
 
 async def test_m9_a_new_instance_starts_after_the_owner_was_killed(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     """kill -9: the kernel closes the owner's socket, the broker publishes its will (the
     empty retained claim) at once, and a new instance on another journal starts."""
-    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers)
+    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, controller_forks)
     await owner.kill()
-    ctl = second(site, tmp_path / "b", controllers, own_journal=True)
+    ctl = second(site, tmp_path / "b", controllers, controller_forks, own_journal=True)
     await ctl.start()
     await ctl.wait_applied({"s0": await scale.publish()})
     assert "stale" not in ctl.log_text()
 
 
 async def test_m9_a_clean_stop_clears_the_claim(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     """SIGTERM: the owner deletes its claim before it leaves (its will does not fire on a
     clean disconnect), so the next instance finds no claim and does not wait."""
-    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers)
+    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, controller_forks)
     assert await owner.stop() == 0
-    ctl = second(site, tmp_path / "b", controllers, own_journal=True)
+    ctl = second(site, tmp_path / "b", controllers, controller_forks, own_journal=True)
     await ctl.start()
     assert "claimed by" not in ctl.log_text(), ctl.tail()
     await ctl.wait_applied({"s0": await scale.publish()})
 
 
 async def test_m9_a_new_instance_starts_once_the_dead_hosts_will_fires(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     """The owner's host dies (SIGSTOP: the socket stays open, nothing answers). The new
     instance finds a claim, asks the owner, gets no answer, and starts once the broker gave
     up on the owner (keepalive) and published its will."""
     # keepalive 4 s: mosquitto gives up on the owner 6–12 s after its last packet, after
-    # the new instance (about 2 s to start) found the claim and asked, within its 13 s wait.
-    owner, scale, site = await owner_and_scale(mosquitto, tmp_path, controllers, keepalive_s=4)
+    # the new instance (forked: under 2 s to start) found the claim and asked, within its 13 s wait.
+    owner, scale, site = await owner_and_scale(
+        mosquitto, tmp_path, controllers, controller_forks, keepalive_s=4
+    )
     assert owner.proc is not None
     owner.signal(signal.SIGSTOP)
     try:
-        ctl = second(site, tmp_path / "b", controllers, own_journal=True)
+        ctl = second(site, tmp_path / "b", controllers, controller_forks, own_journal=True)
         await ctl.start()
         text = ctl.log_text()
         assert "waiting for its answer" in text, ctl.tail()
@@ -192,7 +228,10 @@ async def test_m9_a_new_instance_starts_once_the_dead_hosts_will_fires(
 
 
 async def test_m9_a_stale_claim_does_not_block_the_site(
-    mosquitto: MosquittoBroker, tmp_path: Path, controllers: list[ControllerProcess]
+    mosquitto: MosquittoBroker,
+    tmp_path: Path,
+    controllers: list[ControllerProcess],
+    controller_forks: ForkServer,
 ) -> None:
     """A claim nobody answers (left by an owner that stopped while the broker was down, so
     neither its clean release nor its will reached the broker): the new instance waits
@@ -211,7 +250,7 @@ async def test_m9_a_stale_claim_does_not_block_the_site(
     await asyncio.to_thread(
         paho_publish, mosquitto.port, [("fh/t/owner", orjson.dumps(claim))], retain=True
     )
-    ctl = ControllerProcess(site, tmp_path)
+    ctl = ForkedController(site, tmp_path, controller_forks)
     controllers.append(ctl)
     await ctl.start()
     assert "stale owner claim" in ctl.log_text(), ctl.tail()
@@ -272,14 +311,14 @@ async def test_m9_the_shipped_acl_lets_the_controller_claim_and_probe() -> None:
 
 
 async def test_m9_with_the_broker_down_at_start_the_session_waits_for_the_probe(
-    tmp_path: Path, controllers: list[ControllerProcess]
+    tmp_path: Path, controllers: list[ControllerProcess], controller_forks: ForkServer
 ) -> None:
     """The broker is down when the controller starts: the API answers, the probe keeps
     trying (one log line, not one per attempt), and the session connects once the broker is
     up and the probe found no owner."""
     port = free_port()
     site = write_small_site(tmp_path, mqtt_port=port)
-    ctl = ControllerProcess(site, tmp_path)
+    ctl = ForkedController(site, tmp_path, controller_forks)
     controllers.append(ctl)
     await ctl.start(wait_ready=False)
     await ctl.wait_log("cannot ask the broker who owns site t yet")

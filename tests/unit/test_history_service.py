@@ -371,6 +371,31 @@ def test_time_assigner_keeps_late_readings_of_one_millisecond_apart() -> None:
     assert a2.assign(weight_point(11, 9_000)).ts_ms == 9_001
 
 
+def test_a_late_reading_never_takes_the_millisecond_of_the_readings_around_its_gap() -> None:
+    """A late reading lands strictly between the two in-order points around its gap, never on
+    their milliseconds (found by the broker-restart test: seq 1524, late, stamped in the same
+    millisecond as seq 1523, the last reading before the gap, overwrote it in history)."""
+    a = TimeAssigner()
+    before = a.assign(weight_point(1523, 993))
+    after = a.assign(weight_point(1902, 5_000))  # the gap: 1524..1901
+    late = [
+        a.assign(weight_point(s, t))
+        for s, t in ((1524, 993), (1525, 996), (1901, 5_000), (1900, 4_999))
+    ]
+    assert [p.ts_ms for p in late] == [994, 996, 4_999, 4_998]
+    assert len({before.ts_ms, after.ts_ms, *(p.ts_ms for p in late)}) == 6
+    a2 = TimeAssigner()
+    a2.restore(a.snapshot())  # the gap and its late points are remembered across a restart
+    assert a2.assign(weight_point(1526, 990)).ts_ms == 995
+    assert a2.assign(weight_point(1524, 993)).ts_ms == 994  # the same reading again: same point
+    # A gap too narrow for its late readings (3 readings in 2 ms): counted, kept at its own time.
+    a3 = TimeAssigner()
+    a3.assign(weight_point(10, 1_000))
+    a3.assign(weight_point(13, 1_001))
+    assert a3.assign(weight_point(11, 1_000)).ts_ms == 1_000
+    assert a3.crowded == 1
+
+
 async def test_restart_rebuilds_a_batch_with_the_same_times(tmp_path: Path) -> None:
     """Crash after the sink stored a batch but before the outbox delete: the restarted service
     must rebuild those points with the same series times (else they land twice)."""

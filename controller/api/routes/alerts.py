@@ -10,11 +10,21 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, HTTPException, Path, Query
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Request, Response
 
 from controller.api.deps import READ_ALL, ReadsDep, RuntimeDep, Supervisor
+from controller.api.paging import (
+    DEFAULT_LIMIT,
+    PAGE_HEADERS,
+    Limit,
+    PageCursor,
+    Text,
+    page_query,
+    paged,
+)
 from controller.api.routes.ops import journal_failed
 from controller.api.schemas import AlertAckCreate, AlertPublic, AlertSnoozeCreate, problem_responses
+from controller.domain.model import StockState
 from controller.domain.reorder import NoActiveEpisode
 from controller.ports import JournalError
 from controller.services.queries import ReadModel
@@ -31,13 +41,26 @@ AlertKey = Annotated[
     response_model=list[AlertPublic],
     tags=["alerts"],
     dependencies=READ_ALL,
+    responses={200: {"headers": PAGE_HEADERS}},
 )
 def list_alerts(
+    request: Request,
+    response: Response,
     reads: ReadsDep,
     active: Annotated[bool | None, Query(description="true: only raised episodes")] = None,
+    zone: Annotated[
+        str | None, Query(description="only keys watching a shelf of this zone")
+    ] = None,
+    state: Annotated[StockState | None, Query(description="only keys in this stock state")] = None,
+    q: Text = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
 ) -> list[AlertPublic]:
-    """Reorder alert state of every SKU (and configured shelf)."""
-    return [AlertPublic(**a) for a in reads.alerts.alerts(active)]
+    """Reorder alert state of every SKU (and configured shelf). Paginated in the alert
+    service's order (docs/api.md, "Pages"); ``q`` matches the key or the SKU."""
+    query = page_query(limit, cursor, zone=zone, state=None if state is None else state.value, q=q)
+    page = paged(request, response, query, lambda pq: reads.alerts.alerts_page(pq, active))
+    return [AlertPublic(**a) for a in page]
 
 
 def _alert_key(reads: ReadModel, key: str) -> str:

@@ -3,12 +3,47 @@ supervisors and engineers (docs/api.md)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from controller.api.deps import READ_ALL, ReadsDep
+from controller.api.paging import (
+    DEFAULT_LIMIT,
+    PAGE_HEADERS,
+    Limit,
+    PageCursor,
+    Text,
+    Zone,
+    page_query,
+    paged,
+)
 from controller.api.schemas import DevicePublic, PlcPublic, ScaleChannelPublic, ScalePublic
+from controller.services.queries import PageQuery
 
 router = APIRouter()
+
+ScaleState = Annotated[
+    Literal["ok", "stale", "offline", "unknown"] | None,
+    Query(
+        description="only scales in this state (unknown: never reported; offline: ESPHome said "
+        "so; stale: silent for longer than its staleness bound; else ok)"
+    ),
+]
+
+
+def _scale_page(
+    zone: Zone = None,
+    state: ScaleState = None,
+    q: Text = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
+) -> PageQuery:
+    return page_query(limit, cursor, zone=zone, state=state, q=q)
+
+
+ScalePageQuery = Annotated[PageQuery, Depends(_scale_page)]
+"""The page of ``/devices`` and ``/scales`` (docs/api.md, "Pages")."""
 
 
 @router.get(
@@ -16,8 +51,13 @@ router = APIRouter()
     response_model=list[DevicePublic],
     tags=["devices"],
     dependencies=READ_ALL,
+    responses={200: {"headers": PAGE_HEADERS}},
 )
-def list_devices(reads: ReadsDep) -> list[DevicePublic]:
+def list_devices(
+    request: Request, response: Response, reads: ReadsDep, query: ScalePageQuery
+) -> list[DevicePublic]:
+    """Per scale: last seen, stale, applied readings, last seq, gaps. Paginated in site order
+    (docs/api.md, "Pages"); ``q`` matches the scale's id."""
     return [
         DevicePublic(
             id=d.id,
@@ -32,7 +72,7 @@ def list_devices(reads: ReadsDep) -> list[DevicePublic]:
             gaps=d.gaps,
             missing_readings=d.missing_readings,
         )
-        for d in reads.devices.devices()
+        for d in paged(request, response, query, reads.devices.devices_page)
     ]
 
 
@@ -47,10 +87,18 @@ def list_plcs(reads: ReadsDep) -> list[PlcPublic]:
 
 
 @router.get(
-    "/api/v1/scales", response_model=list[ScalePublic], tags=["devices"], dependencies=READ_ALL
+    "/api/v1/scales",
+    response_model=list[ScalePublic],
+    tags=["devices"],
+    dependencies=READ_ALL,
+    responses={200: {"headers": PAGE_HEADERS}},
 )
-async def list_scales(reads: ReadsDep) -> list[ScalePublic]:
-    """Every scale: status, last seen, and per channel its shelf and scale factor."""
+async def list_scales(
+    request: Request, response: Response, reads: ReadsDep, query: ScalePageQuery
+) -> list[ScalePublic]:
+    """Every scale: status, last seen, and per channel its shelf and scale factor. Paginated
+    in site order (docs/api.md, "Pages"); ``state`` filters on ``status``, ``q`` matches the
+    scale's id."""
     return [
         ScalePublic(
             id=sc.id,
@@ -70,5 +118,5 @@ async def list_scales(reads: ReadsDep) -> list[ScalePublic]:
                 for ch in sc.channels
             ],
         )
-        for sc in reads.devices.scales()
+        for sc in paged(request, response, query, reads.devices.scales_page)
     ]

@@ -6,14 +6,23 @@ the tare and calibration answers (routes/ops.py)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from controller.api.deps import ANY_ROLE, QueriesDep
+from controller.api.paging import (
+    DEFAULT_LIMIT,
+    PAGE_HEADERS,
+    Limit,
+    PageCursor,
+    Text,
+    Zone,
+    page_query,
+    paged_json,
+)
 from controller.api.schemas import (
     Problem,
-    ShelfCalibrationPublic,
     ShelfPublic,
     SkuStockPublic,
     ZonePublic,
@@ -21,66 +30,92 @@ from controller.api.schemas import (
     ZoneStockPublic,
     problem_responses,
 )
+from controller.domain.model import ShelfStatus, StockState
 from controller.services.queries import ShelfView, SkuView
 
 router = APIRouter(tags=["stock"], dependencies=ANY_ROLE)
 
 
-def shelf_public(view: ShelfView) -> ShelfPublic:
-    """The wire view of one shelf, calibration included."""
+def _float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def shelf_body(view: ShelfView) -> dict[str, Any]:
+    """The wire dict of one shelf: ``ShelfPublic``'s fields in its order, calibration
+    included."""
     spec, state, cal = view.spec, view.state, view.calibration
-    return ShelfPublic(
-        id=spec.shelf_id,
-        zone=spec.zone,
-        location=view.location,
-        sku=spec.sku,
-        scale=spec.scale_id,
-        channel=spec.channel,
-        status=state.status.value,
-        units=state.units,
-        weight_g=state.weight_g,
-        last_reading_ts=state.last_ts_s,
-        capacity_units=spec.capacity_units,
-        unit_weight_g=spec.unit_weight_g,
-        tare_g=spec.tare_g,
-        scale_factor=cal.scale_factor if cal is not None else 1.0,
-        calibration=(
-            ShelfCalibrationPublic(
-                tare_g=cal.tare_g,
-                unit_weight_g=cal.unit_weight_g,
-                scale_factor=cal.scale_factor,
-                updated_at=cal.updated_at_s,
-                updated_by=cal.updated_by,
-            )
+    return {
+        "id": spec.shelf_id,
+        "zone": spec.zone,
+        "location": view.location,
+        "sku": spec.sku,
+        "scale": spec.scale_id,
+        "channel": spec.channel,
+        "status": state.status.value,
+        "units": state.units,
+        "weight_g": _float(state.weight_g),
+        "last_reading_ts": _float(state.last_ts_s),
+        "capacity_units": spec.capacity_units,
+        "unit_weight_g": _float(spec.unit_weight_g),
+        "tare_g": _float(spec.tare_g),
+        "scale_factor": float(cal.scale_factor) if cal is not None else 1.0,
+        "calibration": (
+            {
+                "tare_g": _float(cal.tare_g),
+                "unit_weight_g": _float(cal.unit_weight_g),
+                "scale_factor": float(cal.scale_factor),
+                "updated_at": float(cal.updated_at_s),
+                "updated_by": cal.updated_by,
+            }
             if cal is not None
             else None
         ),
-    )
+    }
+
+
+def shelf_public(view: ShelfView) -> ShelfPublic:
+    """The wire view of one shelf, calibration included."""
+    return ShelfPublic.model_validate(shelf_body(view))
+
+
+def _sku_body(view: SkuView) -> dict[str, Any]:
+    """The wire dict of one SKU: ``SkuStockPublic``'s fields in its order."""
+    sku = view.sku
+    return {
+        "sku": sku.id,
+        "name": sku.name,
+        "level": view.level,
+        "state": view.state.value,
+        "reorder_point": sku.reorder_point,
+        "safety_stock": sku.safety_stock,
+        "max_stock": sku.max_stock,
+        "lead_time_d": float(sku.lead_time_d),
+        "shelves": [shelf_body(s) for s in view.shelves],
+    }
 
 
 def _sku_public(view: SkuView) -> SkuStockPublic:
-    sku = view.sku
-    return SkuStockPublic(
-        sku=sku.id,
-        name=sku.name,
-        level=view.level,
-        state=view.state.value,
-        reorder_point=sku.reorder_point,
-        safety_stock=sku.safety_stock,
-        max_stock=sku.max_stock,
-        lead_time_d=sku.lead_time_d,
-        shelves=[shelf_public(s) for s in view.shelves],
-    )
+    return SkuStockPublic.model_validate(_sku_body(view))
 
 
-@router.get("/api/v1/stock", response_model=list[SkuStockPublic])
+@router.get(
+    "/api/v1/stock",
+    response_model=list[SkuStockPublic],
+    responses={200: {"headers": PAGE_HEADERS}},
+)
 def list_stock(
+    request: Request,
     queries: QueriesDep,
     zone: Annotated[str | None, Query(description="only SKUs with a shelf in this zone")] = None,
-    state: Annotated[str | None, Query(pattern="^(ok|low|critical|out|unknown)$")] = None,
-) -> list[SkuStockPublic]:
-    """Stock per SKU: the sum of its shelves' unit counts."""
-    return [_sku_public(v) for v in queries.stock(zone=zone, state=state)]
+    state: Annotated[StockState | None, Query(description="only SKUs in this stock state")] = None,
+    q: Text = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
+) -> Response:
+    """Stock per SKU: the sum of its shelves' unit counts. Paginated in site order
+    (docs/api.md, "Pages"); ``q`` matches the SKU's id or name."""
+    query = page_query(limit, cursor, zone=zone, state=None if state is None else state.value, q=q)
+    return paged_json(request, query, queries.stock_page, _sku_body)
 
 
 @router.get(
@@ -92,11 +127,26 @@ def get_stock(queries: QueriesDep, sku: str) -> SkuStockPublic:
     return _sku_public(queries.sku(sku))
 
 
-@router.get("/api/v1/shelves", response_model=list[ShelfPublic])
+@router.get(
+    "/api/v1/shelves",
+    response_model=list[ShelfPublic],
+    responses={200: {"headers": PAGE_HEADERS}},
+)
 def list_shelves(
-    queries: QueriesDep, zone: str | None = None, status: str | None = None
-) -> list[ShelfPublic]:
-    return [shelf_public(v) for v in queries.shelves(zone=zone, status=status)]
+    request: Request,
+    queries: QueriesDep,
+    zone: Zone = None,
+    status: Annotated[ShelfStatus | None, Query(description="only shelves in this status")] = None,
+    q: Text = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: PageCursor = None,
+) -> Response:
+    """Every shelf: count, weight, status, calibration. Paginated in site order (docs/api.md,
+    "Pages"); ``q`` matches the shelf's id, SKU or location."""
+    query = page_query(
+        limit, cursor, zone=zone, state=None if status is None else status.value, q=q
+    )
+    return paged_json(request, query, queries.shelves_page, shelf_body)
 
 
 @router.get("/api/v1/zones", response_model=list[ZonePublic])

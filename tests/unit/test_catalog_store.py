@@ -1,0 +1,148 @@
+"""The catalogue in the journal: layout 2 migrated from layout 1, versions and audit rows, and
+the start rule (inline site file catalogue, or the journal's, or a clear error)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from controller.adapters import catalog_store
+from controller.adapters.journal import SCHEMA_VERSION, Journal
+from controller.catalog.records import Catalogue
+from controller.catalog.start import NoCatalogue, inline_catalogue, settle_catalogue, with_catalogue
+from controller.catalog.validate import parse
+from controller.config import ConfigError, SiteConfig, load_site
+from controller.ports import ReadingRow
+from tests.sites import write_small_site
+
+LAYOUT_1 = Path(__file__).resolve().parents[1] / "data" / "journal-layout-1.sql"
+
+
+def _catalogue(site: SiteConfig, text: str) -> Catalogue:
+    return parse(text.encode(), "csv", {z.id for z in site.zones}, "c.csv")[0]
+
+
+def _topology_site(tmp_path: Path, scales: int = 2) -> tuple[SiteConfig, str]:
+    path = write_small_site(tmp_path, mqtt_port=1883, scales=scales, catalogue_csv=True)
+    return load_site(path), (tmp_path / "catalogue.csv").read_text()
+
+
+def _replace(path: Path, cat: Catalogue, actor: str = "alice") -> tuple[int, int]:
+    j = Journal(path)
+    j.open()
+    try:
+        version, changes = catalog_store.replace(
+            j.db, cat, actor=actor, source="import", detail="c.csv", clock=lambda: 1000.0
+        )
+        return version, len(changes.changes)
+    finally:
+        j.close()
+
+
+def test_a_layout_1_journal_migrates_keeps_its_state_and_takes_a_catalogue(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "journal.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(LAYOUT_1.read_text(encoding="utf-8"))
+    db.close()
+    j = Journal(path)
+    restored = j.open()
+    try:
+        assert j.migrated == (2,)
+        assert restored.shelf_states == {"sh0": {"units": 10, "status": "ok"}}
+        assert restored.outbox_rows == 1
+        assert catalog_store.load(j.db) is None  # migrated, still no catalogue
+        j.commit([ReadingRow("s0", 0, 1, 2, 1_800_000_002.0, 1400.0, "sh0")])
+    finally:
+        j.close()
+    site, text = _topology_site(tmp_path)
+    assert _replace(path, _catalogue(site, text)) == (1, 6)
+    stored = catalog_store.read_journal(path)
+    assert stored is not None
+    assert stored.version == 1
+    assert stored.same_records(_catalogue(site, text))
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    db.close()
+
+
+def test_each_change_is_a_version_with_an_audit_row_per_record(tmp_path: Path) -> None:
+    site, text = _topology_site(tmp_path)
+    path = site.journal.path
+    first = _catalogue(site, text)
+    assert _replace(path, first) == (1, 6)
+    assert _replace(path, first) == (1, 0)  # the same catalogue: no new version
+    edited = text.replace("sku,K1,10,3,40", "sku,K1,12,3,40")
+    changed = _catalogue(site, edited.replace("shelf,sh1,,,,,Z,,,s1,K1,100.0,500.0,40\n", ""))
+    assert _replace(path, changed, actor="bob") == (2, 2)
+    db = sqlite3.connect(path)
+    (body,) = db.execute("SELECT body FROM catalog_records WHERE kind='sku' AND id='K0'").fetchone()
+    assert orjson.loads(body) == ["K0", "", 10, 3, 40, 7.0, None, 0.2]  # values, columns in meta
+    rows = catalog_store.versions(db)
+    assert [(v.version, v.actor, v.added, v.removed, v.changed) for v in rows] == [
+        (1, "alice", 6, 0, 0),
+        (2, "bob", 0, 1, 1),
+    ]
+    trail = catalog_store.audit(db, "sku", "K1")
+    assert [(a["version"], a["op"], a["actor"]) for a in trail] == [
+        (1, "add", "alice"),
+        (2, "change", "bob"),
+    ]
+    assert (trail[1]["before"]["reorder_point"], trail[1]["after"]["reorder_point"]) == (10, 12)
+    (gone,) = catalog_store.audit(db, "shelf", "sh1")[1:]
+    assert (gone["op"], gone["after"], gone["before"]["sku"]) == ("remove", None, "K1")
+    db.close()
+
+
+def test_a_site_with_no_catalogue_anywhere_does_not_start(tmp_path: Path) -> None:
+    site, _ = _topology_site(tmp_path)
+    with pytest.raises(NoCatalogue) as err:
+        with_catalogue(site)
+    assert "floorhand catalog import FILE --site SITE" in str(err.value)
+
+
+def test_the_journals_catalogue_is_the_sites_when_the_file_declares_none(
+    tmp_path: Path,
+) -> None:
+    site, text = _topology_site(tmp_path)
+    cat = _catalogue(site, text)
+    _replace(site.journal.path, cat)
+    full, version = with_catalogue(site)
+    assert version == 1
+    assert (full.skus, full.scales, full.shelves) == (cat.skus, cat.scales, cat.shelves)
+    assert full.sku("K1").reorder_point == 10
+    assert full.zones == site.zones
+    assert full.api == site.api
+    # A zone the site file no longer has stops the start, naming the record.
+    db = sqlite3.connect(site.journal.path)
+    db.execute("UPDATE catalog_records SET body = replace(body, '\"Z\"', '\"Y\"') WHERE id='s0'")
+    db.commit()
+    db.close()
+    with pytest.raises(ConfigError) as err:
+        with_catalogue(site)
+    assert ("catalogue scale s0", "zone 'Y' is not in the site file") in err.value.errors
+
+
+def test_an_inline_catalogue_is_journaled_as_a_site_file_version_when_it_changes(
+    tmp_path: Path,
+) -> None:
+    site = load_site(write_small_site(tmp_path, mqtt_port=1883, scales=2))
+    assert with_catalogue(site) == (site, 0)
+    j = Journal(site.journal.path)
+    j.open()
+    try:
+        assert settle_catalogue(site, j.db, 0, lambda: 5.0) == 1
+        assert settle_catalogue(site, j.db, 0, lambda: 6.0) == 1  # unchanged
+        fewer = site.model_copy(update={"shelves": site.shelves[:1]})
+        assert settle_catalogue(fewer, j.db, 0, lambda: 7.0) == 2
+        (v1, v2) = catalog_store.versions(j.db)
+        assert (v1.source, v1.added, v2.source, v2.removed) == ("site file", 6, "site file", 1)
+        stored = catalog_store.load(j.db)
+        assert stored is not None
+        assert stored.same_records(inline_catalogue(fewer))
+    finally:
+        j.close()
