@@ -35,6 +35,7 @@ from controller.config import ConfigError, SiteConfig, load_site, split_bind
 from controller.sdnotify import Notifier
 
 if TYPE_CHECKING:
+    from controller.api.loops import LoopWatch
     from controller.runtime import Runtime
 
 log = logging.getLogger("floorhand")
@@ -48,6 +49,10 @@ uvicorn's setting is an int)."""
 
 LEFTOVER_TASKS_S = 0.3
 """Bound on the tasks still running once the server returned (cancelled, then abandoned)."""
+
+HTTP_LOOP_STALE_S = 2.0
+"""The watchdog is not fed once the HTTP loop has left a callback waiting this long (a wedged
+HTTP thread: systemd restarts the controller as for a wedged main loop)."""
 
 THREAD_JOIN_S = 1.0
 """How long the process waits at exit for its other threads (a history write in flight)."""
@@ -253,10 +258,13 @@ class StopGuard:
         os._exit(EXIT_STOP_OVERRUN)
 
 
-def _notify_systemd(notifier: Notifier, runtime: Runtime, server: Any) -> None:
-    """After each supervision tick: ``READY=1`` once the journal is open and the state
-    restored, the broker session is up and the API serves; the watchdog fed."""
-    notifier.watchdog()
+def _notify_systemd(notifier: Notifier, runtime: Runtime, server: Any, http: LoopWatch) -> None:
+    """After each supervision tick (on the main loop): ``READY=1`` once the journal is open
+    and the state restored, the broker session is up and the API serves; the watchdog fed
+    while the HTTP loop, which the tick does not run on, still runs (`HTTP_LOOP_STALE_S`)."""
+    http.ping()
+    if http.alive(HTTP_LOOP_STALE_S):
+        notifier.watchdog()
     if notifier.ready_sent or notifier.stopping_sent or not notifier.enabled:
         return
     if runtime.ready and server.started:
@@ -290,7 +298,7 @@ def _server_class(notifier: Notifier | None = None) -> type[Any]:
     return Server
 
 
-def _serve(server: Any, sock: socket.socket, app: Any, guard: StopGuard) -> None:
+def _serve(server: Any, sock: socket.socket, app: Any, guard: StopGuard, http: LoopWatch) -> None:
     """The runtime on a new event loop of the main thread (the home loop: the app's lifespan
     runs there), uvicorn on a loop of its own in the ``http`` thread (`serve_apart`,
     docs/architecture.md "Three event loops"); then cancel what is left on the home loop,
@@ -302,7 +310,7 @@ def _serve(server: Any, sock: socket.socket, app: Any, guard: StopGuard) -> None
     asyncio.set_event_loop(loop)
     uninstall = guard.install(server.request_stop)
     try:
-        loop.run_until_complete(serve_apart(server, [sock], app))
+        loop.run_until_complete(serve_apart(server, [sock], app, watch=http))
     finally:
         uninstall()
         try:
@@ -341,6 +349,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from controller.api.app import create_app
+    from controller.api.loops import LoopWatch
     from controller.owner import refusal
 
     host, port = split_bind(site.api.bind)
@@ -403,7 +412,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=HTTP_DRAIN_S,
     )
     server = _server_class(notifier)(config)
-    runtime.supervision.after_tick.append(lambda: _notify_systemd(notifier, runtime, server))
+    http = LoopWatch("http")
+    runtime.supervision.after_tick.append(lambda: _notify_systemd(notifier, runtime, server, http))
     notifier.status("starting: opening the journal, connecting to the broker")
     log.info(
         "floorhand %s: site %s, mqtt %s, api http://%s",
@@ -414,7 +424,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            _serve(server, api_socket, app, guard)
+            _serve(server, api_socket, app, guard, http)
     except SystemExit:
         pass  # uvicorn's "startup failed" (3); the runtime's own outcome decides the code
     guard.arm()  # from here on the process leaves within the bound, whatever hangs

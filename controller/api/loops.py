@@ -32,6 +32,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -49,6 +50,7 @@ log = logging.getLogger("floorhand.api.loops")
 __all__ = [
     "HTTP_LOOP_ATTR",
     "LoopRouter",
+    "LoopWatch",
     "cancel_leftovers",
     "on_http_loop",
     "serve_apart",
@@ -74,6 +76,50 @@ def on_http_loop(route_class: R) -> R:
 def set_home_loop(app: FastAPI, loop: asyncio.AbstractEventLoop | None) -> None:
     """The loop that owns the runtime: the lifespan and the unmarked routes run there."""
     app.state.home_loop = loop
+
+
+class LoopWatch:
+    """Whether a loop in another thread still runs its callbacks (the HTTP loop, for the
+    systemd watchdog, which the main loop feeds): `ping` queues a callback on it, at most one
+    at a time; `alive` says whether the one queued is answered or younger than ``stale_s``."""
+
+    def __init__(self, name: str, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.name = name
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._monotonic = monotonic
+        self._pending_since: float | None = None
+        self._stale = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Watch ``loop`` (None: nothing, and nothing waits)."""
+        self.loop = loop
+        self._pending_since = None
+
+    def ping(self) -> None:
+        """Queue the next callback (from any thread but the watched loop's)."""
+        loop = self.loop
+        if loop is None or loop.is_closed() or self._pending_since is not None:
+            return
+        self._pending_since = self._monotonic()
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            loop.call_soon_threadsafe(self._answered)
+
+    def _answered(self) -> None:
+        self._pending_since = None
+
+    def alive(self, stale_s: float) -> bool:
+        """False once a queued callback has waited longer than ``stale_s`` (logged once per
+        such stretch, and its end)."""
+        since = self._pending_since
+        waited_s = 0.0 if since is None else self._monotonic() - since
+        alive = waited_s <= stale_s
+        if alive == self._stale:
+            self._stale = not alive
+            if alive:
+                log.warning("the %s loop runs again", self.name)
+            else:
+                log.error("the %s loop has run nothing for %.1f s", self.name, waited_s)
+        return alive
 
 
 def _marked(route: Any) -> bool:
@@ -172,13 +218,18 @@ async def _coroutine(awaitable: Awaitable[T]) -> T:
 
 
 async def serve_apart(
-    server: uvicorn.Server, sockets: list[socket.socket] | None, app: FastAPI
+    server: uvicorn.Server,
+    sockets: list[socket.socket] | None,
+    app: FastAPI,
+    *,
+    watch: LoopWatch | None = None,
 ) -> None:
     """Serve ``app`` with ``server`` (on ``sockets``, else on its configured address) on a new
     event loop in a thread of its own (``http``);
     the calling loop becomes the app's home loop (the lifespan, so the runtime, runs on it).
     Returns once the server has stopped and its loop is closed; the server's own exceptions
-    (uvicorn's ``SystemExit`` when the lifespan startup failed) are raised here."""
+    (uvicorn's ``SystemExit`` when the lifespan startup failed) are raised here. ``watch``
+    watches the HTTP loop while it runs."""
     home = asyncio.get_running_loop()
     set_home_loop(app, home)
     done: asyncio.Future[None] = home.create_future()
@@ -191,6 +242,8 @@ async def serve_apart(
     def run() -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
+        if watch is not None:
+            watch.bind(loop)
         try:
             loop.run_until_complete(server.serve(sockets=sockets))
         except BaseException as exc:  # handed to the home loop, raised there
@@ -201,6 +254,8 @@ async def serve_apart(
                 # answer crosses back): let it, rather than cut it short (an error log).
                 loop.run_until_complete(cancel_leftovers(LEFTOVER_TASKS_S, grace_s=0.5))
             finally:
+                if watch is not None:
+                    watch.bind(None)
                 asyncio.set_event_loop(None)
                 loop.close()
                 with contextlib.suppress(RuntimeError):  # home loop closed: nobody waits

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from controller.__main__ import _notify_systemd
 from controller.api.app import create_app
 from controller.api.deps import PUBLIC
-from controller.api.loops import on_http_loop, serve_apart
+from controller.api.loops import LoopWatch, on_http_loop, serve_apart
 from controller.config import load_site
 from controller.domain.events import BusEvent, StockChanged
 from controller.runtime import Runtime
+from controller.sdnotify import Notifier
 from devices.link.state import LinkState
 from devices.sorter import SorterDriver
 from simulators.conveyor import ConveyorPlc
@@ -45,6 +48,7 @@ from tests.integration.test_picking import Floor, picking_site
 from tests.integration.test_sensing_e2e import readings
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import TOKENS, auth_headers, write_small_site
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,19 +72,33 @@ class _ApartRoute(APIRoute):
     """A route class marked for the HTTP loop, as the pick routes' is."""
 
 
+WEDGE = threading.Event()
+"""Holds the thread of a request to ``/api/v1/test/wedge`` until set (at most 20 s)."""
+
+
+async def wedge_http_loop() -> str:
+    WEDGE.wait(20)  # blocks the thread, so the HTTP loop (as a hung library call would)
+    return "released"
+
+
 def add_thread_routes(app: FastAPI) -> None:
     """Two probes answering the name of the thread that ran them: an ordinary route and one
-    of a class marked `on_http_loop`."""
+    of a class marked `on_http_loop`; and the wedge, on the HTTP loop."""
     app.add_api_route("/api/v1/test/thread", thread_name, dependencies=PUBLIC)
     apart = APIRouter(route_class=_ApartRoute)
     apart.add_api_route("/api/v1/test/thread-apart", thread_name, dependencies=PUBLIC)
+    apart.add_api_route("/api/v1/test/wedge", wedge_http_loop, dependencies=PUBLIC)
     app.include_router(apart)
 
 
 @contextlib.asynccontextmanager
-async def served_apart(site_path: Path) -> AsyncIterator[tuple[Runtime, int]]:
+async def served_apart(
+    site_path: Path, *, watch: Watched | None = None
+) -> AsyncIterator[tuple[Runtime, int]]:
     """The runtime on this loop, uvicorn on a loop of its own (`serve_apart`, as
-    ``floorhand run`` does); yields the runtime and the API port once both are up."""
+    ``floorhand run`` does); yields the runtime and the API port once both are up. With
+    ``watch``: the systemd notifications of ``floorhand run`` after every supervision tick
+    (``watch.notifier``)."""
     site = load_site(site_path)
     rt = Runtime(site)
     app = create_app(site, runtime=rt)
@@ -89,7 +107,12 @@ async def served_apart(site_path: Path) -> AsyncIterator[tuple[Runtime, int]]:
     server = uvicorn.Server(
         uvicorn.Config(app, lifespan="on", log_level="warning", access_log=False)
     )
-    task = asyncio.create_task(serve_apart(server, [sock], app), name="uvicorn-apart")
+    if watch is not None:
+        rt.supervision.after_tick.append(
+            lambda: _notify_systemd(watch.notifier, rt, server, watch.http)
+        )
+    http = watch.http if watch is not None else None
+    task = asyncio.create_task(serve_apart(server, [sock], app, watch=http), name="uvicorn-apart")
     try:
         async with asyncio.timeout(15):
             await rt.started.wait()
@@ -252,3 +275,73 @@ async def _frame(ws: ClientConnection) -> list[dict[str, Any]]:
     async with asyncio.timeout(10):
         body: list[dict[str, Any]] = orjson.loads(await ws.recv())
     return body
+
+
+WATCHDOG_S = 0.4
+"""The watchdog interval asked for here: WATCHDOG=1 is due every 0.2 s (each 0.5 s tick)."""
+
+
+class Watched:
+    """``floorhand run``'s notifier, talking to a socket of the test (the systemd end), and
+    the watch of the HTTP loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.notifier = Notifier(str(path), WATCHDOG_S)
+        self.http = LoopWatch("http")
+        self.watchdogs: list[float] = []
+        self.arrived = asyncio.Event()
+
+    async def receive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(self.sock, 4096)
+            if b"WATCHDOG=1" in data.splitlines():
+                self.watchdogs.append(time.monotonic())
+                self.arrived.set()
+
+    async def fed(self, count: int, timeout_s: float = 15.0) -> None:
+        await wait_for_condition(
+            lambda: len(self.watchdogs) >= count,
+            timeout_s,
+            what=f"{count} WATCHDOG=1",
+            wake=self.arrived,
+        )
+
+
+async def test_a_wedged_http_loop_stops_feeding_the_watchdog(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The systemd watchdog is fed from the main loop's supervision tick; a request that
+    wedges the HTTP loop (its thread blocked) stops the feeding as a wedged main loop does
+    (systemd would kill and restart the controller), and it resumes once the loop runs."""
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=2)
+    watched = Watched(tmp_path / "notify.sock")
+    receiver = asyncio.create_task(watched.receive())
+    try:
+        async with served_apart(site, watch=watched) as (_, port):
+            await watched.fed(2)
+            wedged = asyncio.create_task(
+                asyncio.to_thread(
+                    httpx.get, f"http://127.0.0.1:{port}/api/v1/test/wedge", timeout=30
+                )
+            )
+            try:
+                await wait_for_condition(
+                    lambda: time.monotonic() - watched.watchdogs[-1],
+                    15.0,
+                    what="a watchdog gap of 3 watchdog intervals while the HTTP loop is wedged",
+                    until=lambda silent_s: silent_s > 3 * WATCHDOG_S + 2.5,
+                    interval_s=0.1,
+                    wake=watched.arrived,
+                )
+            finally:
+                WEDGE.set()
+            assert (await wedged).status_code == 200
+            await watched.fed(len(watched.watchdogs) + 2)
+    finally:
+        WEDGE.clear()
+        receiver.cancel()
+        watched.sock.close()
