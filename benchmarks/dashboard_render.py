@@ -7,12 +7,18 @@ with ``performance.now()`` (``window.__floorhand.perf``):
 
 * first render: from navigation start to the grid built from the snapshot (``firstRenderMs``)
   and to the frame after it (style, layout, paint: ``firstPaintMs``); the grid build alone;
-* updates: ``--changes`` shelves change count per round (6 readings each over MQTT); the page's
-  time handling the live messages plus its render frames, per 100 shelf/alert events, the
-  longest frame, and main-thread long tasks (> 50 ms) seen during the updates.
+* zone drill-down (a site above 5,000 shelves opens on the overview, or any size with
+  ``--scope overview``): after each load, a zone tile is clicked; from the click (the
+  ``subscribe`` sent) to the zone's virtual grid built from its snapshot (``drillMs``) and to
+  the frame after it (``drillPaintMs``), and how many cells that put in the DOM;
+* updates: ``--changes`` shelves change count per round (6 readings each over MQTT; in the
+  overview scope, shelves of the zone opened, Z0); the page's time handling the live messages
+  plus its render frames, per 100 shelf/alert events, the longest frame, and main-thread long
+  tasks (> 50 ms) seen during the updates.
 
     python benchmarks/dashboard_render.py                 # 2,000 shelves, 3 loads, 3 rounds
-    python benchmarks/dashboard_render.py --shelves 500 --changes 100
+    python benchmarks/dashboard_render.py --shelves 10000 --changes 200   # overview + drill-down
+    python benchmarks/dashboard_render.py --shelves 500 --changes 100 --scope overview
 """
 
 from __future__ import annotations
@@ -126,34 +132,60 @@ async def browse(
             executable_path=CHROMIUM, headless=True, chromium_sandbox=False
         )
         try:
+            query = "" if args.scope == "default" else f"?scope={args.scope}"
+            url = f"{ctl.base}/dashboard/{query}#token={TOKEN}"
             for viewport in ({"width": 1366, "height": 768}, {"width": 820, "height": 1180}):
-                for _ in range(args.loads):
+                for n in range(args.loads):
                     page = await browser.new_page(viewport=viewport)
-                    await page.goto(f"{ctl.base}/dashboard/#token={TOKEN}")
+                    await page.goto(url)
                     await page.wait_for_function(
                         "() => window.__floorhand.perf.firstPaintMs !== null", timeout=60_000
                     )
                     perf = await page_perf(page)
+                    kind = await page.evaluate("() => window.__floorhand.store.scope.kind")
                     cells = await page.locator(".cell").count()
-                    assert cells == args.shelves, cells
+                    tiles = await page.locator("#overview .zone-tile").count()
+                    assert (cells, tiles) == (
+                        (args.shelves, 0) if kind == "site" else (0, args.zones)
+                    )
                     load = {
                         "viewport": f"{viewport['width']}x{viewport['height']}",
+                        "scope": kind,
                         "first_render_ms": perf["firstRenderMs"],
                         "first_paint_ms": perf["firstPaintMs"],
                         "grid_build_ms": perf["buildMs"],
                     }
+                    if kind == "overview":
+                        load.update(await drill_down(page, f"Z{n % args.zones}"))
                     results["loads"].append(load)
                     print(json.dumps(load), flush=True)
                     await page.close()
             page = await browser.new_page(viewport={"width": 1366, "height": 768})
-            await page.goto(f"{ctl.base}/dashboard/#token={TOKEN}")
+            await page.goto(url)
             await page.wait_for_function(
                 "() => window.__floorhand.perf.firstPaintMs !== null", timeout=60_000
             )
+            if await page.evaluate("() => window.__floorhand.store.scope.kind") == "overview":
+                await drill_down(page, "Z0")  # the rounds change shelves of Z0
             for r in range(args.rounds):
                 await one_round(args, page, mqtt_port, seqs, units, r, results)
         finally:
             await browser.close()
+
+
+async def drill_down(page: Any, zone: str) -> dict[str, Any]:
+    """Click the tile of ``zone``; the page's drill-down times and the cells it drew."""
+    await page.click(f'#overview .zone-tile[data-zone="{zone}"]')
+    await page.wait_for_function(
+        "() => window.__floorhand.perf.drillPaintMs !== null", timeout=60_000
+    )
+    perf = await page_perf(page)
+    return {
+        "drill_zone": zone,
+        "drill_ms": perf["drillMs"],
+        "drill_paint_ms": perf["drillPaintMs"],
+        "drill_cells_in_dom": await page.locator(".cell").count(),
+    }
 
 
 async def one_round(
@@ -170,8 +202,11 @@ async def one_round(
         Object.assign(p, {events: 0, handleMs: 0, renderMs: 0, renders: 0, frames: 0,
                           messages: 0, maxRenderMs: 0, longTasks: 0, longTaskMs: 0}); }"""
     )
-    step = max(1, args.shelves // args.changes)
-    changed = {i: (units[i] + 13 + r) % 40 for i in range(r % step, args.shelves, step)}
+    zone = await page.evaluate("() => window.__floorhand.store.scope")
+    # In a zone, only its shelves reach the page: change those (Z0 is the first run of them).
+    pool = args.shelves if zone["kind"] == "site" else args.shelves // args.zones
+    step = max(1, pool // args.changes)
+    changed = {i: (units[i] + 13 + r) % 40 for i in range(r % step, pool, step)}
     changed = dict(list(changed.items())[: args.changes])
     units.update(changed)
     msgs = shelf_readings(args.shelves, args.zones, changed, seqs)
@@ -210,17 +245,23 @@ async def one_round(
 def summary(results: dict[str, Any]) -> None:
     print()
     print(f"Dashboard, {results['shelves']} shelves (medians)")
-    print("| viewport | first render | first paint | grid build |")
-    print("|---|---|---|---|")
+    print("| viewport | scope | first render | first paint | grid build | drill-down | its paint |")
+    print("|---|---|---|---|---|---|---|")
     for vp in sorted({x["viewport"] for x in results["loads"]}, reverse=True):
         rows = [x for x in results["loads"] if x["viewport"] == vp]
+        keys = ("first_render_ms", "first_paint_ms", "grid_build_ms", "drill_ms", "drill_paint_ms")
         med = {
-            k: statistics.median(x[k] for x in rows)
-            for k in ("first_render_ms", "first_paint_ms", "grid_build_ms")
+            k: statistics.median(x[k] for x in rows) if all(k in x for x in rows) else None
+            for k in keys
         }
+        drill = (
+            f"{med['drill_ms']:.0f} ms | {med['drill_paint_ms']:.0f} ms"
+            if med["drill_ms"] is not None
+            else "— | —"
+        )
         print(
-            f"| {vp} | {med['first_render_ms']:.0f} ms | {med['first_paint_ms']:.0f} ms "
-            f"| {med['grid_build_ms']:.1f} ms |"
+            f"| {vp} | {rows[0]['scope']} | {med['first_render_ms']:.0f} ms "
+            f"| {med['first_paint_ms']:.0f} ms | {med['grid_build_ms']:.1f} ms | {drill} |"
         )
     rounds = results["rounds"]
     print("| shelves changed | events | ms per 100 events | longest frame | long tasks |")
@@ -242,6 +283,12 @@ def main() -> None:
     p.add_argument("--loads", type=int, default=3, help="page loads per viewport")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--changes", type=int, default=500, help="shelves changed per round")
+    p.add_argument(
+        "--scope",
+        choices=("default", "overview", "site"),
+        default="default",
+        help="the page's scope (?scope=): default is the site up to 5,000 shelves, else overview",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")

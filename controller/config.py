@@ -350,8 +350,9 @@ class PickingConfig(_Frozen):
     idempotency_ttl_h: Annotated[float, Field(gt=0, le=24 * 365, allow_inf_nan=False)] = 48.0
     """How long an ``Idempotency-Key`` (and a channel's order id, in memory) is remembered."""
     keep_closed_days: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 90.0
-    """Closed orders (SHIPPED, EXCEPTION) are deleted from the journal this long after their
-    last change; their transition events stay in the history."""
+    """Closed orders (SHIPPED, EXCEPTION, CANCELLED) are deleted from the journal this long
+    after their last change; their transition events stay in the history. SORTED and PACKED
+    orders are kept until shipped."""
 
 
 class SkuConfig(_Frozen):

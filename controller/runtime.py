@@ -23,7 +23,7 @@ from controller.adapters.influx import InfluxV1Sink, InfluxV2Sink
 from controller.adapters.journal import Journal
 from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
-from controller.catalog.start import settle_catalogue, with_catalogue
+from controller.catalog.start import is_inline, settle_catalogue, with_catalogue
 from controller.config import PlcConfig, SiteConfig
 from controller.control import ControlLoop, ControlTask
 from controller.domain.events import BusEvent
@@ -224,6 +224,8 @@ class _IngestLink:
 class Runtime:
     def __init__(self, site: SiteConfig, *, clock: Callable[[], float] = time.time) -> None:
         # The catalogue: the site file's inline tables, or the journal's (docs/catalogue.md).
+        self.catalogue_inline = is_inline(site)
+        """The site file declares the catalogue: the API refuses changes (docs/catalogue.md)."""
         site, self.catalogue_version = with_catalogue(site)
         self.site = site
         self.clock = clock
@@ -363,22 +365,25 @@ class Runtime:
             log.warning("could not publish on %s: %s", topic, exc)
 
     def _on_messages(self, msgs: list[Any]) -> None:
-        probe = self.owner.probe_topic
-        if any(m.topic == probe for m in msgs):  # QoS 0: nothing to ack
-            self.owner.on_probes([m for m in msgs if m.topic == probe])
+        probe, command = self.owner.probe_topic, self._command_topic
+        special = (probe, command)
+        if self._early is None and not any(m.topic in special for m in msgs):
+            self.ingest.on_messages(msgs)  # the common case: readings only, one scan
+            self.supervision.check_outbox_bound()
+            return
+        probes = [m for m in msgs if m.topic == probe]
+        if probes:  # QoS 0: nothing to ack
+            self.owner.on_probes(probes)
             msgs = [m for m in msgs if m.topic != probe]
             if not msgs:
                 return
-        if self._early is not None or (
-            not self.picking.devices_settled.is_set()
-            and any(m.topic == self._command_topic for m in msgs)
-        ):
+        commands = [m for m in msgs if m.topic == command]
+        if self._early is not None or (commands and not self.picking.devices_settled.is_set()):
             self._hold_early(msgs)
             return
-        topic = self._command_topic
-        if any(m.topic == topic for m in msgs):
-            self._on_commands([m for m in msgs if m.topic == topic])
-            msgs = [m for m in msgs if m.topic != topic]
+        if commands:
+            self._on_commands(commands)
+            msgs = [m for m in msgs if m.topic != command]
         if msgs:
             self.ingest.on_messages(msgs)
         self.supervision.check_outbox_bound()

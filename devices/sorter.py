@@ -571,6 +571,12 @@ class SorterDriver(PlcDriver):
                     await self.link.wait_up(max(0.0, deadline - time.monotonic()))
                 status = await self._refresh(newer_than=time.monotonic())
             except DeviceError as exc:
+                # Another read (the status poll, a concurrent command's confirm) may have
+                # decided the command meanwhile: that wins over this failed read.
+                if rec.phase in (_Phase.ACCEPTED, _Phase.DONE):
+                    return True
+                if rec.phase is _Phase.LOST:
+                    raise CommandOutcomeUnknown(rec.cmd_id, rec.lost_reason) from None
                 if time.monotonic() >= deadline:
                     rec.phase = _Phase.UNCERTAIN
                     raise CommandOutcomeUnknown(

@@ -48,6 +48,7 @@ def write_small_site(
     history_backend: str | None = "none",
     api_settings: dict[str, str | int | float] | None = None,
     catalogue_csv: bool = False,
+    zones: int = 1,
 ) -> Path:
     """One zone ``Z``; scale ``s<i>`` (1 channel) holds shelf ``sh<i>`` of SKU ``K<i>``:
     unit 100 g, tare 500 g, capacity 40.
@@ -56,7 +57,9 @@ def write_small_site(
     every reading (the fault tests count them there) and no history file is written; with
     ``history_backend=None`` the file has no ``[history]`` table at all (the site default, or a
     table the caller appends). With ``catalogue_csv`` the SKUs, scales and shelves go to
-    ``catalogue.csv`` beside the site file (docs/catalogue.md) instead of inline tables."""
+    ``catalogue.csv`` beside the site file (docs/catalogue.md) instead of inline tables. With
+    ``zones`` > 1 the zones are ``Z0``… and scale/shelf ``i`` is in ``zone_of(i, scales, zones)``
+    (consecutive runs, as ``benchmarks/ws_fanout.py`` does)."""
     lines = [
         "[site]",
         'id = "t"',
@@ -83,12 +86,10 @@ def write_small_site(
     ]
     if history_backend is not None:
         lines += ["[history]", f'backend = "{history_backend}"', ""]
-    lines += [
-        "[[zones]]",
-        'id = "Z"',
-        "",
-    ]
+    for z in range(zones):
+        lines += ["[[zones]]", f'id = "{"Z" if zones == 1 else f"Z{z}"}"', ""]
     for i in range(scales):
+        zone = zone_of(i, scales, zones)
         lines += [
             "[[skus]]",
             f'id = "K{i}"',
@@ -99,13 +100,13 @@ def write_small_site(
             "",
             "[[scales]]",
             f'id = "s{i}"',
-            'zone = "Z"',
+            f'zone = "{zone}"',
             f"reporting_interval_s = {reporting_interval_s}",
             "max_weight_g = 10000.0",
             "",
             "[[shelves]]",
             f'id = "sh{i}"',
-            'zone = "Z"',
+            f'zone = "{zone}"',
             f'scale = "s{i}"',
             f'sku = "K{i}"',
             f"unit_weight_g = {UNIT_G}",
@@ -129,8 +130,13 @@ def write_small_site(
     return path
 
 
-def topic(device: str) -> str:
-    return f"fh/t/Z/scale/{device}"
+def zone_of(i: int, scales: int, zones: int) -> str:
+    """The zone of scale/shelf ``i`` of a ``write_small_site`` site."""
+    return "Z" if zones == 1 else f"Z{i * zones // scales}"
+
+
+def topic(device: str, zone: str = "Z") -> str:
+    return f"fh/t/{zone}/scale/{device}"
 
 
 def grams(units: int) -> float:

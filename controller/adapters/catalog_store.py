@@ -130,6 +130,26 @@ def audit(db: sqlite3.Connection, kind: str, record_id: str) -> list[dict[str, A
     ]
 
 
+def version_audit(db: sqlite3.Connection, version: int) -> list[dict[str, Any]]:
+    """The audit rows of one version, in the order they were written."""
+    if not _has_tables(db):
+        return []
+    return [
+        {
+            "kind": kind,
+            "id": record_id,
+            "op": op,
+            "before": orjson.loads(b) if b is not None else None,
+            "after": orjson.loads(a) if a is not None else None,
+        }
+        for kind, record_id, op, b, a in db.execute(
+            "SELECT kind, record_id, op, before, after FROM catalog_audit WHERE version = ? "
+            "ORDER BY id",
+            (version,),
+        )
+    ]
+
+
 def _dumps(record: dict[str, Any] | None) -> bytes | None:
     return None if record is None else orjson.dumps(record)
 
@@ -152,8 +172,8 @@ def replace(
     audit rows when it differs from the stored one (else nothing is written). Returns the
     version now current and the changes. ``db`` is a journal connection at layout 2 or later,
     outside a transaction."""
-    db.execute("BEGIN IMMEDIATE")
     try:
+        db.execute("BEGIN IMMEDIATE")
         before = load(db) or Catalogue()
         changes = diff(before, catalogue)
         if not changes and before.same_records(catalogue):
@@ -208,9 +228,11 @@ def replace(
             if progress is not None:
                 progress(written, total)
         db.execute("COMMIT")
-    except BaseException:
+    except BaseException as exc:
         if db.in_transaction:
             db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise JournalError(f"the catalogue could not be written: {exc}") from exc
         raise
     return version, changes
 

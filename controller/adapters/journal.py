@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 
+from controller.domain.model import OrderState
 from controller.domain.orders import OPEN_ORDER_STATES
 from controller.ports import (
     Cursor,
@@ -93,6 +94,12 @@ CREATE TABLE IF NOT EXISTS alert_states (key TEXT PRIMARY KEY, body BLOB NOT NUL
 
 # -- orders and pick commands (controller/services/picking.py) ----------------------------------
 _OPEN_ORDER_STATES = frozenset(s.value for s in OPEN_ORDER_STATES)
+_CLOSED_ORDER_STATES = (
+    OrderState.SHIPPED.value,
+    OrderState.EXCEPTION.value,
+    OrderState.CANCELLED.value,
+)
+"""Orders ``trim_orders`` may delete once old enough (``[picking] keep_closed_days``)."""
 _ORDER_SCHEMA = """
 CREATE TABLE IF NOT EXISTS orders (
     order_id TEXT PRIMARY KEY,
@@ -936,11 +943,13 @@ class Journal:
         return {k: int(v) for k, v in self.db.execute("SELECT name, value FROM counters")}
 
     def trim_orders(self, closed_before_ts: float) -> int:
-        """Delete closed orders (SHIPPED, EXCEPTION) last changed before ``closed_before_ts``;
-        their events stay in the outbox/history. Open orders are never deleted."""
+        """Delete closed orders (SHIPPED, EXCEPTION, CANCELLED) last changed before
+        ``closed_before_ts``; their events stay in the outbox/history. Open orders, and SORTED
+        or PACKED ones still waiting to be packed or shipped, are never deleted."""
         with self._statement("order trim") as db:
             cur = db.execute(
-                "DELETE FROM orders WHERE open = 0 AND updated_ts < ?", (closed_before_ts,)
+                "DELETE FROM orders WHERE open = 0 AND state IN (?, ?, ?) AND updated_ts < ?",
+                (*_CLOSED_ORDER_STATES, closed_before_ts),
             )
         return cur.rowcount
 

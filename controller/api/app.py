@@ -17,6 +17,7 @@ from controller.api.deps import install_queries
 from controller.api.limits import allowed_methods, install_security
 from controller.api.loops import LoopRouter
 from controller.api.routes import alerts as alerts_routes
+from controller.api.routes import catalog as catalog_routes
 from controller.api.routes import devices as devices_routes
 from controller.api.routes import health as health_routes
 from controller.api.routes import history as history_routes
@@ -98,6 +99,7 @@ def create_app(
     app.include_router(health_routes.router)  # health, ready (supervision's HealthReport)
     app.include_router(orders_routes.router)  # picks and orders (docs/picking.md)
     app.include_router(ops_routes.router)  # PLC commands, scales, tare
+    app.include_router(catalog_routes.router)  # the catalogue: export, versions, live changes
     install_web(app, rt)  # dashboard assets and /api/v1/live (docs/dashboard.md)
     install_api_docs(app)  # /docs and /redoc, every asset local
     return app

@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from controller.api.auth import Principal, PublicDep, Role, require
+from controller.domain.events import BusEvent
 from controller.runtime import Runtime
 from controller.services.queries import AlertQueries, DeviceQueries, ReadModel, StockQueries
 
@@ -34,7 +35,28 @@ def get_reads(request: Request) -> ReadModel:
 
 
 def install_queries(app: FastAPI, rt: Runtime) -> ReadModel:
-    """Build the read model over ``rt``'s services once and keep it on the app."""
+    """Build the read model over ``rt``'s services and keep it on the app; one bus listener
+    keeps the app's current read model's indexes moving, and builds it anew on a
+    ``catalog_changed`` event (by then the runtime's site, specs, states and alert targets are
+    the new catalogue's)."""
+    reads = reload_queries(app, rt)
+
+    def on_events(events: list[BusEvent]) -> None:
+        if any(ev.kind == "catalog_changed" for ev in events):
+            reload_queries(app, rt)  # its indexes read the live state when first used
+            return
+        current: ReadModel = app.state.reads
+        current.stock.on_events(events)
+        current.alerts.on_events(events)
+
+    # After the alert service's listener (added by the runtime): the indexes read its states.
+    rt.bus.add_listener(on_events, name="read model")
+    return reads
+
+
+def reload_queries(app: FastAPI, rt: Runtime) -> ReadModel:
+    """A new read model over ``rt``'s current site, in place of the app's (cheap: its indexes
+    are built on first use)."""
     stock = StockQueries(rt.site, rt.specs, rt.ingest.states, rt.ingest.calibrations, rt.alerts)
     reads = ReadModel(
         stock=stock,
@@ -51,9 +73,6 @@ def install_queries(app: FastAPI, rt: Runtime) -> ReadModel:
         health=rt.supervision.report,
         plcs=rt.supervision.plc_views,
     )
-    # After the alert service's listener (added by the runtime): the indexes read its states.
-    rt.bus.add_listener(stock.on_events, name="read model: stock")
-    rt.bus.add_listener(reads.alerts.on_events, name="read model: alerts")
     app.state.queries = stock
     app.state.reads = reads
     return reads

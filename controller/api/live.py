@@ -9,6 +9,14 @@ client that cannot keep up loses its *oldest* queued messages; the count is repo
 picture is whole again. Shelf updates are coalesced per shelf while queued: a client that is
 behind gets the newest state of a shelf once, not every intermediate count.
 
+Snapshots are **cached and shared**: one per scope (the whole site, one zone, or the overview
+only), built once and reused by every client that asks within ``SNAPSHOT_REUSE_S`` (a reconnect
+storm costs one build), each followed by the state messages (shelf, alert, link) published since
+it was built, kept in a short log. A client's **scope** (``?scope=site|overview``, ``?zone=Z``,
+or a ``subscribe`` message) limits its snapshot and its ``shelf`` messages to one zone (or none),
+plus the site overview (counts per state per zone) every second while it changes. The default is
+the whole site up to ``SITE_SCOPE_MAX_SHELVES`` shelves, the overview alone above.
+
 Frames are JSON arrays of messages (docs/dashboard.md lists the message types). Authentication:
 a bearer token as the WebSocket subprotocol pair ``["bearer", TOKEN]`` (what browsers can send),
 an ``Authorization: Bearer`` header or ``?token=``; any role may read. Origin: requests without
@@ -55,6 +63,7 @@ log = logging.getLogger("floorhand.api.live")
 
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_FORBIDDEN_ORIGIN = 4403
+CLOSE_BAD_SCOPE = 4400
 SUBPROTOCOL = "bearer"
 
 MAX_BATCH = 500
@@ -68,6 +77,20 @@ RESYNC_MIN_S = 5.0
 """After drops, a fresh snapshot at most this often per client."""
 MAX_CLIENT_MESSAGE = 4096
 """Client messages are tiny commands; anything longer is refused (counted)."""
+SITE_SCOPE_MAX_SHELVES = 5_000
+"""Default scope: the whole site (every shelf in the snapshot, every shelf update) up to this
+many shelves; above it, the overview only (counts per state per zone) until the client
+subscribes to a zone."""
+SNAPSHOT_REUSE_S = 1.0
+"""A cached snapshot serves joining clients this long (then the state messages since it was
+built follow it); the next request after that builds a new one."""
+SNAPSHOT_LOG_MAX = 20_000
+"""State messages kept after the oldest cached snapshot; beyond this the caches are dropped."""
+CELL_STATES = ("ok", "low", "critical", "out", "stale", "unknown")
+"""The overview's states: the dashboard's cell colours (docs/dashboard.md, "Cell colour")."""
+SCOPE_SITE = "site"
+SCOPE_OVERVIEW = "overview"
+ZONE_PREFIX = "zone:"
 
 
 def _frame_type(ev: BusEvent) -> str:
@@ -109,11 +132,15 @@ class Message:
     """One wire message, built once and shared by every client's queue; serialised on first
     send. ``key`` is set for messages that supersede older ones with the same key (shelves)."""
 
-    __slots__ = ("_data", "body", "key")
+    __slots__ = ("_data", "body", "key", "zone")
 
-    def __init__(self, body: dict[str, Any], key: str | None = None) -> None:
+    def __init__(
+        self, body: dict[str, Any], key: str | None = None, zone: str | None = None
+    ) -> None:
         self.body = body
         self.key = key
+        self.zone = zone
+        """The zone of a shelf message: only clients whose scope holds it get it (None: all)."""
         self._data: bytes | None = None
 
     @property
@@ -121,6 +148,18 @@ class Message:
         if self._data is None:
             self._data = _dumps(self.body)
         return self._data
+
+
+_STATE_TYPES = frozenset({"shelf", "alert", "link"})
+"""Messages that change what a snapshot holds: logged after a cached snapshot, replayed after it."""
+
+
+def in_scope(scope: str, msg: Message) -> bool:
+    """Whether a client of ``scope`` gets ``msg``: everything but the shelves of other zones."""
+    zone = msg.zone
+    if zone is None or scope == SCOPE_SITE:
+        return True
+    return scope == ZONE_PREFIX + zone
 
 
 class LiveClient:
@@ -133,16 +172,23 @@ class LiveClient:
         "id",
         "items",
         "maxsize",
+        "overview_seen",
         "pending",
         "principal",
         "ready",
+        "scope",
         "sent",
         "unreported",
         "want_snapshot",
     )
 
-    def __init__(self, hub: LiveHub, cid: int, principal: Principal, maxsize: int) -> None:
+    def __init__(
+        self, hub: LiveHub, cid: int, principal: Principal, maxsize: int, scope: str = SCOPE_SITE
+    ) -> None:
         self.hub = hub
+        self.scope = scope
+        """``site``, ``overview`` or ``zone:<id>``: what its snapshot and shelf messages cover."""
+        self.overview_seen = -1
         self.id = cid
         self.principal = principal
         self.maxsize = maxsize
@@ -154,6 +200,10 @@ class LiveClient:
         self.coalesced = 0
         self.sent = 0
         self.want_snapshot = False
+
+    def wants(self, msg: Message) -> bool:
+        """A message for every client, or a shelf message of a zone in this client's scope."""
+        return in_scope(self.scope, msg)
 
     def offer(self, msg: Message) -> None:
         key = msg.key
@@ -248,18 +298,83 @@ class LiveHub:
         self._sku_of = {sid: spec.sku for sid, spec in rt.specs.items()}
         self._sku_cfg = {s.id: s for s in rt.site.skus}
         self._stats_cache: tuple[float, dict[str, Any]] | None = None
+        # Shared snapshots: scope -> (position in the state log when built, frame bytes).
+        self._snapshots: dict[str, tuple[int, bytes]] = {}
+        self._log: list[Message] = []
+        self._log_since = 0.0  # monotonic time of the oldest cached snapshot
+        self.snapshot_builds = 0
+        """Snapshots built (each shared by the clients that join or resync in its window)."""
+        # Overview: each shelf's cell state and the counts per zone, kept from dirty shelves.
+        self._zone_of: dict[str, str] = {}
+        self._zone_shelves: dict[str, list[str]] = {}
+        self._cells: dict[str, str] | None = None
+        self._counts: dict[str, dict[str, int]] = {}
+        self._dirty_shelves: set[str] = set()
+        self._overview_version = 0
+        self._overview_cache: tuple[float, Message] | None = None
+        self._index_zones()
         rt.bus.add_listener(self.on_events)
+
+    def _index_zones(self) -> None:
+        """Zones of the shelves (site order); drops the cached snapshots and overview."""
+        self._zone_of = {cfg.id: cfg.zone for cfg in self.rt.site.shelves}
+        self._zone_shelves = {z.id: [] for z in self.rt.site.zones}
+        for cfg in self.rt.site.shelves:
+            self._zone_shelves.setdefault(cfg.zone, []).append(cfg.id)
+        self._cells = None
+        self._overview_cache = None
+        self._drop_snapshots()
+
+    def _drop_snapshots(self) -> None:
+        self._snapshots.clear()
+        self._log.clear()
+
+    @property
+    def default_scope(self) -> str:
+        """``site`` up to ``SITE_SCOPE_MAX_SHELVES`` shelves, else ``overview``."""
+        return SCOPE_SITE if len(self._zone_of) <= SITE_SCOPE_MAX_SHELVES else SCOPE_OVERVIEW
+
+    def parse_scope(self, scope: str | None, zone: str | None) -> str:
+        """A client's scope from ``scope`` and ``zone`` (query or ``subscribe``); ValueError names
+        an unknown scope or zone."""
+        if zone is not None:
+            if scope not in (None, "zone"):
+                raise ValueError("give either scope or zone")
+            if zone not in self._zone_shelves:
+                raise ValueError(f"unknown zone {zone!r}")
+            return ZONE_PREFIX + zone
+        if scope is None:
+            return self.default_scope
+        if scope in (SCOPE_SITE, SCOPE_OVERVIEW):
+            return scope
+        raise ValueError("scope must be 'site', 'overview' or 'zone' (with a zone)")
 
     # -- bus side (synchronous, on the publisher's path) -----------------------------------------
     def on_events(self, events: list[BusEvent]) -> None:
+        dirty = self._dirty_shelves
+        for ev in events:
+            if isinstance(ev, StockChanged | ShelfStatusChanged):
+                dirty.add(ev.shelf_id)
         if not self.clients:
+            if self._snapshots:  # nobody to replay the log to: the next join builds afresh
+                self._drop_snapshots()
             return
         # A raise here is the bus's to isolate, count and log (controller/bus.py).
         msgs = [self._message(ev) for ev in events]
+        if self._snapshots:
+            log = self._log
+            log.extend(m for m in msgs if m.body["type"] in _STATE_TYPES)
+            if len(log) > SNAPSHOT_LOG_MAX:
+                self._drop_snapshots()
         clients = list(self.clients.values())
         for msg in msgs:
-            for c in clients:
-                c.offer(msg)
+            if msg.zone is None:
+                for c in clients:
+                    c.offer(msg)
+            else:
+                for c in clients:
+                    if c.wants(msg):
+                        c.offer(msg)
 
     def _message(self, ev: BusEvent) -> Message:
         now = self.clock()
@@ -269,6 +384,7 @@ class LiveHub:
                 return Message(
                     {"type": "shelf", "t": now, "shelf": self.shelf_delta(sid)},
                     key="shelf:" + sid,
+                    zone=self._zone_of.get(sid),
                 )
         elif isinstance(ev, AlertNotice | AlertManualNotice):
             key = _alert_key(ev)
@@ -311,11 +427,19 @@ class LiveHub:
             )
         return out
 
-    def snapshot(self) -> dict[str, Any]:
-        """The whole picture a client starts from (and resyncs to after drops)."""
+    def snapshot(self, scope: str = SCOPE_SITE) -> dict[str, Any]:
+        """The picture a client starts from (and resyncs to after drops): the whole site, one
+        zone's shelves with their SKUs and alerts, or the overview alone (no shelves)."""
         rt = self.rt
+        if scope == SCOPE_SITE:
+            cfgs: Iterable[Any] = rt.site.shelves
+        elif scope.startswith(ZONE_PREFIX):
+            wanted = set(self._zone_shelves.get(scope.removeprefix(ZONE_PREFIX), ()))
+            cfgs = [cfg for cfg in rt.site.shelves if cfg.id in wanted]
+        else:
+            cfgs = ()
         shelves = []
-        for cfg in rt.site.shelves:
+        for cfg in cfgs:
             st = self.reads.stock.state(cfg.id)
             shelves.append(
                 {
@@ -331,18 +455,131 @@ class LiveHub:
                 }
             )
         health = self.reads.health()
+        alerts = self.reads.alerts.alerts(active=True)
+        if scope == SCOPE_SITE:
+            skus = [self.sku_view(s.id) for s in rt.site.skus]
+        else:
+            sku_ids = dict.fromkeys(sh["sku"] for sh in shelves)
+            ids = {sh["id"] for sh in shelves}
+            skus = [self.sku_view(sku) for sku in sku_ids if sku in self._sku_cfg]
+            alerts = [
+                a for a in alerts if a["key"] in sku_ids or a["key"].removeprefix("shelf:") in ids
+            ]
         return {
             "type": "snapshot",
             "t": self.clock(),
+            "scope": self.scope_view(scope),
             "site": {"id": rt.site.site.id, "name": rt.site.site.name},
             "zones": [{"id": z.id, "name": z.name} for z in rt.site.zones],
             "shelves": shelves,
-            "skus": [self.sku_view(s.id) for s in rt.site.skus],
-            "alerts": self.reads.alerts.alerts(active=True),
+            "skus": skus,
+            "alerts": alerts,
             "links": health.links,
             "plcs": [plc.as_dict() for plc in health.plcs.values()],
             "stats": self.stats(),
+            "overview": self.overview().body["zones"],
         }
+
+    def scope_view(self, scope: str) -> dict[str, Any]:
+        """``{"kind": "site" | "zone" | "overview", "zone": id or None, "default": …}``."""
+        zone = scope.removeprefix(ZONE_PREFIX) if scope.startswith(ZONE_PREFIX) else None
+        return {
+            "kind": "zone" if zone is not None else scope,
+            "zone": zone,
+            "default": self.default_scope,
+            "shelves_total": len(self._zone_of),
+            "site_scope_max_shelves": SITE_SCOPE_MAX_SHELVES,
+        }
+
+    def shared_snapshot(self, scope: str) -> tuple[bytes, list[Message]]:
+        """The snapshot of ``scope`` as sent (built at most once per ``SNAPSHOT_REUSE_S``,
+        shared) and the state messages published since it was built, for the caller to send
+        after it. Synchronous: nothing can be published between the two."""
+        now = time.monotonic()
+        if self._snapshots and now - self._log_since > SNAPSHOT_REUSE_S:
+            self._drop_snapshots()
+        cached = self._snapshots.get(scope)
+        if cached is None:
+            if not self._snapshots:
+                self._log_since = now
+            cached = (len(self._log), _dumps(self.snapshot(scope)))
+            self._snapshots[scope] = cached
+            self.snapshot_builds += 1
+        pos, data = cached
+        return data, [m for m in self._log[pos:] if in_scope(scope, m)]
+
+    # -- overview ----------------------------------------------------------------------------------
+    def _cell_state(self, sid: str) -> str:
+        """As the dashboard colours a cell: stale, unknown, out (the shelf empty), else its
+        SKU's state."""
+        st = self.reads.stock.state(sid)
+        status = st.status.value
+        if status == "stale":
+            return "stale"
+        if st.units is None or status == "unknown":
+            return "unknown"
+        if st.units <= 0:
+            return "out"
+        sku = self._sku_of.get(sid)
+        if sku is None or sku not in self.rt.alerts.targets:
+            return "unknown"
+        alerts = self.rt.alerts
+        return classify(alerts.level_of(sku), alerts.targets[sku].policy).value
+
+    def overview(self) -> Message:
+        """The ``overview`` message: shelves per cell state per zone, and a ``version`` that
+        moves when they do. Built once (O(shelves)), then kept from the shelves changed since
+        (and the other shelves of their SKUs); cached for half a stats period and shared."""
+        now = time.monotonic()
+        if self._overview_cache is not None and now - self._overview_cache[0] < STATS_EVERY_S / 2:
+            return self._overview_cache[1]
+        cells = self._cells
+        counts = self._counts
+        changed = False
+        if cells is None:
+            self._dirty_shelves.clear()
+            cells = self._cells = {}
+            counts = self._counts = {z: dict.fromkeys(CELL_STATES, 0) for z in self._zone_shelves}
+            for sid, zone in self._zone_of.items():
+                state = cells[sid] = self._cell_state(sid)
+                counts.setdefault(zone, dict.fromkeys(CELL_STATES, 0))[state] += 1
+            changed = True
+        elif self._dirty_shelves:
+            targets = self.rt.alerts.targets
+            todo: set[str] = set()
+            for sid in self._dirty_shelves:
+                todo.add(sid)
+                target = targets.get(self._sku_of.get(sid, ""))
+                if target is not None:
+                    todo.update(target.shelves)
+            self._dirty_shelves.clear()
+            for sid in todo:
+                if sid not in self._zone_of:
+                    continue
+                zone = self._zone_of[sid]
+                new = self._cell_state(sid)
+                old = cells.get(sid)
+                if new != old:
+                    cells[sid] = new
+                    if old is not None:
+                        counts[zone][old] -= 1
+                    counts[zone][new] += 1
+                    changed = True
+        if changed:
+            self._overview_version += 1
+        zones = [
+            {"zone": z, "shelves": sum(c.values()), "states": dict(c)} for z, c in counts.items()
+        ]
+        msg = Message(
+            {
+                "type": "overview",
+                "t": self.clock(),
+                "version": self._overview_version,
+                "zones": zones,
+            }
+        )
+        self._overview_cache = (now, msg)
+        return msg
 
     def stats(self) -> dict[str, Any]:
         """Counters shared by every client's ``stats`` message (cached for half a period),
@@ -379,10 +616,10 @@ class LiveHub:
         }
 
     # -- connection side ---------------------------------------------------------------------------
-    def _register(self, principal: Principal) -> LiveClient:
+    def _register(self, principal: Principal, scope: str) -> LiveClient:
         self._next_id += 1
         self.connections += 1
-        client = LiveClient(self, self._next_id, principal, self.queue_size)
+        client = LiveClient(self, self._next_id, principal, self.queue_size, scope)
         self.clients[client.id] = client
         return client
 
@@ -403,8 +640,21 @@ class LiveHub:
             await _refuse(ws, subprotocol, CLOSE_UNAUTHORIZED, "missing or invalid bearer token")
             return
         await ws.accept(subprotocol=subprotocol)
-        client = self._register(principal)
-        log.info("live: client %d (%s) connected", client.id, principal.name)
+        try:
+            scope = self.parse_scope(
+                ws.query_params.get("scope"), ws.query_params.get("zone") or None
+            )
+        except ValueError as exc:
+            self.bad_client_messages += 1
+            await ws.close(code=CLOSE_BAD_SCOPE, reason=str(exc)[:120])
+            return
+        # Registered, then the shared snapshot and the state messages since it was built queued
+        # first: no await in between, so the client misses nothing after the snapshot.
+        client = self._register(principal, scope)
+        snapshot, since = self.shared_snapshot(scope)
+        for m in since:
+            client.offer(m)
+        log.info("live: client %d (%s) connected, scope %s", client.id, principal.name, scope)
         try:
             hello = {
                 "type": "hello",
@@ -412,8 +662,10 @@ class LiveHub:
                 "client": client.id,
                 "principal": {"name": principal.name, "role": principal.role.value},
                 "queue_size": client.maxsize,
+                "scope": self.scope_view(scope),
             }
-            await ws.send_text(_frame([_dumps(hello), _dumps(self.snapshot())]))
+            client.overview_seen = self._overview_version
+            await ws.send_text(_frame([_dumps(hello), snapshot]))
             async with asyncio.TaskGroup() as tg:
                 recv = tg.create_task(self._receive(ws, client), name=f"live-recv-{client.id}")
                 send = tg.create_task(self._send(ws, client), name=f"live-send-{client.id}")
@@ -447,10 +699,15 @@ class LiveHub:
                 if typ == "resync":
                     client.want_snapshot = True
                     client.ready.set()
+                elif typ == "subscribe":
+                    scope = self.parse_scope(_opt_str(body, "scope"), _opt_str(body, "zone"))
+                    client.scope = scope
+                    client.want_snapshot = True
+                    client.ready.set()
                 elif typ == "ping":
                     client.offer(Message({"type": "pong", "t": self.clock(), "id": body.get("id")}))
                 else:
-                    raise ValueError("expected {'type': 'ping'} or {'type': 'resync'}")
+                    raise ValueError("expected a message of type 'ping', 'resync' or 'subscribe'")
             except (ValueError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
                 self.bad_client_messages += 1
                 client.offer(Message({"type": "error", "t": self.clock(), "detail": str(exc)}))
@@ -487,12 +744,20 @@ class LiveHub:
                     )
                     client.unreported = 0
                     resync_due = True
-                batch = client.take(MAX_BATCH)
-                parts.extend(m.data for m in batch)
                 if client.want_snapshot or (resync_due and now - last_snapshot >= RESYNC_MIN_S):
-                    parts.append(_dumps(self.snapshot()))
+                    # The (shared) snapshot, the state messages since it was built, then the
+                    # queue less those: a queued shelf of another zone is harmless to the page.
+                    snapshot, since = self.shared_snapshot(client.scope)
+                    parts.append(snapshot)
+                    parts.extend(m.data for m in since)
+                    replayed = {id(m) for m in since}
+                    batch = [m for m in client.take(MAX_BATCH) if id(m) not in replayed]
+                    client.overview_seen = self._overview_version
                     client.want_snapshot = resync_due = False
                     last_snapshot = now
+                else:
+                    batch = client.take(MAX_BATCH)
+                parts.extend(m.data for m in batch)
                 if now >= next_stats:
                     stats = dict(self.stats())
                     stats.update(
@@ -503,6 +768,10 @@ class LiveHub:
                         client_sent=client.sent,
                     )
                     parts.append(_dumps(stats))
+                    overview = self.overview()
+                    if overview.body["version"] != client.overview_seen:
+                        client.overview_seen = overview.body["version"]
+                        parts.append(overview.data)
                     next_stats = now + STATS_EVERY_S
                 if parts:
                     await ws.send_text(_frame(parts))
@@ -510,6 +779,13 @@ class LiveHub:
                     next_send = now + FLUSH_MIN_S
         except (WebSocketDisconnect, OSError, RuntimeError):
             return  # the receive side sees the disconnect too; it ends the connection
+
+
+def _opt_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None or isinstance(value, str):
+        return value or None
+    raise ValueError(f"{name} must be a string")
 
 
 async def _refuse(ws: WebSocket, subprotocol: str | None, code: int, reason: str) -> None:

@@ -1,8 +1,9 @@
 """``floorhand catalog import|export`` (docs/catalogue.md).
 
 Exit codes: 0 done; 2 the site file or the catalogue file is invalid (every error on stderr,
-nothing imported); 3 the controller of the site is running (the journal's lock is held:
-changes to a running controller are not supported yet); 1 the journal cannot be used.
+nothing imported), or (``--url``) the controller refused it; 3 the controller of the site is
+running (the journal's lock is held: send it with ``--url`` instead); 1 the journal (or, with
+``--url``, the controller) cannot be reached or could not store it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from controller.adapters import catalog_store
 from controller.adapters.journal import Journal, JournalError, JournalLocked
@@ -29,6 +32,9 @@ EXIT_OK = 0
 EXIT_JOURNAL = 1
 EXIT_INVALID = 2
 EXIT_RUNNING = 3
+
+TOKEN_ENV = "FLOORHAND_API_TOKEN"
+"""The API token of ``import --url`` when no ``--token-file`` is given."""
 
 IMPORT_SOURCE = "import"
 """The audit source of a catalogue written by ``floorhand catalog import``."""
@@ -59,9 +65,91 @@ def _actor_name(value: str) -> str:
     return value
 
 
+_MEDIA_TYPES: dict[str, str] = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The API token: ``--token-file`` (its first line), else ``FLOORHAND_API_TOKEN``."""
+    if args.token_file is not None:
+        lines = Path(args.token_file).read_text(encoding="utf-8").splitlines()
+        return lines[0].strip() if lines else ""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _api_error_lines(source: str, status: int, body: dict[str, Any]) -> list[str]:
+    lines = [f"{source}: {status} {body.get('title', '')}: {body.get('detail', '')}"]
+    for e in body.get("errors") or ():
+        err = formats.RowError(e["line"], e["column"], e["message"], e["kind"], e["id"])
+        lines.append(f"  {err.render(source)}")
+    lines += [f"  {item}" for item in body.get("refused") or ()]
+    return lines
+
+
+def import_to_controller(args: argparse.Namespace) -> int:
+    """``import FILE --url URL``: PUT the file to a running controller's API, which validates
+    it, journals it as a new version and applies it without a restart (docs/catalogue.md)."""
+    path: Path = args.file
+    try:
+        fmt = formats.format_of(path, args.format)
+        data = path.read_bytes()
+        token = _token(args)
+    except ValueError as exc:
+        _err(str(exc))
+        return EXIT_INVALID
+    except OSError as exc:
+        _err(f"{exc.filename}: {exc.strerror or exc}")
+        return EXIT_INVALID
+    url = args.url.rstrip("/") + "/api/v1/catalog"
+    headers = {"Content-Type": _MEDIA_TYPES[fmt]}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    print(f"catalog: sending {len(data)} bytes to {url}", file=sys.stderr)
+    t0 = time.monotonic()
+    try:
+        r = httpx.put(
+            url,
+            content=data,
+            headers=headers,
+            params={"dry_run": "true"} if args.dry_run else None,
+            timeout=args.timeout_s,
+            trust_env=False,
+        )
+    except httpx.HTTPError as exc:
+        _err(f"{url}: {exc}")
+        return EXIT_JOURNAL
+    try:
+        body = r.json()
+    except ValueError:
+        body = {"detail": r.text[:500]}
+    if r.status_code != 200:
+        for line in _api_error_lines(str(path), r.status_code, body):
+            print(line, file=sys.stderr)
+        return EXIT_INVALID if r.status_code in (400, 403, 409, 413, 415, 422) else EXIT_JOURNAL
+    for line in body.get("lines", ()):
+        print(line)
+    c = body["counts"]
+    what = "dry run: catalogue version" if args.dry_run else "catalogue version"
+    print(
+        f"{what} {body['from_version']} -> {body['version']}: {c['add']} added, "
+        f"{c['remove']} removed, {c['change']} changed"
+        + ("; nothing written" if args.dry_run else "")
+        + f" ({time.monotonic() - t0:.2f} s)"
+    )
+    return EXIT_OK
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     """Validate FILE against the site's topology; print the diff (``--dry-run``) or write it
-    as a new catalogue version into the site's journal."""
+    as a new catalogue version into the site's journal. With ``--url``: send it to a running
+    controller instead."""
+    if args.url is not None:
+        return import_to_controller(args)
+    if args.site is None:
+        _err(
+            "catalog import needs --site SITE (into its journal) or --url URL (a running "
+            "controller)"
+        )
+        return EXIT_INVALID
     site = _site(args)
     if site is None:
         return EXIT_INVALID
@@ -211,7 +299,19 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
     )
     p_imp.add_argument("file", type=Path, help="the catalogue file (.csv, .jsonl)")
-    p_imp.add_argument("--site", type=Path, required=True, help="the site file (TOML)")
+    p_imp.add_argument("--site", type=Path, help="the site file (TOML): import into its journal")
+    p_imp.add_argument(
+        "--url",
+        help="a running controller's API (http://127.0.0.1:8080): PUT the file there instead",
+    )
+    p_imp.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"with --url: a file holding the API token (default: env {TOKEN_ENV})",
+    )
+    p_imp.add_argument(
+        "--timeout-s", type=float, default=300.0, help="with --url: bound on the request"
+    )
     p_imp.add_argument("--journal", help="override [journal] path (env FLOORHAND_JOURNAL)")
     p_imp.add_argument("--format", choices=formats.FORMATS, help="default: by the suffix")
     p_imp.add_argument(

@@ -299,6 +299,36 @@ class CmdIdsMoved(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class CatalogChanged(Event):
+    """The catalogue of a running controller changed to ``version`` (by ``by``, through
+    ``source``): ``added``, ``removed``, ``changed`` records; ``skus`` and ``shelves`` the ids
+    of the SKUs and shelves among them; ``ended`` the alert keys whose episode ended because
+    their target went."""
+
+    kind: ClassVar[str] = "catalog_changed"
+    WIRE_NAMES: ClassVar[dict[str, str]] = _TS
+    ts_s: float
+    version: int
+    by: str
+    source: str
+    added: int
+    removed: int
+    changed: int
+    skus: tuple[str, ...] = ()
+    shelves: tuple[str, ...] = ()
+    ended: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> typing.Self:
+        """``as_dict``'s inverse (the id lists come back as tuples)."""
+        ev = super(CatalogChanged, cls).from_dict(body)  # slots: no zero-argument super()
+        values: dict[str, Any] = {f.name: getattr(ev, f.name) for f in fields(cls)}
+        for name in ("skus", "shelves", "ended"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
 class CalibrationValues(Value):
     """A shelf's conversion at one moment: tare, unit weight, scale factor."""
 

@@ -145,6 +145,56 @@ class AlertService:
         for sid in target.shelves:
             self._by_shelf.setdefault(sid, []).append(target.key)
 
+    def apply_targets(self, settings: AlertSettings) -> list[str]:
+        """A new catalogue's targets (docs/catalogue.md, "Live changes"): a key that stays
+        keeps its state and episode and is evaluated again at the next tick with its new
+        policy; a new key starts with no episode; a key that goes is forgotten. Returns the
+        keys that went with an active episode (the caller says so in an event)."""
+        old = dict(self.targets)
+        new = {t.key: t for t in settings.targets}
+        ended = [k for k in old if k not in new and self.alerts[k].episode is not None]
+        # In place: the read model holds these mappings.
+        self.targets.clear()
+        self._by_sku.clear()
+        self._by_shelf.clear()
+        for target in settings.targets:
+            self._add(target)
+        for key in old.keys() - new.keys():
+            del self.alerts[key]
+            del self.levels[key]
+        for key in new.keys() - old.keys():
+            self.alerts[key] = AlertState(key)
+            self.levels[key] = None
+        self._order = {key: i for i, key in enumerate(self.targets)}
+        self._timed &= self.targets.keys()
+        self._snoozed &= self.targets.keys()
+        self.unpublished &= self.targets.keys()
+        self._dirty = {k for k in self._dirty if k in new} | {
+            k for k, t in new.items() if old.get(k) != t
+        }
+        gone = old.keys() - new.keys()
+        if gone:
+            self._forget(sorted(gone), ended)
+        return ended
+
+    def _forget(self, keys: list[str], ended: list[str]) -> None:
+        """Keys whose target left the catalogue: their journaled state is reset (a key added
+        again later starts with no episode, after a restart too) and their retained topic
+        cleared."""
+        try:
+            self._journal.commit(
+                (), alert_states={k: AlertState(k).to_dict() for k in keys}, events=()
+            )
+        except JournalUnavailable as exc:
+            log.error("could not reset the alert state of %s: %s", ", ".join(keys), exc)
+        for key in keys:
+            if key in ended:
+                log.warning("alert %s: its target left the catalogue; its episode ended", key)
+            try:
+                self._link.publish(f"{self._topic_base}/{key.replace(':', '/')}", b"", 1, True)
+            except DeviceError as exc:
+                log.warning("could not clear the retained alert of %s: %s", key, exc)
+
     def restore(self, saved: dict[str, dict[str, Any]]) -> None:
         for key, body in saved.items():
             if key not in self.targets:

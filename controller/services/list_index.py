@@ -81,21 +81,23 @@ class ListIndex:
     def __init__(
         self,
         keys: Sequence[str],
-        zones: Sequence[Collection[str]],
-        text: Sequence[str],
+        zones: Callable[[], Sequence[Collection[str]]],
+        text: Callable[[], Sequence[str]],
         *,
         facets: Mapping[str, Callable[[str], str]] | None = None,
         live: Mapping[str, Callable[[str], str]] | None = None,
     ) -> None:
+        """``zones()`` and ``text()`` give each key's zones and search text, in ``keys``' order;
+        they are called on first use, so building the index costs nothing at start-up."""
         self._keys = tuple(keys)
-        self._pos = {k: i for i, k in enumerate(self._keys)}
         self._all: Sequence[int] = range(len(self._keys))
-        self._zones = tuple(frozenset(z) for z in zones)
+        self._zones_of = zones
+        self._text_of = text
+        self._pos: dict[str, int] = {}
+        self._zones: tuple[frozenset[str], ...] = ()
         self._zone_pos: dict[str, list[int]] = {}
-        for pos, zs in enumerate(self._zones):
-            for z in zs:
-                self._zone_pos.setdefault(z, []).append(pos)
-        self._text = tuple(t.casefold() for t in text)
+        self._text: tuple[str, ...] | None = None
+        self._static = False
         self._facets = dict(facets or {})
         self._live = dict(live or {})
         self._values: dict[str, list[str]] = {}
@@ -104,13 +106,40 @@ class ListIndex:
         self._building = False
         self._pending: set[str] = set()
         self._lock = threading.Lock()
+        self._static_lock = threading.Lock()
         self._matches: dict[tuple[str, str | None], list[int]] = {}
+
+    def _ensure_static(self) -> None:
+        if self._static:
+            return
+        with self._static_lock:
+            if self._static:
+                return
+            zones = tuple(frozenset(z) for z in self._zones_of())
+            zone_pos: dict[str, list[int]] = {}
+            for pos, zs in enumerate(zones):
+                for z in zs:
+                    zone_pos.setdefault(z, []).append(pos)
+            self._zones, self._zone_pos = zones, zone_pos
+            self._pos = {k: i for i, k in enumerate(self._keys)}
+            self._static = True
+
+    def _texts(self) -> tuple[str, ...]:
+        if self._text is None:
+            self._text = tuple(t.casefold() for t in self._text_of())
+        return self._text
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def __contains__(self, key: object) -> bool:
+        self._ensure_static()
         return key in self._pos
+
+    @property
+    def listening(self) -> bool:
+        """Whether ``update`` does anything: the facets are built or being built."""
+        return self._built or self._building
 
     @property
     def built(self) -> bool:
@@ -119,12 +148,14 @@ class ListIndex:
 
     def zone_keys(self, zone: str) -> list[str]:
         """The keys of ``zone`` in order (empty for an unknown zone)."""
+        self._ensure_static()
         return [self._keys[p] for p in self._zone_pos.get(zone, ())]
 
     # -- facets ------------------------------------------------------------------------------
     def _ensure_built(self) -> None:
         if self._built:
             return
+        self._ensure_static()
         with self._lock:
             if self._built:
                 return
@@ -214,7 +245,7 @@ class ListIndex:
         found = self._matches.get((needle, zone))
         if found is None:
             base = self._all if zone is None else self._zone_pos.get(zone, [])
-            text = self._text
+            text = self._texts()
             found = [p for p in base if needle in text[p]]
             if len(self._matches) >= TEXT_CACHE_SIZE:
                 self._matches.clear()
@@ -234,6 +265,7 @@ class ListIndex:
         (None: all), whose text contains ``q`` (case-insensitive), and whose facets have the
         values of ``filters``. ``BadCursor`` when ``after`` is not a key of this index;
         ``KeyError`` for a filter that names no facet."""
+        self._ensure_static()
         start = -1
         if after is not None:
             pos = self._pos.get(after)

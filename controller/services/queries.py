@@ -16,7 +16,7 @@ through: stock, devices, alerts, and health and PLCs from the supervision servic
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
@@ -166,36 +166,68 @@ class StockQueries:
         self._sku_shelves: dict[str, tuple[str, ...]] = {
             sku: targets[sku].shelves for sku in self._skus
         }
-        # SKUs with a shelf in the zone, in the site's SKU order (the order /stock lists them).
-        self._zone_skus: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
-        for sku, shelves in self._sku_shelves.items():
-            for zone in dict.fromkeys(specs[s].zone for s in shelves):
-                self._zone_skus[zone].append(sku)
-        self._zone_targets: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
-        for key, target in targets.items():
-            for zone in dict.fromkeys(specs[s].zone for s in target.shelves):
-                self._zone_targets[zone].append(key)
-        # Each zone's SKUs sorted by id (``/zones``); a shelf's SKU never changes.
-        self._zone_sku_ids = {
-            z: tuple(sorted({specs[s].sku for s in shelves}))
-            for z, shelves in self._zone_shelves.items()
-        }
-        sku_zones: dict[str, list[str]] = {sku: [] for sku in self._skus}
-        for zone, skus in self._zone_skus.items():
-            for sku in skus:
-                sku_zones[sku].append(zone)
+        # Zone indexes of SKUs and alert targets: built on first use (``_zone_index``), not
+        # on the start-up path.
+        self._zone_skus_ix: dict[str, list[str]] | None = None
+        self._zone_targets_ix: dict[str, list[str]] | None = None
+        self._zone_sku_ids: dict[str, tuple[str, ...]] | None = None
         self._sku_index = ListIndex(
             tuple(self._skus),
-            [sku_zones[s] for s in self._skus],
-            [f"{s.id}\n{s.name}" for s in self._skus.values()],
+            self._sku_zones,
+            lambda: [f"{s.id}\n{s.name}" for s in self._skus.values()],
             facets={"state": lambda sku: self._sku_state(sku).value},
         )
         self._shelf_index = ListIndex(
             self._shelf_ids,
-            [(specs[s].zone,) for s in self._shelf_ids],
-            [f"{s}\n{specs[s].sku}\n{self._location.get(s, '')}" for s in self._shelf_ids],
+            lambda: [(specs[s].zone,) for s in self._shelf_ids],
+            lambda: [f"{s}\n{specs[s].sku}\n{self._location.get(s, '')}" for s in self._shelf_ids],
             facets={"status": lambda sid: self._states[sid].status.value},
         )
+
+    def _zone_index(self, keys: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+        """Per zone, the ``keys`` (in their order) with a shelf there; ``keys`` maps each to
+        its shelves."""
+        specs = self._specs
+        out: dict[str, list[str]] = {z: [] for z in self._zone_shelves}
+        for key, shelves in keys.items():
+            for zone in dict.fromkeys(specs[s].zone for s in shelves):
+                out[zone].append(key)
+        return out
+
+    @property
+    def _zone_skus(self) -> dict[str, list[str]]:
+        """SKUs with a shelf in the zone, in the site's SKU order (the order /stock lists
+        them)."""
+        if self._zone_skus_ix is None:
+            self._zone_skus_ix = self._zone_index(self._sku_shelves)
+        return self._zone_skus_ix
+
+    @property
+    def _zone_targets(self) -> dict[str, list[str]]:
+        """Alert targets watching a shelf of the zone."""
+        if self._zone_targets_ix is None:
+            targets = self._alerts.targets
+            self._zone_targets_ix = self._zone_index({k: t.shelves for k, t in targets.items()})
+        return self._zone_targets_ix
+
+    def _sku_zones(self) -> list[list[str]]:
+        """Each SKU's zones (those of its shelves), in site order."""
+        sku_zones: dict[str, list[str]] = {sku: [] for sku in self._skus}
+        for zone, skus in self._zone_skus.items():
+            for sku in skus:
+                sku_zones[sku].append(zone)
+        return list(sku_zones.values())
+
+    def _zone_skus_sorted(self, zone: str) -> tuple[str, ...]:
+        """The SKUs of ``zone``'s shelves sorted by id, indexed on first use (a shelf's SKU
+        never changes)."""
+        if self._zone_sku_ids is None:
+            specs = self._specs
+            self._zone_sku_ids = {
+                z: tuple(sorted({specs[s].sku for s in shelves}))
+                for z, shelves in self._zone_shelves.items()
+            }
+        return self._zone_sku_ids[zone]
 
     def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener: move the shelves an event names, and their SKUs, to their new status
@@ -210,6 +242,15 @@ class StockQueries:
         that published no event)."""
         self._shelf_index.rebuild()
         self._sku_index.rebuild()
+
+    def apply_skus(self, skus: Iterable[SkuConfig]) -> None:
+        """A live catalogue change of SKUs the site already has (name, thresholds: no SKU
+        added, removed or moved, docs/catalogue.md): answer with the new records, and re-read
+        every stock state and name on the next filtered read."""
+        for sku in skus:
+            if sku.id in self._skus:
+                self._skus[sku.id] = sku
+        self.rebuild()
 
     # -- shelves ------------------------------------------------------------------------------
     def has_shelf(self, shelf_id: str) -> bool:
@@ -291,7 +332,7 @@ class StockQueries:
             zone=zone,
             shelves=len(shelves),
             scales=self._zone_scales[zone.id],
-            skus=list(self._zone_sku_ids[zone.id]),
+            skus=list(self._zone_skus_sorted(zone.id)),
             shelf_status=self._shelf_index.counts("status", zone.id),
             alerts_active=sum(
                 1 for k in self._zone_targets[zone.id] if alerts[k].episode is not None
@@ -413,32 +454,43 @@ class DeviceQueries:
         calibrations: Mapping[str, ShelfCalibration],
         clock: Callable[[], float],
     ) -> None:
-        intervals = site.site.stale_after_intervals
-        by_channel = {(s.scale_id, s.channel): s.shelf_id for s in specs.values()}
-        self._scales = tuple(
-            _Scale(
-                sc.id,
-                sc.zone,
-                sc.format,
-                sc.reporting_interval_s * intervals,
-                sc.reporting_interval_s,
-                sc.max_weight_g,
-                tuple(by_channel.get((sc.id, ch)) for ch in range(sc.channels)),
-            )
-            for sc in site.scales
-        )
+        self._stale_after_intervals = site.site.stale_after_intervals
+        self._scale_configs = site.scales  # walked once, on first use (``_by_id``)
+        self._specs = specs
         self._devices = devices
         self._cursors = cursors
         self._states = states
         self._calibrations = calibrations
         self._clock = clock
-        self._by_id = {sc.id: sc for sc in self._scales}
+        self._scales_ix: dict[str, _Scale] | None = None
+        scales = self._scale_configs
         self._index = ListIndex(
-            tuple(self._by_id),
-            [(sc.zone,) for sc in self._scales],
-            [sc.id for sc in self._scales],
+            tuple(sc.id for sc in scales),
+            lambda: [(sc.zone,) for sc in scales],
+            lambda: [sc.id for sc in scales],
             live={"state": lambda sid: self._status(self._by_id[sid], self._clock())},
         )
+
+    @property
+    def _by_id(self) -> dict[str, _Scale]:
+        """Each scale with its staleness bound and channels' shelves, built on first use (not
+        on the start-up path)."""
+        if self._scales_ix is None:
+            intervals = self._stale_after_intervals
+            by_channel = {(s.scale_id, s.channel): s.shelf_id for s in self._specs.values()}
+            self._scales_ix = {
+                sc.id: _Scale(
+                    sc.id,
+                    sc.zone,
+                    sc.format,
+                    sc.reporting_interval_s * intervals,
+                    sc.reporting_interval_s,
+                    sc.max_weight_g,
+                    tuple(by_channel.get((sc.id, ch)) for ch in range(sc.channels)),
+                )
+                for sc in self._scale_configs
+            }
+        return self._scales_ix
 
     def _status(self, sc: _Scale, now: float) -> ScaleStatus:
         info = self._devices[sc.id]
@@ -536,15 +588,12 @@ class AlertQueries:
         self._service = alerts
         targets = alerts.targets
         self._keys = tuple(targets)
-        self._shelf_keys: dict[str, list[str]] = {}
-        for key, target in targets.items():
-            for shelf in target.shelves:
-                self._shelf_keys.setdefault(shelf, []).append(key)
+        self._shelf_keys: dict[str, list[str]] | None = None  # built with the state index
         states = alerts.alerts
         self._index = ListIndex(
             self._keys,
-            [dict.fromkeys(specs[s].zone for s in targets[k].shelves) for k in self._keys],
-            [f"{k}\n{targets[k].sku}" for k in self._keys],
+            lambda: [dict.fromkeys(specs[s].zone for s in targets[k].shelves) for k in self._keys],
+            lambda: [f"{k}\n{targets[k].sku}" for k in self._keys],
             facets={
                 "state": lambda k: states[k].state.value,
                 "active": lambda k: "true" if states[k].episode is not None else "false",
@@ -554,6 +603,15 @@ class AlertQueries:
     def on_events(self, events: list[BusEvent]) -> None:
         """Bus listener (after the alert service's, so its states are current): move the keys
         an event names, or whose shelves it names, to their new state in the index."""
+        if not self._index.listening:
+            return  # nothing is indexed by state yet
+        shelf_keys = self._shelf_keys
+        if shelf_keys is None:
+            shelf_keys = {}
+            for key, target in self._service.targets.items():
+                for shelf in target.shelves:
+                    shelf_keys.setdefault(shelf, []).append(key)
+            self._shelf_keys = shelf_keys
         keys: set[str] = set()
         for ev in events:
             if isinstance(ev, AlertNotice):
@@ -561,7 +619,7 @@ class AlertQueries:
             elif isinstance(ev, AlertManualNotice):
                 continue  # an ack or snooze changes neither the state nor the episode
             elif isinstance(ev, StockChanged | ShelfStatusChanged | ShelfCalibrated):
-                keys.update(self._shelf_keys.get(ev.shelf_id, ()))
+                keys.update(shelf_keys.get(ev.shelf_id, ()))
         if keys:
             self._index.update(keys)
 
@@ -577,9 +635,17 @@ class AlertQueries:
         return self._service.public(key)
 
     def alerts(self, active: bool | None = None) -> list[dict[str, Any]]:
-        """Every target's state; with ``active``, only those with (or without) an episode."""
-        query = PageQuery(limit=max(1, len(self._index)))
-        return self.alerts_page(query, active).items
+        """Every target's state; with ``active``, only those with (or without) an episode.
+        From the index once a filtered read built it; until then by a scan of the episodes
+        (the live feed's snapshot calls this on the event loop: it must not be the one that
+        pays for the build)."""
+        if self._index.built:
+            return self.alerts_page(PageQuery(limit=max(1, len(self._index))), active).items
+        states = self._service.alerts
+        keys = self._keys
+        if active is not None:
+            keys = tuple(k for k in keys if (states[k].episode is not None) is active)
+        return [self._service.public(k) for k in keys]
 
     def alerts_page(self, query: PageQuery, active: bool | None = None) -> Page[dict[str, Any]]:
         """A page of the targets' states in order, by zone, state (ok, low, critical, out,

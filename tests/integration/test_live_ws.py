@@ -23,9 +23,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin, Subprotocol
 
+from controller.api import live as live_module
 from controller.api.app import create_app
 from controller.api.auth import Principal, Role
 from controller.api.live import (
+    CLOSE_BAD_SCOPE,
     CLOSE_FORBIDDEN_ORIGIN,
     CLOSE_UNAUTHORIZED,
     LiveClient,
@@ -38,7 +40,7 @@ from controller.domain.events import Event
 from controller.runtime import Runtime
 from tests.integration.test_sensing_e2e import readings
 from tests.mosquitto import MosquittoBroker, paho_publish
-from tests.sites import write_small_site
+from tests.sites import grams, topic, write_small_site
 
 TOKEN = "live-test-token-0123456789abcdef"
 FLOOR_TOKEN = "live-floor-token-0123456789abcdef"
@@ -77,8 +79,10 @@ async def live_server(
     *,
     send_buffer: int | None = None,
     extra_api: str = "",
+    scales: int = 2,
+    zones: int = 1,
 ) -> AsyncIterator[LiveServer]:
-    site_path = write_small_site(tmp_path, mqtt_port=broker.port, scales=2)
+    site_path = write_small_site(tmp_path, mqtt_port=broker.port, scales=scales, zones=zones)
     if extra_api:
         text = site_path.read_text().replace("[api]\n", "[api]\n" + extra_api + "\n", 1)
         site_path.write_text(text)
@@ -313,6 +317,136 @@ async def _fan_out(srv: LiveServer, slow: ClientConnection, fast: ClientConnecti
     # odd non-marker message — a periodic `stats` frame — dropped from the same queue.)
     assert len(got) + slow_client.dropped >= n
     assert len(got) <= n
+
+
+def zone_readings(device: str, zone: str, first_seq: int, units: int, n: int, t0: float) -> Any:
+    """Steady readings of a scale of zone ``zone`` (``readings`` is for the one-zone site)."""
+    return [
+        (topic(device, zone), orjson.dumps({"device": device, "seq": first_seq + i,
+                                            "ts": t0 + i * 0.1, "grams": grams(units)}))
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def overview_of(zones: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """``{zone: {state: count}}`` without the zero counts."""
+    return {z["zone"]: {k: v for k, v in z["states"].items() if v} for z in zones}
+
+
+async def test_zone_scope_snapshot_shelves_and_overview(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client of zone Z1 gets Z1's shelves in its snapshot and Z1's shelf messages only, the
+    overview of every zone as it changes; ``subscribe`` moves it to Z0 (a new snapshot); an
+    unknown zone is refused with 4400 or an ``error`` message."""
+    async with live_server(tmp_path, mosquitto, monkeypatch, scales=4, zones=2) as srv:
+        await srv.rt.link.wait_up(10)
+        async with srv.connect(url=srv.url + "?zone=Z1", subprotocols=bearer(TOKEN)) as ws:
+            hello, snapshot = await recv_messages(ws)
+            assert hello["scope"]["kind"] == "zone"
+            assert hello["scope"]["zone"] == "Z1"
+            assert hello["scope"]["default"] == "site"  # 4 shelves: the whole site by default
+            assert snapshot["scope"] == hello["scope"]
+            assert [s["id"] for s in snapshot["shelves"]] == ["sh2", "sh3"]
+            assert [k["sku"] for k in snapshot["skus"]] == ["K2", "K3"]
+            assert overview_of(snapshot["overview"]) == {
+                "Z0": {"unknown": 2},
+                "Z1": {"unknown": 2},
+            }
+            t0 = srv.rt.clock()
+            # sh0 (Z0) first, then sh2 (Z1): only sh2 arrives; the overview counts both.
+            await asyncio.to_thread(
+                paho_publish, mosquitto.port, zone_readings("s0", "Z0", 0, 0, 6, t0)
+            )
+            await asyncio.to_thread(
+                paho_publish, mosquitto.port, zone_readings("s2", "Z1", 0, 25, 6, t0)
+            )
+            seen: list[dict[str, Any]] = []
+            want = {"Z0": {"out": 1, "unknown": 1}, "Z1": {"ok": 1, "unknown": 1}}
+
+            def record(m: dict[str, Any]) -> bool:
+                seen.append(m)
+                return m["type"] == "overview" and overview_of(m["zones"]) == want
+
+            overview = await wait_message(ws, record)
+            assert overview["version"] >= 1
+            # The alert of K0 (zone Z0) reaches every client: the feed is site-wide.
+            alerts = [m["alert"]["key"] for m in seen if m["type"] == "alert"]
+            if not alerts:
+                alert = await wait_message(ws, lambda m: m["type"] == "alert")
+                alerts.append(alert["alert"]["key"])
+            assert alerts[0] == "K0"
+            shelves = [
+                (m["shelf"]["id"], m["shelf"]["units"]) for m in seen if m["type"] == "shelf"
+            ]
+            assert {sid for sid, _ in shelves} == {"sh2"}
+            assert shelves[-1] == ("sh2", 25)
+
+            await ws.send(orjson.dumps({"type": "subscribe", "zone": "Z0"}).decode())
+            snap = await wait_message(ws, lambda m: m["type"] == "snapshot")
+            assert snap["scope"]["zone"] == "Z0"
+            assert [(s["id"], s["units"]) for s in snap["shelves"]] == [("sh0", 0), ("sh1", None)]
+            assert [a["key"] for a in snap["alerts"]] == ["K0"]
+            await ws.send(orjson.dumps({"type": "subscribe", "zone": "nope"}).decode())
+            err = await wait_message(ws, lambda m: m["type"] == "error")
+            assert "unknown zone 'nope'" in err["detail"]
+
+        async with srv.connect(url=srv.url + "?zone=nope", subprotocols=bearer(TOKEN)) as ws:
+            code, reason = await close_code(ws)
+            assert code == CLOSE_BAD_SCOPE
+            assert "unknown zone" in reason
+
+
+async def test_large_site_defaults_to_the_overview(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above ``SITE_SCOPE_MAX_SHELVES`` a client that names no scope gets the overview alone (no
+    shelves, no shelf messages); ``?scope=site`` still gets everything."""
+    monkeypatch.setattr(live_module, "SITE_SCOPE_MAX_SHELVES", 3)
+    async with live_server(tmp_path, mosquitto, monkeypatch, scales=4, zones=2) as srv:
+        async with srv.connect(subprotocols=bearer(TOKEN)) as ws:
+            hello, snapshot = await recv_messages(ws)
+            assert hello["scope"]["kind"] == "overview"
+            assert hello["scope"]["default"] == "overview"
+            assert snapshot["shelves"] == []
+            assert snapshot["skus"] == []
+            assert [z["shelves"] for z in snapshot["overview"]] == [2, 2]
+        async with srv.connect(url=srv.url + "?scope=site", subprotocols=bearer(TOKEN)) as ws:
+            hello, snapshot = await recv_messages(ws)
+            assert hello["scope"]["kind"] == "site"
+            assert len(snapshot["shelves"]) == 4
+
+
+async def test_joining_clients_share_one_snapshot_and_miss_nothing(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30 clients connecting at once cost one snapshot build per scope; a client that joins
+    after a change gets the shared (older) snapshot and then the change, so its picture is
+    current."""
+    monkeypatch.setattr(live_module, "SNAPSHOT_REUSE_S", 60.0)
+    async with live_server(tmp_path, mosquitto, monkeypatch) as srv:
+        await srv.rt.link.wait_up(10)
+        async with contextlib.AsyncExitStack() as stack:
+            first = await stack.enter_async_context(srv.connect(subprotocols=bearer(TOKEN)))
+            await recv_messages(first)
+            builds = srv.hub.snapshot_builds
+            conns = await asyncio.gather(
+                *(stack.enter_async_context(srv.connect(subprotocols=bearer(TOKEN)))
+                  for _ in range(30))
+            )  # fmt: skip
+            for ws in conns:
+                _, snapshot = await recv_messages(ws)
+                assert len(snapshot["shelves"]) == 2
+            assert srv.hub.snapshot_builds == builds  # the first client's snapshot, shared
+            t0 = srv.rt.clock()
+            await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 6, t0))
+            await wait_message(first, lambda m: m["type"] == "shelf" and m["shelf"]["units"] == 25)
+            late = await stack.enter_async_context(srv.connect(subprotocols=bearer(TOKEN)))
+            _, snapshot = await recv_messages(late)
+            assert srv.hub.snapshot_builds == builds
+            assert next(s for s in snapshot["shelves"] if s["id"] == "sh0")["units"] is None
+            msg = await wait_message(late, lambda m: m["type"] == "shelf")
+            assert (msg["shelf"]["id"], msg["shelf"]["units"]) == ("sh0", 25)
 
 
 async def test_dashboard_assets_are_served_safely(

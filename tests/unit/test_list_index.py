@@ -7,17 +7,20 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 from controller.api.app import create_app
 from controller.config import load_site
 from controller.domain.events import ShelfStatusChanged, StockChanged
-from controller.domain.model import ShelfStatus
+from controller.domain.model import ShelfStatus, StockState
+from controller.domain.reorder import AlertState, Episode
 from controller.domain.stock import ShelfState
 from controller.runtime import Runtime
 from controller.services import list_index
 from controller.services.list_index import BadCursor, ListIndex, decode_cursor, encode_cursor
 from controller.services.queries import PageQuery, StockQueries
+from tests.sites import auth_headers
 from tests.unit.test_read_models import _CountingStates
 from tests.zoned_sites import write_site_in_zones
 
@@ -31,11 +34,10 @@ def _index(states: dict[str, str], calls: Counter[str] | None = None) -> ListInd
             calls[key] += 1
         return states[key]
 
-    zones = [("A",) if i % 2 == 0 else ("B",) for i in range(len(keys))]
+    zones: list[tuple[str, ...]] = [("A",) if i % 2 == 0 else ("B",) for i in range(len(keys))]
     zones[-1] = ("A", "B")
-    return ListIndex(
-        keys, zones, [f"{k}\nItem {i}" for i, k in enumerate(keys)], facets={"s": state}
-    )
+    text = [f"{k}\nItem {i}" for i, k in enumerate(keys)]
+    return ListIndex(keys, lambda: zones, lambda: text, facets={"s": state})
 
 
 def _states() -> dict[str, str]:
@@ -100,7 +102,8 @@ def test_an_update_during_the_first_build_waits_for_it_and_is_applied() -> None:
             idx.update(["k2"])  # returns at once (a lock would deadlock here)
         return states[key]
 
-    idx = ListIndex(list(states), [("A",)] * 10, list(states), facets={"s": state})
+    keys = list(states)
+    idx = ListIndex(keys, lambda: [("A",)] * 10, lambda: keys, facets={"s": state})
     assert idx.select(limit=10, filters={"s": "y"}).keys == ["k2", "k5", "k6", "k7", "k8", "k9"]
     assert idx.select(limit=10, filters={"s": "x"}, zone="A").total == 4
 
@@ -130,9 +133,34 @@ def test_text_is_a_case_insensitive_substring_cached_per_query_and_bounded() -> 
     assert len(idx._matches) <= list_index.TEXT_CACHE_SIZE
 
 
+def test_zones_and_text_are_indexed_on_first_use_not_at_start() -> None:
+    """Building the read model is on the start-up path: an index reads its keys' zones and
+    text only when a read first needs them."""
+    calls: Counter[str] = Counter()
+    keys = ["a", "b", "c"]
+
+    def zones() -> list[tuple[str, ...]]:
+        calls["zones"] += 1
+        return [("Z",), ("Y",), ("Z",)]
+
+    def text() -> list[str]:
+        calls["text"] += 1
+        return ["Apple", "Banana", "Cherry"]
+
+    idx = ListIndex(keys, zones, text)
+    assert not calls
+    assert idx.select(limit=5, zone="Z").keys == ["a", "c"]
+    assert idx.select(limit=5, after="a").keys == ["b", "c"]
+    assert calls == Counter({"zones": 1})
+    assert idx.select(limit=5, q="an").keys == ["b"]
+    assert idx.select(limit=5, q="e", zone="Z").keys == ["a", "c"]
+    assert calls == Counter({"zones": 1, "text": 1})
+
+
 def test_live_facets_are_read_per_candidate_when_asked() -> None:
     live = {"k0": "ok", "k1": "stale", "k2": "ok"}
-    idx = ListIndex(list(live), [("A",)] * 3, list(live), live={"state": live.__getitem__})
+    keys = list(live)
+    idx = ListIndex(keys, lambda: [("A",)] * 3, lambda: keys, live={"state": live.__getitem__})
     assert idx.select(limit=1, filters={"state": "ok"}).keys == ["k0"]
     live["k0"] = "stale"
     sel = idx.select(limit=5, filters={"state": "stale"})
@@ -171,11 +199,11 @@ def test_a_page_of_a_large_site_reads_only_its_own_shelves(tmp_path: Path) -> No
     assert (len(page.items), page.total, page.next_after) == (50, 1000, "K198")
     assert len(states.reads) == 50
     states.reads.clear()
-    page = queries.shelves_page(PageQuery(limit=20, zone="Z1", after="sh997", q="99"))
+    shelves = queries.shelves_page(PageQuery(limit=20, zone="Z1", after="sh997", q="99"))
     hits = [f"sh{i}" for i in range(998, 4000) if i % 4 == 1 and "99" in str(i)]
-    assert [v.spec.shelf_id for v in page.items] == hits[:20]
-    assert page.total == len([i for i in range(4000) if i % 4 == 1 and "99" in str(i)])
-    assert set(states.reads) == {v.spec.shelf_id for v in page.items}
+    assert [v.spec.shelf_id for v in shelves.items] == hits[:20]
+    assert shelves.total == len([i for i in range(4000) if i % 4 == 1 and "99" in str(i)])
+    assert set(states.reads) == {v.spec.shelf_id for v in shelves.items}
     queries.stock_page(PageQuery(limit=1, state="unknown"))  # builds the state index
     states.reads.clear()
     page = queries.stock_page(PageQuery(limit=30, state="unknown", zone="Z3", after="K3"))
@@ -225,3 +253,53 @@ def test_zone_counts_come_from_the_index_and_follow_events(tmp_path: Path) -> No
     queries.on_events([ShelfStatusChanged("sh5", ShelfStatus.UNKNOWN, ShelfStatus.OK, 1.0, "x")])
     assert queries.zones()[1].shelf_status == {"ok": 1, "unknown": 999}
     assert set(states.reads) == {"sh5"}  # the event's shelf only, not the zone's 1000
+
+
+class _CatalogChanged:
+    """Stands in for the catalogue's change event: the read model keys on its ``kind``."""
+
+    kind = "catalog_changed"
+
+
+async def test_a_catalogue_change_gives_the_app_a_new_read_model_that_follows_the_bus(
+    tmp_path: Path,
+) -> None:
+    site = load_site(write_site_in_zones(tmp_path, zones=2, mqtt_port=1, scales=4))
+    rt = Runtime(site)
+    app = create_app(site, runtime=rt)
+    before = app.state.queries
+    assert before.stock_page(PageQuery(limit=10, state="ok")).items == []  # built
+    rt.bus.publish([_CatalogChanged()])  # type: ignore[list-item]
+    after: StockQueries = app.state.queries
+    assert after is not before
+    assert app.state.reads.stock is after
+    assert after.stock_page(PageQuery(limit=10, state="ok")).items == []
+    spec = rt.specs["sh2"]
+    rt.ingest.states["sh2"] = ShelfState(
+        spec, status=ShelfStatus.OK, units=20, weight_g=2500.0, last_ts_s=1.0
+    )
+    rt.bus.publish([StockChanged("sh2", "K2", None, 20, 1.0)])
+    assert [v.sku.id for v in after.stock_page(PageQuery(limit=10, state="ok")).items] == ["K2"]
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        r = await client.get("/api/v1/stock?state=ok", headers=auth_headers("floor"))
+    assert [s["sku"] for s in r.json()] == ["K2"]
+
+
+def test_the_live_feeds_active_alerts_never_build_the_index_themselves(tmp_path: Path) -> None:
+    """``AlertQueries.alerts(active=True)`` (the live snapshot, on the event loop) scans the
+    episodes until a filtered read built the index in a worker thread, then reads the index:
+    the same answer either way."""
+    site = load_site(write_site_in_zones(tmp_path, zones=2, mqtt_port=1, scales=6))
+    rt = Runtime(site)
+    app = create_app(site, runtime=rt)
+    alerts = app.state.reads.alerts
+    episode = Episode("ep-1", StockState.CRITICAL, 1_700_000_000.0, 2, 1)
+    rt.alerts.alerts["K3"] = AlertState("K3", StockState.CRITICAL, 2, episode)
+    scanned = alerts.alerts(active=True)
+    assert [a["key"] for a in scanned] == ["K3"]
+    assert not alerts._index.built
+    assert alerts.alerts_page(PageQuery(limit=1, state="critical")).total == 1  # builds
+    assert alerts._index.built
+    assert alerts.alerts(active=True) == scanned
+    assert [a["key"] for a in alerts.alerts(active=False)] == ["K0", "K1", "K2", "K4", "K5"]

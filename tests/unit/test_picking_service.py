@@ -264,13 +264,18 @@ async def test_bad_mqtt_commands_are_answered_400(tmp_path: Path, payload: bytes
 
 
 async def test_closed_orders_are_trimmed_open_ones_never(tmp_path: Path) -> None:
+    """Closed = SHIPPED, EXCEPTION, CANCELLED (docs/picking.md). A SORTED or PACKED order still
+    waits for a person to pack or ship it: it is kept however old."""
     journal = Journal(tmp_path / "j.sqlite")
     journal.open()
     try:
         rows = [
             ("old-shipped", "SHIPPED", 100.0),
             ("old-exception", "EXCEPTION", 100.0),
+            ("old-cancelled", "CANCELLED", 100.0),
             ("old-open", "PICKING", 100.0),
+            ("old-sorted", "SORTED", 100.0),
+            ("old-packed", "PACKED", 100.0),
             ("new-shipped", "SHIPPED", 900.0),
         ]
         journal.commit_orders(
@@ -279,9 +284,9 @@ async def test_closed_orders_are_trimmed_open_ones_never(tmp_path: Path) -> None
                 for oid, st, ts in rows
             ]
         )
-        assert journal.trim_orders(500.0) == 2
+        assert journal.trim_orders(500.0) == 3
         left = {r[0] for r in journal.db.execute("SELECT order_id FROM orders")}
-        assert left == {"old-open", "new-shipped"}
+        assert left == {"old-open", "old-sorted", "old-packed", "new-shipped"}
     finally:
         journal.close()
 

@@ -93,7 +93,7 @@ def list_plcs(reads: ReadsDep) -> list[PlcPublic]:
     dependencies=READ_ALL,
     responses={200: {"headers": PAGE_HEADERS}},
 )
-async def list_scales(
+def list_scales(
     request: Request, response: Response, reads: ReadsDep, query: ScalePageQuery
 ) -> list[ScalePublic]:
     """Every scale: status, last seen, and per channel its shelf and scale factor. Paginated

@@ -1,7 +1,9 @@
 """Stock: per SKU, per shelf and per zone (read only; every role may read them).
 
 Answered by the stock read model (``controller.services.queries``), whose indexes are built
-once from the site: each answer costs O(its size). ``shelf_public`` is also the shelf view of
+once, on first use: each answer costs O(its size), the lists a page at a time (docs/api.md,
+"Pages"). The handlers are plain ``def`` (run in a worker thread), so a first read that builds
+an index at a large site never holds the event loop. ``shelf_public`` is also the shelf view of
 the tare and calibration answers (routes/ops.py)."""
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def list_shelves(
 
 
 @router.get("/api/v1/zones", response_model=list[ZonePublic])
-async def list_zones(queries: QueriesDep) -> list[ZonePublic]:
+def list_zones(queries: QueriesDep) -> list[ZonePublic]:
     """Every zone of the site with its shelf and scale counts, shelf statuses and active
     alerts."""
     return [
@@ -172,7 +174,7 @@ async def list_zones(queries: QueriesDep) -> list[ZonePublic]:
     response_model=ZoneStockPublic,
     responses=problem_responses(e404="unknown zone"),
 )
-async def zone_stock(queries: QueriesDep, zone: str) -> ZoneStockPublic:
+def zone_stock(queries: QueriesDep, zone: str) -> ZoneStockPublic:
     """The zone's shelves, and per SKU stored there: its units in this zone and its level and
     state over the whole site."""
     view = queries.zone_stock(zone)

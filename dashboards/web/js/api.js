@@ -17,6 +17,22 @@ export class Api {
   }
 
   async request(method, path, body) {
+    return (await this.exchange(method, path, body)).data;
+  }
+
+  /** One page of a list read (docs/api.md, "Pages"): its items, X-Total-Count and the cursor
+   *  of the next page (null on the last). */
+  async page(path) {
+    const { data, resp } = await this.exchange("GET", path);
+    const total = Number(resp.headers.get("X-Total-Count"));
+    return {
+      items: Array.isArray(data) ? data : [],
+      total: Number.isFinite(total) ? total : null,
+      next: resp.headers.get("X-Next-Cursor"),
+    };
+  }
+
+  async exchange(method, path, body) {
     const headers = { Accept: "application/json" };
     const tok = this.token();
     if (tok) headers.Authorization = `Bearer ${tok}`;
@@ -44,7 +60,7 @@ export class Api {
       err.retryAfter = Number(resp.headers.get("Retry-After")) || null;
       throw err;
     }
-    return data;
+    return { data, resp };
   }
 
   get(path) { return this.request("GET", path); }

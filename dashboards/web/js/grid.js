@@ -1,10 +1,15 @@
 // The zone/shelf grid: one element per shelf, built once per snapshot; updates touch only the
 // cells whose shelf (or whose SKU) changed, and only their class and text.
+// One zone at a time (the "zone" scope of a large site) the grid is virtual: every shelf has a
+// slot at a fixed pitch, but only the cells of the rows in view (and a few around) are in the
+// DOM; scrolling moves cells in and out, updates touch the rendered ones only.
 
 import { el, clear, STATES, STATE_LABEL, fmtNum, clock } from "./util.js";
 import { cellState } from "./store.js";
 
 const COMPACT_OVER = 400; // shelves: above this the cells carry no number (tooltip only)
+const OVERSCAN_ROWS = 3;  // rows rendered above and below the view
+const GAP_PX = 3;         // as .cells { gap }
 
 export class ShelfGrid {
   constructor(root, legend, { onSelect }) {
@@ -30,12 +35,35 @@ export class ShelfGrid {
       const cell = ev.target.closest(".cell");
       if (cell && this.store) cell.title = this.describe(cell.dataset.id);
     });
+    this.virtual = null; // {ids, slots, pitchX, pitchY, cols, first, last} in the zone scope
+    let pending = false;
+    const repaint = () => {
+      if (!this.virtual || pending) return;
+      pending = true;
+      requestAnimationFrame(() => { pending = false; this.paintVirtual(); });
+    };
+    root.addEventListener("scroll", repaint, { passive: true });
+    window.addEventListener("resize", repaint);
   }
 
-  /** Build every zone and cell from the store (after a snapshot). */
+  /** Build every zone and cell from the store (after a snapshot); one zone's virtual grid in
+   *  the zone scope; nothing in the overview scope (the zone tiles show the site). */
   build(store) {
     this.store = store;
     clear(this.root);
+    this.virtual = null;
+    const kind = store.scope ? store.scope.kind : "site";
+    if (kind !== "site") {
+      this.cells.clear();
+      this.cellState.clear();
+      this.bySku.clear();
+      this.zoneHeads.clear();
+      this.root.classList.remove("compact");
+      this.compact = false;
+      if (kind === "zone") this.buildVirtual(store);
+      this.refreshCounts();
+      return;
+    }
     this.cells.clear();
     this.cellState.clear();
     this.bySku.clear();
@@ -75,6 +103,83 @@ export class ShelfGrid {
     this.refreshCounts();
   }
 
+  /** One zone (the zone scope): a slot per shelf in site order, cells for the rows in view. */
+  buildVirtual(store) {
+    const zone = store.scope.zone;
+    const ids = [];
+    for (const sh of store.shelves.values()) {
+      ids.push(sh.id);
+      if (!this.bySku.has(sh.sku)) this.bySku.set(sh.sku, []);
+      this.bySku.get(sh.sku).push(sh.id);
+    }
+    const z = store.zones.find((x) => x.id === zone);
+    const cells = el("div", { class: "vcells", role: "list", "aria-label": `Shelves of zone ${zone}` });
+    this.root.append(el("section", { class: "zone", dataset: { zone } },
+      el("h3", {}, `Zone ${zone}${z && z.name ? ` · ${z.name}` : ""} `,
+        el("small", {}, `${fmtNum(ids.length)} shelves`)), cells));
+    // The cell pitch as the stylesheet draws it (it differs by screen width).
+    const probe = el("div", { class: "cell" });
+    cells.append(probe);
+    const pitchX = probe.offsetWidth + GAP_PX, pitchY = probe.offsetHeight + GAP_PX;
+    probe.remove();
+    this.virtual = {
+      ids, slots: new Map(ids.map((id, i) => [id, i])), box: cells,
+      pitchX: Math.max(pitchX, 8), pitchY: Math.max(pitchY, 8), cols: 1, first: 0, last: -1,
+    };
+    this.paintVirtual();
+  }
+
+  /** Cells for the rows in view (plus OVERSCAN_ROWS), placed absolutely; the others removed. */
+  paintVirtual() {
+    const v = this.virtual;
+    if (!v || !this.store) return;
+    const width = v.box.clientWidth || this.root.clientWidth;
+    v.cols = Math.max(1, Math.floor((width + GAP_PX) / v.pitchX));
+    const rows = Math.ceil(v.ids.length / v.cols);
+    v.box.style.height = `${rows * v.pitchY}px`;
+    const top = this.root.scrollTop - v.box.offsetTop + this.root.offsetTop;
+    const view = this.root.clientHeight || 600;
+    const r0 = Math.max(0, Math.floor(top / v.pitchY) - OVERSCAN_ROWS);
+    const r1 = Math.min(rows - 1, Math.ceil((top + view) / v.pitchY) + OVERSCAN_ROWS);
+    const first = r0 * v.cols, last = Math.min(v.ids.length - 1, (r1 + 1) * v.cols - 1);
+    for (const [id, cell] of this.cells) {
+      const i = v.slots.get(id);
+      if (i < first || i > last) { cell.remove(); this.cells.delete(id); this.cellState.delete(id); }
+    }
+    const store = this.store;
+    for (let i = first; i <= last; i++) {
+      const id = v.ids[i];
+      let cell = this.cells.get(id);
+      if (!cell) {
+        const sh = store.shelves.get(id);
+        const state = cellState(sh, store.skus.get(sh.sku));
+        cell = el("div", {
+          class: cellClass(sh, state, id === this.selected),
+          role: "listitem", tabindex: "0", dataset: { id, state },
+          "aria-label": `${id} ${STATE_LABEL[state]}`,
+        }, label(sh));
+        this.cells.set(id, cell);
+        this.cellState.set(id, state);
+        v.box.append(cell);
+      }
+      cell.style.transform = `translate(${(i % v.cols) * v.pitchX}px, ${Math.floor(i / v.cols) * v.pitchY}px)`;
+    }
+    v.first = first;
+    v.last = last;
+  }
+
+  /** Scroll the grid so that shelf ``id`` is in view (the zone scope: its cell is then made). */
+  reveal(id) {
+    const v = this.virtual;
+    if (v && v.slots.has(id)) {
+      const row = Math.floor(v.slots.get(id) / v.cols);
+      this.root.scrollTop = v.box.offsetTop - this.root.offsetTop + row * v.pitchY - this.root.clientHeight / 3;
+      this.paintVirtual();
+    }
+    const cell = this.cells.get(id);
+    if (cell && !v) cell.scrollIntoView({ block: "nearest" });
+  }
+
   /** Re-colour the cells of changed shelves and of every shelf of changed SKUs. */
   update(shelfIds, skuIds) {
     const store = this.store;
@@ -105,6 +210,13 @@ export class ShelfGrid {
   }
 
   refreshCounts() {
+    if (this.store && this.store.scope && this.store.scope.kind !== "site") {
+      // One zone or none in the page: the site's counts are the overview's.
+      const total = Object.fromEntries(STATES.map((s) => [s, 0]));
+      for (const z of this.store.overview) for (const s of STATES) total[s] += z.states[s] || 0;
+      this.renderLegend(total);
+      return;
+    }
     const total = Object.fromEntries(STATES.map((s) => [s, 0]));
     const perZone = new Map();
     for (const [id, state] of this.cellState) {
@@ -119,9 +231,13 @@ export class ShelfGrid {
       const z = perZone.get(zone) || { n: 0, bad: 0 };
       node.textContent = `${z.n} shelves${z.bad ? `, ${z.bad} need attention` : ""}`;
     }
+    this.renderLegend(total);
+  }
+
+  renderLegend(total) {
     clear(this.legend);
     for (const s of STATES) {
-      this.legend.append(el("span", { dataset: { state: s } }, el("i", { class: `s-${s}` }), `${STATE_LABEL[s]} ${total[s]}`));
+      this.legend.append(el("span", { dataset: { state: s } }, el("i", { class: `s-${s}` }), `${STATE_LABEL[s]} ${fmtNum(total[s])}`));
     }
     this.totals = total;
   }
@@ -148,6 +264,10 @@ export class ShelfGrid {
       `last reading ${clock(sh.last_reading_ts)}`,
     ].join("\n");
   }
+}
+
+function cellClass(sh, state, selected) {
+  return `cell s-${state}${moving(sh) ? " moving" : ""}${selected ? " selected" : ""}`;
 }
 
 function moving(sh) {

@@ -15,8 +15,9 @@ export class LiveConnection {
    * @param {(state: string, info: object) => void} o.onState
    *   states: connecting, live, stale, disconnected (info.retryInMs), unauthorized, forbidden
    */
-  constructor({ token, onMessages, onState, url }) {
+  constructor({ token, onMessages, onState, url, scope }) {
     this.token = token;
+    this.scope = scope || (() => "");
     this.onMessages = onMessages;
     this.onState = onState;
     this.url = url || LiveConnection.defaultUrl();
@@ -68,7 +69,8 @@ export class LiveConnection {
     this.setState("connecting", { attempt: this.attempt });
     let ws;
     try {
-      ws = new WebSocket(this.url, ["bearer", tok]);
+      // The scope the page shows (a zone after a drill-down) survives a reconnect.
+      ws = new WebSocket(this.url + this.scope(), ["bearer", tok]);
     } catch (err) {
       this.scheduleReconnect(String(err));
       return;
@@ -92,6 +94,8 @@ export class LiveConnection {
       if (this.stopped) return;
       if (ev.code === 4401) { this.setState("unauthorized", { reason: ev.reason }); return; }
       if (ev.code === 4403) { this.setState("forbidden", { reason: ev.reason }); return; }
+      // An unknown zone or scope (4400): dial again with the controller's default scope.
+      if (ev.code === 4400) this.scope = () => "";
       this.scheduleReconnect(ev.reason || `closed (${ev.code})`);
     };
     ws.onerror = () => { /* onclose follows and decides */ };

@@ -10,19 +10,27 @@ import {
   alertNow, AlertFeed, CoverEstimator, renderEvents, renderLowStock, renderOrders, renderPlcs,
 } from "./panels.js";
 import { cellState } from "./store.js";
-import { clock, duration, el, fmtNum, STATE_LABEL } from "./util.js";
+import { renderOverview } from "./overview.js";
+import { clear, clock, duration, el, fmtNum, STATE_LABEL } from "./util.js";
 
 const TOKEN_KEY = "floorhand.token";
 const PLC_POLL_MS = 5000;
 const ORDER_POLL_MS = 10000;
 const TREND_POLL_MS = 60000;
 const TREND_WINDOW_S = 6 * 3600;
+const PAGE_POLL_MS = 10000; // a large site's alert and low-stock pages are re-read this often
+const ALERT_PAGE = 40;
+const LOW_PAGE = 50;
+const LOW_STATES = ["out", "critical", "low"];
+const SEARCH_LIMIT = 10;
 
 const $ = (id) => document.getElementById(id);
 
 const perf = {
   firstRenderMs: null, firstPaintMs: null, buildMs: null, snapshotShelves: 0, frames: 0, messages: 0, events: 0,
   handleMs: 0, renderMs: 0, renders: 0, maxRenderMs: 0, longTasks: 0, longTaskMs: 0,
+  // A zone drill-down: from the click (subscribe sent) to its grid built, and to the next frame.
+  drillStart: null, drillMs: null, drillPaintMs: null, drillZone: null,
 };
 // Main-thread tasks over 50 ms (the page would feel stuck): counted for the benchmark.
 try {
@@ -57,6 +65,10 @@ let plcTimer = null, orderTimer = null, trendTimer = null, tick = null, ticks = 
 let lastOrdersAt = 0;
 let connState = "connecting", connInfo = {};
 let prevStats = null;
+let pendingReveal = null; // shelf to select once its zone's snapshot is in (search)
+let pageTimer = null;
+const alertPages = { total: null, next: null, loaded: 0 };
+const lowPages = new Map(); // state → {items, next, total}
 
 function setup() {
   grid = new ShelfGrid($("grid"), $("legend"), { onSelect: selectShelf });
@@ -87,10 +99,159 @@ function setup() {
     start();
   });
   $("logout").addEventListener("click", () => signOut(""));
+  $("search-form").addEventListener("submit", (ev) => { ev.preventDefault(); search($("search").value.trim()); });
+  $("alerts-more").addEventListener("click", () => loadAlerts(true));
+  $("low-more").addEventListener("click", () => loadLow(true));
+}
+
+// -- scopes: overview, one zone, search -----------------------------------------------------------
+
+function openZone(zone) {
+  perf.drillStart = performance.now();
+  perf.drillMs = perf.drillPaintMs = null;
+  perf.drillZone = zone;
+  live.send({ type: "subscribe", zone });
+}
+
+function openOverview() {
+  pendingReveal = null;
+  live.send({ type: "subscribe", scope: "overview" });
+}
+
+/** Shelves and SKUs whose text holds ``q`` (GET /api/v1/shelves and /stock with ``q``). */
+async function search(q) {
+  const box = $("search-results");
+  if (!q) { box.hidden = true; clear(box); return; }
+  const enc = encodeURIComponent(q);
+  let shelves, skus;
+  try {
+    [shelves, skus] = await Promise.all([
+      api.page(`/api/v1/shelves?q=${enc}&limit=${SEARCH_LIMIT}`),
+      api.page(`/api/v1/stock?q=${enc}&limit=${SEARCH_LIMIT}`),
+    ]);
+  } catch (err) {
+    box.hidden = false;
+    box.replaceChildren(el("p", { class: "error" }, `Search failed: ${err.message}`));
+    return;
+  }
+  const items = [];
+  for (const sh of shelves.items) {
+    items.push(el("button", {
+      class: "result", type: "button", dataset: { shelf: sh.id, zone: sh.zone },
+      onclick: () => openShelf(sh.id, sh.zone),
+    }, `Shelf ${sh.id}${sh.location ? ` (${sh.location})` : ""} · zone ${sh.zone} · SKU ${sh.sku} · ${fmtNum(sh.units)} units`));
+  }
+  for (const k of skus.items) {
+    const first = k.shelves[0];
+    items.push(el("button", {
+      class: "result", type: "button", dataset: { sku: k.sku },
+      onclick: () => (first ? openShelf(first.id, first.zone) : selectSku(k.sku)),
+    }, `SKU ${k.sku}${k.name ? ` ${k.name}` : ""} · level ${fmtNum(k.level)} · ${STATE_LABEL[k.state] || k.state} · ${k.shelves.map((x) => x.id).join(", ")}`));
+  }
+  const more = (shelves.total ?? 0) + (skus.total ?? 0) - items.length;
+  box.replaceChildren(
+    el("p", { class: "muted small" }, `${fmtNum(shelves.total)} shelves and ${fmtNum(skus.total)} SKUs match “${q}”${more > 0 ? ` (first ${SEARCH_LIMIT} of each)` : ""}.`),
+    ...items,
+    el("button", { class: "btn small", type: "button", onclick: () => { box.hidden = true; } }, "Close"));
+  box.hidden = false;
+}
+
+/** Select a shelf found by search: at once if it is in the page, else after its zone's
+ *  snapshot arrives. */
+function openShelf(id, zone) {
+  $("search-results").hidden = true;
+  if (store.shelves.has(id)) {
+    grid.select(id);
+    grid.reveal(id);
+    return;
+  }
+  pendingReveal = id;
+  openZone(zone);
+}
+
+// -- pages of a large site (alerts, low stock) -----------------------------------------------------
+
+async function loadAlerts(more) {
+  const limit = more ? ALERT_PAGE : Math.min(5000, Math.max(ALERT_PAGE, alertPages.loaded));
+  const cursor = more && alertPages.next ? `&cursor=${encodeURIComponent(alertPages.next)}` : "";
+  if (more && !alertPages.next) return;
+  try {
+    const page = await api.page(`/api/v1/alerts?active=true&limit=${limit}${cursor}`);
+    if (!more) store.alerts = new Map();
+    for (const a of page.items) store.alerts.set(a.key, a);
+    alertPages.loaded = more ? alertPages.loaded + page.items.length : page.items.length;
+    alertPages.total = page.total;
+    alertPages.next = page.next;
+  } catch (err) {
+    $("alerts-more").hidden = true;
+    return;
+  }
+  store.dirty.alerts = true;
+  scheduleRender();
+}
+
+async function loadLow(more) {
+  try {
+    if (more) {
+      const state = LOW_STATES.find((s) => lowPages.get(s) && lowPages.get(s).next);
+      if (!state) return;
+      const cur = lowPages.get(state);
+      const page = await api.page(`/api/v1/stock?state=${state}&limit=${LOW_PAGE}&cursor=${encodeURIComponent(cur.next)}`);
+      cur.items.push(...page.items);
+      cur.next = page.next;
+      cur.total = page.total;
+    } else {
+      const pages = await Promise.all(LOW_STATES.map((s) => {
+        const had = lowPages.get(s);
+        const limit = Math.min(5000, Math.max(LOW_PAGE, had ? had.items.length : 0));
+        return api.page(`/api/v1/stock?state=${s}&limit=${limit}`);
+      }));
+      LOW_STATES.forEach((s, i) => lowPages.set(s, { items: pages[i].items, next: pages[i].next, total: pages[i].total ?? 0 }));
+    }
+  } catch (err) {
+    $("low-note").textContent = `Low stock unavailable: ${err.message}`;
+    return;
+  }
+  store.dirty.lowStock = true;
+  scheduleRender();
+}
+
+function lowPaged() {
+  const rows = [];
+  let total = 0, more = false;
+  for (const s of LOW_STATES) {
+    const p = lowPages.get(s);
+    if (!p) continue;
+    rows.push(...p.items);
+    total += p.total;
+    more ||= Boolean(p.next);
+  }
+  return { rows, total, more };
+}
+
+function startPaging() {
+  if (pageTimer) return;
+  loadAlerts(false);
+  loadLow(false);
+  pageTimer = setInterval(() => { if (connState === "live") { loadAlerts(false); loadLow(false); } }, PAGE_POLL_MS);
+}
+
+/** The query of the live URL: the scope in view (``?zone=Z3`` after a drill-down); before the
+ *  first snapshot, ``?zone=`` or ``?scope=`` of the page's own address, if any. */
+function liveScope() {
+  if (store.site) {
+    if (store.scope.kind === "zone") return `?zone=${encodeURIComponent(store.scope.zone)}`;
+    return store.scope.kind === store.scope.default ? "" : `?scope=${store.scope.kind}`;
+  }
+  const q = new URLSearchParams(location.search);
+  if (q.get("zone")) return `?zone=${encodeURIComponent(q.get("zone"))}`;
+  if (q.get("scope")) return `?scope=${encodeURIComponent(q.get("scope"))}`;
+  return "";
 }
 
 const live = new LiveConnection({
   token,
+  scope: liveScope,
   onMessages(msgs) {
     const t0 = performance.now();
     perf.frames++;
@@ -143,7 +304,21 @@ function render() {
     const b0 = performance.now();
     grid.build(store);
     perf.buildMs = performance.now() - b0;
-    if (perf.firstRenderMs === null && store.shelves.size) {
+    $("overview").hidden = !store.paged;
+    if (store.paged) startPaging();
+    if (perf.drillStart !== null && store.scope.kind === "zone" && store.scope.zone === perf.drillZone) {
+      perf.drillMs = performance.now() - perf.drillStart;
+      perf.drillStart = null;
+      const t0 = performance.now() - perf.drillMs;
+      requestAnimationFrame(() => setTimeout(() => { perf.drillPaintMs = performance.now() - t0; }, 0));
+    }
+    if (pendingReveal && store.shelves.has(pendingReveal)) {
+      const id = pendingReveal;
+      pendingReveal = null;
+      grid.select(id);
+      grid.reveal(id);
+    }
+    if (perf.firstRenderMs === null && (store.shelves.size || store.paged)) {
       perf.firstRenderMs = performance.now();
       // After the next frame's style, layout and paint of the new grid:
       requestAnimationFrame(() => setTimeout(() => { perf.firstPaintMs = performance.now(); }, 0));
@@ -166,6 +341,10 @@ function render() {
     trendChart.push(0, store.lastUpdate || Date.now() / 1000, k.level);
   }
   if (d.structure || d.links) renderStatus();
+  if (d.overview && store.paged) {
+    renderOverview($("overview"), store, { onZone: openZone, onOverview: openOverview });
+    if (!d.structure) grid.refreshCounts();
+  }
   store.resetDirty();
   const took = performance.now() - t0;
   perf.renders++;
@@ -196,8 +375,17 @@ function renderPanels(now) {
   }
   const t0 = performance.now();
   panelsAt = t0;
-  if (panels.alerts) alerts.render(store);
-  if (panels.lowStock) renderLowStock($("lowstock").tBodies[0], $("low-count"), $("low-note"), store, cover, selectSku);
+  const paged = store.paged;
+  if (panels.alerts) {
+    const total = store.stats && typeof store.stats.alerts_active === "number" ? store.stats.alerts_active : alertPages.total;
+    alerts.render(store, paged ? { total, more: Boolean(alertPages.next) } : null);
+    $("alerts-more").hidden = !(paged && alertPages.next);
+  }
+  if (panels.lowStock) {
+    const low = paged ? lowPaged() : null;
+    renderLowStock($("lowstock").tBodies[0], $("low-count"), $("low-note"), store, cover, selectSku, low);
+    $("low-more").hidden = !(low && low.more);
+  }
   if (panels.events) renderEvents($("events"), store);
   panels.alerts = panels.lowStock = panels.events = false;
   const took = performance.now() - t0;
@@ -386,8 +574,8 @@ function startPolling() {
 }
 
 function stopPolling() {
-  clearInterval(plcTimer); clearInterval(orderTimer); clearInterval(trendTimer);
-  plcTimer = orderTimer = trendTimer = null;
+  clearInterval(plcTimer); clearInterval(orderTimer); clearInterval(trendTimer); clearInterval(pageTimer);
+  plcTimer = orderTimer = trendTimer = pageTimer = null;
 }
 
 // -- lifecycle --------------------------------------------------------------------------------

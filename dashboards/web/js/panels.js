@@ -45,12 +45,15 @@ export class AlertFeed {
     this.busy = new Set();
   }
 
-  render(store) {
+  /** ``paged`` (a large site): the alerts are the API's pages loaded so far, all drawn;
+   *  ``paged.total`` active in all, ``paged.more`` whether a next page exists. */
+  render(store, paged = null) {
     // Worst first by the situation now: a recovering alert ranks by its current level.
     const now_ = new Map([...store.alerts.values()].map((a) => [a.key, alertNow(a, store)]));
     const alerts = [...store.alerts.values()].sort((a, b) =>
       now_.get(b.key).rank - now_.get(a.key).rank || (b.since ?? 0) - (a.since ?? 0));
-    this.countEl.textContent = String(alerts.length);
+    const maxCards = paged ? alerts.length : MAX_CARDS;
+    this.countEl.textContent = String(paged && paged.total !== null ? Math.max(paged.total, alerts.length) : alerts.length);
     // Keep a snooze form the user is typing in: rebuild the others only.
     const keep = new Map();
     for (const node of this.root.children) {
@@ -58,11 +61,13 @@ export class AlertFeed {
     }
     clear(this.root);
     const now = Date.now() / 1000;
-    for (const a of alerts.slice(0, MAX_CARDS)) {
+    for (const a of alerts.slice(0, maxCards)) {
       if (keep.has(a.key)) { this.root.append(keep.get(a.key)); continue; }
       this.root.append(this.card(a, store, now, now_.get(a.key)));
     }
-    if (alerts.length > MAX_CARDS) {
+    if (paged && paged.more) {
+      this.root.append(el("p", { class: "muted small" }, `${alerts.length} of ${paged.total} loaded, worst first among them: "More alerts" loads the next page.`));
+    } else if (alerts.length > maxCards) {
       this.root.append(el("p", { class: "muted small" }, `${alerts.length - MAX_CARDS} more (less severe or older): see the low-stock table.`));
     }
   }
@@ -227,12 +232,15 @@ export function consumption(history) {
   return { perDay: taken / (spanS / 86400), note: `${taken} units taken in ${duration(spanS)}` };
 }
 
-export function renderLowStock(tbody, countEl, noteEl, store, cover, onSelectSku) {
-  const rows = store.lowSkus();
-  countEl.textContent = String(rows.length);
+/** ``paged`` (a large site): ``{rows, total, more}`` from the API's pages (out, critical, low),
+ *  their level and state taken from the stream when the SKU is in the page. */
+export function renderLowStock(tbody, countEl, noteEl, store, cover, onSelectSku, paged = null) {
+  const rows = paged ? paged.rows.map((k) => store.skus.get(k.sku) || k) : store.lowSkus();
+  const shown = paged ? rows.length : 200;
+  countEl.textContent = String(paged ? paged.total : rows.length);
   cover.want(rows.slice(0, COVER_ROWS).map((k) => k.sku));
   clear(tbody);
-  for (const k of rows.slice(0, 200)) {
+  for (const k of rows.slice(0, shown)) {
     const c = cover.get(k.sku);
     let coverText = "…";
     let title = "looking up the last 24 h of history";
@@ -250,7 +258,8 @@ export function renderLowStock(tbody, countEl, noteEl, store, cover, onSelectSku
       el("td", {}, el("span", { class: `badge s-${k.state}` }, STATE_LABEL[k.state])),
       el("td", { class: "num", title }, coverText)));
   }
-  noteEl.textContent = rows.length > 200 ? `${rows.length - 200} more not shown.` : (cover.disabled ? `Days of cover unavailable: ${cover.disabled}.` : "");
+  const hidden = paged ? paged.total - rows.length : rows.length - shown;
+  noteEl.textContent = hidden > 0 ? `${hidden} more not shown${paged ? " (More loads the next page)" : ""}.` : (cover.disabled ? `Days of cover unavailable: ${cover.disabled}.` : "");
 }
 
 // -- conveyors, sorters, orders ---------------------------------------------------------------

@@ -29,13 +29,15 @@ export class Store {
     this.pickTimes = [];       // ms timestamps of confirmed picks (last 10 min)
     this.takenTimes = [];      // [ms, units] decreases seen on the scales (last 10 min)
     this.events = [];          // recent notable events for the feed (newest first, ≤ 50)
+    this.scope = { kind: "site", zone: null }; // what the live stream covers (hello/snapshot)
+    this.overview = [];        // [{zone, shelves, states: {ok: n, …}}]: the whole site's counts
     this.resetDirty();
   }
 
   resetDirty() {
     this.dirty = {
       structure: false, shelves: new Set(), skus: new Set(), alerts: false,
-      links: false, lowStock: false, events: false, orders: false,
+      links: false, lowStock: false, events: false, orders: false, overview: false,
     };
   }
 
@@ -53,6 +55,7 @@ export class Store {
         case "pick": this.applyPick(m.event, m.t); break;
         case "order": this.dirty.orders = true; this.pushEvent(m.t, describeOrder(m.event)); break;
         case "stats": this.stats = m; this.statsAt = performance.now(); break;
+        case "overview": this.overview = m.zones; this.dirty.overview = true; break;
         case "dropped":
           this.dropped = { count: m.count, total: m.total };
           this.pushEvent(m.t, `${m.count} live update(s) dropped (this page was too slow); resyncing`);
@@ -62,12 +65,20 @@ export class Store {
     }
   }
 
+  /** Only part of the site is in the page (a zone or the overview): the alerts and the
+   *  low-stock list come a page at a time from the API. */
+  get paged() { return this.scope.kind !== "site"; }
+
   applySnapshot(s) {
     this.site = s.site;
     this.zones = s.zones;
+    this.scope = s.scope || { kind: "site", zone: null };
+    this.overview = s.overview || [];
     this.shelves = new Map(s.shelves.map((sh) => [sh.id, sh]));
     this.skus = new Map(s.skus.map((k) => [k.sku, k]));
-    this.alerts = new Map(s.alerts.map((a) => [a.key, a]));
+    if (this.paged) for (const a of s.alerts) this.alerts.set(a.key, a); // with the API's pages
+    else this.alerts = new Map(s.alerts.map((a) => [a.key, a]));
+    this.dirty.overview = true;
     this.links = s.links;
     this.plcs = s.plcs;
     if (s.stats) { this.stats = s.stats; this.statsAt = performance.now(); }
@@ -126,6 +137,10 @@ export class Store {
 
   pushEvent(ts, text) {
     if (!text) return;
+    // A message replayed after a shared snapshot may arrive twice: one line in the feed.
+    for (let i = 0; i < this.events.length && i < 10; i++) {
+      if (this.events[i].ts === ts && this.events[i].text === text) return;
+    }
     this.events.unshift({ ts, text });
     if (this.events.length > 50) this.events.length = 50;
     this.dirty.events = true;

@@ -1,0 +1,356 @@
+"""Changing the catalogue of a running controller (``PUT/PATCH /api/v1/catalog``,
+docs/catalogue.md "Changing a running controller").
+
+A change is read and validated whole (every bad row and column reported, nothing applied),
+compared with the catalogue in force (`diff`), checked against the caller's role (a supervisor
+changes thresholds only) and against what applies live, then journaled as one new catalogue
+version with its audit rows, applied to the running services on the event loop (the state
+owner), and announced with a `CatalogChanged` event (journaled, on the bus).
+
+What applies live in this version: a SKU's columns (name, thresholds, lead time) and a shelf's
+reorder thresholds (a shelf-level alert added or removed with them). Alert episodes of the keys
+that stay are kept and re-evaluated with the new policy at once; a removed shelf-level alert's
+episode ends (named in the event); counts, shelf states and picks are untouched (no shelf,
+scale or SKU changes identity). Anything else (a record added or removed, a shelf moved, a
+scale changed) is refused with every such record named: stop the controller and use
+``floorhand catalog import``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import orjson
+
+from controller.adapters import catalog_store
+from controller.catalog.diff import CatalogueDiff, Change, diff
+from controller.catalog.formats import CatalogueInvalid, Format, Row, RowError, read_rows
+from controller.catalog.records import COLUMNS, KINDS, Catalogue, Kind, flat
+from controller.catalog.validate import validate
+from controller.config import SiteConfig
+from controller.domain.events import CatalogChanged
+from controller.ports import EventRow, JournalError
+from controller.services.alerts import AlertSettings
+
+if TYPE_CHECKING:
+    from controller.runtime import Runtime
+
+VersionRow = catalog_store.VersionRow
+"""A catalogue version's row (for the API, which imports no adapter)."""
+
+log = logging.getLogger("floorhand.catalog")
+
+API_SOURCE: Final = "api"
+"""The audit source of a change made through the API."""
+
+THRESHOLD_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
+    "sku": frozenset(
+        {
+            "reorder_point",
+            "safety_stock",
+            "max_stock",
+            "dwell_s",
+            "hysteresis_units",
+            "lead_time_d",
+        }
+    ),
+    "scale": frozenset(),
+    "shelf": frozenset({"shelf_reorder_point", "shelf_safety_stock"}),
+}
+"""The columns a supervisor may change (an engineer may change any)."""
+
+LIVE_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
+    "sku": frozenset(COLUMNS["sku"]) - {"id"},
+    "scale": frozenset(),
+    "shelf": THRESHOLD_COLUMNS["shelf"],
+}
+"""The columns a running controller takes without a restart (see the module docstring)."""
+
+PATCH_REMOVE: Final = "remove"
+"""A PATCH record's key that removes the record (``{"kind": "sku", "id": "K9", "remove":
+true}``)."""
+
+
+class ChangeRefused(Exception):
+    """A change refused as a whole: ``status`` (403 role, 409 inline site or not live),
+    ``detail``, and each refused record or column in ``items``."""
+
+    def __init__(self, status: int, detail: str, items: list[str] | None = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.items = items or []
+        super().__init__(detail)
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A change journaled and applied: the version in force and the changes."""
+
+    version: int
+    changes: CatalogueDiff
+    ended: tuple[str, ...] = ()
+
+
+def change_dict(c: Change) -> dict[str, Any]:
+    """A change on the wire: kind, id, op, and for a change each column's before and after."""
+    out: dict[str, Any] = {"kind": c.kind, "id": c.id, "op": c.op}
+    if c.op == "change":
+        out["columns"] = {k: {"before": b, "after": a} for k, (b, a) in c.fields.items()}
+    elif c.op == "add":
+        out["record"] = c.after
+    return out
+
+
+def error_dicts(exc: CatalogueInvalid) -> list[dict[str, Any]]:
+    """Every error of an invalid change: line (0: the body as a whole or a record the request
+    did not name), column, kind, id, message."""
+    return [
+        {"line": e.line, "column": e.column, "kind": e.kind, "id": e.id, "message": e.message}
+        for e in exc.errors
+    ]
+
+
+def _rows_of(catalogue: Catalogue) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(kind, m.id): flat(kind, m) for kind in KINDS for m in catalogue.records(kind)}
+
+
+def _json_records(data: bytes, source: str) -> list[tuple[int, Any]]:
+    """The objects of a JSON array or of JSON Lines, with their line (array: position)."""
+    text = data.decode("utf-8-sig", errors="strict")
+    if text.lstrip().startswith("["):
+        try:
+            items = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise CatalogueInvalid(source, [RowError(0, "-", f"not JSON: {exc}")]) from None
+        return list(enumerate(items, start=1))
+    out: list[tuple[int, Any]] = []
+    errors: list[RowError] = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        if raw.strip():
+            try:
+                out.append((n, orjson.loads(raw)))
+            except orjson.JSONDecodeError as exc:
+                errors.append(RowError(n, "-", f"not JSON: {exc}"))
+    if errors:
+        raise CatalogueInvalid(source, errors)
+    return out
+
+
+def patch_rows(
+    data: bytes, fmt: Format | None, source: str
+) -> list[tuple[int, str, str, dict[str, Any] | None]]:
+    """The records a PATCH names: (line, kind, id, columns to set; None: remove). JSON (an
+    array or JSON Lines: ``null`` unsets a column, ``"remove": true`` removes the record) or
+    CSV (``fmt`` csv: an empty cell leaves the column as it is)."""
+    errors: list[RowError] = []
+    out: list[tuple[int, str, str, dict[str, Any] | None]] = []
+    if fmt == "csv":
+        rows, errors = read_rows(data, "csv", source)
+        items: list[tuple[int, Any]] = [(r.line, r.cells) for r in rows]
+    else:
+        try:
+            items = _json_records(data, source)
+        except UnicodeDecodeError:
+            raise CatalogueInvalid(source, [RowError(0, "-", "not UTF-8 text")]) from None
+    for line, obj in items:
+        if not isinstance(obj, dict):
+            errors.append(
+                RowError(line, "-", f"a JSON object per record, not {type(obj).__name__}")
+            )
+            continue
+        kind, ident = obj.get("kind"), obj.get("id")
+        if kind not in KINDS:
+            errors.append(RowError(line, "kind", f"{kind!r} is not sku, scale or shelf"))
+            continue
+        if not isinstance(ident, str) or not ident:
+            errors.append(RowError(line, "id", "required", kind=str(kind)))
+            continue
+        cells = {k: v for k, v in obj.items() if k not in ("kind", "id")}
+        if cells.pop(PATCH_REMOVE, False) is True:
+            if cells:
+                errors.append(
+                    RowError(line, "-", "a removed record names no other column", kind, ident)
+                )
+                continue
+            out.append((line, kind, ident, None))
+            continue
+        unknown = sorted(k for k in cells if k not in COLUMNS[cast(Kind, kind)])
+        for name in unknown:
+            errors.append(RowError(line, name, f"not a column of a {kind} row", kind, ident))
+        if not unknown:
+            out.append((line, kind, ident, cells))
+    if errors:
+        raise CatalogueInvalid(source, errors)
+    return out
+
+
+def patched(
+    current: Catalogue, data: bytes, fmt: Format | None, zones: set[str], source: str
+) -> Catalogue:
+    """``current`` with the records of a PATCH body changed, added or removed, validated
+    whole; CatalogueInvalid naming each bad row (its line in the body) and column."""
+    records = _rows_of(current)
+    lines: dict[tuple[str, str], int] = {}
+    errors: list[RowError] = []
+    for line, kind, ident, cells in patch_rows(data, fmt, source):
+        key = (kind, ident)
+        if cells is None:
+            if records.pop(key, None) is None:
+                errors.append(RowError(line, "id", f"no {kind} {ident!r} to remove", kind, ident))
+            continue
+        rec = records.setdefault(key, {"id": ident})
+        rec.update(cells)
+        lines[key] = line
+    if errors:
+        raise CatalogueInvalid(source, errors)
+    rows = [
+        Row(lines.get(key, 0), {"kind": key[0], **{k: v for k, v in rec.items() if v is not None}})
+        for key, rec in records.items()
+    ]
+    # Kinds in file order (a record added by the patch goes after its kind's others).
+    rows.sort(key=lambda r: KINDS.index(r.cells["kind"]))
+    return validate(rows, zones, source)
+
+
+def put_catalogue(data: bytes, fmt: Format, zones: set[str], source: str) -> Catalogue:
+    """The whole catalogue of a PUT body, validated; CatalogueInvalid otherwise."""
+    rows, errors = read_rows(data, fmt, source)
+    return validate(rows, zones, source, errors)
+
+
+def check_role(changes: CatalogueDiff, may_change_all: bool) -> None:
+    """ChangeRefused (403) naming each record or column a supervisor may not change."""
+    if may_change_all:
+        return
+    bad: list[str] = []
+    for c in changes.changes:
+        if c.op != "change":
+            bad.append(f"{c.kind} {c.id}: {'adding' if c.op == 'add' else 'removing'} a record")
+            continue
+        bad += [
+            f"{c.kind} {c.id} column {k}" for k in c.fields if k not in THRESHOLD_COLUMNS[c.kind]
+        ]
+    if bad:
+        raise ChangeRefused(
+            403,
+            "a supervisor changes thresholds only (SKU reorder_point, safety_stock, max_stock, "
+            "dwell_s, hysteresis_units, lead_time_d; shelf shelf_reorder_point, "
+            "shelf_safety_stock); an engineer may change: " + "; ".join(bad),
+            bad,
+        )
+
+
+def check_live(changes: CatalogueDiff) -> None:
+    """ChangeRefused (409) naming each change a running controller does not take yet."""
+    bad: list[str] = []
+    for c in changes.changes:
+        if c.op != "change":
+            bad.append(f"{'+' if c.op == 'add' else '-'} {c.kind} {c.id}")
+            continue
+        cols = [k for k in c.fields if k not in LIVE_COLUMNS[c.kind]]
+        if cols:
+            bad.append(f"~ {c.kind} {c.id}: {', '.join(cols)}")
+    if bad:
+        raise ChangeRefused(
+            409,
+            "a running controller takes changes of SKU columns and of shelf thresholds only; "
+            "stop it and use `floorhand catalog import` for: " + "; ".join(bad),
+            bad,
+        )
+
+
+class CatalogueEditor:
+    """The catalogue in force on a running controller, and the one way to change it (on the
+    event loop, the state owner: ingest, alerts and the read model see one catalogue)."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        *,
+        on_applied: Callable[[Catalogue, CatalogueDiff], None] | None = None,
+    ) -> None:
+        """``on_applied(after, changes)`` is called once a change is applied and its event
+        published (for the API's caches that are not on the bus)."""
+        self._rt = rt
+        site = rt.site
+        self.current = Catalogue(site.skus, site.scales, site.shelves, version=rt.catalogue_version)
+        self.zones = {z.id for z in site.zones}
+        self._on_applied = on_applied
+
+    @property
+    def inline(self) -> bool:
+        return self._rt.catalogue_inline
+
+    def refuse_inline(self) -> None:
+        """ChangeRefused (409) when the site file declares the catalogue."""
+        if self.inline:
+            raise ChangeRefused(
+                409,
+                "the site file declares the catalogue inline ([[skus]], [[scales]], "
+                "[[shelves]]): change it there and restart, or export it, remove those tables "
+                "and manage it as data (docs/catalogue.md)",
+            )
+
+    def version(self) -> int:
+        return self._rt.catalogue_version
+
+    def versions(self) -> list[catalog_store.VersionRow]:
+        return catalog_store.versions(self._rt.journal.db)
+
+    def version_audit(self, version: int) -> list[dict[str, Any]]:
+        return catalog_store.version_audit(self._rt.journal.db, version)
+
+    def plan(self, after: Catalogue) -> CatalogueDiff:
+        return diff(self.current, after)
+
+    def apply(
+        self, after: Catalogue, changes: CatalogueDiff, *, actor: str, detail: str
+    ) -> Applied:
+        """Journal ``after`` as a new version (one transaction with its audit rows), apply it
+        to the running services and announce it. JournalError when the journal cannot store
+        it (nothing changed)."""
+        rt = self._rt
+        if not changes and self.current.same_records(after):
+            return Applied(rt.catalogue_version, changes)
+        version, _ = catalog_store.replace(
+            rt.journal.db, after, actor=actor, source=API_SOURCE, detail=detail, clock=rt.clock
+        )
+        self.current = Catalogue(after.skus, after.scales, after.shelves, version=version)
+        rt.catalogue_version = version
+        fields = {name: getattr(rt.site, name) for name in SiteConfig.model_fields}
+        fields.update(skus=after.skus, scales=after.scales, shelves=after.shelves)
+        rt.site = SiteConfig.model_construct(**fields)
+        ended = rt.alerts.apply_targets(AlertSettings.from_site(rt.site))
+        counts = changes.counts()
+        now = rt.clock()
+        event = CatalogChanged(
+            ts_s=now,
+            version=version,
+            by=actor,
+            source=API_SOURCE,
+            added=counts["add"],
+            removed=counts["remove"],
+            changed=counts["change"],
+            skus=tuple(c.id for c in changes.changes if c.kind == "sku"),
+            shelves=tuple(c.id for c in changes.changes if c.kind == "shelf"),
+            ended=tuple(ended),
+        )
+        try:
+            rt.journal.commit((), events=[EventRow(now, event.kind, event.as_dict())])
+        except JournalError as exc:  # the version is stored; only its event is missing
+            log.error("catalogue version %d: its event could not be journaled: %s", version, exc)
+        log.info(
+            "catalogue version %d by %s (api): %d added, %d removed, %d changed",
+            version,
+            actor,
+            counts["add"],
+            counts["remove"],
+            counts["change"],
+        )
+        rt.bus.publish([event])  # its listeners (alerts, the read model) run now
+        if self._on_applied is not None:
+            self._on_applied(after, changes)
+        return Applied(version, changes, tuple(ended))

@@ -1,0 +1,399 @@
+"""The catalogue API over HTTP (docs/catalogue.md, "Changing a running controller"): the
+controller app under a real uvicorn on 127.0.0.1 with a real mosquitto; scales are published by
+paho. Each documented status code and each live-change rule has its own test."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from controller.__main__ import main
+from controller.bus import Subscription
+from controller.domain.events import CatalogChanged
+from tests.integration.test_api_ops import (
+    OpsServer,
+    assert_problem,
+    journal_events,
+    next_event,
+    ops_server,
+)
+from tests.mosquitto import MosquittoBroker
+from tests.sites import TOKENS, grams, write_small_site
+
+pytestmark = pytest.mark.timeout(90)
+
+CSV = "text/csv"
+JSONL = "application/x-ndjson"
+ENG = "test-engineer"
+
+
+def journal_site(tmp_path: Path, port: int, **kw: Any) -> Path:
+    """A small site whose catalogue (K0..K2, s0..s2, sh0..sh2) is imported into its journal."""
+    site = write_small_site(tmp_path, mqtt_port=port, scales=3, catalogue_csv=True, **kw)
+    assert main(["catalog", "import", str(tmp_path / "catalogue.csv"), "--site", str(site)]) == 0
+    return site
+
+
+@pytest.fixture
+async def server(tmp_path: Path, mosquitto: MosquittoBroker) -> AsyncIterator[OpsServer]:
+    async with ops_server(journal_site(tmp_path, mosquitto.port)) as srv:
+        yield srv
+
+
+async def export(srv: OpsServer, fmt: str = "jsonl") -> tuple[int, list[dict[str, Any]]]:
+    async with srv.client("supervisor") as c:
+        r = await c.get("/api/v1/catalog", params={"format": fmt})
+    assert r.status_code == 200, r.text
+    version = int(r.headers["x-catalog-version"])
+    if fmt == "csv":
+        return version, [{"line": line} for line in r.text.splitlines()]
+    return version, [orjson.loads(line) for line in r.text.splitlines()]
+
+
+def jsonl(records: list[dict[str, Any]]) -> bytes:
+    return b"\n".join(orjson.dumps(r) for r in records) + b"\n"
+
+
+async def patch(
+    srv: OpsServer, records: list[dict[str, Any]], role: str = "engineer", **params: str
+) -> httpx.Response:
+    async with srv.client(role) as c:
+        return await c.patch(
+            "/api/v1/catalog",
+            content=orjson.dumps(records),
+            headers={"Content-Type": "application/json"},
+            params=params,
+        )
+
+
+def sku_of(records: list[dict[str, Any]], ident: str) -> dict[str, Any]:
+    return next(r for r in records if r["kind"] == "sku" and r["id"] == ident)
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+async def test_export_answers_the_catalogue_in_force_with_its_version(server: OpsServer) -> None:
+    version, records = await export(server)
+    assert version == 1
+    assert [(r["kind"], r["id"]) for r in records] == [
+        ("sku", "K0"), ("sku", "K1"), ("sku", "K2"),
+        ("scale", "s0"), ("scale", "s1"), ("scale", "s2"),
+        ("shelf", "sh0"), ("shelf", "sh1"), ("shelf", "sh2"),
+    ]  # fmt: skip
+    version, lines = await export(server, "csv")
+    assert lines[0]["line"].startswith("kind,id,name,reorder_point")
+    assert len(lines) == 10
+    async with server.client("floor") as c:
+        assert_problem(await c.get("/api/v1/catalog"), 403)
+    async with server.client("engineer") as c:
+        assert_problem(await c.get("/api/v1/catalog", params={"format": "xml"}), 422, "format")
+
+
+async def test_versions_list_and_one_version_with_its_audit_rows(server: OpsServer) -> None:
+    r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
+    assert r.status_code == 200, r.text
+    async with server.client("supervisor") as c:
+        listed = (await c.get("/api/v1/catalog/versions")).json()
+        one = await c.get("/api/v1/catalog/versions/2")
+        missing = await c.get("/api/v1/catalog/versions/9")
+    assert listed["version"] == 2
+    assert [(v["version"], v["source"], v["actor"]) for v in listed["versions"]] == [
+        (1, "import", listed["versions"][0]["actor"]),
+        (2, "api", ENG),
+    ]
+    assert one.status_code == 200
+    audit = one.json()["audit"]
+    assert [(a["kind"], a["id"], a["op"]) for a in audit] == [("sku", "K1", "change")]
+    assert audit[0]["before"]["reorder_point"] == 10
+    assert audit[0]["after"]["reorder_point"] == 12
+    assert_problem(missing, 404, "no catalogue version 9")
+
+
+# -- changing: status codes ------------------------------------------------------------------
+
+
+async def test_dry_run_answers_the_diff_and_changes_nothing(server: OpsServer) -> None:
+    r = await patch(server, [{"kind": "sku", "id": "K1", "max_stock": 50}], dry_run="true")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["dry_run"] is True
+    assert body["version"] == body["from_version"] == 1
+    assert body["lines"] == ["~ sku K1: max_stock 40 -> 50"]
+    columns = {"max_stock": {"before": 40, "after": 50}}
+    assert body["changes"] == [{"kind": "sku", "id": "K1", "op": "change", "columns": columns}]
+    version, records = await export(server)
+    assert version == 1
+    assert sku_of(records, "K1")["max_stock"] == 40
+
+
+async def test_put_of_the_export_changes_nothing(server: OpsServer) -> None:
+    async with server.client("supervisor") as c:
+        exported = await c.get("/api/v1/catalog", params={"format": "csv"})
+    async with server.client("engineer") as c:
+        r = await c.put("/api/v1/catalog", content=exported.content, headers={"Content-Type": CSV})
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == 1
+    assert r.json()["counts"] == {"add": 0, "remove": 0, "change": 0}
+
+
+async def test_put_all_or_nothing_names_every_bad_row_and_column(server: OpsServer) -> None:
+    _, records = await export(server)
+    sku_of(records, "K0")["reorder_point"] = "ten"
+    sku_of(records, "K2")["safety_stock"] = 30  # above its reorder point
+    sku_of(records, "K1")["reorder_point"] = 11  # a good change, not applied either
+    async with server.client("engineer") as c:
+        r = await c.put("/api/v1/catalog", content=jsonl(records), headers={"Content-Type": JSONL})
+    body = assert_problem(r, 422, "2 error(s); nothing changed")
+    assert [(e["line"], e["kind"], e["id"], e["column"]) for e in body["errors"]] == [
+        (1, "sku", "K0", "reorder_point"),
+        (3, "sku", "K2", "safety_stock"),
+    ]
+    version, now = await export(server)
+    assert version == 1
+    assert sku_of(now, "K1")["reorder_point"] == 10
+
+
+async def test_patch_errors_name_the_line_of_the_body(server: OpsServer) -> None:
+    r = await patch(
+        server,
+        [
+            {"kind": "sku", "id": "K1", "reorder_point": 12},
+            {"kind": "sku", "id": "K2", "colour": "red"},
+            {"kind": "shelf", "id": "nope", "remove": True},
+        ],
+    )
+    body = assert_problem(r, 422)
+    assert [(e["line"], e["column"]) for e in body["errors"]] == [(2, "colour")]
+    r = await patch(server, [{"kind": "shelf", "id": "nope", "remove": True}])
+    body = assert_problem(r, 422)
+    assert body["errors"][0]["message"] == "no shelf 'nope' to remove"
+
+
+async def test_a_supervisor_changes_thresholds_only(server: OpsServer) -> None:
+    r = await patch(
+        server, [{"kind": "sku", "id": "K1", "reorder_point": 12, "name": "bolts"}], "supervisor"
+    )
+    body = assert_problem(r, 403, "sku K1 column name")
+    assert body["refused"] == ["sku K1 column name"]
+    r = await patch(server, [{"kind": "shelf", "id": "sh1", "tare_g": 400}], "supervisor")
+    assert_problem(r, 403, "shelf sh1 column tare_g")
+    r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}], "supervisor")
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == 2
+    r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 13}], "floor")
+    assert_problem(r, 403)
+
+
+async def test_a_change_the_running_controller_does_not_take_is_refused_with_409(
+    server: OpsServer,
+) -> None:
+    r = await patch(server, [{"kind": "shelf", "id": "sh1", "sku": "K2"}])
+    body = assert_problem(r, 409, "floorhand catalog import")
+    assert body["refused"] == ["~ shelf sh1: sku"]
+    r = await patch(server, [{"kind": "shelf", "id": "sh2", "remove": True}])
+    assert_problem(r, 409, "- shelf sh2")
+    version, _ = await export(server)
+    assert version == 1
+
+
+async def test_a_body_of_another_type_is_refused_with_415(server: OpsServer) -> None:
+    async with server.client("engineer") as c:
+        r = await c.put("/api/v1/catalog", json=[{"kind": "sku"}])
+        assert_problem(r, 415, "text/csv or application/x-ndjson")
+        r = await c.patch("/api/v1/catalog", content=b"x", headers={"Content-Type": "text/plain"})
+        assert_problem(r, 415)
+
+
+async def test_an_inline_site_refuses_changes_with_409(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    async with ops_server(write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=2)) as srv:
+        r = await patch(srv, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
+        assert_problem(r, 409, "the site file declares the catalogue inline")
+        version, records = await export(srv)
+        assert version == 1
+        assert len(records) == 6
+
+
+async def test_a_body_over_the_limit_is_refused_with_413(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    site = journal_site(tmp_path, mosquitto.port, api_settings={"max_body_bytes": 1024})
+    async with ops_server(site) as srv, srv.client("engineer") as c:
+        r = await c.put("/api/v1/catalog", content=b"k" * 4096, headers={"Content-Type": CSV})
+        assert_problem(r, 413)
+
+
+async def test_a_journal_that_cannot_store_the_change_answers_503(server: OpsServer) -> None:
+    db = sqlite3.connect(server.rt.site.journal.path, timeout=0.1)
+    db.execute("BEGIN IMMEDIATE")  # another writer holds the journal past the busy timeout
+    try:
+        r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
+    finally:
+        db.execute("ROLLBACK")
+        db.close()
+    assert_problem(r, 503, "nothing changed")
+    version, records = await export(server)
+    assert version == 1
+    assert sku_of(records, "K1")["reorder_point"] == 10
+
+
+# -- live rules ------------------------------------------------------------------------------
+
+
+async def test_a_threshold_changed_mid_episode_keeps_it_and_applies_the_new_policy(
+    server: OpsServer,
+) -> None:
+    rt = server.rt
+    sub = rt.bus.subscribe("test")
+    try:
+        await server.publish("s1", grams(8))  # K1 at 8 <= reorder point 10: raised LOW
+        raised = await next_event(sub, lambda e: e["kind"] == "alert_raised" and e["key"] == "K1")
+        assert raised["severity"] == "low"
+        episode = rt.alerts.alerts["K1"].episode
+        assert episode is not None
+        units_before = rt.ingest.states["sh1"].units
+        # Safety stock 3 -> 9: 8 units is now CRITICAL in the same episode.
+        r = await patch(server, [{"kind": "sku", "id": "K1", "safety_stock": 9}], "supervisor")
+        assert r.status_code == 200, r.text
+        changed = await next_event(sub, lambda e: e["kind"] == "catalog_changed")
+        assert changed["version"] == 2
+        assert changed["by"] == "test-supervisor"
+        assert list(changed["skus"]) == ["K1"]
+        esc = await next_event(sub, lambda e: e["kind"] == "alert_escalated")
+        assert esc["key"] == "K1"
+        assert (esc["old_severity"], esc["new_severity"]) == ("low", "critical")
+        after = rt.alerts.alerts["K1"].episode
+        assert after is not None
+        assert after.episode_id == episode.episode_id
+        assert rt.ingest.states["sh1"].units == units_before == 8
+    finally:
+        sub.close()
+    async with server.client("supervisor") as c:
+        stock = (await c.get("/api/v1/stock/K1")).json()
+    assert stock["safety_stock"] == 9
+    assert stock["state"] == "critical"
+    events = journal_events(rt.site.journal.path, "catalog_changed")
+    assert [CatalogChanged.from_dict(e).version for e in events] == [2]
+
+
+async def test_a_raised_reorder_point_raises_at_once_without_new_readings(
+    server: OpsServer,
+) -> None:
+    rt = server.rt
+    sub: Subscription = rt.bus.subscribe("test")
+    try:
+        await server.publish("s2", grams(15))  # above reorder point 10: no alert
+        assert rt.alerts.alerts["K2"].episode is None
+        r = await patch(server, [{"kind": "sku", "id": "K2", "reorder_point": 20, "max_stock": 60}])
+        assert r.status_code == 200, r.text
+        raised = await next_event(sub, lambda e: e["kind"] == "alert_raised")
+        assert raised["key"] == "K2"
+        assert raised["level"] == 15
+    finally:
+        sub.close()
+
+
+# -- floorhand catalog import --url ---------------------------------------------------------
+
+
+async def test_cli_import_sends_the_file_to_a_running_controller(
+    server: OpsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, records = await export(server)
+    sku_of(records, "K1")["reorder_point"] = 12
+    changed = tmp_path / "changed.jsonl"
+    changed.write_bytes(jsonl(records))
+    token = tmp_path / "token"
+    token.write_text(TOKENS["engineer"] + "\n")
+    args = ["catalog", "import", str(changed), "--url", server.base, "--token-file", str(token)]
+
+    assert await asyncio.to_thread(main, [*args, "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert "~ sku K1: reorder_point 10 -> 12" in out
+    assert "dry run: catalogue version 1 -> 1: 0 added, 0 removed, 1 changed" in out
+    assert f"catalog: sending {changed.stat().st_size} bytes to {server.base}/api/v1/catalog" in err
+
+    assert await asyncio.to_thread(main, args) == 0
+    out, _ = capsys.readouterr()
+    assert "catalogue version 1 -> 2: 0 added, 0 removed, 1 changed" in out
+    version, now = await export(server)
+    assert version == 2
+    assert sku_of(now, "K1")["reorder_point"] == 12
+    async with server.client("supervisor") as c:
+        versions = (await c.get("/api/v1/catalog/versions")).json()["versions"]
+    assert (versions[-1]["actor"], versions[-1]["source"]) == (ENG, "api")
+
+    sku_of(records, "K2")["safety_stock"] = 30
+    changed.write_bytes(jsonl(records))
+    assert await asyncio.to_thread(main, args) == 2
+    _, err = capsys.readouterr()
+    assert (
+        f"  {changed}:3: sku K2 column safety_stock: safety_stock (30) > reorder_point (10)" in err
+    )
+    assert (await export(server))[0] == 2
+
+
+def test_cli_import_needs_a_site_or_a_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "c.csv").write_text("kind,id\n")
+    assert main(["catalog", "import", str(tmp_path / "c.csv")]) == 2
+    assert "needs --site SITE (into its journal) or --url URL" in capsys.readouterr().err
+
+
+async def test_a_shelf_level_alert_added_and_removed_live_ends_its_episode(
+    server: OpsServer,
+) -> None:
+    rt = server.rt
+    sub = rt.bus.subscribe("test")
+    try:
+        r = await patch(
+            server,
+            [{"kind": "shelf", "id": "sh1", "shelf_reorder_point": 5, "shelf_safety_stock": 1}],
+            "supervisor",
+        )
+        assert r.status_code == 200, r.text
+        await server.publish("s1", grams(4))  # 4 <= 5 on the shelf (and <= 10 for K1)
+        raised = await next_event(
+            sub, lambda e: e["kind"] == "alert_raised" and e["key"] == "shelf:sh1"
+        )
+        assert raised["level"] == 4
+        r = await patch(
+            server,
+            [
+                {
+                    "kind": "shelf",
+                    "id": "sh1",
+                    "shelf_reorder_point": None,
+                    "shelf_safety_stock": None,
+                }
+            ],
+            "supervisor",
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["ended_episodes"] == ["shelf:sh1"]
+        changed = await next_event(
+            sub, lambda e: e["kind"] == "catalog_changed" and e["version"] == 3
+        )
+        assert list(changed["ended"]) == ["shelf:sh1"]
+    finally:
+        sub.close()
+    async with server.client("supervisor") as c:
+        keys = [a["key"] for a in (await c.get("/api/v1/alerts")).json()]
+    assert keys == ["K0", "K1", "K2"]
+    assert rt.alerts.alerts["K1"].episode is not None  # the SKU's own episode is untouched
+    db = sqlite3.connect(f"file:{rt.site.journal.path}?mode=ro", uri=True)
+    try:
+        body = db.execute("SELECT body FROM alert_states WHERE key = 'shelf:sh1'").fetchone()[0]
+    finally:
+        db.close()
+    assert orjson.loads(body)["episode"] is None  # a restart or a re-add starts afresh
