@@ -12,8 +12,19 @@ creation on the server (``t``) to its arrival (same machine clock).
 Reported per run: events/s published, messages delivered per client per second, lag p50/p99/max,
 drops (the server's counter and messages never seen), server and client CPU.
 
+``--scope zone`` connects client i to zone ``Z{i % 8}`` (``?zone=``; it then gets that zone's
+shelf messages only), ``--scope overview`` / ``site`` ask for that scope; the default is the
+controller's (the whole site up to 5,000 shelves, the overview above).
+
+Reconnect storm (after each run, while events keep coming at the same rate): every client
+closes and all reconnect at once; reported: seconds until each has its snapshot, snapshots the
+server built for them (shared snapshots: one per scope per second), the longest stall of the
+server's event loop (a 5 ms ticker's worst lateness) and the first frame's size.
+
     python benchmarks/ws_fanout.py                       # 50 clients, 1,000 events/s, 20 s
     python benchmarks/ws_fanout.py --rates 1000,3000 --duration 10 --no-deflate
+    python benchmarks/ws_fanout.py --shelves 100000 --scope zone --rates 1000   # alone, full size
+    python benchmarks/ws_fanout.py --shelves 200 --clients 5 --duration 2 --warmup 1  # a check
 """
 
 from __future__ import annotations
@@ -211,6 +222,43 @@ async def inject(
         await asyncio.sleep(GROUP_S)
 
 
+async def loop_stall(stop: asyncio.Event, tick_s: float = 0.005) -> float:
+    """The worst lateness (s) of a ``tick_s`` sleep on this loop until ``stop``."""
+    worst = 0.0
+    while not stop.is_set():
+        t = time.monotonic()
+        await asyncio.sleep(tick_s)
+        worst = max(worst, time.monotonic() - t - tick_s)
+    return worst
+
+
+async def storm(
+    args: argparse.Namespace, rt: Any, hub: Any, child: Any, rate: float
+) -> dict[str, Any]:
+    """Every client closes and reconnects at once while events keep coming."""
+    builds0 = hub.snapshot_builds
+    stop = asyncio.Event()
+    stall = asyncio.create_task(loop_stall(stop))
+    injector = asyncio.create_task(
+        inject(rt, rate, time.monotonic() + 60, list(rt.specs), args.pick_share)
+    )
+    try:
+        child.stdin.write(b"STORM\n")
+        await child.stdin.drain()
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+    finally:
+        injector.cancel()
+        stop.set()
+    report: dict[str, Any] = json.loads(line.removeprefix(b"STORM "))
+    report.update(
+        storm_snapshot_builds=hub.snapshot_builds - builds0,
+        storm_loop_stall_ms=1000 * await stall,
+    )
+    with contextlib.suppress(asyncio.CancelledError):
+        await injector
+    return report
+
+
 async def run_rate(args: argparse.Namespace, site_path: Path, rate: float) -> dict[str, Any]:
     async with live_server(site_path, deflate=not args.no_deflate) as (rt, app, port):
         hub = app.state.live
@@ -223,6 +271,8 @@ async def run_rate(args: argparse.Namespace, site_path: Path, rate: float) -> di
             str(port),
             "--clients",
             str(args.clients),
+            "--scope",
+            args.scope,
             *(["--no-deflate"] if args.no_deflate else []),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -260,6 +310,8 @@ async def run_rate(args: argparse.Namespace, site_path: Path, rate: float) -> di
             progress(f"published {sent}; waiting for the clients' report")
             line = await asyncio.wait_for(child.stdout.readline(), 60)
             report = json.loads(line.removeprefix(b"DONE "))
+            progress("reconnect storm")
+            report.update(await storm(args, rt, hub, child, rate))
         finally:
             if child.returncode is None:
                 child.stdin.close()
@@ -283,6 +335,11 @@ async def run_rate(args: argparse.Namespace, site_path: Path, rate: float) -> di
         "client_cpu_pct": report["cpu_pct"],
         "other_cpu_pct": max(0.0, 100 * machine / wall - 100 * cpu / wall - report["cpu_pct"]),
         "deflate": not args.no_deflate,
+        "scope": args.scope,
+        "storm_s": report["storm_s"],
+        "storm_snapshot_builds": report["storm_snapshot_builds"],
+        "storm_loop_stall_ms": report["storm_loop_stall_ms"],
+        "first_frame_bytes": report["first_frame_bytes"],
     }
 
 
@@ -293,23 +350,30 @@ async def clients_main(args: argparse.Namespace) -> None:
     from websockets.asyncio.client import connect
     from websockets.typing import Subprotocol
 
-    url = f"ws://127.0.0.1:{args.port}/api/v1/live"
+    base = f"ws://127.0.0.1:{args.port}/api/v1/live"
+
+    def url(i: int) -> str:
+        if args.scope == "zone":
+            return f"{base}?zone=Z{i % 8}"
+        return base if args.scope == "default" else f"{base}?scope={args.scope}"
+
+    def dial(i: int) -> Any:
+        return connect(
+            url(i),
+            subprotocols=[Subprotocol("bearer"), Subprotocol(TOKEN)],
+            compression=None if args.no_deflate else "deflate",
+            max_size=None,
+            proxy=None,
+        )
+
     window = {"start": float("inf"), "end": float("inf")}
     lags: list[float] = []
     state = {"delivered": 0, "lag_max": 0.0, "notices": 0}
     picks_seen: list[set[int]] = [set() for _ in range(args.clients)]
     picks_in_window: set[int] = set()
     conns = []
-    for _ in range(args.clients):
-        conns.append(
-            await connect(
-                url,
-                subprotocols=[Subprotocol("bearer"), Subprotocol(TOKEN)],
-                compression=None if args.no_deflate else "deflate",
-                max_size=None,
-                proxy=None,
-            )
-        )
+    for i in range(args.clients):
+        conns.append(await dial(i))
     for ws in conns:
         await ws.recv()  # hello + snapshot
     print("READY", flush=True)
@@ -370,6 +434,19 @@ async def clients_main(args: argparse.Namespace) -> None:
         "cpu_pct": 100 * cpu / wall,
     }
     print("DONE " + json.dumps(report), flush=True)
+    if (await reader.readline()).strip() != b"STORM":
+        return
+    t0 = time.monotonic()
+
+    async def rejoin(i: int) -> int:
+        ws = await dial(i)
+        first = await ws.recv()  # hello + snapshot
+        await ws.close()
+        return len(first)
+
+    sizes = await asyncio.gather(*(rejoin(i) for i in range(args.clients)))
+    storm_report = {"storm_s": time.monotonic() - t0, "first_frame_bytes": max(sizes)}
+    print("STORM " + json.dumps(storm_report), flush=True)
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -399,17 +476,26 @@ async def main_async(args: argparse.Namespace) -> None:
                 print(json.dumps(r, indent=1))
     print()
     print(
-        "| clients | events/s | delivered/client/s | lag p50 | lag p99 | lag max | dropped "
-        "| server CPU | client CPU | rest of machine |"
+        "| clients | scope | events/s | delivered/client/s | lag p50 | lag p99 | lag max "
+        "| dropped | server CPU | client CPU | rest of machine |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(
-            f"| {r['clients']} | {r['published_per_s']:.0f} | "
+            f"| {r['clients']} | {r['scope']} | {r['published_per_s']:.0f} | "
             f"{r['delivered_per_client_per_s']:.0f} | {r['lag_p50_ms']:.1f} ms | "
             f"{r['lag_p99_ms']:.1f} ms | {r['lag_max_ms']:.0f} ms | {r['dropped_server']} | "
             f"{r['server_cpu_pct']:.0f} % | {r['client_cpu_pct']:.0f} % | "
             f"{r['other_cpu_pct']:.0f} % |"
+        )
+    print()
+    print("| clients | scope | reconnect storm | snapshots built | loop stall | first frame |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['clients']} | {r['scope']} | {r['storm_s']:.2f} s | "
+            f"{r['storm_snapshot_builds']} | {r['storm_loop_stall_ms']:.0f} ms | "
+            f"{r['first_frame_bytes'] / 1000:.0f} kB |"
         )
     if args.out:
         with open(args.out, "w") as f:  # noqa: ASYNC230  (once, at the end)
@@ -428,6 +514,12 @@ def main() -> None:
     p.add_argument("--queue", type=int, default=2000, help="[api] live_queue")
     p.add_argument("--pick-share", type=float, default=0.3)
     p.add_argument("--no-deflate", action="store_true", help="no permessage-deflate")
+    p.add_argument(
+        "--scope",
+        choices=["default", "site", "overview", "zone"],
+        default="default",
+        help="the clients' scope (zone: client i in zone Z{i %% 8})",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     os.environ.setdefault("FLOORHAND_MQTT_USERNAME", "")

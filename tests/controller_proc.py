@@ -197,11 +197,27 @@ class ControllerProcess:
             r.raise_for_status()
             return r.json()
 
+    async def get_all(self, path: str, role: str = "engineer") -> list[Any]:
+        """Every item of the list read ``path`` (no query string), page by page (docs/api.md,
+        "Pages")."""
+        items: list[Any] = []
+        params: dict[str, str | int] = {"limit": 5000}
+        async with httpx.AsyncClient(
+            base_url=self.base, timeout=5.0, headers=auth_headers(role), verify=SHARED_SSL
+        ) as client:
+            while True:
+                r = await client.get(path, params=params)
+                r.raise_for_status()
+                items += r.json()
+                if "x-next-cursor" not in r.headers:
+                    return items
+                params["cursor"] = r.headers["x-next-cursor"]
+
     async def wait_applied(self, max_seq: dict[str, int], timeout_s: float = 30.0) -> None:
         """Wait until every device's applied cursor reached its highest published seq."""
 
         async def cursors() -> dict[str, int]:
-            devices = {d["id"]: d for d in await self.get("/api/v1/devices")}
+            devices = {d["id"]: d for d in await self.get_all("/api/v1/devices")}
             return {k: devices[k]["last_seq"] for k in max_seq}
 
         await wait_for_condition(

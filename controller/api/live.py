@@ -43,6 +43,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from controller.api.auth import ALL_ROLES, Principal, authenticate, bearer_token, checked_in_handler
 from controller.api.metrics import LiveCollector
+from controller.config import ShelfConfig
 from controller.domain.events import (
     AlertManualNotice,
     AlertNotice,
@@ -58,6 +59,7 @@ from controller.domain.reorder import AlertAcknowledged, AlertSnoozed, AlertSnoo
 from controller.ports import DeviceStatusChanged, LinkStateChanged
 from controller.runtime import Runtime
 from controller.services.queries import ReadModel
+from controller.services.supervision import HealthReport
 
 log = logging.getLogger("floorhand.api.live")
 
@@ -298,6 +300,7 @@ class LiveHub:
         self._sku_of = {sid: spec.sku for sid, spec in rt.specs.items()}
         self._sku_cfg = {s.id: s for s in rt.site.skus}
         self._stats_cache: tuple[float, dict[str, Any]] | None = None
+        self._health_cache: tuple[float, HealthReport] | None = None
         # Shared snapshots: scope -> (position in the state log when built, frame bytes).
         self._snapshots: dict[str, tuple[int, bytes]] = {}
         self._log: list[Message] = []
@@ -306,7 +309,7 @@ class LiveHub:
         """Snapshots built (each shared by the clients that join or resync in its window)."""
         # Overview: each shelf's cell state and the counts per zone, kept from dirty shelves.
         self._zone_of: dict[str, str] = {}
-        self._zone_shelves: dict[str, list[str]] = {}
+        self._zone_shelves: dict[str, list[ShelfConfig]] = {}
         self._cells: dict[str, str] | None = None
         self._counts: dict[str, dict[str, int]] = {}
         self._dirty_shelves: set[str] = set()
@@ -320,7 +323,7 @@ class LiveHub:
         self._zone_of = {cfg.id: cfg.zone for cfg in self.rt.site.shelves}
         self._zone_shelves = {z.id: [] for z in self.rt.site.zones}
         for cfg in self.rt.site.shelves:
-            self._zone_shelves.setdefault(cfg.zone, []).append(cfg.id)
+            self._zone_shelves.setdefault(cfg.zone, []).append(cfg)
         self._cells = None
         self._overview_cache = None
         self._drop_snapshots()
@@ -355,6 +358,8 @@ class LiveHub:
         for ev in events:
             if isinstance(ev, StockChanged | ShelfStatusChanged):
                 dirty.add(ev.shelf_id)
+            elif isinstance(ev, LinkStateChanged):
+                self._health_cache = None  # a snapshot's links are never older than this
         if not self.clients:
             if self._snapshots:  # nobody to replay the log to: the next join builds afresh
                 self._drop_snapshots()
@@ -432,10 +437,9 @@ class LiveHub:
         zone's shelves with their SKUs and alerts, or the overview alone (no shelves)."""
         rt = self.rt
         if scope == SCOPE_SITE:
-            cfgs: Iterable[Any] = rt.site.shelves
+            cfgs: Iterable[ShelfConfig] = rt.site.shelves
         elif scope.startswith(ZONE_PREFIX):
-            wanted = set(self._zone_shelves.get(scope.removeprefix(ZONE_PREFIX), ()))
-            cfgs = [cfg for cfg in rt.site.shelves if cfg.id in wanted]
+            cfgs = self._zone_shelves.get(scope.removeprefix(ZONE_PREFIX), ())
         else:
             cfgs = ()
         shelves = []
@@ -454,7 +458,7 @@ class LiveHub:
                     "last_reading_ts": st.last_ts_s,
                 }
             )
-        health = self.reads.health()
+        health = self._health()
         alerts = self.reads.alerts.alerts(active=True)
         if scope == SCOPE_SITE:
             skus = [self.sku_view(s.id) for s in rt.site.skus]
@@ -581,13 +585,21 @@ class LiveHub:
         self._overview_cache = (now, msg)
         return msg
 
+    def _health(self) -> HealthReport:
+        """The supervision service's report, shared by the stats and the snapshots built within
+        half a stats period (it counts every shelf's status: O(shelves) a call)."""
+        now = time.monotonic()
+        if self._health_cache is None or now - self._health_cache[0] >= STATS_EVERY_S / 2:
+            self._health_cache = (now, self.reads.health())
+        return self._health_cache[1]
+
     def stats(self) -> dict[str, Any]:
         """Counters shared by every client's ``stats`` message (cached for half a period),
         from the supervision service's ``HealthReport``."""
         now = time.monotonic()
         if self._stats_cache is not None and now - self._stats_cache[0] < STATS_EVERY_S / 2:
             return self._stats_cache[1]
-        health = self.reads.health()
+        health = self._health()
         ing = health.ingest
         body = {
             "readings": ing.readings,
@@ -664,7 +676,8 @@ class LiveHub:
                 "queue_size": client.maxsize,
                 "scope": self.scope_view(scope),
             }
-            client.overview_seen = self._overview_version
+            # The shared snapshot's overview may be older than the hub's: the first stats tick
+            # sends the current one (overview_seen starts at -1).
             await ws.send_text(_frame([_dumps(hello), snapshot]))
             async with asyncio.TaskGroup() as tg:
                 recv = tg.create_task(self._receive(ws, client), name=f"live-recv-{client.id}")
@@ -752,7 +765,7 @@ class LiveHub:
                     parts.extend(m.data for m in since)
                     replayed = {id(m) for m in since}
                     batch = [m for m in client.take(MAX_BATCH) if id(m) not in replayed]
-                    client.overview_seen = self._overview_version
+                    client.overview_seen = -1  # as at connect: the current one follows
                     client.want_snapshot = resync_due = False
                     last_snapshot = now
                 else:

@@ -7,17 +7,20 @@ changes thresholds only) and against what applies live, then journaled as one ne
 version with its audit rows, applied to the running services on the event loop (the state
 owner), and announced with a `CatalogChanged` event (journaled, on the bus).
 
-What applies live in this version: a SKU's columns (name, thresholds, lead time) and a shelf's
-reorder thresholds (a shelf-level alert added or removed with them). Alert episodes of the keys
-that stay are kept and re-evaluated with the new policy at once; a removed shelf-level alert's
-episode ends (named in the event); counts, shelf states and picks are untouched (no shelf,
-scale or SKU changes identity). Anything else (a record added or removed, a shelf moved, a
-scale changed) is refused with every such record named: stop the controller and use
-``floorhand catalog import``.
+What applies live in this version: SKUs added, removed or changed; a shelf's SKU, reorder
+thresholds (a shelf-level alert added or removed with them), location and counting columns
+(tare, unit weight, tolerance, capacity; a scale's range and reporting interval: the shelves
+recount as a calibration recounts them). Alert episodes of the keys that stay are kept and
+re-evaluated with the new policy at once; a removed key's episode ends (named in the event). A
+removed SKU or a moved shelf is refused while an open pick task takes units of it (the order
+desk checks and takes the change in one step on the control loop). Anything else (a shelf or
+scale added or removed, or moved between zones, scales or channels) is refused with every such
+record named: stop the controller and use ``floorhand catalog import``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,8 +35,10 @@ from controller.catalog.records import COLUMNS, KINDS, Catalogue, Kind, flat
 from controller.catalog.validate import validate
 from controller.config import SiteConfig
 from controller.domain.events import CatalogChanged
+from controller.domain.model import ShelfSpec
 from controller.ports import EventRow, JournalError
 from controller.services.alerts import AlertSettings
+from controller.services.ingest import shelf_specs
 
 if TYPE_CHECKING:
     from controller.runtime import Runtime
@@ -62,10 +67,17 @@ THRESHOLD_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
 }
 """The columns a supervisor may change (an engineer may change any)."""
 
+COUNTING_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
+    "sku": frozenset(),
+    "scale": frozenset({"reporting_interval_s", "max_weight_g"}),
+    "shelf": frozenset({"tare_g", "unit_weight_g", "tolerance_frac", "capacity_units"}),
+}
+"""Columns that change how a shelf counts: a changed one recounts the shelf."""
+
 LIVE_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
     "sku": frozenset(COLUMNS["sku"]) - {"id"},
-    "scale": frozenset(),
-    "shelf": THRESHOLD_COLUMNS["shelf"],
+    "scale": COUNTING_COLUMNS["scale"],
+    "shelf": THRESHOLD_COLUMNS["shelf"] | COUNTING_COLUMNS["shelf"] | {"location", "sku"},
 }
 """The columns a running controller takes without a restart (see the module docstring)."""
 
@@ -248,7 +260,8 @@ def check_live(changes: CatalogueDiff) -> None:
     bad: list[str] = []
     for c in changes.changes:
         if c.op != "change":
-            bad.append(f"{'+' if c.op == 'add' else '-'} {c.kind} {c.id}")
+            if c.kind != "sku":  # SKUs come and go live; shelves and scales not yet
+                bad.append(f"{'+' if c.op == 'add' else '-'} {c.kind} {c.id}")
             continue
         cols = [k for k in c.fields if k not in LIVE_COLUMNS[c.kind]]
         if cols:
@@ -256,7 +269,9 @@ def check_live(changes: CatalogueDiff) -> None:
     if bad:
         raise ChangeRefused(
             409,
-            "a running controller takes changes of SKU columns and of shelf thresholds only; "
+            "a running controller takes SKUs added, removed or changed, and a shelf's sku, "
+            "thresholds, location and counting columns (tare_g, unit_weight_g, tolerance_frac, "
+            "capacity_units, a scale's max_weight_g and reporting_interval_s) only; "
             "stop it and use `floorhand catalog import` for: " + "; ".join(bad),
             bad,
         )
@@ -279,6 +294,8 @@ class CatalogueEditor:
         self.current = Catalogue(site.skus, site.scales, site.shelves, version=rt.catalogue_version)
         self.zones = {z.id for z in site.zones}
         self._on_applied = on_applied
+        self.lock = asyncio.Lock()
+        """Held by a change from its plan to its end (the desk's hand-over awaits)."""
 
     @property
     def inline(self) -> bool:
@@ -294,6 +311,30 @@ class CatalogueEditor:
                 "and manage it as data (docs/catalogue.md)",
             )
 
+    async def _hand_to_desk(
+        self,
+        catalogue: Catalogue,
+        specs: list[ShelfSpec],
+        removed_skus: frozenset[str] = frozenset(),
+        moved_shelves: frozenset[str] = frozenset(),
+    ) -> None:
+        picking = self._rt.picking
+        conflicts = await picking.on_control(
+            picking.desk.apply_catalogue,
+            frozenset(s.id for s in catalogue.skus),
+            specs,
+            removed_skus,
+            moved_shelves,
+        )
+        if conflicts:
+            raise ChangeRefused(
+                409,
+                "open pick tasks take units of a SKU this change removes or from a shelf it "
+                "moves: let them finish, or cancel their orders, then change it: "
+                + "; ".join(conflicts),
+                conflicts,
+            )
+
     def version(self) -> int:
         return self._rt.catalogue_version
 
@@ -306,24 +347,50 @@ class CatalogueEditor:
     def plan(self, after: Catalogue) -> CatalogueDiff:
         return diff(self.current, after)
 
-    def apply(
+    async def apply(
         self, after: Catalogue, changes: CatalogueDiff, *, actor: str, detail: str
     ) -> Applied:
         """Journal ``after`` as a new version (one transaction with its audit rows), apply it
-        to the running services and announce it. JournalError when the journal cannot store
-        it (nothing changed)."""
+        to the running services and announce it. The caller holds ``lock``. ChangeRefused
+        (409) naming each open pick task a removed SKU or a moved shelf would strand;
+        JournalError when the journal cannot store it (nothing changed either way)."""
         rt = self._rt
         if not changes and self.current.same_records(after):
             return Applied(rt.catalogue_version, changes)
-        version, _ = catalog_store.replace(
-            rt.journal.db, after, actor=actor, source=API_SOURCE, detail=detail, clock=rt.clock
-        )
-        self.current = Catalogue(after.skus, after.scales, after.shelves, version=version)
-        rt.catalogue_version = version
         fields = {name: getattr(rt.site, name) for name in SiteConfig.model_fields}
         fields.update(skus=after.skus, scales=after.scales, shelves=after.shelves)
-        rt.site = SiteConfig.model_construct(**fields)
+        site = SiteConfig.model_construct(**fields)
+        specs = shelf_specs(site)
+        desk_changes = [
+            c
+            for c in changes.changes
+            if (c.kind == "sku" and c.op != "change") or (c.kind == "shelf" and "sku" in c.fields)
+        ]
+        if desk_changes:
+            # The order desk (control loop) takes the new SKUs and shelves first, or names the
+            # open pick tasks that refuse them.
+            await self._hand_to_desk(
+                after,
+                list(specs.values()),
+                frozenset(c.id for c in desk_changes if c.kind == "sku" and c.op == "remove"),
+                frozenset(c.id for c in desk_changes if c.kind == "shelf"),
+            )
+        try:
+            version, _ = catalog_store.replace(
+                rt.journal.db, after, actor=actor, source=API_SOURCE, detail=detail, clock=rt.clock
+            )
+        except JournalError:
+            if desk_changes:
+                await self._hand_to_desk(self.current, list(rt.specs.values()))
+            raise
+        # From here on synchronous: no reading is counted against half a change.
+        self.current = Catalogue(after.skus, after.scales, after.shelves, version=version)
+        rt.catalogue_version = version
+        rt.site = site
         ended = rt.alerts.apply_targets(AlertSettings.from_site(rt.site))
+        # Shelves whose counting columns or SKU changed recount (journaled and published as a
+        # calibration's recount is: the alerts see the new counts).
+        rt.ingest.recount_specs(specs, rt.clock())
         counts = changes.counts()
         now = rt.clock()
         event = CatalogChanged(

@@ -56,6 +56,7 @@ from controller.ports import (
     DeviceStatusChanged,
     EventRow,
     InboundMessage,
+    JournalError,
     JournalUnavailable,
     MessageLink,
     ReadingRow,
@@ -669,6 +670,48 @@ class IngestService:
             self._gains.pop(key, None)
         else:
             self._gains[key] = cal.scale_factor
+
+    def recount_specs(self, new_base: dict[str, ShelfSpec], now_s: float) -> list[BusEvent]:
+        """A live catalogue change of shelves' counting columns (tare, unit weight, tolerance,
+        capacity, their scale's range or reporting interval; same shelf, SKU, scale and
+        channel): each such shelf is recounted as a calibration recounts it (a settled shelf
+        at once, else at its next settled reading), a calibration override of it still
+        applying on top. Its states and events are journaled in one group, then published.
+        Returns the events. When they cannot be journaled the specs apply all the same and the
+        counts follow at the shelves' next settled readings."""
+        changed = {sid: spec for sid, spec in new_base.items() if self.base_specs[sid] != spec}
+        if not changed:
+            return []
+        states: dict[str, ShelfState] = {}
+        specs: dict[str, ShelfSpec] = {}
+        typed: list[BusEvent] = []
+        for sid, base in changed.items():
+            spec = calibrated_spec(base, self.calibrations.get(sid))
+            states[sid], shelf_events = recalibrate(self.states[sid], spec, 1.0, now_s)
+            specs[sid] = spec
+            typed.extend(shelf_events)
+        try:
+            self._journal.commit(
+                (),
+                shelf_states={sid: st.to_dict() for sid, st in states.items()},
+                events=[EventRow(now_s, ev.kind, ev.as_dict()) for ev in typed],
+            )
+        except JournalError as exc:
+            log.error("recount of %d shelf(s) not journaled: %s", len(changed), exc)
+            typed = []
+            states = {
+                sid: ShelfState.from_dict(self.states[sid].to_dict(), spec)
+                for sid, spec in specs.items()
+            }
+        for sid, spec in specs.items():
+            self.base_specs[sid] = changed[sid]
+            self.specs[sid] = spec
+            self._by_channel[(spec.scale_id, spec.channel)] = spec
+            self.states[sid] = states[sid]
+        self._stale_built = False  # a reporting interval may have changed
+        if typed:
+            self._publish_events(typed)
+        return typed
 
     def _restore_calibrations(self, saved: dict[str, dict[str, Any]]) -> None:
         for sid, body in saved.items():

@@ -178,6 +178,12 @@ class Execution(Protocol):
         """The sorter PLC's boot epoch as last read."""
 
 
+_TASK_DONE = frozenset(
+    {TaskState.CONFIRMED, TaskState.SHORT, TaskState.FAILED, TaskState.CANCELLED}
+)
+"""Task states that take no more units from their shelf."""
+
+
 class OrderDesk:
     """Orders from submission to shipment, with the reservations of their open tasks."""
 
@@ -221,6 +227,33 @@ class OrderDesk:
         # submission reads no table; older ones: the journal's unique index (DuplicateOrder).
         self._keys: dict[str, IdempotencyRow] = {}
         self._externals: dict[tuple[str, str], str] = {}
+
+    # -- a live catalogue change (docs/catalogue.md) ---------------------------------------------
+    def apply_catalogue(
+        self,
+        skus: frozenset[str],
+        specs: list[ShelfSpec],
+        removed_skus: frozenset[str],
+        moved_shelves: frozenset[str],
+    ) -> list[str]:
+        """On the control loop: take the new SKUs and shelves, unless an open pick task takes
+        units of a removed SKU or from a shelf that moves to another SKU (or goes); then
+        nothing changes and each such task is named (``order O-1 task 2: …``)."""
+        conflicts = [
+            f"order {order.order_id} task {t.task_no}: "
+            + (f"SKU {t.sku} removed" if t.sku in removed_skus else f"shelf {t.shelf} moves")
+            for order in self.orders.values()
+            for t in order.tasks
+            if t.state not in _TASK_DONE and (t.sku in removed_skus or t.shelf in moved_shelves)
+        ]
+        if conflicts:
+            return conflicts
+        self.skus = skus
+        shelves_of: dict[str, list[ShelfSpec]] = defaultdict(list)
+        for spec in specs:
+            shelves_of[spec.sku].append(spec)
+        self._shelves_of = shelves_of
+        return []
 
     # -- restore -------------------------------------------------------------------------------
     def restore(self) -> list[Order]:

@@ -1,16 +1,22 @@
 """The read side of the stock: shelves, SKUs and zones, as the API and the dashboard show them.
 
-Which shelf belongs to which zone and SKU, and which alert targets cover a zone, never changes
-while the controller runs: ``StockQueries`` indexes it once, from the site and the alert
-targets, so every query costs O(its answer), not a scan of the site per shelf. What does change
-(shelf states, calibrations, calibrated specs, alert episodes) is read live from the mappings
-the ingest and alert services own and update in place; nothing here is copied or cached.
+Which shelf belongs to which zone and SKU, and which alert targets cover a zone, changes only
+with the catalogue (then the API builds a new read model: controller/api/deps.py): ``StockQueries``
+indexes it once, from the site and the alert targets, so every query costs O(its answer), not a
+scan of the site per shelf. The indexes are built on first use, not at start-up. What does
+change (shelf states, calibrations, calibrated specs, alert episodes) is read live from the
+mappings the ingest and alert services own and update in place.
+
+The lists are answered a page at a time (``PageQuery`` → ``Page``) by ``ListIndex``
+(controller/services/list_index.py): by zone, text and state, the states bucketed on the first
+filtered read and moved by ``on_events`` (a bus listener) from then on.
 
 The same holds for the devices (``DeviceQueries``: each scale's zone, format and staleness
-bound indexed once; its figures read live from ingest) and the alerts (``AlertQueries``: the
-targets' order and keys once; their state live). ``ReadModel`` is the facade the API reads
-through: stock, devices, alerts, and health and PLCs from the supervision service's
-``HealthReport`` (controller/services/supervision.py), so no route reaches into a service.
+bound indexed once; its figures and status read live from ingest) and the alerts
+(``AlertQueries``: the targets' order, zones and text once; their state live, bucketed like the
+stock states). ``ReadModel`` is the facade the API reads through: stock, devices, alerts, and
+health and PLCs from the supervision service's ``HealthReport``
+(controller/services/supervision.py), so no route reaches into a service.
 """
 
 from __future__ import annotations

@@ -17,6 +17,11 @@ import pytest
 from controller.__main__ import main
 from controller.bus import Subscription
 from controller.domain.events import CatalogChanged
+from devices.link.state import LinkState
+from devices.sorter import SorterDriver
+from simulators.conveyor import ConveyorPlc
+from simulators.modbus_host import PlcHost
+from simulators.sorter import SorterPlc
 from tests.integration.test_api_ops import (
     OpsServer,
     assert_problem,
@@ -24,6 +29,7 @@ from tests.integration.test_api_ops import (
     next_event,
     ops_server,
 )
+from tests.integration.test_picking import picking_site
 from tests.mosquitto import MosquittoBroker
 from tests.sites import TOKENS, grams, write_small_site
 
@@ -195,9 +201,9 @@ async def test_a_supervisor_changes_thresholds_only(server: OpsServer) -> None:
 async def test_a_change_the_running_controller_does_not_take_is_refused_with_409(
     server: OpsServer,
 ) -> None:
-    r = await patch(server, [{"kind": "shelf", "id": "sh1", "sku": "K2"}])
+    r = await patch(server, [{"kind": "scale", "id": "s9", "zone": "Z"}])
     body = assert_problem(r, 409, "floorhand catalog import")
-    assert body["refused"] == ["~ shelf sh1: sku"]
+    assert body["refused"] == ["+ scale s9"]
     r = await patch(server, [{"kind": "shelf", "id": "sh2", "remove": True}])
     assert_problem(r, 409, "- shelf sh2")
     version, _ = await export(server)
@@ -397,3 +403,176 @@ async def test_a_shelf_level_alert_added_and_removed_live_ends_its_episode(
     finally:
         db.close()
     assert orjson.loads(body)["episode"] is None  # a restart or a re-add starts afresh
+
+
+async def test_a_changed_tare_recounts_the_shelf_as_a_calibration_does(
+    server: OpsServer,
+) -> None:
+    rt = server.rt
+    sub = rt.bus.subscribe("test")
+    try:
+        await server.publish("s1", grams(8))  # 1300 g: (1300 - 500) / 100 = 8 units
+        assert rt.ingest.states["sh1"].units == 8
+        r = await patch(server, [{"kind": "shelf", "id": "sh1", "tare_g": 100.0}])
+        assert r.status_code == 200, r.text
+        stock = await next_event(
+            sub, lambda e: e["kind"] == "stock_changed" and e["old_units"] is not None
+        )
+        assert (stock["shelf_id"], stock["old_units"], stock["new_units"]) == ("sh1", 8, 12)
+        assert rt.ingest.specs["sh1"].tare_g == 100.0
+        assert rt.ingest.states["sh1"].units == 12
+        # The next reading counts with the new tare too (and the count is kept).
+        await server.publish("s1", grams(8))
+        assert rt.ingest.states["sh1"].units == 12
+    finally:
+        sub.close()
+    db = sqlite3.connect(f"file:{rt.site.journal.path}?mode=ro", uri=True)
+    try:
+        body = db.execute("SELECT body FROM shelf_states WHERE shelf = 'sh1'").fetchone()[0]
+    finally:
+        db.close()
+    assert orjson.loads(body)["units"] == 12
+
+
+async def test_a_shelf_moved_to_another_sku_keeps_its_count_for_the_new_sku(
+    server: OpsServer,
+) -> None:
+    rt = server.rt
+    await server.publish("s1", grams(8))
+    await server.publish("s2", grams(15))
+    r = await patch(server, [{"kind": "shelf", "id": "sh1", "sku": "K2"}])
+    assert r.status_code == 200, r.text
+    assert rt.ingest.states["sh1"].units == 8
+    assert rt.ingest.specs["sh1"].sku == "K2"
+    assert rt.alerts.targets["K2"].shelves == ("sh1", "sh2")
+    assert rt.alerts.targets["K1"].shelves == ()
+    assert rt.alerts.level_of("K2") == 23
+    desk = rt.picking.desk
+    assert [s.shelf_id for s in desk._shelves_of["K2"]] == ["sh1", "sh2"]
+    async with server.client("supervisor") as c:
+        k2 = (await c.get("/api/v1/stock/K2")).json()
+    assert (k2["level"], [s["id"] for s in k2["shelves"]]) == (23, ["sh1", "sh2"])
+
+
+async def test_a_sku_added_and_removed_live(server: OpsServer) -> None:
+    rt = server.rt
+    new = {"kind": "sku", "id": "K9", "reorder_point": 5, "safety_stock": 1, "max_stock": 20}
+    r = await patch(server, [new])
+    assert r.status_code == 200, r.text
+    assert r.json()["lines"] == ["+ sku K9"]
+    assert "K9" in rt.picking.desk.skus
+    assert "K9" in rt.alerts.targets
+    async with server.client("supervisor") as c:
+        assert (await c.get("/api/v1/stock/K9")).status_code == 200
+    r = await patch(server, [{"kind": "sku", "id": "K9", "remove": True}])
+    assert r.status_code == 200, r.text
+    assert "K9" not in rt.picking.desk.skus
+    assert "K9" not in rt.alerts.targets
+    async with server.client("supervisor") as c:
+        assert_problem(await c.get("/api/v1/stock/K9"), 404)
+    r = await patch(server, [new], "supervisor")
+    assert_problem(r, 403, "sku K9: adding a record")
+
+
+# -- picks -----------------------------------------------------------------------------------
+
+
+def picking_journal_site(tmp_path: Path, mqtt_port: int, conveyor: int, sorter: int) -> Path:
+    """test_picking's site (a conveyor, a sorter, pack station PS1) with its catalogue in
+    the journal instead of the site file."""
+    path = picking_site(tmp_path, mqtt_port, conveyor, sorter)
+    head, rest = path.read_text().split("[[skus]]", 1)
+    path.write_text(head + rest[rest.index("[picking]") :])
+    csv_dir = tmp_path / "csv"
+    csv_dir.mkdir()
+    write_small_site(
+        csv_dir, mqtt_port=mqtt_port, scales=3, reporting_interval_s=5.0, catalogue_csv=True
+    )
+    assert main(["catalog", "import", str(csv_dir / "catalogue.csv"), "--site", str(path)]) == 0
+    return path
+
+
+async def test_open_pick_tasks_refuse_a_removed_sku_or_a_moved_shelf_until_they_end(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """A pick task waits on shelf sh0 (K0): the executor cannot start the belts (its lock is
+    held), so the task stays DISPATCHED. Moving sh0 to K1, or removing K0, is 409 naming the
+    task, and nothing changes; once the order is cancelled the same change applies."""
+    async with (
+        PlcHost(ConveyorPlc("conveyor-1"), seed=1) as ch,
+        PlcHost(SorterPlc("sorter-1", speed=0.5, lane_drain_s=0.0), seed=2) as sh,
+        ops_server(picking_journal_site(tmp_path, mosquitto.port, ch.port, sh.port)) as srv,
+    ):
+        rt = srv.rt
+        for plc in rt.plcs.values():
+            await plc.link.watch.wait_for(LinkState.UP, 10)
+            if isinstance(plc.driver, SorterDriver):
+                await rt.control.call_async(plc.driver.wait_mailbox_known, 10)
+        await srv.publish("s0", grams(20))
+        belts = rt.picking.executor._belt_locks["conveyor-1"]
+        await rt.control.call_async(belts.acquire)  # the executor's lock, on its loop
+        try:
+            async with srv.client("floor") as c:
+                r = await c.post(
+                    "/api/v1/picks",
+                    json={
+                        "order_id": "W-1",
+                        "lines": [{"sku": "K0", "qty": 2}],
+                        "pack_station": "PS1",
+                    },
+                    headers={"Idempotency-Key": "w-1"},
+                )
+            assert r.status_code == 201, r.text
+            oid = r.json()["order_id"]
+
+            r = await patch(srv, [{"kind": "shelf", "id": "sh0", "sku": "K1"}])
+            body = assert_problem(r, 409, "open pick tasks")
+            assert body["refused"] == [f"order {oid} task 0: shelf sh0 moves"]
+            move_and_remove = [
+                {"kind": "shelf", "id": "sh0", "sku": "K1"},
+                {"kind": "sku", "id": "K0", "remove": True},
+            ]
+            r = await patch(srv, move_and_remove)
+            body = assert_problem(r, 409)
+            assert body["refused"] == [f"order {oid} task 0: SKU K0 removed"]
+            assert (await export(srv))[0] == 1
+            assert "K0" in rt.picking.desk.skus
+            assert rt.ingest.specs["sh0"].sku == "K0"
+
+            async with srv.client("floor") as c:
+                r = await c.post(f"/api/v1/orders/{oid}/cancel")
+            assert r.status_code == 200, r.text
+        finally:
+            await rt.control.call_async(belts.release)
+        r = await patch(srv, move_and_remove)
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == 2
+        assert "K0" not in rt.picking.desk.skus
+        assert rt.ingest.specs["sh0"].sku == "K1"
+        async with srv.client("floor") as c:
+            r = await c.post(
+                "/api/v1/picks",
+                json={"order_id": "W-2", "lines": [{"sku": "K0", "qty": 1}], "pack_station": "PS1"},
+                headers={"Idempotency-Key": "w-2"},
+            )
+        assert_problem(r, 422, "unknown SKU 'K0'")
+
+
+async def test_a_live_change_is_the_catalogue_after_a_restart(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    site = journal_site(tmp_path, mosquitto.port)
+    async with ops_server(site) as srv:
+        await srv.publish("s1", grams(8))
+        r = await patch(srv, [{"kind": "sku", "id": "K1", "safety_stock": 9}], "supervisor")
+        assert r.status_code == 200, r.text
+        episode = srv.rt.alerts.alerts["K1"].episode
+        assert episode is not None
+    async with ops_server(site) as srv:
+        version, records = await export(srv)
+        assert version == 2
+        assert sku_of(records, "K1")["safety_stock"] == 9
+        assert srv.rt.ingest.states["sh1"].units == 8
+        again = srv.rt.alerts.alerts["K1"].episode
+        assert again is not None
+        assert again.episode_id == episode.episode_id

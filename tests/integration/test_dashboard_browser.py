@@ -129,6 +129,14 @@ async def _scenario(
     await expect(cell).to_have_text("25")
     await expect(page.locator(".cell")).to_have_count(4)
     await expect(page.locator("#broker")).to_have_text("Scales: broker up")
+    # The whole site is in the page (no zone overview); search selects a shelf in place.
+    await expect(page.locator("#overview")).to_be_hidden()
+    await page.fill("#search", "sh3")
+    await page.press("#search", "Enter")
+    await page.locator('#search-results .result[data-shelf="sh3"]').click()
+    await expect(page.locator('.cell[data-id="sh3"]')).to_have_class(re.compile(r"\bselected\b"))
+    await expect(page.locator("#detail")).to_contain_text("sh3")
+    await expect(page.locator("#search-results")).to_be_hidden()
 
     # The shelf empties: its cell turns OUT and the OUT alert appears in the feed.
     seqs["s0"] = await publish(broker, "s0", seqs["s0"], 0)

@@ -27,6 +27,7 @@ from tests.integration.test_dashboard_browser import (  # noqa: F401 (the fixtur
 )
 from tests.mosquitto import MosquittoBroker, paho_publish
 from tests.sites import TOKENS, grams, topic, write_small_site, zone_of
+from tests.waiting import wait_for_condition
 
 SHELVES = 10_000
 ZONES = 8
@@ -66,6 +67,12 @@ async def test_large_site_overview_zone_search_and_live_cell(
     msgs = [m for i in range(OUT) for m in zone_readings(i, 0, 0)]
     await asyncio.to_thread(paho_publish, mosquitto.port, msgs)
     await ctl.wait_applied({f"s{i}": 7 for i in range(OUT)}, timeout_s=60)
+
+    async def active() -> int:
+        return len(await ctl.get(f"/api/v1/alerts?active=true&limit={2 * OUT}"))
+
+    # Every alert raised (after its dwell) before the page opens: the feed's pages are stable.
+    await wait_for_condition(active, 30, what=f"{OUT} active alerts", until=lambda n: n == OUT)
 
     page = await browser.new_page(viewport={"width": 1366, "height": 768})
     errors: list[str] = []

@@ -81,8 +81,15 @@ async def live_server(
     extra_api: str = "",
     scales: int = 2,
     zones: int = 1,
+    reporting_interval_s: float = 1.0,
 ) -> AsyncIterator[LiveServer]:
-    site_path = write_small_site(tmp_path, mqtt_port=broker.port, scales=scales, zones=zones)
+    site_path = write_small_site(
+        tmp_path,
+        mqtt_port=broker.port,
+        scales=scales,
+        zones=zones,
+        reporting_interval_s=reporting_interval_s,
+    )
     if extra_api:
         text = site_path.read_text().replace("[api]\n", "[api]\n" + extra_api + "\n", 1)
         site_path.write_text(text)
@@ -339,13 +346,16 @@ async def test_zone_scope_snapshot_shelves_and_overview(
     """A client of zone Z1 gets Z1's shelves in its snapshot and Z1's shelf messages only, the
     overview of every zone as it changes; ``subscribe`` moves it to Z0 (a new snapshot); an
     unknown zone is refused with 4400 or an ``error`` message."""
-    async with live_server(tmp_path, mosquitto, monkeypatch, scales=4, zones=2) as srv:
+    async with live_server(
+        tmp_path, mosquitto, monkeypatch, scales=4, zones=2, reporting_interval_s=60.0
+    ) as srv:
         await srv.rt.link.wait_up(10)
         async with srv.connect(url=srv.url + "?zone=Z1", subprotocols=bearer(TOKEN)) as ws:
             hello, snapshot = await recv_messages(ws)
             assert hello["scope"]["kind"] == "zone"
             assert hello["scope"]["zone"] == "Z1"
             assert hello["scope"]["default"] == "site"  # 4 shelves: the whole site by default
+            assert hello["scope"]["site_scope_max_shelves"] == 5_000  # documented default
             assert snapshot["scope"] == hello["scope"]
             assert [s["id"] for s in snapshot["shelves"]] == ["sh2", "sh3"]
             assert [k["sku"] for k in snapshot["skus"]] == ["K2", "K3"]
@@ -424,7 +434,8 @@ async def test_joining_clients_share_one_snapshot_and_miss_nothing(
     after a change gets the shared (older) snapshot and then the change, so its picture is
     current."""
     monkeypatch.setattr(live_module, "SNAPSHOT_REUSE_S", 60.0)
-    async with live_server(tmp_path, mosquitto, monkeypatch) as srv:
+    # No shelf goes STALE while the overview is compared.
+    async with live_server(tmp_path, mosquitto, monkeypatch, reporting_interval_s=60.0) as srv:
         await srv.rt.link.wait_up(10)
         async with contextlib.AsyncExitStack() as stack:
             first = await stack.enter_async_context(srv.connect(subprotocols=bearer(TOKEN)))
@@ -440,13 +451,58 @@ async def test_joining_clients_share_one_snapshot_and_miss_nothing(
             assert srv.hub.snapshot_builds == builds  # the first client's snapshot, shared
             t0 = srv.rt.clock()
             await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 6, t0))
-            await wait_message(first, lambda m: m["type"] == "shelf" and m["shelf"]["units"] == 25)
+            want = {"Z": {"ok": 1, "unknown": 1}}
+            seen: list[dict[str, Any]] = []
+
+            def record(m: dict[str, Any]) -> bool:
+                seen.append(m)
+                return m["type"] == "overview" and overview_of(m["zones"]) == want
+
+            # The hub's overview has the change before the late client joins.
+            await wait_message(first, record)
+            assert ("sh0", 25) in [(m["shelf"]["id"], m["shelf"]["units"]) for m in seen
+                                   if m["type"] == "shelf"]  # fmt: skip
             late = await stack.enter_async_context(srv.connect(subprotocols=bearer(TOKEN)))
             _, snapshot = await recv_messages(late)
             assert srv.hub.snapshot_builds == builds
             assert next(s for s in snapshot["shelves"] if s["id"] == "sh0")["units"] is None
             msg = await wait_message(late, lambda m: m["type"] == "shelf")
             assert (msg["shelf"]["id"], msg["shelf"]["units"]) == ("sh0", 25)
+            # The shared snapshot's overview is as old as the snapshot: the current one follows.
+            assert overview_of(snapshot["overview"]) == {"Z": {"unknown": 2}}
+            ov = await wait_message(late, lambda m: m["type"] == "overview", timeout_s=5)
+            assert overview_of(ov["zones"]) == want
+
+
+async def test_shared_snapshots_expire_and_the_log_is_bounded(
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached snapshot serves joins for ``SNAPSHOT_REUSE_S`` (1 s by default), then the next
+    join builds a new one; state messages beyond ``SNAPSHOT_LOG_MAX`` (20,000) after it drop the
+    cache, so the next join builds afresh and gets no replay."""
+    assert (live_module.SNAPSHOT_REUSE_S, live_module.SNAPSHOT_LOG_MAX) == (1.0, 20_000)
+    async with live_server(tmp_path, mosquitto, monkeypatch) as srv:
+        await srv.rt.link.wait_up(10)
+        hub = srv.hub
+        async with srv.connect(subprotocols=bearer(TOKEN)) as first:
+            await recv_messages(first)
+            builds = hub.snapshot_builds
+            monkeypatch.setattr(live_module, "SNAPSHOT_REUSE_S", 0.0)
+            async with srv.connect(subprotocols=bearer(TOKEN)) as ws:
+                await recv_messages(ws)
+            assert hub.snapshot_builds == builds + 1  # expired: built again
+            monkeypatch.setattr(live_module, "SNAPSHOT_REUSE_S", 60.0)
+            monkeypatch.setattr(live_module, "SNAPSHOT_LOG_MAX", 1)
+            async with srv.connect(subprotocols=bearer(TOKEN)) as ws:
+                await recv_messages(ws)
+            assert hub.snapshot_builds == builds + 1  # in the window again: shared
+            t0 = srv.rt.clock()
+            await asyncio.to_thread(paho_publish, mosquitto.port, readings("s0", 0, 25, 6, t0))
+            await wait_message(first, lambda m: m["type"] == "shelf" and m["shelf"]["units"] == 25)
+            async with srv.connect(subprotocols=bearer(TOKEN)) as ws:
+                _, snapshot = await recv_messages(ws)
+            assert hub.snapshot_builds == builds + 2  # the log overflowed: the cache was dropped
+            assert next(s for s in snapshot["shelves"] if s["id"] == "sh0")["units"] == 25
 
 
 async def test_dashboard_assets_are_served_safely(

@@ -105,10 +105,23 @@ async def _change(
     request: Request, rt: Runtime, principal: Principal, dry_run: bool, *, whole: bool
 ) -> Response:
     editor = editor_of(request, rt)
+    data = await request.body()
+    async with editor.lock:  # one change at a time, from its plan to its end
+        return await _change_locked(editor, request, data, principal, dry_run, whole=whole)
+
+
+async def _change_locked(
+    editor: CatalogueEditor,
+    request: Request,
+    data: bytes,
+    principal: Principal,
+    dry_run: bool,
+    *,
+    whole: bool,
+) -> Response:
     try:
         editor.refuse_inline()
         media = _media_type(request)
-        data = await request.body()
         if whole:
             if media in _CSV_TYPES:
                 fmt: formats.Format = "csv"
@@ -141,7 +154,7 @@ async def _change(
             return JSONResponse(body, headers={VERSION_HEADER: str(before)})
         check_live(changes)
         how = "PUT" if whole else "PATCH"
-        applied: Applied = editor.apply(
+        applied: Applied = await editor.apply(
             after, changes, actor=principal.name, detail=f"{how} /api/v1/catalog"
         )
     except ChangeRefused as exc:
