@@ -7,15 +7,14 @@ changes thresholds only) and against what applies live, then journaled as one ne
 version with its audit rows, applied to the running services on the event loop (the state
 owner), and announced with a `CatalogChanged` event (journaled, on the bus).
 
-What applies live in this version: SKUs added, removed or changed; a shelf's SKU, reorder
-thresholds (a shelf-level alert added or removed with them), location and counting columns
-(tare, unit weight, tolerance, capacity; a scale's range and reporting interval: the shelves
-recount as a calibration recounts them). Alert episodes of the keys that stay are kept and
-re-evaluated with the new policy at once; a removed key's episode ends (named in the event). A
-removed SKU or a moved shelf is refused while an open pick task takes units of it (the order
-desk checks and takes the change in one step on the control loop). Anything else (a shelf or
-scale added or removed, or moved between zones, scales or channels) is refused with every such
-record named: stop the controller and use ``floorhand catalog import``.
+What applies live in this version: SKUs, shelves and native scales added, removed or
+changed, except a shelf's zone, scale or channel and a scale's zone, format, channels or
+ESPHome names. A new shelf starts UNKNOWN; a changed shelf keeps its state and recounts as a
+calibration recounts it; alert episodes of the keys that stay are kept and re-evaluated with
+the new policy at once; a removed key's episode ends (named in the event). A removed SKU or a
+removed or moved shelf is refused while an open pick task takes units of it (the order desk
+checks and takes the change in one step on the control loop). Anything else is refused with
+every such record named: stop the controller and use ``floorhand catalog import``.
 """
 
 from __future__ import annotations
@@ -259,19 +258,20 @@ def check_live(changes: CatalogueDiff) -> None:
     """ChangeRefused (409) naming each change a running controller does not take yet."""
     bad: list[str] = []
     for c in changes.changes:
-        if c.op != "change":
-            if c.kind != "sku":  # SKUs come and go live; shelves and scales not yet
-                bad.append(f"{'+' if c.op == 'add' else '-'} {c.kind} {c.id}")
+        if c.op == "add" and c.kind == "scale" and (c.after or {}).get("format") == "esphome":
+            # Its topics need subscriptions the MQTT session was opened without.
+            bad.append(f"+ scale {c.id} (an ESPHome scale: needs a restart)")
             continue
+        if c.op != "change":
+            continue  # records come and go live
         cols = [k for k in c.fields if k not in LIVE_COLUMNS[c.kind]]
         if cols:
             bad.append(f"~ {c.kind} {c.id}: {', '.join(cols)}")
     if bad:
         raise ChangeRefused(
             409,
-            "a running controller takes SKUs added, removed or changed, and a shelf's sku, "
-            "thresholds, location and counting columns (tare_g, unit_weight_g, tolerance_frac, "
-            "capacity_units, a scale's max_weight_g and reporting_interval_s) only; "
+            "a running controller does not take a shelf's zone, scale or channel, a scale's "
+            "zone, format, channels or ESPHome names, or a new ESPHome scale; "
             "stop it and use `floorhand catalog import` for: " + "; ".join(bad),
             bad,
         )
@@ -364,7 +364,7 @@ class CatalogueEditor:
         desk_changes = [
             c
             for c in changes.changes
-            if (c.kind == "sku" and c.op != "change") or (c.kind == "shelf" and "sku" in c.fields)
+            if (c.kind != "scale" and c.op != "change") or (c.kind == "shelf" and "sku" in c.fields)
         ]
         if desk_changes:
             # The order desk (control loop) takes the new SKUs and shelves first, or names the
@@ -373,7 +373,7 @@ class CatalogueEditor:
                 after,
                 list(specs.values()),
                 frozenset(c.id for c in desk_changes if c.kind == "sku" and c.op == "remove"),
-                frozenset(c.id for c in desk_changes if c.kind == "shelf"),
+                frozenset(c.id for c in desk_changes if c.kind == "shelf" and c.op != "add"),
             )
         try:
             version, _ = catalog_store.replace(
@@ -387,6 +387,7 @@ class CatalogueEditor:
         self.current = Catalogue(after.skus, after.scales, after.shelves, version=version)
         rt.catalogue_version = version
         rt.site = site
+        rt.ingest.apply_topology(site.scales, specs)
         ended = rt.alerts.apply_targets(AlertSettings.from_site(rt.site))
         # Shelves whose counting columns or SKU changed recount (journaled and published as a
         # calibration's recount is: the alerts see the new counts).

@@ -166,17 +166,8 @@ class IngestService:
         self.devices: dict[str, DeviceInfo] = {
             sc.id: DeviceInfo(sc.id, sc.zone, sc.format) for sc in settings.scales
         }
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, Route] = _routes(settings, settings.scales)
         prefix, site_id = settings.topic_prefix, settings.site_id
-        for sc in settings.scales:
-            if sc.format == "native":
-                self.routes[native_topic(prefix, site_id, sc.zone, sc.id)] = Route(_NATIVE, sc)
-            else:
-                assert sc.esphome_node is not None
-                for ch, sensor in enumerate(sc.esphome_sensors):
-                    topic = esphome_state_topic(sc.esphome_node, sensor)
-                    self.routes[topic] = Route(_ESP_STATE, sc, ch)
-                self.routes[esphome_status_topic(sc.esphome_node)] = Route(_ESP_STATUS, sc)
         self._native_prefix = f"{prefix}/{site_id}/"
         self.rejected: Counter[str] = Counter()
         self.messages = 0
@@ -671,6 +662,36 @@ class IngestService:
         else:
             self._gains[key] = cal.scale_factor
 
+    def apply_topology(self, scales: Sequence[ScaleConfig], new_base: dict[str, ShelfSpec]) -> None:
+        """A live catalogue change of which shelves and scales there are (docs/catalogue.md):
+        a new shelf starts UNKNOWN, a removed one leaves (its state, calibration and channel
+        with it), a new scale's readings are routed, a removed one's are unknown; the others
+        keep their state (`recount_specs` then recounts those whose spec changed). Every
+        mapping is changed in place: alerts, the read model and picking hold them."""
+        for sid in [sid for sid in self.specs if sid not in new_base]:
+            del self.specs[sid]
+            del self.base_specs[sid]
+            del self.states[sid]
+            self.calibrations.pop(sid, None)
+        for sid, base in new_base.items():
+            if sid not in self.base_specs:
+                self.base_specs[sid] = base
+                self.specs[sid] = base
+                self.states[sid] = ShelfState(base)
+        self._by_channel.clear()
+        self._by_channel.update({(s.scale_id, s.channel): s for s in self.specs.values()})
+        for key in [k for k in self._gains if k not in self._by_channel]:
+            del self._gains[key]
+        wanted = {sc.id: sc for sc in scales}
+        for device in [d for d in self.devices if d not in wanted]:
+            del self.devices[device]
+        for sc in scales:
+            if sc.id not in self.devices:
+                self.devices[sc.id] = DeviceInfo(sc.id, sc.zone, sc.format)
+        self.routes.clear()
+        self.routes.update(_routes(self.settings, scales))
+        self._stale_built = False  # the next tick indexes the shelves there are now
+
     def recount_specs(self, new_base: dict[str, ShelfSpec], now_s: float) -> list[BusEvent]:
         """A live catalogue change of shelves' counting columns (tare, unit weight, tolerance,
         capacity, their scale's range or reporting interval; same shelf, SKU, scale and
@@ -804,6 +825,21 @@ class IngestService:
         else:
             self._stale_due.append(entry)
         self._stale_watched.add(sid)
+
+
+def _routes(settings: IngestSettings, scales: Sequence[ScaleConfig]) -> dict[str, Route]:
+    """The topic of each scale (each channel of an ESPHome scale) and how to read it."""
+    routes: dict[str, Route] = {}
+    prefix, site_id = settings.topic_prefix, settings.site_id
+    for sc in scales:
+        if sc.format == "native":
+            routes[native_topic(prefix, site_id, sc.zone, sc.id)] = Route(_NATIVE, sc)
+        else:
+            assert sc.esphome_node is not None
+            for ch, sensor in enumerate(sc.esphome_sensors):
+                routes[esphome_state_topic(sc.esphome_node, sensor)] = Route(_ESP_STATE, sc, ch)
+            routes[esphome_status_topic(sc.esphome_node)] = Route(_ESP_STATUS, sc)
+    return routes
 
 
 def _first(hole: tuple[int, int]) -> int:

@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from websockets.asyncio.client import connect
+from websockets.typing import Subprotocol
 
 from controller.__main__ import main
 from controller.bus import Subscription
@@ -29,9 +31,10 @@ from tests.integration.test_api_ops import (
     next_event,
     ops_server,
 )
+from tests.integration.test_live_ws import wait_message
 from tests.integration.test_picking import picking_site
-from tests.mosquitto import MosquittoBroker
-from tests.sites import TOKENS, grams, write_small_site
+from tests.mosquitto import MosquittoBroker, paho_publish
+from tests.sites import TOKENS, grams, topic, write_small_site
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -106,6 +109,7 @@ async def test_export_answers_the_catalogue_in_force_with_its_version(server: Op
 async def test_versions_list_and_one_version_with_its_audit_rows(server: OpsServer) -> None:
     r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
     assert r.status_code == 200, r.text
+    assert r.headers["x-catalog-version"] == "2"
     async with server.client("supervisor") as c:
         listed = (await c.get("/api/v1/catalog/versions")).json()
         one = await c.get("/api/v1/catalog/versions/2")
@@ -201,11 +205,16 @@ async def test_a_supervisor_changes_thresholds_only(server: OpsServer) -> None:
 async def test_a_change_the_running_controller_does_not_take_is_refused_with_409(
     server: OpsServer,
 ) -> None:
-    r = await patch(server, [{"kind": "scale", "id": "s9", "zone": "Z"}])
+    r = await patch(
+        server,
+        [{"kind": "scale", "id": "s9", "zone": "Z"}, {"kind": "shelf", "id": "sh1", "scale": "s9"}],
+    )
     body = assert_problem(r, 409, "floorhand catalog import")
-    assert body["refused"] == ["+ scale s9"]
-    r = await patch(server, [{"kind": "shelf", "id": "sh2", "remove": True}])
-    assert_problem(r, 409, "- shelf sh2")
+    assert body["refused"] == ["~ shelf sh1: scale"]
+    esphome = {"kind": "scale", "id": "e1", "zone": "Z", "format": "esphome"}
+    r = await patch(server, [{**esphome, "esphome_node": "n1", "esphome_sensors": ["w"]}])
+    body = assert_problem(r, 409)
+    assert body["refused"] == ["+ scale e1 (an ESPHome scale: needs a restart)"]
     version, _ = await export(server)
     assert version == 1
 
@@ -576,3 +585,67 @@ async def test_a_live_change_is_the_catalogue_after_a_restart(
         again = srv.rt.alerts.alerts["K1"].episode
         assert again is not None
         assert again.episode_id == episode.episode_id
+
+
+async def test_shelves_and_scales_added_and_removed_live(server: OpsServer) -> None:
+    """A new scale and shelf count their readings at once (the shelf starts UNKNOWN); a
+    removed shelf and scale leave: the scale's readings are refused as an unknown device."""
+    rt = server.rt
+    await server.publish("s2", grams(15))
+    r = await patch(
+        server,
+        [
+            {"kind": "scale", "id": "s9", "zone": "Z", "max_weight_g": 10000.0},
+            {"kind": "shelf", "id": "sh9", "zone": "Z", "scale": "s9", "sku": "K0",
+             "unit_weight_g": 100.0, "tare_g": 500.0, "capacity_units": 40},
+            {"kind": "shelf", "id": "sh2", "remove": True},
+            {"kind": "scale", "id": "s2", "remove": True},
+        ],
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert sorted(r.json()["lines"]) == ["+ scale s9", "+ shelf sh9", "- scale s2", "- shelf sh2"]
+    assert rt.ingest.states["sh9"].status.value == "unknown"
+    assert "sh2" not in rt.ingest.states
+    assert rt.alerts.targets["K0"].shelves == ("sh0", "sh9")
+    assert rt.alerts.targets["K2"].shelves == ()
+    await server.publish("s9", grams(6))
+    assert rt.ingest.states["sh9"].units == 6
+    before = rt.ingest.rejected["unknown_device"]
+    server.ingested.clear()
+    await asyncio.to_thread(
+        paho_publish,
+        rt.site.mqtt.port,
+        [
+            (
+                topic("s2"),
+                orjson.dumps({"device": "s2", "seq": 99, "ts": rt.clock(), "grams": 900.0}),
+            )
+        ],
+    )
+    async with asyncio.timeout(10):
+        while rt.ingest.rejected["unknown_device"] == before:
+            server.ingested.clear()
+            await server.ingested.wait()
+    async with server.client("supervisor") as c:
+        shelves = [s["id"] for s in (await c.get("/api/v1/shelves")).json()]
+        scales = [s["id"] for s in (await c.get("/api/v1/scales")).json()]
+    assert shelves == ["sh0", "sh1", "sh9"]
+    assert scales == ["s0", "s1", "s9"]
+
+
+async def test_live_clients_get_the_change_and_a_snapshot_of_the_new_catalogue(
+    server: OpsServer,
+) -> None:
+    url = server.base.replace("http://", "ws://") + "/api/v1/live"
+    subprotocols = [Subprotocol("bearer"), Subprotocol(TOKENS["supervisor"])]
+    async with connect(url, subprotocols=subprotocols) as ws:
+        await wait_message(ws, lambda m: m["type"] == "snapshot")
+        r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
+        assert r.status_code == 200, r.text
+        msg = await wait_message(ws, lambda m: m.get("event", {}).get("kind") == "catalog_changed")
+        assert msg["type"] == "event"
+        assert (msg["event"]["version"], msg["event"]["skus"]) == (2, ["K1"])
+        await ws.send(orjson.dumps({"type": "resync"}).decode())
+        snap = await wait_message(ws, lambda m: m["type"] == "snapshot")
+    k1 = next(s for s in snap["skus"] if s["sku"] == "K1")
+    assert k1["reorder_point"] == 12

@@ -125,6 +125,10 @@ async def _scenario(page: Page, ctl: ControllerProcess, broker: MosquittoBroker)
     assert 0 < len(ids) < 1250 // 2, len(ids)
     assert all(3750 <= int(i[2:]) < 5000 for i in ids), ids[:5]
     assert await page.evaluate("() => window.__floorhand.perf.drillMs") is not None
+    # Scrolled to the end: the zone's last shelves are drawn, its first ones leave the DOM.
+    await page.locator("#grid").evaluate("g => { g.scrollTop = g.scrollHeight; }")
+    await expect(page.locator('.cell[data-id="sh4999"]')).to_be_visible(timeout=TIMEOUT_MS)
+    await expect(page.locator('.cell[data-id="sh3750"]')).to_have_count(0)
 
     # Search: a shelf of another zone, found through the API, opens its zone and is selected.
     await page.fill("#search", "sh9999")

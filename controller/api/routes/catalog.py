@@ -9,6 +9,7 @@ change never interleaves with an ingest commit.
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Annotated, Any
 
@@ -133,7 +134,8 @@ async def _change_locked(
                     f"Content-Type {media or '(none)'}: a catalogue is text/csv or "
                     "application/x-ndjson (JSON Lines)",
                 )
-            after = put_catalogue(data, fmt, editor.zones, _BODY_SOURCE)
+            # Reading and validating (seconds at 100k rows) off the event loop: ingest runs on.
+            after = await asyncio.to_thread(put_catalogue, data, fmt, editor.zones, _BODY_SOURCE)
         else:
             if media in _CSV_TYPES:
                 patch_fmt: formats.Format | None = "csv"
@@ -145,8 +147,10 @@ async def _change_locked(
                     f"Content-Type {media or '(none)'}: a patch is application/json (an array "
                     "of records), application/x-ndjson (JSON Lines) or text/csv",
                 )
-            after = patched(editor.current, data, patch_fmt, editor.zones, _BODY_SOURCE)
-        changes = editor.plan(after)
+            after = await asyncio.to_thread(
+                patched, editor.current, data, patch_fmt, editor.zones, _BODY_SOURCE
+            )
+        changes = await asyncio.to_thread(editor.plan, after)
         check_role(changes, principal.role is Role.ENGINEER)
         before = editor.version()
         if dry_run:
