@@ -318,6 +318,13 @@ class LiveHub:
         self._index_zones()
         rt.bus.add_listener(self.on_events)
 
+    def apply_catalogue(self) -> None:
+        """After a live catalogue change (docs/catalogue.md): each shelf's SKU, each SKU's
+        record, the zones of the shelves."""
+        self._sku_of = {sid: spec.sku for sid, spec in self.rt.specs.items()}
+        self._sku_cfg = {s.id: s for s in self.rt.site.skus}
+        self._index_zones()
+
     def _index_zones(self) -> None:
         """Zones of the shelves (site order); drops the cached snapshots and overview."""
         self._zone_of = {cfg.id: cfg.zone for cfg in self.rt.site.shelves}

@@ -387,7 +387,10 @@ class CatalogueEditor:
         self.current = Catalogue(after.skus, after.scales, after.shelves, version=version)
         rt.catalogue_version = version
         rt.site = site
-        rt.ingest.apply_topology(site.scales, specs)
+        if any(
+            c.kind == "scale" or (c.kind == "shelf" and c.op != "change") for c in changes.changes
+        ):
+            rt.ingest.apply_topology(site.scales, specs)  # O(shelves + scales): only when needed
         ended = rt.alerts.apply_targets(AlertSettings.from_site(rt.site))
         # Shelves whose counting columns or SKU changed recount (journaled and published as a
         # calibration's recount is: the alerts see the new counts).

@@ -572,7 +572,12 @@ async def test_a_live_change_is_the_catalogue_after_a_restart(
 ) -> None:
     site = journal_site(tmp_path, mosquitto.port)
     async with ops_server(site) as srv:
-        await srv.publish("s1", grams(8))
+        sub = srv.rt.bus.subscribe("test")
+        try:
+            await srv.publish("s1", grams(8))  # raised LOW once its dwell is over
+            await next_event(sub, lambda e: e["kind"] == "alert_raised" and e["key"] == "K1")
+        finally:
+            sub.close()
         r = await patch(srv, [{"kind": "sku", "id": "K1", "safety_stock": 9}], "supervisor")
         assert r.status_code == 200, r.text
         episode = srv.rt.alerts.alerts["K1"].episode
