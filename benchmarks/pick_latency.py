@@ -51,6 +51,7 @@ from benchmarks.ingest_e2e import (  # noqa: E402
 from benchmarks.loadgen import device_names, encode_readings, publish_all  # noqa: E402
 from benchmarks.modbus_roundtrip import plcs_process  # noqa: E402
 from controller.api.app import create_app  # noqa: E402
+from controller.api.loops import serve_apart  # noqa: E402
 from controller.config import SiteConfig, load_site  # noqa: E402
 from controller.domain.events import BusEvent, PickTaskChanged  # noqa: E402
 from controller.domain.model import TaskState  # noqa: E402
@@ -285,7 +286,7 @@ async def controller_with_api(
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning")
     )
-    serve = asyncio.create_task(server.serve())
+    serve = asyncio.create_task(serve_apart(server, None, app))  # as `floorhand run` serves
     try:
         async with asyncio.timeout(20):
             await rt.started.wait()

@@ -1,6 +1,7 @@
 """Live WebSocket fan-out: N clients of /api/v1/live while the runtime bus carries R events/s.
 
-The server is the real controller app (``create_app`` + ``Runtime``) under uvicorn on 127.0.0.1,
+The server is the real controller app (``create_app`` + ``Runtime``) under uvicorn on 127.0.0.1
+(served as ``floorhand run`` serves it: uvicorn on its own loop and thread, the runtime here),
 in this process, with a real mosquitto for its MQTT link. A paced injector puts events on the
 runtime bus (``rt.bus.publish``, as ingest does after a commit) in 10 ms groups: by default 70 %
 ``stock_changed`` of random shelves (→ ``shelf`` messages, coalesced per shelf while queued) and
@@ -147,6 +148,7 @@ async def live_server(site_path: Path, *, deflate: bool) -> AsyncIterator[tuple[
     import uvicorn
 
     from controller.api.app import create_app
+    from controller.api.loops import serve_apart
     from controller.config import load_site
     from controller.runtime import Runtime
 
@@ -164,7 +166,8 @@ async def live_server(site_path: Path, *, deflate: bool) -> AsyncIterator[tuple[
         ws_per_message_deflate=deflate,
     )
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
+    # As `floorhand run` serves: uvicorn on a loop of its own, every frame sent through it.
+    task = asyncio.create_task(serve_apart(server, [sock], app), name="uvicorn")
     try:
         async with asyncio.timeout(20):
             await rt.started.wait()

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from controller.config import ConfigError, SiteConfig, load_site, split_bind
 from controller.sdnotify import Notifier
 
 if TYPE_CHECKING:
+    from controller.api.loops import LoopWatch
     from controller.runtime import Runtime
 
 log = logging.getLogger("floorhand")
@@ -48,6 +49,10 @@ uvicorn's setting is an int)."""
 
 LEFTOVER_TASKS_S = 0.3
 """Bound on the tasks still running once the server returned (cancelled, then abandoned)."""
+
+HTTP_LOOP_STALE_S = 2.0
+"""The watchdog is not fed once the HTTP loop has left a callback waiting this long (a wedged
+HTTP thread: systemd restarts the controller as for a wedged main loop)."""
 
 THREAD_JOIN_S = 1.0
 """How long the process waits at exit for its other threads (a history write in flight)."""
@@ -153,7 +158,8 @@ class StopGuard:
     Python runs signal handlers in the main thread, between bytecodes: a main thread stuck
     in C code (a blocked SQLite call, a DNS lookup) would never run them. So the signals also
     go through ``signal.set_wakeup_fd`` to a pipe read by this guard's own thread, which keeps
-    the bound and the second signal working whatever the main thread is doing.
+    the bound and the second signal working whatever the main thread is doing; that thread
+    calls ``on_stop`` too (it must be safe to call twice, from any thread).
     """
 
     def __init__(self, bound_s: float = STOP_BOUND_S) -> None:
@@ -163,6 +169,10 @@ class StopGuard:
         self._read_fd = -1
         self._write_fd = -1
         self._deadline: float | None = None
+        self._on_stop: Callable[[], None] | None = None
+        self._signals = 0
+        """Stop signals the guard thread has read (not `arm`: a process leaving on its own,
+        then signalled, got a first signal, not a second one)."""
 
     def install(self, on_stop: Callable[[], None]) -> Callable[[], None]:
         """Take over SIGINT/SIGTERM (main thread only); returns the undo function."""
@@ -173,6 +183,7 @@ class StopGuard:
             os.set_blocking(self._write_fd, False)
             threading.Thread(target=self._watch, name="stop-guard", daemon=True).start()
         previous_fd = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        self._on_stop = on_stop
 
         def handler(signum: int, frame: object) -> None:
             on_stop()
@@ -213,8 +224,14 @@ class StopGuard:
                 if signum not in STOP_SIGNALS:
                     continue
                 name = signal.Signals(signum).name
-                if self._deadline is None:
+                self._signals += 1
+                if self._signals == 1:
                     self.arm()
+                    # Also from here: the main thread runs the handler only when it next
+                    # runs Python code, which a signal delivered to another thread does not
+                    # make happen at once (the main thread may sit in its loop's select).
+                    if self._on_stop is not None:
+                        self._on_stop()
                     log.warning(
                         "%s: stopping (STOP to the PLCs, exit within %g s; "
                         "a second signal exits at once)",
@@ -241,10 +258,13 @@ class StopGuard:
         os._exit(EXIT_STOP_OVERRUN)
 
 
-def _notify_systemd(notifier: Notifier, runtime: Runtime, server: Any) -> None:
-    """After each supervision tick: ``READY=1`` once the journal is open and the state
-    restored, the broker session is up and the API serves; the watchdog fed."""
-    notifier.watchdog()
+def _notify_systemd(notifier: Notifier, runtime: Runtime, server: Any, http: LoopWatch) -> None:
+    """After each supervision tick (on the main loop): ``READY=1`` once the journal is open
+    and the state restored, the broker session is up and the API serves; the watchdog fed
+    while the HTTP loop, which the tick does not run on, still runs (`HTTP_LOOP_STALE_S`)."""
+    http.ping()
+    if http.alive(HTTP_LOOP_STALE_S):
+        notifier.watchdog()
     if notifier.ready_sent or notifier.stopping_sent or not notifier.enabled:
         return
     if runtime.ready and server.started:
@@ -253,28 +273,24 @@ def _notify_systemd(notifier: Notifier, runtime: Runtime, server: Any) -> None:
         notifier.status("waiting for the broker session" if server.started else "starting")
 
 
-def _server_class(guard: StopGuard, notifier: Notifier | None = None) -> type[Any]:
+def _server_class(notifier: Notifier | None = None) -> type[Any]:
     import uvicorn
 
     class Server(uvicorn.Server):
-        """Signals go through the `StopGuard`. Every stop signal only asks for a graceful
-        shutdown: uvicorn's own second-SIGINT "force exit" would skip the lifespan shutdown,
-        and with it the STOP sent to the PLCs (the guard's second signal exits instead).
-        uvicorn re-raises the signal after shutting down, so the process would die by it; a
-        controller that stopped cleanly exits 0 instead."""
+        """Signals go through the `StopGuard`, installed by `_serve` on the main thread (the
+        server runs in the ``http`` thread, where uvicorn installs no handlers). Every stop
+        signal only asks for a graceful shutdown: uvicorn's own second-SIGINT "force exit"
+        would skip the lifespan shutdown, and with it the STOP sent to the PLCs (the guard's
+        second signal exits instead)."""
 
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            uninstall = guard.install(self.request_stop)
-            try:
-                yield
-            finally:
-                uninstall()
+        _stopping = threading.Lock()
 
         def request_stop(self) -> None:
+            """Ask for the graceful stop (from any thread; twice is harmless)."""
             self.should_exit = True
             if notifier is not None:
-                notifier.stopping()
+                with self._stopping:
+                    notifier.stopping()
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             self.request_stop()
@@ -282,34 +298,26 @@ def _server_class(guard: StopGuard, notifier: Notifier | None = None) -> type[An
     return Server
 
 
-def _serve(server: Any, sock: socket.socket) -> None:
-    """Run the server on a new event loop; then cancel what is left, bounded (asyncio.run
-    would wait for each task without limit, and for every default-executor thread)."""
+def _serve(server: Any, sock: socket.socket, app: Any, guard: StopGuard, http: LoopWatch) -> None:
+    """The runtime on a new event loop of the main thread (the home loop: the app's lifespan
+    runs there), uvicorn on a loop of its own in the ``http`` thread (`serve_apart`,
+    docs/architecture.md "Three event loops"); then cancel what is left on the home loop,
+    bounded (asyncio.run would wait for each task without limit, and for every
+    default-executor thread)."""
+    from controller.api.loops import cancel_leftovers, serve_apart
+
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    uninstall = guard.install(server.request_stop)
     try:
-        loop.run_until_complete(server.serve(sockets=[sock]))
+        loop.run_until_complete(serve_apart(server, [sock], app, watch=http))
     finally:
+        uninstall()
         try:
-            loop.run_until_complete(_cancel_leftovers(LEFTOVER_TASKS_S))
+            loop.run_until_complete(cancel_leftovers(LEFTOVER_TASKS_S))
         finally:
             asyncio.set_event_loop(None)
             loop.close()  # the default executor is shut down without waiting
-
-
-async def _cancel_leftovers(timeout_s: float) -> None:
-    me = asyncio.current_task()
-    tasks = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
-    for task in tasks:
-        task.cancel()
-    if tasks:
-        await asyncio.wait(tasks, timeout=timeout_s)
-    stuck = [t.get_name() for t in tasks if not t.done()]
-    if stuck:
-        log.error("abandoned %d task(s) that ignored cancellation: %s", len(stuck), stuck)
-    with contextlib.suppress(Exception):
-        async with asyncio.timeout(timeout_s):
-            await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 def _leave(exit_code: int, guard: StopGuard) -> int:
@@ -341,6 +349,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from controller.api.app import create_app
+    from controller.api.loops import LoopWatch
     from controller.owner import refusal
 
     host, port = split_bind(site.api.bind)
@@ -402,8 +411,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         # A stop must not wait on a slow request (a history query on a hanging database).
         timeout_graceful_shutdown=HTTP_DRAIN_S,
     )
-    server = _server_class(guard, notifier)(config)
-    runtime.supervision.after_tick.append(lambda: _notify_systemd(notifier, runtime, server))
+    server = _server_class(notifier)(config)
+    http = LoopWatch("http")
+    runtime.supervision.after_tick.append(lambda: _notify_systemd(notifier, runtime, server, http))
     notifier.status("starting: opening the journal, connecting to the broker")
     log.info(
         "floorhand %s: site %s, mqtt %s, api http://%s",
@@ -414,7 +424,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            _serve(server, api_socket)
+            _serve(server, api_socket, app, guard, http)
     except SystemExit:
         pass  # uvicorn's "startup failed" (3); the runtime's own outcome decides the code
     guard.arm()  # from here on the process leaves within the bound, whatever hangs

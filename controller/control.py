@@ -1,8 +1,10 @@
 """The control loop: an asyncio event loop in a thread of its own for the PLC side.
 
 The PLC links (heartbeats, resync), their drivers, the order desk and the pick executor run
-on this loop (docs/architecture.md, "Two event loops"); ingest, alerts, the historian,
-supervision and the API stay on the main loop. Nothing on one loop ever blocks waiting for
+on this loop (docs/architecture.md, "Three event loops"); ingest, alerts, the historian,
+supervision and most API routes stay on the main loop (the pick and order routes run on the
+HTTP loop, `controller.api.loops`, and reach this loop the same way the main loop does; the
+crossings below work from any loop). Nothing on one loop ever blocks waiting for
 the other, so a long ingest group delays neither a heartbeat nor a pick's first Modbus
 write; with the GIL the two threads still share one interpreter (the switch interval,
 ``sys.getswitchinterval()``, 5 ms by default, bounds how long a runnable thread waits).

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller.api.api_docs import install_api_docs
 from controller.api.deps import install_queries
 from controller.api.limits import allowed_methods, install_security
+from controller.api.loops import LoopRouter
 from controller.api.routes import alerts as alerts_routes
 from controller.api.routes import catalog as catalog_routes
 from controller.api.routes import devices as devices_routes
@@ -86,6 +87,9 @@ def create_app(
     app.state.runtime = rt
     install_queries(app, rt)
     _install_problem_handlers(app)
+    # Inside the security middleware (added next, so outside): each request's route runs on
+    # the loop that owns its state; the security middleware always on the HTTP loop.
+    app.add_middleware(LoopRouter, http_loop_ok=lambda: rt.control.running)
     install_security(app, site.api, rt)
     app.include_router(stock_routes.router)  # stock, shelves, zones (read model)
     app.include_router(alerts_routes.router)  # alert states (read model), ack/snooze

@@ -17,7 +17,9 @@ that loop's thread: every call from elsewhere is carried over to it (`submit_asy
 `on_control` for the API, `answer_commands` for the MQTT channel; the plain methods block the
 calling thread until the control loop answered, for tests and tools), and they read shelves
 from `shelves`, immutable `ShelfCount` snapshots handed over from ingest's loop by the bus
-listener `on_events` (docs/architecture.md, "Two event loops").
+listener `on_events` (docs/architecture.md, "Three event loops"). The HTTP routes call
+`submit_async` / `on_control` from the HTTP loop (`controller.api.loops`): they cross to
+the control loop as the main loop would, and touch nothing of ingest's.
 """
 
 from __future__ import annotations

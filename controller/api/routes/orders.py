@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controller.api.auth import Principal, Role, require
 from controller.api.deps import RuntimeDep
+from controller.api.loops import on_http_loop
 from controller.api.schemas import PROBLEM
 from controller.domain.orders import OrderState, Resolution
 from controller.services.order_desk import OrderNotFound, PickRefused
@@ -70,8 +71,11 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
+@on_http_loop
 class _PickRoute(APIRoute):
-    """The one place a desk refusal becomes an HTTP answer (status: `pick_wire.status_of`)."""
+    """The one place a desk refusal becomes an HTTP answer (status: `pick_wire.status_of`).
+    These routes run on the HTTP loop (`controller.api.loops`): they reach the desk only
+    through the picking facade's crossings to the control loop, never ingest's state."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
