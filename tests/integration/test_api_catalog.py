@@ -248,7 +248,8 @@ async def test_a_body_over_the_limit_is_refused_with_413(
 
 
 async def test_a_journal_that_cannot_store_the_change_answers_503(server: OpsServer) -> None:
-    db = sqlite3.connect(server.rt.site.journal.path, timeout=0.1)
+    # Our own lock waits for the controller's writes (a commit, a checkpoint) to end.
+    db = sqlite3.connect(server.rt.site.journal.path, timeout=10.0)
     db.execute("BEGIN IMMEDIATE")  # another writer holds the journal past the busy timeout
     try:
         r = await patch(server, [{"kind": "sku", "id": "K1", "reorder_point": 12}])
