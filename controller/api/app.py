@@ -98,7 +98,8 @@ def create_app(
     app.include_router(history_routes.router)  # downsampled stock history
     app.include_router(health_routes.router)  # health, ready (supervision's HealthReport)
     app.include_router(orders_routes.router)  # picks and orders (docs/picking.md)
-    app.include_router(ops_routes.router)  # PLC commands, scales, tare
+    app.include_router(ops_routes.router)  # scales, tare, calibration
+    app.include_router(ops_routes.plc_router)  # PLC commands (on the HTTP loop)
     app.include_router(catalog_routes.router)  # the catalogue: export, versions, live changes
     install_web(app, rt)  # dashboard assets and /api/v1/live (docs/dashboard.md)
     install_api_docs(app)  # /docs and /redoc, every asset local

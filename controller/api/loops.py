@@ -52,6 +52,7 @@ __all__ = [
     "LoopRouter",
     "LoopWatch",
     "cancel_leftovers",
+    "on_home",
     "on_http_loop",
     "serve_apart",
     "set_home_loop",
@@ -71,6 +72,20 @@ def on_http_loop(route_class: R) -> R:
     state, and reach other loops' state only through thread-safe crossings."""
     setattr(route_class, HTTP_LOOP_ATTR, True)
     return route_class
+
+
+async def on_home(app: FastAPI, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` (a plain function) on the app's home loop, awaited from the caller's
+    loop: how a route on the HTTP loop touches the runtime's state (journal, bus). Straight
+    through without a home loop or on it."""
+    home: asyncio.AbstractEventLoop | None = getattr(app.state, "home_loop", None)
+    if home is None or home is asyncio.get_running_loop():
+        return fn(*args)
+
+    async def call() -> T:
+        return fn(*args)
+
+    return await _await_on(home, call())
 
 
 def set_home_loop(app: FastAPI, loop: asyncio.AbstractEventLoop | None) -> None:

@@ -97,6 +97,16 @@ class PlcCommandService:
         by: str,
         role: str,
     ) -> CommandOutcome:
+        """`execute` then `record`, on the caller's loop."""
+        outcome = await self.execute(plc_id, driver, command, by=by)
+        self.record(outcome, role)
+        return outcome
+
+    async def execute(
+        self, plc_id: str, driver: ConveyorDriver | SorterDriver, command: Command, *, by: str
+    ) -> CommandOutcome:
+        """Run the command on the PLC (through ``device_call``: the control loop) and say how
+        it went; touches no state of the caller's (safe from the HTTP loop)."""
         status: ConveyorStatus | SorterStatus | None = None
         result: Result = "ok"
         detail = ""
@@ -113,11 +123,11 @@ class PlcCommandService:
             result = _classify(exc)
             detail = str(exc)
         now = self._clock()
-        outcome = CommandOutcome(plc_id, command, by, result, detail, now, status)
-        self._record(outcome, role)
-        return outcome
+        return CommandOutcome(plc_id, command, by, result, detail, now, status)
 
-    def _record(self, o: CommandOutcome, role: str) -> None:
+    def record(self, o: CommandOutcome, role: str) -> None:
+        """Count, journal and publish the outcome (on the loop that owns the journal and
+        the bus)."""
         key = (o.command, o.result)
         self.counts[key] = self.counts.get(key, 0) + 1
         event = PlcCommandIssued(

@@ -43,6 +43,7 @@ from devices.link.state import LinkState
 from devices.sorter import SorterDriver
 from simulators.conveyor import ConveyorPlc
 from simulators.sorter import SorterPlc
+from tests.integration.test_api_ops import next_event
 from tests.integration.test_control_loop import Written, plcs_in_thread
 from tests.integration.test_picking import Floor, picking_site
 from tests.integration.test_sensing_e2e import readings
@@ -185,6 +186,74 @@ async def test_a_blocked_ingest_loop_delays_no_http_pick(
                 r = await client.get("/api/v1/health")
                 assert r.status_code == 200, r.text
     # The stop left nothing behind on either loop (a lifespan cut short logs an error).
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+
+
+async def test_a_blocked_ingest_loop_delays_no_plc_stop(
+    mosquitto: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An engineer's STOP reaches the conveyor while the ingest loop is blocked (the safe
+    stop must not wait behind an ingest group); its record is journaled once ingest runs."""
+    conveyor = ConveyorPlc("conveyor-1")
+    sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
+    conveyor_writes = Written(conveyor)
+    async with plcs_in_thread(conveyor, sorter) as (ch, sh):
+        site = picking_site(tmp_path, mosquitto.port, ch.port, sh.port)
+        async with served_apart(site) as (rt, port):
+            for plc in rt.plcs.values():
+                await plc.link.watch.wait_for(LinkState.UP, 10)
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                f = Floor(rt, client, mosquitto.port)
+                await f.shelf("s0", 20)
+                commands_before = conveyor_writes.count("command")
+                seen: dict[str, Any] = {}
+                unblocked = asyncio.Event()
+                sub = rt.bus.subscribe("test")
+
+                def block_ingest(events: list[BusEvent]) -> None:
+                    """On the first count of shelf sh1: block this (the ingest) loop, and from
+                    this very thread send the STOP over HTTP and wait for its write."""
+                    if seen or not any(
+                        isinstance(e, StockChanged) and e.shelf_id == "sh1" for e in events
+                    ):
+                        return
+                    seen["blocked"] = True
+                    seen["stop_write"] = False
+                    done = seen["done"] = threading.Event()
+
+                    def stop() -> None:
+                        try:
+                            r = httpx.post(
+                                f"http://127.0.0.1:{port}/api/v1/plcs/conveyor-1/stop",
+                                headers=auth_headers("engineer"),
+                                timeout=3 * BLOCK_LIMIT_S,
+                            )
+                            seen["status"] = r.status_code
+                        except httpx.HTTPError as exc:
+                            seen["status"] = repr(exc)
+                        done.set()
+
+                    # The answer waits for the record on this loop: send it from another
+                    # thread, and watch the PLC from here.
+                    threading.Thread(target=stop, name="stop-client", daemon=True).start()
+                    seen["stop_write"] = conveyor_writes.wait(
+                        lambda: conveyor_writes.count("command") > commands_before,
+                        BLOCK_LIMIT_S,
+                    )
+                    seen["answered_while_blocked"] = done.is_set()
+                    unblocked.set()
+
+                rt.bus.add_listener(block_ingest)
+                await f.shelf("s1", 10)  # its StockChanged makes the listener block
+                async with asyncio.timeout(3 * BLOCK_LIMIT_S):
+                    await unblocked.wait()
+                assert seen["stop_write"], f"the STOP waited for ingest: {seen}"
+                assert not seen["answered_while_blocked"]  # its record is written on this loop
+                assert await asyncio.to_thread(seen["done"].wait, 10)
+                assert seen["status"] == 200, seen
+                ev = await next_event(sub, lambda e: e["kind"] == "plc_command")
+                assert (ev["plc"], ev["command"], ev["result"]) == ("conveyor-1", "stop", "ok")
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
 

@@ -15,9 +15,11 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Path, Request
+from fastapi.routing import APIRoute
 
 from controller.api.auth import Principal
 from controller.api.deps import Engineer, QueriesDep, RuntimeDep
+from controller.api.loops import on_home, on_http_loop
 from controller.api.routes.stock import shelf_public
 from controller.api.schemas import (
     PlcCommandPublic,
@@ -36,6 +38,17 @@ from controller.services.queries import StockQueries
 log = logging.getLogger("floorhand.api.ops")
 
 router = APIRouter()
+
+
+@on_http_loop
+class _PlcRoute(APIRoute):
+    """START, STOP and RESET run on the HTTP loop (`controller.api.loops`): the command goes
+    to the PLC through the control loop at once, never behind an ingest group; only its
+    record (journal, bus) is written on the home loop, after the PLC answered."""
+
+
+plc_router = APIRouter(route_class=_PlcRoute)
+"""The PLC command routes (included by the app beside ``router``)."""
 _problems = problem_responses
 
 
@@ -103,9 +116,9 @@ async def _run_command(
     plc = rt.plcs.get(plc_id)
     if plc is None:
         raise HTTPException(404, f"unknown PLC {plc_id!r}")
-    outcome = await _plc_commands(request, rt).run(
-        plc_id, plc.driver, command, by=principal.name, role=principal.role.value
-    )
+    svc = _plc_commands(request, rt)
+    outcome = await svc.execute(plc_id, plc.driver, command, by=principal.name)
+    await on_home(request.app, svc.record, outcome, principal.role.value)
     return _command_answer(outcome)
 
 
@@ -119,7 +132,7 @@ _PLC_ERRORS = _problems(
 PlcId = Annotated[str, Path(description="a [[plcs]] id")]
 
 
-@router.post(
+@plc_router.post(
     "/api/v1/plcs/{plc_id}/start",
     response_model=PlcCommandPublic,
     tags=["devices"],
@@ -133,7 +146,7 @@ async def start_plc(
     return await _run_command(request, rt, principal, plc_id, "start")
 
 
-@router.post(
+@plc_router.post(
     "/api/v1/plcs/{plc_id}/stop",
     response_model=PlcCommandPublic,
     tags=["devices"],
@@ -147,7 +160,7 @@ async def stop_plc(
     return await _run_command(request, rt, principal, plc_id, "stop")
 
 
-@router.post(
+@plc_router.post(
     "/api/v1/plcs/{plc_id}/reset",
     response_model=PlcCommandPublic,
     tags=["devices"],
