@@ -387,40 +387,31 @@ class TimeAssigner:
             self.last[key] = (ts, ts, *order)
             return p
         last, last_src, epoch, seq = prev
+        gap_from: int | None = None
         if order != _NO_ORDER:
             if order <= (epoch, seq):
                 return self._late(key, p, order)
             if order[0] == epoch and order[1] > seq + 1:
-                self._gap(key, epoch, seq + 1, order[1] - 1, last, p)
+                gap_from = seq + 1
             epoch, seq = order
         if ts > last:
-            self.last[key] = (ts, ts, epoch, seq)
-            return p
-        if ts >= last_src - NUDGE_WINDOW_MS:
+            t = ts
+        elif ts >= last_src - NUDGE_WINDOW_MS:
             t = last + 1
-            self.last[key] = (t, ts, epoch, seq)
             self.nudged += 1
-            if key in self.gaps:
-                self._gap_after(key, t)
-            return HistoryPoint(p.measurement, p.tags, p.fields, t)
-        # The source clock stepped back by more than the window: trust it, start again there.
-        self.last[key] = (ts, ts, epoch, seq)
-        return p
+        else:  # the source clock stepped back by more than the window: trust it, start there
+            t = ts
+        self.last[key] = (t, ts, epoch, seq)
+        if gap_from is not None:
+            self._gap(key, (epoch, gap_from, seq - 1, last, t))
+        return p if t == ts else HistoryPoint(p.measurement, p.tags, p.fields, t)
 
-    def _gap(
-        self, key: SeriesKey, epoch: int, first: int, last_seq: int, ms_before: int, p: HistoryPoint
-    ) -> None:
-        """Remember a gap before in-order point ``p``; its own time (``ms after``) is set here
-        and corrected by `_gap_after` if ``p`` is nudged."""
+    def _gap(self, key: SeriesKey, gap: tuple[int, int, int, int, int]) -> None:
+        """Remember a gap ``(epoch, first seq, last seq, ms before, ms after)``."""
         gaps = self.gaps.setdefault(key, [])
-        gaps.append((epoch, first, last_seq, ms_before, p.ts_ms))
+        gaps.append(gap)
         if len(gaps) > GAP_MEMORY:
             del gaps[0]
-
-    def _gap_after(self, key: SeriesKey, t: int) -> None:
-        e, first, last_seq, before, after = self.gaps[key][-1]
-        if after < t and self.last[key][2:] == (e, last_seq + 1):
-            self.gaps[key][-1] = (e, first, last_seq, before, t)
 
     def _in_gap(self, key: SeriesKey, order: tuple[int, int]) -> tuple[int, int] | None:
         """The free milliseconds ``(lo, hi)`` of the remembered gap ``order`` falls in."""
