@@ -14,7 +14,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from tests.controller_proc import api_port
 from tests.waiting import wait_for_condition_sync
 
 INFLUXD_BIN = shutil.which("influxd") or "/usr/bin/influxd"
@@ -29,10 +29,10 @@ VICTORIA_BIN = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A free port below the kernel's ephemeral range (`tests.controller_proc.api_port`): one
+    from the range can be taken by an outgoing connection before influxd binds it (CI: "bind:
+    address already in use")."""
+    return api_port()
 
 
 def have_influxd() -> bool:
