@@ -191,6 +191,9 @@ class ApiConfig(_Frozen):
     process environment only; hashed on load)."""
     max_body_bytes: Annotated[int, Field(ge=1_024, le=16_777_216)] = 65_536
     """Larger request bodies are refused with 413 (never read whole)."""
+    catalog_max_body_bytes: Annotated[int, Field(ge=1_024, le=1_073_741_824)] = 67_108_864
+    """The body limit of ``PUT``/``PATCH /api/v1/catalog`` instead of ``max_body_bytes``: a
+    100k-SKU catalogue (300k rows) is about 25 MB of CSV."""
     rate_per_s: Annotated[float, Field(gt=0, le=1_000_000, allow_inf_nan=False)] = 20.0
     """Token-bucket refill rate per token (per client address without a valid token)."""
     rate_burst: Annotated[int, Field(ge=1, le=1_000_000)] = 40

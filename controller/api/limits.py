@@ -2,9 +2,11 @@
 
 For every HTTP request, in this order:
 
-1. **Body limit** (``[api] max_body_bytes``): a ``Content-Length`` above the limit is answered
-   413 before anything is read; bodies without one (chunked) are counted as they stream in and
-   the request fails with 413 once the count passes the limit, so no unbounded body is read.
+1. **Body limit** (``[api] max_body_bytes``; ``PUT``/``PATCH /api/v1/catalog``: ``[api]
+   catalog_max_body_bytes``, a whole catalogue): a ``Content-Length`` above the limit is
+   answered 413 before anything is read; bodies without one (chunked) are counted as they
+   stream in and the request fails with 413 once the count passes the limit, so no unbounded
+   body is read.
 2. **Rate limit** (``[api] rate_per_s`` / ``rate_burst``): one token bucket per API token
    (per client address for requests without a valid token); an empty bucket answers 429 with
    ``Retry-After``. **STOP is never rate-limited**: any ``POST`` whose path ends in ``/stop``
@@ -52,6 +54,10 @@ API_PREFIX = "/api/v1"
 MAX_BUCKETS = 10_000
 """Buckets kept (least recently used dropped first): tokens plus client addresses."""
 
+
+CATALOG_PATH = "/api/v1/catalog"
+CATALOG_WRITES = frozenset({"PUT", "PATCH"})
+"""The methods of ``CATALOG_PATH`` bounded by ``[api] catalog_max_body_bytes``."""
 
 PROBE_PATHS = frozenset({"/api/v1/health", "/api/v1/ready"})
 """Public health probes: not rate-limited (cheap, no I/O, polled by supervisors)."""
@@ -116,10 +122,14 @@ class SecurityMiddleware:
         max_body_bytes: int,
         rate_per_s: float,
         rate_burst: int,
+        catalog_max_body_bytes: int | None = None,
         clock: Any = time.monotonic,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.catalog_max_body_bytes = (
+            max_body_bytes if catalog_max_body_bytes is None else catalog_max_body_bytes
+        )
         self.limiter = RateLimiter(rate_per_s, rate_burst)
         self.clock = clock
         self._table: _RouteTable | None = None
@@ -147,7 +157,8 @@ class SecurityMiddleware:
                 code, detail, headers = refusal
                 await _problem(send_wrapper, code, detail, headers)
                 return
-            await self.app(scope, self._counting(receive, metrics), send_wrapper)
+            limit = self.body_limit(method, path)
+            await self.app(scope, self._counting(receive, metrics, limit), send_wrapper)
         except BodyTooLarge as exc:
             # Raised by the counting receive below the exception handlers' reach (e.g. while
             # a streaming body was being drained): answer here if nothing was sent yet.
@@ -163,9 +174,10 @@ class SecurityMiddleware:
         self, scope: Scope, app: Any, metrics: ApiMetrics, method: str, path: str
     ) -> tuple[int, str, dict[str, str]] | None:
         length = _content_length(scope)
-        if length is not None and length > self.max_body_bytes:
+        limit = self.body_limit(method, path)
+        if length is not None and length > limit:
             metrics.body_too_large.inc()
-            return 413, f"request body larger than {self.max_body_bytes} bytes", {}
+            return 413, f"request body larger than {limit} bytes", {}
         if is_stop_request(method, path):
             metrics.stop_exempt.inc()
         elif method in ("GET", "HEAD") and path in PROBE_PATHS:
@@ -199,8 +211,14 @@ class SecurityMiddleware:
             self._table = _RouteTable(routes)
         return self._table
 
-    def _counting(self, receive: Receive, metrics: ApiMetrics) -> Receive:
-        limit = self.max_body_bytes
+    def body_limit(self, method: str, path: str) -> int:
+        """The body limit of a request: ``catalog_max_body_bytes`` for a catalogue write,
+        ``max_body_bytes`` for every other."""
+        if method in CATALOG_WRITES and path.rstrip("/") == CATALOG_PATH:
+            return self.catalog_max_body_bytes
+        return self.max_body_bytes
+
+    def _counting(self, receive: Receive, metrics: ApiMetrics, limit: int) -> Receive:
         seen = [0]
 
         async def wrapped() -> Message:
@@ -320,6 +338,7 @@ def install_security(
     app.add_middleware(
         SecurityMiddleware,
         max_body_bytes=api.max_body_bytes,
+        catalog_max_body_bytes=api.catalog_max_body_bytes,
         rate_per_s=api.rate_per_s,
         rate_burst=api.rate_burst,
     )

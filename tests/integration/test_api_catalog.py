@@ -238,13 +238,45 @@ async def test_an_inline_site_refuses_changes_with_409(
         assert len(records) == 6
 
 
-async def test_a_body_over_the_limit_is_refused_with_413(
+async def test_a_body_over_the_catalogue_limit_is_refused_with_413(
     tmp_path: Path, mosquitto: MosquittoBroker
 ) -> None:
-    site = journal_site(tmp_path, mosquitto.port, api_settings={"max_body_bytes": 1024})
+    """PUT and PATCH of the catalogue take bodies up to ``[api] catalog_max_body_bytes``, every
+    other route keeps ``[api] max_body_bytes`` (docs/api.md, "Limits")."""
+    limits = {"max_body_bytes": 1024, "catalog_max_body_bytes": 8192}
+    site = journal_site(tmp_path, mosquitto.port, api_settings=limits)
     async with ops_server(site) as srv, srv.client("engineer") as c:
+        # Over max_body_bytes, within the catalogue's limit: read and validated (422).
         r = await c.put("/api/v1/catalog", content=b"k" * 4096, headers={"Content-Type": CSV})
-        assert_problem(r, 413)
+        assert_problem(r, 422, "nothing changed")
+        r = await c.patch("/api/v1/catalog", content=b"k" * 4096, headers={"Content-Type": CSV})
+        assert_problem(r, 422, "nothing changed")
+        # Over the catalogue's limit: 413, with a Content-Length or streamed without one.
+        for method in ("PUT", "PATCH"):
+            r = await c.request(
+                method, "/api/v1/catalog", content=b"k" * 8193, headers={"Content-Type": CSV}
+            )
+            assert_problem(r, 413, "larger than 8192 bytes")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(9):
+                yield b"k" * 1024
+
+        r = await c.put("/api/v1/catalog", content=chunks(), headers={"Content-Type": CSV})
+        assert_problem(r, 413, "larger than 8192 bytes")
+        # Another route keeps max_body_bytes.
+        r = await c.post(
+            "/api/v1/alerts/K1/ack",
+            content=orjson.dumps({"note": "n" * 2048}),
+            headers={"Content-Type": "application/json"},
+        )
+        assert_problem(r, 413, "larger than 1024 bytes")
+        # A read of the catalogue's path is no write: max_body_bytes.
+        r = await c.request("GET", "/api/v1/catalog", content=b"k" * 2048)
+        assert_problem(r, 413, "larger than 1024 bytes")
+        version, records = await export(srv)
+        assert version == 1
+        assert len(records) == 9
 
 
 async def test_a_journal_that_cannot_store_the_change_answers_503(server: OpsServer) -> None:

@@ -180,7 +180,7 @@ _CHANGE_ERRORS = problem_responses(
     e403="a supervisor changing more than thresholds (each column named in refused), or floor",
     e409="the site file declares the catalogue inline, or the change does not apply to a "
     "running controller (each record named in refused)",
-    e413="body larger than [api] max_body_bytes",
+    e413="body larger than [api] catalog_max_body_bytes",
     e415="a Content-Type that is no catalogue format",
     e422="invalid rows: every bad row and column in errors; nothing changed",
     e503="the journal could not store the change; nothing changed",
