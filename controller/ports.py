@@ -395,6 +395,10 @@ class Outbox(Protocol):
         """Delete the rows up to these ids (inclusive); returns how many."""
         ...
 
+    def newest_ids(self) -> tuple[int, int]:
+        """The ids of the newest reading and the newest event in the outbox (0: none)."""
+        ...
+
     def commit_dead_letters(self, dead_letters: Sequence[DeadLetter]) -> None:
         """Record rows the historian could not deliver, in one transaction."""
         ...

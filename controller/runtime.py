@@ -289,6 +289,12 @@ class Runtime:
         )
         self.bus.add_listener(self._after_commit)
         self.history = build_history(site, self.journal, clock)
+        if self.history is not None:
+            # A shelf moved by a live catalogue change: its new rows get the new zone/SKU tags.
+            self.bus.add_listener(
+                self.history.catalogue_listener(lambda: Topology.from_site(self.site)),
+                name="history",
+            )
         self.plcs: dict[str, PlcHandle] = {plc.id: build_plc(plc) for plc in site.plcs}
         self.supervision = SupervisionService(
             SupervisionSettings(

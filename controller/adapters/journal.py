@@ -780,6 +780,13 @@ class Journal:
         self._add_rows(-n)
         return n
 
+    def newest_ids(self) -> tuple[int, int]:
+        """The ids of the newest reading and the newest event in the outbox (0: none)."""
+        with self._statement("outbox read") as db:
+            r = db.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0]
+            e = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
+        return int(r), int(e)
+
     def trim_outbox(self, keep_readings: int, keep_events: int) -> int:
         """With no historian: keep only the most recent rows of the outbox for inspection."""
         with self._statement("outbox trim") as db:

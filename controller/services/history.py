@@ -16,6 +16,9 @@ batch until the sink confirms it → only then delete those rows from the outbox
   as ``history_corrupt_row`` and skipped; the rows around them are delivered.
 * Idempotent: a point's identity is its series + millisecond timestamp; a retry after a lost
   reply rewrites the same identities, which InfluxDB (and the SQLite sink) overwrite in place.
+* A live catalogue change (``CatalogChanged`` on the bus, `catalogue_listener`) gives the rows
+  journaled after it the new zone and SKU tags of a shelf; rows already in the outbox then keep
+  the tags of the catalogue they were journaled under, points already written keep theirs.
 
 The service only awaits the sink and sleeps; each iteration's synchronous work (one outbox read,
 one conversion of ≤ ``batch_size`` rows, one delete) is bounded.
@@ -31,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -39,6 +42,7 @@ from typing import Any, Final
 import orjson
 
 from controller.config import SiteConfig
+from controller.domain.events import CatalogChanged
 from controller.ports import (
     Backoff,
     DeadLetter,
@@ -173,10 +177,15 @@ def _enum(value: Any, allowed: tuple[str, ...]) -> str:
 class PointBuilder:
     """Outbox rows → HistoryPoints (pure; tag tuples are shared per shelf)."""
 
-    def __init__(self, topo: Topology) -> None:
+    def __init__(self, topo: Topology, *, other_kinds: set[str] | None = None) -> None:
         self.topo = topo
         self._reading_tags: dict[tuple[str, int, str], tuple[tuple[str, str], ...]] = {}
-        self._other_kinds: set[str] = set()
+        self._other_kinds: set[str] = set() if other_kinds is None else other_kinds
+
+    @property
+    def other_kinds(self) -> set[str]:
+        """The unknown event kinds tagged by their own name (shared by the next builder)."""
+        return self._other_kinds
 
     def _shelf(self, shelf: str) -> tuple[str, str]:
         return self.topo.shelves.get(shelf, (UNKNOWN, UNKNOWN))
@@ -238,6 +247,9 @@ class PointBuilder:
         if kind == "stock_changed":
             shelf = _str(body, "shelf_id")
             zone, sku = self._shelf(shelf)
+            sku_v = body.get("sku")
+            if isinstance(sku_v, str) and sku_v:
+                sku = sku_v  # the SKU counted for (a recount as a shelf moves: the new one)
             new = _int(body, "new_units")
             old = _int(body, "old_units", optional=True)
             assert new is not None
@@ -688,6 +700,12 @@ class HistoryService:
         self.topo = topo
         self.settings = settings or HistorySettings()
         self.builder = PointBuilder(topo)
+        self._old_builders: dict[str, list[tuple[int, PointBuilder]]] = {
+            "readings": [],
+            "events": [],
+        }
+        """Per outbox table, ``(last id, builder)`` of the catalogues replaced while rows
+        journaled under them (ids up to that one) were still in the outbox, oldest first."""
         self.assigner = TimeAssigner()
         self.state_file = AssignerStateFile(state_path) if state_path is not None else None
         self._clock = clock
@@ -734,6 +752,45 @@ class HistoryService:
                         await self._wake.wait()
         finally:
             await self.sink.aclose()
+
+    def retag(self, topo: Topology) -> None:
+        """The catalogue changed to ``topo``: rows journaled from now on get its tags; the rows
+        now in the outbox keep the tags of the catalogue they were journaled under."""
+        readings_through, events_through = self.outbox.newest_ids()
+        old = self.builder
+        for table, through in (("readings", readings_through), ("events", events_through)):
+            eras = self._old_builders[table]
+            if through > (eras[-1][0] if eras else 0):
+                eras.append((through, old))
+        self.topo = topo
+        self.builder = PointBuilder(topo, other_kinds=old.other_kinds)
+
+    def catalogue_listener(
+        self, topology: Callable[[], Topology]
+    ) -> Callable[[Iterable[object]], None]:
+        """A bus listener that calls `retag` with ``topology()`` (the catalogue in force) at
+        each ``CatalogChanged``."""
+
+        def on_events(events: Iterable[object]) -> None:
+            if any(isinstance(e, CatalogChanged) for e in events):
+                self.retag(topology())
+
+        return on_events
+
+    def _builder_of(self, table: str, row_id: int) -> PointBuilder:
+        """The builder of the catalogue the row was journaled under."""
+        for through, builder in self._old_builders[table]:
+            if row_id <= through:
+                return builder
+        return self.builder
+
+    def _retire_builders(self, readings_through: int | None, events_through: int | None) -> None:
+        """Forget the replaced catalogues whose rows have all left the outbox (before SQLite
+        reuses their ids: it does once a table is empty)."""
+        for table, deleted in (("readings", readings_through), ("events", events_through)):
+            eras = self._old_builders[table]
+            if deleted is not None and eras:
+                eras[:] = [(t, b) for t, b in eras if t > deleted]
 
     async def query(self, q: HistoryQuery) -> list[ShelfHistory]:
         raws = await self.sink.query(q)
@@ -812,12 +869,17 @@ class HistoryService:
         dead: list[DeadLetter] = []
         now = self._clock()
         build_r = self.builder.reading
+        old_readings = self._old_builders["readings"]
         assign = self.assigner.assign
         for i, row in enumerate(readings):
             if i and not i % BUILD_CHUNK:
                 await asyncio.sleep(0)  # bounded slices: let ingest run in between
             try:
-                p = build_r(row)
+                p = (
+                    self._builder_of("readings", row.id).reading(row)
+                    if old_readings
+                    else build_r(row)
+                )
             except CorruptRow as exc:
                 dead.append(self._corrupt("readings", row, str(exc), now))
                 continue
@@ -825,7 +887,7 @@ class HistoryService:
             origins.append(("readings", row.id))
         for ev in events:
             try:
-                p = self.builder.event(ev)
+                p = self._builder_of("events", ev.id).event(ev)
             except CorruptRow as exc:
                 dead.append(self._corrupt("events", ev, str(exc), now))
                 continue
@@ -872,6 +934,7 @@ class HistoryService:
             await asyncio.to_thread(self.state_file.save_sync, marker, self._saved_state, after)
             self._saved_state = after
         self.outbox.delete_confirmed(r_through, e_through)
+        self._retire_builders(r_through, e_through)
         if readings:
             with contextlib.suppress(TypeError, ValueError):
                 self.stats.drained_through_ts_s = float(readings[-1].ts_s)

@@ -24,6 +24,7 @@ from controller.adapters.influx import (
     parse_influxql_history,
 )
 from controller.adapters.journal import Journal
+from controller.domain.events import CatalogChanged
 from controller.ports import (
     EventRow,
     HistoryPoint,
@@ -108,11 +109,11 @@ def readings(
     ]
 
 
-def stock_event(ts: float, units: int, old: int | None) -> EventRow:
+def stock_event(ts: float, units: int, old: int | None, sku: str = "K1") -> EventRow:
     body = {
         "kind": "stock_changed",
         "shelf_id": "sh1",
-        "sku": "K1",
+        "sku": sku,
         "old_units": old,
         "new_units": units,
         "ts_s": ts,
@@ -638,3 +639,46 @@ def test_dashboards_use_the_provisioned_datasource() -> None:
             assert panel["datasource"]["uid"] == uid, (path.name, panel["title"])
             for t in panel["targets"]:
                 assert t["datasource"]["uid"] == uid
+
+
+def catalog_changed(version: int) -> CatalogChanged:
+    return CatalogChanged(
+        ts_s=1_795_600_100.0, version=version, by="eng", source="api", added=0, removed=0,
+        changed=1, shelves=("sh1",),
+    )  # fmt: skip
+
+
+async def test_a_catalogue_change_retags_rows_journaled_after_it_only(journal: Journal) -> None:
+    """sh1 moved from K1 to K2 (and zone Z to Y) by a live catalogue change: rows journaled
+    before the change (still in the outbox) keep K1, rows after it get K2; once the old rows
+    are drained, rows with reused ids get K2 too. A stock point's SKU is its event's (the
+    recount as the change applies is journaled before the change reaches the historian)."""
+    site = [TOPO]
+    sink = MemorySink()
+    svc = HistoryService(journal, sink, TOPO, FAST)
+    listener = svc.catalogue_listener(lambda: site[0])
+    recount = stock_event(1_795_600_100.0, 6, 5, sku="K2")
+    journal.commit(readings(3), events=[stock_event(1_795_600_000.0, 5, None), recount])
+    site[0] = Topology("t", {"sh1": ("Y", "K2"), "sh2": ("Z", "K2")}, {"s1": "Z", "s2": "Z"})
+    listener([stock_event(0.0, 1, None), catalog_changed(2)])  # other events are ignored
+    journal.commit(
+        readings(3, start_seq=4, ts0=1_795_600_200.0),
+        events=[stock_event(1_795_600_200.0, 7, 6, sku="K2")],
+    )
+    while await svc.drain_once():
+        pass
+    assert journal.count("readings") == 0
+
+    def tagged(measurement: str) -> list[tuple[int, str, str]]:
+        return sorted(
+            (p.ts_ms, dict(p.tags)["zone"], dict(p.tags)["sku"])
+            for p in sink.points.values()
+            if p.measurement == measurement
+        )
+
+    assert [t[1:] for t in tagged("weight")] == [("Z", "K1")] * 3 + [("Y", "K2")] * 3
+    assert [t[1:] for t in tagged("stock")] == [("Z", "K1"), ("Z", "K2"), ("Y", "K2")]
+    journal.commit(readings(2, start_seq=7, ts0=1_795_600_300.0))
+    assert journal.read_readings(0, 1)[0].id == 1  # ids reused: the old era is gone
+    await svc.drain_once()
+    assert [t[1:] for t in tagged("weight")][6:] == [("Y", "K2")] * 2
