@@ -121,9 +121,11 @@ def write_small_site(
         for i in range(scales):
             rows.append(f"sku,K{i},{reorder_point},{safety_stock},{max_stock},{dwell_s},,,,,,,,")
         for i in range(scales):
-            rows.append(f"scale,s{i},,,,,Z,{reporting_interval_s},10000.0,,,,,")
+            zone = zone_of(i, scales, zones)
+            rows.append(f"scale,s{i},,,,,{zone},{reporting_interval_s},10000.0,,,,,")
         for i in range(scales):
-            rows.append(f"shelf,sh{i},,,,,Z,,,s{i},K{i},{UNIT_G},{TARE_G},40")
+            zone = zone_of(i, scales, zones)
+            rows.append(f"shelf,sh{i},,,,,{zone},,,s{i},K{i},{UNIT_G},{TARE_G},40")
         (folder / "catalogue.csv").write_text("\n".join(rows) + "\n")
     path = folder / "site.toml"
     path.write_text("\n".join(lines))
