@@ -323,9 +323,14 @@ async def run_site_scenario(
                     sorter_port=sorter_host.port,
                     timeout_s=timeout_s,
                 )
+                import_s = time.perf_counter()
                 said = await _import_catalogue(site, folder / "catalogue.csv")
+                import_s = time.perf_counter() - import_s
                 step.ok = True
-                step.detail = f"{skus:,} SKUs/scales/shelves in {zones} zones; import: {said}"
+                step.detail = (
+                    f"{skus:,} SKUs/scales/shelves in {zones} zones; import {import_s:.2f} s "
+                    f"({said.strip()})"
+                )
 
             ctl = ControllerProcess(site, folder)
             stack.push_async_callback(ctl.stop)

@@ -35,6 +35,8 @@ async def test_a_generated_site_starts_ingests_alerts_picks_and_shows_its_overvi
         "dashboard",
     ]
     assert all(s.ok for s in result.steps), report
+    # The controller's RSS is taken after every step from "start" on.
+    assert all(s.rss_mb is not None and s.rss_mb > 0 for s in result.steps[1:]), report
     # Every shelf counted from its readings.
     assert result.counted == SKUS
     # Alerts for exactly the shelves driven low, at their level.
