@@ -1,21 +1,41 @@
 """Shelf stock: unit counting, per-shelf status, staleness and SKU levels.
 
-``apply_reading`` is the hot path (up to tens of thousands of calls per second). ``ShelfState``
-is therefore a small mutable object owned by its caller: ``apply_reading`` and ``check_stale``
-update it in place and return it with the events it produced. Use one state per shelf, from one
-task; persist it with ``to_dict`` and restore it with ``ShelfState.from_dict``.
+``apply_reading`` is the hot path (up to tens of thousands of calls per second). The state of
+every shelf lives in the columns of a `ShelfTable` (controller/domain/shelf_table.py, where the
+rules run); ``ShelfState`` is one shelf's view of its row, owned by one task: ``apply_reading``
+and ``check_stale`` update it in place and return it with the events it produced. Persist it
+with ``to_dict`` and restore it with ``ShelfState.from_dict`` (or ``load`` into a row).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from math import isfinite
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
-from controller.domain.events import ShelfEvent, ShelfStatusChanged, StockChanged
+from controller.domain.events import ShelfEvent
 from controller.domain.model import Reading, ShelfSpec, ShelfStatus
 from controller.domain.scale import ScaleConditioner
+from controller.domain.shelf_table import (
+    MAX_FUTURE_S,
+    STATUSES,
+    RowSnapshot,
+    ShelfTable,
+    count,
+    reason_of,
+)
+
+__all__ = [
+    "MAX_FUTURE_S",
+    "CountResult",
+    "ShelfState",
+    "ShelfStates",
+    "apply_reading",
+    "apply_weight",
+    "check_stale",
+    "count_units",
+    "sku_level",
+]
 
 CountIssue = Literal["below_tare", "over_capacity", "between_units"]
 StatusReason = Literal[
@@ -24,25 +44,14 @@ StatusReason = Literal[
 ]  # fmt: skip
 IgnoredReason = Literal["non_finite", "out_of_order", "future_ts"]
 
-MAX_FUTURE_S: Final = 60.0
-"""Default tolerance for reading timestamps ahead of ``now_s``. A reading further in the future
-is ignored: accepted, it would make every later (correct) reading look out of order."""
-
-_NO_EVENTS: Final[tuple[ShelfEvent, ...]] = ()
 # Members as module constants: ``ShelfStatus.OK`` is a class-attribute lookup through the enum
-# metaclass (~15x a global's cost), paid per reading on the hot path and per shelf per tick.
+# metaclass (~15x a global's cost), paid per shelf in ``sku_level``.
 _UNKNOWN: Final = ShelfStatus.UNKNOWN
-_OK: Final = ShelfStatus.OK
-_SETTLING: Final = ShelfStatus.SETTLING
-_AMBIGUOUS: Final = ShelfStatus.AMBIGUOUS
 _STALE: Final = ShelfStatus.STALE
 _STATE_VERSION: Final = 1
 
-ShelfSnapshot = tuple[
-    ShelfStatus, str | None, int | None, float | None, float | None,
-    tuple[float, ...], tuple[float, ...],
-]  # fmt: skip
-"""``ShelfState.snapshot()``: status, reason, units, weight, newest time, window, pending."""
+ShelfSnapshot = RowSnapshot
+"""``ShelfState.snapshot()``: the row's cells (controller/domain/shelf_table.py)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,20 +64,6 @@ class CountResult:
     reason: CountIssue | None = None
 
 
-def _count(weight_g: float, spec: ShelfSpec) -> tuple[int, float, CountIssue | None]:
-    """``(units, estimate, issue)``; ``units`` is meaningful only when ``issue`` is None."""
-    estimate = (weight_g - spec.tare_g) / spec.unit_weight_g
-    tolerance = spec.tolerance_frac
-    if estimate < -tolerance:
-        return 0, estimate, "below_tare"
-    if estimate > spec.capacity_units + tolerance:
-        return 0, estimate, "over_capacity"
-    units = round(estimate)
-    if abs(estimate - units) > tolerance:
-        return 0, estimate, "between_units"
-    return (units if units > 0 else 0), estimate, None
-
-
 def count_units(weight_g: float, spec: ShelfSpec) -> CountResult:
     """Whole units for ``weight_g`` on ``spec``'s shelf; never negative.
 
@@ -76,31 +71,26 @@ def count_units(weight_g: float, spec: ShelfSpec) -> CountResult:
     ``tolerance_frac`` of an integer in ``[0, capacity_units]``; otherwise the result is
     ambiguous with reason ``below_tare``, ``over_capacity`` or ``between_units``.
     """
-    units, estimate, reason = _count(weight_g, spec)
+    units, estimate, reason = count(weight_g, spec)
     if reason is not None:
-        return CountResult(None, estimate, True, reason)
+        return CountResult(None, estimate, True, cast(CountIssue, reason))
     return CountResult(units, estimate, False)
 
 
 class ShelfState:
-    """Mutable state of one shelf (see the module docstring for ownership).
+    """The state of one shelf: a view of its row in a `ShelfTable` (controller/domain/
+    shelf_table.py), where the controller keeps every shelf's state in columns.
 
-    ``ShelfState(spec)`` is a shelf that has never reported. ``units`` is the last confident
-    count (kept while SETTLING, AMBIGUOUS or STALE); ``weight_g`` the last conditioned weight;
-    ``last_ts_s`` the newest applied reading's time. ``ignored_reason`` tells why the latest
-    reading was ignored (None when it was applied); it is transient and not persisted.
+    ``ShelfState(spec)`` is a shelf that has never reported, on a table of its own (tests,
+    states computed apart such as a recalibration); `ShelfStates` hands out views of the
+    ingest service's table. A view is live: it reads and writes the row. ``units`` is the last
+    confident count (kept while SETTLING, AMBIGUOUS or STALE); ``weight_g`` the last
+    conditioned weight; ``last_ts_s`` the newest applied reading's time. ``ignored_reason``
+    tells why the latest reading was ignored (None when it was applied); it is transient and
+    not persisted.
     """
 
-    __slots__ = (
-        "conditioner",
-        "ignored_reason",
-        "last_ts_s",
-        "reason",
-        "shelf_id",
-        "status",
-        "units",
-        "weight_g",
-    )
+    __slots__ = ("_row", "_table", "shelf_id")
 
     def __init__(
         self,
@@ -113,14 +103,79 @@ class ShelfState:
         last_ts_s: float | None = None,
         conditioner: ScaleConditioner | None = None,
     ) -> None:
+        table = ShelfTable.of((spec,))
+        self._table = table
+        self._row = 0
         self.shelf_id = spec.shelf_id
-        self.status = status
-        self.reason = reason
-        self.units = units
-        self.weight_g = weight_g
-        self.last_ts_s = last_ts_s
-        self.conditioner = conditioner if conditioner is not None else ScaleConditioner(spec=spec)
-        self.ignored_reason: IgnoredReason | None = None
+        table.set_status(0, status)
+        table.set_reason(0, reason)
+        table.set_units(0, units)
+        table.set_weight(0, weight_g)
+        table.set_last_ts(0, last_ts_s)
+        if conditioner is not None:
+            table.load_conditioner(0, conditioner.window, conditioner.pending, spec)
+
+    @classmethod
+    def view(cls, table: ShelfTable, row: int, shelf_id: str) -> ShelfState:
+        """The state of ``table``'s row ``row`` (shelf ``shelf_id``)."""
+        self = cls.__new__(cls)
+        self._table = table
+        self._row = row
+        self.shelf_id = shelf_id
+        return self
+
+    @property
+    def table_row(self) -> tuple[ShelfTable, int]:
+        """The table and row this state is a view of."""
+        return self._table, self._row
+
+    @property
+    def status(self) -> ShelfStatus:
+        return self._table.get_status(self._row)
+
+    @status.setter
+    def status(self, value: ShelfStatus) -> None:
+        self._table.set_status(self._row, value)
+
+    @property
+    def reason(self) -> str | None:
+        return self._table.get_reason(self._row)
+
+    @reason.setter
+    def reason(self, value: str | None) -> None:
+        self._table.set_reason(self._row, value)
+
+    @property
+    def units(self) -> int | None:
+        return self._table.get_units(self._row)
+
+    @units.setter
+    def units(self, value: int | None) -> None:
+        self._table.set_units(self._row, value)
+
+    @property
+    def weight_g(self) -> float | None:
+        return self._table.get_weight(self._row)
+
+    @weight_g.setter
+    def weight_g(self, value: float | None) -> None:
+        self._table.set_weight(self._row, value)
+
+    @property
+    def last_ts_s(self) -> float | None:
+        return self._table.get_last_ts(self._row)
+
+    @last_ts_s.setter
+    def last_ts_s(self, value: float | None) -> None:
+        self._table.set_last_ts(self._row, value)
+
+    @property
+    def ignored_reason(self) -> IgnoredReason | None:
+        return cast("IgnoredReason | None", self._table.get_ignored(self._row))
+
+    @property
+    def conditioner(self) -> ScaleConditioner:
+        return ScaleConditioner.view(self._table, self._row)
 
     def __repr__(self) -> str:
         return (
@@ -137,67 +192,140 @@ class ShelfState:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe snapshot (the conditioner's window included)."""
+        table, row = self._table, self._row
+        status, reason, units, weight_g, last_ts_s = table.cells(row)
         return {
             "v": _STATE_VERSION,
             "shelf_id": self.shelf_id,
-            "status": self.status._value_,  # .value goes through the enum's descriptor: slower
-            "reason": self.reason,
-            "units": self.units,
-            "weight_g": self.weight_g,
-            "last_ts_s": self.last_ts_s,
-            "window": list(self.conditioner.window),
-            "pending": list(self.conditioner.pending),
+            "status": status._value_,  # .value goes through the enum's descriptor: slower
+            "reason": reason,
+            "units": units,
+            "weight_g": weight_g,
+            "last_ts_s": last_ts_s,
+            "window": table.get_window(row),
+            "pending": table.get_pending(row),
         }
 
     def snapshot(self) -> ShelfSnapshot:
         """What ``restore`` needs to bring this state back (cheaper than ``to_dict``: taken on
         the hot path before a group mutates the state, used only to roll the group back)."""
-        conditioner = self.conditioner
-        return (
-            self.status,
-            self.reason,
-            self.units,
-            self.weight_g,
-            self.last_ts_s,
-            tuple(conditioner.window),
-            tuple(conditioner.pending),
-        )
+        return self._table.snapshot(self._row)
 
     def restore(self, snapshot: ShelfSnapshot, spec: ShelfSpec) -> None:
         """Back to the state ``snapshot`` was taken of (in place)."""
-        status, reason, units, weight_g, last_ts_s, window, pending = snapshot
-        self.status = status
-        self.reason = reason
-        self.units = units
-        self.weight_g = weight_g
-        self.last_ts_s = last_ts_s
-        self.conditioner = ScaleConditioner(window, pending, spec=spec)
-        self.ignored_reason = None
+        self._table.restore(self._row, snapshot)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], spec: ShelfSpec) -> ShelfState:
-        """Restore a ``to_dict`` snapshot; raises ``ValueError`` on a foreign or bad one."""
+    def load(self, data: Mapping[str, Any], spec: ShelfSpec) -> None:
+        """Overwrite this state with a ``to_dict`` snapshot (``from_dict``'s checks)."""
         if data.get("v") != _STATE_VERSION:
             raise ValueError(f"unsupported ShelfState version: {data.get('v')!r}")
         if data["shelf_id"] != spec.shelf_id:
             raise ValueError(f"snapshot of shelf {data['shelf_id']!r}, not {spec.shelf_id!r}")
-        units = data["units"]
-        weight_g = data["weight_g"]
-        last_ts_s = data["last_ts_s"]
-        reason = data["reason"]
-        return cls(
-            spec,
-            status=ShelfStatus(data["status"]),
-            reason=None if reason is None else str(reason),
-            units=None if units is None else int(units),
-            weight_g=None if weight_g is None else float(weight_g),
-            last_ts_s=None if last_ts_s is None else float(last_ts_s),
-            conditioner=ScaleConditioner(
-                (float(w) for w in data["window"]),
-                (float(w) for w in data["pending"]),
-                spec=spec,
-            ),
-        )
+        # Every value converted (and so checked) before the row is written: a bad snapshot
+        # leaves the row as it was.
+        units = None if data["units"] is None else int(data["units"])
+        if units is not None and units < 0:
+            raise ValueError(f"units must be >= 0, got {units}")
+        weight_g = None if data["weight_g"] is None else float(data["weight_g"])
+        last_ts_s = None if data["last_ts_s"] is None else float(data["last_ts_s"])
+        reason = None if data["reason"] is None else str(data["reason"])
+        status = ShelfStatus(data["status"])
+        window = [float(w) for w in data["window"]]
+        pending = [float(w) for w in data["pending"]]
+        table, row = self._table, self._row
+        table.set_status(row, status)
+        table.set_reason(row, reason)
+        table.set_units(row, units)
+        table.set_weight(row, weight_g)
+        table.set_last_ts(row, last_ts_s)
+        table.set_ignored(row, None)
+        table.load_conditioner(row, window, pending, spec)
+
+    def assign(self, other: ShelfState) -> None:
+        """Overwrite this state with ``other``'s (e.g. one recalibrated apart)."""
+        table, row = other.table_row
+        self._table.copy_row(self._row, table, row)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], spec: ShelfSpec) -> ShelfState:
+        """Restore a ``to_dict`` snapshot; raises ``ValueError`` on a foreign or bad one."""
+        state = cls(spec)
+        state.load(data, spec)
+        return state
+
+
+class ShelfStates(Mapping[str, ShelfState]):
+    """Shelf id → `ShelfState`, every state a row of one `ShelfTable` (no object per shelf:
+    a lookup hands out a view). Setting a state copies its values into the shelf's row (a
+    new shelf gets one); deleting frees the row."""
+
+    __slots__ = ("_specs", "table")
+
+    def __init__(self, specs: Mapping[str, ShelfSpec]) -> None:
+        self.table = ShelfTable.of(specs.values())
+        self._specs = specs
+
+    def __getitem__(self, shelf_id: str) -> ShelfState:
+        return ShelfState.view(self.table, self.table.rows[shelf_id], shelf_id)
+
+    def __contains__(self, shelf_id: object) -> bool:
+        return shelf_id in self.table.rows
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table.rows)
+
+    def __len__(self) -> int:
+        return len(self.table.rows)
+
+    def row(self, shelf_id: str) -> int:
+        """The shelf's row in ``table`` (KeyError: no such shelf)."""
+        return self.table.rows[shelf_id]
+
+    def __setitem__(self, shelf_id: str, state: ShelfState) -> None:
+        row = self.table.rows.get(shelf_id)
+        if row is None:
+            spec = self._specs.get(shelf_id)
+            if spec is None:
+                raise KeyError(f"no spec for shelf {shelf_id!r}")
+            row = self.table.add(spec)
+        if state.table_row != (self.table, row):
+            ShelfState.view(self.table, row, shelf_id).assign(state)
+
+    def to_dicts(self, shelf_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """``{shelf id: states[shelf id].to_dict()}`` for many shelves at once: each column is
+        read for all of them in one numpy operation (a group commit's shelf states)."""
+        ids = list(shelf_ids)
+        if not ids:
+            return {}
+        table = self.table
+        rows = [table.rows[sid] for sid in ids]
+        status, reason, units, weight, last, wlen, wpos, window, plen, pending = table.columns(rows)
+        statuses = [s._value_ for s in STATUSES]
+        out: dict[str, dict[str, Any]] = {}
+        for i, sid in enumerate(ids):
+            u, w, t = units[i], weight[i], last[i]
+            win = window[i][: wlen[i]]
+            pos = wpos[i]
+            out[sid] = {
+                "v": _STATE_VERSION,
+                "shelf_id": sid,
+                "status": statuses[status[i]],
+                "reason": reason_of(reason[i]),
+                "units": None if u < 0 else u,
+                "weight_g": None if w != w else w,
+                "last_ts_s": None if t != t else t,
+                "window": win[pos:] + win[:pos] if pos else win,
+                "pending": pending[i][: plen[i]],
+            }
+        return out
+
+    def add(self, spec: ShelfSpec) -> ShelfState:
+        """A new shelf (UNKNOWN), or an existing one reset to new."""
+        row = self.table.add(spec)
+        return ShelfState.view(self.table, row, spec.shelf_id)
+
+    def __delitem__(self, shelf_id: str) -> None:
+        self.table.remove(shelf_id)
 
 
 def apply_reading(
@@ -233,58 +361,10 @@ def apply_weight(
     max_future_s: float = MAX_FUTURE_S,
 ) -> tuple[ShelfEvent, ...]:
     """``apply_reading`` for a reading given as its time and weight; returns only the events
-    (``state`` is updated in place). The ingest hot path calls this, without building a
-    ``Reading``."""
-    last_ts_s = state.last_ts_s
-    if not (isfinite(weight_g) and isfinite(ts_s)):
-        state.ignored_reason = "non_finite"
-        return _NO_EVENTS
-    if last_ts_s is not None and ts_s < last_ts_s:
-        state.ignored_reason = "out_of_order"
-        return _NO_EVENTS
-    if ts_s > now_s + max_future_s:
-        state.ignored_reason = "future_ts"
-        return _NO_EVENTS
-    state.ignored_reason = None
-    state.last_ts_s = ts_s
-    conditioner = state.conditioner
-    stale_after_s = spec.stale_after_s
-    if last_ts_s is not None and ts_s - last_ts_s > stale_after_s:
-        conditioner.reset(spec)
-
-    events: tuple[ShelfEvent, ...] = _NO_EVENTS
-    status: ShelfStatus
-    reason: StatusReason
-    if weight_g > spec.max_weight_g:
-        conditioner.reset(spec)
-        status, reason = _AMBIGUOUS, "over_range"
-    else:
-        settled, median_g, _spike = conditioner.push(weight_g, spec)
-        state.weight_g = median_g
-        if not settled:
-            status, reason = _SETTLING, "settling"
-        else:
-            units, _estimate, issue = _count(median_g, spec)
-            if issue is not None:
-                status, reason = _AMBIGUOUS, issue
-            else:
-                status, reason = _OK, "settled"
-                old_units = state.units
-                if units != old_units:
-                    state.units = units
-                    events = (StockChanged(spec.shelf_id, spec.sku, old_units, units, ts_s),)
-    if now_s - ts_s > stale_after_s:
-        status, reason = _STALE, "late_reading"
-
-    old_status = state.status
-    if status is not old_status:
-        state.status = status
-        state.reason = reason
-        events = (
-            *events,
-            ShelfStatusChanged(spec.shelf_id, old_status, status, ts_s, reason),
-        )
-    return events
+    (``state`` is updated in place). The ingest hot path calls `ShelfTable.apply` on the row
+    itself."""
+    table, row = state.table_row
+    return table.apply(row, spec, ts_s, weight_g, now_s, max_future_s)
 
 
 def check_stale(
@@ -292,13 +372,8 @@ def check_stale(
 ) -> tuple[ShelfState, tuple[ShelfEvent, ...]]:
     """Mark the shelf STALE (one event) when its newest reading is older than
     ``stale_after_s`` at ``now_s``. A shelf that never reported stays UNKNOWN."""
-    last_ts_s = state.last_ts_s
-    if last_ts_s is None or state.status is _STALE or now_s - last_ts_s <= spec.stale_after_s:
-        return state, _NO_EVENTS
-    old_status = state.status
-    state.status = _STALE
-    state.reason = "no_reading"
-    return state, (ShelfStatusChanged(spec.shelf_id, old_status, _STALE, now_s, "no_reading"),)
+    table, row = state.table_row
+    return state, table.check_stale(row, spec, now_s)
 
 
 def sku_level(shelf_states: Iterable[ShelfState]) -> int | None:

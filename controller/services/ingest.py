@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
-import heapq
 import logging
 import time
 from collections import Counter
@@ -46,8 +45,8 @@ from controller.domain.events import (
     SeqGapFilled,
     ShelfCalibrated,
 )
-from controller.domain.model import ShelfSpec, ShelfStatus
-from controller.domain.stock import ShelfSnapshot, ShelfState, apply_weight, check_stale
+from controller.domain.model import ShelfSpec
+from controller.domain.stock import ShelfSnapshot, ShelfState, ShelfStates
 from controller.ports import (
     Backoff,
     CalibrationStore,
@@ -82,7 +81,6 @@ the oldest range is forgotten: its readings stay counted missing, and one that s
 is recognised through the journal's outbox instead of the cursor."""
 
 _NATIVE, _ESP_STATE, _ESP_STATUS = 0, 1, 2
-_STALE: Final = ShelfStatus.STALE
 
 # Per-reading rows built with tuple.__new__ straight: a NamedTuple's own __new__ is a Python
 # function (a frame per call); these are C calls. The argument is the fields' tuple, in order.
@@ -158,7 +156,9 @@ class IngestService:
         self.calibrations: dict[str, ShelfCalibration] = {}
         self._gains: dict[tuple[str, int], float] = {}
         """Scale factors other than 1, by (scale, channel)."""
-        self.states: dict[str, ShelfState] = {sid: ShelfState(s) for sid, s in shelf_specs.items()}
+        self.states = ShelfStates(self.specs)
+        """Every shelf's state, in the columns of ``states.table`` (a row per shelf)."""
+        self._table = self.states.table
         self._by_channel: dict[tuple[str, int], ShelfSpec] = {
             (s.scale_id, s.channel): s for s in shelf_specs.values()
         }
@@ -184,17 +184,12 @@ class IngestService:
         self._paused_by_failure = False
         self.last_commit_error: str | None = None
         self._logged: set[tuple[str, str]] = set()
-        self._stale_due: list[tuple[float, str]] = []
-        """Heap of (when the shelf may turn STALE, shelf id): every shelf with a reading that
-        is not STALE has one entry, whose time is checked against its state when due."""
-        self._stale_watched: set[str] = set()
-        self._stale_built = False
         self.stale_checks = 0
-        """Shelves the staleness tick has examined (it examines only those due)."""
+        """Shelves the staleness tick has examined one by one: only those whose time ran out
+        (the rest is one vectorised comparison over the table's columns)."""
 
     # -- restart -----------------------------------------------------------------------------
     def restore(self, cursors: dict[str, Cursor], shelf_states: dict[str, dict[str, Any]]) -> None:
-        self._stale_built = False  # the next tick indexes the restored states
         if isinstance(self._journal, CalibrationStore):
             self._restore_calibrations(self._journal.shelf_calibrations())
         self.cursors.update(cursors)
@@ -204,7 +199,7 @@ class IngestService:
                 log.warning("journal has state for shelf %s, which the site no longer has", sid)
                 continue
             try:
-                self.states[sid] = ShelfState.from_dict(body, spec)
+                self.states[sid].load(body, spec)
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("discarding unreadable saved state of shelf %s: %s", sid, exc)
         for device, cur in cursors.items():
@@ -239,7 +234,7 @@ class IngestService:
                 batch.rows,
                 batch.dead,
                 {d: self.cursors[d] for d in batch.old_cursors},
-                {s: self.states[s].to_dict() for s in batch.old_states},
+                self.states.to_dicts(batch.old_states),
                 batch.events,
             )
         except JournalUnavailable as exc:
@@ -262,11 +257,6 @@ class IngestService:
         self.commits += 1
         self.messages += len(msgs)
         self.readings += len(batch.rows)
-        if self._stale_built:
-            watched = self._stale_watched
-            for sid in batch.old_states:
-                if sid not in watched:
-                    self._watch(sid)
         for reason in batch.reasons:
             self.rejected[reason] += 1
         for dead in batch.dead:
@@ -407,15 +397,16 @@ class IngestService:
         if spec is None:
             return None  # an unused channel: the reading is valid but feeds no shelf
         sid = spec.shelf_id
-        state = self.states[sid]
+        table = self._table
+        row = table.rows[sid]
         old_states = batch.old_states
         if sid not in old_states:
-            old_states[sid] = state.snapshot()  # for rollback: apply mutates in place
+            old_states[sid] = table.snapshot(row)  # for rollback: apply mutates in place
         if self._gains:
             gain = self._gains.get((device, channel))
             if gain is not None:
                 weight_g *= gain
-        events = apply_weight(state, spec, ts_s, weight_g, now)
+        events = table.apply(row, spec, ts_s, weight_g, now)
         batch.rows.append(_row((device, channel, epoch, seq, ts_s, weight_g, sid)))
         if events:
             batch.bus_events.extend(events)
@@ -647,11 +638,18 @@ class IngestService:
         self._publish_events(typed)
         return events
 
+    def _set_spec(self, shelf_id: str, spec: ShelfSpec) -> None:
+        """``spec`` is the shelf's spec from now on (its row's staleness bound follows)."""
+        self.specs[shelf_id] = spec
+        self._by_channel[(spec.scale_id, spec.channel)] = spec
+        row = self._table.rows.get(shelf_id)
+        if row is not None:
+            self._table.set_spec(row, spec)
+
     def _install_calibration(
         self, shelf_id: str, cal: ShelfCalibration | None, spec: ShelfSpec
     ) -> None:
-        self.specs[shelf_id] = spec
-        self._by_channel[(spec.scale_id, spec.channel)] = spec
+        self._set_spec(shelf_id, spec)
         key = (spec.scale_id, spec.channel)
         if cal is None:
             self.calibrations.pop(shelf_id, None)
@@ -677,7 +675,7 @@ class IngestService:
             if sid not in self.base_specs:
                 self.base_specs[sid] = base
                 self.specs[sid] = base
-                self.states[sid] = ShelfState(base)
+                self.states.add(base)
         self._by_channel.clear()
         self._by_channel.update({(s.scale_id, s.channel): s for s in self.specs.values()})
         for key in [k for k in self._gains if k not in self._by_channel]:
@@ -690,7 +688,6 @@ class IngestService:
                 self.devices[sc.id] = DeviceInfo(sc.id, sc.zone, sc.format)
         self.routes.clear()
         self.routes.update(_routes(self.settings, scales))
-        self._stale_built = False  # the next tick indexes the shelves there are now
 
     def recount_specs(self, new_base: dict[str, ShelfSpec], now_s: float) -> list[BusEvent]:
         """A live catalogue change of shelves' counting columns (tare, unit weight, tolerance,
@@ -726,10 +723,8 @@ class IngestService:
             }
         for sid, spec in specs.items():
             self.base_specs[sid] = changed[sid]
-            self.specs[sid] = spec
-            self._by_channel[(spec.scale_id, spec.channel)] = spec
+            self._set_spec(sid, spec)  # a reporting interval (staleness bound) may have changed
             self.states[sid] = states[sid]
-        self._stale_built = False  # a reporting interval may have changed
         if typed:
             self._publish_events(typed)
         return typed
@@ -763,33 +758,25 @@ class IngestService:
     def tick(self, now: float) -> list[BusEvent]:
         """Staleness: a shelf whose scale missed its reporting intervals becomes STALE.
 
-        Costs O(shelves due), not O(shelves): each reporting shelf waits in a heap keyed by the
-        time it may turn STALE; a due entry whose shelf reported since goes back in at its new
-        time (once per ``stale_after_s`` per shelf at most), one that turned STALE leaves until
-        its next reading."""
-        if not self._stale_built:
-            self._build_stale_index()
+        One vectorised comparison over the table's newest-reading and staleness-bound columns
+        finds the shelves whose time ran out (`ShelfTable.due_stale`); only those are examined
+        one by one (``stale_checks``)."""
+        table = self._table
+        due = table.due_stale(now)
+        if not len(due):
+            return []
         out: list[BusEvent] = []
         changed: dict[str, dict[str, Any]] = {}
-        heap = self._stale_due
-        states, specs = self.states, self.specs
-        while heap and heap[0][0] < now:
-            _due, sid = heapq.heappop(heap)
+        ids, specs, states = table.ids, self.specs, self.states
+        for row in due.tolist():
             self.stale_checks += 1
-            spec = specs.get(sid)
-            state = states.get(sid)
-            last_ts_s = None if state is None else state.last_ts_s
-            if spec is None or state is None or last_ts_s is None or state.status is _STALE:
-                self._stale_watched.discard(sid)
+            sid = ids[row]
+            spec = specs.get(sid) if sid is not None else None
+            if sid is None or spec is None:
                 continue
-            if now <= last_ts_s + spec.stale_after_s:
-                heapq.heappush(heap, (last_ts_s + spec.stale_after_s, sid))
-                continue
-            self._stale_watched.discard(sid)
-            state, events = check_stale(state, spec, now)
+            events = table.check_stale(row, spec, now)
             if events:
-                states[sid] = state
-                changed[sid] = state.to_dict()
+                changed[sid] = states[sid].to_dict()
                 out.extend(events)
         if out:
             # Journaled like every other event (the historian stores them); staleness is
@@ -804,27 +791,6 @@ class IngestService:
                 log.error("could not journal %d staleness event(s): %s", len(out), exc)
             self._publish_events(out)
         return out
-
-    def _build_stale_index(self) -> None:
-        """The staleness heap from the current states (first tick: after the restore)."""
-        self._stale_built = True
-        self._stale_due.clear()
-        self._stale_watched.clear()
-        for sid in self.specs:
-            self._watch(sid, heapify=False)
-        heapq.heapify(self._stale_due)
-
-    def _watch(self, sid: str, *, heapify: bool = True) -> None:
-        state = self.states.get(sid)
-        spec = self.specs.get(sid)
-        if state is None or spec is None or state.last_ts_s is None or state.status is _STALE:
-            return
-        entry = (state.last_ts_s + spec.stale_after_s, sid)
-        if heapify:
-            heapq.heappush(self._stale_due, entry)
-        else:
-            self._stale_due.append(entry)
-        self._stale_watched.add(sid)
 
 
 def _routes(settings: IngestSettings, scales: Sequence[ScaleConfig]) -> dict[str, Route]:

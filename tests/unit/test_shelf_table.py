@@ -1,0 +1,182 @@
+"""The columnar shelf state (controller/domain/shelf_table.py): the same rules as the object
+per shelf it replaced (tests/unit/reference_shelf.py), rows that grow, free and restore, and
+the vectorised staleness check."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from controller.domain.model import ShelfSpec, ShelfStatus
+from controller.domain.shelf_table import ShelfTable
+from controller.domain.stock import ShelfState, ShelfStates, apply_weight, check_stale
+from tests.unit.reference_shelf import RefShelfState
+from tests.unit.reference_shelf import apply_weight as ref_apply_weight
+from tests.unit.reference_shelf import check_stale as ref_check_stale
+from tests.unit.test_domain_scale import make_spec
+
+
+def spec_of(shelf_id: str = "A-01", **overrides: object) -> ShelfSpec:
+    return make_spec(shelf_id=shelf_id, **overrides)
+
+
+# A step of a stream: (seconds after the previous reading, weight, controller lag, check
+# staleness at this many seconds after the reading instead of applying a reading).
+weights = st.one_of(
+    st.sampled_from([500.0, 600.0, 1000.0, 1003.0, 1500.0, 4550.0, 5000.0, 5600.0, 12_000.0]),
+    st.floats(min_value=-50.0, max_value=11_000.0, allow_nan=False),
+    st.sampled_from([math.nan, math.inf]),
+)
+steps = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.5, 1.0, 5.0, 31.0, -2.0]),
+        weights,
+        st.sampled_from([0.0, 0.2, 40.0, -70.0]),
+        st.sampled_from([None, None, None, 10.0, 45.0]),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=steps,
+    window=st.integers(min_value=1, max_value=7),
+    band=st.sampled_from([2.0, 20.0]),
+    spike=st.sampled_from([50.0, 500.0]),
+)
+def test_a_row_follows_the_rules_of_the_object_it_replaced(
+    stream: list[tuple[float, float, float, float | None]], window: int, band: float, spike: float
+) -> None:
+    spec = spec_of(settle_window=window, settle_band_g=band, spike_g=spike)
+    # Two rows in one table (the second is the one under test) so row offsets are exercised.
+    states = ShelfStates({"X": spec_of("X"), spec.shelf_id: spec})
+    ours = states[spec.shelf_id]
+    ref = RefShelfState(spec)
+    ts = 1_000.0
+    for dt, weight_g, lag_s, stale_check in stream:
+        ts += dt
+        if stale_check is not None:
+            _, got = check_stale(ours, spec, ts + stale_check)
+            _, want = ref_check_stale(ref, spec, ts + stale_check)
+        else:
+            got = apply_weight(ours, spec, ts, weight_g, ts + lag_s)
+            want = ref_apply_weight(ref, spec, ts, weight_g, ts + lag_s)
+            assert ours.ignored_reason == ref.ignored_reason
+        assert got == want
+        assert ours.to_dict() == ref.to_dict()
+        assert ours.conditioner.settled == ref.conditioner.settled
+        assert ours.conditioner.weight_g == ref.conditioner.weight_g
+    assert states["X"].to_dict() == ShelfState(spec_of("X")).to_dict()  # untouched neighbour
+
+
+def test_rows_are_freed_reused_and_grow_keeping_their_state() -> None:
+    specs = {f"S{i}": spec_of(f"S{i}") for i in range(3)}
+    states = ShelfStates(specs)
+    apply_weight(states["S1"], specs["S1"], 1_000.0, 1_500.0, 1_000.0)
+    saved = states["S1"].to_dict()
+    del states["S0"]
+    assert "S0" not in states
+    assert len(states) == 2
+    for i in range(3, 40):  # beyond the first allocation: the columns are reallocated
+        specs[f"S{i}"] = spec_of(f"S{i}")
+        states.add(specs[f"S{i}"])
+    assert states.table.rows["S3"] == 0  # S0's row, reused
+    assert states["S1"].to_dict() == saved
+    assert states["S3"].to_dict() == ShelfState(specs["S3"]).to_dict()
+    assert states.table.capacity >= 39
+
+
+def test_setting_a_state_copies_it_into_the_row_and_views_stay_live() -> None:
+    spec = spec_of()
+    states = ShelfStates({spec.shelf_id: spec})
+    held = states[spec.shelf_id]
+    apart = ShelfState(spec)
+    for i in range(3):
+        apply_weight(apart, spec, 1_000.0 + i, 1_500.0, 1_000.0 + i)
+    assert apart.units == 10
+    states[spec.shelf_id] = apart
+    assert held.units == 10
+    assert held.status is ShelfStatus.OK
+    assert held.to_dict() == apart.to_dict()
+
+
+def test_a_rolled_back_row_is_the_row_before() -> None:
+    spec = spec_of()
+    state = ShelfState(spec)
+    for i in range(4):
+        apply_weight(state, spec, 1_000.0 + i, 1_500.0, 1_000.0 + i)
+    before = state.to_dict()
+    snap = state.snapshot()
+    for i in range(3):  # a step: two agreeing suspects, then a third reading settles it
+        apply_weight(state, spec, 1_010.0 + i, 3_000.0, 1_010.0 + i)
+    assert state.units == 25
+    state.restore(snap, spec)
+    assert state.to_dict() == before
+
+
+def test_due_stale_is_the_rows_the_per_shelf_rule_would_turn_stale() -> None:
+    rng = np.random.default_rng(7)
+    specs = {
+        f"S{i}": spec_of(f"S{i}", stale_after_s=float(rng.choice([5.0, 15.0, 30.0])))
+        for i in range(500)
+    }
+    states = ShelfStates(specs)
+    table = states.table
+    for i, sid in enumerate(specs):
+        if i % 7 == 0:
+            continue  # never reported: stays UNKNOWN, never due
+        ts = 1_000.0 + float(rng.uniform(0, 40))
+        apply_weight(states[sid], specs[sid], ts, 1_500.0, ts)
+        if i % 11 == 0:
+            states[sid].status = ShelfStatus.STALE
+    del states["S3"]
+    now = 1_045.0
+    due = {table.ids[r] for r in table.due_stale(now)}
+    expected = set()
+    for sid in states:
+        probe = ShelfState.from_dict(states[sid].to_dict(), specs[sid])
+        if check_stale(probe, specs[sid], now)[1]:
+            expected.add(sid)
+    assert due == expected
+    assert expected  # the rule does turn some stale at this time
+
+
+def test_a_wider_settle_window_widens_the_table() -> None:
+    narrow, wide = spec_of("N"), spec_of("W", settle_window=9)
+    states = ShelfStates({"N": narrow})
+    for i in range(5):
+        apply_weight(states["N"], narrow, 1_000.0 + i, 1_000.0 + i, 1_000.0 + i)
+    states.add(wide)
+    for i in range(9):
+        apply_weight(states["W"], wide, 1_000.0 + i, 2_000.0, 1_000.0 + i)
+    assert states["W"].conditioner.window == [2_000.0] * 9
+    assert states["N"].conditioner.window == [1_000.0, 1_001.0, 1_002.0, 1_003.0, 1_004.0]
+
+
+def test_the_columns_cost_bytes_not_objects_per_shelf() -> None:
+    table = ShelfTable.of(spec_of(f"S{i}") for i in range(10_000))
+    assert table.nbytes() / 10_000 < 120
+
+
+@pytest.mark.parametrize("bad", [-1, -5])
+def test_negative_units_are_refused(bad: int) -> None:
+    state = ShelfState(spec_of())
+    with pytest.raises(ValueError, match="units"):
+        state.units = bad
+
+
+def test_many_states_at_once_are_each_states_own_dict() -> None:
+    specs = {f"S{i}": spec_of(f"S{i}", settle_window=3 + i % 3) for i in range(12)}
+    states = ShelfStates(specs)
+    for i, sid in enumerate(specs):
+        for k in range(i):  # from never reported to a full (turned) ring, a step, a spike
+            grams = 1_500.0 if k < 6 else (3_000.0 if k % 4 else 9_000.0)
+            apply_weight(states[sid], specs[sid], 1_000.0 + k, grams, 1_000.0 + k)
+    order = list(reversed(specs))
+    assert states.to_dicts(order) == {sid: states[sid].to_dict() for sid in order}
+    assert list(states.to_dicts(order)) == order
