@@ -381,6 +381,9 @@ class SkuConfig(_Frozen):
     dwell_s: NonNegFloat = 5.0
     """How long a level must hold before an alert is raised, escalated, de-escalated or resolved
     (a level flapping around the reorder point raises once)."""
+    pack_multiple: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    """Suppliers sell in packs of this many units: a suggested order quantity is rounded up to a
+    whole number of packs (it may then go above ``max_stock`` by less than one pack)."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> Self:

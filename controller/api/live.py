@@ -435,6 +435,7 @@ class LiveHub:
                 safety_stock=cfg.safety_stock,
                 max_stock=cfg.max_stock,
                 lead_time_d=cfg.lead_time_d,
+                pack_multiple=cfg.pack_multiple,
                 shelves=list(target.shelves),
             )
         return out

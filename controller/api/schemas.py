@@ -50,6 +50,9 @@ class SkuStockPublic(_Public):
     safety_stock: int
     max_stock: int
     lead_time_d: float
+    pack_multiple: int = Field(
+        description="units per supplier pack: a suggested order is a whole number of packs"
+    )
     shelves: list[ShelfPublic]
 
 

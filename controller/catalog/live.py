@@ -59,6 +59,7 @@ THRESHOLD_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
             "dwell_s",
             "hysteresis_units",
             "lead_time_d",
+            "pack_multiple",
         }
     ),
     "scale": frozenset(),
@@ -248,7 +249,7 @@ def check_role(changes: CatalogueDiff, may_change_all: bool) -> None:
         raise ChangeRefused(
             403,
             "a supervisor changes thresholds only (SKU reorder_point, safety_stock, max_stock, "
-            "dwell_s, hysteresis_units, lead_time_d; shelf shelf_reorder_point, "
+            "dwell_s, hysteresis_units, lead_time_d, pack_multiple; shelf shelf_reorder_point, "
             "shelf_safety_stock); an engineer may change: " + "; ".join(bad),
             bad,
         )

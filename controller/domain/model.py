@@ -87,7 +87,8 @@ class ReorderPolicy:
     """When to alert for a stock level (units).
 
     ``hysteresis_units`` defaults to ``max(1, round(0.1 * reorder_point))``: an alert is resolved
-    only once the level is above ``reorder_point + hysteresis_units`` for ``dwell_s``.
+    only once the level is above ``reorder_point + hysteresis_units`` for ``dwell_s``. A suggested
+    order is rounded up to a whole number of ``pack_multiple`` units (reorder.suggested_order_qty).
     """
 
     reorder_point: int
@@ -95,6 +96,8 @@ class ReorderPolicy:
     max_stock: int
     hysteresis_units: int = DERIVE
     dwell_s: float = 5.0
+    pack_multiple: int = 1
+    """Units per supplier pack: a suggested order is a whole number of packs."""
 
     def __post_init__(self) -> None:
         if self.hysteresis_units == DERIVE:
@@ -105,6 +108,7 @@ class ReorderPolicy:
         )
         _require(self.reorder_point <= self.max_stock, "reorder_point", "must be <= max_stock")
         _require(self.hysteresis_units >= 0, "hysteresis_units", "must be >= 0")
+        _require(self.pack_multiple >= 1, "pack_multiple", "must be >= 1")
         _require(
             math.isfinite(self.dwell_s) and self.dwell_s >= 0, "dwell_s", "must be finite, >= 0"
         )

@@ -83,8 +83,13 @@ def threshold(severity: StockState, policy: ReorderPolicy) -> int:
 
 
 def suggested_order_qty(level: int, policy: ReorderPolicy) -> int:
-    """Units to order to get back to ``max_stock``."""
-    return max(policy.max_stock - level, 0)
+    """Units to order to get back to ``max_stock``, in whole packs of ``pack_multiple``: the
+    shortfall rounded up to the next multiple of the pack (0 when there is none). With a
+    ``max_stock`` that is not a multiple of the pack the order overshoots it by less than one
+    pack (max 100, packs of 12, level 15: 85 short, 8 packs, 96 units)."""
+    short = max(policy.max_stock - level, 0)
+    pack = policy.pack_multiple
+    return -(-short // pack) * pack
 
 
 def _classify_recovered(level: int, policy: ReorderPolicy) -> StockState:

@@ -100,6 +100,35 @@ def test_suggested_order_qty() -> None:
     assert suggested_order_qty(150, POLICY) == 0
 
 
+def test_suggested_order_qty_is_a_whole_number_of_packs() -> None:
+    packs_of_12 = ReorderPolicy(reorder_point=20, safety_stock=5, max_stock=100, pack_multiple=12)
+    # 85 units short of max_stock 100 (not a multiple of 12): 8 packs, 96 units, 111 after.
+    assert suggested_order_qty(15, packs_of_12) == 96
+    assert suggested_order_qty(16, packs_of_12) == 84  # exactly 7 packs short
+    assert suggested_order_qty(99, packs_of_12) == 12  # one unit short: one pack
+    assert suggested_order_qty(100, packs_of_12) == 0
+    assert suggested_order_qty(0, packs_of_12) == 108  # OUT: 100 short, 9 packs
+    with pytest.raises(ValueError, match="pack_multiple"):
+        ReorderPolicy(reorder_point=20, safety_stock=5, max_stock=100, pack_multiple=0)
+
+
+@given(
+    level=st.integers(-1_000, 2_000),
+    max_stock=st.integers(1, 1_000),
+    pack=st.integers(1, 500),
+)
+def test_suggested_order_qty_rounds_the_shortfall_up_to_the_next_pack(
+    level: int, max_stock: int, pack: int
+) -> None:
+    policy = ReorderPolicy(reorder_point=0, safety_stock=0, max_stock=max_stock, pack_multiple=pack)
+    short = max(max_stock - level, 0)
+    qty = suggested_order_qty(level, policy)
+    assert qty % pack == 0
+    assert short <= qty < short + pack  # the fewest whole packs that cover the shortfall
+    if pack == 1:
+        assert qty == short
+
+
 def test_raise_after_dwell_with_deterministic_episode() -> None:
     state, out = run([(100.0, 30), (101.0, 18), (105.9, 18)])
     assert out == []

@@ -92,6 +92,7 @@ def _sku_body(view: SkuView) -> dict[str, Any]:
         "safety_stock": sku.safety_stock,
         "max_stock": sku.max_stock,
         "lead_time_d": float(sku.lead_time_d),
+        "pack_multiple": sku.pack_multiple,
         "shelves": [shelf_body(s) for s in view.shelves],
     }
 

@@ -77,9 +77,12 @@ export class AlertFeed {
     const sev = cur.severity;
     // Re-computed from the current level (the alert's own figure is from its last transition).
     let order = cur.recovering ? null : a.suggested_order_qty;
+    // Suppliers sell in packs: an order is the shortfall rounded up to whole packs.
+    const pack = sku && Number.isInteger(sku.pack_multiple) && sku.pack_multiple > 1 ? sku.pack_multiple : 1;
     if (!cur.recovering && a.key === a.sku && sku && typeof sku.max_stock === "number" && typeof cur.level === "number") {
-      order = Math.max(sku.max_stock - cur.level, 0);
+      order = Math.ceil(Math.max(sku.max_stock - cur.level, 0) / pack) * pack;
     }
+    const packs = order && pack > 1 && order % pack === 0 ? ` (${order / pack} × ${pack})` : "";
     const flags = [];
     if (a.acked_by) flags.push(`acked by ${a.acked_by}${a.ack_note ? ` — ${a.ack_note}` : ""}`);
     if (a.snoozed_until && a.snoozed_until > now) flags.push(`snoozed by ${a.snoozed_by} for ${duration(a.snoozed_until - now)}${a.snooze_reason ? ` — ${a.snooze_reason}` : ""}`);
@@ -97,7 +100,7 @@ export class AlertFeed {
         `level ${fmtNum(cur.level)}`,
         cur.recovering ? ` (${STATE_LABEL[cur.state]}, raised ${STATE_LABEL[sev]})` : "",
         ` · reorder at ${a.reorder_point} · safety ${a.safety_stock}`,
-        order ? ` · order ${order}` : "",
+        order ? ` · order ${order}${packs}` : "",
         a.since ? ` · since ${clock(a.since)} (${duration(now - a.since)})` : ""),
       flags.length ? el("div", { class: "meta" }, flags.join(" · ")) : null,
     );
