@@ -769,10 +769,15 @@ class HistoryService:
         self, topology: Callable[[], Topology]
     ) -> Callable[[Iterable[object]], None]:
         """A bus listener that calls `retag` with ``topology()`` (the catalogue in force) at
-        each ``CatalogChanged``."""
+        each ``CatalogChanged`` that adds, removes or changes shelves, or adds or removes
+        records (scales); SKU-only changes (thresholds) leave the tags as they are (no
+        O(shelves) rebuild on the event loop)."""
 
         def on_events(events: Iterable[object]) -> None:
-            if any(isinstance(e, CatalogChanged) for e in events):
+            if any(
+                isinstance(e, CatalogChanged) and (e.shelves or e.added or e.removed)
+                for e in events
+            ):
                 self.retag(topology())
 
         return on_events

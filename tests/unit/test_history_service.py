@@ -682,3 +682,21 @@ async def test_a_catalogue_change_retags_rows_journaled_after_it_only(journal: J
     assert journal.read_readings(0, 1)[0].id == 1  # ids reused: the old era is gone
     await svc.drain_once()
     assert [t[1:] for t in tagged("weight")][6:] == [("Y", "K2")] * 2
+
+
+def test_a_threshold_change_does_not_rebuild_the_tags(journal: Journal) -> None:
+    built: list[Topology] = []
+
+    def topology() -> Topology:
+        built.append(TOPO)
+        return TOPO
+
+    svc = HistoryService(journal, MemorySink(), TOPO, FAST)
+    listener = svc.catalogue_listener(topology)
+    sku_only = CatalogChanged(
+        ts_s=1.0, version=2, by="sup", source="api", added=0, removed=0, changed=1, skus=("K1",)
+    )
+    listener([sku_only])
+    assert built == []
+    listener([catalog_changed(3)])  # a shelf changed
+    assert built == [TOPO]
