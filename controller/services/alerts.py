@@ -89,6 +89,7 @@ class AlertSettings:
                     sku.hysteresis_units if sku.hysteresis_units is not None else DERIVE
                 ),
                 dwell_s=sku.dwell_s,
+                pack_multiple=sku.pack_multiple,
             )
             targets.append(AlertTarget(sku.id, sku.id, tuple(shelves_of.get(sku.id, ())), policy))
         for shelf in site.shelves:
@@ -98,6 +99,7 @@ class AlertSettings:
                     safety_stock=shelf.reorder.safety_stock,
                     max_stock=shelf.capacity_units,
                     dwell_s=skus[shelf.sku].dwell_s,
+                    pack_multiple=skus[shelf.sku].pack_multiple,
                 )
                 targets.append(AlertTarget(f"shelf:{shelf.id}", shelf.sku, (shelf.id,), policy))
         return cls(f"{site.mqtt.topic_prefix}/{site.site.id}/alerts", tuple(targets))
@@ -168,7 +170,7 @@ class AlertService:
         journal: AlertStore,
         link: MessageLink,
         publish_events: Callable[[list[BusEvent]], None],
-        shelf_states: dict[str, ShelfState],
+        shelf_states: Mapping[str, ShelfState],
         shelf_specs: dict[str, ShelfSpec],
     ) -> None:
         self._journal = journal

@@ -69,11 +69,6 @@ async def test_a_catalogue_without_the_column_reads_the_default(
         assert [sku_of(records, k)["pack_multiple"] for k in ("K0", "K1", "K2")] == [1, 1, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="AlertSettings.from_site (controller/services/alerts.py, the lead's) does not pass "
-    "pack_multiple into ReorderPolicy yet; remove this mark with that change",
-)
 async def test_the_suggested_order_of_a_raised_alert_is_whole_packs(
     tmp_path: Path, mosquitto: MosquittoBroker
 ) -> None:
