@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,23 @@ def _api_error_lines(source: str, status: int, body: dict[str, Any]) -> list[str
     return lines
 
 
+UPLOAD_CHUNK_BYTES = 1 << 20
+"""``import --url`` sends the file in pieces this size, a progress line after each."""
+
+
+def _upload(data: bytes) -> Iterator[bytes]:
+    """``data`` in ``UPLOAD_CHUNK_BYTES`` pieces, with progress on stderr; then a line saying
+    the controller has it (reading, validating, comparing and applying take seconds at 100k
+    rows)."""
+    total = len(data)
+    view = memoryview(data)
+    for start in range(0, total, UPLOAD_CHUNK_BYTES):
+        yield bytes(view[start : start + UPLOAD_CHUNK_BYTES])
+        sent = min(total, start + UPLOAD_CHUNK_BYTES)
+        print(f"catalog: sent {sent}/{total} bytes", file=sys.stderr)
+    print("catalog: uploaded; the controller validates and applies it", file=sys.stderr)
+
+
 def import_to_controller(args: argparse.Namespace) -> int:
     """``import FILE --url URL``: PUT the file to a running controller's API, which validates
     it, journals it as a new version and applies it without a restart (docs/catalogue.md)."""
@@ -100,7 +118,7 @@ def import_to_controller(args: argparse.Namespace) -> int:
         _err(f"{exc.filename}: {exc.strerror or exc}")
         return EXIT_INVALID
     url = args.url.rstrip("/") + "/api/v1/catalog"
-    headers = {"Content-Type": _MEDIA_TYPES[fmt]}
+    headers = {"Content-Type": _MEDIA_TYPES[fmt], "Content-Length": str(len(data))}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     print(f"catalog: sending {len(data)} bytes to {url}", file=sys.stderr)
@@ -108,14 +126,20 @@ def import_to_controller(args: argparse.Namespace) -> int:
     try:
         r = httpx.put(
             url,
-            content=data,
+            content=_upload(data),
             headers=headers,
             params={"dry_run": "true"} if args.dry_run else None,
             timeout=args.timeout_s,
             trust_env=False,
         )
+    except httpx.TimeoutException:
+        _err(
+            f"{url}: no answer within {args.timeout_s:g} s (--timeout-s): the controller may "
+            "still apply it; GET /api/v1/catalog/versions tells"
+        )
+        return EXIT_JOURNAL
     except httpx.HTTPError as exc:
-        _err(f"{url}: {exc}")
+        _err(f"{url}: {type(exc).__name__}: {exc}")
         return EXIT_JOURNAL
     try:
         body = r.json()
@@ -124,6 +148,12 @@ def import_to_controller(args: argparse.Namespace) -> int:
     if r.status_code != 200:
         for line in _api_error_lines(str(path), r.status_code, body):
             print(line, file=sys.stderr)
+        if r.status_code == 413:
+            print(
+                f"  the controller takes catalogues up to its [api] catalog_max_body_bytes; "
+                f"this file is {len(data)} bytes",
+                file=sys.stderr,
+            )
         return EXIT_INVALID if r.status_code in (400, 403, 409, 413, 415, 422) else EXIT_JOURNAL
     for line in body.get("lines", ()):
         print(line)

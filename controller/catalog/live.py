@@ -278,6 +278,14 @@ def check_live(changes: CatalogueDiff) -> None:
         )
 
 
+def _site_with(site: SiteConfig, after: Catalogue) -> tuple[SiteConfig, dict[str, ShelfSpec]]:
+    """``site`` with the records of ``after``, and its shelves' specs."""
+    fields = {name: getattr(site, name) for name in SiteConfig.model_fields}
+    fields.update(skus=after.skus, scales=after.scales, shelves=after.shelves)
+    with_after = SiteConfig.model_construct(**fields)
+    return with_after, shelf_specs(with_after)
+
+
 class CatalogueEditor:
     """The catalogue in force on a running controller, and the one way to change it (on the
     event loop, the state owner: ingest, alerts and the read model see one catalogue)."""
@@ -358,10 +366,8 @@ class CatalogueEditor:
         rt = self._rt
         if not changes and self.current.same_records(after):
             return Applied(rt.catalogue_version, changes)
-        fields = {name: getattr(rt.site, name) for name in SiteConfig.model_fields}
-        fields.update(skus=after.skus, scales=after.scales, shelves=after.shelves)
-        site = SiteConfig.model_construct(**fields)
-        specs = shelf_specs(site)
+        # O(records) and pure: off the event loop, which ingest needs meanwhile.
+        site, specs = await asyncio.to_thread(_site_with, rt.site, after)
         desk_changes = [
             c
             for c in changes.changes

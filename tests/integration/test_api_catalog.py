@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
+import controller.api.routes.catalog as catalog_routes
+import controller.catalog.live as catalog_live
 from controller.__main__ import main
 from controller.bus import Subscription
 from controller.domain.events import CatalogChanged
@@ -294,6 +297,57 @@ async def test_a_journal_that_cannot_store_the_change_answers_503(server: OpsSer
     assert sku_of(records, "K1")["reorder_point"] == 10
 
 
+def _gated(fn: Callable[..., Any], gate: threading.Event) -> Callable[..., Any]:
+    """``fn``, but waiting for ``gate`` first, and refusing to run on an event loop."""
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError(f"{fn.__name__} runs on an event loop")
+        if not gate.wait(20.0):
+            raise AssertionError(f"{fn.__name__}: the test never opened the gate")
+        return fn(*args, **kwargs)
+
+    return gated
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [
+        (catalog_routes, "put_catalogue"),  # reading and validating the body
+        (catalog_live.CatalogueEditor, "plan"),  # comparing it with the catalogue in force
+        (catalog_live, "_site_with"),  # the site and shelf specs it makes
+        (catalog_routes, "_diff_json"),  # the answer, a line per changed record
+    ],
+)
+async def test_readings_are_applied_while_a_change_is_read_checked_and_answered(
+    server: OpsServer, monkeypatch: pytest.MonkeyPatch, owner: Any, name: str
+) -> None:
+    """Each O(records) step of a change runs off the event loop: held at one step, the change
+    is in flight while readings are still applied; then it completes."""
+    _, records = await export(server)
+    sku_of(records, "K1")["reorder_point"] = 11
+    gate = threading.Event()
+    monkeypatch.setattr(owner, name, _gated(getattr(owner, name), gate))
+    async with server.client("engineer") as c:
+        put = asyncio.create_task(
+            c.put("/api/v1/catalog", content=jsonl(records), headers={"Content-Type": JSONL})
+        )
+        try:
+            await server.publish("s2", grams(25))  # applied (cursor) while the PUT waits
+            assert not put.done()
+            assert server.rt.ingest.states["sh2"].units == 25
+        finally:
+            gate.set()
+        r = await put
+    assert r.status_code == 200, r.text
+    assert r.json()["counts"] == {"add": 0, "remove": 0, "change": 1}
+    assert (await export(server))[0] == 2
+
+
 # -- live rules ------------------------------------------------------------------------------
 
 
@@ -388,6 +442,26 @@ async def test_cli_import_sends_the_file_to_a_running_controller(
         f"  {changed}:3: sku K2 column safety_stock: safety_stock (30) > reorder_point (10)" in err
     )
     assert (await export(server))[0] == 2
+
+
+async def test_cli_import_of_a_file_over_the_controllers_limit_names_the_limit(
+    tmp_path: Path, mosquitto: MosquittoBroker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = journal_site(tmp_path, mosquitto.port, api_settings={"catalog_max_body_bytes": 2048})
+    big = tmp_path / "big.csv"
+    big.write_text((tmp_path / "catalogue.csv").read_text() + "\n" * 4096)
+    token = tmp_path / "token"
+    token.write_text(TOKENS["engineer"] + "\n")
+    async with ops_server(site) as srv:
+        args = ["catalog", "import", str(big), "--url", srv.base, "--token-file", str(token)]
+        assert await asyncio.to_thread(main, args) == 2
+        _, err = capsys.readouterr()
+        assert f"{big}: 413 Request Entity Too Large: request body larger than 2048 bytes" in err
+        size = big.stat().st_size
+        assert (
+            f"takes catalogues up to its [api] catalog_max_body_bytes; this file is {size}" in err
+        )
+        assert (await export(srv))[0] == 1
 
 
 def test_cli_import_needs_a_site_or_a_url(

@@ -13,6 +13,7 @@ import asyncio
 import io
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -102,6 +103,22 @@ def _diff_body(
     }
 
 
+def _diff_json(changes: CatalogueDiff, ended: list[str] | None = None, **versions: Any) -> bytes:
+    body = _diff_body(changes, **versions)
+    if ended is not None:
+        body["ended_episodes"] = ended
+    return orjson.dumps(body)
+
+
+async def _diff_response(
+    changes: CatalogueDiff, version: int, ended: list[str] | None = None, **versions: Any
+) -> Response:
+    """The diff's answer, built and encoded in a worker thread (a line per changed record:
+    tens of MB at 100k, which the event loop must not spend its time on)."""
+    content = await asyncio.to_thread(_diff_json, changes, ended, version=version, **versions)
+    return Response(content, media_type="application/json", headers={VERSION_HEADER: str(version)})
+
+
 async def _change(
     request: Request, rt: Runtime, principal: Principal, dry_run: bool, *, whole: bool
 ) -> Response:
@@ -154,8 +171,7 @@ async def _change_locked(
         check_role(changes, principal.role is Role.ENGINEER)
         before = editor.version()
         if dry_run:
-            body = _diff_body(changes, dry_run=True, from_version=before, version=before)
-            return JSONResponse(body, headers={VERSION_HEADER: str(before)})
+            return await _diff_response(changes, before, dry_run=True, from_version=before)
         check_live(changes)
         how = "PUT" if whole else "PATCH"
         applied: Applied = await editor.apply(
@@ -171,9 +187,9 @@ async def _change_locked(
         )
     except JournalError as exc:
         return _problem(503, f"the journal could not store the change, nothing changed: {exc}")
-    body = _diff_body(applied.changes, dry_run=False, from_version=before, version=applied.version)
-    body["ended_episodes"] = list(applied.ended)
-    return JSONResponse(body, headers={VERSION_HEADER: str(applied.version)})
+    return await _diff_response(
+        applied.changes, applied.version, list(applied.ended), dry_run=False, from_version=before
+    )
 
 
 _CHANGE_ERRORS = problem_responses(
