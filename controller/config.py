@@ -163,6 +163,10 @@ class JournalConfig(_Frozen):
     dead_letter_keep: Annotated[int, Field(ge=0)] = 10_000
     """Dead letters (messages that could not be handled) kept in the journal; older ones are
     deleted."""
+    catalog_audit_keep_days: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 90.0
+    """Catalogue audit rows (one per record a version changed) kept this long; older ones are
+    deleted at each start and each new catalogue version (the versions' own rows, who changed
+    what when and how many records, are kept)."""
 
 
 class ApiTokenConfig(_Frozen):

@@ -6,14 +6,17 @@
 new version: a ``catalog_versions`` row (who, from where, how many records added, removed,
 changed) and one ``catalog_audit`` row per record changed (``op`` add / remove / change, the
 whole record before and after). Writes happen in one transaction: a catalogue is never half
-replaced.
+replaced. Audit rows older than ``[journal] catalog_audit_keep_days`` are deleted at each start
+(`keep_audit`, which records the retention in ``meta``) and by each new version.
 """
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -21,8 +24,16 @@ from typing import Any, cast
 import orjson
 
 from controller.catalog.diff import CatalogueDiff, diff
-from controller.catalog.records import COLUMNS, KINDS, Catalogue, Kind, Model, construct, flat
-from controller.config import ScaleConfig, ShelfConfig, SkuConfig
+from controller.catalog.records import (
+    COLUMNS,
+    KINDS,
+    Catalogue,
+    Model,
+    builder,
+    flat,
+    shared_columns,
+)
+from controller.config import JournalConfig, ScaleConfig, ShelfConfig, SkuConfig
 from controller.ports import JournalError
 
 CATALOG_LAYOUT = 2
@@ -58,6 +69,45 @@ def current_version(db: sqlite3.Connection) -> int:
     return int(row[0] or 0)
 
 
+_POSITIVE_ZERO = 0.0
+
+
+class _Sharing:
+    """Equal values read back share one object: each row decodes into new strings and numbers,
+    while a catalogue repeats most of them (zones, formats, the scale and SKU ids a shelf names,
+    weights, tolerances, intervals). Only the columns that repeat (`shared_columns`), each with
+    the memo of its type: the rows hold what the import validated (an int column ints, a float
+    column floats), so ``1`` never becomes ``1.0``; a zero keeps its sign."""
+
+    __slots__ = ("at", "floats", "ints", "strs")
+
+    def __init__(self, columns: dict[str, list[str]]) -> None:
+        self.strs: dict[str, str] = {}
+        self.ints: dict[int, int] = {}
+        self.floats: dict[float, float] = {}
+        self.at = {k: shared_columns(k, columns.get(k, COLUMNS[k])) for k in KINDS}
+
+    def row(self, kind: str, row: list[Any]) -> list[Any]:
+        """``row`` with its repeated values replaced by the shared equal ones."""
+        at = self.at[kind]  # type: ignore[index]
+        strs = self.strs.setdefault
+        for i in at[str]:
+            x = row[i]
+            row[i] = strs(x, x)
+        ints = self.ints.setdefault
+        for i in at[int]:
+            x = row[i]
+            row[i] = ints(x, x)
+        floats = self.floats.setdefault
+        for i in at[float]:
+            x = row[i]
+            if x:
+                row[i] = floats(x, x)
+            elif x is not None and math.copysign(1.0, x) > 0:
+                row[i] = _POSITIVE_ZERO
+        return row
+
+
 def load(db: sqlite3.Connection) -> Catalogue | None:
     """The journal's catalogue, built without validation (it was validated when written);
     ``None`` when the journal has none."""
@@ -66,11 +116,13 @@ def load(db: sqlite3.Connection) -> Catalogue | None:
         return None
     row = db.execute("SELECT value FROM meta WHERE key = ?", (_COLUMNS_KEY,)).fetchone()
     columns: dict[str, list[str]] = orjson.loads(row[0]) if row else {}
-    names = {k: columns.get(k, COLUMNS[k]) for k in KINDS}
+    build: dict[str, Callable[[list[Any]], Model]] = {
+        k: builder(k, columns.get(k, COLUMNS[k])) for k in KINDS
+    }
     by_kind: dict[str, list[Model]] = {k: [] for k in KINDS}
+    share = _Sharing(columns).row
     for kind, body in db.execute("SELECT kind, body FROM catalog_records ORDER BY seq"):
-        values = dict(zip(names[kind], orjson.loads(body), strict=True))
-        by_kind[kind].append(construct(cast(Kind, kind), values))
+        by_kind[kind].append(build[kind](share(kind, orjson.loads(body))))
     return Catalogue(
         cast(tuple[SkuConfig, ...], tuple(by_kind["sku"])),
         cast(tuple[ScaleConfig, ...], tuple(by_kind["scale"])),
@@ -150,6 +202,67 @@ def version_audit(db: sqlite3.Connection, version: int) -> list[dict[str, Any]]:
     ]
 
 
+_AUDIT_KEEP_KEY = "catalog_audit_keep_days"
+"""``meta`` key of the audit retention the controller last started with (``[journal]
+catalog_audit_keep_days``), which every new version applies, also one an import writes."""
+
+DEFAULT_AUDIT_KEEP_DAYS: float = JournalConfig.model_fields["catalog_audit_keep_days"].default
+
+
+def keep_audit(
+    db: sqlite3.Connection, keep_days: float, clock: Callable[[], float] = time.time
+) -> int:
+    """At start: record the site's audit retention for the versions written later (by the
+    controller or an import) and delete the audit rows older than it. Returns the rows deleted.
+    ``db`` as for `replace`."""
+    if not _has_tables(db):
+        return 0
+    with _transaction(db, "the catalogue audit could not be trimmed"):
+        db.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+            (_AUDIT_KEEP_KEY, orjson.dumps(keep_days).decode()),
+        )
+        return _trim_audit(db, keep_days, clock())
+
+
+@contextmanager
+def _transaction(db: sqlite3.Connection, failed: str) -> Iterator[None]:
+    """One write transaction: committed at the end of the block (unless the block rolled it
+    back itself), rolled back on any exception; a SQLite error raised as JournalError."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        yield
+        if db.in_transaction:
+            db.execute("COMMIT")
+    except BaseException as exc:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise JournalError(f"{failed}: {exc}") from exc
+        raise
+
+
+def _kept_days(db: sqlite3.Connection) -> float:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (_AUDIT_KEEP_KEY,)).fetchone()
+    return float(orjson.loads(row[0])) if row else DEFAULT_AUDIT_KEEP_DAYS
+
+
+def _trim_audit(db: sqlite3.Connection, keep_days: float, now_s: float) -> int:
+    """Delete the audit rows written before ``now_s - keep_days``. Rows are appended in time
+    order, so the old ones are the first ids: found from the start of the table (no index on
+    ``ts``; the cost is the rows deleted), with ``ts`` checked again (a clock stepped back
+    never deletes a young row)."""
+    cutoff = now_s - keep_days * 86_400.0
+    young = db.execute(
+        "SELECT id FROM catalog_audit WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)
+    ).fetchone()
+    if young is None:
+        return int(db.execute("DELETE FROM catalog_audit WHERE ts < ?", (cutoff,)).rowcount)
+    return int(
+        db.execute("DELETE FROM catalog_audit WHERE id < ? AND ts < ?", (young[0], cutoff)).rowcount
+    )
+
+
 def _dumps(record: dict[str, Any] | None) -> bytes | None:
     return None if record is None else orjson.dumps(record)
 
@@ -172,8 +285,7 @@ def replace(
     audit rows when it differs from the stored one (else nothing is written). Returns the
     version now current and the changes. ``db`` is a journal connection at layout 2 or later,
     outside a transaction."""
-    try:
-        db.execute("BEGIN IMMEDIATE")
+    with _transaction(db, "the catalogue could not be written"):
         before = load(db) or Catalogue()
         changes = diff(before, catalogue)
         if not changes and before.same_records(catalogue):
@@ -204,6 +316,7 @@ def replace(
                 for c in changes.changes
             ],
         )
+        _trim_audit(db, _kept_days(db), now)
         # The records are rewritten whole, so their order is the new file's.
         db.execute("DELETE FROM catalog_records")
         db.execute(
@@ -227,13 +340,6 @@ def replace(
             written += _insert(db, rows)
             if progress is not None:
                 progress(written, total)
-        db.execute("COMMIT")
-    except BaseException as exc:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise JournalError(f"the catalogue could not be written: {exc}") from exc
-        raise
     return version, changes
 
 

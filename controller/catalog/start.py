@@ -95,7 +95,19 @@ def settle_catalogue(
 ) -> int:
     """At start, with the journal open and locked: journal an inline catalogue as a new version
     when it differs from the journal's; for a journal catalogue, check it is still the version
-    the runtime was built with. Returns the catalogue version in force."""
+    the runtime was built with; delete the audit rows older than ``[journal]
+    catalog_audit_keep_days``. Returns the catalogue version in force."""
+    try:
+        trimmed = catalog_store.keep_audit(db, site.journal.catalog_audit_keep_days, clock)
+    except JournalError as exc:  # the next start or version trims it
+        log.error("%s", exc)
+        trimmed = 0
+    if trimmed:
+        log.info(
+            "catalogue audit: %d row(s) older than %g day(s) deleted",
+            trimmed,
+            site.journal.catalog_audit_keep_days,
+        )
     if is_inline(site):
         version, changes = catalog_store.replace(
             db,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import threading
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,14 @@ TEXT_CACHE_SIZE = 64
 """Distinct (text, zone) queries whose matches are kept (dropped all at once beyond it)."""
 
 _CURSOR_PREFIX = "c1."
+
+_POSITIONS = "i"
+"""The array type code of a sorted position list: 4 bytes a position, not a pointer and an int
+object (~40 bytes) as in a list."""
+
+
+def _positions() -> array[int]:
+    return array(_POSITIONS)
 
 
 class BadCursor(ValueError):
@@ -95,13 +104,13 @@ class ListIndex:
         self._text_of = text
         self._pos: dict[str, int] = {}
         self._zones: tuple[frozenset[str], ...] = ()
-        self._zone_pos: dict[str, list[int]] = {}
+        self._zone_pos: dict[str, array[int]] = {}
         self._text: tuple[str, ...] | None = None
         self._static = False
         self._facets = dict(facets or {})
         self._live = dict(live or {})
         self._values: dict[str, list[str]] = {}
-        self._buckets: dict[str, dict[tuple[str | None, str], list[int]]] = {}
+        self._buckets: dict[str, dict[tuple[str | None, str], array[int]]] = {}
         self._built = False
         self._building = False
         self._pending: set[str] = set()
@@ -115,11 +124,13 @@ class ListIndex:
         with self._static_lock:
             if self._static:
                 return
-            zones = tuple(frozenset(z) for z in self._zones_of())
-            zone_pos: dict[str, list[int]] = {}
+            # Most keys share their zones with many others: one frozenset per distinct set.
+            distinct: dict[frozenset[str], frozenset[str]] = {}
+            zones = tuple(distinct.setdefault(zs, zs) for zs in map(frozenset, self._zones_of()))
+            zone_pos: dict[str, array[int]] = {}
             for pos, zs in enumerate(zones):
                 for z in zs:
-                    zone_pos.setdefault(z, []).append(pos)
+                    zone_pos.setdefault(z, _positions()).append(pos)
             self._zones, self._zone_pos = zones, zone_pos
             self._pos = {k: i for i, k in enumerate(self._keys)}
             self._static = True
@@ -162,11 +173,11 @@ class ListIndex:
             self._building = True
             for name, fn in self._facets.items():
                 values = [fn(k) for k in self._keys]
-                buckets: dict[tuple[str | None, str], list[int]] = {}
+                buckets: dict[tuple[str | None, str], array[int]] = {}
                 for pos, value in enumerate(values):
-                    buckets.setdefault((None, value), []).append(pos)
+                    buckets.setdefault((None, value), _positions()).append(pos)
                     for z in self._zones[pos]:
-                        buckets.setdefault((z, value), []).append(pos)
+                        buckets.setdefault((z, value), _positions()).append(pos)
                 self._values[name] = values
                 self._buckets[name] = buckets
             self._built = True
@@ -224,7 +235,7 @@ class ListIndex:
                     i = bisect_left(bucket, pos)
                     if i < len(bucket) and bucket[i] == pos:
                         del bucket[i]
-                    insort(buckets.setdefault((z, new), []), pos)
+                    insort(buckets.setdefault((z, new), _positions()), pos)
                 values[pos] = new
 
     def counts(self, facet: str, zone: str | None = None) -> dict[str, int]:
@@ -244,7 +255,7 @@ class ListIndex:
         needle = q.casefold()
         found = self._matches.get((needle, zone))
         if found is None:
-            base = self._all if zone is None else self._zone_pos.get(zone, [])
+            base: Sequence[int] = self._all if zone is None else self._zone_pos.get(zone, ())
             text = self._texts()
             found = [p for p in base if needle in text[p]]
             if len(self._matches) >= TEXT_CACHE_SIZE:
@@ -288,9 +299,9 @@ class ListIndex:
             base = self._text_matches(q, zone)
         elif indexed:
             name, value = indexed.pop(0)
-            base = self._buckets[name].get((zone, value), [])
+            base = self._buckets[name].get((zone, value), ())
         elif zone is not None:
-            base = self._zone_pos.get(zone, [])
+            base = self._zone_pos.get(zone, ())
         else:
             base = self._all
         checks[:0] = [self._indexed_check(name, value) for name, value in indexed]

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from controller.adapters import catalog_store
 from controller.adapters.journal import SCHEMA_VERSION, Journal
-from controller.catalog.records import Catalogue
+from controller.catalog.records import COLUMNS, Catalogue
 from controller.catalog.start import NoCatalogue, inline_catalogue, settle_catalogue, with_catalogue
 from controller.catalog.validate import parse
-from controller.config import ConfigError, SiteConfig, load_site
+from controller.config import ConfigError, JournalConfig, SiteConfig, load_site
 from controller.ports import ReadingRow
 from tests.sites import write_small_site
 
@@ -81,7 +82,10 @@ def test_each_change_is_a_version_with_an_audit_row_per_record(tmp_path: Path) -
     assert _replace(path, changed, actor="bob") == (2, 2)
     db = sqlite3.connect(path)
     (body,) = db.execute("SELECT body FROM catalog_records WHERE kind='sku' AND id='K0'").fetchone()
-    assert orjson.loads(body) == ["K0", "", 10, 3, 40, 7.0, None, 0.2]  # values, columns in meta
+    # values only, in the order of the columns kept once in meta
+    (columns,) = db.execute("SELECT value FROM meta WHERE key = 'catalog_columns'").fetchone()
+    assert orjson.loads(columns)["sku"] == list(COLUMNS["sku"])
+    assert orjson.loads(body)[:8] == ["K0", "", 10, 3, 40, 7.0, None, 0.2]
     rows = catalog_store.versions(db)
     assert [(v.version, v.actor, v.added, v.removed, v.changed) for v in rows] == [
         (1, "alice", 6, 0, 0),
@@ -146,3 +150,88 @@ def test_an_inline_catalogue_is_journaled_as_a_site_file_version_when_it_changes
         assert stored.same_records(inline_catalogue(fewer))
     finally:
         j.close()
+
+
+DAY_S = 86_400.0
+
+
+def _replace_at(path: Path, cat: Catalogue, now_s: float) -> int:
+    j = Journal(path)
+    j.open()
+    try:
+        version, _ = catalog_store.replace(
+            j.db, cat, actor="alice", source="import", detail="c.csv", clock=lambda: now_s
+        )
+        return version
+    finally:
+        j.close()
+
+
+def _audit_versions(path: Path) -> list[int]:
+    db = sqlite3.connect(path)
+    try:
+        return [v for (v,) in db.execute("SELECT version FROM catalog_audit ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_the_audit_retention_defaults_to_90_days_and_must_be_positive() -> None:
+    assert JournalConfig().catalog_audit_keep_days == 90.0
+    assert catalog_store.DEFAULT_AUDIT_KEEP_DAYS == 90.0
+    for bad in (0, -1, float("inf")):
+        with pytest.raises(ValidationError):
+            JournalConfig(catalog_audit_keep_days=bad)
+
+
+def test_a_new_version_deletes_the_audit_rows_older_than_the_retention(tmp_path: Path) -> None:
+    site, text = _topology_site(tmp_path)
+    path = site.journal.path
+    first = _catalogue(site, text)
+    t0 = 1_000_000.0
+    assert _replace_at(path, first, t0) == 1
+    second = _catalogue(site, text.replace("sku,K1,10,3,40", "sku,K1,12,3,40"))
+    assert _replace_at(path, second, t0 + 89 * DAY_S) == 2
+    assert _audit_versions(path) == [1] * 6 + [2]  # within 90 days: kept
+    third = _catalogue(site, text.replace("sku,K1,10,3,40", "sku,K1,13,3,40"))
+    assert _replace_at(path, third, t0 + 91 * DAY_S) == 3
+    assert _audit_versions(path) == [2, 3]  # version 1's rows are 91 days old
+    db = sqlite3.connect(path)
+    try:
+        # The versions themselves stay: who, when, from where, how many.
+        assert [(v.version, v.added, v.changed) for v in catalog_store.versions(db)] == [
+            (1, 6, 0),
+            (2, 0, 1),
+            (3, 0, 1),
+        ]
+        assert catalog_store.version_audit(db, 1) == []
+        assert [a["version"] for a in catalog_store.audit(db, "sku", "K1")] == [2, 3]
+    finally:
+        db.close()
+
+
+def test_the_sites_audit_retention_applies_at_start_and_to_later_versions(
+    tmp_path: Path,
+) -> None:
+    site, text = _topology_site(tmp_path)
+    path = site.journal.path
+    t0 = 1_000_000.0
+    assert _replace_at(path, _catalogue(site, text), t0) == 1
+    short = site.model_copy(
+        update={"journal": site.journal.model_copy(update={"catalog_audit_keep_days": 1.0})}
+    )
+    j = Journal(path)
+    j.open()
+    try:
+        # A clock stepped back: rows from its future are young, never deleted.
+        assert settle_catalogue(short, j.db, 1, lambda: t0 - DAY_S) == 1
+        assert _audit_versions(path) == [1] * 6
+        assert settle_catalogue(short, j.db, 1, lambda: t0 + 2 * DAY_S) == 1
+        assert _audit_versions(path) == []
+    finally:
+        j.close()
+    # An import after that start keeps to the site's retention, not the default.
+    edited = _catalogue(site, text.replace("sku,K1,10,3,40", "sku,K1,12,3,40"))
+    assert _replace_at(path, edited, t0 + 3 * DAY_S) == 2
+    back = _catalogue(site, text)
+    assert _replace_at(path, back, t0 + 4.5 * DAY_S) == 3
+    assert _audit_versions(path) == [3]
