@@ -108,6 +108,45 @@ def test_an_update_during_the_first_build_waits_for_it_and_is_applied() -> None:
     assert idx.select(limit=10, filters={"s": "x"}, zone="A").total == 4
 
 
+def test_thousands_of_keys_moving_between_states_page_as_a_scan_of_them_would() -> None:
+    """Positions past the small-int range, kept in arrays (4 bytes a position), keys sharing one
+    zone set: every page and count equals a scan of the live states."""
+    n = 5_000
+    keys = [f"k{i}" for i in range(n)]
+    zones = [("A",) if i % 3 else ("A", "B") for i in range(n)]
+    states = {k: "xyz"[i % 3] for i, k in enumerate(keys)}
+    idx = ListIndex(keys, lambda: zones, lambda: keys, facets={"s": states.__getitem__})
+    assert idx.select(limit=1, filters={"s": "x"}).total == 1667
+    moved = keys[::7]
+    for i, k in enumerate(moved):
+        states[k] = "xyz"[(i + 1) % 3]
+    idx.update(moved)
+
+    def scan(zone: str | None, value: str) -> list[str]:
+        return [
+            k
+            for k, zs in zip(keys, zones, strict=True)
+            if states[k] == value and (zone is None or zone in zs)
+        ]
+
+    for zone in (None, "A", "B"):
+        for value in "xyz":
+            pages: list[str] = []
+            after = None
+            while True:
+                sel = idx.select(limit=400, zone=zone, filters={"s": value}, after=after)
+                pages += sel.keys
+                assert sel.total == len(scan(zone, value))
+                if sel.next_after is None:
+                    break
+                after = sel.next_after
+            assert pages == scan(zone, value), (zone, value)
+        assert idx.counts("s", zone) == dict(
+            Counter(states[k] for k in scan(zone, "x") + scan(zone, "y") + scan(zone, "z"))
+        )
+    assert idx.zone_keys("B") == [k for k, zs in zip(keys, zones, strict=True) if "B" in zs]
+
+
 def test_a_cursor_neither_repeats_nor_skips_a_key_when_states_change_between_pages() -> None:
     states = _states()
     idx = _index(states)
