@@ -102,6 +102,15 @@ class ReorderPolicy:
     def __post_init__(self) -> None:
         if self.hysteresis_units == DERIVE:
             object.__setattr__(self, "hysteresis_units", max(1, round(0.1 * self.reorder_point)))
+        # One expression for the common (valid) case: a site builds one policy per SKU at
+        # start, 100k of them; the checks below name the field when it fails.
+        if (
+            0 <= self.safety_stock <= self.reorder_point <= self.max_stock
+            and self.hysteresis_units >= 0
+            and self.pack_multiple >= 1
+            and 0 <= self.dwell_s < math.inf
+        ):
+            return
         _require(self.safety_stock >= 0, "safety_stock", "must be >= 0")
         _require(
             self.safety_stock <= self.reorder_point, "safety_stock", "must be <= reorder_point"
@@ -145,6 +154,20 @@ class ShelfSpec:
             object.__setattr__(self, "settle_band_g", max(2.0, 0.2 * self.unit_weight_g))
         if self.spike_g == DERIVE:
             object.__setattr__(self, "spike_g", max(5.0 * self.unit_weight_g, 50.0))
+        # One expression for the common (valid) case (a spec per shelf at start, 100k of them;
+        # NaN fails every comparison); the checks below name the field when it fails.
+        if (
+            self.channel >= 0
+            and 0 < self.unit_weight_g < math.inf
+            and 0 <= self.tare_g < self.max_weight_g < math.inf
+            and self.capacity_units >= 0
+            and 0 < self.tolerance_frac <= 0.5
+            and self.settle_window >= 1
+            and 0 <= self.settle_band_g < math.inf
+            and 0 < self.spike_g < math.inf
+            and 0 < self.stale_after_s < math.inf
+        ):
+            return
         _require(self.channel >= 0, "channel", "must be >= 0")
         _require(
             math.isfinite(self.unit_weight_g) and self.unit_weight_g > 0,

@@ -158,8 +158,17 @@ class ShelfTable:
         specs = list(specs)
         width = max((s.settle_window for s in specs), default=DEFAULT_WIDTH)
         table = cls(len(specs), width=max(width, DEFAULT_WIDTH))
-        for spec in specs:
-            table.add(spec)
+        ids: list[str | None] = [s.shelf_id for s in specs]
+        rows = {sid: row for row, sid in enumerate(ids) if sid is not None}
+        if len(rows) != len(ids):  # a shelf twice: the later spec wins, as add() would
+            for spec in specs:
+                table.add(spec)
+            return table
+        # New columns are already cleared (a shelf that never reported): only the ids and
+        # the staleness bounds to set, in bulk.
+        table.ids = ids
+        table.rows = rows
+        table.stale_after_s[: len(specs)] = [s.stale_after_s for s in specs]
         return table
 
     # -- storage -------------------------------------------------------------------------------
@@ -605,6 +614,13 @@ class ShelfTable:
         self._reason[row] = _R_NO_READING
         old = STATUSES[status]
         return (ShelfStatusChanged(spec.shelf_id, old, ShelfStatus.STALE, now_s, "no_reading"),)
+
+    def status_counts(self) -> list[int]:
+        """Shelves per status code (index: the code; free rows not counted)."""
+        used = len(self.ids)
+        counts: list[int] = np.bincount(self.status[:used], minlength=len(STATUSES)).tolist()
+        counts[_UNKNOWN] -= len(self._free)  # a free row is cleared to UNKNOWN
+        return counts
 
     def due_stale(self, now_s: float) -> npt.NDArray[np.intp]:
         """Rows whose newest reading is older than their staleness bound at ``now_s`` and that

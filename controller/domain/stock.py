@@ -291,6 +291,11 @@ class ShelfStates(Mapping[str, ShelfState]):
         if state.table_row != (self.table, row):
             ShelfState.view(self.table, row, shelf_id).assign(state)
 
+    def status_counts(self) -> dict[str, int]:
+        """Shelves per status value, every status present (one vectorised count over the
+        table's status column)."""
+        return {s._value_: n for s, n in zip(STATUSES, self.table.status_counts(), strict=True)}
+
     def to_dicts(self, shelf_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         """``{shelf id: states[shelf id].to_dict()}`` for many shelves at once: each column is
         read for all of them in one numpy operation (a group commit's shelf states)."""

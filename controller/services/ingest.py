@@ -754,6 +754,10 @@ class IngestService:
                 cal.scale_factor,
             )
 
+    def shelf_status_counts(self) -> dict[str, int]:
+        """Shelves per status value (vectorised over the state table)."""
+        return self.states.status_counts()
+
     # -- periodic ----------------------------------------------------------------------------
     def tick(self, now: float) -> list[BusEvent]:
         """Staleness: a shelf whose scale missed its reporting intervals becomes STALE.

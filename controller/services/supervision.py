@@ -148,11 +148,6 @@ class SupervisedJournal(Protocol):
     def commit(self, readings: Sequence[ReadingRow], *, events: Sequence[EventRow]) -> None: ...
 
 
-class ShelfStatusReads(Protocol):
-    @property
-    def status(self) -> ShelfStatus: ...
-
-
 class SupervisedIngest(Protocol):
     """Ingest's staleness tick, counters and shelf states."""
 
@@ -167,8 +162,9 @@ class SupervisedIngest(Protocol):
     @property
     def rejected(self) -> MutableMapping[str, int]: ...
 
-    @property
-    def states(self) -> Mapping[str, ShelfStatusReads]: ...
+    def shelf_status_counts(self) -> Mapping[str, int]:
+        """Shelves per status value (every status present, 0 included)."""
+        ...
 
     def tick(self, now: float) -> list[BusEvent]: ...
 
@@ -493,9 +489,7 @@ class SupervisionService:
         """Count the shelves per status: on the event loop, outside any bus delivery (at the
         start and at a tick), so every state change so far has had its event delivered."""
         if self._tracking and self.started.is_set():
-            counts: Counter[str] = Counter(dict.fromkeys((st.value for st in ShelfStatus), 0))
-            counts.update(s.status.value for s in self._ingest.states.values())
-            self._shelf_counts = counts
+            self._shelf_counts = Counter(self._ingest.shelf_status_counts())
 
     @property
     def ready(self) -> bool:
@@ -673,9 +667,9 @@ class SupervisionService:
         )
         status: HealthStatus = "starting" if not started else ("degraded" if reasons else "ok")
         by_state, episodes = self._alerts.figures()
-        shelves = self._shelf_counts
+        shelves: Mapping[str, int] | None = self._shelf_counts
         if shelves is None:
-            shelves = Counter(s.status.value for s in ing.states.values())
+            shelves = ing.shelf_status_counts()
         return HealthReport(
             status=status,
             ready=ready,

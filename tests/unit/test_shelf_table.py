@@ -180,3 +180,34 @@ def test_many_states_at_once_are_each_states_own_dict() -> None:
     order = list(reversed(specs))
     assert states.to_dicts(order) == {sid: states[sid].to_dict() for sid in order}
     assert list(states.to_dicts(order)) == order
+
+
+def test_status_counts_are_the_shelves_per_status() -> None:
+    specs = {f"S{i}": spec_of(f"S{i}") for i in range(30)}
+    states = ShelfStates(specs)
+    for i, sid in enumerate(specs):
+        for k in range(i % 4):  # 0: unknown, 1-2: settling, 3: ok
+            apply_weight(states[sid], specs[sid], 1_000.0 + k, 1_500.0, 1_000.0 + k)
+    states["S5"].status = ShelfStatus.STALE
+    del states["S0"]
+    del states["S4"]  # freed rows are not counted (they read UNKNOWN)
+    expected = dict.fromkeys((s.value for s in ShelfStatus), 0)
+    for sid in states:
+        expected[states[sid].status.value] += 1
+    assert states.status_counts() == expected
+    assert sum(expected.values()) == 28
+
+
+def test_a_table_of_specs_is_the_table_their_adds_build() -> None:
+    specs = [spec_of(f"S{i}", stale_after_s=5.0 + i) for i in range(20)]
+    bulk = ShelfTable.of(specs)
+    one_by_one = ShelfTable(1)
+    for spec in specs:
+        one_by_one.add(spec)
+    assert bulk.rows == one_by_one.rows
+    assert bulk.ids == one_by_one.ids
+    for name in ("status", "units", "last_ts_s", "stale_after_s", "window_len"):
+        np.testing.assert_array_equal(getattr(bulk, name)[:20], getattr(one_by_one, name)[:20])
+    twice = ShelfTable.of([spec_of("A"), spec_of("B"), spec_of("A", stale_after_s=9.0)])
+    assert twice.rows == {"A": 0, "B": 1}
+    assert twice.stale_after_s[0] == 9.0

@@ -118,6 +118,12 @@ class FakeIngest:
         self.ticks.append(now)
         return []
 
+    def shelf_status_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys((s.value for s in ShelfStatus), 0)
+        for shelf in self.states.values():
+            counts[shelf.status.value] += 1
+        return counts
+
 
 @dataclass
 class FakeAlerts:
