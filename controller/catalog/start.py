@@ -96,7 +96,12 @@ def settle_catalogue(
     """At start, with the journal open and locked: journal an inline catalogue as a new version
     when it differs from the journal's; for a journal catalogue, check it is still the version
     the runtime was built with; delete the audit rows older than ``[journal]
-    catalog_audit_keep_days``. Returns the catalogue version in force."""
+    catalog_audit_keep_days``. Returns the catalogue version in force.
+
+    ``started_with`` (`with_catalogue`'s version) tells which: 0 for an inline catalogue, the
+    journal's version (≥ 1) for the journal's. ``site`` itself cannot tell: the runtime's site
+    holds the journal's catalogue merged in, and comparing it with the journal again at every
+    start cost seconds at site size."""
     try:
         trimmed = catalog_store.keep_audit(db, site.journal.catalog_audit_keep_days, clock)
     except JournalError as exc:  # the next start or version trims it
@@ -108,7 +113,7 @@ def settle_catalogue(
             trimmed,
             site.journal.catalog_audit_keep_days,
         )
-    if is_inline(site):
+    if started_with == 0 and is_inline(site):
         version, changes = catalog_store.replace(
             db,
             inline_catalogue(site),
