@@ -35,11 +35,14 @@ from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 TEXT_CACHE_SIZE = 64
 """Distinct (text, zone) queries whose matches are kept (dropped all at once beyond it)."""
 
 _CURSOR_PREFIX = "c1."
+
+_K = TypeVar("_K")
 
 _POSITIONS = "i"
 """The array type code of a sorted position list: 4 bytes a position, not a pointer and an int
@@ -48,6 +51,23 @@ object (~40 bytes) as in a list."""
 
 def _positions() -> array[int]:
     return array(_POSITIONS)
+
+
+def _compact(lists: dict[_K, list[int]]) -> dict[_K, array[int]]:
+    return {k: array(_POSITIONS, positions) for k, positions in lists.items()}
+
+
+_INTS: list[int] = []
+_INTS_LOCK = threading.Lock()
+
+
+def _ints(n: int) -> list[int]:
+    """0 .. n-1 as int objects shared by every index (each key's position in ``_pos``; an int
+    past 256 is a 32-byte object, once per index and key without this)."""
+    if len(_INTS) < n:
+        with _INTS_LOCK:
+            _INTS.extend(range(len(_INTS), n))
+    return _INTS
 
 
 class BadCursor(ValueError):
@@ -127,12 +147,12 @@ class ListIndex:
             # Most keys share their zones with many others: one frozenset per distinct set.
             distinct: dict[frozenset[str], frozenset[str]] = {}
             zones = tuple(distinct.setdefault(zs, zs) for zs in map(frozenset, self._zones_of()))
-            zone_pos: dict[str, array[int]] = {}
+            zone_pos: dict[str, list[int]] = {}
             for pos, zs in enumerate(zones):
                 for z in zs:
-                    zone_pos.setdefault(z, _positions()).append(pos)
-            self._zones, self._zone_pos = zones, zone_pos
-            self._pos = {k: i for i, k in enumerate(self._keys)}
+                    zone_pos.setdefault(z, []).append(pos)
+            self._zones, self._zone_pos = zones, _compact(zone_pos)
+            self._pos = dict(zip(self._keys, _ints(len(self._keys)), strict=False))
             self._static = True
 
     def _texts(self) -> tuple[str, ...]:
@@ -173,13 +193,13 @@ class ListIndex:
             self._building = True
             for name, fn in self._facets.items():
                 values = [fn(k) for k in self._keys]
-                buckets: dict[tuple[str | None, str], array[int]] = {}
+                buckets: dict[tuple[str | None, str], list[int]] = {}
                 for pos, value in enumerate(values):
-                    buckets.setdefault((None, value), _positions()).append(pos)
+                    buckets.setdefault((None, value), []).append(pos)
                     for z in self._zones[pos]:
-                        buckets.setdefault((z, value), _positions()).append(pos)
+                        buckets.setdefault((z, value), []).append(pos)
                 self._values[name] = values
-                self._buckets[name] = buckets
+                self._buckets[name] = _compact(buckets)
             self._built = True
             self._building = False
             self._apply(self._drain_pending())
