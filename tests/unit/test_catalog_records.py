@@ -142,3 +142,18 @@ def test_a_journal_with_its_columns_in_another_order_reads_the_same_records(
     assert back.same_records(validated)
     for ours, theirs in zip(back.shelves, validated.shelves, strict=True):
         assert list(ours.model_dump()) == list(theirs.model_dump())
+
+
+def test_a_catalogue_read_for_a_comparison_only_is_the_same_without_sharing(
+    tmp_path: Path,
+) -> None:
+    validated = _validated()
+    _stored(tmp_path, validated)
+    db = sqlite3.connect(tmp_path / "journal.sqlite")
+    try:
+        compared = catalog_store.load(db, share=False)
+    finally:
+        db.close()
+    assert compared is not None
+    assert compared.same_records(validated)
+    assert not diff(compared, validated)
