@@ -15,6 +15,7 @@ re-notification).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -48,6 +49,10 @@ from controller.domain.reorder import (
 from controller.domain.stock import ShelfState, sku_level
 from controller.ports import AlertStore, EventRow, JournalUnavailable, MessageLink
 from devices.errors import DeviceError
+
+REPUBLISH_AT_ONCE = 2_000
+"""Retained alert states published at once at start (`AlertService.republish_all`); the
+others follow from the supervision tick, paced by the link's queue."""
 
 log = logging.getLogger("floorhand.alerts")
 
@@ -267,10 +272,15 @@ class AlertService:
                 log.warning("discarding unreadable saved alert %s: %s", key, exc)
         self._full_tick = True
 
-    def republish_all(self) -> None:
-        """Retained state of every target (at start: same episodes, no new notification)."""
-        for key in self.targets:
+    def republish_all(self, at_once: int = REPUBLISH_AT_ONCE) -> None:
+        """Retained state of every target (at start: same episodes, no new notification): the
+        first ``at_once`` now, the others marked ``unpublished`` for `retry_unpublished`, which
+        the supervision tick calls with a budget paced by the link's queue. A 100k-SKU site
+        spent ~1 s of its start (and held the loop) publishing them all at once."""
+        keys = iter(self.targets)
+        for key in itertools.islice(keys, max(0, at_once)):
             self._publish_state(key)
+        self.unpublished.update(keys)
 
     # -- triggers -------------------------------------------------------------------------------
     def on_events(self, events: list[BusEvent]) -> None:
@@ -479,7 +489,7 @@ class AlertService:
         """Publish up to ``budget`` deferred states (the supervision tick paces this by the
         link's queue); returns how many were handed to the link."""
         sent = 0
-        for key in list(self.unpublished)[: max(0, budget)]:
+        for key in list(itertools.islice(self.unpublished, max(0, budget))):
             self._publish_state(key)
             if key in self.unpublished:
                 break  # the queue is full again

@@ -241,3 +241,30 @@ def test_alerts_watch_the_targets_their_settings_name(tmp_path: Path) -> None:
         ]
     finally:
         journal.close()
+
+
+def test_a_start_publishes_a_slice_of_the_retained_states_and_defers_the_rest(
+    tmp_path: Path,
+) -> None:
+    """At 100k SKUs publishing every retained state in `republish_all` held the start ~1 s:
+    the first ``at_once`` go now, the rest when the supervision tick has room for them; each
+    key is published once."""
+    site = load_site(write_small_site(tmp_path, mqtt_port=1, scales=25))
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.open()
+    try:
+        link = RecordingLink()
+        specs = shelf_specs(site)
+        states = {sid: ShelfState(spec) for sid, spec in specs.items()}
+        alerts = AlertService(
+            AlertSettings.from_site(site), journal, link, Bus().publish, states, specs
+        )
+        alerts.republish_all(at_once=10)
+        assert len(link.published) == 10
+        assert len(alerts.unpublished) == 15
+        assert alerts.retry_unpublished(100) == 15
+        assert not alerts.unpublished
+        topics = [t for t, _ in link.published]
+        assert sorted(topics) == sorted(f"fh/t/alerts/K{i}" for i in range(25))
+    finally:
+        journal.close()
