@@ -34,7 +34,7 @@ from controller.domain.events import (
     ShelfStatusChanged,
     StockChanged,
 )
-from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec
+from controller.domain.model import DERIVE, ReorderPolicy, ShelfSpec, StockState
 from controller.domain.reorder import (
     AlertManualEvent,
     AlertState,
@@ -85,17 +85,30 @@ class AlertSettings:
         for shelf in site.shelves:
             shelves_of.setdefault(shelf.sku, []).append(shelf.id)
         skus = {sku.id: sku for sku in site.skus}
+        # Equal policies are one object: a site's SKUs share a handful of reorder rules, and a
+        # policy per SKU was 100k objects (and checks) at a large site's start.
+        policies: dict[tuple[int, int, int, int | None, float, int], ReorderPolicy] = {}
         for sku in site.skus:
-            policy = ReorderPolicy(
-                reorder_point=sku.reorder_point,
-                safety_stock=sku.safety_stock,
-                max_stock=sku.max_stock,
-                hysteresis_units=(
-                    sku.hysteresis_units if sku.hysteresis_units is not None else DERIVE
-                ),
-                dwell_s=sku.dwell_s,
-                pack_multiple=sku.pack_multiple,
+            rule = (
+                sku.reorder_point,
+                sku.safety_stock,
+                sku.max_stock,
+                sku.hysteresis_units,
+                sku.dwell_s,
+                sku.pack_multiple,
             )
+            policy = policies.get(rule)
+            if policy is None:
+                policy = policies[rule] = ReorderPolicy(
+                    reorder_point=sku.reorder_point,
+                    safety_stock=sku.safety_stock,
+                    max_stock=sku.max_stock,
+                    hysteresis_units=(
+                        sku.hysteresis_units if sku.hysteresis_units is not None else DERIVE
+                    ),
+                    dwell_s=sku.dwell_s,
+                    pack_multiple=sku.pack_multiple,
+                )
             targets.append(AlertTarget(sku.id, sku.id, tuple(shelves_of.get(sku.id, ())), policy))
         for shelf in site.shelves:
             if shelf.reorder is not None:
@@ -123,6 +136,17 @@ class AlertStates(dict[str, AlertState]):
         self.active: set[str] = set()
         for key, state in items:
             self[key] = state
+
+    @classmethod
+    def unknown(cls, keys: Iterable[str]) -> AlertStates:
+        """A new (UNKNOWN, no episode) state for each key, built in bulk: what
+        ``AlertStates((k, AlertState(k)) for k in keys)`` builds, without a Python-level
+        ``__setitem__`` per key (100k of them at a large site's start)."""
+        out = cls()
+        dict.update(out, ((k, AlertState(k)) for k in keys))
+        if len(out):
+            out.by_state[StockState.UNKNOWN.value] = len(out)
+        return out
 
     def __setitem__(self, key: str, state: AlertState) -> None:
         old = self.get(key)
@@ -189,7 +213,7 @@ class AlertService:
         self._by_shelf: dict[str, list[str]] = {}
         for target in settings.targets:
             self._add(target)
-        self.alerts: AlertStates = AlertStates((k, AlertState(k)) for k in self.targets)
+        self.alerts: AlertStates = AlertStates.unknown(self.targets)
         self.levels: dict[str, int | None] = dict.fromkeys(self.targets)
         self.published = 0
         self.publish_deferred = 0

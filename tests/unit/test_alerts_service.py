@@ -16,8 +16,9 @@ from controller.adapters.journal import Journal
 from controller.bus import Bus
 from controller.config import load_site
 from controller.domain.events import BusEvent
+from controller.domain.reorder import AlertState
 from controller.domain.stock import ShelfState
-from controller.services.alerts import AlertService, AlertSettings
+from controller.services.alerts import AlertService, AlertSettings, AlertStates
 from controller.services.ingest import IngestService, IngestSettings, shelf_specs
 from devices.errors import DeviceUnavailable
 from devices.link.mqtt import MqttMessage
@@ -268,3 +269,26 @@ def test_a_start_publishes_a_slice_of_the_retained_states_and_defers_the_rest(
         assert sorted(topics) == sorted(f"fh/t/alerts/K{i}" for i in range(25))
     finally:
         journal.close()
+
+
+def test_new_alert_states_built_in_bulk_are_the_ones_built_one_by_one() -> None:
+    keys = [f"K{i}" for i in range(50)]
+    bulk = AlertStates.unknown(keys)
+    one_by_one = AlertStates((k, AlertState(k)) for k in keys)
+    assert bulk == one_by_one
+    assert bulk.by_state == one_by_one.by_state
+    assert bulk.active == one_by_one.active == set()
+    assert AlertStates.unknown([]).by_state == AlertStates().by_state
+
+
+def test_skus_with_one_reorder_rule_share_one_policy(tmp_path: Path) -> None:
+    site = load_site(write_small_site(tmp_path, mqtt_port=1, scales=4))
+    targets = AlertSettings.from_site(site).targets
+    assert len({id(t.policy) for t in targets}) == 1
+    other = site.model_copy(
+        update={"skus": (site.skus[0].model_copy(update={"reorder_point": 5}), *site.skus[1:])}
+    )
+    first, *rest = AlertSettings.from_site(other).targets
+    assert first.policy.reorder_point == 5
+    assert all(t.policy.reorder_point == 10 for t in rest)
+    assert first.policy is not rest[0].policy
