@@ -3,6 +3,7 @@ the start rule (inline site file catalogue, or the journal's, or a clear error).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from controller.catalog.records import COLUMNS, Catalogue
 from controller.catalog.start import NoCatalogue, inline_catalogue, settle_catalogue, with_catalogue
 from controller.catalog.validate import parse
 from controller.config import ConfigError, JournalConfig, SiteConfig, load_site
-from controller.ports import ReadingRow
+from controller.ports import JournalError, ReadingRow
 from tests.sites import write_small_site
 
 LAYOUT_1 = Path(__file__).resolve().parents[1] / "data" / "journal-layout-1.sql"
@@ -256,3 +257,24 @@ def test_a_journal_catalogue_is_not_compared_again_at_start(
     finally:
         j.close()
     assert compared == []
+
+
+def test_an_audit_trim_that_fails_is_logged_and_the_start_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    site, text = _topology_site(tmp_path)
+    assert _replace_at(site.journal.path, _catalogue(site, text), 1_000_000.0) == 1
+
+    def failing(*args: object) -> int:
+        raise JournalError("the catalogue audit could not be trimmed: disk I/O error")
+
+    monkeypatch.setattr(catalog_store, "keep_audit", failing)
+    j = Journal(site.journal.path)
+    j.open()
+    try:
+        with caplog.at_level(logging.ERROR, logger="floorhand.catalog"):
+            assert settle_catalogue(site, j.db, 1, lambda: 2_000_000.0) == 1
+    finally:
+        j.close()
+    assert "the catalogue audit could not be trimmed: disk I/O error" in caplog.text
+    assert _audit_versions(site.journal.path) == [1] * 6
