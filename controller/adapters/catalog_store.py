@@ -72,45 +72,44 @@ def current_version(db: sqlite3.Connection) -> int:
 _POSITIVE_ZERO = 0.0
 
 
-class _Sharing:
-    """Equal values read back share one object: each row decodes into new strings and numbers,
-    while a catalogue repeats most of them (zones, formats, the scale and SKU ids a shelf names,
-    weights, tolerances, intervals). Only the columns that repeat (`shared_columns`), each with
-    the memo of its type: the rows hold what the import validated (an int column ints, a float
-    column floats), so ``1`` never becomes ``1.0``; a zero keeps its sign."""
+def _sharing(columns: dict[str, list[str]]) -> dict[str, Callable[[list[Any]], list[Any]]]:
+    """Per kind, what makes equal values of a row read back share one object: each row decodes
+    into new strings and numbers, while a catalogue repeats most of them (zones, formats, the
+    scale and SKU ids a shelf names, weights, tolerances, intervals). Only the columns that
+    repeat (`shared_columns`), each with the memo of its type: the rows hold what the import
+    validated (an int column ints, a float column floats), so ``1`` never becomes ``1.0``; a
+    zero keeps its sign. The row is changed in place and returned."""
+    strs = cast(dict[str, str], {}).setdefault
+    ints = cast(dict[int, int], {}).setdefault
+    floats = cast(dict[float, float], {}).setdefault
+    copysign = math.copysign
 
-    __slots__ = ("at", "floats", "ints", "strs")
+    def sharing(at: dict[type, tuple[int, ...]]) -> Callable[[list[Any]], list[Any]]:
+        str_at, int_at, float_at = at[str], at[int], at[float]
 
-    def __init__(self, columns: dict[str, list[str]]) -> None:
-        self.strs: dict[str, str] = {}
-        self.ints: dict[int, int] = {}
-        self.floats: dict[float, float] = {}
-        self.at = {k: shared_columns(k, columns.get(k, COLUMNS[k])) for k in KINDS}
+        def share(row: list[Any]) -> list[Any]:
+            for i in str_at:
+                x = row[i]
+                row[i] = strs(x, x)
+            for i in int_at:
+                x = row[i]
+                row[i] = ints(x, x)
+            for i in float_at:
+                x = row[i]
+                if x:
+                    row[i] = floats(x, x)
+                elif x is not None and copysign(1.0, x) > 0:
+                    row[i] = _POSITIVE_ZERO
+            return row
 
-    def row(self, kind: str, row: list[Any]) -> list[Any]:
-        """``row`` with its repeated values replaced by the shared equal ones."""
-        at = self.at[kind]  # type: ignore[index]
-        strs = self.strs.setdefault
-        for i in at[str]:
-            x = row[i]
-            row[i] = strs(x, x)
-        ints = self.ints.setdefault
-        for i in at[int]:
-            x = row[i]
-            row[i] = ints(x, x)
-        floats = self.floats.setdefault
-        for i in at[float]:
-            x = row[i]
-            if x:
-                row[i] = floats(x, x)
-            elif x is not None and math.copysign(1.0, x) > 0:
-                row[i] = _POSITIVE_ZERO
-        return row
+        return share
+
+    return {k: sharing(shared_columns(k, columns.get(k, COLUMNS[k]))) for k in KINDS}
 
 
 def load(db: sqlite3.Connection, *, share: bool = True) -> Catalogue | None:
     """The journal's catalogue, built without validation (it was validated when written);
-    ``None`` when the journal has none. ``share``: equal values share one object (`_Sharing`),
+    ``None`` when the journal has none. ``share``: equal values share one object (`_sharing`),
     for a catalogue kept (it costs about a quarter of the time of a load and saves a third of
     its memory); not for one compared and dropped."""
     version = current_version(db)
@@ -124,9 +123,11 @@ def load(db: sqlite3.Connection, *, share: bool = True) -> Catalogue | None:
     by_kind: dict[str, list[Model]] = {k: [] for k in KINDS}
     rows = db.execute("SELECT kind, body FROM catalog_records ORDER BY seq")
     if share:
-        shared = _Sharing(columns).row
+        shares = _sharing(columns)
+        steps = {k: (by_kind[k].append, build[k], shares[k]) for k in KINDS}
         for kind, body in rows:
-            by_kind[kind].append(build[kind](shared(kind, orjson.loads(body))))
+            append, built, shared = steps[kind]
+            append(built(shared(orjson.loads(body))))
     else:
         for kind, body in rows:
             by_kind[kind].append(build[kind](orjson.loads(body)))
