@@ -209,8 +209,9 @@ class AlertService:
         self._specs = shelf_specs
         self._topic_base = settings.topic_base
         self.targets: dict[str, AlertTarget] = {}
-        self._by_sku: dict[str, list[str]] = {}
-        self._by_shelf: dict[str, list[str]] = {}
+        self._by_shelf: dict[str, tuple[str, ...]] = {}
+        """Shelf id → the keys whose level it feeds (a tuple: one per shelf, 100k at a large
+        site)."""
         for target in settings.targets:
             self._add(target)
         self.alerts: AlertStates = AlertStates.unknown(self.targets)
@@ -232,9 +233,9 @@ class AlertService:
 
     def _add(self, target: AlertTarget) -> None:
         self.targets[target.key] = target
-        self._by_sku.setdefault(target.sku, []).append(target.key)
+        by_shelf = self._by_shelf
         for sid in target.shelves:
-            self._by_shelf.setdefault(sid, []).append(target.key)
+            by_shelf[sid] = (*by_shelf.get(sid, ()), target.key)
 
     def apply_targets(self, settings: AlertSettings) -> list[str]:
         """A new catalogue's targets (docs/catalogue.md, "Live changes"): a key that stays
@@ -246,7 +247,6 @@ class AlertService:
         ended = [k for k in old if k not in new and self.alerts[k].episode is not None]
         # In place: the read model holds these mappings.
         self.targets.clear()
-        self._by_sku.clear()
         self._by_shelf.clear()
         for target in settings.targets:
             self._add(target)
