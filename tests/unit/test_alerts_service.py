@@ -15,9 +15,9 @@ import pytest
 from controller.adapters.journal import Journal
 from controller.bus import Bus
 from controller.config import load_site
-from controller.domain.events import BusEvent
+from controller.domain.events import BusEvent, StockChanged
 from controller.domain.reorder import AlertState
-from controller.domain.stock import ShelfState
+from controller.domain.stock import ShelfState, ShelfStates, apply_weight
 from controller.services.alerts import AlertService, AlertSettings, AlertStates
 from controller.services.ingest import IngestService, IngestSettings, shelf_specs
 from devices.errors import DeviceUnavailable
@@ -292,3 +292,34 @@ def test_skus_with_one_reorder_rule_share_one_policy(tmp_path: Path) -> None:
     assert first.policy.reorder_point == 5
     assert all(t.policy.reorder_point == 10 for t in rest)
     assert first.policy is not rest[0].policy
+
+
+def test_the_pass_over_every_key_after_a_start_goes_in_slices(tmp_path: Path) -> None:
+    """After a start every key is evaluated once more, ``full_slice`` per tick (one pass over
+    100k keys held the loop ~1 s); a key that changes meanwhile is evaluated at once."""
+    site = load_site(write_small_site(tmp_path, mqtt_port=1, scales=25, dwell_s=0.0))
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.open()
+    try:
+        specs = shelf_specs(site)
+        states = ShelfStates(specs)
+        for sid, spec in specs.items():  # every shelf settled at 2 units: every SKU low
+            for k in range(3):
+                apply_weight(states[sid], spec, T0 + k, 700.0, T0 + k)
+        alerts = AlertService(
+            AlertSettings.from_site(site), journal, RecordingLink(), Bus().publish, states, specs
+        )
+        alerts.full_slice = 10
+        alerts.tick(T0 + 5)
+        assert alerts.evaluated == 10
+        assert [k for k, st in alerts.alerts.items() if st.episode] == [f"K{i}" for i in range(10)]
+        alerts.on_events([StockChanged("sh24", "K24", 2, 2, T0 + 5)])  # K24 changed: at once
+        alerts.tick(T0 + 6)
+        assert alerts.evaluated == 21
+        alerts.tick(T0 + 7)
+        assert alerts.evaluated == 26  # the last slice, K20..K24
+        alerts.tick(T0 + 8)
+        assert alerts.evaluated == 26  # nothing left, nothing changed
+        assert all(st.episode is not None for st in alerts.alerts.values())
+    finally:
+        journal.close()
