@@ -566,7 +566,28 @@ class ShelfTable:
             self.reset_window(row)
             status, reason = _AMBIGUOUS, _R_OVER_RANGE
         else:
-            settled, median_g, _spike = self.push(row, weight_g, spec)
+            n = self._wlen[row]
+            size = spec.settle_window
+            if n == size and not self._plen[row] and abs(weight_g - self._med[row]) <= spec.spike_g:
+                # `push`'s common case inlined (a full window, no suspect pending, no spike):
+                # the new value replaces the oldest.
+                base = row * self.width
+                pos = self._wpos[row]
+                win = self._win
+                win[base + pos] = weight_g
+                pos += 1
+                self._wpos[row] = pos if pos < size else 0
+                values: list[float] = win[base : base + n].tolist()
+                values.sort()
+                mid = n >> 1
+                median_g = values[mid] if n & 1 else (values[mid - 1] + values[mid]) / 2.0
+                settled = (
+                    n >= (size if size < 3 else 3) and values[-1] - values[0] <= spec.settle_band_g
+                )
+                self._med[row] = median_g
+                self._set[row] = settled
+            else:
+                settled, median_g, _spike = self.push(row, weight_g, spec)
             self._weight[row] = median_g
             if not settled:
                 status, reason = _SETTLING, _R_SETTLING
