@@ -362,6 +362,11 @@ class AlertService:
         if self._snoozed:
             self._expire_snoozes(now_s)
 
+    @property
+    def full_pass_pending(self) -> bool:
+        """The evaluation of every key after a start or a restore is not finished yet."""
+        return self._full_tick or bool(self._unevaluated)
+
     def figures(self) -> tuple[Mapping[str, int], list[Episode]]:
         """Keys per state and the active episodes (the health report): O(active episodes)."""
         alerts = self.alerts

@@ -316,8 +316,10 @@ def test_the_pass_over_every_key_after_a_start_goes_in_slices(tmp_path: Path) ->
         alerts.on_events([StockChanged("sh24", "K24", 2, 2, T0 + 5)])  # K24 changed: at once
         alerts.tick(T0 + 6)
         assert alerts.evaluated == 21
+        assert alerts.full_pass_pending
         alerts.tick(T0 + 7)
         assert alerts.evaluated == 26  # the last slice, K20..K24
+        assert not alerts.full_pass_pending
         alerts.tick(T0 + 8)
         assert alerts.evaluated == 26  # nothing left, nothing changed
         assert all(st.episode is not None for st in alerts.alerts.values())
