@@ -92,7 +92,9 @@ class MqttConfig(_Frozen):
     url: str = "mqtt://127.0.0.1:1883"
     """The broker, ``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (8883, TLS)."""
     client_id: Identifier = "floorhand"
-    """The controller's MQTT client id; the broker keeps its persistent session under it."""
+    """The controller's MQTT client id; the broker keeps its persistent session under it. The
+    pick commands have a session of their own under `<client_id>-picks` (a broker that accepts
+    only the 23 characters MQTT 3.1.1 guarantees needs a `client_id` of at most 17)."""
     protocol: Literal[4, 5] = 5
     """MQTT protocol version: 5 (MQTT 5) or 4 (3.1.1, for brokers without MQTT 5)."""
     username_env: str | None = "FLOORHAND_MQTT_USERNAME"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import ssl
@@ -64,7 +65,11 @@ RELEASE_CLAIM_S = 0.3
 """Bound on clearing the owner claim at a clean stop."""
 
 OWNER_GATE_S = 2.0
-"""PLC links start once the owner check is over, or after this long."""
+"""PLC links (and the command session) start once the owner check is over, or after this
+long."""
+
+COMMAND_RECEIVE_MAXIMUM = 100
+"""Unacknowledged pick commands the broker may send the command session at once."""
 
 _PACKAGES = ("controller", "devices")
 
@@ -72,6 +77,15 @@ _PACKAGES = ("controller", "devices")
 def command_topic(site: SiteConfig) -> str:
     """Where floor systems publish pick requests (replies on ``…/result``)."""
     return f"{site.mqtt.topic_prefix}/{site.site.id}/cmd/picks"
+
+
+COMMAND_CLIENT_SUFFIX = "-picks"
+"""The command session's client id is the site's ``[mqtt] client_id`` plus this."""
+
+
+def command_client_id(site: SiteConfig) -> str:
+    """The client id of the pick command session (docs/architecture.md, "Sessions")."""
+    return site.mqtt.client_id + COMMAND_CLIENT_SUFFIX
 
 
 def build_ssl_context(site: SiteConfig) -> ssl.SSLContext | None:
@@ -253,7 +267,7 @@ class Runtime:
             session_expiry_s=site.mqtt.session_expiry_s,
             clean_start=False,
             receive_maximum=site.mqtt.receive_maximum,
-            subscriptions=(*subscriptions(site), (command_topic(site), 1)),
+            subscriptions=subscriptions(site),
             max_packet_bytes=site.mqtt.max_payload_bytes + 1024,
         )
         self.link = MqttLink(
@@ -264,6 +278,21 @@ class Runtime:
             logger=logging.getLogger("floorhand.mqtt"),
         )
         self.owner.attach(self.link)
+        self._command_topic = command_topic(site)
+        # Pick commands have a session of their own, run by the control loop: reading,
+        # answering and acking a command waits behind no ingest group. Persistent like the
+        # main one (commands published while the controller is down are queued for it).
+        self.command_link = MqttLink(
+            dataclasses.replace(
+                session,
+                client_id=command_client_id(site),
+                subscriptions=((self._command_topic, 1),),
+                receive_maximum=min(site.mqtt.receive_maximum, COMMAND_RECEIVE_MAXIMUM),
+            ),
+            self._on_command_messages,
+            name="mqtt:picks",
+            logger=logging.getLogger("floorhand.mqtt.picks"),
+        )
         self.owner_probe = OwnerProbe(
             session,
             site_id=site.site.id,
@@ -319,6 +348,7 @@ class Runtime:
             publish_events=self.bus.publish,
             clock=clock,
             monotonic=time.monotonic,
+            command_link=self.command_link,
         )
         self.link.watch.add_listener(self.supervision.on_link_state)
         self.bus.add_listener(self.supervision.on_events)
@@ -349,10 +379,17 @@ class Runtime:
             control=self.control,
         )
         self.bus.add_listener(self.picking.on_events)
-        self._command_topic = command_topic(site)
+        self.command_link.watch.add_listener(self._on_command_link_state)
+        self._command_link_was_up = False  # of the main loop (`_command_link_up`)
+        self._command_early: list[tuple[int, list[Any]]] | None = None  # of the control loop
+        self.picking.add_settled_listener(self._release_command_early)
+        self.link.watch.add_listener(self._on_main_link_state)
         # Start-up: (link epoch, batch) held from the first pick command on, until the PLC
         # links had their first chance to connect (PickingService.devices_settled).
         self._early: list[tuple[int, list[Any]]] | None = None
+        self.commands_on_main_session = 0
+        """Pick commands the main session delivered (its broker session of a previous release
+        held the command topic's subscription): answered as the command session's are."""
         self.picking.add_settled_listener(self._to_main(self._release_early))
 
     # -- wiring -----------------------------------------------------------------------------------
@@ -373,6 +410,9 @@ class Runtime:
             log.warning("could not publish on %s: %s", topic, exc)
 
     def _on_messages(self, msgs: list[Any]) -> None:
+        # Pick commands reach the main session only from its broker session of a release
+        # before the command session (it held the subscription, and may hold queued
+        # commands): answered as before; the subscription is dropped (`_drop_legacy_sub`).
         probe, command = self.owner.probe_topic, self._command_topic
         special = (probe, command)
         if self._early is None and not any(m.topic in special for m in msgs):
@@ -390,6 +430,12 @@ class Runtime:
             self._hold_early(msgs)
             return
         if commands:
+            self.commands_on_main_session += len(commands)
+            if self.commands_on_main_session == len(commands):
+                log.info(
+                    "pick command(s) on the main session (subscribed by a previous release): "
+                    "answered here; the command session takes over"
+                )
             self._on_commands(commands)
             msgs = [m for m in msgs if m.topic != command]
         if msgs:
@@ -439,6 +485,65 @@ class Runtime:
             except DeviceError as exc:
                 log.error("could not publish a pick command result: %s", exc)
         self.link.ack([m.packet_id for m in msgs if m.packet_id], epoch)
+
+    # -- the command session (its callbacks run on the control loop) ----------------------------
+    def _on_command_messages(self, msgs: list[Any]) -> None:
+        """Pick commands on the command session, on the control loop: answered there, each
+        reply published and the command acknowledged by that session (after its order is
+        journaled: the desk commits before it answers). A command that arrives before the
+        PLC links had their first chance to connect waits for them, reading paused."""
+        if self._command_early is not None or not self.picking.devices_settled.is_set():
+            if self._command_early is None:
+                self._command_early = []
+                self.command_link.pause_reading()
+                log.info("pick command(s) before the PLC links are up: held until they are")
+            self._command_early.append((self.command_link.connection_number, msgs))
+            return
+        self._answer_commands(msgs, self.command_link.connection_number)
+
+    def _release_command_early(self) -> None:
+        early, self._command_early = self._command_early, None
+        if early is None:
+            return
+        for epoch, msgs in early:
+            if epoch == self.command_link.connection_number:  # else the broker redelivers
+                self._answer_commands(msgs, epoch)
+        self.command_link.resume_reading()
+
+    def _answer_commands(self, msgs: list[Any], epoch: int) -> None:
+        link = self.command_link
+        commands = [m for m in msgs if m.topic == self._command_topic and not m.retain]
+        for status, reply in (self.picking.on_command(m.payload) for m in commands):
+            try:
+                link.publish(
+                    f"{self._command_topic}/result",
+                    orjson.dumps({"status": status, **reply}),
+                    qos=1,
+                )
+            except DeviceError as exc:
+                log.error("could not publish a pick command result: %s", exc)
+        link.ack([m.packet_id for m in msgs if m.packet_id], epoch)
+
+    def _on_command_link_state(self, old: LinkState, new: LinkState) -> None:
+        if new is LinkState.UP:
+            ControlLoop.post_to(self._main_loop, self._command_link_up)
+
+    def _command_link_up(self) -> None:
+        """On the main loop: the command session holds the subscription now."""
+        self._command_link_was_up = True
+        self._drop_legacy_sub()
+
+    def _on_main_link_state(self, old: LinkState, new: LinkState) -> None:
+        if new is LinkState.UP:
+            self._drop_legacy_sub()
+
+    def _drop_legacy_sub(self) -> None:
+        """Unsubscribe the main session from the command topic (a session of a previous
+        release holds that subscription) once the command session holds it, so that no
+        command published meanwhile is lost; at every connect of the main session after
+        that (one packet; answered alike when there is nothing to drop)."""
+        if self._command_link_was_up and self.link.state is LinkState.UP:
+            self.link.unsubscribe([self._command_topic])
 
     def _after_commit(self, events: list[BusEvent]) -> None:
         self.alerts.on_events(events)
@@ -610,6 +715,7 @@ class Runtime:
     async def _run_control_tasks(self, reconcile: Sequence[Any]) -> None:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.picking.run(reconcile), name="picking")
+            tg.create_task(self._run_command_session(), name="mqtt:picks")
             for plc_id, plc in self.plcs.items():
                 tg.create_task(self._run_plc(plc), name=f"modbus:{plc_id}")
 
@@ -626,6 +732,12 @@ class Runtime:
         (docs/architecture.md, "One owner per site")."""
         await self.owner.check_before_connecting(self.owner_probe, self.link.config.backoff_max_s)
         await self.link.run()
+
+    async def _run_command_session(self) -> None:
+        """The pick command session (on the control loop), started with the PLC links: a
+        controller refused by the owner check never takes the owner's commands."""
+        await self._plcs_go.wait()
+        await self.command_link.run()
 
     async def _run_plc(self, plc: PlcHandle) -> None:
         """A PLC link (on the control loop), started once `_open_plc_gate` says so."""

@@ -131,6 +131,18 @@ class LinkPublic(_Public):
     last_error: str = Field(description="why the link last went down or failed to connect")
 
 
+class CommandLinkPublic(_Public):
+    """The pick command session (client id ``<client_id>-picks``)."""
+
+    state: Literal["connecting", "up", "down"] = Field(
+        description="not up: the status is degraded (mqtt:picks), the controller still ready"
+    )
+    since_s: float = Field(description="seconds in this state (as the main link's)")
+    session_present: bool
+    connects: int
+    last_error: str = Field(description="why the session last went down or failed to connect")
+
+
 class HistoryHealth(_Public):
     backend: str
     state: Literal["starting", "up", "down"]
@@ -184,6 +196,9 @@ class HealthPublic(_Public):
     )
     plcs: dict[str, PlcLinkSummary] = Field(
         default_factory=dict, description="per [[plcs]] entry: Modbus link state"
+    )
+    command_link: CommandLinkPublic | None = Field(
+        default=None, description="the MQTT session of the pick commands"
     )
 
 

@@ -97,6 +97,25 @@ class LinkCounters(Protocol):
     def retain_dropped(self) -> int: ...
 
 
+class SessionLink(Protocol):
+    """A second broker session as health sees it (the pick command session)."""
+
+    @property
+    def state(self) -> LinkState: ...
+
+    @property
+    def since(self) -> float: ...
+
+    @property
+    def session_present(self) -> bool: ...
+
+    @property
+    def last_error(self) -> str: ...
+
+    @property
+    def stats(self) -> LinkCounters: ...
+
+
 class BrokerLink(ReadPauser, Protocol):
     """The MQTT link as supervision sees it: its state and figures, and publishing."""
 
@@ -237,6 +256,18 @@ class MqttHealth(_Figures):
 
 
 @dataclass(frozen=True, slots=True)
+class CommandLinkHealth(_Figures):
+    """The pick command session (client id ``<client_id>-picks``): down makes the status
+    degraded (``mqtt:picks``), not the controller unready."""
+
+    state: LinkStateName
+    since_s: float
+    session_present: bool
+    connects: int
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
 class IngestHealth(_Figures):
     """Ingest counters, the outbox and backpressure."""
 
@@ -317,7 +348,7 @@ class HealthReport:
     """Started (journal open, state restored) and the broker link up."""
     degraded_by: tuple[str, ...]
     """Why the status is degraded: ``not ready``, ``backpressure``, ``journal``, ``history``,
-    ``plc:<id>``, ``mqtt warnings``; empty when ok (and while starting)."""
+    ``plc:<id>``, ``mqtt warnings``, ``mqtt:picks``; empty when ok (and while starting)."""
     site: str
     uptime_s: float
     mqtt: MqttHealth
@@ -328,6 +359,8 @@ class HealthReport:
     history: HistoryHealth | None
     plcs: Mapping[str, PlcView]
     bus_events: int
+    command_link: CommandLinkHealth | None = None
+    """The pick command session (None: a runtime without one)."""
 
     @property
     def stale_shelves(self) -> int:
@@ -335,8 +368,11 @@ class HealthReport:
 
     @property
     def links(self) -> dict[str, str]:
-        """State per link: ``mqtt``, then ``plc:<id>`` in site order."""
+        """State per link: ``mqtt``, ``mqtt:picks`` (the command session, when there is
+        one), then ``plc:<id>`` in site order."""
         out: dict[str, str] = {"mqtt": self.mqtt.state}
+        if self.command_link is not None:
+            out["mqtt:picks"] = self.command_link.state
         out.update({f"plc:{pid}": plc.link for pid, plc in self.plcs.items()})
         return out
 
@@ -349,8 +385,11 @@ def degraded_reasons(
     history_state: str | None,
     plc_links: Mapping[str, str],
     mqtt_warnings: Sequence[str],
+    command_link: str | None = None,
 ) -> tuple[str, ...]:
-    """The status rule: what makes a started controller degraded."""
+    """The status rule: what makes a started controller degraded. The command session
+    (``command_link``, its state) down is ``mqtt:picks``: degraded, still ready (ingest and
+    the HTTP picks do not need it)."""
     reasons: list[str] = []
     if not ready:
         reasons.append("not ready")
@@ -363,6 +402,8 @@ def degraded_reasons(
     reasons += [f"plc:{pid}" for pid, link in plc_links.items() if link != LinkState.UP.value]
     if mqtt_warnings:
         reasons.append("mqtt warnings")
+    if command_link is not None and command_link != LinkState.UP.value:
+        reasons.append("mqtt:picks")
     return tuple(reasons)
 
 
@@ -428,9 +469,11 @@ class SupervisionService:
         publish_events: Callable[[list[BusEvent]], None],
         clock: Callable[[], float],
         monotonic: Callable[[], float],
+        command_link: SessionLink | None = None,
     ) -> None:
         self.settings = settings
         self._link = link
+        self._command_link = command_link
         self.gate = gate
         self._journal = journal
         self._ingest = ingest
@@ -652,6 +695,7 @@ class SupervisionService:
         history = HistoryHealth.from_snapshot(hist) if hist is not None else None
         plcs = {view.id: view for view in self.plc_views()}
         warnings = tuple(link.warnings)
+        command = self._command_health()
         started = self.started.is_set()
         reasons = (
             degraded_reasons(
@@ -661,6 +705,7 @@ class SupervisionService:
                 history_state=history.state if history is not None else None,
                 plc_links={pid: p.link for pid, p in plcs.items()},
                 mqtt_warnings=warnings,
+                command_link=command.state if command is not None else None,
             )
             if started
             else ()
@@ -715,4 +760,17 @@ class SupervisionService:
             history=history,
             plcs=plcs,
             bus_events=self._bus.published,
+            command_link=command,
+        )
+
+    def _command_health(self) -> CommandLinkHealth | None:
+        link = self._command_link
+        if link is None:
+            return None
+        return CommandLinkHealth(
+            state=link_state_name(link.state),
+            since_s=self._monotonic() - link.since,
+            session_present=link.session_present,
+            connects=link.stats.connects,
+            last_error=link.last_error,
         )

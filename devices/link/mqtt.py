@@ -61,6 +61,7 @@ from devices.link.mqtt_codec import (
     encode_pubacks,
     encode_publish,
     encode_subscribe,
+    encode_unsubscribe,
     prop_int,
 )
 from devices.link.supervisor import LinkSupervisor, SessionTasks, describe_error
@@ -170,6 +171,7 @@ class MqttLinkStats:
     publish_errors: int = 0  # PUBACK with a failure reason code, or a packet the broker refuses
     qos_downgraded: int = 0  # QoS 1 publishes sent as QoS 0: the broker's Maximum QoS is 0
     retain_dropped: int = 0  # retained publishes sent without retain: Retain Available is 0
+    unsubacks: int = 0  # UNSUBACKs received (`MqttLink.unsubscribe`)
 
 
 def _check_config(cfg: MqttLinkConfig) -> None:
@@ -661,6 +663,20 @@ class MqttLink(LinkSupervisor):
             return
         self._enqueue(topic, payload, qos, retain)
 
+    def unsubscribe(self, topic_filters: Sequence[str]) -> bool:
+        """Send UNSUBSCRIBE for ``topic_filters`` on the current connection, without waiting
+        for the UNSUBACK (a filter the session does not hold is answered all the same);
+        whether it was sent (False while the link is down). Filters of the link's own
+        ``subscriptions`` come back at the next connect."""
+        conn = self._conn
+        if not topic_filters or conn is None or not conn.connected or conn.transport is None:
+            return False
+        packet = encode_unsubscribe(
+            self._allocate_packet_id(), topic_filters, self._config.protocol
+        )
+        conn.transport.write(packet)
+        return True
+
     def pause_reading(self) -> None:
         """Stop reading from the broker (backpressure) until `resume_reading`.
 
@@ -1000,7 +1016,7 @@ class MqttLink(LinkSupervisor):
                 self._resolve_expect(conn, conn.fatal)
             self._close(conn, f"broker sent DISCONNECT {detail}")
         elif packet_type == UNSUBACK:
-            pass
+            self.stats.unsubacks += 1
         else:
             raise ProtocolError(f"unexpected packet type {packet_type} from the broker")
 

@@ -362,6 +362,17 @@ def encode_subscribe(
     return _packet(0x82, b"".join(body))
 
 
+def encode_unsubscribe(packet_id: int, filters: Sequence[str], protocol: int) -> bytes:
+    """UNSUBSCRIBE from every filter in ``filters`` in one packet."""
+    if not filters:
+        raise ValueError("UNSUBSCRIBE needs at least one filter")
+    body = [packet_id.to_bytes(2, "big")]
+    if protocol == PROTOCOL_V5:
+        body.append(b"\x00")
+    body.extend(_str(topic_filter) for topic_filter in filters)
+    return _packet(0xA2, b"".join(body))
+
+
 def encode_publish(
     topic: str,
     payload: bytes,

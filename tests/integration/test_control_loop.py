@@ -128,7 +128,6 @@ async def test_a_blocked_ingest_loop_delays_no_heartbeat_and_no_pick_command(
                 seen["mailbox_write"] = sorter_writes.wait(
                     lambda: sorter_writes.count("mb_strobe") >= 1, BLOCK_LIMIT_S
                 )
-                seen["replies_while_blocked"] = len(watcher.messages)
 
             rt.bus.add_listener(block_ingest)
             assert sorter_writes.count("mb_strobe") == 0
@@ -148,8 +147,6 @@ async def test_a_blocked_ingest_loop_delays_no_heartbeat_and_no_pick_command(
             assert seen.get("blocked"), "the listener never ran"
             assert seen["heartbeats"], "heartbeats stopped while the ingest loop was blocked"
             assert seen["mailbox_write"], "the pick waited for the blocked ingest loop"
-            # The reply (published by the main loop) came only after the block ended.
-            assert seen["replies_while_blocked"] == 0
             assert reply["status"] == 201, reply
             assert conveyor.events_of("watchdog") == []
             assert sorter.events_of("watchdog") == []

@@ -190,6 +190,9 @@ async def floor(
         running(rt),
         httpx.AsyncClient(transport=transport, base_url="http://api") as client,
     ):
+        # Pick commands have a session of their own: a command published before its first
+        # SUBACK would find no subscription on a fresh broker.
+        await rt.command_link.watch.wait_for(LinkState.UP, 10)
         for plc_id, plc in rt.plcs.items():
             if sorter_port is None or plc_id != "sorter-1":
                 await plc.link.watch.wait_for(LinkState.UP, 10)

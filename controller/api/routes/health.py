@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from controller.api.deps import PUBLIC, ReadsDep
 from controller.api.schemas import (
+    CommandLinkPublic,
     HealthPublic,
     HistoryHealth,
     IngestStats,
@@ -40,6 +41,11 @@ def health_public(report: HealthReport) -> HealthPublic:
         plcs={
             pid: PlcLinkSummary.model_validate(plc.as_dict()) for pid, plc in report.plcs.items()
         },
+        command_link=(
+            CommandLinkPublic.model_validate(report.command_link.as_dict())
+            if report.command_link is not None
+            else None
+        ),
     )
 
 
