@@ -231,13 +231,15 @@ class RuntimeCollector(Collector):
 
         states = GaugeMetricFamily(
             "floorhand_link_state",
-            "1 for the current state of each link (mqtt, plc:<id>).",
+            "1 for the current state of each link (mqtt, mqtt:picks, plc:<id>).",
             labels=["link", "state"],
         )
         connects = CounterMetricFamily(
             "floorhand_link_connects", "Successful connects per link.", labels=["link"]
         )
         links = [("mqtt", mqtt.state, mqtt.connects)]
+        if (cmd := h.command_link) is not None:
+            links.append(("mqtt:picks", cmd.state, cmd.connects))
         links += [(f"plc:{pid}", plc.link, plc.connects) for pid, plc in sorted(h.plcs.items())]
         for name, state, n in links:
             for s in LinkState:

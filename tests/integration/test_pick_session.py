@@ -28,6 +28,7 @@ from tests.integration.test_control_loop import BLOCK_LIMIT_S, Written, plcs_in_
 from tests.integration.test_picking import floor, pick_command
 from tests.integration.test_sensing_e2e import PahoWatcher, readings
 from tests.mosquitto import MosquittoBroker, paho_publish
+from tests.sites import auth_headers
 from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.timeout(90)
@@ -154,6 +155,8 @@ async def test_the_sessions_and_their_subscriptions(
         assert "mqtt:picks" not in report.degraded_by
         r = await f.client.get("/api/v1/health")
         assert r.json()["command_link"]["state"] == "up", r.text
+        r = await f.client.get("/metrics", headers=auth_headers("engineer"))
+        assert 'floorhand_link_state{link="mqtt:picks",state="up"} 1.0' in r.text
 
 
 def test_a_command_session_down_degrades_but_leaves_the_controller_ready() -> None:
