@@ -529,9 +529,11 @@ class Runtime:
             ControlLoop.post_to(self._main_loop, self._command_link_up)
 
     def _command_link_up(self) -> None:
-        """On the main loop: the command session holds the subscription now."""
-        self._command_link_was_up = True
-        self._drop_legacy_sub()
+        """On the main loop: the command session holds the subscription now (from its first
+        connect on: its broker session keeps it)."""
+        if not self._command_link_was_up:
+            self._command_link_was_up = True
+            self._drop_legacy_sub()
 
     def _on_main_link_state(self, old: LinkState, new: LinkState) -> None:
         if new is LinkState.UP:
