@@ -668,8 +668,19 @@ class Journal:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
             raise _failure(what, exc) from exc
+        except BaseException:  # any other error of the block (a caller's check): no commit
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+            raise
         finally:
             writers.release()
+
+    def transaction(self, what: str) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction of this connection (BEGIN IMMEDIATE … COMMIT), taking turns
+        with the process's other connections; JournalError as for `commit`. For the short
+        transactions of a catalogue change written from a worker thread (catalog_store)."""
+        return self._transaction(what)
 
     @contextlib.contextmanager
     def _statement(self, what: str) -> Iterator[sqlite3.Connection]:

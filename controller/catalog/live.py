@@ -32,7 +32,7 @@ from controller.catalog.diff import CatalogueDiff, Change, diff
 from controller.catalog.formats import CatalogueInvalid, Format, Row, RowError, read_rows
 from controller.catalog.records import COLUMNS, KINDS, Catalogue, Kind, flat
 from controller.catalog.validate import validate
-from controller.config import SiteConfig
+from controller.config import ScaleConfig, SiteConfig
 from controller.domain.events import CatalogChanged
 from controller.domain.model import ShelfSpec
 from controller.ports import EventRow, JournalError
@@ -40,6 +40,7 @@ from controller.services.alerts import AlertSettings
 from controller.services.ingest import shelf_specs
 
 if TYPE_CHECKING:
+    from controller.adapters.journal import Journal
     from controller.runtime import Runtime
 
 VersionRow = catalog_store.VersionRow
@@ -80,6 +81,11 @@ LIVE_COLUMNS: Final[dict[Kind, frozenset[str]]] = {
     "shelf": THRESHOLD_COLUMNS["shelf"] | COUNTING_COLUMNS["shelf"] | {"location", "sku"},
 }
 """The columns a running controller takes without a restart (see the module docstring)."""
+
+WORKER_BUSY_TIMEOUT_S: Final = 2.0
+"""How long a short transaction of a change waits for its turn and for SQLite's write lock
+(each): ingest's commits hold them for milliseconds; a journal held longer by another writer
+fails the change (503, nothing changed) well within a client's patience."""
 
 PATCH_REMOVE: Final = "remove"
 """A PATCH record's key that removes the record (``{"kind": "sku", "id": "K9", "remove":
@@ -286,6 +292,79 @@ def _site_with(site: SiteConfig, after: Catalogue) -> tuple[SiteConfig, dict[str
     return with_after, shelf_specs(with_after)
 
 
+def _worker_connection(journal: Journal) -> Journal:
+    """A connection of the journal for the calling worker thread: its transactions take turns
+    with ingest's commits (`Journal.transaction`) and wait for them as the main one does."""
+    conn = journal.second_connection(busy_timeout_s=WORKER_BUSY_TIMEOUT_S)
+    conn.open_second()
+    return conn
+
+
+def _stage(
+    journal: Journal,
+    after: Catalogue,
+    changes: CatalogueDiff,
+    from_version: int,
+    actor: str,
+    detail: str,
+    clock: Callable[[], float],
+) -> catalog_store.Staged:
+    conn = _worker_connection(journal)
+    try:
+        return catalog_store.stage(
+            conn.transaction,
+            after,
+            changes,
+            from_version=from_version,
+            actor=actor,
+            source=API_SOURCE,
+            detail=detail,
+            clock=clock,
+        )
+    finally:
+        conn.close()
+
+
+def _finish(journal: Journal, staged: catalog_store.Staged) -> None:
+    conn = _worker_connection(journal)
+    try:
+        catalog_store.finish(conn.transaction, staged)
+    finally:
+        conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the apply of a change touches, made off the event loop (O(records)) so that the
+    apply on it is O(changed) where the services allow."""
+
+    alerts: AlertSettings
+    shelves: list[str]
+    """Shelves added or removed."""
+    scales: list[tuple[ScaleConfig | None, ScaleConfig | None]]
+    """Scales added, removed or changed: before, after."""
+    recount: list[str]
+    """Shelves whose spec may have changed: changed, on a changed SKU or scale."""
+
+
+def _apply_plan(
+    before: Catalogue, after: Catalogue, changes: CatalogueDiff, site: SiteConfig
+) -> _Plan:
+    shelves = [c.id for c in changes.changes if c.kind == "shelf" and c.op != "change"]
+    scale_ids = {c.id for c in changes.changes if c.kind == "scale"}
+    scales: list[tuple[ScaleConfig | None, ScaleConfig | None]] = []
+    if scale_ids:
+        old = {sc.id: sc for sc in before.scales if sc.id in scale_ids}
+        new = {sc.id: sc for sc in after.scales if sc.id in scale_ids}
+        scales = [(old.get(i), new.get(i)) for i in sorted(scale_ids)]
+    skus = {c.id for c in changes.changes if c.kind == "sku" and c.op == "change"}
+    changed = {c.id for c in changes.changes if c.kind == "shelf" and c.op == "change"}
+    recount = [
+        sh.id for sh in after.shelves if sh.id in changed or sh.sku in skus or sh.scale in scale_ids
+    ]
+    return _Plan(AlertSettings.from_site(site), shelves, scales, recount)
+
+
 class CatalogueEditor:
     """The catalogue in force on a running controller, and the one way to change it (on the
     event loop, the state owner: ingest, alerts and the read model see one catalogue)."""
@@ -359,15 +438,19 @@ class CatalogueEditor:
     async def apply(
         self, after: Catalogue, changes: CatalogueDiff, *, actor: str, detail: str
     ) -> Applied:
-        """Journal ``after`` as a new version (one transaction with its audit rows), apply it
-        to the running services and announce it. The caller holds ``lock``. ChangeRefused
-        (409) naming each open pick task a removed SKU or a moved shelf would strand;
-        JournalError when the journal cannot store it (nothing changed either way)."""
+        """Journal ``after`` as a new version with its audit rows (written in short
+        transactions from a worker thread, then swapped in by one short transaction:
+        catalog_store.stage, swap), apply it to the running services and announce it. The
+        caller holds ``lock``. ChangeRefused (409) naming each open pick task a removed SKU or
+        a moved shelf would strand;
+        JournalError when the journal cannot store it, ChangeRefused (409) when its catalogue
+        version moved meanwhile (nothing changed either way)."""
         rt = self._rt
         if not changes and self.current.same_records(after):
             return Applied(rt.catalogue_version, changes)
         # O(records) and pure: off the event loop, which ingest needs meanwhile.
         site, specs = await asyncio.to_thread(_site_with, rt.site, after)
+        plan = await asyncio.to_thread(_apply_plan, self.current, after, changes, site)
         desk_changes = [
             c
             for c in changes.changes
@@ -382,26 +465,33 @@ class CatalogueEditor:
                 frozenset(c.id for c in desk_changes if c.kind == "sku" and c.op == "remove"),
                 frozenset(c.id for c in desk_changes if c.kind == "shelf" and c.op != "add"),
             )
+        journal = rt.journal
         try:
-            version, _ = catalog_store.replace(
-                rt.journal.db, after, actor=actor, source=API_SOURCE, detail=detail, clock=rt.clock
+            # The records and audit rows written in short transactions from a worker thread
+            # (ingest commits between them); then one short transaction swaps them in, on the
+            # loop, so that no reading is counted between the journal's change and the apply.
+            staged = await asyncio.to_thread(
+                _stage, journal, after, changes, rt.catalogue_version, actor, detail, rt.clock
             )
-        except JournalError:
+            version = catalog_store.swap(journal.transaction, staged)
+        except JournalError as exc:
             if desk_changes:
                 await self._hand_to_desk(self.current, list(rt.specs.values()))
+            if isinstance(exc, catalog_store.VersionMoved):
+                raise ChangeRefused(409, str(exc)) from exc
             raise
         # From here on synchronous: no reading is counted against half a change.
         self.current = Catalogue(after.skus, after.scales, after.shelves, version=version)
         rt.catalogue_version = version
         rt.site = site
-        if any(
-            c.kind == "scale" or (c.kind == "shelf" and c.op != "change") for c in changes.changes
-        ):
-            rt.ingest.apply_topology(site.scales, specs)  # O(shelves + scales): only when needed
-        ended = rt.alerts.apply_targets(AlertSettings.from_site(rt.site))
+        if plan.shelves or plan.scales:
+            rt.ingest.apply_topology(
+                site.scales, specs, shelves=plan.shelves, scale_changes=plan.scales
+            )
+        ended = rt.alerts.apply_targets(plan.alerts)
         # Shelves whose counting columns or SKU changed recount (journaled and published as a
-        # calibration's recount is: the alerts see the new counts).
-        rt.ingest.recount_specs(specs, rt.clock())
+        # calibration's recount is: the alerts see the new counts). Only those are compared.
+        rt.ingest.recount_specs({sid: specs[sid] for sid in plan.recount}, rt.clock())
         counts = changes.counts()
         now = rt.clock()
         event = CatalogChanged(
@@ -431,4 +521,8 @@ class CatalogueEditor:
         rt.bus.publish([event])  # its listeners (alerts, the read model) run now
         if self._on_applied is not None:
             self._on_applied(after, changes)
+        try:
+            await asyncio.to_thread(_finish, journal, staged)
+        except JournalError as exc:  # the version is in force; the next change or start cleans
+            log.warning("catalogue version %d: the replaced records stay for now: %s", version, exc)
         return Applied(version, changes, tuple(ended))

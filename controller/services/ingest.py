@@ -660,34 +660,62 @@ class IngestService:
         else:
             self._gains[key] = cal.scale_factor
 
-    def apply_topology(self, scales: Sequence[ScaleConfig], new_base: dict[str, ShelfSpec]) -> None:
+    def apply_topology(
+        self,
+        scales: Sequence[ScaleConfig],
+        new_base: dict[str, ShelfSpec],
+        *,
+        shelves: Sequence[str] | None = None,
+        scale_changes: Sequence[tuple[ScaleConfig | None, ScaleConfig | None]] | None = None,
+    ) -> None:
         """A live catalogue change of which shelves and scales there are (docs/catalogue.md):
         a new shelf starts UNKNOWN, a removed one leaves (its state, calibration and channel
         with it), a new scale's readings are routed, a removed one's are unknown; the others
         keep their state (`recount_specs` then recounts those whose spec changed). Every
-        mapping is changed in place: alerts, the read model and picking hold them."""
-        for sid in [sid for sid in self.specs if sid not in new_base]:
-            del self.specs[sid]
+        mapping is changed in place: alerts, the read model and picking hold them.
+
+        ``shelves`` (the ids of the shelves the change added or removed) and ``scale_changes``
+        (each scale it added, removed or changed: before, after; None where absent) limit
+        the work to those, O(changed); None: every shelf and scale is looked at."""
+        if shelves is None:
+            shelves = [*self.specs, *(sid for sid in new_base if sid not in self.specs)]
+        for sid in [sid for sid in shelves if sid in self.specs and sid not in new_base]:
+            spec = self.specs.pop(sid)
             del self.base_specs[sid]
             del self.states[sid]
             self.calibrations.pop(sid, None)
-        for sid, base in new_base.items():
-            if sid not in self.base_specs:
+            key = (spec.scale_id, spec.channel)
+            held = self._by_channel.get(key)
+            if held is not None and held.shelf_id == sid:
+                del self._by_channel[key]
+                self._gains.pop(key, None)
+        for sid in shelves:
+            base = new_base.get(sid)
+            if base is not None and sid not in self.base_specs:
                 self.base_specs[sid] = base
                 self.specs[sid] = base
                 self.states.add(base)
-        self._by_channel.clear()
-        self._by_channel.update({(s.scale_id, s.channel): s for s in self.specs.values()})
-        for key in [k for k in self._gains if k not in self._by_channel]:
-            del self._gains[key]
-        wanted = {sc.id: sc for sc in scales}
-        for device in [d for d in self.devices if d not in wanted]:
-            del self.devices[device]
-        for sc in scales:
-            if sc.id not in self.devices:
-                self.devices[sc.id] = DeviceInfo(sc.id, sc.zone, sc.format)
-        self.routes.clear()
-        self.routes.update(_routes(self.settings, scales))
+                self._by_channel[(base.scale_id, base.channel)] = base
+        if scale_changes is None:
+            wanted = {sc.id: sc for sc in scales}
+            for device in [d for d in self.devices if d not in wanted]:
+                del self.devices[device]
+            for sc in scales:
+                if sc.id not in self.devices:
+                    self.devices[sc.id] = DeviceInfo(sc.id, sc.zone, sc.format)
+            self.routes.clear()
+            self.routes.update(_routes(self.settings, scales))
+            return
+        for old, new in scale_changes:
+            if old is not None:
+                for topic in _routes(self.settings, [old]):
+                    self.routes.pop(topic, None)
+                if new is None:
+                    self.devices.pop(old.id, None)
+            if new is not None:
+                self.routes.update(_routes(self.settings, [new]))
+                if new.id not in self.devices:
+                    self.devices[new.id] = DeviceInfo(new.id, new.zone, new.format)
 
     def recount_specs(self, new_base: dict[str, ShelfSpec], now_s: float) -> list[BusEvent]:
         """A live catalogue change of shelves' counting columns (tare, unit weight, tolerance,

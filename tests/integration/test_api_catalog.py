@@ -20,6 +20,7 @@ from websockets.typing import Subprotocol
 import controller.api.routes.catalog as catalog_routes
 import controller.catalog.live as catalog_live
 from controller.__main__ import main
+from controller.adapters import catalog_store
 from controller.bus import Subscription
 from controller.domain.events import CatalogChanged
 from devices.link.state import LinkState
@@ -299,19 +300,7 @@ async def test_a_journal_that_cannot_store_the_change_answers_503(server: OpsSer
 
 def _gated(fn: Callable[..., Any], gate: threading.Event) -> Callable[..., Any]:
     """``fn``, but waiting for ``gate`` first, and refusing to run on an event loop."""
-
-    def gated(*args: Any, **kwargs: Any) -> Any:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            pass
-        else:
-            raise AssertionError(f"{fn.__name__} runs on an event loop")
-        if not gate.wait(20.0):
-            raise AssertionError(f"{fn.__name__}: the test never opened the gate")
-        return fn(*args, **kwargs)
-
-    return gated
+    return _gated_at(fn, 1, gate, threading.Event())
 
 
 @pytest.mark.parametrize(
@@ -346,6 +335,112 @@ async def test_readings_are_applied_while_a_change_is_read_checked_and_answered(
     assert r.status_code == 200, r.text
     assert r.json()["counts"] == {"add": 0, "remove": 0, "change": 1}
     assert (await export(server))[0] == 2
+
+
+def _gated_at(
+    fn: Callable[..., Any], call: int, gate: threading.Event, reached: threading.Event
+) -> Callable[..., Any]:
+    """``fn`` refusing to run on an event loop; its ``call``-th call (1-based) sets
+    ``reached`` and waits for ``gate`` first."""
+    calls = 0
+
+    def gated(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError(f"{fn.__name__} runs on an event loop")
+        calls += 1
+        if calls == call:
+            reached.set()
+            if not gate.wait(20.0):
+                raise AssertionError(f"{fn.__name__}: the test never opened the gate")
+        return fn(*args, **kwargs)
+
+    return gated
+
+
+def _catalogue_tables(path: Path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("_dumps", 1),  # encoding the audit rows (and records) before any transaction
+        ("_write_slice", 2),  # between two short transactions of the records
+        ("_write_slice", 6),  # between the records' and the audit rows' transactions
+    ],
+)
+async def test_readings_are_applied_while_a_change_is_written_to_the_journal(
+    server: OpsServer, monkeypatch: pytest.MonkeyPatch, name: str, call: int
+) -> None:
+    """The journal write of a change runs off the event loop in short transactions: held
+    between two of them, ingest's commits go on (readings applied), the journal still holds
+    the old catalogue whole for its readers; then the change completes and the staging is
+    gone."""
+    rt = server.rt
+    path = rt.site.journal.path
+    _, records = await export(server)
+    sku_of(records, "K1")["reorder_point"] = 11
+    monkeypatch.setattr(catalog_store, "SLICE_ROWS", 2)  # 9 records: 5 slices, then the audit
+    gate, reached = threading.Event(), threading.Event()
+    monkeypatch.setattr(
+        catalog_store, name, _gated_at(getattr(catalog_store, name), call, gate, reached)
+    )
+    async with server.client("engineer") as c:
+        put = asyncio.create_task(
+            c.put("/api/v1/catalog", content=jsonl(records), headers={"Content-Type": JSONL})
+        )
+        try:
+            assert await asyncio.to_thread(reached.wait, 20.0), f"{name} call {call} not reached"
+            await server.publish("s2", grams(25))  # journaled and applied while the PUT waits
+            assert rt.ingest.states["sh2"].units == 25
+            assert not put.done()
+            stored = catalog_store.read_journal(path)
+            assert stored is not None
+            assert stored.version == 1
+            assert next(s for s in stored.skus if s.id == "K1").reorder_point == 10
+            assert len(stored) == 9
+            assert catalog_store.version_audit(rt.journal.db, 2) == []
+        finally:
+            gate.set()
+        r = await put
+    assert r.status_code == 200, r.text
+    assert r.json()["counts"] == {"add": 0, "remove": 0, "change": 1}
+    version, now = await export(server)
+    assert version == 2
+    assert sku_of(now, "K1")["reorder_point"] == 11
+    stored = catalog_store.read_journal(path)
+    assert stored is not None
+    assert stored.version == 2
+    assert len(stored) == 9
+    assert [a["id"] for a in catalog_store.version_audit(rt.journal.db, 2)] == ["K1"]
+    tables = _catalogue_tables(path)
+    assert {"catalog_records", "catalog_versions", "catalog_audit"} <= tables
+    assert not {t for t in tables if t.startswith("catalog_records_")}
+
+
+async def test_a_change_whose_journal_version_moved_meanwhile_is_refused_409(
+    server: OpsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def moved(*args: Any) -> Any:
+        raise catalog_store.VersionMoved(1, 2)
+
+    monkeypatch.setattr(catalog_live, "_stage", moved)
+    new_sku = {"kind": "sku", "id": "K9", "reorder_point": 1, "safety_stock": 0, "max_stock": 5}
+    r = await patch(server, [new_sku])
+    assert_problem(r, 409, "the catalogue changed meanwhile (version 1 -> 2)")
+    version, records = await export(server)
+    assert version == 1
+    assert "K9" not in {r["id"] for r in records}
+    assert "K9" not in server.rt.picking.desk.skus
 
 
 # -- live rules ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from controller.adapters import catalog_store
 from controller.adapters.journal import SCHEMA_VERSION, Journal
+from controller.catalog.diff import diff
 from controller.catalog.records import COLUMNS, Catalogue
 from controller.catalog.start import NoCatalogue, inline_catalogue, settle_catalogue, with_catalogue
 from controller.catalog.validate import parse
@@ -278,3 +280,129 @@ def test_an_audit_trim_that_fails_is_logged_and_the_start_goes_on(
         j.close()
     assert "the catalogue audit could not be trimmed: disk I/O error" in caplog.text
     assert _audit_versions(site.journal.path) == [1] * 6
+
+
+# -- a live change: staged in short transactions, swapped in by one ---------------------------
+
+
+def _dump(db: sqlite3.Connection) -> dict[str, Any]:
+    """What a reader of the journal sees of its catalogue (records in order, versions, audit)."""
+    return {
+        "records": db.execute("SELECT kind, id, body FROM catalog_records ORDER BY seq").fetchall(),
+        "versions": [
+            (v.version, v.actor, v.added, v.removed, v.changed) for v in catalog_store.versions(db)
+        ],
+        "audit": db.execute(
+            "SELECT version, ts, actor, source, kind, record_id, op, before, after "
+            "FROM catalog_audit ORDER BY id"
+        ).fetchall(),
+        "columns": db.execute("SELECT value FROM meta WHERE key = 'catalog_columns'").fetchone(),
+    }
+
+
+def _staged_write(
+    j: Journal, before: Catalogue, after: Catalogue, from_version: int | None = None
+) -> int:
+    staged = catalog_store.stage(
+        j.transaction,
+        after,
+        diff(before, after),
+        from_version=before.version if from_version is None else from_version,
+        actor="bob",
+        source="import",
+        detail="c.csv",
+        clock=lambda: 1000.0,
+    )
+    version = catalog_store.swap(j.transaction, staged)
+    catalog_store.finish(j.transaction, staged)
+    return version
+
+
+def test_a_staged_change_writes_what_one_transaction_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stage + swap + finish (short transactions, 2 rows each here) leave the journal as
+    `replace` (one transaction) does: records in the new file's order, the version row, the
+    audit rows; several changes in a row (the index of the records changes name each time)."""
+    monkeypatch.setattr(catalog_store, "SLICE_ROWS", 2)
+    site, text = _topology_site(tmp_path, scales=3)
+    first = _catalogue(site, text)
+    edits = [
+        text.replace("sku,K1,10,3,40", "sku,K1,12,3,40"),
+        text.replace("shelf,sh1,,,,,Z,,,s1,K1,100.0,500.0,40\n", ""),
+        text.replace("sku,K2,10,3,40", "sku,K2,9,3,40"),
+    ]
+    dumps: dict[str, list[dict[str, Any]]] = {}
+    for way in ("one", "staged"):
+        path = tmp_path / f"{way}.sqlite"
+        _replace(path, first)
+        j = Journal(path)
+        j.open()
+        try:
+            for edit in edits:
+                cat = _catalogue(site, edit)
+                if way == "one":
+                    catalog_store.replace(
+                        j.db,
+                        cat,
+                        actor="bob",
+                        source="import",
+                        detail="c.csv",
+                        clock=lambda: 1000.0,
+                    )
+                else:
+                    current = catalog_store.load(j.db)
+                    assert current is not None
+                    assert _staged_write(j, current, cat) == current.version + 1
+                dumps.setdefault(way, []).append(_dump(j.db))
+            tables = {r[0] for r in j.db.execute("SELECT name FROM sqlite_master")}
+            assert not {t for t in tables if t.startswith("catalog_records_") and "_id" not in t}
+            assert j.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        finally:
+            j.close()
+        stored = catalog_store.read_journal(path)
+        assert stored is not None
+        assert stored.version == 4
+        assert stored.same_records(_catalogue(site, edits[-1]))
+    assert dumps["staged"] == dumps["one"]
+
+
+def test_a_change_planned_against_another_version_is_refused_and_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    site, text = _topology_site(tmp_path)
+    path = site.journal.path
+    first = _catalogue(site, text)
+    _replace(path, first)
+    changed = _catalogue(site, text.replace("sku,K1,10,3,40", "sku,K1,12,3,40"))
+    j = Journal(path)
+    j.open()
+    try:
+        current = catalog_store.load(j.db)
+        assert current is not None
+        kept = _dump(j.db)
+        with pytest.raises(catalog_store.VersionMoved, match=r"version 0 -> 1"):
+            _staged_write(j, current, changed, from_version=0)
+        assert _dump(j.db) == kept
+        # Moved between the staging and the swap (by a writer that first removes what is
+        # staged, as every catalogue write does): the swap refuses.
+        staged = catalog_store.stage(
+            j.transaction,
+            changed,
+            diff(current, changed),
+            from_version=1,
+            actor="bob",
+            source="api",
+            detail="PUT",
+        )
+        catalog_store.replace(j.db, changed, actor="carol", source="import", detail="c.csv")
+        moved = _dump(j.db)
+        with pytest.raises(catalog_store.VersionMoved, match=r"version 1 -> 2"):
+            catalog_store.swap(j.transaction, staged)
+        assert _dump(j.db) == moved
+        audit = catalog_store.version_audit(j.db, 2)
+        assert [(a["id"], a["op"]) for a in audit] == [("K1", "change")]
+        assert [a["actor"] for a in catalog_store.audit(j.db, "sku", "K1")][-1:] == ["carol"]
+        assert not catalog_store.clean_staged(j.db)
+    finally:
+        j.close()

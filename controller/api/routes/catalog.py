@@ -3,8 +3,10 @@
 
 Engineers change anything, supervisors thresholds only. A change is all or nothing: every bad
 row and column is in the 422 problem body (``errors``). ``?dry_run=true`` answers the diff and
-changes nothing. Handlers are ``async def``: they run on the event loop (the state owner), so a
-change never interleaves with an ingest commit.
+changes nothing. Handlers are ``async def``: they run on the event loop (the state owner); the
+O(records) steps of a change (reading, validating, comparing, the journal's staging, the answer)
+run in worker threads, and the change is swapped into the journal and applied in one step on the
+loop, so no ingest commit counts a reading against half a change (controller/catalog/live.py).
 """
 
 from __future__ import annotations
