@@ -207,6 +207,29 @@ def _model(cls: type[BaseModel], values: dict[str, Any], fields: _AllFields) -> 
     return model
 
 
+def _compact_dicts(fields: tuple[str, ...]) -> Callable[[list[Any]], dict[str, Any]]:
+    """A maker of ``dict(zip(fields, row))`` for rows of exactly ``len(fields)`` values, as a
+    key-sharing dict: the instance dict of an object whose attributes were set in ``fields``'
+    order shares one key table with every other such dict (CPython's split dicts), ~185 bytes
+    for a shelf's 11 fields against ~470 for a dict of its own (about 50 MB at 100k SKUs +
+    scales + shelves). A record's dict is never changed (the models are frozen); changing it
+    would only turn it into an ordinary dict."""
+    width = len(fields)
+
+    class Values:
+        def __init__(self, row: list[Any]) -> None:
+            for name, value in zip(fields, row, strict=True):
+                setattr(self, name, value)
+
+    def make(row: list[Any]) -> dict[str, Any]:
+        if len(row) != width:
+            raise ValueError(f"a row of {len(row)} values for {width} fields")
+        values: dict[str, Any] = Values(row).__dict__
+        return values
+
+    return make
+
+
 def construct(kind: Kind, record: dict[str, Any]) -> Model:
     """The model of a record validated before (read back from the journal, every column
     present): no validation. ``record`` is consumed."""
@@ -236,18 +259,15 @@ def builder(kind: Kind, columns: Sequence[str]) -> Callable[[list[Any]], Model]:
     cls = MODELS[kind]
     fields = tuple(cls.model_fields)
     shared = _all_fields(cls)
+    values_of = _compact_dicts(fields)
     if kind == "sku" and names == fields:
-        return lambda row: cast(
-            SkuConfig, _model(SkuConfig, dict(zip(fields, row, strict=True)), shared)
-        )
+        return lambda row: cast(SkuConfig, _model(SkuConfig, values_of(row), shared))
     if kind == "scale" and names == fields:
         at = fields.index("esphome_sensors")
 
         def scale(row: list[Any]) -> Model:
             row[at] = tuple(row[at]) if row[at] else ()
-            return cast(
-                ScaleConfig, _model(ScaleConfig, dict(zip(fields, row, strict=True)), shared)
-            )
+            return cast(ScaleConfig, _model(ScaleConfig, values_of(row), shared))
 
         return scale
     if kind == "shelf" and names == (*fields[:-1], *SHELF_REORDER) and fields[-1] == "reorder":
@@ -266,9 +286,7 @@ def builder(kind: Kind, columns: Sequence[str]) -> Callable[[list[Any]], Model]:
                     values = {"reorder_point": key[0], "safety_stock": key[1]}
                     reorder = reorders[key] = _model(ShelfReorderConfig, values, reorder_fields)
                 row.append(reorder)
-            return cast(
-                ShelfConfig, _model(ShelfConfig, dict(zip(fields, row, strict=True)), shared)
-            )
+            return cast(ShelfConfig, _model(ShelfConfig, values_of(row), shared))
 
         return shelf
     return lambda row: construct(kind, dict(zip(names, row, strict=True)))
