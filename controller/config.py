@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -390,6 +390,13 @@ class SkuConfig(_Frozen):
     pack_multiple: Annotated[int, Field(ge=1, le=1_000_000)] = 1
     """Suppliers sell in packs of this many units: a suggested order quantity is rounded up to a
     whole number of packs (it may then go above ``max_stock`` by less than one pack)."""
+    unit_weight_g: PositiveFloat | None = None
+    """Weight of one unit, for this SKU's shelves that give none of their own (a shelf's
+    ``unit_weight_g`` wins). Filled into those shelves when the catalogue is read (a file, the
+    site file, an API change); changing it later changes no shelf."""
+    tolerance_frac: Annotated[float, Field(gt=0, le=0.5)] | None = None
+    """Counting tolerance for this SKU's shelves that give none of their own (unset: 0.3);
+    filled in as ``unit_weight_g`` is."""
 
     @model_validator(mode="after")
     def _thresholds(self) -> Self:
@@ -467,14 +474,16 @@ class ShelfConfig(_Frozen):
     sku: Identifier
     """The SKU (``[[skus]]`` id) stocked here."""
     unit_weight_g: PositiveFloat
-    """Weight of one unit."""
+    """Weight of one unit: required here, or on the shelf's SKU (a shelf that gives none takes
+    its SKU's ``unit_weight_g``)."""
     tare_g: NonNegFloat = 0.0
     """Weight of the empty shelf (bin, tray) on the scale."""
     capacity_units: Annotated[int, Field(gt=0)]
     """Units that fit; a full shelf must be within the scale's ``max_weight_g``."""
     tolerance_frac: Annotated[float, Field(gt=0, le=0.5)] = 0.3
     """Counting tolerance: ``(weight - tare) / unit_weight`` counts when within this fraction of
-    a unit of a whole number, else the shelf is AMBIGUOUS (``between_units``)."""
+    a unit of a whole number, else the shelf is AMBIGUOUS (``between_units``). A shelf that
+    gives none takes its SKU's ``tolerance_frac`` when set."""
     reorder: ShelfReorderConfig | None = None
     """Optional per-shelf reorder policy (``[shelves.reorder]``): alerts keyed by shelf instead
     of SKU."""
@@ -584,6 +593,24 @@ def _check_routes(site: SiteConfig, errors: list[tuple[str, str]]) -> None:
         lanes_used[key] = i
 
 
+SKU_DEFAULTS: Final = ("unit_weight_g", "tolerance_frac")
+"""A shelf's columns that its SKU may give for it (``[[skus]]``, a ``sku`` row)."""
+
+
+def with_sku_defaults(shelf: Mapping[str, Any], sku: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """``shelf`` (the raw values of a ``[[shelves]]`` table or ``shelf`` row) with each of
+    `SKU_DEFAULTS` it leaves out (or empty) taken from its SKU's raw values, when the SKU gives
+    it; ``shelf`` itself when nothing is taken."""
+    if sku is None:
+        return shelf
+    taken = {
+        name: sku[name]
+        for name in SKU_DEFAULTS
+        if shelf.get(name) in (None, "") and sku.get(name) not in (None, "")
+    }
+    return {**shelf, **taken} if taken else shelf
+
+
 class SiteConfig(_Frozen):
     site: SiteInfo
     """The site itself (``[site]``)."""
@@ -611,6 +638,25 @@ class SiteConfig(_Frozen):
     """Pack stations (``[[pack_stations]]``)."""
     picking: PickingConfig = PickingConfig()
     """Picking (``[picking]``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shelves_take_their_skus_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("shelves"), list | tuple):
+            skus = data.get("skus")
+            by_id = {
+                s["id"]: s
+                for s in (skus if isinstance(skus, list | tuple) else ())
+                if isinstance(s, dict) and "id" in s
+            }
+            data = {
+                **data,
+                "shelves": [
+                    with_sku_defaults(sh, by_id.get(sh.get("sku"))) if isinstance(sh, dict) else sh
+                    for sh in data["shelves"]
+                ],
+            }
+        return data
 
     @model_validator(mode="after")
     def _cross_check(self) -> Self:

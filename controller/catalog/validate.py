@@ -8,7 +8,7 @@ Every problem is reported with its row's line and column; none stops the others 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, cast
 
 from pydantic import ValidationError
@@ -32,7 +32,14 @@ from controller.catalog.records import (
     Model,
     model_input,
 )
-from controller.config import ScaleConfig, ShelfConfig, SkuConfig, catalogue_problems
+from controller.config import (
+    SKU_DEFAULTS,
+    ScaleConfig,
+    ShelfConfig,
+    SkuConfig,
+    catalogue_problems,
+    with_sku_defaults,
+)
 
 _REORDER_COLUMN = {v: k for k, v in SHELF_REORDER.items()}
 _ALLOWED = {kind: frozenset(COLUMNS[kind]) for kind in KINDS}
@@ -53,8 +60,12 @@ def _column(kind: Kind, loc: tuple[int | str, ...], message: str) -> str:
     return head
 
 
-def _row_model(row: Row, errors: list[RowError]) -> tuple[Kind, Model] | None:
-    cells = row.cells
+def _row_model(
+    row: Row, errors: list[RowError], skus: Mapping[str, Mapping[str, Any]] | None = None
+) -> tuple[Kind, Model] | None:
+    cells: Mapping[str, Any] = row.cells
+    if skus and cells.get("kind") == "shelf":
+        cells = with_sku_defaults(cells, skus.get(str(cells.get("sku"))))
     raw_kind = cells.get("kind")
     ident = str(cells.get("id", ""))
     if raw_kind not in KINDS:
@@ -78,7 +89,11 @@ def _row_model(row: Row, errors: list[RowError]) -> tuple[Kind, Model] | None:
             msg = err["msg"].removeprefix("Value error, ")
             column = _column(kind, err["loc"], msg)
             if err["type"] == "missing":
-                msg = "required"
+                msg = (
+                    f"required (on the shelf, or on its SKU {record.get('sku')})"
+                    if kind == "shelf" and column in SKU_DEFAULTS
+                    else "required"
+                )
             elif "input" in err and column != "-" and not isinstance(err["input"], dict):
                 msg = f"{msg} (got {err['input']!r})"
             errors.append(RowError(row.line, column, msg, kind=kind, id=ident))
@@ -115,10 +130,16 @@ def validate(
     errors: list[RowError] = list(errors_so_far)
     kept: dict[Kind, list[tuple[int, Model]]] = {k: [] for k in KINDS}
     rejected: dict[Kind, set[str]] = {k: set() for k in KINDS}
+    # A shelf row that leaves out its unit weight or tolerance takes its SKU's (any line).
+    skus_given = {
+        str(row.cells.get("id")): row.cells
+        for row in rows
+        if row.cells.get("kind") == "sku" and any(row.cells.get(c) for c in SKU_DEFAULTS)
+    }
     for n, row in enumerate(rows, start=1):
         if progress is not None and n % PROGRESS_EVERY_ROWS == 0:
             progress(n)
-        found = _row_model(row, errors)
+        found = _row_model(row, errors, skus_given)
         if found is None:
             kind = row.cells.get("kind")
             if kind in KINDS and "id" in row.cells:

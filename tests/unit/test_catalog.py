@@ -15,7 +15,8 @@ from controller.catalog.formats import CatalogueInvalid
 from controller.catalog.records import HEADER, Catalogue
 from controller.catalog.start import inline_catalogue
 from controller.catalog.validate import parse, validate
-from controller.config import load_site
+from controller.config import ConfigError, load_site
+from tests.sites import UNIT_G, write_small_site
 
 DEMO = Path(__file__).resolve().parents[2] / "firmware-configs" / "sites" / "demo.toml"
 ZONES = {"Z"}
@@ -200,3 +201,51 @@ def test_lines_are_counted_in_the_file_across_quoted_newlines_and_blank_lines() 
         "sku,K3,y,1,0,5,9\n"  # line 6
     )
     assert _errors(text) == {(4, "reorder_point"), (6, "-")}
+
+
+def test_a_shelf_that_gives_no_unit_weight_or_tolerance_takes_its_skus() -> None:
+    """The issue's SKU columns include unit weight and tolerance: a SKU may give them for its
+    shelves (a shelf's own value wins), in any line order; a shelf with neither is named."""
+    text = """kind,id,reorder_point,safety_stock,max_stock,zone,max_weight_g,scale,sku,\
+unit_weight_g,tolerance_frac,capacity_units
+shelf,sh1,,,,Z,,s1,K1,,,40
+shelf,sh2,,,,Z,,s2,K1,80,0.1,40
+sku,K1,10,3,40,,,,,250,0.2,
+sku,K2,10,3,40,,,,,,,
+scale,s1,,,,Z,20000,,,,,
+scale,s2,,,,Z,20000,,,,,
+scale,s3,,,,Z,20000,,,,,
+shelf,sh3,,,,Z,,s3,K2,,,40
+"""
+    with pytest.raises(CatalogueInvalid) as err:
+        _load(text)
+    (problem,) = err.value.errors
+    assert (problem.line, problem.column) == (9, "unit_weight_g")
+    assert problem.message == "required (on the shelf, or on its SKU K2)"
+    cat = _load(text.replace("shelf,sh3,,,,Z,,s3,K2,,,40", "shelf,sh3,,,,Z,,s3,K2,50,,40"))
+    sh1, sh2, sh3 = cat.shelves
+    assert (sh1.unit_weight_g, sh1.tolerance_frac) == (250.0, 0.2)  # the SKU's
+    assert (sh2.unit_weight_g, sh2.tolerance_frac) == (80.0, 0.1)  # its own
+    assert (sh3.unit_weight_g, sh3.tolerance_frac) == (50.0, 0.3)  # K2 gives none: default
+    assert (cat.skus[0].unit_weight_g, cat.skus[1].unit_weight_g) == (250.0, None)
+    back = _load(_write(cat, "csv"))  # exported with the values filled in: the same records
+    assert back.same_records(cat)
+
+
+def test_site_file_shelves_take_their_skus_unit_weight_and_tolerance(tmp_path: Path) -> None:
+    """The same in the site file: a ``[[shelves]]`` table without ``unit_weight_g`` takes its
+    ``[[skus]]`` table's, and one without either does not load, naming the field."""
+    path = write_small_site(tmp_path, mqtt_port=1883, scales=2)
+    text = path.read_text(encoding="utf-8").replace(f"unit_weight_g = {UNIT_G}\n", "")
+    text = text.replace('id = "K0"\n', 'id = "K0"\nunit_weight_g = 123.0\ntolerance_frac = 0.25\n')
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as err:  # K1 gives none: sh1 has no unit weight
+        load_site(path)
+    assert any("unit_weight_g" in where for where, _ in err.value.errors)
+    text = text.replace('id = "K1"\n', 'id = "K1"\nunit_weight_g = 50.0\n')
+    path.write_text(text, encoding="utf-8")
+    site = load_site(path)
+    assert [(s.unit_weight_g, s.tolerance_frac) for s in site.shelves] == [
+        (123.0, 0.25),
+        (50.0, 0.3),
+    ]
