@@ -74,7 +74,20 @@ class ShelfCount:
 
     @classmethod
     def of(cls, state: ShelfView) -> ShelfCount:
-        return cls(state.units, state.status)
+        """The count of ``state``: one shared object per (units, status), since frozen (a
+        site of 100k shelves holds a few hundred of them, not 100k)."""
+        key = (state.units, state.status)
+        count = _COUNTS.get(key)
+        if count is None:
+            if len(_COUNTS) >= _MAX_SHARED_COUNTS:
+                return cls(*key)
+            count = _COUNTS[key] = cls(*key)
+        return count
+
+
+_COUNTS: dict[tuple[int | None, ShelfStatus], ShelfCount] = {}
+_MAX_SHARED_COUNTS = 100_000
+"""Bound of the shared counts (units × statuses seen); beyond it a count is its own object."""
 
 
 def topology(site: SiteConfig) -> Topology:

@@ -20,7 +20,7 @@ from controller.domain.stock import ShelfState
 from controller.services.ingest import shelf_specs
 from controller.services.order_desk import PickRefused
 from controller.services.pick_wire import status_of
-from controller.services.picking import PickingService, PickRequest
+from controller.services.picking import PickingService, PickRequest, ShelfCount
 from devices.link.state import LinkState
 from tests.sites import write_small_site
 
@@ -387,3 +387,14 @@ def test_the_mqtt_command_and_the_api_share_one_pick_schema() -> None:
     assert issubclass(PickCommand, PickIn)
     assert set(PickCommand.model_fields) == {*PickIn.model_fields, "idempotency_key"}
     assert "orjson.loads" not in inspect.getsource(picking)
+
+
+def test_equal_shelf_counts_are_one_object() -> None:
+    """The control loop's copy of every shelf's count: 100k shelves at a large site hold a few
+    hundred distinct (units, status) pairs, one frozen object each."""
+    a = ShelfCount.of(SimpleNamespace(units=7, status=ShelfStatus.OK))
+    b = ShelfCount.of(SimpleNamespace(units=7, status=ShelfStatus.OK))
+    c = ShelfCount.of(SimpleNamespace(units=7, status=ShelfStatus.STALE))
+    assert a is b
+    assert (a.units, a.status, c.status) == (7, ShelfStatus.OK, ShelfStatus.STALE)
+    assert c is not a
