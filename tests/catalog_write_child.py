@@ -20,7 +20,7 @@ from controller.adapters import catalog_store
 from controller.adapters.journal import Journal
 from controller.catalog.diff import diff
 from controller.catalog.live import patched
-from controller.catalog.records import flat
+from controller.catalog.records import KINDS, flat
 
 
 def main(path: str, point: str) -> None:
@@ -33,8 +33,8 @@ def main(path: str, point: str) -> None:
     zones = {sc.zone for sc in current.scales}
     after = patched(current, orjson.dumps(body), None, zones, "child")
     changes = diff(current, after)
-    n_record_slices = -(-len(after) // 2)
-    at = {"records": 2, "audit": n_record_slices + 2}.get(point)
+    record_slices = sum(-(-len(after.records(kind)) // 2) for kind in KINDS)
+    at = {"records": 2, "audit": record_slices + 2}.get(point)
     calls = 0
     write_slice = catalog_store._write_slice
 

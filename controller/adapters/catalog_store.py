@@ -495,18 +495,6 @@ def stage(
     cannot be written (what was staged stays until `clean_staged`)."""
     version = from_version + 1
     now = clock()
-    # Encoded before any transaction: the transactions only write.
-    known = {(c.kind, c.id): c.after for c in changes.changes if c.after is not None}
-    records: list[tuple[str, str, bytes]] = []
-    for kind in KINDS:
-        columns = COLUMNS[kind]
-        for model in catalogue.records(kind):
-            rec = known.get((kind, model.id)) or flat(kind, model)
-            records.append((kind, model.id, orjson.dumps([rec[c] for c in columns])))
-    audit_rows = [
-        (version, now, actor, source, c.kind, c.id, c.op, _dumps(c.before), _dumps(c.after))
-        for c in changes.changes
-    ]
     with tx("the catalogue change could not be staged") as db:
         _check_version(db, from_version)
         _clean(db)
@@ -524,15 +512,30 @@ def stage(
             "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
             (_STAGED_KEY, orjson.dumps({"version": version, "audit_from": audit_from}).decode()),
         )
+    # Each slice encoded before its transaction (which only writes), one slice alive at a
+    # time: encoded whole, a catalogue's rows took several times its size (orjson's bytes
+    # keep their buffer's spare capacity).
+    known = {(c.kind, c.id): c.after for c in changes.changes if c.after is not None}
     insert = f"INSERT INTO {_STAGING}(kind, id, body) VALUES (?,?,?)"
-    for i in range(0, len(records), SLICE_ROWS):
-        _write_slice(tx, insert, records[i : i + SLICE_ROWS])
+    for kind in KINDS:
+        columns = COLUMNS[kind]
+        models = catalogue.records(kind)
+        for i in range(0, len(models), SLICE_ROWS):
+            rows: list[tuple[Any, ...]] = []
+            for model in models[i : i + SLICE_ROWS]:
+                rec = known.get((kind, model.id)) or flat(kind, model)
+                rows.append((kind, model.id, orjson.dumps([rec[c] for c in columns])))
+            _write_slice(tx, insert, rows)
     insert = (
         "INSERT INTO catalog_audit(version, ts, actor, source, kind, record_id, op, before, "
         "after) VALUES (?,?,?,?,?,?,?,?,?)"
     )
-    for i in range(0, len(audit_rows), SLICE_ROWS):
-        _write_slice(tx, insert, audit_rows[i : i + SLICE_ROWS])
+    for i in range(0, len(changes.changes), SLICE_ROWS):
+        rows = [
+            (version, now, actor, source, c.kind, c.id, c.op, _dumps(c.before), _dumps(c.after))
+            for c in changes.changes[i : i + SLICE_ROWS]
+        ]
+        _write_slice(tx, insert, rows)
     return Staged(version, from_version, now, actor, source, detail, changes.counts())
 
 

@@ -373,9 +373,9 @@ def _catalogue_tables(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("name", "call"),
     [
-        ("_dumps", 1),  # encoding the audit rows (and records) before any transaction
+        ("_dumps", 1),  # encoding the audit rows, between two transactions
         ("_write_slice", 2),  # between two short transactions of the records
-        ("_write_slice", 6),  # between the records' and the audit rows' transactions
+        ("_write_slice", 7),  # between the records' and the audit rows' transactions
     ],
 )
 async def test_readings_are_applied_while_a_change_is_written_to_the_journal(
@@ -389,7 +389,7 @@ async def test_readings_are_applied_while_a_change_is_written_to_the_journal(
     path = rt.site.journal.path
     _, records = await export(server)
     sku_of(records, "K1")["reorder_point"] = 11
-    monkeypatch.setattr(catalog_store, "SLICE_ROWS", 2)  # 9 records: 5 slices, then the audit
+    monkeypatch.setattr(catalog_store, "SLICE_ROWS", 2)  # 3 records per kind: 6 slices, audit
     gate, reached = threading.Event(), threading.Event()
     monkeypatch.setattr(
         catalog_store, name, _gated_at(getattr(catalog_store, name), call, gate, reached)

@@ -83,6 +83,8 @@ def test_a_change_killed_mid_write_leaves_one_whole_catalogue(
             assert found.same_records(before)
             assert [v.version for v in catalog_store.versions(db)] == [1]
             assert catalog_store.version_audit(db, 2) == []
+            staged_audit = db.execute("SELECT count(*) FROM catalog_audit WHERE version = 2")
+            assert staged_audit.fetchone()[0] == (2 if point == "audit" else 0)  # one slice
         else:
             assert [s.reorder_point for s in found.skus[:3]] == [
                 s.reorder_point + 1 for s in before.skus
