@@ -151,9 +151,11 @@ class ShelfSpec:
 
     def __post_init__(self) -> None:
         if self.settle_band_g == DERIVE:
-            object.__setattr__(self, "settle_band_g", max(2.0, 0.2 * self.unit_weight_g))
+            band_g = 0.2 * self.unit_weight_g  # max(2.0, …) without a call: 100k specs at start
+            object.__setattr__(self, "settle_band_g", band_g if band_g > 2.0 else 2.0)
         if self.spike_g == DERIVE:
-            object.__setattr__(self, "spike_g", max(5.0 * self.unit_weight_g, 50.0))
+            spike_g = 5.0 * self.unit_weight_g
+            object.__setattr__(self, "spike_g", spike_g if spike_g > 50.0 else 50.0)
         # One expression for the common (valid) case (a spec per shelf at start, 100k of them;
         # NaN fails every comparison); the checks below name the field when it fails.
         if (
