@@ -20,8 +20,10 @@ every such record named: stop the controller and use ``floorhand catalog import`
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -110,6 +112,25 @@ class Applied:
     version: int
     changes: CatalogueDiff
     ended: tuple[str, ...] = ()
+
+
+@contextmanager
+def old_objects_frozen() -> Iterator[None]:
+    """For the length of a change: the objects alive at its start (the catalogue and state in
+    force: most of the process) are left out of Python's cyclic garbage collections
+    (`gc.freeze`), put back at its end (`gc.unfreeze`). A change creates objects by the
+    million, which triggers full collections; each stops every thread (the main loop too) for
+    as long as it walks every object: at 10k SKUs they took 88, 106, 160 and 563 ms during one
+    PUT, 16-74 ms with the state in force frozen. A process that keeps a frozen set of its
+    own (``gc.get_freeze_count()`` non-zero) is left as it is."""
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def change_dict(c: Change) -> dict[str, Any]:

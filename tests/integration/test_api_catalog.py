@@ -5,6 +5,7 @@ paho. Each documented status code and each live-change rule has its own test."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -425,6 +426,50 @@ async def test_readings_are_applied_while_a_change_is_written_to_the_journal(
     tables = _catalogue_tables(path)
     assert {"catalog_records", "catalog_versions", "catalog_audit"} <= tables
     assert not {t for t in tables if t.startswith("catalog_records_")}
+
+
+async def test_the_objects_in_force_are_left_out_of_collections_while_a_change_runs(
+    server: OpsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change's millions of new objects trigger full collections of Python's cyclic garbage
+    collector, which stop the main loop as long as they walk every object: while a change
+    runs the objects alive at its start are frozen (not walked), and put back at its end, also
+    when it is refused."""
+    _, records = await export(server)
+    sku_of(records, "K1")["reorder_point"] = 11
+    assert gc.get_freeze_count() == 0
+    specs = server.rt.ingest.specs
+    for body, status in ((records, 200), ([{"kind": "nope"}], 422)):
+        gate = threading.Event()
+        reached = threading.Event()
+        name = "put_catalogue" if status == 200 else "patched"
+        monkeypatch.setattr(
+            catalog_routes, name, _gated_at(getattr(catalog_live, name), 1, gate, reached)
+        )
+        async with server.client("engineer") as c:
+            if status == 200:
+                call = c.put(
+                    "/api/v1/catalog", content=jsonl(body), headers={"Content-Type": JSONL}
+                )
+            else:
+                call = c.patch(
+                    "/api/v1/catalog",
+                    content=orjson.dumps(body),
+                    headers={"Content-Type": "application/json"},
+                )
+            change = asyncio.create_task(call)
+            try:
+                assert await asyncio.to_thread(reached.wait, 20.0)
+                frozen = gc.get_freeze_count()
+                assert frozen > 0
+                gc.collect()  # a full collection meanwhile leaves the frozen objects frozen
+                assert gc.get_freeze_count() >= frozen - 1_000
+                assert all(o is not specs for o in gc.get_objects(generation=2))
+            finally:
+                gate.set()
+            r = await change
+        assert r.status_code == status, r.text
+        assert gc.get_freeze_count() == 0
 
 
 async def test_a_change_whose_journal_version_moved_meanwhile_is_refused_409(

@@ -33,6 +33,7 @@ from controller.catalog.live import (
     check_live,
     check_role,
     error_dicts,
+    old_objects_frozen,
     patched,
     put_catalogue,
 )
@@ -127,7 +128,8 @@ async def _change(
     editor = editor_of(request, rt)
     data = await request.body()
     async with editor.lock:  # one change at a time, from its plan to its end
-        return await _change_locked(editor, request, data, principal, dry_run, whole=whole)
+        with old_objects_frozen():
+            return await _change_locked(editor, request, data, principal, dry_run, whole=whole)
 
 
 async def _change_locked(
