@@ -6,11 +6,16 @@ are published over MQTT so every shelf has a count (a mix of OK, LOW, CRITICAL a
 with ``performance.now()`` (``window.__floorhand.perf``):
 
 * first render: from navigation start to the grid built from the snapshot (``firstRenderMs``)
-  and to the frame after it (style, layout, paint: ``firstPaintMs``); the grid build alone;
+  and to the end of that frame, its style, layout and paint (``firstPaintMs``); the grid build
+  alone;
 * zone drill-down (a site above 5,000 shelves opens on the overview, or any size with
-  ``--scope overview``): after each load, a zone tile is clicked; from the click (the
-  ``subscribe`` sent) to the zone's virtual grid built from its snapshot (``drillMs``) and to
-  the frame after it (``drillPaintMs``), and how many cells that put in the DOM;
+  ``--scope overview``): after each load, once the page is idle (no request for 500 ms, the side
+  panels drawn), a zone tile is clicked; from the click (the ``subscribe`` sent) to the zone's
+  virtual grid built from its snapshot (``drillMs``), to the end of that frame (``drillPaintMs``:
+  what a supervisor sees first), and to the end of the next frame, with the side panels redrawn
+  for the zone (``drillSettledMs``); how many cells the first frame drew;
+  ``--trace FILE`` records a Chromium trace of a drill-down per viewport and prints where the
+  page's main thread spent the time from the click to the paint;
 * updates: ``--changes`` shelves change count per round (6 readings each over MQTT; in the
   overview scope, shelves of the zone opened, Z0); the page's time handling the live messages
   plus its render frames, per 100 shelf/alert events, the longest frame, and main-thread long
@@ -156,7 +161,12 @@ async def browse(
                         "grid_build_ms": perf["buildMs"],
                     }
                     if kind == "overview":
-                        load.update(await drill_down(page, f"Z{n % args.zones}"))
+                        trace = (
+                            f"{args.trace.removesuffix('.json')}-{load['viewport']}.json"
+                            if args.trace and n == 0
+                            else None
+                        )
+                        load.update(await drill_down(page, f"Z{n % args.zones}", trace))
                     results["loads"].append(load)
                     print(json.dumps(load), flush=True)
                     await page.close()
@@ -173,19 +183,167 @@ async def browse(
             await browser.close()
 
 
-async def drill_down(page: Any, zone: str) -> dict[str, Any]:
-    """Click the tile of ``zone``; the page's drill-down times and the cells it drew."""
+async def drill_down(page: Any, zone: str, trace: str | None = None) -> dict[str, Any]:
+    """Click the tile of ``zone``; the page's drill-down times and the cells it drew.
+
+    ``trace``: record a Chromium performance trace of the drill-down into this file and print
+    where the page's main thread spent the time between the click and the paint."""
+    # A supervisor clicks a page that has settled: its alert and low-stock pages read and drawn.
+    await page.wait_for_load_state("networkidle")
+    await page.evaluate("() => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)))")
+    if trace:
+        await page.context.browser.start_tracing(page=page, path=trace, categories=TRACE_CATEGORIES)
     await page.click(f'#overview .zone-tile[data-zone="{zone}"]')
     await page.wait_for_function(
         "() => window.__floorhand.perf.drillPaintMs !== null", timeout=60_000
+    )
+    if trace:
+        await page.context.browser.stop_tracing()
+        print_breakdown(trace_breakdown(Path(trace)))
+    await page.wait_for_function(  # (a page of before drillSettledMs has no such key)
+        "() => { const p = window.__floorhand.perf;"
+        " return !('drillSettledMs' in p) || p.drillSettledMs !== null; }",
+        timeout=60_000,
     )
     perf = await page_perf(page)
     return {
         "drill_zone": zone,
         "drill_ms": perf["drillMs"],
         "drill_paint_ms": perf["drillPaintMs"],
+        "drill_settled_ms": perf.get("drillSettledMs"),
+        "drill_paint_cells": perf.get("drillPaintCells"),
         "drill_cells_in_dom": await page.locator(".cell").count(),
     }
+
+
+TRACE_CATEGORIES = [
+    "devtools.timeline",
+    "disabled-by-default-devtools.timeline",
+    "disabled-by-default-devtools.timeline.frame",
+    "blink.user_timing",
+    "toplevel",
+    "v8",
+    "v8.execute",
+    "blink",
+    "cc",
+    "gpu",
+]
+# Main-thread events worth naming in the breakdown (inclusive times; JS nests styles/layouts
+# it forces, so a Layout inside a FunctionCall is counted as "forced" too).
+TRACE_NAMES = (
+    "RunTask",
+    "FunctionCall",
+    "EvaluateScript",
+    "v8.compile",
+    "FireAnimationFrame",
+    "TimerFire",
+    "EventDispatch",
+    "XHRReadyStateChange",
+    "ParseHTML",
+    "UpdateLayoutTree",
+    "Layout",
+    "PrePaint",
+    "Paint",
+    "Layerize",
+    "Commit",
+    "MinorGC",
+    "MajorGC",
+    "V8.GC_SCAVENGER",
+    "V8.GC_MARK_COMPACTOR",
+    "HitTest",
+    "ScheduleStyleRecalculation",
+    "BeginMainThreadFrame",
+    "v8.callFunction",
+)
+
+
+def trace_breakdown(path: Path) -> dict[str, Any]:
+    """The page's main thread between the ``drill:click`` and ``drill:painted`` marks."""
+    raw = json.loads(path.read_text())
+    events = raw["traceEvents"] if isinstance(raw, dict) else raw
+    marks = {
+        e["name"]: (e["ts"], e["pid"], e["tid"])
+        for e in events
+        if e.get("name", "").startswith("drill:") and e.get("ph") in ("R", "I", "i", "n", "X")
+    }
+    if "drill:click" not in marks or "drill:painted" not in marks:
+        return {"error": f"marks missing: {sorted(marks)}"}
+    t0, pid, tid = marks["drill:click"]
+    t1 = marks["drill:painted"][0]
+    spans: list[tuple[str, float, float, dict[str, Any]]] = []
+    open_: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        if e.get("pid") != pid or e.get("tid") != tid:
+            continue
+        ph = e.get("ph")
+        if ph == "X" and "dur" in e:
+            spans.append((e["name"], e["ts"], e["ts"] + e["dur"], e.get("args", {})))
+        elif ph == "B":
+            open_.setdefault(e["name"], []).append(e)
+        elif ph == "E" and open_.get(e["name"]):
+            begin = open_[e["name"]].pop()
+            args = {**begin.get("args", {}), **e.get("args", {})}
+            spans.append((e["name"], begin["ts"], e["ts"], args))
+    spans = [x for x in spans if x[2] > t0 and x[1] < t1]
+    spans.sort(key=lambda x: (x[1], -x[2]))
+    totals: dict[str, float] = {}
+    for name, a, b, _ in spans:
+        if name in TRACE_NAMES:
+            totals[name] = totals.get(name, 0.0) + (min(b, t1) - max(a, t0)) / 1000
+    js = [
+        (a, b)
+        for name, a, b, _ in spans
+        if name in ("FunctionCall", "EvaluateScript", "v8.callFunction")
+    ]
+    forced = 0.0
+    for name, a, b, _ in spans:
+        if name in ("UpdateLayoutTree", "Layout") and any(ja <= a and b <= jb for ja, jb in js):
+            forced += (b - a) / 1000
+    tasks = []
+    for name, a, b, _ in spans:
+        if name != "RunTask" or (b - a) < 5000:
+            continue
+        inner = [
+            x
+            for x in spans
+            if x[0] in TRACE_NAMES and x[0] != "RunTask" and a <= x[1] and x[2] <= b
+        ]
+        top: dict[str, float] = {}
+        for n, ia, ib, _args in inner:
+            top[n] = top.get(n, 0.0) + (ib - ia) / 1000
+        detail = sorted(top.items(), key=lambda kv: -kv[1])[:6]
+        tasks.append({"at_ms": (a - t0) / 1000, "ms": (b - a) / 1000, "inside": detail})
+    styles = [
+        (args.get("elementCount") or (args.get("data") or {}).get("elementCount"), (b - a) / 1000)
+        for name, a, b, args in spans
+        if name == "UpdateLayoutTree"
+    ]
+    layouts = [
+        ((args.get("beginData") or {}).get("totalObjects"), (b - a) / 1000)
+        for name, a, b, args in spans
+        if name == "Layout"
+    ]
+    built = marks.get("drill:built", (None,))[0]
+    return {
+        "window_ms": (t1 - t0) / 1000,
+        "built_at_ms": (built - t0) / 1000 if built else None,
+        "totals_ms": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+        "forced_style_layout_ms": forced,
+        "tasks_over_5ms": tasks,
+        "style_recalcs": styles,
+        "layouts": layouts,
+    }
+
+
+def print_breakdown(b: dict[str, Any]) -> None:
+    print("trace of the drill-down (page main thread, click → paint):", flush=True)
+    for k, v in b.items():
+        if k == "tasks_over_5ms":
+            for t in v:
+                inside = ", ".join(f"{n} {ms:.1f}" for n, ms in t["inside"])
+                print(f"  task at {t['at_ms']:.1f} ms: {t['ms']:.1f} ms [{inside}]", flush=True)
+        else:
+            print(f"  {k}: {v}", flush=True)
 
 
 async def one_round(
@@ -245,19 +403,30 @@ async def one_round(
 def summary(results: dict[str, Any]) -> None:
     print()
     print(f"Dashboard, {results['shelves']} shelves (medians)")
-    print("| viewport | scope | first render | first paint | grid build | drill-down | its paint |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| viewport | scope | first render | first paint | grid build "
+        "| drill-down | its paint | panels too |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for vp in sorted({x["viewport"] for x in results["loads"]}, reverse=True):
         rows = [x for x in results["loads"] if x["viewport"] == vp]
-        keys = ("first_render_ms", "first_paint_ms", "grid_build_ms", "drill_ms", "drill_paint_ms")
+        keys = (
+            "first_render_ms",
+            "first_paint_ms",
+            "grid_build_ms",
+            "drill_ms",
+            "drill_paint_ms",
+            "drill_settled_ms",
+        )
         med = {
-            k: statistics.median(x[k] for x in rows) if all(k in x for x in rows) else None
+            k: statistics.median(x[k] for x in rows)
+            if all(x.get(k) is not None for x in rows)
+            else None
             for k in keys
         }
-        drill = (
-            f"{med['drill_ms']:.0f} ms | {med['drill_paint_ms']:.0f} ms"
-            if med["drill_ms"] is not None
-            else "— | —"
+        drill = " | ".join(
+            f"{med[k]:.0f} ms" if med[k] is not None else "—"
+            for k in ("drill_ms", "drill_paint_ms", "drill_settled_ms")
         )
         print(
             f"| {vp} | {rows[0]['scope']} | {med['first_render_ms']:.0f} ms "
@@ -290,6 +459,12 @@ def main() -> None:
         help="the page's scope (?scope=): default is the site up to 5,000 shelves, else overview",
     )
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--trace",
+        default=None,
+        help="record a Chromium trace of the first drill-down of each viewport into FILE-WxH.json "
+        "(open it in the DevTools Performance panel) and print the main thread's time by kind",
+    )
     args = p.parse_args()
     os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
     results = asyncio.run(main_async(args))

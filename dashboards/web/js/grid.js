@@ -59,6 +59,7 @@ export class ShelfGrid {
       this.bySku.clear();
       this.zoneHeads.clear();
       this.root.classList.remove("compact");
+      this.root.classList.toggle("virtual", kind === "zone");
       this.compact = false;
       if (kind === "zone") this.buildVirtual(store);
       this.refreshCounts();
@@ -68,6 +69,7 @@ export class ShelfGrid {
     this.cellState.clear();
     this.bySku.clear();
     this.zoneHeads.clear();
+    this.root.classList.remove("virtual");
     const compact = store.shelves.size > COMPACT_OVER;
     this.root.classList.toggle("compact", compact);
     const byZone = new Map(store.zones.map((z) => [z.id, []]));

@@ -45,14 +45,15 @@ export class AlertFeed {
     this.busy = new Set();
   }
 
-  /** ``paged`` (a large site): the alerts are the API's pages loaded so far, all drawn;
-   *  ``paged.total`` active in all, ``paged.more`` whether a next page exists. */
+  /** ``paged`` (a large site): the alerts in the page (the API's pages loaded so far and the
+   *  open zone's, from its snapshot), the worst ``paged.shown`` drawn; ``paged.total`` active
+   *  in all, ``paged.more`` whether "More alerts" has more to show. */
   render(store, paged = null) {
     // Worst first by the situation now: a recovering alert ranks by its current level.
     const now_ = new Map([...store.alerts.values()].map((a) => [a.key, alertNow(a, store)]));
     const alerts = [...store.alerts.values()].sort((a, b) =>
       now_.get(b.key).rank - now_.get(a.key).rank || (b.since ?? 0) - (a.since ?? 0));
-    const maxCards = paged ? alerts.length : MAX_CARDS;
+    const maxCards = paged ? Math.max(MAX_CARDS, paged.shown || 0) : MAX_CARDS;
     this.countEl.textContent = String(paged && paged.total !== null ? Math.max(paged.total, alerts.length) : alerts.length);
     // Keep a snooze form the user is typing in: rebuild the others only.
     const keep = new Map();
@@ -66,7 +67,8 @@ export class AlertFeed {
       this.root.append(this.card(a, store, now, now_.get(a.key)));
     }
     if (paged && paged.more) {
-      this.root.append(el("p", { class: "muted small" }, `${alerts.length} of ${paged.total} loaded, worst first among them: "More alerts" loads the next page.`));
+      const drawn = Math.min(alerts.length, maxCards);
+      this.root.append(el("p", { class: "muted small" }, `${drawn} of ${paged.total} shown, worst first among the ${alerts.length} loaded: "More alerts" shows the next page.`));
     } else if (alerts.length > maxCards) {
       this.root.append(el("p", { class: "muted small" }, `${alerts.length - MAX_CARDS} more (less severe or older): see the low-stock table.`));
     }
