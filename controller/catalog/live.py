@@ -5,7 +5,11 @@ A change is read and validated whole (every bad row and column reported, nothing
 compared with the catalogue in force (`diff`), checked against the caller's role (a supervisor
 changes thresholds only) and against what applies live, then journaled as one new catalogue
 version with its audit rows, applied to the running services on the event loop (the state
-owner), and announced with a `CatalogChanged` event (journaled, on the bus).
+owner), and announced with a `CatalogChanged` event (journaled, on the bus). The O(records)
+steps run in worker threads (reading, validating, comparing, the new site and specs, the
+journal's staging in short transactions: catalog_store.stage); the swap into the journal and
+the apply run together on the event loop, in one step: no reading is counted, and no reader
+sees, half a change.
 
 What applies live in this version: SKUs, shelves and native scales added, removed or
 changed, except a shelf's zone, scale or channel and a scale's zone, format, channels or

@@ -1,7 +1,7 @@
 """A live catalogue change killed with SIGKILL half way through its journal write
 (controller/adapters/catalog_store.py: stage, swap, finish): the journal holds the old
 catalogue whole, or the new one whole, never a mix; what was left staged is removed at the
-next start (`keep_audit`, run by every start) and a next change goes through."""
+next start (`settle_catalogue`, which every start runs) and a next change goes through."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from controller.adapters import catalog_store
 from controller.adapters.journal import Journal
 from controller.catalog.diff import diff
 from controller.catalog.records import Catalogue
+from controller.catalog.start import settle_catalogue
 from controller.config import load_site
 from tests.controller_proc import ROOT
 from tests.sites import write_small_site
@@ -25,10 +27,10 @@ from tests.sites import write_small_site
 pytestmark = pytest.mark.timeout(60)
 
 
-def _journal(tmp_path: Path) -> Path:
+def _site(tmp_path: Path) -> Path:
     site = write_small_site(tmp_path, mqtt_port=1, scales=3, catalogue_csv=True)
     assert main(["catalog", "import", str(tmp_path / "catalogue.csv"), "--site", str(site)]) == 0
-    return load_site(site).journal.path
+    return site
 
 
 def _kill_at(path: Path, point: str) -> None:
@@ -60,7 +62,8 @@ def _tables(db: sqlite3.Connection) -> set[str]:
 def test_a_change_killed_mid_write_leaves_one_whole_catalogue(
     tmp_path: Path, point: str, in_force: int
 ) -> None:
-    path = _journal(tmp_path)
+    site = _site(tmp_path)
+    path = load_site(site).journal.path
     journal = Journal(path)
     journal.open()
     try:
@@ -93,7 +96,7 @@ def test_a_change_killed_mid_write_leaves_one_whole_catalogue(
             assert len(catalog_store.version_audit(db, 2)) == len(before.skus) + 1
         assert _tables(db) & {"catalog_records_staged", "catalog_records_old"}  # left behind
 
-        catalog_store.keep_audit(db, 90.0)  # what every start runs
+        assert settle_catalogue(load_site(site), db, in_force, time.time) == in_force  # start
         assert not _tables(db) & {"catalog_records_staged", "catalog_records_old"}
         assert db.execute("SELECT value FROM meta WHERE key = 'catalog_staged'").fetchone() is None
         audit_versions = {r[0] for r in db.execute("SELECT DISTINCT version FROM catalog_audit")}
