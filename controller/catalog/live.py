@@ -369,7 +369,7 @@ class _Plan:
     scales: list[tuple[ScaleConfig | None, ScaleConfig | None]]
     """Scales added, removed or changed: before, after."""
     recount: list[str]
-    """Shelves whose spec may have changed: changed, on a changed SKU or scale."""
+    """Shelves whose spec may have changed: changed, or on a changed scale."""
 
 
 def _apply_plan(
@@ -382,11 +382,10 @@ def _apply_plan(
         old = {sc.id: sc for sc in before.scales if sc.id in scale_ids}
         new = {sc.id: sc for sc in after.scales if sc.id in scale_ids}
         scales = [(old.get(i), new.get(i)) for i in sorted(scale_ids)]
-    skus = {c.id for c in changes.changes if c.kind == "sku" and c.op == "change"}
+    # A shelf's spec is made of its own columns and its scale's (ingest.shelf_specs), never
+    # its SKU's: a SKU's change (a threshold) recounts no shelf.
     changed = {c.id for c in changes.changes if c.kind == "shelf" and c.op == "change"}
-    recount = [
-        sh.id for sh in after.shelves if sh.id in changed or sh.sku in skus or sh.scale in scale_ids
-    ]
+    recount = [sh.id for sh in after.shelves if sh.id in changed or sh.scale in scale_ids]
     return _Plan(AlertSettings.from_site(site), shelves, scales, recount)
 
 

@@ -107,3 +107,30 @@ def test_a_change_applied_to_ingest_in_o_changed_is_the_rebuild_of_every_mapping
     assert sorted(routed) == sorted(
         ["scale-a02", "scale-a02", "scale-c01", "scale-c01", "scale-c12", "scale-z01"]
     )
+
+
+def test_the_shelves_recounted_are_those_whose_spec_can_have_changed() -> None:
+    """A shelf's spec is made of its own and its scale's columns: every SKU's threshold
+    changed recounts no shelf (at 100k SKUs: no comparison of 100k specs on the event loop);
+    a changed shelf and the shelves of a changed scale are compared."""
+    site = load_site(DEMO)
+    before = Catalogue(site.skus, site.scales, site.shelves)
+    skus = tuple(s.model_copy(update={"reorder_point": s.reorder_point + 1}) for s in site.skus)
+    after = Catalogue(skus, site.scales, site.shelves)
+    new_site, specs = _site_with(site, after)
+    assert _apply_plan(before, after, diff(before, after), new_site).recount == []
+    assert specs == shelf_specs(site)  # what the recount would have compared: all equal
+    scales = tuple(
+        sc.model_copy(update={"max_weight_g": sc.max_weight_g + 1}) if sc.id == "scale-a02" else sc
+        for sc in site.scales
+    )
+    shelves = tuple(
+        sh.model_copy(update={"tare_g": sh.tare_g + 1}) if sh.id == "B-01-1" else sh
+        for sh in site.shelves
+    )
+    after = Catalogue(skus, scales, shelves)
+    new_site, specs = _site_with(site, after)
+    plan = _apply_plan(before, after, diff(before, after), new_site)
+    assert sorted(plan.recount) == ["A-02-1", "A-02-2", "B-01-1"]
+    old = shelf_specs(site)
+    assert sorted(sid for sid, spec in specs.items() if old[sid] != spec) == plan.recount
