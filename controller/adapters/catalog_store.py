@@ -575,8 +575,21 @@ def finish(tx: Transaction, staged: Staged) -> None:
     """Step 3 (module comment above): the audit trimmed to its retention and the replaced
     records deleted, in short transactions. From a worker thread; JournalError when it cannot
     (the next change or start does it: `clean_staged`)."""
-    with tx("the catalogue audit could not be trimmed") as db:
-        _trim_audit(db, _kept_days(db), staged.ts_s)
+    # The trim as `_trim_audit` does it (up to the first young row), a slice per transaction:
+    # when a big import's audit (100k rows and more) ages out, it is deleted at once.
+    trim = (
+        "DELETE FROM catalog_audit WHERE id IN (SELECT id FROM catalog_audit WHERE id < ? "
+        "AND ts < ? ORDER BY id LIMIT ?)"
+    )
+    while True:
+        with tx("the catalogue audit could not be trimmed") as db:
+            cutoff = staged.ts_s - _kept_days(db) * 86_400.0
+            young = db.execute(
+                "SELECT id FROM catalog_audit WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)
+            ).fetchone()
+            end = young[0] if young is not None else 1 << 62
+            if db.execute(trim, (end, cutoff, SLICE_ROWS)).rowcount < SLICE_ROWS:
+                break
     delete = f"DELETE FROM {_OLD} WHERE seq IN (SELECT seq FROM {_OLD} ORDER BY seq LIMIT ?)"
     while True:
         with tx("the replaced catalogue records could not be deleted") as db:

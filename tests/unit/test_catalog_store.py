@@ -406,3 +406,43 @@ def test_a_change_planned_against_another_version_is_refused_and_changes_nothing
         assert not catalog_store.clean_staged(j.db)
     finally:
         j.close()
+
+
+def test_a_staged_change_trims_the_audit_in_short_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit rows past the retention (a big import's, aged out) are deleted a slice per
+    transaction after a live change, as far as the first young row (a clock stepped back
+    never deletes a young row)."""
+    monkeypatch.setattr(catalog_store, "SLICE_ROWS", 2)
+    site, text = _topology_site(tmp_path, scales=3)
+    first = _catalogue(site, text)
+    path = site.journal.path
+    assert _replace(path, first) == (1, 9)  # 9 audit rows at ts 1000
+    j = Journal(path)
+    j.open()
+    try:
+        db = j.db
+        db.execute("UPDATE catalog_audit SET ts = 5e9 WHERE record_id = 'sh2'")  # young, last
+        transactions: list[str] = []
+
+        def counted(what: str) -> Any:
+            transactions.append(what)
+            return j.transaction(what)
+
+        current = catalog_store.load(db)
+        assert current is not None
+        changed = _catalogue(site, text.replace("sku,K1,10,3,40", "sku,K1,12,3,40"))
+        staged = catalog_store.stage(
+            counted, changed, diff(current, changed), from_version=1, actor="bob",
+            source="api", detail="PUT", clock=lambda: 1000.0 + 91 * 86_400.0,
+        )  # fmt: skip
+        catalog_store.swap(counted, staged)
+        transactions.clear()
+        catalog_store.finish(counted, staged)
+        trims = [t for t in transactions if "audit" in t]
+        assert len(trims) == 5  # 8 old rows, 2 per transaction, and the one that finds none
+        left = db.execute("SELECT version, record_id FROM catalog_audit ORDER BY id").fetchall()
+        assert left == [(1, "sh2"), (2, "K1")]
+    finally:
+        j.close()
