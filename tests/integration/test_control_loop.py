@@ -29,6 +29,7 @@ from simulators.sorter import SorterPlc
 from tests.integration.test_picking import floor, pick_command
 from tests.integration.test_sensing_e2e import PahoWatcher, readings
 from tests.mosquitto import MosquittoBroker, paho_publish
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,6 +145,12 @@ async def test_a_blocked_ingest_loop_delays_no_heartbeat_and_no_pick_command(
                 [command, *readings("s1", 0, 10, 6, rt.clock() - 0.6)],
             )
             _, reply = await watcher.wait_for(lambda t, b: b.get("order_id") == "ISO-1")
+            # The command has a session of its own (the control loop's): its reply may come
+            # before the readings have blocked this loop. Wait for the listener to have run
+            # (it returns once its observations are made).
+            await wait_for_condition(
+                lambda: "mailbox_write" in seen, BLOCK_LIMIT_S, what="the blocking listener ran"
+            )
             assert seen.get("blocked"), "the listener never ran"
             assert seen["heartbeats"], "heartbeats stopped while the ingest loop was blocked"
             assert seen["mailbox_write"], "the pick waited for the blocked ingest loop"
