@@ -118,6 +118,26 @@ async def _tablet_zone(page: Page, ctl: ControllerProcess) -> None:
     await page.evaluate("() => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)))")
     assert await page.locator("#alerts .alert").count() == 40
     await expect(page.locator("#alert-count")).to_have_text(str(OUT))
+    # A shelf whose alert came with the zone's snapshot only (not in the page read): its detail
+    # shows the alert, and still does once the pages are read again.
+    first = [a["key"] for a in await ctl.get("/api/v1/alerts?active=true&limit=40")]
+    shelf = await page.evaluate(
+        """(keys) => { const s = window.__floorhand.store;
+        for (let i = 0; i < 60; i++) { const sh = s.shelves.get(`sh${i}`);
+          if (!keys.includes(sh.sku) && s.alerts.has(sh.sku)) return sh.id; }
+        return null; }""",
+        first,
+    )
+    assert shelf is not None
+    await page.click(f'.cell[data-id="{shelf}"]')
+    alert = page.locator('#detail [data-field="alert"]')
+    await expect(alert).to_contain_text("alert K")
+    reads = await page.evaluate("() => window.__floorhand.perf.alertReads")
+    await page.wait_for_function(
+        "(n) => window.__floorhand.perf.alertReads > n", arg=reads, timeout=30_000
+    )
+    await page.evaluate("() => new Promise((r) => requestAnimationFrame(() => setTimeout(r, 0)))")
+    assert "alert K" in (await alert.text_content() or ""), await alert.text_content()
     await page.click("#alerts-more")
     await expect(page.locator("#alerts .alert")).to_have_count(OUT, timeout=TIMEOUT_MS)
     await expect(page.locator("#alerts-more")).to_be_hidden()

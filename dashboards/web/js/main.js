@@ -29,6 +29,7 @@ const $ = (id) => document.getElementById(id);
 const perf = {
   firstRenderMs: null, firstPaintMs: null, buildMs: null, snapshotShelves: 0, frames: 0, messages: 0, events: 0,
   handleMs: 0, renderMs: 0, renders: 0, maxRenderMs: 0, longTasks: 0, longTaskMs: 0,
+  alertReads: 0, // a large site's alert pages read again (every PAGE_POLL_MS)
   // A zone drill-down: from the click (subscribe sent) to its snapshot received, before it is
   // parsed (drillSnapshotMs: the controller and the network), to its grid built (drillMs), to the end
   // of that frame, its style, layout and paint (drillPaintMs, drillPaintCells: cells it drew),
@@ -198,6 +199,7 @@ async function loadAlerts(more) {
       store.alerts = new Map(zone.map((a) => [a.key, a]));
     }
     for (const a of page.items) store.alerts.set(a.key, a);
+    if (!more) perf.alertReads++;
     alertPages.loaded = more ? alertPages.loaded + page.items.length : page.items.length;
     alertPages.total = page.total;
     alertPages.next = page.next;
