@@ -380,7 +380,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     notifier = Notifier.from_environ()
     try:
-        runtime = Runtime(site)  # with the catalogue (the site file's, or the journal's)
+        # With the catalogue (the site file's, or the journal's); the heap alive after the
+        # start is frozen out of cyclic collections (Runtime's freeze_heap).
+        runtime = Runtime(site, freeze_heap=True)
         runtime.journal.lock()  # before the broker: a second controller must not touch it
     except JournalLocked as exc:
         print(f"floorhand: refusing to start: {exc}", file=sys.stderr)

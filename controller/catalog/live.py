@@ -125,10 +125,15 @@ def old_objects_frozen() -> Iterator[None]:
     (`gc.freeze`), put back at its end (`gc.unfreeze`). A change creates objects by the
     million, which triggers full collections; each stops every thread (the main loop too) for
     as long as it walks every object: at 10k SKUs they took 88, 106, 160 and 563 ms during one
-    PUT, 16-74 ms with the state in force frozen. A process that keeps a frozen set of its
-    own (``gc.get_freeze_count()`` non-zero) is left as it is."""
+    PUT, 16-74 ms with the state in force frozen. A process that keeps a frozen heap of its
+    own (``gc.get_freeze_count()`` non-zero: `floorhand run` freezes what is alive after its
+    start) keeps it, and what the change leaves alive joins it at the end (the new catalogue
+    and state are then the bulk of the process)."""
     if gc.get_freeze_count():
-        yield
+        try:
+            yield
+        finally:
+            gc.freeze()
         return
     gc.freeze()
     try:

@@ -99,9 +99,9 @@ async def next_event(sub: Subscription, pred: Callable[[dict[str, Any]], bool]) 
 
 
 @contextlib.asynccontextmanager
-async def ops_server(site_path: Path) -> AsyncIterator[OpsServer]:
+async def ops_server(site_path: Path, **runtime_kw: Any) -> AsyncIterator[OpsServer]:
     site = load_site(site_path)
-    rt = Runtime(site)
+    rt = Runtime(site, **runtime_kw)
     app = create_app(site, runtime=rt)
     # IPPROTO_TCP explicitly: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto
     # says TCP, and accepted sockets inherit it (proto 0 costs ~40 ms per response here).
