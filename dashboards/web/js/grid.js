@@ -115,23 +115,27 @@ export class ShelfGrid {
       this.bySku.get(sh.sku).push(sh.id);
     }
     const z = store.zones.find((x) => x.id === zone);
-    const cells = el("div", { class: "vcells", role: "list", "aria-label": `Shelves of zone ${zone}` });
+    // The zone's full height (a slot per shelf) holds one block of rows, moved to the rows in
+    // view: its cells flow in order (no style of their own, so Chromium shares their styles).
+    const rowsBox = el("div", { class: "vrows", role: "list", "aria-label": `Shelves of zone ${zone}` });
+    const cells = el("div", { class: "vcells" }, rowsBox);
     this.root.append(el("section", { class: "zone", dataset: { zone } },
       el("h3", {}, `Zone ${zone}${z && z.name ? ` · ${z.name}` : ""} `,
         el("small", {}, `${fmtNum(ids.length)} shelves`)), cells));
     // The cell pitch as the stylesheet draws it (it differs by screen width).
     const probe = el("div", { class: "cell" });
-    cells.append(probe);
+    rowsBox.append(probe);
     const pitchX = probe.offsetWidth + GAP_PX, pitchY = probe.offsetHeight + GAP_PX;
     probe.remove();
     this.virtual = {
-      ids, slots: new Map(ids.map((id, i) => [id, i])), box: cells,
+      ids, slots: new Map(ids.map((id, i) => [id, i])), box: cells, rows: rowsBox,
       pitchX: Math.max(pitchX, 8), pitchY: Math.max(pitchY, 8), cols: 1, first: 0, last: -1,
     };
     this.paintVirtual();
   }
 
-  /** Cells for the rows in view (plus OVERSCAN_ROWS), placed absolutely; the others removed. */
+  /** Cells for the rows in view (plus OVERSCAN_ROWS), in slot order in the block of rows, which
+   *  is as wide as ``cols`` cells and moved down to the first of those rows; the others removed. */
   paintVirtual() {
     const v = this.virtual;
     if (!v || !this.store) return;
@@ -148,6 +152,9 @@ export class ShelfGrid {
       const i = v.slots.get(id);
       if (i < first || i > last) { cell.remove(); this.cells.delete(id); this.cellState.delete(id); }
     }
+    // The cells kept are a run of slots: the new ones go before it or after it.
+    const kept = this.cells.size ? Math.max(first, v.first) : last + 1;
+    const before = document.createDocumentFragment(), after = document.createDocumentFragment();
     const store = this.store;
     for (let i = first; i <= last; i++) {
       const id = v.ids[i];
@@ -162,10 +169,13 @@ export class ShelfGrid {
         }, label(sh));
         this.cells.set(id, cell);
         this.cellState.set(id, state);
-        v.box.append(cell);
+        (i < kept ? before : after).append(cell);
       }
-      cell.style.transform = `translate(${(i % v.cols) * v.pitchX}px, ${Math.floor(i / v.cols) * v.pitchY}px)`;
     }
+    v.rows.prepend(before);
+    v.rows.append(after);
+    v.rows.style.width = `${v.cols * v.pitchX - GAP_PX}px`;
+    v.rows.style.transform = `translateY(${r0 * v.pitchY}px)`;
     v.first = first;
     v.last = last;
   }
