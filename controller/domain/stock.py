@@ -9,9 +9,9 @@ with ``to_dict`` and restore it with ``ShelfState.from_dict`` (or ``load`` into 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, NoReturn, cast
 
 from controller.domain.events import ShelfEvent
 from controller.domain.model import Reading, ShelfSpec, ShelfStatus
@@ -131,7 +131,9 @@ class ShelfState:
 
     @property
     def status(self) -> ShelfStatus:
-        return self._table.get_status(self._row)
+        # The cell read inline (a view is read per item of every list answer).
+        code: int = self._table._status[self._row]
+        return STATUSES[code]
 
     @status.setter
     def status(self, value: ShelfStatus) -> None:
@@ -147,7 +149,8 @@ class ShelfState:
 
     @property
     def units(self) -> int | None:
-        return self._table.get_units(self._row)
+        units: int = self._table._units[self._row]
+        return None if units < 0 else units
 
     @units.setter
     def units(self, value: int | None) -> None:
@@ -155,7 +158,8 @@ class ShelfState:
 
     @property
     def weight_g(self) -> float | None:
-        return self._table.get_weight(self._row)
+        weight_g: float = self._table._weight[self._row]
+        return None if weight_g != weight_g else weight_g
 
     @weight_g.setter
     def weight_g(self, value: float | None) -> None:
@@ -163,7 +167,8 @@ class ShelfState:
 
     @property
     def last_ts_s(self) -> float | None:
-        return self._table.get_last_ts(self._row)
+        ts_s: float = self._table._last[self._row]
+        return None if ts_s != ts_s else ts_s
 
     @last_ts_s.setter
     def last_ts_s(self, value: float | None) -> None:
@@ -254,42 +259,51 @@ class ShelfState:
         return state
 
 
-class ShelfStates(Mapping[str, ShelfState]):
-    """Shelf id → `ShelfState`, every state a row of one `ShelfTable` (no object per shelf:
-    a lookup hands out a view). Setting a state copies its values into the shelf's row (a
-    new shelf gets one); deleting frees the row."""
+class ShelfStates(dict[str, ShelfState]):
+    """Shelf id → `ShelfState`, every state a view of its row of one `ShelfTable` (the values
+    are three-slot views, not the state: a lookup is a plain dict lookup). Setting a state
+    copies its values into the shelf's row (a new shelf gets one); deleting frees the row. The
+    other ways of changing a dict are refused (the table must follow every change)."""
 
     __slots__ = ("_specs", "table")
 
     def __init__(self, specs: Mapping[str, ShelfSpec]) -> None:
+        super().__init__()
         self.table = ShelfTable.of(specs.values())
         self._specs = specs
-
-    def __getitem__(self, shelf_id: str) -> ShelfState:
-        return ShelfState.view(self.table, self.table.rows[shelf_id], shelf_id)
-
-    def __contains__(self, shelf_id: object) -> bool:
-        return shelf_id in self.table.rows
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.table.rows)
-
-    def __len__(self) -> int:
-        return len(self.table.rows)
+        view = ShelfState.view
+        table = self.table
+        dict.update(self, {sid: view(table, row, sid) for sid, row in table.rows.items()})
 
     def row(self, shelf_id: str) -> int:
         """The shelf's row in ``table`` (KeyError: no such shelf)."""
         return self.table.rows[shelf_id]
 
     def __setitem__(self, shelf_id: str, state: ShelfState) -> None:
-        row = self.table.rows.get(shelf_id)
-        if row is None:
+        mine = self.get(shelf_id)
+        if mine is None:
             spec = self._specs.get(shelf_id)
             if spec is None:
                 raise KeyError(f"no spec for shelf {shelf_id!r}")
-            row = self.table.add(spec)
-        if state.table_row != (self.table, row):
-            ShelfState.view(self.table, row, shelf_id).assign(state)
+            mine = self.add(spec)
+        if state.table_row != mine.table_row:
+            mine.assign(state)
+
+    def add(self, spec: ShelfSpec) -> ShelfState:
+        """A new shelf (UNKNOWN), or an existing one reset to new."""
+        row = self.table.add(spec)
+        view = ShelfState.view(self.table, row, spec.shelf_id)
+        dict.__setitem__(self, spec.shelf_id, view)
+        return view
+
+    def __delitem__(self, shelf_id: str) -> None:
+        self.table.remove(shelf_id)
+        dict.__delitem__(self, shelf_id)
+
+    def _refuse(self, *args: object, **kw: object) -> NoReturn:
+        raise TypeError("ShelfStates: set, add or delete a shelf instead")
+
+    update = pop = popitem = setdefault = clear = _refuse
 
     def status_counts(self) -> dict[str, int]:
         """Shelves per status value, every status present (one vectorised count over the
@@ -323,14 +337,6 @@ class ShelfStates(Mapping[str, ShelfState]):
                 "pending": pending[i][: plen[i]],
             }
         return out
-
-    def add(self, spec: ShelfSpec) -> ShelfState:
-        """A new shelf (UNKNOWN), or an existing one reset to new."""
-        row = self.table.add(spec)
-        return ShelfState.view(self.table, row, spec.shelf_id)
-
-    def __delitem__(self, shelf_id: str) -> None:
-        self.table.remove(shelf_id)
 
 
 def apply_reading(

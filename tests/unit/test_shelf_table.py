@@ -211,3 +211,22 @@ def test_a_table_of_specs_is_the_table_their_adds_build() -> None:
     twice = ShelfTable.of([spec_of("A"), spec_of("B"), spec_of("A", stale_after_s=9.0)])
     assert twice.rows == {"A": 0, "B": 1}
     assert twice.stale_after_s[0] == 9.0
+
+
+def test_the_states_are_a_dict_of_views_that_refuses_changes_the_table_would_miss() -> None:
+    specs = {f"S{i}": spec_of(f"S{i}") for i in range(3)}
+    states = ShelfStates(specs)
+    assert states["S1"] is states["S1"]  # one view per shelf: a lookup allocates nothing
+    assert states.get("S9") is None
+    for change in (
+        lambda: states.update({}),
+        lambda: states.pop("S1"),
+        lambda: states.setdefault("S1", states["S1"]),
+        lambda: states.popitem(),
+        lambda: states.clear(),
+    ):
+        with pytest.raises(TypeError, match="ShelfStates"):
+            change()
+    del states["S0"]
+    assert list(states) == ["S1", "S2"]
+    assert list(states.table.rows) == ["S1", "S2"]
