@@ -39,13 +39,13 @@ def main(path: str, point: str) -> None:
     write_slice = catalog_store._write_slice
 
     def slice_then_maybe_wait(
-        tx: catalog_store.Transaction, sql: str, rows: list[tuple[Any, ...]]
+        tx: catalog_store.Transaction, head: str, width: int, rows: list[tuple[Any, ...]]
     ) -> None:
         nonlocal calls
         calls += 1
         if calls == at:
             _wait(point)
-        write_slice(tx, sql, rows)
+        write_slice(tx, head, width, rows)
 
     catalog_store.SLICE_ROWS = 2
     catalog_store._write_slice = slice_then_maybe_wait

@@ -26,6 +26,7 @@ from typing import Any, cast
 
 import orjson
 
+from controller.adapters.journal import execute_rows
 from controller.catalog.diff import CatalogueDiff, diff
 from controller.catalog.records import (
     COLUMNS,
@@ -464,10 +465,12 @@ def _clean(db: sqlite3.Connection) -> None:
         db.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-def _write_slice(tx: Transaction, sql: str, rows: list[tuple[Any, ...]]) -> None:
-    """One short transaction of a staged change."""
+def _write_slice(tx: Transaction, head: str, width: int, rows: list[tuple[Any, ...]]) -> None:
+    """One short transaction of a staged change, in multi-row statements (`execute_rows`: row
+    by row, each step of a worker's executemany waited for the interpreter lock behind the
+    main loop, and the slice held the journal's write turn from ingest for seconds)."""
     with tx("the catalogue change could not be staged") as db:
-        db.executemany(sql, rows)
+        execute_rows(db, head, width, rows)
 
 
 def _check_version(db: sqlite3.Connection, expected: int) -> None:
@@ -516,7 +519,7 @@ def stage(
     # time: encoded whole, a catalogue's rows took several times its size (orjson's bytes
     # keep their buffer's spare capacity).
     known = {(c.kind, c.id): c.after for c in changes.changes if c.after is not None}
-    insert = f"INSERT INTO {_STAGING}(kind, id, body) VALUES (?,?,?)"
+    insert = f"INSERT INTO {_STAGING}(kind, id, body)"
     for kind in KINDS:
         columns = COLUMNS[kind]
         models = catalogue.records(kind)
@@ -525,17 +528,16 @@ def stage(
             for model in models[i : i + SLICE_ROWS]:
                 rec = known.get((kind, model.id)) or flat(kind, model)
                 rows.append((kind, model.id, orjson.dumps([rec[c] for c in columns])))
-            _write_slice(tx, insert, rows)
+            _write_slice(tx, insert, 3, rows)
     insert = (
-        "INSERT INTO catalog_audit(version, ts, actor, source, kind, record_id, op, before, "
-        "after) VALUES (?,?,?,?,?,?,?,?,?)"
+        "INSERT INTO catalog_audit(version, ts, actor, source, kind, record_id, op, before, after)"
     )
     for i in range(0, len(changes.changes), SLICE_ROWS):
         rows = [
             (version, now, actor, source, c.kind, c.id, c.op, _dumps(c.before), _dumps(c.after))
             for c in changes.changes[i : i + SLICE_ROWS]
         ]
-        _write_slice(tx, insert, rows)
+        _write_slice(tx, insert, 9, rows)
     return Staged(version, from_version, now, actor, source, detail, changes.counts())
 
 

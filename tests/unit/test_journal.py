@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from controller import ports
-from controller.adapters.journal import Journal, JournalError, JournalLocked
+from controller.adapters.journal import Journal, JournalError, JournalLocked, execute_rows
 from controller.ports import Cursor, DeadLetter, EventRow, JournalUnavailable, ReadingRow
 
 
@@ -214,3 +214,26 @@ def test_checkpoints_run_outside_commits_and_bound_the_wal(tmp_path: Path) -> No
     assert j.checkpointed.wait(5)
     assert wal.stat().st_size <= max(size * 2, 4 * 1024 * 1024)
     j.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 255, 256, 257, 700])
+def test_multi_row_statements_write_what_executemany_writes(n: int) -> None:
+    """`execute_rows` (many rows per statement: Python's sqlite3 releases the interpreter lock
+    around every row's step, and each re-acquisition can wait 5 ms while another thread runs)
+    writes the same rows in the same order, OR IGNORE and ON CONFLICT per row as executemany."""
+    rows = [(i % 97, f"v{i}", float(i)) for i in range(n)]  # keys repeat: conflicts in a batch
+    got, want = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+    for db in (got, want):
+        db.execute("CREATE TABLE t(k INTEGER PRIMARY KEY, v, x)")
+        db.execute("CREATE TABLE u(k INTEGER UNIQUE, v, x)")
+    execute_rows(
+        got, "INSERT INTO t(k, v, x)", 3, rows, " ON CONFLICT(k) DO UPDATE SET v=excluded.v"
+    )
+    want.executemany(
+        "INSERT INTO t(k, v, x) VALUES (?,?,?) ON CONFLICT(k) DO UPDATE SET v=excluded.v", rows
+    )
+    execute_rows(got, "INSERT OR IGNORE INTO u(k, v, x)", 3, rows)
+    want.executemany("INSERT OR IGNORE INTO u(k, v, x) VALUES (?,?,?)", rows)
+    for table in ("t", "u"):
+        query = f"SELECT rowid, k, v, x FROM {table} ORDER BY rowid"
+        assert got.execute(query).fetchall() == want.execute(query).fetchall()
