@@ -752,9 +752,10 @@ class Journal:
                     readings,  # ReadingRow is a tuple in column order
                 )
             if dead_letters:
-                db.executemany(
-                    "INSERT INTO dead_letters(received_at, topic, reason, detail, size, payload) "
-                    "VALUES (?,?,?,?,?,?)",
+                execute_rows(
+                    db,
+                    "INSERT INTO dead_letters(received_at, topic, reason, detail, size, payload)",
+                    6,
                     [
                         (
                             d.received_at_s,

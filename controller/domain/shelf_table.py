@@ -292,11 +292,8 @@ class ShelfTable:
         self._ign[row] = 0
         self.reset_window(row)
 
-    # -- cells -------------------------------------------------------------------------------
-    def get_status(self, row: int) -> ShelfStatus:
-        code: int = self._status[row]
-        return STATUSES[code]
-
+    # -- cells (`ShelfState` reads status, units, weight and time straight from the views:
+    # a state is read per item of every list answer) -------------------------------------
     def set_status(self, row: int, status: ShelfStatus) -> None:
         self._status[row] = STATUS_CODE[status]
 
@@ -307,25 +304,13 @@ class ShelfTable:
     def set_reason(self, row: int, reason: str | None) -> None:
         self._reason[row] = reason_code(reason)
 
-    def get_units(self, row: int) -> int | None:
-        units: int = self._units[row]
-        return None if units < 0 else units
-
     def set_units(self, row: int, units: int | None) -> None:
         if units is not None and units < 0:
             raise ValueError(f"units must be >= 0, got {units}")
         self._units[row] = -1 if units is None else units
 
-    def get_weight(self, row: int) -> float | None:
-        weight_g: float = self._weight[row]
-        return None if weight_g != weight_g else weight_g
-
     def set_weight(self, row: int, weight_g: float | None) -> None:
         self._weight[row] = NAN if weight_g is None else weight_g
-
-    def get_last_ts(self, row: int) -> float | None:
-        ts_s: float = self._last[row]
-        return None if ts_s != ts_s else ts_s
 
     def set_last_ts(self, row: int, ts_s: float | None) -> None:
         self._last[row] = NAN if ts_s is None else ts_s
