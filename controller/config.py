@@ -364,6 +364,19 @@ class PickingConfig(_Frozen):
     orders are kept until shipped."""
 
 
+class ProcessConfig(_Frozen):
+    """``[process]``: how the controller's threads share the Python interpreter
+    (docs/architecture.md, "Three event loops")."""
+
+    switch_interval_ms: Annotated[float, Field(ge=0.05, le=100, allow_inf_nan=False)] = 0.2
+    """The interpreter's thread switch interval (`sys.setswitchinterval`) while the runtime
+    runs: how long the control loop's thread (PLC heartbeats, pick commands) or the HTTP
+    loop's may wait for the interpreter lock while ingest holds it. Python's default is 5 ms,
+    paid at every wake-up and every system call of those threads; a pick's first Modbus write
+    under 16k msg/s of ingest took 335 ms at p99 with it and 30 ms with 0.2 ms
+    (docs/performance.md)."""
+
+
 class SkuConfig(_Frozen):
     """One SKU of the catalogue: a ``[[skus]]`` table, or a ``sku`` row of a catalogue file
     (docs/catalogue.md)."""
@@ -638,6 +651,8 @@ class SiteConfig(_Frozen):
     """Pack stations (``[[pack_stations]]``)."""
     picking: PickingConfig = PickingConfig()
     """Picking (``[picking]``)."""
+    process: ProcessConfig = ProcessConfig()
+    """The controller process (``[process]``)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import ssl
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -373,7 +374,7 @@ class Runtime:
             handle.link.watch.add_listener(
                 self._to_main(self.supervision.plc_state_listener(plc_id))
             )
-        self.order_journal = self.journal.second_connection()
+        self.order_journal = self.journal.second_connection(priority=True)
         self.picking = PickingService(
             site,
             self.order_journal,
@@ -583,7 +584,11 @@ class Runtime:
         older_tasks = asyncio.all_tasks()
         restored = self.journal.open()
         control: ControlTask | None = None
+        switch_interval = sys.getswitchinterval()
         try:
+            # Shorter waits for the interpreter lock for the control and HTTP threads while
+            # ingest holds it ([process] switch_interval_ms); the previous value is restored.
+            sys.setswitchinterval(self.site.process.switch_interval_ms / 1000)
             self.catalogue_version = settle_catalogue(
                 self.site, self.journal.db, self.catalogue_version, self.clock
             )
@@ -638,6 +643,7 @@ class Runtime:
                 await control.wait(STOP_TASKS_S + 0.1)
                 raise
         finally:
+            sys.setswitchinterval(switch_interval)
             stopped = self.control.close(timeout_s=0.5)
             self._main_loop = None
             self.ingest.close()

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from controller.adapters.journal import Journal
+from controller.adapters.journal import Journal, WriterTurns
 from controller.control import ControlLoop
 from controller.ports import EventRow, JournalUnavailable
+from tests.waiting import wait_for_condition_sync
 
 
 @pytest.fixture
@@ -104,10 +105,87 @@ def test_the_second_connection_shares_the_journal_and_its_outbox_count(tmp_path:
         finally:
             journal.db.execute("ROLLBACK")
         # The same while a transaction of the primary holds the process's writer lock.
-        with journal._writers, pytest.raises(JournalUnavailable):
-            second.commit_orders([], counters={"cmd:s": 8})
+        assert journal._writers.acquire(timeout=1.0)
+        try:
+            with pytest.raises(JournalUnavailable):
+                second.commit_orders([], counters={"cmd:s": 8})
+        finally:
+            journal._writers.release()
         second.commit_orders([], counters={"cmd:s": 8})
         assert journal.counters() == {"cmd:s": 8}
+    finally:
+        second.close()
+        journal.close()
+
+
+def test_a_priority_writer_goes_before_the_ordinary_writers_already_waiting() -> None:
+    """The control loop's order commit waits for the commit in progress only, not behind
+    every ingest commit that queued before it (a plain lock let them all go first)."""
+    turns = WriterTurns()
+    order: list[str] = []
+
+    def writer(name: str, priority: bool) -> None:
+        assert turns.acquire(timeout=5.0, priority=priority)
+        order.append(name)
+        turns.release()
+
+    assert turns.acquire(timeout=1.0)  # a commit in progress
+    ordinary = [threading.Thread(target=writer, args=(f"ingest-{i}", False)) for i in range(3)]
+    for t in ordinary:
+        t.start()
+    wait_for_condition_sync(lambda: turns.waiting == 3, timeout_s=5.0, what="3 ingest waiting")
+    urgent = threading.Thread(target=writer, args=("orders", True))
+    urgent.start()
+    wait_for_condition_sync(lambda: turns.waiting == 4, timeout_s=5.0, what="orders waiting")
+    turns.release()
+    for t in [*ordinary, urgent]:
+        t.join(5.0)
+    assert order[0] == "orders"
+    assert sorted(order[1:]) == ["ingest-0", "ingest-1", "ingest-2"]
+
+
+def test_a_priority_writer_that_gives_up_lets_the_others_go() -> None:
+    turns = WriterTurns()
+    assert turns.acquire(timeout=1.0)
+    assert not turns.acquire(timeout=0.05, priority=True)  # timed out behind the holder
+    turns.release()
+    assert turns.acquire(timeout=0.05)  # an ordinary writer is not held back by it
+    assert not turns.acquire(timeout=0.01)  # one at a time
+    turns.release()
+
+
+def test_the_control_loops_order_journal_commits_with_priority(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "j.sqlite")
+    journal.open()
+    second = journal.second_connection(priority=True)
+    second.open_second()
+
+    def body(by: str) -> dict[str, object]:
+        return {"order_id": "o-1", "channel": "api", "external_id": by, "state": "PICKING",
+                "updated_ts": 1.0}  # fmt: skip
+
+    try:
+        assert journal._writers.acquire(timeout=1.0)
+        done = threading.Event()
+        ingest = threading.Thread(
+            target=lambda: journal.commit_orders([body("ingest")]) or done.set()
+        )
+        ingest.start()
+        wait_for_condition_sync(
+            lambda: journal._writers.waiting == 1, timeout_s=5.0, what="ingest waiting"
+        )
+        orders = threading.Thread(target=lambda: second.commit_orders([body("orders")]))
+        orders.start()
+        wait_for_condition_sync(
+            lambda: journal._writers.waiting == 2, timeout_s=5.0, what="orders waiting"
+        )
+        journal._writers.release()
+        ingest.join(5.0)
+        orders.join(5.0)
+        assert done.is_set()
+        order = journal.order("o-1")
+        assert order is not None
+        assert order["external_id"] == "ingest"  # it went last
     finally:
         second.close()
         journal.close()

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from controller import ports
+from controller.adapters import journal as journal_module
 from controller.adapters.journal import Journal, JournalError, JournalLocked, execute_rows
 from controller.ports import Cursor, DeadLetter, EventRow, JournalUnavailable, ReadingRow
+from tests.waiting import wait_for_condition_sync
 
 
 def row(seq: int, device: str = "d1") -> ReadingRow:
@@ -214,6 +216,39 @@ def test_checkpoints_run_outside_commits_and_bound_the_wal(tmp_path: Path) -> No
     assert j.checkpointed.wait(5)
     assert wal.stat().st_size <= max(size * 2, 4 * 1024 * 1024)
     j.close()
+
+
+def test_past_the_wal_limit_the_wal_starts_over_in_a_writer_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under sustained writes passive checkpoints never let the WAL start over. Past the
+    limit the checkpoint thread takes a writer turn of the process for a RESTART checkpoint:
+    commits wait for it on the turns (woken at once), not in SQLite's busy handler (sleeps of
+    up to 100 ms), and the next commit writes the WAL from its start instead of growing it."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    wal = tmp_path / "j.sqlite-wal"
+    try:
+        for g in range(10):
+            j.commit([row(g * 100 + i) for i in range(100)])
+        assert j._writers.acquire(timeout=1.0)  # a commit in progress
+        monkeypatch.setattr(journal_module, "WAL_SIZE_LIMIT", 0)
+        try:
+            wait_for_condition_sync(
+                lambda: j._writers.waiting, timeout_s=5.0, what="the checkpointer waiting"
+            )
+            assert j.wal_restarts == 0
+        finally:
+            j._writers.release()
+        wait_for_condition_sync(lambda: j.wal_restarts, timeout_s=5.0, what="a WAL restart")
+        assert j.checkpoint_error is None
+        assert j.wal_restart_s > 0
+        monkeypatch.setattr(journal_module, "WAL_SIZE_LIMIT", 1 << 40)
+        size = wal.stat().st_size
+        j.commit([row(5000 + i) for i in range(100)])
+        assert wal.stat().st_size <= size  # written from the WAL's start: it did not grow
+    finally:
+        j.close()
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 255, 256, 257, 700])

@@ -1,0 +1,42 @@
+"""The runtime shortens the interpreter's thread switch interval while it runs (``[process]
+switch_interval_ms``, default 0.2 ms) and gives the previous one back when it stops: the
+control loop's and the HTTP loop's threads wait that long, not Python's 5 ms, for the
+interpreter lock while ingest holds it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.config import ConfigError, ProcessConfig, load_site
+from tests.integration.test_api_ops import ops_server
+from tests.mosquitto import MosquittoBroker
+from tests.sites import write_small_site
+
+
+async def test_the_runtime_runs_with_the_sites_switch_interval_and_restores_it(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=1)
+    site.write_text(site.read_text() + "\n[process]\nswitch_interval_ms = 0.5\n")
+    before = sys.getswitchinterval()
+    assert before != pytest.approx(0.0005)
+    async with ops_server(site):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    assert sys.getswitchinterval() == before
+
+
+def test_the_switch_interval_defaults_to_a_fifth_of_a_millisecond_and_is_bounded(
+    tmp_path: Path,
+) -> None:
+    assert ProcessConfig().switch_interval_ms == 0.2
+    site = write_small_site(tmp_path, mqtt_port=1883, scales=1)
+    text = site.read_text()
+    for bad in ("0", "0.01", "101", "nan"):
+        site.write_text(text + f"\n[process]\nswitch_interval_ms = {bad}\n")
+        with pytest.raises(ConfigError, match="switch_interval_ms"):
+            load_site(site)
+    site.write_text(text + "\n[process]\nswitch_interval_ms = 0.05\n")
+    assert load_site(site).process.switch_interval_ms == 0.05
