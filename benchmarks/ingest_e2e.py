@@ -116,7 +116,7 @@ class BenchRuntime(Runtime):
     messages have been committed and acknowledged, and counts groups."""
 
     def __init__(self, site: SiteConfig) -> None:
-        super().__init__(site)
+        super().__init__(site, freeze_heap=True)  # as `floorhand run` builds it
         if connect_timeout_s is not None:
             # Experiment knob (--connect-timeout): the link's handshake deadline, which also
             # covers the SUBACK that mosquitto sends only after a resumed session's backlog.
@@ -299,6 +299,7 @@ async def running(rt: Runtime, *, wait_up: bool = True) -> AsyncIterator[asyncio
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        gc.unfreeze()  # the next stage's runtime freezes its own start-up heap
 
 
 def make_site(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import statistics
 import sys
@@ -281,7 +282,7 @@ async def controller_with_api(
     ``api_port``), in this process; yields once every link is up and every shelf is counted
     (a preload of readings: 30 units each), and stops it when the block ends."""
     enc = encode_readings(device_names(DEVICES), 6 * DEVICES, ts0=time.time() - 10, step_every=0)
-    rt = Runtime(site)
+    rt = Runtime(site, freeze_heap=True)
     app = create_app(site, runtime=rt)
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=api_port, log_level="warning")
@@ -303,6 +304,7 @@ async def controller_with_api(
     finally:
         server.should_exit = True
         await serve
+        gc.unfreeze()
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -16,19 +16,21 @@ from controller.runtime import Runtime
 from controller.services.queries import AlertQueries, DeviceQueries, ReadModel, StockQueries
 
 
-def get_runtime(request: Request) -> Runtime:
-    """The runtime the app's lifespan owns."""
+async def get_runtime(request: Request) -> Runtime:
+    """The runtime the app's lifespan owns. (``async``, as every dependency here: FastAPI runs
+    a plain ``def`` dependency in a worker thread, two thread hops per request; under ingest
+    load each waits for the interpreter lock.)"""
     rt: Runtime = request.app.state.runtime
     return rt
 
 
-def get_queries(request: Request) -> StockQueries:
+async def get_queries(request: Request) -> StockQueries:
     """The stock read model (built once by ``install_queries``)."""
     queries: StockQueries = request.app.state.queries
     return queries
 
 
-def get_reads(request: Request) -> ReadModel:
+async def get_reads(request: Request) -> ReadModel:
     """The whole read model (built once by ``install_queries``)."""
     reads: ReadModel = request.app.state.reads
     return reads

@@ -32,7 +32,7 @@ ScaleState = Annotated[
 ]
 
 
-def _scale_page(
+async def _scale_page(
     zone: Zone = None,
     state: ScaleState = None,
     q: Text = None,
