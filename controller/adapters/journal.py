@@ -1000,12 +1000,13 @@ class Journal:
         idempotency: Sequence[IdempotencyRow],
         events: Sequence[EventRow],
     ) -> None:
+        # Multi-row statements (`execute_rows`): the order desk commits on the control loop's
+        # thread, and each statement step hands the interpreter lock to ingest.
         if orders:
-            db.executemany(
-                "INSERT INTO orders(order_id, channel, external_id, state, open, updated_ts, "
-                "body) VALUES (?,?,?,?,?,?,?) ON CONFLICT(order_id) DO UPDATE SET "
-                "state=excluded.state, open=excluded.open, updated_ts=excluded.updated_ts, "
-                "body=excluded.body",
+            execute_rows(
+                db,
+                "INSERT INTO orders(order_id, channel, external_id, state, open, updated_ts, body)",
+                7,
                 [
                     (
                         o["order_id"],
@@ -1018,18 +1019,24 @@ class Journal:
                     )
                     for o in orders
                 ],
+                " ON CONFLICT(order_id) DO UPDATE SET state=excluded.state, open=excluded.open, "
+                "updated_ts=excluded.updated_ts, body=excluded.body",
             )
         if counters:
-            db.executemany(
-                "INSERT INTO counters(name, value) VALUES (?,?) ON CONFLICT(name) DO UPDATE "
-                "SET value=max(value, excluded.value)",
+            execute_rows(
+                db,
+                "INSERT INTO counters(name, value)",
+                2,
                 list(counters.items()),
+                " ON CONFLICT(name) DO UPDATE SET value=max(value, excluded.value)",
             )
         if idempotency:
-            db.executemany(
+            execute_rows(
+                db,
                 # REPLACE: a key past its TTL may be used again (not yet trimmed here).
-                "INSERT OR REPLACE INTO idempotency(key, principal, digest, status, "
-                "order_id, created_ts) VALUES (?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO idempotency(key, principal, digest, status, order_id, "
+                "created_ts)",
+                6,
                 idempotency,
             )
         _insert_events(db, events)
