@@ -69,7 +69,8 @@ __all__ = [
 ]
 
 BELT_FRESH_S = 0.5
-"""A belt (conveyor, sorter) seen running this recently is not read again before a pick."""
+"""A belt (conveyor, sorter) seen running this recently is not read again before a pick (past
+half of it, it is read again beside the pick); a PLC restart or a link drop ends it at once."""
 DEVICES_FIRST_CHANCE_S = 5.0
 """At start-up, pick requests (MQTT commands queued in the broker session while the controller
 was down, HTTP requests) wait at most this long for every conveyor and sorter link to have had
@@ -135,6 +136,8 @@ class BeltPort(Protocol):
     async def status(self) -> _Running: ...
 
     async def start(self) -> object: ...
+
+    def add_epoch_listener(self, callback: Callable[[int | None, int], None]) -> None: ...
 
 
 class _Outcome(Protocol):
@@ -205,6 +208,7 @@ class PickExecutor:
         order reloaded at start): no longer cancellable."""
         self._belt_ok: dict[str, float] = {}
         self._belt_locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._refreshing: set[str] = set()  # belts with a status read in the background
         self.devices_settled = asyncio.Event()
         """Set once every PLC link had its first chance to connect, or after
         ``DEVICES_FIRST_CHANCE_S`` (`run`); set from the start without PLCs."""
@@ -212,8 +216,9 @@ class PickExecutor:
         self._settled_listeners: list[Callable[[], None]] = []
         for name, driver in self.sorters.items():
             driver.add_mailbox_listener(self._mailbox_listener(name))
-        for plc in (*self.sorters.values(), *self.conveyors.values()):
-            plc.link.watch.add_listener(lambda old, new: self._device_changed.set())
+        for name, plc in (*self.sorters.items(), *self.conveyors.items()):
+            plc.link.watch.add_listener(self._link_listener(name))
+            plc.add_epoch_listener(self._epoch_listener(name))
         if not self.sorters and not self.conveyors:
             self.devices_settled.set()
 
@@ -252,6 +257,21 @@ class PickExecutor:
 
     def sorter_epoch(self, sorter: str) -> int | None:
         return self.sorters[sorter].epoch
+
+    def _link_listener(self, name: str) -> Callable[[LinkState, LinkState], None]:
+        def on_link(old: LinkState, new: LinkState) -> None:
+            if new is not LinkState.UP:
+                self._belt_ok.pop(name, None)  # seen running on a connection that is gone
+            self._device_changed.set()
+
+        return on_link
+
+    def _epoch_listener(self, name: str) -> Callable[[int | None, int], None]:
+        def on_epoch(old: int | None, new: int) -> None:
+            if old is not None:
+                self._belt_ok.pop(name, None)  # a restarted PLC's belts stand still
+
+        return on_epoch
 
     def _mailbox_listener(self, sorter: str) -> Callable[[int, int], None]:
         def on_mailbox(epoch: int, highest_id: int) -> None:
@@ -375,7 +395,10 @@ class PickExecutor:
         for name in sorted(names, key=lambda n: (n in self.sorters, n)):
             driver: BeltPort = self.conveyors.get(name) or self.sorters[name]
             async with self._belt_locks[name]:
-                if time.monotonic() - self._belt_ok.get(name, -1e9) < BELT_FRESH_S:
+                age = time.monotonic() - self._belt_ok.get(name, -1e9)
+                if age < BELT_FRESH_S:
+                    if age > BELT_FRESH_S / 2:
+                        self._refresh_belt(name, driver)
                     continue
                 try:
                     status = await driver.status()
@@ -388,6 +411,35 @@ class PickExecutor:
                     return f"{driver.KIND} {name}: {exc}"
                 self._belt_ok[name] = time.monotonic()
         return None
+
+    def _refresh_belt(self, name: str, driver: BeltPort) -> None:
+        """Read a belt's status in the background, past half its freshness: while picks keep
+        coming, the next pick finds the belt fresh and goes straight to its sorter command
+        instead of waiting for status reads (one pick in 25 paid ~5 ms for them at 50
+        picks/s). A belt found stopped or unreadable is no longer fresh: the next pick takes
+        the full path (read, start)."""
+        if self._tg is None or name in self._refreshing:
+            return
+        self._refreshing.add(name)
+
+        async def refresh() -> None:
+            asked_at = time.monotonic()
+            try:
+                status = await driver.status()
+            except Exception as exc:  # unreadable, or a bug: never the order tasks' group
+                if not isinstance(exc, DeviceError):
+                    log.exception("%s %s: background status read failed", driver.KIND, name)
+                self._belt_ok.pop(name, None)
+            else:
+                if status.running:
+                    if asked_at > self._belt_ok.get(name, -1e9):
+                        self._belt_ok[name] = asked_at
+                else:
+                    self._belt_ok.pop(name, None)
+            finally:
+                self._refreshing.discard(name)
+
+        self._tg.create_task(refresh(), name=f"belt-refresh:{name}")
 
     async def _send(self, order: Order, task: PickTask) -> None:
         driver = self.sorters[task.sorter]

@@ -5,6 +5,7 @@ Against simulated PLCs: tests/integration/test_picking.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from controller.domain.model import ShelfStatus
 from controller.domain.orders import Resolution
 from controller.domain.stock import ShelfState
 from controller.services.ingest import shelf_specs
+from controller.services.pick_executor import BELT_FRESH_S
 from controller.services.picking import PickingService, PickRequest
 from devices.errors import CommandOutcomeUnknown
 from devices.sorter import SortResult
@@ -33,11 +35,16 @@ class Belt:
         self.gate = asyncio.Event()
         self.gate.set()
         self.asked = asyncio.Event()
+        self.running = True
+        self.epoch_listeners: list[Callable[[int | None, int], None]] = []
+
+    def add_epoch_listener(self, callback: Callable[[int | None, int], None]) -> None:
+        self.epoch_listeners.append(callback)
 
     async def status(self) -> SimpleNamespace:
         self.asked.set()
         await self.gate.wait()
-        return SimpleNamespace(running=True)
+        return SimpleNamespace(running=self.running)
 
     async def start(self) -> object:
         return None
@@ -137,3 +144,44 @@ async def test_a_lost_command_is_unknown_until_a_person_resolves_it(tmp_path: Pa
         body = svc.resolve(oid, 0, Resolution.CONFIRMED, by="sup", reason="in the tote")
         assert (body["state"], body["tasks"][0]["state"]) == ("SORTED", "CONFIRMED")
         assert svc.stats["task_resolved_confirmed"] == 1
+
+
+async def test_a_belt_past_half_its_freshness_is_read_in_the_background(tmp_path: Path) -> None:
+    """While picks keep coming, the belts' status reads happen beside them, not on a pick's way
+    to its sorter command; a belt found stopped is read (and started) on the next pick's way."""
+    async with running(tmp_path) as (svc, belt, sorter):
+        svc.submit(PickRequest("W-1", (("K0", 1),), "PS1"), key="k1", principal="p")
+        await wait_for_condition(lambda: len(sorter.sent), 5.0, what="the first command")
+        fresh = svc.executor._belt_ok
+        aged = time.monotonic() - BELT_FRESH_S * 0.6  # still fresh, past half its freshness
+        fresh["c1"] = fresh["s1"] = aged
+        belt.gate.clear()  # a status read now waits
+        belt.asked.clear()
+        svc.submit(PickRequest("W-2", (("K0", 1),), "PS1"), key="k2", principal="p")
+        await wait_for_condition(lambda: len(sorter.sent) == 2, 5.0, what="the second command")
+        await asyncio.wait_for(belt.asked.wait(), 5)  # read beside it, not before it
+        assert fresh["c1"] == aged
+        belt.gate.set()
+        await wait_for_condition(lambda: fresh["c1"] > aged, 5.0, what="the conveyor refreshed")
+        # Found stopped in the background: no longer fresh, so the next pick reads it itself.
+        fresh["c1"] = time.monotonic() - BELT_FRESH_S * 0.6
+        belt.running = False
+        svc.submit(PickRequest("W-3", (("K0", 1),), "PS1"), key="k3", principal="p")
+        await wait_for_condition(lambda: "c1" not in fresh, 5.0, what="the conveyor dropped")
+
+
+async def test_a_plc_restart_ends_its_belts_freshness(tmp_path: Path) -> None:
+    """A restarted PLC's belts stand still: the next pick reads (and starts) them, however
+    recently they were seen running (test_b6 sent a command to a stopped sorter without it)."""
+    async with running(tmp_path) as (svc, belt, sorter):
+        svc.submit(PickRequest("W-1", (("K0", 1),), "PS1"), key="k1", principal="p")
+        await wait_for_condition(lambda: len(sorter.sent), 5.0, what="the first command")
+        fresh = svc.executor._belt_ok
+        assert {"c1", "s1"} <= fresh.keys()
+        for callback in belt.epoch_listeners:
+            callback(None, 7)  # first learnt: not a restart
+        assert "c1" in fresh
+        for callback in sorter.epoch_listeners:
+            callback(7, 8)
+        assert "s1" not in fresh
+        assert "c1" in fresh

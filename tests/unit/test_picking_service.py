@@ -74,6 +74,9 @@ class FakeSorter:
     def add_mailbox_listener(self, callback: Callable[[int, int], None]) -> None:
         self.listeners.append(callback)
 
+    def add_epoch_listener(self, callback: Callable[[int | None, int], None]) -> None:
+        pass
+
     def report(self, highest_id: int) -> None:
         for callback in self.listeners:
             callback(self.epoch, highest_id)
@@ -90,7 +93,7 @@ def link(up: bool) -> Any:
 
 def device(up: bool = True) -> Any:
     """A stand-in for a conveyor driver: submission reads only ``link.state``."""
-    return SimpleNamespace(link=link(up))
+    return SimpleNamespace(link=link(up), add_epoch_listener=lambda callback: None)
 
 
 def service(
