@@ -323,9 +323,11 @@ def replace(
                 counts["change"],
             ),
         )
-        db.executemany(
+        execute_rows(
+            db,
             "INSERT INTO catalog_audit(version, ts, actor, source, kind, record_id, op, before, "
-            "after) VALUES (?,?,?,?,?,?,?,?,?)",
+            "after)",
+            9,
             [
                 (version, now, actor, source, c.kind, c.id, c.op, _dumps(c.before), _dumps(c.after))
                 for c in changes.changes
@@ -359,7 +361,7 @@ def replace(
 
 
 def _insert(db: sqlite3.Connection, rows: list[tuple[str, str, bytes]]) -> int:
-    db.executemany("INSERT INTO catalog_records(kind, id, body) VALUES (?,?,?)", rows)
+    execute_rows(db, "INSERT INTO catalog_records(kind, id, body)", 3, rows)
     n = len(rows)
     rows.clear()
     return n

@@ -22,6 +22,7 @@ from typing import Any
 
 import orjson
 
+from controller.adapters.journal import execute_rows
 from controller.ports import (
     HistoryPoint,
     HistoryQuery,
@@ -134,16 +135,17 @@ class SqliteHistorySink:
                     weights.append((sid, p.ts_ms, f["weight_g"], f.get("seq"), f.get("epoch")))
                 else:
                     others.append((sid, p.ts_ms, orjson.dumps(dict(p.fields))))
+            # Multi-row statements: this runs in the sink's worker thread, and each statement
+            # step hands the interpreter lock to the main loop (`execute_rows`).
             if weights:
-                db.executemany(
-                    "INSERT OR REPLACE INTO weight(series, ts_ms, weight_g, seq, epoch) "
-                    "VALUES (?,?,?,?,?)",
+                execute_rows(
+                    db,
+                    "INSERT OR REPLACE INTO weight(series, ts_ms, weight_g, seq, epoch)",
+                    5,
                     weights,
                 )
             if others:
-                db.executemany(
-                    "INSERT OR REPLACE INTO points(series, ts_ms, fields) VALUES (?,?,?)", others
-                )
+                execute_rows(db, "INSERT OR REPLACE INTO points(series, ts_ms, fields)", 3, others)
             db.execute("COMMIT")
         except (sqlite3.IntegrityError, KeyError, TypeError, ValueError) as exc:
             self._rollback(db)
