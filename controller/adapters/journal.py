@@ -255,6 +255,11 @@ write lock (held by an ingest commit for a few milliseconds, by a RESTART checkp
 before it fails as `JournalUnavailable`: the waiting thread also sends the PLC heartbeats
 (every 0.25 s, watchdog 1 s), so it never waits long."""
 
+RESTART_BUSY_TIMEOUT_S = 0.1
+"""How long the checkpoint thread's RESTART checkpoint waits for readers on an older snapshot
+(a backup, an API read) while it holds the writer turn: every commit waits meanwhile, so it
+gives up after this and tries again at a later round (SQLite's default would be 5 s)."""
+
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes of WAL frames past which the checkpoint thread makes the WAL start over (a RESTART
 checkpoint in a writer turn); also the size SQLite trims the file back to when it does."""
@@ -480,6 +485,8 @@ class Journal:
         self._stop_checkpoints = threading.Event()
         self.checkpoints = 0
         self.wal_restarts = 0
+        self.wal_restarts_busy = 0
+        """RESTART checkpoints that gave up behind a reader (`RESTART_BUSY_TIMEOUT_S`)."""
         self.wal_restart_s = 0.0
         """How long the last RESTART checkpoint held the writers (s)."""
         self.checkpointed = threading.Event()
@@ -660,7 +667,10 @@ class Journal:
         """PASSIVE checkpoints from a second connection: they copy committed WAL frames into the
         database without blocking writers, so the WAL stays bounded while commits stay fast."""
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False,
+                timeout=RESTART_BUSY_TIMEOUT_S,
+            )  # fmt: skip
         except sqlite3.Error as exc:
             self.checkpoint_error = str(exc)
             return
@@ -690,14 +700,18 @@ class Journal:
         within the busy timeout (the next round tries again). The commits waiting meanwhile
         are woken the moment it ends. It held the writers ~10 ms at 16k msg/s here; the
         TRUNCATE checkpoint it replaces (outside a turn, commits sleeping in SQLite's busy
-        handler) ~100 ms, most of it truncating a 70 MB file."""
+        handler) ~100 ms, most of it truncating a 70 MB file. A reader on an older snapshot (a
+        backup, an API read) makes it wait at most `RESTART_BUSY_TIMEOUT_S`, then give up."""
         if not self._writers.acquire(timeout=self._busy_timeout_s):
             return
         try:
             t0 = time.perf_counter()
-            db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-            self.wal_restarts += 1
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             self.wal_restart_s = time.perf_counter() - t0
+            if busy:  # a reader still on an older snapshot: try again next round
+                self.wal_restarts_busy += 1
+            else:
+                self.wal_restarts += 1
         finally:
             self._writers.release()
 

@@ -251,6 +251,33 @@ def test_past_the_wal_limit_the_wal_starts_over_in_a_writer_turn(
         j.close()
 
 
+def test_a_wal_restart_behind_a_reader_gives_up_and_frees_the_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RESTART holds the writer turn: behind a reader on an older snapshot (a backup, an
+    API read) it waits at most RESTART_BUSY_TIMEOUT_S, not SQLite's default 5 s, then lets
+    the commits go and tries again later."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    reader = sqlite3.connect(tmp_path / "j.sqlite", isolation_level=None)
+    try:
+        j.commit([row(i) for i in range(100)])
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM readings").fetchone()  # holds its snapshot
+        j.commit([row(100 + i) for i in range(100)])
+        monkeypatch.setattr(journal_module, "WAL_SIZE_LIMIT", 0)
+        wait_for_condition_sync(
+            lambda: j.wal_restarts_busy, timeout_s=2.0, what="a restart given up behind the reader"
+        )
+        assert j.wal_restarts == 0
+        j.commit([row(200 + i) for i in range(100)])  # the writers are free again
+        reader.execute("COMMIT")
+        wait_for_condition_sync(lambda: j.wal_restarts, timeout_s=5.0, what="a WAL restart")
+    finally:
+        reader.close()
+        j.close()
+
+
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 255, 256, 257, 700])
 def test_multi_row_statements_write_what_executemany_writes(n: int) -> None:
     """`execute_rows` (many rows per statement: Python's sqlite3 releases the interpreter lock
