@@ -14,6 +14,7 @@ import logging
 import os
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -235,6 +236,33 @@ class _IngestLink:
 
     def resume_reading(self) -> None:
         self._gate.release("journal")
+
+
+class _SwitchIntervals:
+    """The interpreter's switch interval while runtimes run in this process: the shortest
+    any running runtime asks for; the value from before the first is restored after the last
+    (a test process runs several runtimes, sometimes at once)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._asked: list[float] = []
+        self._before = 0.0
+
+    def enter(self, seconds: float) -> None:
+        with self._lock:
+            if not self._asked:
+                self._before = sys.getswitchinterval()
+            self._asked.append(seconds)
+            sys.setswitchinterval(min(self._asked))
+
+    def leave(self, seconds: float) -> None:
+        with self._lock:
+            if seconds in self._asked:
+                self._asked.remove(seconds)
+            sys.setswitchinterval(min(self._asked) if self._asked else self._before)
+
+
+_SWITCH_INTERVAL = _SwitchIntervals()
 
 
 class Runtime:
@@ -584,11 +612,10 @@ class Runtime:
         older_tasks = asyncio.all_tasks()
         restored = self.journal.open()
         control: ControlTask | None = None
-        switch_interval = sys.getswitchinterval()
         try:
             # Shorter waits for the interpreter lock for the control and HTTP threads while
             # ingest holds it ([process] switch_interval_ms); the previous value is restored.
-            sys.setswitchinterval(self.site.process.switch_interval_ms / 1000)
+            _SWITCH_INTERVAL.enter(self.site.process.switch_interval_ms / 1000)
             self.catalogue_version = settle_catalogue(
                 self.site, self.journal.db, self.catalogue_version, self.clock
             )
@@ -643,7 +670,7 @@ class Runtime:
                 await control.wait(STOP_TASKS_S + 0.1)
                 raise
         finally:
-            sys.setswitchinterval(switch_interval)
+            _SWITCH_INTERVAL.leave(self.site.process.switch_interval_ms / 1000)
             stopped = self.control.close(timeout_s=0.5)
             self._main_loop = None
             self.ingest.close()

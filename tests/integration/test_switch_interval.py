@@ -40,3 +40,35 @@ def test_the_switch_interval_defaults_to_a_fifth_of_a_millisecond_and_is_bounded
             load_site(site)
     site.write_text(text + "\n[process]\nswitch_interval_ms = 0.05\n")
     assert load_site(site).process.switch_interval_ms == 0.05
+
+
+async def test_two_runtimes_at_once_leave_the_interval_as_it_was(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """The shortest interval any running runtime asks for; the one from before the first is
+    back after the last, whichever stops first."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_small_site(tmp_path / "a", mqtt_port=mosquitto.port, scales=1, client_id="fh-a")
+    b = write_small_site(tmp_path / "b", mqtt_port=mosquitto.port, scales=1, client_id="fh-b")
+    a.write_text(a.read_text() + "\n[process]\nswitch_interval_ms = 0.5\n")
+    b.write_text(  # another site: not the same controller identity
+        b.read_text().replace('id = "t"', 'id = "u"', 1) + "\n[process]\nswitch_interval_ms = 0.3\n"
+    )
+    before = sys.getswitchinterval()
+    first, second = ops_server(a), ops_server(b)
+    await first.__aenter__()
+    try:
+        await second.__aenter__()
+    except BaseException:
+        await first.__aexit__(None, None, None)
+        raise
+    try:
+        try:
+            assert sys.getswitchinterval() == pytest.approx(0.0003)
+        finally:
+            await first.__aexit__(None, None, None)  # the first to start stops first
+        assert sys.getswitchinterval() == pytest.approx(0.0003)  # b still runs
+    finally:
+        await second.__aexit__(None, None, None)
+    assert sys.getswitchinterval() == before
