@@ -261,19 +261,28 @@ def _kept_days(db: sqlite3.Connection) -> float:
     return float(orjson.loads(row[0])) if row else DEFAULT_AUDIT_KEEP_DAYS
 
 
-def _trim_audit(db: sqlite3.Connection, keep_days: float, now_s: float) -> int:
-    """Delete the audit rows written before ``now_s - keep_days``. Rows are appended in time
-    order, so the old ones are the first ids: found from the start of the table (no index on
-    ``ts``; the cost is the rows deleted), with ``ts`` checked again (a clock stepped back
-    never deletes a young row)."""
+def _trim_audit(
+    db: sqlite3.Connection, keep_days: float, now_s: float, limit: int | None = None
+) -> int:
+    """Delete the audit rows written before ``now_s - keep_days`` (at most ``limit``, the
+    oldest first); how many. Rows are appended in time order, so the old ones are the first
+    ids: found from the start of the table (no index on ``ts``; the cost is the rows deleted),
+    with ``ts`` checked again (a clock stepped back never deletes a young row)."""
     cutoff = now_s - keep_days * 86_400.0
     young = db.execute(
         "SELECT id FROM catalog_audit WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)
     ).fetchone()
-    if young is None:
-        return int(db.execute("DELETE FROM catalog_audit WHERE ts < ?", (cutoff,)).rowcount)
+    end = young[0] if young is not None else 1 << 62
+    if limit is None:
+        return int(
+            db.execute("DELETE FROM catalog_audit WHERE id < ? AND ts < ?", (end, cutoff)).rowcount
+        )
     return int(
-        db.execute("DELETE FROM catalog_audit WHERE id < ? AND ts < ?", (young[0], cutoff)).rowcount
+        db.execute(
+            "DELETE FROM catalog_audit WHERE id IN (SELECT id FROM catalog_audit WHERE id < ? "
+            "AND ts < ? ORDER BY id LIMIT ?)",
+            (end, cutoff, limit),
+        ).rowcount
     )
 
 
@@ -579,20 +588,11 @@ def finish(tx: Transaction, staged: Staged) -> None:
     """Step 3 (module comment above): the audit trimmed to its retention and the replaced
     records deleted, in short transactions. From a worker thread; JournalError when it cannot
     (the next change or start does it: `clean_staged`)."""
-    # The trim as `_trim_audit` does it (up to the first young row), a slice per transaction:
-    # when a big import's audit (100k rows and more) ages out, it is deleted at once.
-    trim = (
-        "DELETE FROM catalog_audit WHERE id IN (SELECT id FROM catalog_audit WHERE id < ? "
-        "AND ts < ? ORDER BY id LIMIT ?)"
-    )
+    # A slice per transaction: when a big import's audit (100k rows and more) ages out, it
+    # would be deleted at once.
     while True:
         with tx("the catalogue audit could not be trimmed") as db:
-            cutoff = staged.ts_s - _kept_days(db) * 86_400.0
-            young = db.execute(
-                "SELECT id FROM catalog_audit WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)
-            ).fetchone()
-            end = young[0] if young is not None else 1 << 62
-            if db.execute(trim, (end, cutoff, SLICE_ROWS)).rowcount < SLICE_ROWS:
+            if _trim_audit(db, _kept_days(db), staged.ts_s, limit=SLICE_ROWS) < SLICE_ROWS:
                 break
     delete = f"DELETE FROM {_OLD} WHERE seq IN (SELECT seq FROM {_OLD} ORDER BY seq LIMIT ?)"
     while True:
