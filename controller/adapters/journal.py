@@ -258,7 +258,11 @@ before it fails as `JournalUnavailable`: the waiting thread also sends the PLC h
 RESTART_BUSY_TIMEOUT_S = 0.1
 """How long the checkpoint thread's RESTART checkpoint waits for readers on an older snapshot
 (a backup, an API read) while it holds the writer turn: every commit waits meanwhile, so it
-gives up after this and tries again at a later round (SQLite's default would be 5 s)."""
+gives up after this and tries again `RESTART_RETRY_S` later (SQLite's default would be 5 s)."""
+
+RESTART_RETRY_S = 5.0
+"""After a RESTART checkpoint gave up behind a reader, the next one waits this long (a backup
+reads for minutes: a try every round would hold the commits 0.1 s in every 0.25 s)."""
 
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes of WAL frames past which the checkpoint thread makes the WAL start over (a RESTART
@@ -489,6 +493,7 @@ class Journal:
         """RESTART checkpoints that gave up behind a reader (`RESTART_BUSY_TIMEOUT_S`)."""
         self.wal_restart_s = 0.0
         """How long the last RESTART checkpoint held the writers (s)."""
+        self._restart_after = 0.0  # time.monotonic() before which no RESTART is tried
         self.checkpointed = threading.Event()
         """Set after each checkpoint (tests and tools wait on it)."""
         self.checkpoint_error: str | None = None
@@ -679,7 +684,10 @@ class Journal:
             while not self._stop_checkpoints.wait(CHECKPOINT_INTERVAL_S):
                 try:
                     _, wal_frames, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    if wal_frames * frame_bytes > WAL_SIZE_LIMIT:
+                    if (
+                        wal_frames * frame_bytes > WAL_SIZE_LIMIT
+                        and time.monotonic() >= self._restart_after
+                    ):
                         # Under sustained writes a passive checkpoint never catches up: the
                         # next commit finds frames not yet copied, so the WAL never starts
                         # over and only grows. Past the limit, a RESTART checkpoint in a writer
@@ -701,15 +709,17 @@ class Journal:
         are woken the moment it ends. It held the writers ~10 ms at 16k msg/s here; the
         TRUNCATE checkpoint it replaces (outside a turn, commits sleeping in SQLite's busy
         handler) ~100 ms, most of it truncating a 70 MB file. A reader on an older snapshot (a
-        backup, an API read) makes it wait at most `RESTART_BUSY_TIMEOUT_S`, then give up."""
+        backup, an API read) makes it wait at most `RESTART_BUSY_TIMEOUT_S`, then give up for
+        `RESTART_RETRY_S`."""
         if not self._writers.acquire(timeout=self._busy_timeout_s):
             return
         try:
             t0 = time.perf_counter()
             busy, _, _ = db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
             self.wal_restart_s = time.perf_counter() - t0
-            if busy:  # a reader still on an older snapshot: try again next round
+            if busy:  # a reader still on an older snapshot: try again later
                 self.wal_restarts_busy += 1
+                self._restart_after = time.monotonic() + RESTART_RETRY_S
             else:
                 self.wal_restarts += 1
         finally:
@@ -859,16 +869,18 @@ class Journal:
                     ],
                 )
             if cursors:
+                head, width, tail = _UPSERT_CURSOR
                 execute_rows(
                     db,
-                    *_UPSERT_CURSOR[:2],
+                    head,
+                    width,
                     [
                         (k, epoch, seq, b"", ts_s, applied, floor,
                          orjson.dumps(holes) if holes else b"[]", gaps, missing)
                         for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing)
                         in cursors.items()
                     ],
-                    _UPSERT_CURSOR[2],
+                    tail,
                 )  # fmt: skip
             if shelf_states:
                 head, width, tail = _UPSERT_SHELF_STATE

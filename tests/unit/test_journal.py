@@ -256,7 +256,7 @@ def test_a_wal_restart_behind_a_reader_gives_up_and_frees_the_writers(
 ) -> None:
     """The RESTART holds the writer turn: behind a reader on an older snapshot (a backup, an
     API read) it waits at most RESTART_BUSY_TIMEOUT_S, not SQLite's default 5 s, then lets
-    the commits go and tries again later."""
+    the commits go and tries again RESTART_RETRY_S later, not at every round."""
     j = Journal(tmp_path / "j.sqlite")
     j.open()
     reader = sqlite3.connect(tmp_path / "j.sqlite", isolation_level=None)
@@ -266,11 +266,18 @@ def test_a_wal_restart_behind_a_reader_gives_up_and_frees_the_writers(
         reader.execute("SELECT count(*) FROM readings").fetchone()  # holds its snapshot
         j.commit([row(100 + i) for i in range(100)])
         monkeypatch.setattr(journal_module, "WAL_SIZE_LIMIT", 0)
+        monkeypatch.setattr(journal_module, "RESTART_RETRY_S", 1.0)
         wait_for_condition_sync(
             lambda: j.wal_restarts_busy, timeout_s=2.0, what="a restart given up behind the reader"
         )
         assert j.wal_restarts == 0
         j.commit([row(200 + i) for i in range(100)])  # the writers are free again
+        # Not tried again at every checkpoint round while the reader stays (0.25 s each).
+        rounds = j.checkpoints
+        wait_for_condition_sync(
+            lambda: j.checkpoints >= rounds + 2, timeout_s=2.0, what="two checkpoint rounds"
+        )
+        assert j.wal_restarts_busy == 1
         reader.execute("COMMIT")
         wait_for_condition_sync(lambda: j.wal_restarts, timeout_s=5.0, what="a WAL restart")
     finally:
