@@ -23,7 +23,7 @@ Single-threaded: one table belongs to one task (the ingest service's, on the mai
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from math import isfinite
 from typing import Any, Final
 
@@ -82,6 +82,20 @@ _NO_EVENTS: Final[tuple[ShelfEvent, ...]] = ()
 RowSnapshot = tuple[int, int, int, float, float, float, bool, tuple[float, ...], tuple[float, ...]]
 """``ShelfTable.snapshot``: status, reason, units, weight, newest time, median, settled, window,
 pending (codes and sentinels as stored)."""
+
+
+RowsSnapshot = tuple[npt.NDArray[np.intp], tuple[npt.NDArray[Any], ...]]
+"""``ShelfTable.save_rows``: the rows, and a copy of each column's cells of them."""
+
+_ROW_COLUMNS: Final = (
+    "status", "reason", "units", "weight_g", "last_ts_s", "median_g", "settled", "window_len",
+    "window_pos", "window", "pending_len", "pending", "ignored",
+)  # fmt: skip
+"""The columns a row's state is (``stale_after_s`` follows the spec, not the readings)."""
+
+
+def _tag_order(tagged: tuple[int, int, ShelfEvent]) -> tuple[int, int]:
+    return tagged[0], tagged[1]
 
 
 def _cells(column: npt.NDArray[Any]) -> Any:
@@ -608,6 +622,229 @@ class ShelfTable:
                 ),
             )
         return events
+
+    # -- a group of readings at once -------------------------------------------------------
+    def save_rows(self, rows: npt.NDArray[np.intp]) -> RowsSnapshot:
+        """Every cell of ``rows`` (copies), for `restore_rows`: a group's rollback."""
+        return rows, tuple(getattr(self, name)[rows] for name in _ROW_COLUMNS)
+
+    def restore_rows(self, saved: RowsSnapshot) -> None:
+        """``rows`` as `save_rows` saw them."""
+        rows, columns = saved
+        for name, values in zip(_ROW_COLUMNS, columns, strict=True):
+            column = getattr(self, name)
+            if name == "window" and values.shape[1] != column.shape[1]:  # widened since
+                column[rows] = 0.0
+                column[rows, : values.shape[1]] = values
+            else:
+                column[rows] = values
+
+    def apply_group(
+        self,
+        rows: npt.NDArray[np.intp],
+        ts_s: npt.NDArray[np.float64],
+        weights_g: npt.NDArray[np.float64],
+        specs: Mapping[int, ShelfSpec],
+        now_s: float,
+        max_future_s: float = MAX_FUTURE_S,
+    ) -> tuple[list[ShelfEvent], RowsSnapshot]:
+        """`apply` for many readings at once, in arrival order (``rows[i]``, ``ts_s[i]``,
+        ``weights_g[i]``; ``specs``: each row's spec). The same states and the same events, in
+        the order `apply` would give them one reading after the other.
+
+        A shelf whose readings are the common case (a full window, no suspect pending, in
+        order, no spike, no gap, in range) is computed in columns: each reading's window is
+        one row of a matrix gathered from the shelf's window and the group's readings, sorted
+        in one call, so the medians, settledness, counts and statuses of the whole group are a
+        few array operations. Any other shelf's readings go through `apply` one by one (its
+        readings only: shelves are independent). Returns the events and the rows as they were
+        before (`restore_rows` undoes the group)."""
+        n = len(rows)
+        if not n:
+            return [], self.save_rows(rows)
+        order = np.argsort(rows, kind="stable")
+        r = rows[order]
+        t = ts_s[order]
+        w = weights_g[order]
+        first = np.empty(n, dtype=np.bool_)
+        first[0] = True
+        np.not_equal(r[1:], r[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
+        ends = np.empty_like(starts)
+        ends[:-1] = starts[1:] - 1
+        ends[-1] = n - 1
+        seg = np.cumsum(first) - 1
+        u = r[starts]
+        saved = self.save_rows(u)
+        segs = len(u)
+        sp = [specs[row] for row in u.tolist()]
+        size = np.array([s.settle_window for s in sp], dtype=np.intp)
+        stale = np.array([s.stale_after_s for s in sp])
+        last_u = self.last_ts_s[u]
+        med_u = self.median_g[u]
+        # The shelves that can be computed in columns: a full window, nothing pending.
+        full = (self.window_len[u] == size) & (self.pending_len[u] == 0) & ~np.isnan(last_u)
+        prev_t = np.empty(n)
+        prev_t[1:] = t[:-1]
+        prev_t[starts] = last_u
+        bad = ~(np.isfinite(t) & np.isfinite(w))
+        bad |= t < prev_t  # out of order: ignored
+        bad |= (t - prev_t) > stale[seg]  # after a gap: settling starts over
+        bad |= t > now_s + max_future_s
+        bad |= w > np.array([s.max_weight_g for s in sp])[seg]
+        med = np.zeros(n)
+        settled = np.zeros(n, dtype=np.bool_)
+        windows: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.float64], int]] = []
+        for s in np.unique(size[full]).tolist():
+            cls = np.flatnonzero(full & (size == s))
+            k = ends[cls] - starts[cls] + 1
+            local = np.repeat(np.arange(len(cls)), k)
+            pos = np.arange(len(local)) - np.repeat(np.cumsum(k) - k, k)
+            at = starts[cls][local] + pos  # the readings, in sorted order
+            span = s + k
+            offset = np.cumsum(span) - span
+            # Per shelf: its window oldest first, then its readings of the group.
+            seq = np.empty(int(span.sum()))
+            ring = (self.window_pos[u[cls]].astype(np.intp)[:, None] + np.arange(s)) % s
+            old = np.take_along_axis(self.window[u[cls], :s], ring, axis=1)
+            seq[(offset[:, None] + np.arange(s)).ravel()] = old.ravel()
+            own = offset[local] + s + pos
+            seq[own] = w[at]
+            win = seq[own[:, None] - (s - 1) + np.arange(s)]  # the window after each reading
+            win.sort(axis=1)
+            mid = s >> 1
+            med[at] = win[:, mid] if s & 1 else (win[:, mid - 1] + win[:, mid]) / 2.0
+            band = np.array([sp[i].settle_band_g for i in cls.tolist()])
+            settled[at] = (win[:, -1] - win[:, 0]) <= band[local]
+            windows.append((cls, seq[(offset + k)[:, None] + np.arange(s)], s))
+        prev_med = np.empty(n)
+        prev_med[1:] = med[:-1]
+        prev_med[starts] = med_u
+        spike_g = np.array([s.spike_g for s in sp])
+        bad |= (size[seg] >= SPIKE_MIN_WINDOW) & (np.abs(w - prev_med) > spike_g[seg])
+        fast = full & ~np.logical_or.reduceat(bad, starts)
+
+        # Counts and statuses of every reading (used for the fast shelves only).
+        tare = np.array([s.tare_g for s in sp])[seg]
+        unit = np.array([s.unit_weight_g for s in sp])[seg]
+        tol = np.array([s.tolerance_frac for s in sp])[seg]
+        cap = np.array([s.capacity_units for s in sp], dtype=np.float64)[seg]
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            estimate = (med - tare) / unit
+            below = estimate < -tol
+            over = estimate > cap + tol
+            rounded = np.round(estimate)
+            between = np.abs(estimate - rounded) > tol
+            issue = below | over | between
+            ok = settled & ~issue
+            units = np.where(ok, np.maximum(rounded, 0.0), -1.0).astype(np.int64)
+        status = np.where(settled, np.where(issue, _AMBIGUOUS, _OK), _SETTLING)
+        reason = np.where(
+            settled,
+            np.where(
+                below,
+                _R_ISSUE["below_tare"],
+                np.where(
+                    over,
+                    _R_ISSUE["over_capacity"],
+                    np.where(between, _R_ISSUE["between_units"], _R_SETTLED),
+                ),
+            ),
+            _R_SETTLING,
+        )
+        late = (now_s - t) > stale[seg]
+        status[late] = _STALE
+        reason[late] = _R_LATE
+        index = np.arange(n)
+        # The count after each reading: the newest settled, unambiguous one of the shelf.
+        newest_ok = np.maximum.accumulate(np.where(ok, index, -1))
+        units_u = self.units[u]
+        units_after = np.where(
+            newest_ok >= starts[seg], units[np.maximum(newest_ok, 0)], units_u[seg]
+        )
+        units_before = np.empty(n, dtype=np.int64)
+        units_before[1:] = units_after[:-1]
+        units_before[starts] = units_u
+        status_u = self.status[u]
+        status_before = np.empty(n, dtype=status_u.dtype)
+        status_before[1:] = status[:-1]
+        status_before[starts] = status_u
+        stock_event = ok & (units != units_before)
+        status_event = status != status_before
+        # A shelf's reason changes with its status only.
+        newest_change = np.maximum.accumulate(np.where(status_event, index, -1))
+        last_change = newest_change[ends]
+        reason_end = np.where(
+            last_change >= starts, reason[np.maximum(last_change, 0)], self.reason[u]
+        )
+
+        # Write the fast shelves' rows.
+        fs = np.flatnonzero(fast)
+        if len(fs):
+            fu, fe = u[fs], ends[fs]
+            self.last_ts_s[fu] = t[fe]
+            self.ignored[fu] = 0
+            self.median_g[fu] = med[fe]
+            self.weight_g[fu] = med[fe]
+            self.settled[fu] = settled[fe]
+            self.units[fu] = units_after[fe]
+            self.status[fu] = status[fe]
+            self.reason[fu] = reason_end[fs]
+            for cls, window, s in windows:
+                keep = fast[cls]
+                self.window[u[cls[keep]], :s] = window[keep]
+                self.window_pos[u[cls[keep]]] = 0
+
+        # Events, tagged with their reading's place in the group.
+        tagged: list[tuple[int, int, ShelfEvent]] = []
+        fast_reading = fast[seg]
+        for i in np.flatnonzero(fast_reading & (stock_event | status_event)).tolist():
+            spec = sp[seg[i]]
+            ts = float(t[i])
+            at_i = int(order[i])
+            if stock_event[i]:
+                old_units = int(units_before[i])
+                tagged.append(
+                    (
+                        at_i,
+                        0,
+                        StockChanged(
+                            spec.shelf_id,
+                            spec.sku,
+                            None if old_units < 0 else old_units,
+                            int(units[i]),
+                            ts,
+                        ),
+                    )
+                )
+            if status_event[i]:
+                tagged.append(
+                    (
+                        at_i,
+                        1,
+                        ShelfStatusChanged(
+                            spec.shelf_id,
+                            STATUSES[int(status_before[i])],
+                            STATUSES[int(status[i])],
+                            ts,
+                            _REASON_OF[int(reason[i])],
+                        ),
+                    )
+                )
+        slow = np.flatnonzero(~fast)
+        if len(slow):
+            t_list, w_list, order_list = t.tolist(), w.tolist(), order.tolist()
+            for j in slow.tolist():
+                row = int(u[j])
+                spec = sp[j]
+                for i in range(int(starts[j]), int(ends[j]) + 1):
+                    for nth, ev in enumerate(
+                        self.apply(row, spec, t_list[i], w_list[i], now_s, max_future_s)
+                    ):
+                        tagged.append((order_list[i], nth, ev))
+        if segs > 1 or len(slow):
+            tagged.sort(key=_tag_order)
+        return [ev for _, _, ev in tagged], saved
 
     def check_stale(self, row: int, spec: ShelfSpec, now_s: float) -> tuple[ShelfEvent, ...]:
         """STALE (one event) when the row's newest reading is older than ``stale_after_s`` at

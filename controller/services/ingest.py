@@ -8,6 +8,12 @@ in-memory changes of the group are rolled back, nothing is acknowledged, reading
 is paused, and the same group is retried with backoff: the broker's in-flight window is the
 backpressure, nothing is dropped.
 
+A group that is all the common case (valid native readings of known scales, each next in its
+device's sequence) is checked and applied in columns (`IngestService._in_columns`,
+`ShelfTable.apply_group`); any other group goes reading by reading (`_handle`). Both give the
+same journal rows, states, cursors and events in the same order (a property test holds them
+to it).
+
 Calibration at run time (``set_tare``, ``calibrate``, ``clear_calibration``; engineers through
 the API) replaces a shelf's spec with the site file's spec plus an override, recounts the shelf
 and commits the override, the shelf state and the events in one transaction (the journal's
@@ -22,12 +28,15 @@ import asyncio
 import bisect
 import functools
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from itertools import compress
 from typing import Any, Final
 
+import numpy as np
 import orjson
 
 from controller.config import ScaleConfig, SiteConfig
@@ -46,6 +55,7 @@ from controller.domain.events import (
     ShelfCalibrated,
 )
 from controller.domain.model import ShelfSpec
+from controller.domain.shelf_table import RowsSnapshot
 from controller.domain.stock import ShelfSnapshot, ShelfState, ShelfStates
 from controller.ports import (
     Backoff,
@@ -62,6 +72,7 @@ from controller.ports import (
     ReadingStore,
 )
 from devices.shelf_scale import (
+    MAX_BATCH,
     RawReading,
     Rejected,
     esphome_state_topic,
@@ -81,6 +92,21 @@ the oldest range is forgotten: its readings stay counted missing, and one that s
 is recognised through the journal's outbox instead of the cursor."""
 
 _NATIVE, _ESP_STATE, _ESP_STATUS = 0, 1, 2
+
+_topic = operator.attrgetter("topic")
+_payload = operator.attrgetter("payload")
+_retain = operator.attrgetter("retain")
+_kind = operator.attrgetter("kind")
+_scale = operator.attrgetter("scale")
+_scale_id = operator.attrgetter("id")
+_channels = operator.attrgetter("channels")
+_max_weight = operator.attrgetter("max_weight_g")
+_shelf_id = operator.attrgetter("shelf_id")
+_device_field = operator.itemgetter("device")
+_seq_field = operator.itemgetter("seq")
+_ts_field = operator.itemgetter("ts")
+_grams_field = operator.itemgetter("grams")
+"""The column path's C-level field readers (`IngestService._in_columns`)."""
 
 # Per-reading rows built with tuple.__new__ straight: a NamedTuple's own __new__ is a Python
 # function (a frame per call); these are C calls. The argument is the fields' tuple, in order.
@@ -226,15 +252,16 @@ class IngestService:
         now = self._clock()
         batch = _Batch()
         try:
-            for msg in msgs:
-                self._handle(msg, now, batch)  # may ask the journal (has_reading)
+            if not self._in_columns(msgs, now, batch):
+                for msg in msgs:
+                    self._handle(msg, now, batch)  # may ask the journal (has_reading)
             if batch.filled:
                 self._fill_events(batch)
             self._journal.commit(
                 batch.rows,
                 batch.dead,
                 {d: self.cursors[d] for d in batch.old_cursors},
-                self.states.to_dicts(batch.old_states),
+                self.states.to_dicts(batch.shelves or batch.old_states),
                 batch.events,
             )
         except JournalUnavailable as exc:
@@ -299,6 +326,161 @@ class IngestService:
             self._link.ack(ids, epoch)
         if batch.bus_events:
             self._publish_events(batch.bus_events)
+
+    def _in_columns(self, msgs: Sequence[InboundMessage], now: float, batch: _Batch) -> bool:
+        """The group's common case, in columns: native readings of known scales, every one
+        valid and next in its device's sequence. The checks run over the group's columns (a
+        few C-level passes and array comparisons instead of a Python frame per reading), the
+        shelves are applied together (`ShelfTable.apply_group`) and each device's cursor moves
+        once. False, with nothing changed, when anything in the group is not that (bad input,
+        a gap, a late or duplicate reading, a restart, a device without a cursor, an ESPHome
+        message): the group then goes reading by reading (`_handle`), whose rules these
+        checks are (test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading).
+        """
+        routes = list(map(self.routes.get, map(_topic, msgs)))
+        # Types compared, not values: ``None in routes`` would call Route.__eq__ per item.
+        if set(map(type, routes)) != {Route} or True in map(_retain, msgs):
+            return False
+        payloads = list(map(_payload, msgs))
+        if max(map(len, payloads)) > self._max_payload or set(map(_kind, routes)) != {_NATIVE}:
+            return False
+        try:
+            docs = list(map(orjson.loads, payloads))
+        except orjson.JSONDecodeError:
+            return False
+        scales: list[ScaleConfig] = list(map(_scale, routes))
+        kinds = set(map(type, docs))
+        if kinds != {dict}:
+            if kinds - {dict, list}:
+                return False
+            items: list[Any] = []
+            each: list[ScaleConfig] = []
+            for doc, scale in zip(docs, scales, strict=True):
+                if type(doc) is dict:
+                    items.append(doc)
+                    each.append(scale)
+                elif 0 < len(doc) <= MAX_BATCH:
+                    items.extend(doc)
+                    each.extend([scale] * len(doc))
+                else:
+                    return False
+            if set(map(type, items)) != {dict}:
+                return False
+            docs, scales = items, each
+        try:
+            devices = list(map(_device_field, docs))
+            seqs = list(map(_seq_field, docs))
+            ts_field = list(map(_ts_field, docs))
+            grams_field = list(map(_grams_field, docs))
+        except KeyError:
+            return False
+        channels = [d.get("ch", 0) for d in docs]
+        epochs = [d.get("epoch", 0) for d in docs]
+        if (
+            devices != list(map(_scale_id, scales))
+            or set(map(type, seqs)) != {int}
+            or not set(map(type, channels)) <= {int}
+            or not set(map(type, epochs)) <= {int}
+            or not set(map(type, ts_field)) <= {float, int}
+            or not set(map(type, grams_field)) <= {float, int}
+            or max(map(len, devices)) > 64
+        ):
+            return False
+        try:
+            seq_a = np.array(seqs, dtype=np.int64)
+            channel_a = np.array(channels, dtype=np.int64)
+            epoch_a = np.array(epochs, dtype=np.int64)
+            ts_a = np.array(ts_field, dtype=np.float64)
+            grams_a = np.array(grams_field, dtype=np.float64)
+        except OverflowError:
+            return False
+        if not (
+            np.isfinite(ts_a).all()
+            and np.isfinite(grams_a).all()
+            and seq_a.min() >= 0
+            and channel_a.min() >= 0
+            and epoch_a.min() >= 0
+            and ts_a.min() > 0
+            and ts_a.max() <= now + self._max_skew_s
+            and grams_a.min() >= 0
+            and (channel_a < np.array(list(map(_channels, scales)))).all()
+            and (grams_a <= np.array(list(map(_max_weight, scales)))).all()
+        ):
+            return False
+        # Every device's readings next in its sequence, in its current epoch.
+        cursors = self.cursors
+        names = list(dict.fromkeys(devices))
+        olds = list(map(cursors.get, names))
+        if None in olds:
+            return False
+        code = dict(zip(names, range(len(names)), strict=True))
+        codes = np.array(list(map(code.__getitem__, devices)), dtype=np.intp)
+        order = np.argsort(codes, kind="stable")
+        seq_s, epoch_s = seq_a[order], epoch_a[order]
+        n = len(order)
+        starts = np.searchsorted(codes[order], np.arange(len(names)))
+        following = np.ones(n, dtype=np.bool_)
+        following[starts] = False
+        if not (
+            (np.diff(seq_s) == 1)[following[1:]].all()
+            and (np.diff(epoch_s) == 0)[following[1:]].all()
+            and (seq_s[starts] == np.array([c[1] for c in olds]) + 1).all()  # type: ignore[index]
+            and (epoch_s[starts] == np.array([c[0] for c in olds])).all()  # type: ignore[index]
+        ):
+            return False
+
+        # Valid, in sequence: apply.
+        ends = np.empty_like(starts)
+        ends[:-1] = starts[1:] - 1
+        ends[-1] = n - 1
+        newest = ts_a[order][ends].tolist()
+        last_seq = seq_s[ends].tolist()
+        old_cursors, seen = batch.old_cursors, batch.seen
+        for device, cur, seq, ts_s in zip(names, olds, last_seq, newest, strict=True):
+            assert cur is not None
+            if device not in old_cursors:
+                old_cursors[device] = cur
+            c_epoch, c_seq, _ts, applied, floor, holes, gaps, missing = cur
+            cursors[device] = _cursor(
+                (c_epoch, seq, ts_s, applied + seq - c_seq, floor, holes, gaps, missing)
+            )
+            seen[device] = now
+        keys = list(zip(devices, channels, strict=True))
+        specs = list(map(self._by_channel.get, keys))
+        if self._gains:
+            grams_a = grams_a * np.array([self._gains.get(k, 1.0) for k in keys])
+        ts_list = ts_a.tolist()
+        grams_list = grams_a.tolist()
+        if type(None) in set(map(type, specs)):  # unused channels: valid, they feed no shelf
+            used = [spec is not None for spec in specs]
+            specs = list(compress(specs, used))
+            devices, channels, epochs, seqs = (
+                list(compress(column, used)) for column in (devices, channels, epochs, seqs)
+            )
+            ts_list, grams_list = list(compress(ts_list, used)), list(compress(grams_list, used))
+            keep = np.array(used, dtype=np.bool_)
+            ts_a, grams_a = ts_a[keep], grams_a[keep]
+        if not specs:
+            return True
+        used_specs: list[ShelfSpec] = specs  # type: ignore[assignment]
+        sids = list(map(_shelf_id, used_specs))
+        rows = list(map(self._table.rows.__getitem__, sids))
+        events, saved = self._table.apply_group(
+            np.array(rows, dtype=np.intp),
+            ts_a,
+            grams_a,
+            dict(zip(rows, used_specs, strict=True)),
+            now,
+        )
+        batch.saved_rows.append(saved)
+        batch.shelves.extend(dict.fromkeys(sids))
+        if events:
+            batch.bus_events.extend(events)
+            batch.events.extend(EventRow(ev.ts_s, ev.kind, ev.as_dict()) for ev in events)
+        batch.rows.extend(
+            map(_row, zip(devices, channels, epochs, seqs, ts_list, grams_list, sids, strict=True))
+        )
+        return True
 
     def _handle(self, msg: InboundMessage, now: float, batch: _Batch) -> None:
         route = self.routes.get(msg.topic)
@@ -516,6 +698,8 @@ class IngestService:
                 self.cursors[device] = cur
         for sid, saved in batch.old_states.items():
             self.states[sid].restore(saved, self.specs[sid])
+        for rows in reversed(batch.saved_rows):
+            self._table.restore_rows(rows)
 
     def _schedule_retry(self) -> None:
         self._link.pause_reading()
@@ -861,6 +1045,10 @@ class _Batch:
     bus_events: list[BusEvent]
     old_cursors: dict[str, Cursor | None]
     old_states: dict[str, ShelfSnapshot]
+    saved_rows: list[RowsSnapshot]
+    """Rows of the state table as they were before the group (its column path)."""
+    shelves: list[str]
+    """The shelves the column path applied readings to."""
     reasons: list[str]
     gaps: list[tuple[str, int, int]]
     seen: dict[str, float]
@@ -876,6 +1064,8 @@ class _Batch:
         self.bus_events = []
         self.old_cursors = {}
         self.old_states = {}
+        self.saved_rows = []
+        self.shelves = []
         self.reasons = []
         self.gaps = []
         self.seen = {}

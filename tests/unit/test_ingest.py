@@ -532,3 +532,128 @@ def test_fuzz_never_crashes_and_everything_is_acked_and_accounted(
     assert set(h.ingest.rejected) <= set(REASONS)
     for state in h.ingest.states.values():
         assert state.units is None or state.units >= 0
+
+
+# -- the column path (IngestService._in_columns) gives what the reading-by-reading path gives --
+
+_DEVICES = ("scale-a01", "scale-a02", "scale-a03")
+_UNIT = {("scale-a01", 0): (1500.0, 412.0), ("scale-a01", 1): (1200.0, 230.0)}
+_element = st.tuples(
+    st.integers(0, 2),  # device
+    st.integers(0, 1),  # channel
+    st.sampled_from([*[1] * 30, 0, 2, -2]),  # next seq; a duplicate, a gap, a late one
+    st.sampled_from([10, 10, 10, 11, 30]),  # units on the shelf
+    st.sampled_from([0.0, 0.0, 1.0, -1.0, 5.0, 900.0]),  # noise, a spike
+    st.sampled_from([0.5, 0.5, 1.0, 0.0, 40.0]),  # seconds after the previous reading
+)
+_message = st.sampled_from([1] * 12 + [3] * 3 + [0]).flatmap(
+    lambda n: st.lists(_element, min_size=n, max_size=n)  # 0: a poison message; 3: a batch
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    groups=st.lists(
+        st.tuples(st.lists(_message, min_size=1, max_size=12), st.sampled_from([0.1, 0.1, 100.0])),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading(
+    tmp_path_factory: pytest.TempPathFactory,
+    site: SiteConfig,
+    groups: list[tuple[list[list[tuple[int, int, int, int, float, float]]], float]],
+) -> None:
+    base = tmp_path_factory.mktemp("columns")
+    ours, ref = Harness(base / "ours", site), Harness(base / "ref", site)
+    ref.ingest._in_columns = lambda *args: False  # type: ignore[method-assign]
+    seqs = dict.fromkeys(_DEVICES, 0)
+    ts = NOW
+    for device in _DEVICES:  # every device has a cursor: the column path can be taken
+        for h in (ours, ref):
+            h.now = ts
+            h.send(h.msg(f"floorhand/demo/A/scale/{device}", reading(0, 1000.0, ts, device)))
+    try:
+        for messages, lag in groups:
+            payloads: list[tuple[str, bytes]] = []
+            for elements in messages:
+                if not elements:
+                    payloads.append(("floorhand/demo/A/scale/scale-a01", b'{"device":'))
+                    continue
+                device = _DEVICES[elements[0][0]]  # a message's readings are one device's
+                objs = []
+                for _, ch, step, units, noise, dt in elements:
+                    seqs[device] = max(0, seqs[device] + step)
+                    ts += dt
+                    tare, unit = _UNIT.get((device, ch), (1000.0, 100.0))
+                    objs.append(
+                        {"device": device, "ch": ch, "seq": seqs[device], "ts": ts,
+                         "grams": tare + units * unit + noise}
+                    )  # fmt: skip
+                body = orjson.dumps(objs[0] if len(objs) == 1 else objs)
+                payloads.append((f"floorhand/demo/A/scale/{device}", body))
+            for h in (ours, ref):
+                h.now = ts + lag
+                h.send(*[h.msg(topic, body) for topic, body in payloads])
+            assert [e.as_dict() for e in ours.published] == [e.as_dict() for e in ref.published]
+            assert ours.ingest.cursors == ref.ingest.cursors
+            assert ours.ingest.states.to_dicts(ours.ingest.states) == ref.ingest.states.to_dicts(
+                ref.ingest.states
+            )
+            for name in ("readings", "messages", "late_readings", "commits"):
+                assert getattr(ours.ingest, name) == getattr(ref.ingest, name), name
+            assert ours.ingest.rejected == ref.ingest.rejected
+            assert ours.link.acked == ref.link.acked
+            assert {
+                d: (i.last_seen_s, i.gaps, i.missing_readings)
+                for d, i in ours.ingest.devices.items()
+            } == {
+                d: (i.last_seen_s, i.gaps, i.missing_readings)
+                for d, i in ref.ingest.devices.items()
+            }
+            for query in (
+                "SELECT device, channel, epoch, seq, ts, weight_g, shelf FROM readings ORDER BY id",
+                "SELECT ts, kind, body FROM events ORDER BY id",
+                "SELECT * FROM device_cursors ORDER BY device",
+                "SELECT * FROM shelf_states ORDER BY shelf",
+            ):
+                assert (
+                    ours.journal.db.execute(query).fetchall()
+                    == ref.journal.db.execute(query).fetchall()
+                ), query
+    finally:
+        ours.journal.close()
+        ref.journal.close()
+
+
+def test_a_steady_stream_goes_in_columns(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readings next in their devices' sequences never reach the reading-by-reading path once
+    each device has a cursor; a gap sends its group there."""
+    ts = NOW
+    for device in _DEVICES:
+        h.send(h.msg(f"floorhand/demo/A/scale/{device}", reading(0, 1000.0, ts, device)))
+    handled: list[object] = []
+    handle = IngestService._handle
+
+    def counting(self: IngestService, *args: Any) -> None:
+        handled.append(args[0])
+        handle(self, *args)
+
+    monkeypatch.setattr(IngestService, "_handle", counting)
+    for seq in range(1, 30):
+        ts += 0.5
+        h.now = ts
+        h.send(
+            *[
+                h.msg(f"floorhand/demo/A/scale/{d}", reading(seq, 1500.0 + 10 * 412.0, ts, d))
+                for d in _DEVICES
+            ]
+        )
+    assert handled == []
+    assert h.ingest.states["A-01-1"].units == 10
+    assert h.ingest.readings == 3 + 29 * 3
+    h.send(h.msg(T_A01, reading(31, 1500.0 + 10 * 412.0, ts, "scale-a01")))  # seq 30 missing
+    assert len(handled) == 1
+    assert h.ingest.cursors["scale-a01"].gaps == 1

@@ -5,6 +5,7 @@ the vectorised staleness check."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,3 +231,118 @@ def test_the_states_are_a_dict_of_views_that_refuses_changes_the_table_would_mis
     del states["S0"]
     assert list(states) == ["S1", "S2"]
     assert list(states.table.rows) == ["S1", "S2"]
+
+
+# A group: readings of three shelves in arrival order, (shelf, seconds after the previous
+# reading, weight); mostly a shelf's common case (steady or stepping weights) so both the
+# column path and the one-by-one path of `apply_group` are taken.
+group_readings = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1, 2]),
+        st.sampled_from([0.0, 0.3, 0.5, 0.5, 1.0, 31.0, -1.0]),
+        st.one_of(
+            st.sampled_from([1500.0, 1500.0, 1502.0, 1498.0, 1550.0, 2500.0, 2503.0, 480.0]),
+            st.sampled_from([1549.0, 6000.0, 12_000.0, math.nan]),
+            st.floats(min_value=-50.0, max_value=11_000.0, allow_nan=False),
+        ),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    groups=st.lists(st.tuples(group_readings, st.sampled_from([0.0, 0.2, 40.0])), max_size=8),
+    windows=st.tuples(*[st.integers(min_value=1, max_value=7)] * 3),
+    band=st.sampled_from([5.0, 20.0]),
+    spike=st.sampled_from([50.0, 500.0]),
+)
+def test_a_group_applied_at_once_is_the_same_as_one_by_one(
+    groups: list[tuple[list[tuple[int, float, float]], float]],
+    windows: tuple[int, int, int],
+    band: float,
+    spike: float,
+) -> None:
+    specs = [
+        spec_of(f"S{i}", scale_id=f"scale-{i}", settle_window=w, settle_band_g=band, spike_g=spike)
+        for i, w in enumerate(windows)
+    ]
+    by_id = {s.shelf_id: s for s in specs}
+    ours, ref = ShelfStates(dict(by_id)), ShelfStates(dict(by_id))
+    table, ref_table = ours.table, ref.table
+    rows = [table.rows[s.shelf_id] for s in specs]
+    ts = 1_000.0
+    for readings, lag in groups:
+        group_ts = []
+        for _, dt, _ in readings:
+            ts += dt
+            group_ts.append(ts)
+        now = ts + lag
+        before = {sid: ours[sid].to_dict() for sid in by_id}
+        got, saved = table.apply_group(
+            np.array([rows[i] for i, _, _ in readings], dtype=np.intp),
+            np.array(group_ts),
+            np.array([w for _, _, w in readings]),
+            {rows[i]: specs[i] for i in range(3)},
+            now,
+        )
+        want = [
+            ev
+            for (i, _, w), t in zip(readings, group_ts, strict=True)
+            for ev in ref_table.apply(ref_table.rows[specs[i].shelf_id], specs[i], t, w, now)
+        ]
+        assert got == want
+        for sid in by_id:
+            assert ours[sid].to_dict() == ref[sid].to_dict()
+            assert ours[sid].ignored_reason == ref[sid].ignored_reason
+            assert ours[sid].conditioner.settled == ref[sid].conditioner.settled
+            assert ours[sid].conditioner.weight_g == ref[sid].conditioner.weight_g
+        after = {sid: ours[sid].to_dict() for sid in by_id}
+        table.restore_rows(saved)  # the rollback of a group whose commit failed
+        assert {sid: ours[sid].to_dict() for sid in by_id} == before
+        table.apply_group(
+            np.array([rows[i] for i, _, _ in readings], dtype=np.intp),
+            np.array(group_ts),
+            np.array([w for _, _, w in readings]),
+            {rows[i]: specs[i] for i in range(3)},
+            now,
+        )
+        assert {sid: ours[sid].to_dict() for sid in by_id} == after
+
+
+def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shelf with a full window and readings in order goes through no `apply` call (the
+    common case is the column path), and gives the state and events `apply` gives."""
+    spec = spec_of("S", settle_window=5)
+    ours, ref = ShelfStates({"S": spec}), ShelfStates({"S": spec})
+    row = ours.table.rows["S"]
+    for i in range(5):
+        for states in (ours, ref):
+            states.table.apply(row, spec, 1_000.0 + i, 1_500.0 + i % 2, 1_000.0 + i)
+    calls: list[int] = []
+    apply = ShelfTable.apply
+
+    def counting(self: ShelfTable, *args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return apply(self, *args, **kw)
+
+    ts = [1_005.0 + i for i in range(8)]
+    grams = [1_501.0, 1_600.0, 1_600.0, 1_600.0, 1_601.0, 1_600.0, 1_600.0, 1_600.0]
+    want = [
+        ev
+        for t, w in zip(ts, grams, strict=True)
+        for ev in ref.table.apply(row, spec, t, w, ts[-1])
+    ]
+    monkeypatch.setattr(ShelfTable, "apply", counting)
+    got, _ = ours.table.apply_group(
+        np.array([row] * len(ts), dtype=np.intp), np.array(ts), np.array(grams), {row: spec}, ts[-1]
+    )
+    assert calls == []
+    assert got == want
+    assert [type(e).__name__ for e in got] == [
+        "ShelfStatusChanged",  # OK → SETTLING: the window spans 1,500 and 1,600 g
+        "StockChanged",  # 10 → 11 units once it settles on 1,600 g
+        "ShelfStatusChanged",  # SETTLING → OK
+    ]
+    assert ours["S"].to_dict() == ref["S"].to_dict()
+    assert ours["S"].units == 11
