@@ -990,7 +990,7 @@ class _NullJournal:
     def commit(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def has_reading(self, device: str, epoch: int, seq: int) -> bool:
+    def has_reading(self, device: str, epoch: int, seq: int, ts_s: float) -> bool:
         return False
 
 

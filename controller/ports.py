@@ -127,8 +127,9 @@ class ReadingStore(Protocol):
         written)."""
         ...
 
-    def has_reading(self, device: str, epoch: int, seq: int) -> bool:
-        """Whether this reading is in the outbox."""
+    def has_reading(self, device: str, epoch: int, seq: int, ts_s: float) -> bool:
+        """Whether this reading (its device, epoch, seq and timestamp: a re-send is the same
+        reading, timestamp included) is in the outbox."""
         ...
 
 
@@ -177,7 +178,7 @@ class JournalPort(Protocol):
         alert_states: dict[str, dict[str, Any]] | None = None,
     ) -> None: ...
 
-    def has_reading(self, device: str, epoch: int, seq: int) -> bool: ...
+    def has_reading(self, device: str, epoch: int, seq: int, ts_s: float) -> bool: ...
 
 
 class IdempotencyRow(NamedTuple):

@@ -19,7 +19,13 @@ from controller.config import SiteConfig, load_site
 from controller.domain.events import BusEvent, SeqGap, SeqGapFilled, StockChanged
 from controller.ports import JournalUnavailable, ReadingRow
 from controller.services.history import HistoryService, Topology
-from controller.services.ingest import MAX_HOLES, IngestService, IngestSettings, shelf_specs
+from controller.services.ingest import (
+    COLUMNS_MIN_BYTES,
+    MAX_HOLES,
+    IngestService,
+    IngestSettings,
+    shelf_specs,
+)
 from devices.link.mqtt import MqttMessage
 from devices.shelf_scale import REASONS
 from tests.unit.test_history_service import FAST, MemorySink
@@ -201,7 +207,7 @@ async def test_late_reading_is_journaled_and_historied_once_without_moving_state
     assert late.packet_id in h.link.acked
     assert dict(h.ingest.rejected) == {}
     assert h.journal.dead_letters(5) == []
-    assert h.journal.has_reading("scale-a01", 0, 3), "the late reading is in the outbox"
+    assert h.journal.has_reading("scale-a01", 0, 3, NOW + 3), "the late reading is in the outbox"
     assert h.ingest.readings == 4
     assert h.ingest.late_readings == 1
     assert h.ingest.states[sid].to_dict() == state_before, "older never moves current state"
@@ -288,7 +294,7 @@ def test_new_epoch_is_a_new_session_and_old_epoch_is_still_a_measurement(
     h.send(h.msg(T_A01, reading(101, 1900.0, NOW + 0.5)))  # the old boot's straggler
     assert h.ingest.readings == 3
     assert dict(h.ingest.rejected) == {}
-    assert h.journal.has_reading("scale-a01", 0, 101)
+    assert h.journal.has_reading("scale-a01", 0, 101, NOW + 0.5)
     assert h.ingest.states[sid].to_dict() == state
     assert h.ingest.cursors["scale-a01"].epoch == 1
     h.send(h.msg(T_A01, reading(101, 1900.0, NOW + 0.5)))  # its redelivery
@@ -569,6 +575,7 @@ def test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading(
     base = tmp_path_factory.mktemp("columns")
     ours, ref = Harness(base / "ours", site), Harness(base / "ref", site)
     ref.ingest._in_columns = lambda *args: False  # type: ignore[method-assign]
+    ours.ingest.columns_min_bytes = 0  # small groups in columns too
     seqs = dict.fromkeys(_DEVICES, 0)
     ts = NOW
     for device in _DEVICES:  # every device has a cursor: the column path can be taken
@@ -632,6 +639,7 @@ def test_a_steady_stream_goes_in_columns(h: Harness, monkeypatch: pytest.MonkeyP
     """Readings next in their devices' sequences never reach the reading-by-reading path once
     each device has a cursor; a gap sends its group there."""
     ts = NOW
+    h.ingest.columns_min_bytes = 0
     for device in _DEVICES:
         h.send(h.msg(f"floorhand/demo/A/scale/{device}", reading(0, 1000.0, ts, device)))
     handled: list[object] = []
@@ -657,3 +665,27 @@ def test_a_steady_stream_goes_in_columns(h: Harness, monkeypatch: pytest.MonkeyP
     h.send(h.msg(T_A01, reading(31, 1500.0 + 10 * 412.0, ts, "scale-a01")))  # seq 30 missing
     assert len(handled) == 1
     assert h.ingest.cursors["scale-a01"].gaps == 1
+
+
+def test_a_small_group_goes_reading_by_reading(h: Harness) -> None:
+    """Below COLUMNS_MIN_BYTES of payload a group is not tried in columns (their fixed cost
+    would be most of its time); from there it is."""
+    tried: list[int] = []
+    in_columns = h.ingest._in_columns
+
+    def counting(msgs: Any, *args: Any) -> bool:
+        result = in_columns(msgs, *args)
+        tried.append(result)
+        return result
+
+    h.ingest._in_columns = counting  # type: ignore[method-assign]
+    h.send(h.msg(T_A01, reading(0, 1000.0)))
+    small = [h.msg(T_A01, reading(seq, 1000.0, NOW + seq)) for seq in range(1, 4)]
+    assert sum(len(m.payload) for m in small) < COLUMNS_MIN_BYTES
+    h.send(*small)
+    assert tried == [False, False]
+    big = [h.msg(T_A01, reading(seq, 1000.0, NOW + seq)) for seq in range(4, 200)]
+    assert sum(len(m.payload) for m in big) >= COLUMNS_MIN_BYTES
+    h.send(*big)
+    assert tried == [False, False, True]
+    assert h.ingest.readings == 200
