@@ -205,7 +205,8 @@ def _migrate_to_3(db: sqlite3.Connection) -> None:
     timestamp included, so the index still finds it."""
     db.execute("DROP INDEX IF EXISTS readings_identity")
     db.execute(
-        "CREATE UNIQUE INDEX IF NOT EXISTS readings_identity_ts ON readings (ts, device, epoch, seq)"
+        "CREATE UNIQUE INDEX IF NOT EXISTS readings_identity_ts "
+        "ON readings (ts, device, epoch, seq)"
     )
 
 

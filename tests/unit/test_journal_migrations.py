@@ -68,7 +68,8 @@ def test_a_journal_written_before_versioning_is_migrated_with_its_data(tmp_path:
         assert j.has_reading("scale-a1", 3, 2, 1_800_000_002.0)
         assert not j.has_reading("scale-a1", 3, 2, 1_800_000_003.0)  # a different reading
         indexes = {r[1] for r in j.db.execute("PRAGMA index_list(readings)")}
-        assert "readings_identity_ts" in indexes and "readings_identity" not in indexes
+        assert "readings_identity_ts" in indexes
+        assert "readings_identity" not in indexes
         assert [o["order_id"] for o in j.open_orders()] == ["o-1"]
         key = j.idempotency_key("key-1")
         assert key is not None
