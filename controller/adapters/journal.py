@@ -39,7 +39,7 @@ from controller.ports import (
     JournalUnavailable,
     OutboxEvent,
     OutboxReading,
-    ReadingRow,
+    ReadingFields,
 )
 from controller.ports import JournalError as JournalError  # re-exported: callers' import
 
@@ -196,8 +196,15 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
         db.execute(stmt)
 
 
+_STATE_LOG_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS state_log (id INTEGER PRIMARY KEY, body BLOB NOT NULL)"
+)
+
+
 def _migrate_to_3(db: sqlite3.Connection) -> None:
-    """Layout 3: the outbox's identity index leads with the reading's timestamp,
+    """Layout 3: the state log (`Journal.commit`: a group's cursors and shelf states in one
+    row, folded into ``device_cursors`` and ``shelf_states`` every `STATE_LOG_FOLD` rows and
+    at close). And the outbox's identity index leads with the reading's timestamp,
     ``(ts, device, epoch, seq)`` instead of ``(device, epoch, seq)``. A group's readings have
     timestamps close to each other and to the newest already there, so its inserts (and the
     historian's deletes of the oldest) touch the index's last (first) pages, not one page per
@@ -208,6 +215,7 @@ def _migrate_to_3(db: sqlite3.Connection) -> None:
         "CREATE UNIQUE INDEX IF NOT EXISTS readings_identity_ts "
         "ON readings (ts, device, epoch, seq)"
     )
+    db.execute(_STATE_LOG_SCHEMA)
 
 
 Migration = tuple[int, str, Callable[[sqlite3.Connection], None]]
@@ -215,7 +223,7 @@ Migration = tuple[int, str, Callable[[sqlite3.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "baseline: orders, idempotency, counters, calibrations, cursor gap columns", _migrate_to_1),
     (2, "the catalogue: records, versions, audit", _migrate_to_2),
-    (3, "the outbox identity index by timestamp first", _migrate_to_3),
+    (3, "the state log; the outbox identity index by timestamp first", _migrate_to_3),
 )
 """Step ``(n, what, fn)`` takes a journal from layout n − 1 to n, in one transaction that also
 sets ``user_version`` to n. A layout change adds a step (and bumps `SCHEMA_VERSION`); a released
@@ -282,6 +290,10 @@ reads for minutes: a try every round would hold the commits 0.1 s in every 0.25 
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes of WAL frames past which the checkpoint thread makes the WAL start over (a RESTART
 checkpoint in a writer turn); also the size SQLite trims the file back to when it does."""
+
+STATE_LOG_FOLD = 256
+"""Rows of the state log after which a commit folds it into the state tables (and empties
+it); `Journal.open` reads at most this many rows on top of the tables."""
 
 DEAD_LETTER_PAYLOAD_MAX = 4096
 """Bytes of a rejected payload kept for inspection (a 10 MB poison is not stored whole)."""
@@ -423,6 +435,62 @@ def _legacy_cursor(epoch: int, seq: int, window: bytes, ts_s: float, applied: in
     return Cursor(epoch, seq, ts_s, applied, floor, tuple(holes), len(holes), missing)
 
 
+_StateWrite = tuple[bool, dict[str, tuple[Any, ...]], dict[str, dict[str, Any]]]
+"""`Journal._write_states`: folded (or a log row), the cursor rows and the shelf states."""
+
+
+def _cursor_of_row(row: tuple[Any, ...]) -> Cursor:
+    """A ``device_cursors`` row (as `Journal._write_states` keeps them) → its cursor."""
+    _device, epoch, seq, _window, ts, applied, floor, holes, gaps, missing = row
+    return Cursor(
+        epoch,
+        seq,
+        ts,
+        applied,
+        floor,
+        tuple((int(a), int(b)) for a, b in orjson.loads(holes)),
+        gaps,
+        missing,
+    )
+
+
+def _read_state_log(
+    db: sqlite3.Connection,
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, dict[str, Any]], int]:
+    """The state log merged in commit order: each device's newest cursor row, each shelf's
+    newest state, and the log's row count."""
+    cursors: dict[str, tuple[Any, ...]] = {}
+    states: dict[str, dict[str, Any]] = {}
+    n = 0
+    for (body,) in db.execute("SELECT body FROM state_log ORDER BY id"):
+        group = orjson.loads(body)
+        for device, epoch, seq, ts, applied, floor, holes, gaps, missing in group["c"]:
+            cursors[device] = (
+                device, epoch, seq, b"", ts, applied, floor,
+                orjson.dumps(holes) if holes else b"[]", gaps, missing,
+            )  # fmt: skip
+        states.update(group["s"])
+        n += 1
+    return cursors, states, n
+
+
+def saved_state(
+    db: sqlite3.Connection,
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, dict[str, Any]]]:
+    """Every device's cursor row and every shelf's state as the journal file holds them:
+    ``device_cursors`` and ``shelf_states`` with the state log on top (for tools and tests
+    that read a journal file; `Journal.open` does the same)."""
+    cursors = {row[0]: tuple(row) for row in db.execute("SELECT * FROM device_cursors")}
+    states = {
+        shelf: orjson.loads(body)
+        for shelf, body in db.execute("SELECT shelf, body FROM shelf_states")
+    }
+    log_cursors, log_states, _ = _read_state_log(db)
+    cursors.update(log_cursors)
+    states.update(log_states)
+    return cursors, states
+
+
 def _read_head(path: Path, n: int) -> bytes:
     try:
         with path.open("rb") as f:
@@ -514,6 +582,12 @@ class Journal:
         self.checkpoint_error: str | None = None
         self.migrated: tuple[int, ...] = ()
         """Layouts the last `open` migrated the file to (``()``: it was current)."""
+        self._unfolded_cursors: dict[str, tuple[Any, ...]] = {}
+        """Cursor rows (``device_cursors`` columns) in the state log, not yet in the table."""
+        self._unfolded_states: dict[str, dict[str, Any]] = {}
+        """Shelf states in the state log, not yet in ``shelf_states``."""
+        self._log_rows = 0
+        self.state_folds = 0
 
     @property
     def outbox_rows(self) -> int:
@@ -741,6 +815,11 @@ class Journal:
             self._writers.release()
 
     def close(self) -> None:
+        if self._db is not None and self._primary is None and self._log_rows:
+            try:
+                self.fold_state_log()  # a cleanly closed journal has current state tables
+            except JournalError as exc:
+                log.warning("journal %s: state log not folded at close (kept): %s", self.path, exc)
         self._stop_checkpoints.set()
         if self._checkpointer is not None:
             self._checkpointer.join(timeout=5)
@@ -786,6 +865,12 @@ class Journal:
             shelf: orjson.loads(body)
             for shelf, body in db.execute("SELECT shelf, body FROM shelf_states")
         }
+        # The state log on top: every row is a group's changes, in commit order.
+        unfolded_cursors, unfolded_states, self._log_rows = _read_state_log(db)
+        for device, row in unfolded_cursors.items():
+            cursors[device] = _cursor_of_row(row)
+        shelves.update(unfolded_states)
+        self._unfolded_cursors, self._unfolded_states = unfolded_cursors, unfolded_states
         alerts = {
             key: orjson.loads(body)
             for key, body in db.execute("SELECT key, body FROM alert_states")
@@ -848,7 +933,7 @@ class Journal:
 
     def commit(
         self,
-        readings: Sequence[ReadingRow],
+        readings: Sequence[ReadingFields],
         dead_letters: Sequence[DeadLetter] = (),
         cursors: dict[str, Cursor] | None = None,
         shelf_states: dict[str, dict[str, Any]] | None = None,
@@ -856,7 +941,9 @@ class Journal:
         alert_states: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Write one group atomically. On failure nothing is written: JournalUnavailable
-        (retryable: disk full, I/O error, locked), else JournalError (a value or a bug)."""
+        (retryable: disk full, I/O error, locked), else JournalError (a value or a bug).
+        Cursors and shelf states go to the state log (`_write_states`)."""
+        write = None
         with self._transaction("journal commit") as db:
             if readings:
                 execute_rows(
@@ -864,7 +951,7 @@ class Journal:
                     "INSERT OR IGNORE INTO readings(device, channel, epoch, seq, ts, weight_g, "
                     "shelf)",
                     7,
-                    readings,  # ReadingRow is a tuple in column order
+                    readings,  # tuples in column order (ReadingRow is one)
                 )
             if dead_letters:
                 execute_rows(
@@ -883,32 +970,91 @@ class Journal:
                         for d in dead_letters
                     ],
                 )
-            if cursors:
-                head, width, tail = _UPSERT_CURSOR
-                execute_rows(
-                    db,
-                    head,
-                    width,
-                    [
-                        (k, epoch, seq, b"", ts_s, applied, floor,
-                         orjson.dumps(holes) if holes else b"[]", gaps, missing)
-                        for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing)
-                        in cursors.items()
-                    ],
-                    tail,
-                )  # fmt: skip
-            if shelf_states:
-                head, width, tail = _UPSERT_SHELF_STATE
-                execute_rows(
-                    db, head, width, [(k, orjson.dumps(v)) for k, v in shelf_states.items()], tail
-                )
+            if cursors or shelf_states:
+                write = self._write_states(db, cursors or {}, shelf_states or {})
             if alert_states:
                 head, width, tail = _UPSERT_ALERT_STATE
                 execute_rows(
                     db, head, width, [(k, orjson.dumps(v)) for k, v in alert_states.items()], tail
                 )
             _insert_events(db, events)
+        self._states_written(write)
         self._add_rows(len(readings) + len(events))
+
+    def _write_states(
+        self,
+        db: sqlite3.Connection,
+        cursors: dict[str, Cursor],
+        shelf_states: dict[str, dict[str, Any]],
+        *,
+        fold: bool = False,
+    ) -> _StateWrite:
+        """Write cursors and shelf states in the open transaction: one state-log row (a
+        single INSERT of one JSON body instead of an UPSERT per device and per shelf: the
+        group's ~200 UPSERTs were ~1 ms of each 400-message commit), or, every
+        `STATE_LOG_FOLD` rows (or with ``fold``), the log folded into ``device_cursors`` and
+        ``shelf_states`` (what the log holds plus these) and emptied. Pass the result to
+        `_states_written` once the transaction committed (not before: a rolled-back write
+        must leave the journal's picture of its log as it was)."""
+        if self._primary is not None:
+            raise JournalError("cursors and shelf states are written by the primary connection")
+        rows = {
+            k: (k, epoch, seq, b"", ts_s, applied, floor,
+                orjson.dumps(holes) if holes else b"[]", gaps, missing)
+            for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing) in cursors.items()
+        }  # fmt: skip
+        if not fold and self._log_rows + 1 < STATE_LOG_FOLD:
+            db.execute(
+                "INSERT INTO state_log(body) VALUES (?)",
+                (
+                    orjson.dumps(
+                        {
+                            "c": [
+                                [k, epoch, seq, ts_s, applied, floor, holes, gaps, missing]
+                                for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing)
+                                in cursors.items()
+                            ],
+                            "s": shelf_states,
+                        }
+                    ),
+                ),
+            )  # fmt: skip
+            return False, rows, shelf_states
+        all_cursors = {**self._unfolded_cursors, **rows}
+        all_states = {**self._unfolded_states, **shelf_states}
+        if all_cursors:
+            head, width, tail = _UPSERT_CURSOR
+            execute_rows(db, head, width, list(all_cursors.values()), tail)
+        if all_states:
+            head, width, tail = _UPSERT_SHELF_STATE
+            execute_rows(
+                db, head, width, [(k, orjson.dumps(v)) for k, v in all_states.items()], tail
+            )
+        db.execute("DELETE FROM state_log")
+        return True, rows, shelf_states
+
+    def _states_written(self, write: _StateWrite | None) -> None:
+        """The transaction of `_write_states` committed: note its log row, or the fold."""
+        if write is None:
+            return
+        folded, rows, states = write
+        if folded:
+            self._unfolded_cursors = {}
+            self._unfolded_states = {}
+            self._log_rows = 0
+            self.state_folds += 1
+        else:
+            self._unfolded_cursors.update(rows)
+            self._unfolded_states.update(states)
+            self._log_rows += 1
+
+    def fold_state_log(self) -> None:
+        """Fold the state log into the state tables now (at close; tools)."""
+        if not self._log_rows:
+            return
+        with self._transaction("state fold") as db:
+            write = self._write_states(db, {}, {}, fold=True)
+        self._states_written(write)
 
     def has_reading(self, device: str, epoch: int, seq: int, ts_s: float) -> bool:
         """Whether this reading is in the outbox (asked for a reading its device's cursor does
@@ -1172,9 +1318,9 @@ class Journal:
                     "INSERT OR REPLACE INTO shelf_calibrations(shelf, body) VALUES (?,?)",
                     (shelf, orjson.dumps(calibration)),
                 )
-            head, width, tail = _UPSERT_SHELF_STATE
-            execute_rows(db, head, width, [(shelf, orjson.dumps(shelf_state))], tail)
+            write = self._write_states(db, {}, {shelf: shelf_state})
             _insert_events(db, events)
+        self._states_written(write)
         self._add_rows(len(events))
 
     # -- shelf calibration overrides -- end --------------------------------------------------------

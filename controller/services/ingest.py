@@ -68,6 +68,7 @@ from controller.ports import (
     JournalError,
     JournalUnavailable,
     MessageLink,
+    ReadingFields,
     ReadingRow,
     ReadingStore,
 )
@@ -489,7 +490,7 @@ class IngestService:
             batch.bus_events.extend(events)
             batch.events.extend(EventRow(ev.ts_s, ev.kind, ev.as_dict()) for ev in events)
         batch.rows.extend(
-            map(_row, zip(devices, channels, epochs, seqs, ts_list, grams_list, sids, strict=True))
+            zip(devices, channels, epochs, seqs, ts_list, grams_list, sids, strict=True)
         )
         return True
 
@@ -1050,7 +1051,7 @@ def _fill(holes: tuple[tuple[int, int], ...], i: int, seq: int) -> tuple[tuple[i
 
 @dataclass(slots=True)
 class _Batch:
-    rows: list[ReadingRow]
+    rows: list[ReadingFields]
     dead: list[DeadLetter]
     events: list[EventRow]
     bus_events: list[BusEvent]

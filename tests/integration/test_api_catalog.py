@@ -22,6 +22,7 @@ import controller.api.routes.catalog as catalog_routes
 import controller.catalog.live as catalog_live
 from controller.__main__ import main
 from controller.adapters import catalog_store
+from controller.adapters.journal import saved_state
 from controller.bus import Subscription
 from controller.domain.events import CatalogChanged
 from devices.link.state import LinkState
@@ -684,10 +685,10 @@ async def test_a_changed_tare_recounts_the_shelf_as_a_calibration_does(
         sub.close()
     db = sqlite3.connect(f"file:{rt.site.journal.path}?mode=ro", uri=True)
     try:
-        body = db.execute("SELECT body FROM shelf_states WHERE shelf = 'sh1'").fetchone()[0]
+        _cursors, states = saved_state(db)  # the tables with the state log on top
     finally:
         db.close()
-    assert orjson.loads(body)["units"] == 12
+    assert states["sh1"]["units"] == 12
 
 
 async def test_a_shelf_moved_to_another_sku_keeps_its_count_for_the_new_sku(

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.adapters.journal import saved_state
 from tests.controller_proc import ControllerProcess
 from tests.fork_server import ForkedController, ForkServer
 from tests.loadgen import AckedPublisher
@@ -31,7 +32,8 @@ def journal_accounting(path: Path) -> tuple[set[tuple[str, int]], int, dict[str,
     db = sqlite3.connect(path)
     try:
         rows = db.execute("SELECT device, seq FROM readings").fetchall()
-        applied = dict(db.execute("SELECT device, applied FROM device_cursors").fetchall())
+        cursors, _states = saved_state(db)  # the tables with the state log on top
+        applied = {device: row[5] for device, row in cursors.items()}
     finally:
         db.close()
     return {(d, s) for d, s in rows}, len(rows), applied

@@ -84,6 +84,9 @@ def test_state_rows_are_overwritten_with_the_same_columns(tmp_path: Path) -> Non
     later = Cursor(1, 3, 4.0, 8, floor=3)
     j.commit([], cursors={"d1": later}, shelf_states={"s": {"u": 2}}, alert_states={"k": {"a": 2}})
     db = j.db
+    assert db.execute("SELECT count(*) FROM state_log").fetchone()[0] == 2
+    j.fold_state_log()
+    assert db.execute("SELECT count(*) FROM state_log").fetchone()[0] == 0
     assert db.execute("SELECT * FROM device_cursors").fetchall() == [
         ("d1", 1, 3, b"", 4.0, 8, 3, b"[]", 0, 0)
     ]
@@ -127,8 +130,109 @@ def test_failed_group_writes_nothing(tmp_path: Path) -> None:
     with pytest.raises(JournalError, match="boom"):
         j.commit([row(2)], events=[EventRow(1.0, "k", {})], cursors={"d1": Cursor(0, 2, 1.0)})
     assert j.count("readings") == 1
+    assert j.db.execute("SELECT count(*) FROM state_log").fetchone()[0] == 0
+    j.fold_state_log()
     assert j.db.execute("SELECT count(*) FROM device_cursors").fetchone()[0] == 0
     j.close()
+
+
+def _crash_copy(j: Journal, dest: Path) -> Path:
+    """The journal's files as a kill -9 leaves them (the WAL with its committed frames, no
+    close): copied while it is open."""
+    dest.mkdir()
+    for suffix in ("", "-wal"):
+        src = Path(f"{j.path}{suffix}")
+        if src.exists():
+            Path(f"{dest / j.path.name}{suffix}").write_bytes(src.read_bytes())
+    return dest / j.path.name
+
+
+def test_the_state_log_is_a_row_per_group_and_restores_after_a_crash(tmp_path: Path) -> None:
+    """Cursors and shelf states are written as one state-log row per commit; a restart without
+    a clean close (the tables never folded) restores the newest of each, in commit order."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit([], cursors={"d1": CURSOR}, shelf_states={"s": {"u": 1}, "t": {"u": 5}})
+    later = CURSOR._replace(seq=41, applied=8)
+    j.commit([row(1)], cursors={"d1": later, "d2": Cursor(1, 0, 2.0)}, shelf_states={"s": {"u": 2}})
+    assert j.db.execute("SELECT count(*) FROM state_log").fetchone()[0] == 2
+    assert j.db.execute("SELECT count(*) FROM device_cursors").fetchone()[0] == 0
+    cursors, states = journal_module.saved_state(j.db)
+    assert states == {"s": {"u": 2}, "t": {"u": 5}}
+    assert set(cursors) == {"d1", "d2"}
+    crashed = _crash_copy(j, tmp_path / "crash")
+    j.close()
+    j2 = Journal(crashed)
+    restored = j2.open()
+    assert restored.cursors == {"d1": later, "d2": Cursor(1, 0, 2.0)}
+    assert restored.cursors["d1"].holes == ((5, 9), (12, 12))
+    assert restored.shelf_states == {"s": {"u": 2}, "t": {"u": 5}}
+    # What the log held is folded by the next fold (here: the clean close).
+    j2.commit([], shelf_states={"t": {"u": 6}})
+    j2.close()
+    db = sqlite3.connect(crashed)
+    try:
+        assert db.execute("SELECT count(*) FROM state_log").fetchone()[0] == 0
+        assert dict(db.execute("SELECT shelf, body FROM shelf_states")) == {
+            "s": b'{"u":2}',
+            "t": b'{"u":6}',
+        }
+        assert db.execute("SELECT device, seq FROM device_cursors ORDER BY device").fetchall() == [
+            ("d1", 41),
+            ("d2", 0),
+        ]
+    finally:
+        db.close()
+
+
+def test_the_state_log_is_folded_every_state_log_fold_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal_module, "STATE_LOG_FOLD", 3)
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    for n in range(1, 8):
+        j.commit([], cursors={"d1": Cursor(0, n, float(n))}, shelf_states={"s": {"u": n}})
+        log_rows = j.db.execute("SELECT count(*) FROM state_log").fetchone()[0]
+        assert log_rows == n % 3  # rows 1, 2, then the third commit folds: 0
+    assert j.state_folds == 2
+    assert j.db.execute("SELECT body FROM shelf_states").fetchall() == [(b'{"u":6}',)]
+    crashed = _crash_copy(j, tmp_path / "crash")
+    j.close()
+    j2 = Journal(crashed)
+    restored = j2.open()
+    j2.close()
+    assert restored.cursors["d1"].seq == 7
+    assert restored.shelf_states == {"s": {"u": 7}}
+
+
+def test_a_rolled_back_state_write_is_not_folded_later(tmp_path: Path) -> None:
+    """A commit that fails after writing its state-log row leaves nothing behind: the journal's
+    picture of its log is only updated once a transaction committed."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit([], shelf_states={"s": {"u": 1}})
+    j.db.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON events BEGIN SELECT RAISE(FAIL, 'boom'); END"
+    )
+    with pytest.raises(JournalError, match="boom"):
+        j.commit([], shelf_states={"s": {"u": 99}, "x": {"u": 99}}, events=[EventRow(1.0, "k", {})])
+    j.fold_state_log()
+    assert dict(j.db.execute("SELECT shelf, body FROM shelf_states")) == {"s": b'{"u":1}'}
+    j.close()
+
+
+def test_a_second_connection_does_not_write_states(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    second = j.second_connection()
+    second.open_second()
+    try:
+        with pytest.raises(JournalError, match="primary connection"):
+            second.commit([], shelf_states={"s": {"u": 1}})
+    finally:
+        second.close()
+        j.close()
 
 
 def test_outbox_drain_and_dead_letter_bound(tmp_path: Path) -> None:
