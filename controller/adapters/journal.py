@@ -295,6 +295,11 @@ STATE_LOG_FOLD = 256
 """Rows of the state log after which a commit folds it into the state tables (and empties
 it); `Journal.open` reads at most this many rows on top of the tables."""
 
+STATE_LOG_FOLD_KEYS = 2048
+"""Devices plus shelves the state log may hold before a commit folds it: a fold writes them
+all in one transaction (~5 µs each), so a large site whose groups touch different shelves
+folds more often instead of writing 100k rows at once."""
+
 DEAD_LETTER_PAYLOAD_MAX = 4096
 """Bytes of a rejected payload kept for inspection (a 10 MB poison is not stored whole)."""
 
@@ -991,11 +996,11 @@ class Journal:
     ) -> _StateWrite:
         """Write cursors and shelf states in the open transaction: one state-log row (a
         single INSERT of one JSON body instead of an UPSERT per device and per shelf: the
-        group's ~200 UPSERTs were ~1 ms of each 400-message commit), or, every
-        `STATE_LOG_FOLD` rows (or with ``fold``), the log folded into ``device_cursors`` and
-        ``shelf_states`` (what the log holds plus these) and emptied. Pass the result to
-        `_states_written` once the transaction committed (not before: a rolled-back write
-        must leave the journal's picture of its log as it was)."""
+        group's ~200 UPSERTs were ~1 ms of each 400-message commit). Every `STATE_LOG_FOLD`
+        rows, past `STATE_LOG_FOLD_KEYS` keys, or with ``fold``: the log folded into
+        ``device_cursors`` and ``shelf_states`` (what it holds plus these) and emptied
+        instead. Pass the result to `_states_written` once the transaction committed (not
+        before: a rolled-back write must leave the journal's picture of its log as it was)."""
         if self._primary is not None:
             raise JournalError("cursors and shelf states are written by the primary connection")
         rows = {
@@ -1003,7 +1008,11 @@ class Journal:
                 orjson.dumps(holes) if holes else b"[]", gaps, missing)
             for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing) in cursors.items()
         }  # fmt: skip
-        if not fold and self._log_rows + 1 < STATE_LOG_FOLD:
+        if (
+            not fold
+            and self._log_rows + 1 < STATE_LOG_FOLD
+            and len(self._unfolded_cursors) + len(self._unfolded_states) < STATE_LOG_FOLD_KEYS
+        ):
             db.execute(
                 "INSERT INTO state_log(body) VALUES (?)",
                 (

@@ -206,6 +206,23 @@ def test_the_state_log_is_folded_every_state_log_fold_rows(
     assert restored.shelf_states == {"s": {"u": 7}}
 
 
+def test_the_state_log_is_folded_past_state_log_fold_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Groups that touch different shelves fold sooner: a fold writes every key the log holds,
+    so their number is bounded too."""
+    monkeypatch.setattr(journal_module, "STATE_LOG_FOLD_KEYS", 10)
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    for n in range(4):
+        j.commit([], shelf_states={f"s{n}-{i}": {"u": i} for i in range(4)})
+    # 4, 8 keys in the log; the third commit (8 < 10) adds 4 more; the fourth folds all 16.
+    assert j.state_folds == 1
+    assert j.db.execute("SELECT count(*) FROM state_log").fetchone()[0] == 0
+    assert j.db.execute("SELECT count(*) FROM shelf_states").fetchone()[0] == 16
+    j.close()
+
+
 def test_a_rolled_back_state_write_is_not_folded_later(tmp_path: Path) -> None:
     """A commit that fails after writing its state-log row leaves nothing behind: the journal's
     picture of its log is only updated once a transaction committed."""
