@@ -3,11 +3,16 @@
 A site of 100k shelves kept as Python objects costs a state object, a conditioner, two lists
 and a float object per window value for each shelf (~0.5 kB); here a shelf is one row of
 fixed-width columns (status, reason, units, weight, newest reading time, the conditioner's
-window, pending suspects, median, settledness, staleness bound: ~90 bytes at the default
-window of 5), and the staleness check is one vectorised comparison over the time column
-(`ShelfTable.due_stale`) instead of a Python loop over the shelves.
+window, pending suspects, median, settledness, staleness bound, and the spec values a group
+is computed with: ~170 bytes at the default window of 5), and the staleness check is one
+vectorised comparison over the time column (`ShelfTable.due_stale`) instead of a Python loop
+over the shelves.
 
-The hot path (`ShelfTable.apply`, one call per reading) reads and writes single cells
+A group of readings (`ShelfTable.apply_group`) is computed in columns: each reading's window
+is a row of one matrix, sorted in one call, so medians, settledness, counts and statuses of the
+group are array operations; the shelves that are not the common case go reading by reading.
+
+The reading-by-reading path (`ShelfTable.apply`, one call per reading) reads and writes single cells
 through ``memoryview`` s of the arrays: a memoryview item is a plain Python ``int``/``float``
 at list-index cost, where indexing the numpy array itself builds a numpy scalar (several
 times slower). The views are rebuilt whenever the arrays are reallocated (growth).
@@ -94,6 +99,21 @@ _ROW_COLUMNS: Final = (
 """The columns a row's state is (``stale_after_s`` follows the spec, not the readings)."""
 
 
+SPEC_PARAMS: Final = (
+    "settle_window", "max_weight_g", "spike_g", "settle_band_g", "tare_g", "unit_weight_g",
+    "tolerance_frac", "capacity_units",
+)  # fmt: skip
+"""The spec values `ShelfTable.apply_group` computes with, a column each of ``spec_params``
+(kept with the row's spec by `ShelfTable.add` and `ShelfTable.set_spec`)."""
+
+
+def _params(spec: ShelfSpec) -> tuple[float, ...]:
+    return (
+        spec.settle_window, spec.max_weight_g, spec.spike_g, spec.settle_band_g, spec.tare_g,
+        spec.unit_weight_g, spec.tolerance_frac, spec.capacity_units,
+    )  # fmt: skip
+
+
 def _tag_order(tagged: tuple[int, int, ShelfEvent]) -> tuple[int, int]:
     return tagged[0], tagged[1]
 
@@ -155,7 +175,8 @@ class ShelfTable:
     __slots__ = (
         "_free", "_ign", "_last", "_med", "_pend", "_plen", "_reason", "_set", "_stale_after",
         "_status", "_units", "_weight", "_win", "_wlen", "_wpos", "ids", "ignored", "last_ts_s",
-        "median_g", "pending", "pending_len", "reason", "rows", "settled", "stale_after_s",
+        "median_g", "pending", "pending_len", "reason", "rows", "settled", "spec_params",
+        "stale_after_s",
         "status", "units", "weight_g", "width", "window", "window_len", "window_pos",
     )  # fmt: skip
 
@@ -183,6 +204,8 @@ class ShelfTable:
         table.ids = ids
         table.rows = rows
         table.stale_after_s[: len(specs)] = [s.stale_after_s for s in specs]
+        if specs:
+            table.spec_params[: len(specs)] = [_params(s) for s in specs]
         return table
 
     # -- storage -------------------------------------------------------------------------------
@@ -197,6 +220,8 @@ class ShelfTable:
                 shape = (capacity, w)
             elif name == "pending":
                 shape = (capacity, CONFIRM_READINGS)
+            elif name == "spec_params":
+                shape = (capacity, len(SPEC_PARAMS))
             new = np.full(shape, fill, dtype=dtype)
             if old:
                 prev = getattr(self, name)
@@ -216,6 +241,7 @@ class ShelfTable:
         self.pending_len = column(np.uint8, 0, "pending_len")
         self.pending = column(np.float64, 0.0, "pending")
         self.stale_after_s = column(np.float64, NAN, "stale_after_s")
+        self.spec_params = column(np.float64, NAN, "spec_params")
         self.ignored = column(np.int8, 0, "ignored")
         self._views()
 
@@ -249,6 +275,7 @@ class ShelfTable:
             for n in (
                 "status", "reason", "units", "weight_g", "last_ts_s", "median_g", "settled",
                 "window_len", "window_pos", "window", "pending_len", "pending", "stale_after_s",
+                "spec_params",
                 "ignored",
             )
         )  # fmt: skip
@@ -272,6 +299,7 @@ class ShelfTable:
             self.rows[sid] = row
         self.clear(row)
         self._stale_after[row] = spec.stale_after_s
+        self.spec_params[row] = _params(spec)
         return row
 
     def remove(self, shelf_id: str) -> None:
@@ -279,6 +307,7 @@ class ShelfTable:
         row = self.rows.pop(shelf_id)
         self.clear(row)
         self._stale_after[row] = NAN
+        self.spec_params[row] = NAN
         self.ids[row] = None
         self._free.append(row)
 
@@ -288,6 +317,7 @@ class ShelfTable:
         if spec.settle_window > self.width:
             self._widen(spec.settle_window)
         self._stale_after[row] = spec.stale_after_s
+        self.spec_params[row] = _params(spec)
 
     def _widen(self, width: int) -> None:
         window = self.window
@@ -677,9 +707,11 @@ class ShelfTable:
         u = r[starts]
         saved = self.save_rows(u)
         segs = len(u)
-        sp = [specs[row] for row in u.tolist()]
-        size = np.array([s.settle_window for s in sp], dtype=np.intp)
-        stale = np.array([s.stale_after_s for s in sp])
+        ulist = u.tolist()
+        params = self.spec_params[u]
+        size = params[:, 0].astype(np.intp)
+        max_weight, spike_g, band_g, tare_u, unit_u, tol_u, cap_u = params[:, 1:].T
+        stale = self.stale_after_s[u]
         last_u = self.last_ts_s[u]
         med_u = self.median_g[u]
         # The shelves that can be computed in columns: a full window, nothing pending.
@@ -691,7 +723,7 @@ class ShelfTable:
         bad |= t < prev_t  # out of order: ignored
         bad |= (t - prev_t) > stale[seg]  # after a gap: settling starts over
         bad |= t > now_s + max_future_s
-        bad |= w > np.array([s.max_weight_g for s in sp])[seg]
+        bad |= w > max_weight[seg]
         med = np.zeros(n)
         settled = np.zeros(n, dtype=np.bool_)
         windows: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.float64], int]] = []
@@ -705,8 +737,9 @@ class ShelfTable:
             offset = np.cumsum(span) - span
             # Per shelf: its window oldest first, then its readings of the group.
             seq = np.empty(int(span.sum()))
-            ring = (self.window_pos[u[cls]].astype(np.intp)[:, None] + np.arange(s)) % s
-            old = np.take_along_axis(self.window[u[cls], :s], ring, axis=1)
+            shelves = u[cls]
+            ring = (self.window_pos[shelves].astype(np.intp)[:, None] + np.arange(s)) % s
+            old = self.window[shelves[:, None], ring]
             seq[(offset[:, None] + np.arange(s)).ravel()] = old.ravel()
             own = offset[local] + s + pos
             seq[own] = w[at]
@@ -714,21 +747,16 @@ class ShelfTable:
             win.sort(axis=1)
             mid = s >> 1
             med[at] = win[:, mid] if s & 1 else (win[:, mid - 1] + win[:, mid]) / 2.0
-            band = np.array([sp[i].settle_band_g for i in cls.tolist()])
-            settled[at] = (win[:, -1] - win[:, 0]) <= band[local]
+            settled[at] = (win[:, -1] - win[:, 0]) <= band_g[cls][local]
             windows.append((cls, seq[(offset + k)[:, None] + np.arange(s)], s))
         prev_med = np.empty(n)
         prev_med[1:] = med[:-1]
         prev_med[starts] = med_u
-        spike_g = np.array([s.spike_g for s in sp])
         bad |= (size[seg] >= SPIKE_MIN_WINDOW) & (np.abs(w - prev_med) > spike_g[seg])
         fast = full & ~np.logical_or.reduceat(bad, starts)
 
         # Counts and statuses of every reading (used for the fast shelves only).
-        tare = np.array([s.tare_g for s in sp])[seg]
-        unit = np.array([s.unit_weight_g for s in sp])[seg]
-        tol = np.array([s.tolerance_frac for s in sp])[seg]
-        cap = np.array([s.capacity_units for s in sp], dtype=np.float64)[seg]
+        tare, unit, tol, cap = tare_u[seg], unit_u[seg], tol_u[seg], cap_u[seg]
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             estimate = (med - tare) / unit
             below = estimate < -tol
@@ -799,7 +827,7 @@ class ShelfTable:
         tagged: list[tuple[int, int, ShelfEvent]] = []
         fast_reading = fast[seg]
         for i in np.flatnonzero(fast_reading & (stock_event | status_event)).tolist():
-            spec = sp[seg[i]]
+            spec = specs[ulist[seg[i]]]
             ts = float(t[i])
             at_i = int(order[i])
             if stock_event[i]:
@@ -835,8 +863,8 @@ class ShelfTable:
         if len(slow):
             t_list, w_list, order_list = t.tolist(), w.tolist(), order.tolist()
             for j in slow.tolist():
-                row = int(u[j])
-                spec = sp[j]
+                row = ulist[j]
+                spec = specs[row]
                 for i in range(int(starts[j]), int(ends[j]) + 1):
                     for nth, ev in enumerate(
                         self.apply(row, spec, t_list[i], w_list[i], now_s, max_future_s)
