@@ -34,6 +34,46 @@ mostly the garbage collector walking them while the group is alive)."""
 
 
 @dataclass(frozen=True, slots=True)
+class ReadingColumns:
+    """A group's readings in columns, as ingest's column path has them: the journal writes
+    them as one block without a tuple per reading. Names once, then per reading an index
+    into them; every column is a native array (numpy or ``array.array``) of the type named."""
+
+    device_names: list[str]
+    shelf_names: list[str]
+    device: Any
+    """int32: index into ``device_names``."""
+    shelf: Any
+    """int32: index into ``shelf_names``."""
+    channel: Any
+    """int64"""
+    epoch: Any
+    """int64"""
+    seq: Any
+    """int64"""
+    ts_s: Any
+    """float64"""
+    weight_g: Any
+    """float64 (the scale factor applied)"""
+    min_ts_s: float
+    max_ts_s: float
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def rows(self) -> list[ReadingFields]:
+        """The readings as tuples (tests, tools; the journal never needs them)."""
+        devices = [self.device_names[i] for i in self.device.tolist()]
+        shelves = [self.shelf_names[i] for i in self.shelf.tolist()]
+        return list(
+            zip(
+                devices, self.channel.tolist(), self.epoch.tolist(), self.seq.tolist(),
+                self.ts_s.tolist(), self.weight_g.tolist(), shelves, strict=True,
+            )
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     received_at_s: float
     topic: str
@@ -123,7 +163,7 @@ class ReadingStore(Protocol):
 
     def commit(
         self,
-        readings: Sequence[ReadingFields],
+        readings: Sequence[ReadingFields] | ReadingColumns,
         dead_letters: Sequence[DeadLetter] = (),
         cursors: dict[str, Cursor] | None = None,
         shelf_states: dict[str, dict[str, Any]] | None = None,
@@ -176,7 +216,7 @@ class JournalPort(Protocol):
 
     def commit(
         self,
-        readings: Sequence[ReadingFields],
+        readings: Sequence[ReadingFields] | ReadingColumns,
         dead_letters: Sequence[DeadLetter] = (),
         cursors: dict[str, Cursor] | None = None,
         shelf_states: dict[str, dict[str, Any]] | None = None,

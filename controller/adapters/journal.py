@@ -21,6 +21,7 @@ import os
 import sqlite3
 import threading
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from controller.ports import (
     JournalUnavailable,
     OutboxEvent,
     OutboxReading,
+    ReadingColumns,
     ReadingFields,
 )
 from controller.ports import JournalError as JournalError  # re-exported: callers' import
@@ -199,12 +201,21 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
 _STATE_LOG_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS state_log (id INTEGER PRIMARY KEY, body BLOB NOT NULL)"
 )
+_READING_BLOCKS_SCHEMA = """CREATE TABLE IF NOT EXISTS reading_blocks (
+    id INTEGER PRIMARY KEY,
+    n INTEGER NOT NULL,
+    min_ts REAL NOT NULL,
+    max_ts REAL NOT NULL,
+    body BLOB NOT NULL
+)"""
 
 
 def _migrate_to_3(db: sqlite3.Connection) -> None:
-    """Layout 3: the state log (`Journal.commit`: a group's cursors and shelf states in one
-    row, folded into ``device_cursors`` and ``shelf_states`` every `STATE_LOG_FOLD` rows and
-    at close). And the outbox's identity index leads with the reading's timestamp,
+    """Layout 3: reading blocks (`Journal.commit`: a group's readings in one row of
+    ``reading_blocks``, in columns; the ``readings`` table keeps what older layouts wrote until
+    the historian has it); the state log (a group's cursors and shelf states in one row,
+    folded into ``device_cursors`` and ``shelf_states`` every `STATE_LOG_FOLD` rows and at
+    close). And the ``readings`` table's identity index leads with the reading's timestamp,
     ``(ts, device, epoch, seq)`` instead of ``(device, epoch, seq)``. A group's readings have
     timestamps close to each other and to the newest already there, so its inserts (and the
     historian's deletes of the oldest) touch the index's last (first) pages, not one page per
@@ -216,6 +227,7 @@ def _migrate_to_3(db: sqlite3.Connection) -> None:
         "ON readings (ts, device, epoch, seq)"
     )
     db.execute(_STATE_LOG_SCHEMA)
+    db.execute(_READING_BLOCKS_SCHEMA)
 
 
 Migration = tuple[int, str, Callable[[sqlite3.Connection], None]]
@@ -223,7 +235,7 @@ Migration = tuple[int, str, Callable[[sqlite3.Connection], None]]
 MIGRATIONS: tuple[Migration, ...] = (
     (1, "baseline: orders, idempotency, counters, calibrations, cursor gap columns", _migrate_to_1),
     (2, "the catalogue: records, versions, audit", _migrate_to_2),
-    (3, "the state log; the outbox identity index by timestamp first", _migrate_to_3),
+    (3, "reading blocks, the state log, the readings index by timestamp", _migrate_to_3),
 )
 """Step ``(n, what, fn)`` takes a journal from layout n − 1 to n, in one transaction that also
 sets ``user_version`` to n. A layout change adds a step (and bumps `SCHEMA_VERSION`); a released
@@ -440,6 +452,97 @@ def _legacy_cursor(epoch: int, seq: int, window: bytes, ts_s: float, applied: in
     return Cursor(epoch, seq, ts_s, applied, floor, tuple(holes), len(holes), missing)
 
 
+BLOCK_MAX_READINGS = 65_536
+"""Most readings one ``reading_blocks`` row holds (a larger group is written as several)."""
+
+_BLOCK_FORMAT = 1
+_BLOCK_COLUMNS: Final = ("i", "i", "q", "q", "q", "d", "d")
+"""Each column's ``array``/``memoryview`` type code: device and shelf (32-bit indexes into the
+head's names), channel, epoch, seq (64-bit), ts, weight_g (64-bit floats); native order."""
+_BLOCK_SIZES: Final = tuple(array(code).itemsize for code in _BLOCK_COLUMNS)
+_SAME_TYPE: Final = {"i": ("i",), "q": ("q", "l"), "d": ("d",)}
+"""Buffer formats of the same size and kind as each type code (numpy's int64 is ``l``)."""
+
+
+def _encode_block(rows: Sequence[ReadingFields]) -> tuple[bytes, float, float]:
+    """A group's readings as one ``reading_blocks`` body, in columns: a JSON head (format,
+    count, device and shelf names) and a line break, then each column's values as a native
+    array (``array`` type codes `_BLOCK_COLUMNS`). Numbers go in as bits, so they come out
+    exactly as they went in. Also the smallest and the largest timestamp (for
+    `Journal.has_reading`). C-level passes only: ~0.2 µs a reading."""
+    devices, channels, epochs, seqs, ts, grams, shelves = zip(*rows, strict=True)
+    device_names = list(dict.fromkeys(devices))
+    shelf_names = list(dict.fromkeys(shelves))
+    device_code = dict(zip(device_names, range(len(device_names)), strict=True))
+    shelf_code = dict(zip(shelf_names, range(len(shelf_names)), strict=True))
+    head = orjson.dumps([_BLOCK_FORMAT, len(rows), device_names, shelf_names])
+    body = b"".join(
+        [
+            head,
+            b"\n",
+            array("i", map(device_code.__getitem__, devices)).tobytes(),
+            array("i", map(shelf_code.__getitem__, shelves)).tobytes(),
+            array("q", channels).tobytes(),
+            array("q", epochs).tobytes(),
+            array("q", seqs).tobytes(),
+            array("d", ts).tobytes(),
+            array("d", grams).tobytes(),
+        ]
+    )
+    return body, float(min(ts)), float(max(ts))
+
+
+def _encode_columns(cols: ReadingColumns, start: int, stop: int) -> tuple[bytes, float, float]:
+    """`_encode_block` of ``cols[start:stop]``: the arrays' bytes as they are (their types are
+    checked, not converted; the time range is the whole group's)."""
+    arrays = (
+        cols.device, cols.shelf, cols.channel, cols.epoch, cols.seq, cols.ts_s, cols.weight_g,
+    )  # fmt: skip
+    parts = [
+        orjson.dumps(
+            [_BLOCK_FORMAT, min(len(cols), stop) - start, cols.device_names, cols.shelf_names]
+        ),
+        b"\n",
+    ]
+    for values, code, size in zip(arrays, _BLOCK_COLUMNS, _BLOCK_SIZES, strict=True):
+        view = memoryview(values)
+        if view.itemsize != size or view.format.lstrip("@=<") not in _SAME_TYPE[code]:
+            raise ValueError(f"a reading column of type {view.format!r}, not {code!r}")
+        parts.append(view[start:stop].tobytes())
+    return b"".join(parts), cols.min_ts_s, cols.max_ts_s
+
+
+def _decode_block(first_id: int, body: bytes) -> list[OutboxReading]:
+    """The readings of a ``reading_blocks`` row (ids ``first_id`` on), in order."""
+    try:
+        end = body.index(b"\n")
+        fmt, n, device_names, shelf_names = orjson.loads(body[:end])
+        if fmt != _BLOCK_FORMAT:
+            raise ValueError(f"block format {fmt!r}")
+        at = end + 1
+        view = memoryview(body)
+        values: list[list[Any]] = []
+        for code, size in zip(_BLOCK_COLUMNS, _BLOCK_SIZES, strict=True):
+            values.append(view[at : at + size * n].cast(code).tolist())  # type: ignore[call-overload]
+            at += size * n
+        if at != len(body):
+            raise ValueError(f"{len(body) - at} bytes past the columns")
+        dev, shelf, channel, epoch, seq, ts, grams = values
+        devices = list(map(device_names.__getitem__, dev))
+        shelves = list(map(shelf_names.__getitem__, shelf))
+    except (ValueError, TypeError, IndexError, orjson.JSONDecodeError) as exc:
+        raise JournalError(f"unreadable reading block {first_id}: {exc}") from exc
+    return list(
+        map(
+            _as_reading,
+            zip(
+                range(first_id, first_id + n), devices, channel, epoch, seq, ts, grams, shelves,
+                strict=True,
+            ),
+        )
+    )  # fmt: skip
+
+
 _StateWrite = tuple[bool, dict[str, tuple[Any, ...]], dict[str, dict[str, Any]]]
 """`Journal._write_states`: folded (or a log row), the cursor rows and the shelf states."""
 
@@ -593,6 +696,9 @@ class Journal:
         """Shelf states in the state log, not yet in ``shelf_states``."""
         self._log_rows = 0
         self.state_folds = 0
+        self._next_reading_id = 1
+        """The id the next journaled reading gets (ids of the ``readings`` table and of the
+        blocks are one sequence)."""
 
     @property
     def outbox_rows(self) -> int:
@@ -880,7 +986,8 @@ class Journal:
             key: orjson.loads(body)
             for key, body in db.execute("SELECT key, body FROM alert_states")
         }
-        n_readings = db.execute("SELECT count(*) FROM readings").fetchone()[0]
+        n_readings = self._count_readings(db)
+        self._next_reading_id = self._newest_reading_id(db) + 1
         n_events = db.execute("SELECT count(*) FROM events").fetchone()[0]
         self.outbox_rows = int(n_readings) + int(n_events)
         return Restored(cursors, shelves, alerts, self.outbox_rows)
@@ -938,7 +1045,7 @@ class Journal:
 
     def commit(
         self,
-        readings: Sequence[ReadingFields],
+        readings: Sequence[ReadingFields] | ReadingColumns,
         dead_letters: Sequence[DeadLetter] = (),
         cursors: dict[str, Cursor] | None = None,
         shelf_states: dict[str, dict[str, Any]] | None = None,
@@ -949,15 +1056,9 @@ class Journal:
         (retryable: disk full, I/O error, locked), else JournalError (a value or a bug).
         Cursors and shelf states go to the state log (`_write_states`)."""
         write = None
+        next_id = None
         with self._transaction("journal commit") as db:
-            if readings:
-                execute_rows(
-                    db,
-                    "INSERT OR IGNORE INTO readings(device, channel, epoch, seq, ts, weight_g, "
-                    "shelf)",
-                    7,
-                    readings,  # tuples in column order (ReadingRow is one)
-                )
+            next_id = self._write_readings(db, readings) if readings else None
             if dead_letters:
                 execute_rows(
                     db,
@@ -984,7 +1085,29 @@ class Journal:
                 )
             _insert_events(db, events)
         self._states_written(write)
+        if next_id is not None:
+            self._next_reading_id = next_id
         self._add_rows(len(readings) + len(events))
+
+    def _write_readings(
+        self, db: sqlite3.Connection, readings: Sequence[ReadingFields] | ReadingColumns
+    ) -> int:
+        """The group's readings as ``reading_blocks`` rows (one per `BLOCK_MAX_READINGS`),
+        numbered on from the newest id; the next free id. One INSERT of one body per group
+        instead of a row and an index entry per reading (~2 µs a reading at 400 a group)."""
+        first = self._next_reading_id
+        for at in range(0, len(readings), BLOCK_MAX_READINGS):
+            if isinstance(readings, ReadingColumns):
+                body, min_ts, max_ts = _encode_columns(readings, at, at + BLOCK_MAX_READINGS)
+            else:
+                body, min_ts, max_ts = _encode_block(readings[at : at + BLOCK_MAX_READINGS])
+            n = min(len(readings) - at, BLOCK_MAX_READINGS)
+            db.execute(
+                "INSERT INTO reading_blocks(id, n, min_ts, max_ts, body) VALUES (?,?,?,?,?)",
+                (first, n, min_ts, max_ts, body),
+            )
+            first += n
+        return first
 
     def _write_states(
         self,
@@ -1067,24 +1190,54 @@ class Journal:
 
     def has_reading(self, device: str, epoch: int, seq: int, ts_s: float) -> bool:
         """Whether this reading is in the outbox (asked for a reading its device's cursor does
-        not account for: an earlier epoch, or below the cursor's floor)."""
+        not account for: an earlier epoch, or below the cursor's floor): the ``readings``
+        table's identity index, then the blocks whose time range holds ``ts_s``."""
         with self._statement("outbox lookup") as db:
             row = db.execute(
                 "SELECT 1 FROM readings WHERE ts=? AND device=? AND epoch=? AND seq=?",
                 (ts_s, device, epoch, seq),
             ).fetchone()
-        return row is not None
+            if row is not None:
+                return True
+            blocks = db.execute(
+                "SELECT id, body FROM reading_blocks WHERE min_ts <= ? AND max_ts >= ?",
+                (ts_s, ts_s),
+            ).fetchall()
+        key = (device, epoch, seq, ts_s)
+        return any(
+            (r.device, r.epoch, r.seq, r.ts_s) == key
+            for first, body in blocks
+            for r in _decode_block(first, body)
+        )
 
     # -- outbox drain (the historian) --------------------------------------------------------
     def read_readings(self, after_id: int, limit: int) -> list[OutboxReading]:
-        """Up to ``limit`` readings with an id above ``after_id``, oldest first."""
+        """Up to ``limit`` readings with an id above ``after_id``, oldest first: the
+        ``readings`` table's (older layouts'), then the blocks'."""
         with self._statement("outbox read") as db:
-            rows = db.execute(
-                "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
-            ).fetchall()
-        return list(map(_as_reading, rows))
+            out = list(
+                map(
+                    _as_reading,
+                    db.execute(
+                        "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
+                        "WHERE id > ? ORDER BY id LIMIT ?",
+                        (after_id, limit),
+                    ).fetchall(),
+                )
+            )
+            if len(out) < limit:
+                blocks = db.execute(
+                    "SELECT id, body FROM reading_blocks WHERE id > ? AND id + n > ? ORDER BY id",
+                    (after_id + 1 - BLOCK_MAX_READINGS, after_id + 1),
+                )
+                for first, body in blocks:
+                    readings = _decode_block(first, body)
+                    if first <= after_id:
+                        readings = readings[after_id + 1 - first :]
+                    out.extend(readings[: limit - len(out)])
+                    if len(out) >= limit:
+                        break
+        return out
 
     def read_events(self, after_id: int, limit: int) -> list[OutboxEvent]:
         """Up to ``limit`` events with an id above ``after_id``, oldest first."""
@@ -1104,26 +1257,65 @@ class Journal:
         n = 0
         with self._transaction("outbox delete") as db:
             if readings_through is not None:
-                n += db.execute("DELETE FROM readings WHERE id <= ?", (readings_through,)).rowcount
+                n += self._delete_readings_through(db, readings_through)
             if events_through is not None:
                 n += db.execute("DELETE FROM events WHERE id <= ?", (events_through,)).rowcount
         self._add_rows(-n)
         return n
 
+    def _delete_readings_through(self, db: sqlite3.Connection, through: int) -> int:
+        """Delete the readings with ids up to ``through``: whole blocks, and the confirmed
+        part of the block ``through`` ends inside (its rest is written again as a block that
+        starts at ``through + 1``). How many were deleted."""
+        n = int(db.execute("DELETE FROM readings WHERE id <= ?", (through,)).rowcount)
+        n += int(
+            db.execute(
+                "SELECT coalesce(sum(n), 0) FROM reading_blocks WHERE id + n - 1 <= ?", (through,)
+            ).fetchone()[0]
+        )
+        db.execute(
+            "DELETE FROM reading_blocks WHERE id <= ? AND id + n - 1 <= ?", (through, through)
+        )
+        split = db.execute(
+            "SELECT id, body FROM reading_blocks WHERE id <= ? ORDER BY id", (through,)
+        ).fetchall()
+        for first, body in split:
+            readings = _decode_block(first, body)
+            keep = [r[1:] for r in readings if r.id > through]
+            db.execute("DELETE FROM reading_blocks WHERE id = ?", (first,))
+            rest, min_ts, max_ts = _encode_block(keep)
+            db.execute(
+                "INSERT INTO reading_blocks(id, n, min_ts, max_ts, body) VALUES (?,?,?,?,?)",
+                (through + 1, len(keep), min_ts, max_ts, rest),
+            )
+            n += len(readings) - len(keep)
+        return n
+
     def newest_ids(self) -> tuple[int, int]:
         """The ids of the newest reading and the newest event in the outbox (0: none)."""
         with self._statement("outbox read") as db:
-            r = db.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0]
+            r = self._newest_reading_id(db)
             e = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()[0]
-        return int(r), int(e)
+        return r, int(e)
+
+    @staticmethod
+    def _newest_reading_id(db: sqlite3.Connection) -> int:
+        table = int(db.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0])
+        block = db.execute(
+            "SELECT id + n - 1 FROM reading_blocks ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+        return max(table, int(block[0]) if block else 0)
+
+    @staticmethod
+    def _count_readings(db: sqlite3.Connection) -> int:
+        return int(db.execute("SELECT count(*) FROM readings").fetchone()[0]) + int(
+            db.execute("SELECT coalesce(sum(n), 0) FROM reading_blocks").fetchone()[0]
+        )
 
     def trim_outbox(self, keep_readings: int, keep_events: int) -> int:
         """With no historian: keep only the most recent rows of the outbox for inspection."""
-        with self._statement("outbox trim") as db:
-            n = db.execute(
-                "DELETE FROM readings WHERE id <= (SELECT max(id) FROM readings) - ?",
-                (keep_readings,),
-            ).rowcount
+        with self._transaction("outbox trim") as db:
+            n = self._delete_readings_through(db, self._newest_reading_id(db) - keep_readings)
             n += db.execute(
                 "DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (keep_events,)
             ).rowcount
@@ -1162,10 +1354,12 @@ class Journal:
     def count(self, table: str) -> int:
         if table not in ("readings", "events", "dead_letters"):
             raise ValueError(table)
+        if table == "readings":
+            return self._count_readings(self.db)
         return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     def reading_identities(self) -> Iterable[tuple[str, int, int]]:
-        return self.db.execute("SELECT device, epoch, seq FROM readings")
+        return [(r.device, r.epoch, r.seq) for r in self.read_readings(0, 1 << 62)]
 
     # -- orders and pick commands ---------------------------------------------------------------
     def commit_orders(

@@ -68,6 +68,7 @@ from controller.ports import (
     JournalError,
     JournalUnavailable,
     MessageLink,
+    ReadingColumns,
     ReadingFields,
     ReadingRow,
     ReadingStore,
@@ -268,7 +269,7 @@ class IngestService:
             if batch.filled:
                 self._fill_events(batch)
             self._journal.commit(
-                batch.rows,
+                batch.rows if batch.columns is None else batch.columns,
                 batch.dead,
                 {d: self.cursors[d] for d in batch.old_cursors},
                 self.states.to_dicts(batch.shelves or batch.old_states),
@@ -293,7 +294,7 @@ class IngestService:
             raise
         self.commits += 1
         self.messages += len(msgs)
-        self.readings += len(batch.rows)
+        self.readings += len(batch.rows) + (0 if batch.columns is None else len(batch.columns))
         for reason in batch.reasons:
             self.rejected[reason] += 1
         for dead in batch.dead:
@@ -461,36 +462,45 @@ class IngestService:
         specs = list(map(self._by_channel.get, keys))
         if self._gains:
             grams_a = grams_a * np.array([self._gains.get(k, 1.0) for k in keys])
-        ts_list = ts_a.tolist()
-        grams_list = grams_a.tolist()
         if type(None) in set(map(type, specs)):  # unused channels: valid, they feed no shelf
             used = [spec is not None for spec in specs]
             specs = list(compress(specs, used))
-            devices, channels, epochs, seqs = (
-                list(compress(column, used)) for column in (devices, channels, epochs, seqs)
-            )
-            ts_list, grams_list = list(compress(ts_list, used)), list(compress(grams_list, used))
             keep = np.array(used, dtype=np.bool_)
+            codes, channel_a, epoch_a, seq_a = (
+                codes[keep],
+                channel_a[keep],
+                epoch_a[keep],
+                seq_a[keep],
+            )
             ts_a, grams_a = ts_a[keep], grams_a[keep]
         if not specs:
             return True
         used_specs: list[ShelfSpec] = specs  # type: ignore[assignment]
         sids = list(map(_shelf_id, used_specs))
-        rows = list(map(self._table.rows.__getitem__, sids))
+        rows = np.array(list(map(self._table.rows.__getitem__, sids)), dtype=np.intp)
         events, saved = self._table.apply_group(
-            np.array(rows, dtype=np.intp),
-            ts_a,
-            grams_a,
-            dict(zip(rows, used_specs, strict=True)),
-            now,
+            rows, ts_a, grams_a, dict(zip(rows.tolist(), used_specs, strict=True)), now
         )
         batch.saved_rows.append(saved)
-        batch.shelves.extend(dict.fromkeys(sids))
+        shelf_rows, shelf = np.unique(rows, return_inverse=True)
+        ids = self._table.ids
+        shelf_names: list[str] = [ids[row] for row in shelf_rows.tolist()]
+        batch.shelves.extend(shelf_names)
         if events:
             batch.bus_events.extend(events)
             batch.events.extend(EventRow(ev.ts_s, ev.kind, ev.as_dict()) for ev in events)
-        batch.rows.extend(
-            zip(devices, channels, epochs, seqs, ts_list, grams_list, sids, strict=True)
+        batch.columns = ReadingColumns(
+            names,
+            shelf_names,
+            codes.astype(np.int32),
+            shelf.astype(np.int32),
+            channel_a,
+            epoch_a,
+            seq_a,
+            ts_a,
+            grams_a,
+            float(ts_a.min()),
+            float(ts_a.max()),
         )
         return True
 
@@ -1052,6 +1062,8 @@ def _fill(holes: tuple[tuple[int, int], ...], i: int, seq: int) -> tuple[tuple[i
 @dataclass(slots=True)
 class _Batch:
     rows: list[ReadingFields]
+    columns: ReadingColumns | None
+    """The readings of a group taken in columns (``rows`` is then empty)."""
     dead: list[DeadLetter]
     events: list[EventRow]
     bus_events: list[BusEvent]
@@ -1071,6 +1083,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.rows = []
+        self.columns = None
         self.dead = []
         self.events = []
         self.bus_events = []

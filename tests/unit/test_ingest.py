@@ -341,7 +341,8 @@ def test_integer_ts_and_grams_are_numbers(h: Harness) -> None:
     )
     assert h.ingest.readings == 1
     assert not h.ingest.rejected
-    row = h.journal.db.execute("SELECT ts, weight_g FROM readings").fetchone()
+    (journaled,) = h.journal.read_readings(0, 10)
+    row = (journaled.ts_s, journaled.weight_g)
     assert row == (1_764_067_200.0, 1500.0)
     assert all(type(v) is float for v in row)
 
@@ -620,15 +621,13 @@ def test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading(
                 d: (i.last_seen_s, i.gaps, i.missing_readings)
                 for d, i in ref.ingest.devices.items()
             }
-            for query in (
-                "SELECT device, channel, epoch, seq, ts, weight_g, shelf FROM readings ORDER BY id",
-                "SELECT ts, kind, body FROM events ORDER BY id",
-            ):
+            for query in ("SELECT ts, kind, body FROM events ORDER BY id",):
                 assert (
                     ours.journal.db.execute(query).fetchall()
                     == ref.journal.db.execute(query).fetchall()
                 ), query
             assert saved_state(ours.journal.db) == saved_state(ref.journal.db)
+            assert ours.journal.read_readings(0, 1 << 30) == ref.journal.read_readings(0, 1 << 30)
     finally:
         ours.journal.close()
         ref.journal.close()

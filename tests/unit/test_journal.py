@@ -100,12 +100,100 @@ def test_state_rows_are_overwritten_with_the_same_columns(tmp_path: Path) -> Non
     assert restored.shelf_states == {"s": {"u": 2}}
 
 
-def test_reinserted_identity_is_ignored(tmp_path: Path) -> None:
+def _group(n: int, start: int = 0, device: str = "d1") -> list[ReadingRow]:
+    return [
+        ReadingRow(
+            device, i % 2, 3, start + i, 1_800_000_000.0 + (start + i) / 7, 0.1 * i, f"S{i % 3}"
+        )
+        for i in range(n)
+    ]
+
+
+def test_readings_are_written_in_blocks_and_read_back_exactly(tmp_path: Path) -> None:
+    """A commit's readings are one ``reading_blocks`` row; they read back with the same values
+    (numbers as bits: 0.1 * i, 2**62, 1e-300) and ids that go on from the older layouts'
+    ``readings`` rows, one sequence."""
     j = Journal(tmp_path / "j.sqlite")
     j.open()
-    j.commit([row(1)])
-    j.commit([row(1)])
-    assert j.count("readings") == 1
+    j.db.execute(
+        "INSERT INTO readings(id, device, channel, epoch, seq, ts, weight_g, shelf) "
+        "VALUES (41, 'old', 0, 0, 1, 1.5, 2.5, 'S0')"
+    )
+    j.close()
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    first = _group(5)
+    odd = [ReadingRow("d2", 7, 2**62, 2**62 + 1, 1e-300, 1e-300, 'shelf ü "q"')]
+    j.commit(first)
+    j.commit(odd)
+    assert j.db.execute("SELECT id, n FROM reading_blocks ORDER BY id").fetchall() == [
+        (42, 5),
+        (47, 1),
+    ]
+    got = j.read_readings(0, 100)
+    assert [r.id for r in got] == [41, 42, 43, 44, 45, 46, 47]
+    assert [tuple(r[1:]) for r in got[1:]] == [tuple(r) for r in first + odd]
+    assert [type(v) for v in got[-1]] == [int, str, int, int, int, float, float, str]
+    assert j.read_readings(43, 2) == got[3:5]  # from the middle of a block
+    assert j.count("readings") == 7
+    assert j.newest_ids()[0] == 47
+    j.close()
+
+
+def test_a_confirmed_part_of_a_block_is_deleted_and_the_rest_kept(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit(_group(10))
+    j.commit(_group(10, start=10))
+    before = j.read_readings(0, 100)
+    assert j.outbox_rows == 20
+    assert j.delete_confirmed(13, None) == 13  # one block whole, 3 of the next
+    assert j.read_readings(0, 100) == before[13:]
+    assert j.count("readings") == 7
+    assert j.outbox_rows == 7
+    assert j.trim_outbox(keep_readings=4, keep_events=0) == 3
+    assert j.read_readings(0, 100) == before[16:]
+    assert j.newest_ids()[0] == 20
+    j.close()
+
+
+def test_reading_ids_go_on_from_the_newest_after_a_restart(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit(_group(3))
+    j.close()
+    j = Journal(tmp_path / "j.sqlite")
+    assert j.open().outbox_rows == 3
+    j.commit(_group(2, start=3))
+    assert [r.id for r in j.read_readings(0, 10)] == [1, 2, 3, 4, 5]
+    j.delete_confirmed(5, None)
+    j.close()
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit(_group(1, start=5))  # an empty outbox at start: numbering starts again
+    assert [r.id for r in j.read_readings(0, 10)] == [1]
+    j.close()
+
+
+def test_a_reading_in_a_block_is_found_by_its_identity(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    group = _group(6)
+    j.commit(group)
+    r = group[4]
+    assert j.has_reading(r.device, r.epoch, r.seq, r.ts_s)
+    assert not j.has_reading(r.device, r.epoch, r.seq, r.ts_s + 0.001)  # another reading
+    assert not j.has_reading("d9", r.epoch, r.seq, r.ts_s)
+    j.close()
+
+
+def test_an_unreadable_block_is_a_journal_error(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    j.commit(_group(3))
+    j.db.execute("UPDATE reading_blocks SET body = substr(body, 1, length(body) - 1)")
+    with pytest.raises(JournalError, match="unreadable reading block 1"):
+        j.read_readings(0, 10)
     j.close()
 
 
@@ -427,3 +515,34 @@ def test_multi_row_statements_write_what_executemany_writes(n: int) -> None:
     for table in ("t", "u"):
         query = f"SELECT rowid, k, v, x FROM {table} ORDER BY rowid"
         assert got.execute(query).fetchall() == want.execute(query).fetchall()
+
+
+def _columns(n: int, *, seq_type: str = "q") -> ports.ReadingColumns:
+    from array import array
+
+    return ports.ReadingColumns(
+        ["d1", "d2"],
+        ["S0", "S1", "S2"],
+        array("i", [i % 2 for i in range(n)]),
+        array("i", [i % 3 for i in range(n)]),
+        array("q", [0] * n),
+        array("q", [1] * n),
+        array(seq_type, range(n)),
+        array("d", [1_800_000_000.0 + i / 3 for i in range(n)]),
+        array("d", [0.1 * i for i in range(n)]),
+        1_800_000_000.0,
+        1_800_000_000.0 + (n - 1) / 3,
+    )
+
+
+def test_a_group_in_columns_is_a_block_of_the_same_readings(tmp_path: Path) -> None:
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    cols = _columns(7)
+    j.commit(cols)
+    assert [tuple(r[1:]) for r in j.read_readings(0, 100)] == cols.rows()
+    assert j.has_reading("d2", 1, 5, 1_800_000_000.0 + 5 / 3)
+    with pytest.raises(JournalError, match="reading column of type 'i'"):
+        j.commit(_columns(3, seq_type="i"))  # a 32-bit seq column is refused, not misread
+    assert j.count("readings") == 7
+    j.close()
