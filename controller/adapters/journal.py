@@ -599,6 +599,24 @@ def saved_state(
     return cursors, states
 
 
+def saved_readings(db: sqlite3.Connection) -> list[OutboxReading]:
+    """Every reading in a journal file's outbox, in id order: the ``readings`` table's rows
+    (older layouts'), then the blocks' (for tools and tests that read a journal file;
+    `Journal.read_readings` reads the same)."""
+    out = list(
+        map(
+            _as_reading,
+            db.execute(
+                "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
+                "ORDER BY id"
+            ),
+        )
+    )
+    for first, body in db.execute("SELECT id, body FROM reading_blocks ORDER BY id"):
+        out.extend(_decode_block(first, body))
+    return out
+
+
 def _read_head(path: Path, n: int) -> bytes:
     try:
         with path.open("rb") as f:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.adapters.journal import saved_state
+from controller.adapters.journal import saved_readings, saved_state
 from tests.controller_proc import ControllerProcess
 from tests.fork_server import ForkedController, ForkServer
 from tests.loadgen import AckedPublisher
@@ -31,7 +31,7 @@ def journal_accounting(path: Path) -> tuple[set[tuple[str, int]], int, dict[str,
     """(distinct (device, seq) in the outbox, row count, applied counter per device)."""
     db = sqlite3.connect(path)
     try:
-        rows = db.execute("SELECT device, seq FROM readings").fetchall()
+        rows = [(r.device, r.seq) for r in saved_readings(db)]
         cursors, _states = saved_state(db)  # the tables with the state log on top
         applied = {device: row[5] for device, row in cursors.items()}
     finally:

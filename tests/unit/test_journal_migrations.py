@@ -77,6 +77,11 @@ def test_a_journal_written_before_versioning_is_migrated_with_its_data(tmp_path:
         assert j.counters() == {"sorter_cmd_id": 7}
         assert j.shelf_calibrations()["A-01"]["tare_g"] == 10.0
         j.commit([ReadingRow("scale-a1", 0, 3, 5, 1_800_000_005.0, 1200.0, "A-01")])
+        # The older rows are read first, the new block's reading after them, one id sequence.
+        outbox = j.read_readings(0, 10)
+        assert [(r.id, r.seq) for r in outbox] == [(1, 1), (2, 2), (3, 4), (4, 5)]
+        assert j.delete_confirmed(3, None) == 3
+        assert [r.id for r in j.read_readings(0, 10)] == [4]
     finally:
         j.close()
     assert _user_version(path) == SCHEMA_VERSION
