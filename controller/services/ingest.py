@@ -33,7 +33,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from itertools import compress
 from typing import Any, Final
 
 import numpy as np
@@ -100,10 +99,6 @@ _payload = operator.attrgetter("payload")
 _retain = operator.attrgetter("retain")
 _kind = operator.attrgetter("kind")
 _scale = operator.attrgetter("scale")
-_scale_id = operator.attrgetter("id")
-_channels = operator.attrgetter("channels")
-_max_weight = operator.attrgetter("max_weight_g")
-_shelf_id = operator.attrgetter("shelf_id")
 _device_field = operator.itemgetter("device")
 _seq_field = operator.itemgetter("seq")
 _ts_field = operator.itemgetter("ts")
@@ -361,25 +356,26 @@ class IngestService:
             docs = list(map(orjson.loads, payloads))
         except orjson.JSONDecodeError:
             return False
-        scales: list[ScaleConfig] = list(map(_scale, routes))
+        scales: list[ScaleConfig] = list(map(_scale, routes))  # per message
+        counts: list[int] | None = None  # readings per message (None: one each)
         kinds = set(map(type, docs))
         if kinds != {dict}:
             if kinds - {dict, list}:
                 return False
             items: list[Any] = []
-            each: list[ScaleConfig] = []
-            for doc, scale in zip(docs, scales, strict=True):
+            counts = []
+            for doc in docs:
                 if type(doc) is dict:
                     items.append(doc)
-                    each.append(scale)
+                    counts.append(1)
                 elif 0 < len(doc) <= MAX_BATCH:
                     items.extend(doc)
-                    each.extend([scale] * len(doc))
+                    counts.append(len(doc))
                 else:
                     return False
             if set(map(type, items)) != {dict}:
                 return False
-            docs, scales = items, each
+            docs = items
         try:
             devices = list(map(_device_field, docs))
             seqs = list(map(_seq_field, docs))
@@ -387,16 +383,19 @@ class IngestService:
             grams_field = list(map(_grams_field, docs))
         except KeyError:
             return False
-        channels = [d.get("ch", 0) for d in docs]
-        epochs = [d.get("epoch", 0) for d in docs]
+        if set(map(len, docs)) == {4}:  # the four fields only: no "ch", no "epoch"
+            channels: list[Any] = [0] * len(docs)
+            epochs: list[Any] = channels
+        else:
+            channels = [d.get("ch", 0) for d in docs]
+            epochs = [d.get("epoch", 0) for d in docs]
         if (
-            devices != list(map(_scale_id, scales))
+            set(map(type, devices)) != {str}
             or set(map(type, seqs)) != {int}
             or not set(map(type, channels)) <= {int}
             or not set(map(type, epochs)) <= {int}
             or not set(map(type, ts_field)) <= {float, int}
             or not set(map(type, grams_field)) <= {float, int}
-            or max(map(len, devices)) > 64
         ):
             return False
         try:
@@ -407,6 +406,20 @@ class IngestService:
             grams_a = np.array(grams_field, dtype=np.float64)
         except OverflowError:
             return False
+        # Devices by code (their order of first appearance); each reading's device must be
+        # the scale of its message's topic, so the scale's limits are the device's.
+        names = list(dict.fromkeys(devices))
+        code = dict(zip(names, range(len(names)), strict=True))
+        codes = np.array(list(map(code.__getitem__, devices)), dtype=np.intp)
+        topic_code = np.array([code.get(sc.id, -1) for sc in scales], dtype=np.intp)
+        if counts is not None:
+            topic_code = np.repeat(topic_code, counts)
+        if (codes != topic_code).any():
+            return False
+        scale_of = {sc.id: sc for sc in scales}
+        device_scales = [scale_of[name] for name in names]
+        if max(map(len, names)) > 64:  # (a device name the payload rules refuse)
+            return False
         if not (
             np.isfinite(ts_a).all()
             and np.isfinite(grams_a).all()
@@ -416,18 +429,15 @@ class IngestService:
             and ts_a.min() > 0
             and ts_a.max() <= now + self._max_skew_s
             and grams_a.min() >= 0
-            and (channel_a < np.array(list(map(_channels, scales)))).all()
-            and (grams_a <= np.array(list(map(_max_weight, scales)))).all()
+            and (channel_a < np.array([sc.channels for sc in device_scales])[codes]).all()
+            and (grams_a <= np.array([sc.max_weight_g for sc in device_scales])[codes]).all()
         ):
             return False
         # Every device's readings next in its sequence, in its current epoch.
         cursors = self.cursors
-        names = list(dict.fromkeys(devices))
         olds = list(map(cursors.get, names))
         if None in olds:
             return False
-        code = dict(zip(names, range(len(names)), strict=True))
-        codes = np.array(list(map(code.__getitem__, devices)), dtype=np.intp)
         order = np.argsort(codes, kind="stable")
         seq_s, epoch_s = seq_a[order], epoch_a[order]
         n = len(order)
@@ -458,29 +468,36 @@ class IngestService:
                 (c_epoch, seq, ts_s, applied + seq - c_seq, floor, holes, gaps, missing)
             )
             seen[device] = now
-        keys = list(zip(devices, channels, strict=True))
-        specs = list(map(self._by_channel.get, keys))
-        if self._gains:
-            grams_a = grams_a * np.array([self._gains.get(k, 1.0) for k in keys])
-        if type(None) in set(map(type, specs)):  # unused channels: valid, they feed no shelf
-            used = [spec is not None for spec in specs]
-            specs = list(compress(specs, used))
-            keep = np.array(used, dtype=np.bool_)
-            codes, channel_a, epoch_a, seq_a = (
-                codes[keep],
-                channel_a[keep],
-                epoch_a[keep],
-                seq_a[keep],
+        # Each (device, channel)'s shelf row (-1: an unused channel), looked up per device.
+        width = int(channel_a.max()) + 1
+        lut = np.full((len(names), width), -1, dtype=np.intp)
+        gain_lut = np.ones((len(names), width)) if self._gains else None
+        specs: dict[int, ShelfSpec] = {}
+        by_channel, table_rows = self._by_channel, self._table.rows
+        for i, name in enumerate(names):
+            for ch in range(width):
+                spec = by_channel.get((name, ch))
+                if spec is not None:
+                    row = table_rows[spec.shelf_id]
+                    lut[i, ch] = row
+                    specs[row] = spec
+                if gain_lut is not None:
+                    gain_lut[i, ch] = self._gains.get((name, ch), 1.0)
+        rows = lut[codes, channel_a]
+        if gain_lut is not None:
+            grams_a = grams_a * gain_lut[codes, channel_a]
+        used = rows >= 0
+        if not used.all():  # unused channels: valid, they feed no shelf
+            rows, codes, channel_a, epoch_a = (
+                rows[used],
+                codes[used],
+                channel_a[used],
+                epoch_a[used],
             )
-            ts_a, grams_a = ts_a[keep], grams_a[keep]
-        if not specs:
+            seq_a, ts_a, grams_a = seq_a[used], ts_a[used], grams_a[used]
+        if not len(rows):
             return True
-        used_specs: list[ShelfSpec] = specs  # type: ignore[assignment]
-        sids = list(map(_shelf_id, used_specs))
-        rows = np.array(list(map(self._table.rows.__getitem__, sids)), dtype=np.intp)
-        events, saved = self._table.apply_group(
-            rows, ts_a, grams_a, dict(zip(rows.tolist(), used_specs, strict=True)), now
-        )
+        events, saved = self._table.apply_group(rows, ts_a, grams_a, specs, now)
         batch.saved_rows.append(saved)
         shelf_rows, shelf = np.unique(rows, return_inverse=True)
         ids = self._table.ids

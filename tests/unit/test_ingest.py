@@ -577,6 +577,11 @@ def test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading(
     ours, ref = Harness(base / "ours", site), Harness(base / "ref", site)
     ref.ingest._in_columns = lambda *args: False  # type: ignore[method-assign]
     ours.ingest.columns_min_bytes = 0  # small groups in columns too
+    for h in (ours, ref):
+        # A scale factor on one channel (its grams are multiplied) and an unused channel
+        # (valid readings that feed no shelf: the cursor moves, nothing is journaled).
+        h.ingest.calibrate("A-02-1", scale_factor=1.05, by="test", now_s=NOW)
+        del h.ingest._by_channel[("scale-a03", 1)]
     seqs = dict.fromkeys(_DEVICES, 0)
     ts = NOW
     for device in _DEVICES:  # every device has a cursor: the column path can be taken
