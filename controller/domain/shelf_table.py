@@ -99,6 +99,10 @@ _ROW_COLUMNS: Final = (
 """The columns a row's state is (``stale_after_s`` follows the spec, not the readings)."""
 
 
+GROUP_COLUMNS_FROM: Final = 32
+"""Readings from which `ShelfTable.apply_group` computes in columns (some 100 array
+operations of fixed cost); a smaller group goes through `ShelfTable.apply` one by one."""
+
 SPEC_PARAMS: Final = (
     "settle_window", "max_weight_g", "spike_g", "settle_band_g", "tare_g", "unit_weight_g",
     "tolerance_frac", "capacity_units",
@@ -690,8 +694,13 @@ class ShelfTable:
         readings only: shelves are independent). Returns the events and the rows as they were
         before (`restore_rows` undoes the group)."""
         n = len(rows)
-        if not n:
-            return [], self.save_rows(rows)
+        if not n or n < GROUP_COLUMNS_FROM:  # one by one: cheaper than the arrays' fixed cost
+            saved = self.save_rows(np.unique(rows))
+            t_list, w_list = ts_s.tolist(), weights_g.tolist()
+            events: list[ShelfEvent] = []
+            for row, t, w in zip(rows.tolist(), t_list, w_list, strict=True):
+                events.extend(self.apply(row, specs[row], t, w, now_s, max_future_s))
+            return events, saved
         order = np.argsort(rows, kind="stable")
         r = rows[order]
         t = ts_s[order]

@@ -51,6 +51,10 @@ _STALE: Final = ShelfStatus.STALE
 _STATE_VERSION: Final = 1
 
 ShelfSnapshot = RowSnapshot
+
+_COLUMNS_FROM: Final = 12
+"""Shelves from which `ShelfStates.to_dicts` reads the table's columns at once (measured: 16
+shelves 48 against 54 µs one by one; 4 shelves 24 against 14 µs)."""
 """``ShelfState.snapshot()``: the row's cells (controller/domain/shelf_table.py)."""
 
 
@@ -314,8 +318,8 @@ class ShelfStates(dict[str, ShelfState]):
         """``{shelf id: states[shelf id].to_dict()}`` for many shelves at once: each column is
         read for all of them in one numpy operation (a group commit's shelf states)."""
         ids = list(shelf_ids)
-        if not ids:
-            return {}
+        if len(ids) < _COLUMNS_FROM:  # (numpy's fixed cost per column read is more)
+            return {sid: self[sid].to_dict() for sid in ids}
         table = self.table
         rows = [table.rows[sid] for sid in ids]
         status, reason, units, weight, last, wlen, wpos, window, plen, pending = table.columns(rows)

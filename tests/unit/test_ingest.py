@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import orjson
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from controller.adapters.journal import Journal, saved_state
 from controller.config import SiteConfig, load_site
+from controller.domain import shelf_table
 from controller.domain.events import BusEvent, SeqGap, SeqGapFilled, StockChanged
 from controller.ports import JournalUnavailable, ReadingRow
 from controller.services.history import HistoryService, Topology
@@ -577,6 +579,15 @@ def test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading(
     ours, ref = Harness(base / "ours", site), Harness(base / "ref", site)
     ref.ingest._in_columns = lambda *args: False  # type: ignore[method-assign]
     ours.ingest.columns_min_bytes = 0  # small groups in columns too
+    with mock.patch.object(shelf_table, "GROUP_COLUMNS_FROM", 0):
+        _columns_against_one_by_one(ours, ref, groups)
+
+
+def _columns_against_one_by_one(
+    ours: Harness,
+    ref: Harness,
+    groups: list[tuple[list[list[tuple[int, int, int, int, float, float]]], float]],
+) -> None:
     for h in (ours, ref):
         # A scale factor on one channel (its grams are multiplied) and an unused channel
         # (valid readings that feed no shelf: the cursor moves, nothing is journaled).

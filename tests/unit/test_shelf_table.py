@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from controller.domain import shelf_table
 from controller.domain.model import ShelfSpec, ShelfStatus
 from controller.domain.shelf_table import ShelfTable
 from controller.domain.stock import ShelfState, ShelfStates, apply_weight, check_stale
@@ -269,6 +271,17 @@ def test_a_group_applied_at_once_is_the_same_as_one_by_one(
     ]
     by_id = {s.shelf_id: s for s in specs}
     ours, ref = ShelfStates(dict(by_id)), ShelfStates(dict(by_id))
+    with mock.patch.object(shelf_table, "GROUP_COLUMNS_FROM", 0):  # small groups in columns too
+        _groups_at_once_and_one_by_one(groups, specs, by_id, ours, ref)
+
+
+def _groups_at_once_and_one_by_one(
+    groups: list[tuple[list[tuple[int, float, float]], float]],
+    specs: list[ShelfSpec],
+    by_id: dict[str, ShelfSpec],
+    ours: ShelfStates,
+    ref: ShelfStates,
+) -> None:
     table, ref_table = ours.table, ref.table
     rows = [table.rows[s.shelf_id] for s in specs]
     ts = 1_000.0
@@ -313,6 +326,7 @@ def test_a_group_applied_at_once_is_the_same_as_one_by_one(
 def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     """A shelf with a full window and readings in order goes through no `apply` call (the
     common case is the column path), and gives the state and events `apply` gives."""
+    monkeypatch.setattr(shelf_table, "GROUP_COLUMNS_FROM", 0)
     spec = spec_of("S", settle_window=5)
     ours, ref = ShelfStates({"S": spec}), ShelfStates({"S": spec})
     row = ours.table.rows["S"]
@@ -348,10 +362,38 @@ def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) 
     assert ours["S"].units == 11
 
 
-def test_a_group_counts_with_the_spec_set_last() -> None:
+def test_a_small_group_goes_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below GROUP_COLUMNS_FROM readings `apply_group` is `apply` reading by reading."""
+    spec = spec_of("S", settle_window=3)
+    states = ShelfStates({"S": spec})
+    row = states.table.rows["S"]
+    calls: list[int] = []
+    apply = ShelfTable.apply
+
+    def counting(self: ShelfTable, *args: Any, **kw: Any) -> Any:
+        calls.append(1)
+        return apply(self, *args, **kw)
+
+    monkeypatch.setattr(ShelfTable, "apply", counting)
+    n = shelf_table.GROUP_COLUMNS_FROM - 1
+    _events, saved = states.table.apply_group(
+        np.full(n, row, dtype=np.intp),
+        1_000.0 + np.arange(n, dtype=np.float64),
+        np.full(n, 1_500.0),
+        {row: spec},
+        1_000.0 + n,
+    )
+    assert len(calls) == n
+    assert states["S"].units == 10
+    states.table.restore_rows(saved)
+    assert states["S"].units is None
+
+
+def test_a_group_counts_with_the_spec_set_last(monkeypatch: pytest.MonkeyPatch) -> None:
     """`apply_group` computes with the spec values kept per row (`spec_params`): a spec set
     with `set_spec` (a calibration, a catalogue change) applies to the next group, as it does
     to `apply`."""
+    monkeypatch.setattr(shelf_table, "GROUP_COLUMNS_FROM", 0)
     spec = spec_of("S", settle_window=3)
     ours, ref = ShelfStates({"S": spec}), ShelfStates({"S": spec})
     row = ours.table.rows["S"]
