@@ -543,39 +543,34 @@ def _decode_block(first_id: int, body: bytes) -> list[OutboxReading]:
     )  # fmt: skip
 
 
-_StateWrite = tuple[bool, dict[str, tuple[Any, ...]], dict[str, dict[str, Any]]]
-"""`Journal._write_states`: folded (or a log row), the cursor rows and the shelf states."""
+_StateWrite = tuple[bool, dict[str, Cursor], dict[str, dict[str, Any]]]
+"""`Journal._write_states`: folded (or a log row), the cursors and the shelf states."""
 
 
-def _cursor_of_row(row: tuple[Any, ...]) -> Cursor:
-    """A ``device_cursors`` row (as `Journal._write_states` keeps them) → its cursor."""
-    _device, epoch, seq, _window, ts, applied, floor, holes, gaps, missing = row
-    return Cursor(
-        epoch,
-        seq,
-        ts,
-        applied,
-        floor,
-        tuple((int(a), int(b)) for a, b in orjson.loads(holes)),
-        gaps,
-        missing,
-    )
+def _cursor_row(device: str, cursor: Cursor) -> tuple[Any, ...]:
+    """A cursor as its ``device_cursors`` row (the columns earlier versions wrote: an empty
+    window, holes as JSON, ``[]`` for none)."""
+    epoch, seq, ts_s, applied, floor, holes, gaps, missing = cursor
+    return (
+        device, epoch, seq, b"", ts_s, applied, floor,
+        orjson.dumps(holes) if holes else b"[]", gaps, missing,
+    )  # fmt: skip
 
 
 def _read_state_log(
     db: sqlite3.Connection,
-) -> tuple[dict[str, tuple[Any, ...]], dict[str, dict[str, Any]], int]:
-    """The state log merged in commit order: each device's newest cursor row, each shelf's
+) -> tuple[dict[str, Cursor], dict[str, dict[str, Any]], int]:
+    """The state log merged in commit order: each device's newest cursor, each shelf's
     newest state, and the log's row count."""
-    cursors: dict[str, tuple[Any, ...]] = {}
+    cursors: dict[str, Cursor] = {}
     states: dict[str, dict[str, Any]] = {}
     n = 0
     for (body,) in db.execute("SELECT body FROM state_log ORDER BY id"):
         group = orjson.loads(body)
         for device, epoch, seq, ts, applied, floor, holes, gaps, missing in group["c"]:
-            cursors[device] = (
-                device, epoch, seq, b"", ts, applied, floor,
-                orjson.dumps(holes) if holes else b"[]", gaps, missing,
+            cursors[device] = Cursor(
+                epoch, seq, ts, applied, floor,
+                tuple((int(a), int(b)) for a, b in holes), gaps, missing,
             )  # fmt: skip
         states.update(group["s"])
         n += 1
@@ -594,7 +589,7 @@ def saved_state(
         for shelf, body in db.execute("SELECT shelf, body FROM shelf_states")
     }
     log_cursors, log_states, _ = _read_state_log(db)
-    cursors.update(log_cursors)
+    cursors.update((device, _cursor_row(device, c)) for device, c in log_cursors.items())
     states.update(log_states)
     return cursors, states
 
@@ -708,8 +703,8 @@ class Journal:
         self.checkpoint_error: str | None = None
         self.migrated: tuple[int, ...] = ()
         """Layouts the last `open` migrated the file to (``()``: it was current)."""
-        self._unfolded_cursors: dict[str, tuple[Any, ...]] = {}
-        """Cursor rows (``device_cursors`` columns) in the state log, not yet in the table."""
+        self._unfolded_cursors: dict[str, Cursor] = {}
+        """Cursors in the state log, not yet in ``device_cursors``."""
         self._unfolded_states: dict[str, dict[str, Any]] = {}
         """Shelf states in the state log, not yet in ``shelf_states``."""
         self._log_rows = 0
@@ -996,8 +991,7 @@ class Journal:
         }
         # The state log on top: every row is a group's changes, in commit order.
         unfolded_cursors, unfolded_states, self._log_rows = _read_state_log(db)
-        for device, row in unfolded_cursors.items():
-            cursors[device] = _cursor_of_row(row)
+        cursors.update(unfolded_cursors)
         shelves.update(unfolded_states)
         self._unfolded_cursors, self._unfolded_states = unfolded_cursors, unfolded_states
         alerts = {
@@ -1144,11 +1138,6 @@ class Journal:
         before: a rolled-back write must leave the journal's picture of its log as it was)."""
         if self._primary is not None:
             raise JournalError("cursors and shelf states are written by the primary connection")
-        rows = {
-            k: (k, epoch, seq, b"", ts_s, applied, floor,
-                orjson.dumps(holes) if holes else b"[]", gaps, missing)
-            for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing) in cursors.items()
-        }  # fmt: skip
         if (
             not fold
             and self._log_rows + 1 < STATE_LOG_FOLD
@@ -1159,42 +1148,38 @@ class Journal:
                 (
                     orjson.dumps(
                         {
-                            "c": [
-                                [k, epoch, seq, ts_s, applied, floor, holes, gaps, missing]
-                                for k, (epoch, seq, ts_s, applied, floor, holes, gaps, missing)
-                                in cursors.items()
-                            ],
+                            "c": [[k, *c] for k, c in cursors.items()],
                             "s": shelf_states,
                         }
                     ),
                 ),
             )  # fmt: skip
-            return False, rows, shelf_states
-        all_cursors = {**self._unfolded_cursors, **rows}
+            return False, cursors, shelf_states
+        all_cursors = {**self._unfolded_cursors, **cursors}
         all_states = {**self._unfolded_states, **shelf_states}
         if all_cursors:
             head, width, tail = _UPSERT_CURSOR
-            execute_rows(db, head, width, list(all_cursors.values()), tail)
+            execute_rows(db, head, width, [_cursor_row(k, c) for k, c in all_cursors.items()], tail)
         if all_states:
             head, width, tail = _UPSERT_SHELF_STATE
             execute_rows(
                 db, head, width, [(k, orjson.dumps(v)) for k, v in all_states.items()], tail
             )
         db.execute("DELETE FROM state_log")
-        return True, rows, shelf_states
+        return True, cursors, shelf_states
 
     def _states_written(self, write: _StateWrite | None) -> None:
         """The transaction of `_write_states` committed: note its log row, or the fold."""
         if write is None:
             return
-        folded, rows, states = write
+        folded, cursors, states = write
         if folded:
             self._unfolded_cursors = {}
             self._unfolded_states = {}
             self._log_rows = 0
             self.state_folds += 1
         else:
-            self._unfolded_cursors.update(rows)
+            self._unfolded_cursors.update(cursors)
             self._unfolded_states.update(states)
             self._log_rows += 1
 
