@@ -471,8 +471,10 @@ class IngestService:
         # Each (device, channel)'s shelf row (-1: an unused channel), looked up per device.
         width = int(channel_a.max()) + 1
         lut = np.full((len(names), width), -1, dtype=np.intp)
+        shelf_lut = np.zeros((len(names), width), dtype=np.int32)  # index into shelf_names
         gain_lut = np.ones((len(names), width)) if self._gains else None
         specs: dict[int, ShelfSpec] = {}
+        shelf_names: list[str] = []
         by_channel, table_rows = self._by_channel, self._table.rows
         for i, name in enumerate(names):
             for ch in range(width):
@@ -480,16 +482,20 @@ class IngestService:
                 if spec is not None:
                     row = table_rows[spec.shelf_id]
                     lut[i, ch] = row
+                    shelf_lut[i, ch] = len(shelf_names)
+                    shelf_names.append(spec.shelf_id)
                     specs[row] = spec
                 if gain_lut is not None:
                     gain_lut[i, ch] = self._gains.get((name, ch), 1.0)
         rows = lut[codes, channel_a]
+        shelf = shelf_lut[codes, channel_a]
         if gain_lut is not None:
             grams_a = grams_a * gain_lut[codes, channel_a]
         used = rows >= 0
         if not used.all():  # unused channels: valid, they feed no shelf
-            rows, codes, channel_a, epoch_a = (
+            rows, shelf, codes, channel_a, epoch_a = (
                 rows[used],
+                shelf[used],
                 codes[used],
                 channel_a[used],
                 epoch_a[used],
@@ -499,10 +505,9 @@ class IngestService:
             return True
         events, saved = self._table.apply_group(rows, ts_a, grams_a, specs, now)
         batch.saved_rows.append(saved)
-        shelf_rows, shelf = np.unique(rows, return_inverse=True)
-        ids = self._table.ids
-        shelf_names: list[str] = [ids[row] for row in shelf_rows.tolist()]
-        batch.shelves.extend(shelf_names)
+        touched = np.zeros(len(shelf_names), dtype=np.bool_)
+        touched[shelf] = True
+        batch.shelves.extend(map(shelf_names.__getitem__, np.flatnonzero(touched).tolist()))
         if events:
             batch.bus_events.extend(events)
             batch.events.extend(EventRow(ev.ts_s, ev.kind, ev.as_dict()) for ev in events)
@@ -510,7 +515,7 @@ class IngestService:
             names,
             shelf_names,
             codes.astype(np.int32),
-            shelf.astype(np.int32),
+            shelf,
             channel_a,
             epoch_a,
             seq_a,
