@@ -323,16 +323,21 @@ def _groups_at_once_and_one_by_one(
         assert {sid: ours[sid].to_dict() for sid in by_id} == after
 
 
-def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A shelf with a full window and readings in order goes through no `apply` call (the
-    common case is the column path), and gives the state and events `apply` gives."""
-    monkeypatch.setattr(shelf_table, "GROUP_COLUMNS_FROM", 0)
-    spec = spec_of("S", settle_window=5)
+def _twins(
+    spec: ShelfSpec, readings: int, grams: float = 1_500.0
+) -> tuple[ShelfStates, ShelfStates, int]:
+    """Two tables with the same shelf, fed the same readings one by one (one reading a second
+    from t = 1,000 s; ``grams``, + 1 g every other reading): ours, the reference, the row."""
     ours, ref = ShelfStates({"S": spec}), ShelfStates({"S": spec})
     row = ours.table.rows["S"]
-    for i in range(5):
+    for i in range(readings):
         for states in (ours, ref):
-            states.table.apply(row, spec, 1_000.0 + i, 1_500.0 + i % 2, 1_000.0 + i)
+            states.table.apply(row, spec, 1_000.0 + i, grams + i % 2, 1_000.0 + i)
+    return ours, ref, row
+
+
+def _count_applies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets an item per `ShelfTable.apply` call from now on."""
     calls: list[int] = []
     apply = ShelfTable.apply
 
@@ -340,6 +345,16 @@ def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) 
         calls.append(1)
         return apply(self, *args, **kw)
 
+    monkeypatch.setattr(ShelfTable, "apply", counting)
+    return calls
+
+
+def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shelf with a full window and readings in order goes through no `apply` call (the
+    common case is the column path), and gives the state and events `apply` gives."""
+    monkeypatch.setattr(shelf_table, "GROUP_COLUMNS_FROM", 0)
+    spec = spec_of("S", settle_window=5)
+    ours, ref, row = _twins(spec, 5)
     ts = [1_005.0 + i for i in range(8)]
     grams = [1_501.0, 1_600.0, 1_600.0, 1_600.0, 1_601.0, 1_600.0, 1_600.0, 1_600.0]
     want = [
@@ -347,7 +362,7 @@ def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) 
         for t, w in zip(ts, grams, strict=True)
         for ev in ref.table.apply(row, spec, t, w, ts[-1])
     ]
-    monkeypatch.setattr(ShelfTable, "apply", counting)
+    calls = _count_applies(monkeypatch)
     got, _ = ours.table.apply_group(
         np.array([row] * len(ts), dtype=np.intp), np.array(ts), np.array(grams), {row: spec}, ts[-1]
     )
@@ -367,14 +382,7 @@ def test_a_small_group_goes_one_by_one(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = spec_of("S", settle_window=3)
     states = ShelfStates({"S": spec})
     row = states.table.rows["S"]
-    calls: list[int] = []
-    apply = ShelfTable.apply
-
-    def counting(self: ShelfTable, *args: Any, **kw: Any) -> Any:
-        calls.append(1)
-        return apply(self, *args, **kw)
-
-    monkeypatch.setattr(ShelfTable, "apply", counting)
+    calls = _count_applies(monkeypatch)
     n = shelf_table.GROUP_COLUMNS_FROM - 1
     _events, saved = states.table.apply_group(
         np.full(n, row, dtype=np.intp),
@@ -395,11 +403,7 @@ def test_a_group_counts_with_the_spec_set_last(monkeypatch: pytest.MonkeyPatch) 
     to `apply`."""
     monkeypatch.setattr(shelf_table, "GROUP_COLUMNS_FROM", 0)
     spec = spec_of("S", settle_window=3)
-    ours, ref = ShelfStates({"S": spec}), ShelfStates({"S": spec})
-    row = ours.table.rows["S"]
-    for i in range(3):
-        for states in (ours, ref):
-            states.table.apply(row, spec, 1_000.0 + i, 1_500.0, 1_000.0 + i)
+    ours, ref, row = _twins(spec, 3, grams=1_499.5)  # 1,499.5 and 1,500.5 g
     assert ours["S"].units == 10
     recalibrated = spec_of("S", settle_window=3, tare_g=700.0, unit_weight_g=80.0)
     ours.table.set_spec(row, recalibrated)
