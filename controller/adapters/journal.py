@@ -464,37 +464,35 @@ _SAME_TYPE: Final = {"i": ("i",), "q": ("q", "l"), "d": ("d",)}
 """Buffer formats of the same size and kind as each type code (numpy's int64 is ``l``)."""
 
 
-def _encode_block(rows: Sequence[ReadingFields]) -> tuple[bytes, float, float]:
-    """A group's readings as one ``reading_blocks`` body, in columns: a JSON head (format,
-    count, device and shelf names) and a line break, then each column's values as a native
-    array (``array`` type codes `_BLOCK_COLUMNS`). Numbers go in as bits, so they come out
-    exactly as they went in. Also the smallest and the largest timestamp (for
-    `Journal.has_reading`). C-level passes only: ~0.2 µs a reading."""
+def _columns_of(rows: Sequence[ReadingFields]) -> ReadingColumns:
+    """Reading tuples (the reading-by-reading path, the rest of a split block) as columns:
+    C-level passes only (``zip``, ``array`` from iterators), ~0.2 µs a reading."""
     devices, channels, epochs, seqs, ts, grams, shelves = zip(*rows, strict=True)
     device_names = list(dict.fromkeys(devices))
     shelf_names = list(dict.fromkeys(shelves))
     device_code = dict(zip(device_names, range(len(device_names)), strict=True))
     shelf_code = dict(zip(shelf_names, range(len(shelf_names)), strict=True))
-    head = orjson.dumps([_BLOCK_FORMAT, len(rows), device_names, shelf_names])
-    body = b"".join(
-        [
-            head,
-            b"\n",
-            array("i", map(device_code.__getitem__, devices)).tobytes(),
-            array("i", map(shelf_code.__getitem__, shelves)).tobytes(),
-            array("q", channels).tobytes(),
-            array("q", epochs).tobytes(),
-            array("q", seqs).tobytes(),
-            array("d", ts).tobytes(),
-            array("d", grams).tobytes(),
-        ]
+    return ReadingColumns(
+        device_names,
+        shelf_names,
+        array("i", map(device_code.__getitem__, devices)),
+        array("i", map(shelf_code.__getitem__, shelves)),
+        array("q", channels),
+        array("q", epochs),
+        array("q", seqs),
+        array("d", ts),
+        array("d", grams),
+        float(min(ts)),
+        float(max(ts)),
     )
-    return body, float(min(ts)), float(max(ts))
 
 
 def _encode_columns(cols: ReadingColumns, start: int, stop: int) -> tuple[bytes, float, float]:
-    """`_encode_block` of ``cols[start:stop]``: the arrays' bytes as they are (their types are
-    checked, not converted; the time range is the whole group's)."""
+    """``cols[start:stop]`` as one ``reading_blocks`` body: a JSON head (format, count, device
+    and shelf names) and a line break, then each column's values as a native array (type
+    codes `_BLOCK_COLUMNS`; the arrays' bytes as they are, their types checked, not
+    converted). Numbers go in as bits, so they come out exactly as they went in. Also the
+    group's smallest and largest timestamp (for `Journal.has_reading`)."""
     arrays = (
         cols.device, cols.shelf, cols.channel, cols.epoch, cols.seq, cols.ts_s, cols.weight_g,
     )  # fmt: skip
@@ -594,22 +592,38 @@ def saved_state(
     return cursors, states
 
 
-def saved_readings(db: sqlite3.Connection) -> list[OutboxReading]:
-    """Every reading in a journal file's outbox, in id order: the ``readings`` table's rows
-    (older layouts'), then the blocks' (for tools and tests that read a journal file;
-    `Journal.read_readings` reads the same)."""
+def _read_readings(db: sqlite3.Connection, after_id: int, limit: int) -> list[OutboxReading]:
+    """Up to ``limit`` readings with an id above ``after_id``, oldest first: the ``readings``
+    table's (older layouts'), then the blocks'."""
     out = list(
         map(
             _as_reading,
             db.execute(
                 "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
-                "ORDER BY id"
-            ),
+                "WHERE id > ? ORDER BY id LIMIT ?",
+                (after_id, limit),
+            ).fetchall(),
         )
     )
-    for first, body in db.execute("SELECT id, body FROM reading_blocks ORDER BY id"):
-        out.extend(_decode_block(first, body))
+    if len(out) < limit:
+        blocks = db.execute(
+            "SELECT id, body FROM reading_blocks WHERE id > ? AND id + n > ? ORDER BY id",
+            (after_id + 1 - BLOCK_MAX_READINGS, after_id + 1),
+        )
+        for first, body in blocks:
+            readings = _decode_block(first, body)
+            if first <= after_id:
+                readings = readings[after_id + 1 - first :]
+            out.extend(readings[: limit - len(out)])
+            if len(out) >= limit:
+                break
     return out
+
+
+def saved_readings(db: sqlite3.Connection) -> list[OutboxReading]:
+    """Every reading in a journal file's outbox, in id order (for tools and tests that read a
+    journal file; `Journal.read_readings` reads the same)."""
+    return _read_readings(db, 0, 1 << 62)
 
 
 def _read_head(path: Path, n: int) -> bytes:
@@ -1108,11 +1122,9 @@ class Journal:
         numbered on from the newest id; the next free id. One INSERT of one body per group
         instead of a row and an index entry per reading (~2 µs a reading at 400 a group)."""
         first = self._next_reading_id
+        columns = readings if isinstance(readings, ReadingColumns) else _columns_of(readings)
         for at in range(0, len(readings), BLOCK_MAX_READINGS):
-            if isinstance(readings, ReadingColumns):
-                body, min_ts, max_ts = _encode_columns(readings, at, at + BLOCK_MAX_READINGS)
-            else:
-                body, min_ts, max_ts = _encode_block(readings[at : at + BLOCK_MAX_READINGS])
+            body, min_ts, max_ts = _encode_columns(columns, at, at + BLOCK_MAX_READINGS)
             n = min(len(readings) - at, BLOCK_MAX_READINGS)
             db.execute(
                 "INSERT INTO reading_blocks(id, n, min_ts, max_ts, body) VALUES (?,?,?,?,?)",
@@ -1218,29 +1230,7 @@ class Journal:
         """Up to ``limit`` readings with an id above ``after_id``, oldest first: the
         ``readings`` table's (older layouts'), then the blocks'."""
         with self._statement("outbox read") as db:
-            out = list(
-                map(
-                    _as_reading,
-                    db.execute(
-                        "SELECT id, device, channel, epoch, seq, ts, weight_g, shelf FROM readings "
-                        "WHERE id > ? ORDER BY id LIMIT ?",
-                        (after_id, limit),
-                    ).fetchall(),
-                )
-            )
-            if len(out) < limit:
-                blocks = db.execute(
-                    "SELECT id, body FROM reading_blocks WHERE id > ? AND id + n > ? ORDER BY id",
-                    (after_id + 1 - BLOCK_MAX_READINGS, after_id + 1),
-                )
-                for first, body in blocks:
-                    readings = _decode_block(first, body)
-                    if first <= after_id:
-                        readings = readings[after_id + 1 - first :]
-                    out.extend(readings[: limit - len(out)])
-                    if len(out) >= limit:
-                        break
-        return out
+            return _read_readings(db, after_id, limit)
 
     def read_events(self, after_id: int, limit: int) -> list[OutboxEvent]:
         """Up to ``limit`` events with an id above ``after_id``, oldest first."""
@@ -1286,7 +1276,7 @@ class Journal:
             readings = _decode_block(first, body)
             keep = [r[1:] for r in readings if r.id > through]
             db.execute("DELETE FROM reading_blocks WHERE id = ?", (first,))
-            rest, min_ts, max_ts = _encode_block(keep)
+            rest, min_ts, max_ts = _encode_columns(_columns_of(keep), 0, len(keep))
             db.execute(
                 "INSERT INTO reading_blocks(id, n, min_ts, max_ts, body) VALUES (?,?,?,?,?)",
                 (through + 1, len(keep), min_ts, max_ts, rest),
@@ -1362,7 +1352,7 @@ class Journal:
         return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     def reading_identities(self) -> Iterable[tuple[str, int, int]]:
-        return [(r.device, r.epoch, r.seq) for r in self.read_readings(0, 1 << 62)]
+        return [(r.device, r.epoch, r.seq) for r in saved_readings(self.db)]
 
     # -- orders and pick commands ---------------------------------------------------------------
     def commit_orders(
