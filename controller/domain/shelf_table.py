@@ -27,8 +27,9 @@ Single-threaded: one table belongs to one task (the ingest service's, on the mai
 
 from __future__ import annotations
 
+import operator
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from math import isfinite
 from typing import Any, Final
 
@@ -111,15 +112,12 @@ SPEC_PARAMS: Final = (
 (kept with the row's spec by `ShelfTable.add` and `ShelfTable.set_spec`)."""
 
 
-def _params(spec: ShelfSpec) -> tuple[float, ...]:
-    return (
-        spec.settle_window, spec.max_weight_g, spec.spike_g, spec.settle_band_g, spec.tare_g,
-        spec.unit_weight_g, spec.tolerance_frac, spec.capacity_units,
-    )  # fmt: skip
+_params: Callable[[ShelfSpec], tuple[float, ...]] = operator.attrgetter(*SPEC_PARAMS)
+"""A spec's `SPEC_PARAMS` values, in order (a row of ``spec_params``)."""
 
-
-def _tag_order(tagged: tuple[int, int, ShelfEvent]) -> tuple[int, int]:
-    return tagged[0], tagged[1]
+_tag_order = operator.itemgetter(0, 1)
+"""Sort key of `ShelfTable.apply_group`'s tagged events: the reading's place, then the
+event's place among that reading's."""
 
 
 def _cells(column: npt.NDArray[Any]) -> Any:
