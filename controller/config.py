@@ -114,6 +114,15 @@ class MqttConfig(_Frozen):
     acknowledges (each is acknowledged only once journaled)."""
     max_payload_bytes: Annotated[int, Field(ge=64, le=16_777_216)] = 262_144
     """Larger messages are rejected and counted (``rejected[\"oversize\"]``), never parsed."""
+    coalesce_ms: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] = 2.0
+    """Under load (readings arriving faster than ``coalesce_from_msg_s``), a small socket read
+    is held up to this long so that the next reads join it and are journaled in one group: a
+    group costs much less per reading when it is larger. It adds at most this much latency, and
+    only under load; 0 hands every read over at once."""
+    coalesce_bytes: Annotated[int, Field(ge=1, le=16_777_216)] = 16_384
+    """Held reads are handed over as soon as they reach this many bytes together."""
+    coalesce_from_msg_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 8_000.0
+    """The arrival rate (messages/s over the last ~0.1 s) from which small reads are held."""
     tls: TlsConfig = TlsConfig()
     """TLS settings (``[mqtt.tls]``)."""
 

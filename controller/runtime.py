@@ -310,6 +310,9 @@ class Runtime:
             receive_maximum=site.mqtt.receive_maximum,
             subscriptions=subscriptions(site),
             max_packet_bytes=site.mqtt.max_payload_bytes + 1024,
+            coalesce_s=site.mqtt.coalesce_ms / 1000,
+            coalesce_bytes=site.mqtt.coalesce_bytes,
+            coalesce_from_msg_s=site.mqtt.coalesce_from_msg_s,
         )
         self.link = MqttLink(
             self.owner.link_config(session),
@@ -329,6 +332,7 @@ class Runtime:
                 client_id=command_client_id(site),
                 subscriptions=((self._command_topic, 1),),
                 receive_maximum=min(site.mqtt.receive_maximum, COMMAND_RECEIVE_MAXIMUM),
+                coalesce_s=0.0,  # a command is answered at once
             ),
             self._on_command_messages,
             name="mqtt:picks",

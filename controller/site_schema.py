@@ -42,6 +42,8 @@ SUFFIX_UNITS: Final[tuple[tuple[str, str], ...]] = (
 
 UNITS: Final[dict[tuple[str, str], str]] = {
     ("MqttConfig", "receive_maximum"): "messages",
+    ("MqttConfig", "coalesce_ms"): "ms",
+    ("MqttConfig", "coalesce_from_msg_s"): "messages/s",
     ("JournalConfig", "max_outbox_rows"): "rows",
     ("JournalConfig", "dead_letter_keep"): "rows",
     ("ApiConfig", "rate_burst"): "requests",

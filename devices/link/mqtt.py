@@ -110,6 +110,9 @@ _MAX_FIXED_HEADER = 5
 # count first and stops; the other one keeps the session.
 _EVICTIONS_BEFORE_TAKEOVER = 3
 _EVICTION_WINDOW_S = 10.0
+# The arrival rate that `MqttLinkConfig.coalesce_from_msg_s` is compared with is measured over
+# windows of this length.
+_RATE_WINDOW_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,17 @@ class MqttLinkConfig:
     """Most messages handed to ``on_messages`` in one call. A socket read can hold thousands
     (a backlog after a reconnect); the rest is handed over in the next loop iterations, with
     reading paused meanwhile, so one read never holds the event loop for long."""
+    coalesce_s: float = 0.0
+    """Under load, the longest a small read is held so that later reads join it: one larger
+    call of ``on_messages`` costs the consumer less per message than several small ones (a
+    journal commit per call). A read is held only while messages arrive faster than
+    ``coalesce_from_msg_s`` and the held reads are smaller than ``coalesce_bytes``; 0 never
+    holds (every read is handed over at once)."""
+    coalesce_bytes: int = 16_384
+    """Held reads are handed over as soon as they reach this many bytes together."""
+    coalesce_from_msg_s: float = 8_000.0
+    """The arrival rate (messages/s, measured over the last ~0.1 s) from which reads are
+    held; below it every read is handed over at once."""
     will: tuple[str, bytes, int, bool] | None = None  # (topic, payload, qos, retain)
 
     def reconnect_backoff(self) -> Backoff:
@@ -172,6 +186,7 @@ class MqttLinkStats:
     qos_downgraded: int = 0  # QoS 1 publishes sent as QoS 0: the broker's Maximum QoS is 0
     retain_dropped: int = 0  # retained publishes sent without retain: Retain Available is 0
     unsubacks: int = 0  # UNSUBACKs received (`MqttLink.unsubscribe`)
+    reads_held: int = 0  # reads held under load for later ones to join (`coalesce_s`)
 
 
 def _check_config(cfg: MqttLinkConfig) -> None:
@@ -206,6 +221,12 @@ def _check_config(cfg: MqttLinkConfig) -> None:
         raise bad("max_queued_publishes", "must be >= 0")
     if cfg.max_batch < 1:
         raise bad("max_batch", "must be >= 1")
+    if not 0 <= cfg.coalesce_s <= 1:
+        raise bad("coalesce_s", f"must be in [0, 1], got {cfg.coalesce_s}")
+    if cfg.coalesce_bytes < 1:
+        raise bad("coalesce_bytes", "must be >= 1")
+    if not cfg.coalesce_from_msg_s >= 0:
+        raise bad("coalesce_from_msg_s", "must be >= 0")
     for index, (topic_filter, qos) in enumerate(cfg.subscriptions):
         if not topic_filter or len(topic_filter.encode("utf-8")) > 0xFFFF:
             raise bad(f"subscriptions[{index}]", f"invalid topic filter {topic_filter!r}")
@@ -351,6 +372,9 @@ class _Connection(asyncio.Protocol):
         self.last_ping = 0.0
         self.backlog: collections.deque[MqttMessage] = collections.deque()
         self.draining = False  # a backlog hand-over is scheduled
+        self.held: list[MqttMessage] = []  # small reads held under load (`coalesce_s`)
+        self.held_bytes = 0
+        self.hold: asyncio.TimerHandle | None = None  # hands `held` over when it fires
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -432,6 +456,10 @@ class MqttLink(LinkSupervisor):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._paused = False
         self._logged_queue_full = False
+        self.arrival_rate = 0.0
+        """Messages/s received over the last ~0.1 s (measured while ``coalesce_s`` is set)."""
+        self._rate_since = 0.0
+        self._rate_n = 0
 
     def _encode_connect(self) -> bytes:
         config = self._config
@@ -785,6 +813,11 @@ class MqttLink(LinkSupervisor):
         if conn.linger is not None:
             conn.linger.cancel()
         if not conn.closing:
+            self._release(conn)
+        if conn.hold is not None:
+            conn.hold.cancel()
+            conn.hold = None
+        if not conn.closing:
             conn.closing = True
             conn.evicted = exc is None and conn.connected
             conn.close_reason = (
@@ -806,6 +839,9 @@ class MqttLink(LinkSupervisor):
     ) -> None:
         """Close ``conn`` for ``reason``; `_on_connection_lost` finishes the bookkeeping."""
         if conn.closing:
+            return
+        self._release(conn)
+        if conn.closing:  # the consumer failed on them and closed it
             return
         conn.closing = True
         conn.close_reason = reason
@@ -852,7 +888,7 @@ class MqttLink(LinkSupervisor):
             return
         stats = self.stats
         stats.bytes_in += len(data)
-        stats.last_rx_monotonic = time.monotonic()
+        now = stats.last_rx_monotonic = time.monotonic()
         parser = conn.parser
         try:
             messages = parser.feed(data)
@@ -870,23 +906,69 @@ class MqttLink(LinkSupervisor):
             self._arrive(messages, parser)
         if messages:
             stats.messages_in += len(messages)
-            limit = self._config.max_batch
-            if conn.backlog or len(messages) > limit:
-                # Keep arrival order behind an earlier backlog; hand over a slice now and the
-                # rest in later loop iterations, not reading more meanwhile.
-                first = [] if conn.backlog else messages[:limit]
-                conn.backlog.extend(messages[len(first) :])
-                if first:
-                    self._deliver(conn, first)
-                if conn.backlog and not conn.draining:
-                    conn.draining = True
-                    if conn.transport is not None:
-                        conn.transport.pause_reading()
-                    asyncio.get_running_loop().call_soon(self._drain_backlog, conn)
-            else:
-                self._deliver(conn, messages)
+            if not (self._config.coalesce_s and self._held(conn, messages, len(data), now)):
+                self._hand_over(conn, messages)
         if parser.oversized or parser.invalid:
             self._on_undeliverable(parser)
+
+    def _hand_over(self, conn: _Connection, messages: list[MqttMessage]) -> None:
+        limit = self._config.max_batch
+        if conn.backlog or len(messages) > limit:
+            # Keep arrival order behind an earlier backlog; hand over a slice now and the
+            # rest in later loop iterations, not reading more meanwhile.
+            first = [] if conn.backlog else messages[:limit]
+            conn.backlog.extend(messages[len(first) :])
+            if first:
+                self._deliver(conn, first)
+            if conn.backlog and not conn.draining:
+                conn.draining = True
+                if conn.transport is not None:
+                    conn.transport.pause_reading()
+                asyncio.get_running_loop().call_soon(self._drain_backlog, conn)
+        else:
+            self._deliver(conn, messages)
+
+    def _held(self, conn: _Connection, messages: list[MqttMessage], size: int, now: float) -> bool:
+        """Hold a small read under load (``coalesce_s``), or add it to the held ones; True if
+        it is held. Arrival order is kept: while reads are held, every read joins them."""
+        config = self._config
+        self._rate_n += len(messages)
+        span = now - self._rate_since
+        if span >= _RATE_WINDOW_S:
+            self.arrival_rate = self._rate_n / span
+            self._rate_since = now
+            self._rate_n = 0
+        held = conn.held
+        if held:
+            held.extend(messages)
+            conn.held_bytes += size
+            if conn.held_bytes >= config.coalesce_bytes or len(held) >= config.max_batch:
+                self._release(conn)
+            return True
+        if (
+            self.arrival_rate < config.coalesce_from_msg_s
+            or size >= config.coalesce_bytes
+            or len(messages) >= config.max_batch
+            or conn.backlog
+        ):
+            return False
+        conn.held = messages
+        conn.held_bytes = size
+        conn.hold = asyncio.get_running_loop().call_later(config.coalesce_s, self._release, conn)
+        self.stats.reads_held += 1
+        return True
+
+    def _release(self, conn: _Connection) -> None:
+        """Hand the held reads over (the hold's time is up, they are large enough, or the
+        connection is closing: they were received, so they are delivered)."""
+        if conn.hold is not None:
+            conn.hold.cancel()
+            conn.hold = None
+        held = conn.held
+        if held:
+            conn.held = []
+            conn.held_bytes = 0
+            self._hand_over(conn, held)
 
     def _arrive(self, messages: list[MqttMessage], parser: PacketParser) -> None:
         """Record the QoS 1 packet ids of one read in arrival order; skipped ones (oversized,
@@ -922,6 +1004,7 @@ class MqttLink(LinkSupervisor):
             # it could be acked on this connection either: close it (acks already sent stay
             # valid) and let the broker redeliver the batch and everything after it.
             self.stats.callback_errors += 1
+            conn.held = []
             if self.stats.callback_errors == 1:
                 self._log.exception(
                     "%s on_messages failed; batch of %d not acked, reconnecting for its "

@@ -492,6 +492,126 @@ async def test_a_large_backlog_is_handed_over_in_bounded_slices_in_order(
     assert relink.stats.acks_sent == 3000
 
 
+# -- small reads held under load (`coalesce_s`) -------------------------------------------------
+
+
+class Batches(Collector):
+    """A `Collector` that also records the size of every ``on_messages`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    def __call__(self, batch: list[MqttMessage]) -> None:
+        self.batches.append(len(batch))
+        super().__call__(batch)
+
+
+async def publish_apart(link: MqttLink, port: int, count: int, start: int = 0) -> None:
+    """``count`` messages, each published once the link has read the one before: they reach
+    it in separate socket reads."""
+    for i in range(start, start + count):
+        seen = link.stats.messages_in
+        await publish(port, numbered(1, i))
+        await wait_for_condition(
+            lambda: link.stats.messages_in,
+            5,
+            what=f"message {i} read",
+            until=lambda n, seen=seen: n > seen,
+        )
+
+
+async def test_under_load_small_reads_are_held_and_handed_over_as_one_batch(
+    broker: MosquittoBroker,
+) -> None:
+    """Above ``coalesce_from_msg_s`` (0: always) a small read waits up to ``coalesce_s`` for
+    the next ones, which join it: one ``on_messages`` call, in arrival order, all acked."""
+    collector = Batches()
+    link = make_link(broker.port, collector, coalesce_s=1.0, coalesce_from_msg_s=0.0)
+    async with running(link):
+        await link.wait_up(5)
+        await publish_apart(link, broker.port, 3)
+        await collector.wait_until(lambda ms: len(ms) >= 3)
+        await wait_for_condition(
+            lambda: link.stats.acks_sent, 5, what="3 acks", until=lambda n: n >= 3
+        )
+    assert collector.batches == [3]
+    assert collector.payloads() == [b"0", b"1", b"2"]
+    assert link.stats.reads_held == 1
+
+
+async def test_below_the_rate_every_read_is_handed_over_at_once(broker: MosquittoBroker) -> None:
+    collector = Batches()
+    link = make_link(broker.port, collector, coalesce_s=1.0, coalesce_from_msg_s=1e9)
+    async with running(link):
+        await link.wait_up(5)
+        await publish_apart(link, broker.port, 3)
+        await collector.wait_until(lambda ms: len(ms) >= 3)
+    assert collector.batches == [1, 1, 1]
+    assert link.stats.reads_held == 0
+
+
+async def test_held_reads_go_as_soon_as_they_reach_coalesce_bytes(
+    broker: MosquittoBroker,
+) -> None:
+    """Two reads of one PUBLISH each pass ``coalesce_bytes`` together: handed over then, not
+    when the (1 s) hold ends; the third read starts a new hold."""
+    collector = Batches()
+    one_read = len(b"shelf/0/weight_g") + 1 + 2 + 2 + 1  # topic, payload, lengths, id, props
+    link = make_link(
+        broker.port,
+        collector,
+        coalesce_s=1.0,
+        coalesce_from_msg_s=0.0,
+        coalesce_bytes=one_read * 2 - 4,
+    )
+    async with running(link):
+        await link.wait_up(5)
+        await publish_apart(link, broker.port, 2)
+        # Well within the hold: these come from the bytes threshold, not from its end.
+        await collector.wait_until(lambda ms: len(ms) >= 2, timeout_s=0.8)
+        await publish_apart(link, broker.port, 1, start=2)
+        await collector.wait_until(lambda ms: len(ms) >= 3)
+    assert collector.batches == [2, 1]
+    assert link.stats.reads_held == 2
+
+
+async def test_held_reads_are_delivered_when_the_link_stops(broker: MosquittoBroker) -> None:
+    """Messages received are handed over at a close, not dropped with the hold's timer
+    (at QoS 0 the broker would not send them again)."""
+    collector = Batches()
+    link = make_link(
+        broker.port,
+        collector,
+        coalesce_s=1.0,
+        coalesce_from_msg_s=0.0,
+        subscriptions=(("shelf/#", 0),),
+    )
+    async with running(link):
+        await link.wait_up(5)
+        await publish_apart(link, broker.port, 2)
+        await wait_for_condition(
+            lambda: link.stats.messages_in, 5, what="2 messages in", until=lambda n: n >= 2
+        )
+        assert collector.batches == []  # held
+    assert collector.batches == [2]
+    assert collector.payloads() == [b"0", b"1"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("coalesce_s", -0.001),
+        ("coalesce_s", 1.5),
+        ("coalesce_bytes", 0),
+        ("coalesce_from_msg_s", -1.0),
+    ],
+)
+def test_bad_coalesce_settings_are_configuration_errors(field: str, value: float) -> None:
+    with pytest.raises(DeviceConfigError, match=field):
+        MqttLink(MqttLinkConfig(**{field: value}), Collector())  # type: ignore[arg-type]
+
+
 # -- PUBACK order (MQTT 5 §4.6, 3.1.1 §4.6) ---------------------------------------------------
 
 

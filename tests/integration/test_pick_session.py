@@ -127,7 +127,7 @@ async def test_the_sessions_and_their_subscriptions(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     """The main session no longer subscribes to the command topic; the command session does
-    (QoS 1, persistent, client id ``<client_id>-picks``); the health report shows it and a
+    (QoS 1, persistent, client id ``<client_id>-picks``, never holding a read); the health report shows it and a
     command session that is down makes the controller degraded, not unready."""
     conveyor = ConveyorPlc("conveyor-1")
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
@@ -147,6 +147,14 @@ async def test_the_sessions_and_their_subscriptions(
         assert rt.command_link.granted_qos == {cmd: 1}
         assert not rt.command_link.config.clean_start
         assert rt.command_link.config.will is None  # the owner claim's will is the main one's
+        # Readings are held under load to grow the groups ([mqtt] coalesce_*; defaults 2 ms,
+        # 16 KiB, 8,000 msg/s); a command is answered at once.
+        assert (
+            rt.link.config.coalesce_s,
+            rt.link.config.coalesce_bytes,
+            rt.link.config.coalesce_from_msg_s,
+        ) == (0.002, 16_384, 8_000.0)
+        assert rt.command_link.config.coalesce_s == 0.0
         report = rt.supervision.report()
         assert report.ready
         assert report.command_link is not None

@@ -294,6 +294,30 @@ def test_the_state_log_is_folded_every_state_log_fold_rows(
     assert restored.shelf_states == {"s": {"u": 7}}
 
 
+def test_a_fold_does_not_write_the_pages_it_frees(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Debian's SQLite zeroes every freed page by default (SQLITE_SECURE_DELETE): emptying a
+    state log of ~2 MB then wrote ~2 MB more to the WAL. The journal's connections run with
+    ``secure_delete=FAST``: the fold writes the state tables and the freelist, not the pages."""
+    monkeypatch.setattr(journal_module, "CHECKPOINT_INTERVAL_S", 3600.0)  # the WAL only grows
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    wal = tmp_path / "j.sqlite-wal"
+    try:
+        big = {"window": [1234.5 + i for i in range(40)], "pending": [], "reason": "x" * 200}
+        for n in range(100):  # rows of ~20 KB: each on a chain of overflow pages
+            j.commit([], shelf_states={f"s{i}": {**big, "n": n} for i in range(30)})
+        log_bytes = j.db.execute("SELECT sum(length(body)) FROM state_log").fetchone()[0]
+        assert log_bytes > 1_500_000
+        before = wal.stat().st_size
+        j.fold_state_log()
+        assert j.db.execute("SELECT count(*) FROM state_log").fetchone()[0] == 0
+        assert wal.stat().st_size - before < log_bytes / 10
+    finally:
+        j.close()
+
+
 def test_the_state_log_is_folded_past_state_log_fold_keys(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -431,7 +455,7 @@ def test_past_the_wal_limit_the_wal_starts_over_in_a_writer_turn(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under sustained writes passive checkpoints never let the WAL start over. Past the
-    limit the checkpoint thread takes a writer turn of the process for a RESTART checkpoint:
+    limit the checkpoint thread takes a writer turn of the process for its last checkpoint:
     commits wait for it on the turns (woken at once), not in SQLite's busy handler (sleeps of
     up to 100 ms), and the next commit writes the WAL from its start instead of growing it."""
     j = Journal(tmp_path / "j.sqlite")
@@ -463,8 +487,8 @@ def test_past_the_wal_limit_the_wal_starts_over_in_a_writer_turn(
 def test_a_wal_restart_behind_a_reader_gives_up_and_frees_the_writers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The RESTART holds the writer turn: behind a reader on an older snapshot (a backup, an
-    API read) it waits at most RESTART_BUSY_TIMEOUT_S, not SQLite's default 5 s, then lets
+    """The WAL restart holds the writer turn: behind a reader on an older snapshot (a backup,
+    an API read) its checkpoint cannot copy every frame; it gives up at once, then lets
     the commits go and tries again RESTART_RETRY_S later, not at every round."""
     j = Journal(tmp_path / "j.sqlite")
     j.open()
