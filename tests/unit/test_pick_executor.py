@@ -170,6 +170,27 @@ async def test_a_belt_past_half_its_freshness_is_read_in_the_background(tmp_path
         await wait_for_condition(lambda: "c1" not in fresh, 5.0, what="the conveyor dropped")
 
 
+async def test_between_picks_the_belts_seen_running_are_kept_fresh(tmp_path: Path) -> None:
+    """The first pick after a pause finds its belts fresh, as in a busy minute: belts seen
+    running are read again past half their freshness, picks or not."""
+    async with running(tmp_path) as (svc, belt, sorter):
+        svc.submit(PickRequest("W-1", (("K0", 1),), "PS1"), key="k1", principal="p")
+        await wait_for_condition(lambda: len(sorter.sent), 5.0, what="the first command")
+        fresh = svc.executor._belt_ok
+        aged = time.monotonic() - BELT_FRESH_S * 0.6  # still fresh, past half its freshness
+        fresh["c1"] = fresh["s1"] = aged
+        await wait_for_condition(
+            lambda: min(fresh.get("c1", aged), fresh.get("s1", aged)),
+            5.0,
+            what="both belts read again without a pick",
+            until=lambda oldest: oldest > aged,
+        )
+        assert sorter.sent == [1]
+        belt.running = False  # stopped meanwhile: dropped, the next pick reads and starts it
+        fresh["c1"] = aged
+        await wait_for_condition(lambda: "c1" not in fresh, 5.0, what="the conveyor dropped")
+
+
 async def test_a_plc_restart_ends_its_belts_freshness(tmp_path: Path) -> None:
     """A restarted PLC's belts stand still: the next pick reads (and starts) them, however
     recently they were seen running (test_b6 sent a command to a stopped sorter without it)."""
