@@ -127,8 +127,9 @@ async def test_the_sessions_and_their_subscriptions(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     """The main session no longer subscribes to the command topic; the command session does
-    (QoS 1, persistent, client id ``<client_id>-picks``, never holding a read); the health report shows it and a
-    command session that is down makes the controller degraded, not unready."""
+    (QoS 1, persistent, client id ``<client_id>-picks``, never holding a read); the health
+    report shows it and a command session that is down makes the controller degraded, not
+    unready."""
     conveyor = ConveyorPlc("conveyor-1")
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
     async with (
