@@ -734,7 +734,7 @@ class ShelfTable:
         med = np.zeros(n)
         settled = np.zeros(n, dtype=np.bool_)
         windows: list[tuple[npt.NDArray[np.intp], npt.NDArray[np.float64], int]] = []
-        for s in np.unique(size[full]).tolist():
+        for s in sorted(set(size[full].tolist())):  # (np.unique: ~50 µs of fixed cost)
             cls = np.flatnonzero(full & (size == s))
             k = ends[cls] - starts[cls] + 1
             local = np.repeat(np.arange(len(cls)), k)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import functools
+import itertools
 import logging
 import operator
 import time
@@ -103,6 +104,11 @@ _device_field = operator.itemgetter("device")
 _seq_field = operator.itemgetter("seq")
 _ts_field = operator.itemgetter("ts")
 _grams_field = operator.itemgetter("grams")
+_id = operator.attrgetter("id")
+_channels = operator.attrgetter("channels")
+_max_weight = operator.attrgetter("max_weight_g")
+_first_item = operator.itemgetter(0)
+_second = operator.itemgetter(1)
 """The column path's C-level field readers (`IngestService._in_columns`)."""
 
 # Per-reading rows built with tuple.__new__ straight: a NamedTuple's own __new__ is a Python
@@ -155,6 +161,9 @@ class IngestSettings:
         )
 
 
+_UsedChannel = tuple[int, int, str, ShelfSpec, float]
+"""(channel, table row, shelf id, spec, scale factor) of a scale channel that feeds a shelf."""
+
 COLUMNS_MIN_BYTES: Final = 4096
 """Payload bytes from which a group is tried in columns (`IngestService._in_columns`): its
 fixed cost (some 150 array operations, ~1 ms a group on the 2-CPU development machine) pays
@@ -195,6 +204,9 @@ class IngestService:
         self._by_channel: dict[tuple[str, int], ShelfSpec] = {
             (s.scale_id, s.channel): s for s in shelf_specs.values()
         }
+        self._channel_map: dict[str, tuple[_UsedChannel, ...]] = {}
+        """Per scale, its channels that feed a shelf, as the column path looks them up
+        (`_used_channels`); emptied by every change of specs, gains, shelves or scales."""
         self.cursors: dict[str, Cursor] = {}
         self.devices: dict[str, DeviceInfo] = {
             sc.id: DeviceInfo(sc.id, sc.zone, sc.format) for sc in settings.scales
@@ -223,6 +235,7 @@ class IngestService:
 
     # -- restart -----------------------------------------------------------------------------
     def restore(self, cursors: dict[str, Cursor], shelf_states: dict[str, dict[str, Any]]) -> None:
+        self._channel_map.clear()
         if isinstance(self._journal, CalibrationStore):
             self._restore_calibrations(self._journal.shelf_calibrations())
         self.cursors.update(cursors)
@@ -412,13 +425,15 @@ class IngestService:
         names = list(dict.fromkeys(devices))
         code = dict(zip(names, range(len(names)), strict=True))
         codes = np.array(list(map(code.__getitem__, devices)), dtype=np.intp)
-        topic_code = np.array([code.get(sc.id, -1) for sc in scales], dtype=np.intp)
+        topic_code = np.array(
+            list(map(code.get, map(_id, scales), itertools.repeat(-1))), dtype=np.intp
+        )
         if counts is not None:
             topic_code = np.repeat(topic_code, counts)
         if (codes != topic_code).any():
             return False
-        scale_of = {sc.id: sc for sc in scales}
-        device_scales = [scale_of[name] for name in names]
+        scale_of = dict(zip(map(_id, scales), scales, strict=True))
+        device_scales = list(map(scale_of.__getitem__, names))
         if max(map(len, names)) > 64:  # (a device name the payload rules refuse)
             return False
         if not (
@@ -430,8 +445,8 @@ class IngestService:
             and ts_a.min() > 0
             and ts_a.max() <= now + self._max_skew_s
             and grams_a.min() >= 0
-            and (channel_a < np.array([sc.channels for sc in device_scales])[codes]).all()
-            and (grams_a <= np.array([sc.max_weight_g for sc in device_scales])[codes]).all()
+            and (channel_a < np.array(list(map(_channels, device_scales)))[codes]).all()
+            and (grams_a <= np.array(list(map(_max_weight, device_scales)))[codes]).all()
         ):
             return False
         # Every device's readings next in its sequence, in its current epoch.
@@ -448,8 +463,8 @@ class IngestService:
         if not (
             (np.diff(seq_s) == 1)[following[1:]].all()
             and (np.diff(epoch_s) == 0)[following[1:]].all()
-            and (seq_s[starts] == np.array([c[1] for c in olds]) + 1).all()  # type: ignore[index]
-            and (epoch_s[starts] == np.array([c[0] for c in olds])).all()  # type: ignore[index]
+            and (seq_s[starts] == np.array(list(map(_second, olds))) + 1).all()  # type: ignore[arg-type]
+            and (epoch_s[starts] == np.array(list(map(_first_item, olds)))).all()  # type: ignore[arg-type]
         ):
             return False
 
@@ -459,35 +474,44 @@ class IngestService:
         ends[-1] = n - 1
         newest = ts_a[order][ends].tolist()
         last_seq = seq_s[ends].tolist()
-        old_cursors, seen = batch.old_cursors, batch.seen
+        # The group's batch is new (nothing went reading by reading before): every cursor's
+        # state before the group is the one to roll back to.
+        batch.old_cursors.update(zip(names, olds))
+        batch.seen.update(dict.fromkeys(names, now))
         for device, cur, seq, ts_s in zip(names, olds, last_seq, newest, strict=True):
-            assert cur is not None
-            if device not in old_cursors:
-                old_cursors[device] = cur
-            c_epoch, c_seq, _ts, applied, floor, holes, gaps, missing = cur
+            c_epoch, c_seq, _ts, applied, floor, holes, gaps, missing = cur  # type: ignore[misc]
             cursors[device] = _cursor(
                 (c_epoch, seq, ts_s, applied + seq - c_seq, floor, holes, gaps, missing)
             )
-            seen[device] = now
         # Each (device, channel)'s shelf row (-1: an unused channel), looked up per device.
         width = int(channel_a.max()) + 1
-        lut = np.full((len(names), width), -1, dtype=np.intp)
-        shelf_lut = np.zeros((len(names), width), dtype=np.int32)  # index into shelf_names
-        gain_lut = np.ones((len(names), width)) if self._gains else None
+        channel_map = self._channel_map
+        at_device: list[int] = []
+        at_channel: list[int] = []
+        at_row: list[int] = []
+        gains: list[float] = []
         specs: dict[int, ShelfSpec] = {}
         shelf_names: list[str] = []
-        by_channel, table_rows = self._by_channel, self._table.rows
-        for i, name in enumerate(names):
-            for ch in range(width):
-                spec = by_channel.get((name, ch))
-                if spec is not None:
-                    row = table_rows[spec.shelf_id]
-                    lut[i, ch] = row
-                    shelf_lut[i, ch] = len(shelf_names)
-                    shelf_names.append(spec.shelf_id)
+        for i, (name, sc) in enumerate(zip(names, device_scales, strict=True)):
+            feeding = channel_map.get(name)
+            if feeding is None:
+                feeding = channel_map[name] = self._used_channels(name, sc)
+            for ch, row, shelf_id, spec, gain in feeding:
+                if ch < width:
+                    at_device.append(i)
+                    at_channel.append(ch)
+                    at_row.append(row)
+                    gains.append(gain)
                     specs[row] = spec
-                if gain_lut is not None:
-                    gain_lut[i, ch] = self._gains.get((name, ch), 1.0)
+                    shelf_names.append(shelf_id)
+        lut = np.full((len(names), width), -1, dtype=np.intp)
+        shelf_lut = np.zeros((len(names), width), dtype=np.int32)  # index into shelf_names
+        lut[at_device, at_channel] = at_row
+        shelf_lut[at_device, at_channel] = np.arange(len(at_row), dtype=np.int32)
+        gain_lut = None
+        if self._gains:
+            gain_lut = np.ones((len(names), width))
+            gain_lut[at_device, at_channel] = gains
         rows = lut[codes, channel_a]
         shelf = shelf_lut[codes, channel_a]
         if gain_lut is not None:
@@ -526,6 +550,17 @@ class IngestService:
             float(ts_a.max()),
         )
         return True
+
+    def _used_channels(self, device: str, scale: ScaleConfig) -> tuple[_UsedChannel, ...]:
+        """The channels of ``device`` that feed a shelf: (channel, table row, shelf id, spec,
+        scale factor) each, as `_accept` looks them up reading by reading."""
+        out = []
+        for ch in range(scale.channels):
+            spec = self._by_channel.get((device, ch))
+            if spec is not None:
+                row = self._table.rows[spec.shelf_id]
+                out.append((ch, row, spec.shelf_id, spec, self._gains.get((device, ch), 1.0)))
+        return tuple(out)
 
     def _handle(self, msg: InboundMessage, now: float, batch: _Batch) -> None:
         route = self.routes.get(msg.topic)
@@ -871,6 +906,7 @@ class IngestService:
         """``spec`` is the shelf's spec from now on (its row's staleness bound follows)."""
         self.specs[shelf_id] = spec
         self._by_channel[(spec.scale_id, spec.channel)] = spec
+        self._channel_map.clear()
         row = self._table.rows.get(shelf_id)
         if row is not None:
             self._table.set_spec(row, spec)
@@ -888,6 +924,7 @@ class IngestService:
             self._gains.pop(key, None)
         else:
             self._gains[key] = cal.scale_factor
+        self._channel_map.clear()
 
     def apply_topology(
         self,
@@ -906,6 +943,7 @@ class IngestService:
         ``shelves`` (the ids of the shelves the change added or removed) and ``scale_changes``
         (each scale it added, removed or changed: before, after; None where absent) limit
         the work to those, O(changed); None: every shelf and scale is looked at."""
+        self._channel_map.clear()
         if shelves is None:
             shelves = [*self.specs, *(sid for sid in new_base if sid not in self.specs)]
         for sid in [sid for sid in shelves if sid in self.specs and sid not in new_base]:

@@ -600,7 +600,20 @@ def _columns_against_one_by_one(
             h.now = ts
             h.send(h.msg(f"floorhand/demo/A/scale/{device}", reading(0, 1000.0, ts, device)))
     try:
-        for messages, lag in groups:
+        for index, (messages, lag) in enumerate(groups):
+            # Mid-stream, what the column path looks up per scale changes: a scale factor,
+            # then a shelf leaves (its channel feeds nothing from then on).
+            for h in (ours, ref):
+                if index == 1:
+                    h.ingest.calibrate("A-02-1", scale_factor=0.95, by="test", now_s=h.now)
+                elif index == 2:
+                    gone = next(
+                        sid
+                        for sid, spec in h.ingest.base_specs.items()
+                        if (spec.scale_id, spec.channel) == ("scale-a01", 1)
+                    )
+                    kept = {k: v for k, v in h.ingest.base_specs.items() if k != gone}
+                    h.ingest.apply_topology(h.ingest.settings.scales, kept, shelves=[gone])
             payloads: list[tuple[str, bytes]] = []
             for elements in messages:
                 if not elements:
