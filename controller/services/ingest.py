@@ -476,7 +476,7 @@ class IngestService:
         last_seq = seq_s[ends].tolist()
         # The group's batch is new (nothing went reading by reading before): every cursor's
         # state before the group is the one to roll back to.
-        batch.old_cursors.update(zip(names, olds))
+        batch.old_cursors.update(zip(names, olds, strict=True))
         batch.seen.update(dict.fromkeys(names, now))
         for device, cur, seq, ts_s in zip(names, olds, last_seq, newest, strict=True):
             c_epoch, c_seq, _ts, applied, floor, holes, gaps, missing = cur  # type: ignore[misc]
