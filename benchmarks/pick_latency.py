@@ -16,7 +16,10 @@ Processes (all on 127.0.0.1):
 Latency "API → first write" is first-write − send stamp of the order's first task; "API →
 sorted" is the DIVERTED result seen by the controller − send stamp (the PLC's model tick and
 the driver's status polling included). The scale confirmation is not part of it (a picker's
-walk is minutes, not milliseconds).
+walk is minutes, not milliseconds). "submit → first write" also comes split: the wait in the
+sorter's one mailbox for the PLC to accept the command before (``mailbox_wait``: from
+``SorterDriver.send`` to its write's turn, a write and read-backs of the previous command,
+PLC round trips) and the rest (``submit_to_first_write_less_mailbox_wait``).
 
 Before the stages, three picks at 10/s (``cold_start`` in the report): the first finds the
 belts stopped and starts them (a status read and a START per belt) before its sorter command;
@@ -153,6 +156,23 @@ class Probe:
         sorter = rt.plcs["sorter-1"].driver
         assert isinstance(sorter, SorterDriver)
         sorter.on_write = self._on_write
+        # The sorter has one mailbox: a command waits there until the PLC accepted the one
+        # before it (a write and a read-back, PLC round trips). Stamped to tell that wait
+        # apart: ``send`` entered, then its write's turn came (``_deliver``).
+        self.send_at: dict[int, float] = {}
+        self.deliver_at: dict[int, float] = {}
+        send, deliver = sorter.send, sorter._deliver
+
+        async def timed_send(cmd_id: int, tote: int, lane: int) -> None:
+            self.send_at.setdefault(cmd_id, time.monotonic())
+            await send(cmd_id, tote, lane)
+
+        async def timed_deliver(rec: Any, **kwargs: Any) -> None:
+            self.deliver_at.setdefault(rec.cmd_id, time.monotonic())
+            await deliver(rec, **kwargs)
+
+        sorter.send = timed_send  # type: ignore[method-assign]
+        sorter._deliver = timed_deliver  # type: ignore[method-assign]
         rt.bus.add_listener(self._on_events)
 
     def _on_write(self, cmd_id: int) -> None:
@@ -260,6 +280,19 @@ async def stage(
         for c in (r["cmd_id"] for r in ok)
         if c in probe.first_write and c in probe.submitted_at
     ]
+    stamped = [
+        c
+        for c in (r["cmd_id"] for r in ok)
+        if c in probe.first_write
+        and c in probe.submitted_at
+        and c in probe.send_at
+        and c in probe.deliver_at
+    ]
+    mailbox = [probe.deliver_at[c] - probe.send_at[c] for c in stamped]
+    without_mailbox = [
+        probe.first_write[c] - probe.submitted_at[c] - (probe.deliver_at[c] - probe.send_at[c])
+        for c in stamped
+    ]
     done_times = [probe.sorted_at[r["order_id"]] for r in ok if r["order_id"] in probe.sorted_at]
     if rows:  # from the client's first request (not counting its process start-up)
         t_begin = min(r["t0"] for r in rows)
@@ -273,6 +306,8 @@ async def stage(
         },
         "api_to_first_write": stats_ms(first),
         "submit_to_first_write": stats_ms(inside),
+        "mailbox_wait": stats_ms(mailbox),
+        "submit_to_first_write_less_mailbox_wait": stats_ms(without_mailbox),
         "api_to_sorted": stats_ms(sorted_),
         "http_response": stats_ms(response),
         "sorted_per_s": round(len(done_times) / span, 1) if done_times else 0.0,
