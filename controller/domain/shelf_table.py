@@ -699,6 +699,32 @@ class ShelfTable:
             for row, t, w in zip(rows.tolist(), t_list, w_list, strict=True):
                 events.extend(self.apply(row, specs[row], t, w, now_s, max_future_s))
             return events, saved
+        tagged, saved_first = self._tagged_group(
+            rows, ts_s, weights_g, np.arange(n), specs, now_s, max_future_s, fill_first=True
+        )
+        assert saved_first is not None
+        tagged.sort(key=_tag_order)
+        return [ev for _, _, ev in tagged], saved_first
+
+    def _tagged_group(
+        self,
+        rows: npt.NDArray[np.intp],
+        ts_s: npt.NDArray[np.float64],
+        weights_g: npt.NDArray[np.float64],
+        origin: npt.NDArray[np.intp],
+        specs: Mapping[int, ShelfSpec],
+        now_s: float,
+        max_future_s: float,
+        *,
+        fill_first: bool,
+    ) -> tuple[list[tuple[int, int, ShelfEvent]], RowsSnapshot | None]:
+        """`apply_group`'s work: the events tagged with their reading's place in the group
+        (``origin[i]``, the nth event of it), unsorted; and, with ``fill_first``, the rows as
+        they were before. With ``fill_first``, a shelf whose window is not full yet (a first
+        start, a new shelf) and holds no suspect first gets its first readings, up to a full
+        window, through `apply`; the group's other readings are then computed as usual, that
+        shelf's rest in columns too."""
+        n = len(rows)
         order = np.argsort(rows, kind="stable")
         r = rows[order]
         t = ts_s[order]
@@ -712,12 +738,18 @@ class ShelfTable:
         ends[-1] = n - 1
         seg = np.cumsum(first) - 1
         u = r[starts]
-        saved = self.save_rows(u)
-        segs = len(u)
+        saved = self.save_rows(u) if fill_first else None
         ulist = u.tolist()
         params = self.spec_params[u]
         size = params[:, 0].astype(np.intp)
         max_weight, spike_g, band_g, tare_u, unit_u, tol_u, cap_u = params[:, 1:].T
+        if fill_first:
+            filling = np.flatnonzero((self.window_len[u] < size) & (self.pending_len[u] == 0))
+            if len(filling):
+                return self._fill_windows(
+                    filling, size, starts, ends, order, u, rows, ts_s, weights_g, origin,
+                    specs, now_s, max_future_s,
+                ), saved  # fmt: skip
         stale = self.stale_after_s[u]
         last_u = self.last_ts_s[u]
         med_u = self.median_g[u]
@@ -833,10 +865,11 @@ class ShelfTable:
         # Events, tagged with their reading's place in the group.
         tagged: list[tuple[int, int, ShelfEvent]] = []
         fast_reading = fast[seg]
+        at_of = origin[order]
         for i in np.flatnonzero(fast_reading & (stock_event | status_event)).tolist():
             spec = specs[ulist[seg[i]]]
             ts = float(t[i])
-            at_i = int(order[i])
+            at_i = int(at_of[i])
             if stock_event[i]:
                 old_units = int(units_before[i])
                 tagged.append(
@@ -868,7 +901,7 @@ class ShelfTable:
                 )
         slow = np.flatnonzero(~fast)
         if len(slow):
-            t_list, w_list, order_list = t.tolist(), w.tolist(), order.tolist()
+            t_list, w_list, order_list = t.tolist(), w.tolist(), at_of.tolist()
             for j in slow.tolist():
                 row = ulist[j]
                 spec = specs[row]
@@ -877,9 +910,54 @@ class ShelfTable:
                         self.apply(row, spec, t_list[i], w_list[i], now_s, max_future_s)
                     ):
                         tagged.append((order_list[i], nth, ev))
-        if segs > 1 or len(slow):
-            tagged.sort(key=_tag_order)
-        return [ev for _, _, ev in tagged], saved
+        return tagged, saved
+
+    def _fill_windows(
+        self,
+        filling: npt.NDArray[np.intp],
+        size: npt.NDArray[np.intp],
+        starts: npt.NDArray[np.intp],
+        ends: npt.NDArray[np.intp],
+        order: npt.NDArray[np.intp],
+        u: npt.NDArray[np.intp],
+        rows: npt.NDArray[np.intp],
+        ts_s: npt.NDArray[np.float64],
+        weights_g: npt.NDArray[np.float64],
+        origin: npt.NDArray[np.intp],
+        specs: Mapping[int, ShelfSpec],
+        now_s: float,
+        max_future_s: float,
+    ) -> list[tuple[int, int, ShelfEvent]]:
+        """The ``filling`` shelves' first readings (in `_tagged_group`'s sorted order), up to
+        a full window each, through `apply`; then the group's other readings as a group of
+        their own (a shelf still not full then goes one by one). Shelves are independent and
+        each shelf's readings keep their order, so the tags merge the two in arrival order."""
+        take = np.minimum(
+            size[filling] - self.window_len[u[filling]], ends[filling] - starts[filling] + 1
+        )
+        consumed = np.zeros(len(rows), dtype=np.bool_)
+        ts_sorted, w_sorted = ts_s[order].tolist(), weights_g[order].tolist()
+        at = origin[order].tolist()
+        tagged: list[tuple[int, int, ShelfEvent]] = []
+        ulist = u.tolist()
+        for j, m in zip(filling.tolist(), take.tolist(), strict=True):
+            row = ulist[j]
+            spec = specs[row]
+            first = int(starts[j])
+            for i in range(first, first + m):
+                for nth, ev in enumerate(
+                    self.apply(row, spec, ts_sorted[i], w_sorted[i], now_s, max_future_s)
+                ):
+                    tagged.append((at[i], nth, ev))
+            consumed[first : first + m] = True
+        rest = np.sort(order[~consumed])  # their places in the input: arrival order
+        if len(rest):
+            more, _ = self._tagged_group(
+                rows[rest], ts_s[rest], weights_g[rest], origin[rest], specs, now_s,
+                max_future_s, fill_first=False,
+            )  # fmt: skip
+            tagged.extend(more)
+        return tagged
 
     def check_stale(self, row: int, spec: ShelfSpec, now_s: float) -> tuple[ShelfEvent, ...]:
         """STALE (one event) when the row's newest reading is older than ``stale_after_s`` at

@@ -449,22 +449,33 @@ class IngestService:
             and (grams_a <= np.array(list(map(_max_weight, device_scales)))[codes]).all()
         ):
             return False
-        # Every device's readings next in its sequence, in its current epoch.
+        # Every device's readings next in its sequence, in its current epoch; a device without
+        # a cursor starts one at its first reading of the group (as `_accept` does).
         cursors = self.cursors
         olds = list(map(cursors.get, names))
-        if None in olds:
-            return False
+        fresh = None in olds
         order = np.argsort(codes, kind="stable")
         seq_s, epoch_s = seq_a[order], epoch_a[order]
         n = len(order)
         starts = np.searchsorted(codes[order], np.arange(len(names)))
         following = np.ones(n, dtype=np.bool_)
         following[starts] = False
+        if fresh:
+            known = [c is not None for c in olds]
+            old_seq = np.array([c[1] if c is not None else -1 for c in olds])
+            old_epoch = np.array([c[0] if c is not None else 0 for c in olds])
+            first_ok = (
+                ((seq_s[starts] == old_seq + 1) & (epoch_s[starts] == old_epoch)) | ~np.array(known)
+            ).all()
+        else:
+            first_ok = (
+                (seq_s[starts] == np.array(list(map(_second, olds))) + 1).all()  # type: ignore[arg-type]
+                and (epoch_s[starts] == np.array(list(map(_first_item, olds)))).all()  # type: ignore[arg-type]
+            )
         if not (
             (np.diff(seq_s) == 1)[following[1:]].all()
             and (np.diff(epoch_s) == 0)[following[1:]].all()
-            and (seq_s[starts] == np.array(list(map(_second, olds))) + 1).all()  # type: ignore[arg-type]
-            and (epoch_s[starts] == np.array(list(map(_first_item, olds)))).all()  # type: ignore[arg-type]
+            and first_ok
         ):
             return False
 
@@ -478,8 +489,19 @@ class IngestService:
         # state before the group is the one to roll back to.
         batch.old_cursors.update(zip(names, olds, strict=True))
         batch.seen.update(dict.fromkeys(names, now))
+        if fresh:
+            first_seq = seq_s[starts].tolist()
+            first_epoch = epoch_s[starts].tolist()
+            counts = (ends - starts + 1).tolist()
+            for i, cur in enumerate(olds):
+                if cur is None:
+                    cursors[names[i]] = _cursor(
+                        (first_epoch[i], last_seq[i], newest[i], counts[i], first_seq[i], (), 0, 0)
+                    )
         for device, cur, seq, ts_s in zip(names, olds, last_seq, newest, strict=True):
-            c_epoch, c_seq, _ts, applied, floor, holes, gaps, missing = cur  # type: ignore[misc]
+            if cur is None:
+                continue
+            c_epoch, c_seq, _ts, applied, floor, holes, gaps, missing = cur
             cursors[device] = _cursor(
                 (c_epoch, seq, ts_s, applied + seq - c_seq, floor, holes, gaps, missing)
             )

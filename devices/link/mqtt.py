@@ -13,10 +13,12 @@ watch `MqttLink.watch` or await `MqttLink.wait_up`.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import itertools
 import logging
 import math
+import operator
 import ssl
 import time
 from collections import deque
@@ -110,6 +112,8 @@ _MAX_FIXED_HEADER = 5
 # count first and stops; the other one keeps the session.
 _EVICTIONS_BEFORE_TAKEOVER = 3
 _EVICTION_WINDOW_S = 10.0
+_payload = operator.attrgetter("payload")
+
 # The arrival rate that `MqttLinkConfig.coalesce_from_msg_s` is compared with is measured over
 # windows of this length.
 _RATE_WINDOW_S = 0.1
@@ -140,10 +144,14 @@ class MqttLinkConfig:
     CONNACK) is followed by the next, longer delay, as a failed connect is."""
     max_packet_bytes: int = 1_048_576  # larger PUBLISHes are skipped, acked, reported
     max_queued_publishes: int = 10_000  # bound of the outgoing queue while down
-    max_batch: int = 512
+    max_batch: int = 1024
     """Most messages handed to ``on_messages`` in one call. A socket read can hold thousands
     (a backlog after a reconnect); the rest is handed over in the next loop iterations, with
     reading paused meanwhile, so one read never holds the event loop for long."""
+    max_batch_bytes: int = 262_144
+    """Most payload bytes handed to ``on_messages`` in one call (at least one message): the
+    consumer's work follows the bytes more than the messages (a message may carry 50
+    readings, so ``max_batch`` of them would be 51,200)."""
     coalesce_s: float = 0.0
     """Under load, the longest a small read is held so that later reads join it: one larger
     call of ``on_messages`` costs the consumer less per message than several small ones (a
@@ -221,6 +229,8 @@ def _check_config(cfg: MqttLinkConfig) -> None:
         raise bad("max_queued_publishes", "must be >= 0")
     if cfg.max_batch < 1:
         raise bad("max_batch", "must be >= 1")
+    if cfg.max_batch_bytes < 1:
+        raise bad("max_batch_bytes", "must be >= 1")
     if not 0 <= cfg.coalesce_s <= 1:
         raise bad("coalesce_s", f"must be in [0, 1], got {cfg.coalesce_s}")
     if cfg.coalesce_bytes < 1:
@@ -912,21 +922,33 @@ class MqttLink(LinkSupervisor):
             self._on_undeliverable(parser)
 
     def _hand_over(self, conn: _Connection, messages: list[MqttMessage]) -> None:
-        limit = self._config.max_batch
-        if conn.backlog or len(messages) > limit:
-            # Keep arrival order behind an earlier backlog; hand over a slice now and the
-            # rest in later loop iterations, not reading more meanwhile.
-            first = [] if conn.backlog else messages[:limit]
-            conn.backlog.extend(messages[len(first) :])
-            if first:
-                self._deliver(conn, first)
-            if conn.backlog and not conn.draining:
-                conn.draining = True
-                if conn.transport is not None:
-                    conn.transport.pause_reading()
-                asyncio.get_running_loop().call_soon(self._drain_backlog, conn)
-        else:
-            self._deliver(conn, messages)
+        first: list[MqttMessage] = []
+        if not conn.backlog:
+            n = self._slice_len(messages)
+            if n == len(messages):
+                self._deliver(conn, messages)
+                return
+            first = messages[:n]
+        # Keep arrival order behind an earlier backlog; hand over a slice now and the rest in
+        # later loop iterations, not reading more meanwhile.
+        conn.backlog.extend(messages[len(first) :])
+        if first:
+            self._deliver(conn, first)
+        if conn.backlog and not conn.draining:
+            conn.draining = True
+            if conn.transport is not None:
+                conn.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._drain_backlog, conn)
+
+    def _slice_len(self, messages: Sequence[MqttMessage] | deque[MqttMessage]) -> int:
+        """How many of the first ``messages`` one call of ``on_messages`` takes: at most
+        ``max_batch`` of them and ``max_batch_bytes`` of payload, at least one."""
+        config = self._config
+        n = min(len(messages), config.max_batch)
+        if not n:
+            return 0
+        sizes = list(itertools.accumulate(map(len, map(_payload, itertools.islice(messages, n)))))
+        return max(1, min(n, bisect.bisect_right(sizes, config.max_batch_bytes)))
 
     def _held(self, conn: _Connection, messages: list[MqttMessage], size: int, now: float) -> bool:
         """Hold a small read under load (``coalesce_s``), or add it to the held ones; True if
@@ -1024,8 +1046,7 @@ class MqttLink(LinkSupervisor):
             conn.draining = False
             return
         backlog = conn.backlog
-        n = min(len(backlog), self._config.max_batch)
-        batch = [backlog.popleft() for _ in range(n)]
+        batch = [backlog.popleft() for _ in range(self._slice_len(backlog))]
         if batch:
             self._deliver(conn, batch)
         if backlog and not conn.closing:

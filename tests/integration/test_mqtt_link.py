@@ -463,30 +463,35 @@ async def test_stale_epoch_acks_are_ignored(broker: MosquittoBroker) -> None:
     assert epochs == [1]
 
 
+@pytest.mark.parametrize(
+    ("max_batch", "max_batch_bytes"), [(100, 1 << 20), (100_000, 250)], ids=["messages", "bytes"]
+)
 async def test_a_large_backlog_is_handed_over_in_bounded_slices_in_order(
-    broker: MosquittoBroker,
+    broker: MosquittoBroker, max_batch: int, max_batch_bytes: int
 ) -> None:
     """A resumed session's backlog arrives in large socket reads; ``on_messages`` never gets
-    more than ``max_batch`` messages at once, and gets all of them in the broker's order."""
+    more than ``max_batch`` messages or ``max_batch_bytes`` of payload at once, and gets all
+    of them in the broker's order."""
     first = Collector()
     link = make_link(broker.port, first)
     async with running(link):
         await link.wait_up(5)
     await publish(broker.port, numbered(3000))  # queued in the session while we are away
 
-    batches: list[int] = []
+    batches: list[list[MqttMessage]] = []
 
     class Slices(Collector):
         def __call__(self, batch: list[MqttMessage]) -> None:
-            batches.append(len(batch))
+            batches.append(batch)
             super().__call__(batch)
 
     second = Slices()
-    relink = make_link(broker.port, second, max_batch=100)
+    relink = make_link(broker.port, second, max_batch=max_batch, max_batch_bytes=max_batch_bytes)
     async with running(relink):
         await relink.wait_up(5)
         await second.wait_until(lambda ms: len(ms) >= 3000, 20)
-    assert max(batches) <= 100
+    assert max(map(len, batches)) <= max_batch
+    assert max(sum(len(m.payload) for m in b) for b in batches) <= max_batch_bytes
     assert len(batches) >= 30
     assert [int(p) for p in second.payloads()] == list(range(3000))
     assert relink.stats.acks_sent == 3000
@@ -607,7 +612,7 @@ async def test_held_reads_are_delivered_when_the_link_stops(broker: MosquittoBro
         ("coalesce_from_msg_s", -1.0),
     ],
 )
-def test_bad_coalesce_settings_are_configuration_errors(field: str, value: float) -> None:
+def test_bad_slice_and_coalesce_settings_are_configuration_errors(field: str, value: float) -> None:
     with pytest.raises(DeviceConfigError, match=field):
         MqttLink(MqttLinkConfig(**{field: value}), Collector())  # type: ignore[arg-type]
 

@@ -595,7 +595,7 @@ def _columns_against_one_by_one(
         del h.ingest._by_channel[("scale-a03", 1)]
     seqs = dict.fromkeys(_DEVICES, 0)
     ts = NOW
-    for device in _DEVICES:  # every device has a cursor: the column path can be taken
+    for device in _DEVICES[:2]:  # the third starts its cursor in a group, in columns or not
         for h in (ours, ref):
             h.now = ts
             h.send(h.msg(f"floorhand/demo/A/scale/{device}", reading(0, 1000.0, ts, device)))
