@@ -694,6 +694,36 @@ def test_a_steady_stream_goes_in_columns(h: Harness, monkeypatch: pytest.MonkeyP
     assert h.ingest.cursors["scale-a01"].gaps == 1
 
 
+def test_a_first_group_of_new_devices_goes_in_columns(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Devices without a cursor (a first start, new scales) start it in the column path, as
+    reading by reading would: their first reading's seq is the floor, every reading counts."""
+    h.ingest.columns_min_bytes = 0
+    handled: list[object] = []
+    handle = IngestService._handle
+
+    def counting(self: IngestService, *args: Any) -> None:
+        handled.append(args[0])
+        handle(self, *args)
+
+    monkeypatch.setattr(IngestService, "_handle", counting)
+    ts = NOW
+    msgs = []
+    for seq in range(7, 37):
+        ts += 0.5
+        msgs += [
+            h.msg(f"floorhand/demo/A/scale/{d}", reading(seq, 1000.0, ts, d)) for d in _DEVICES
+        ]
+    h.now = ts
+    h.send(*msgs)
+    assert handled == []
+    for d in _DEVICES:
+        cur = h.ingest.cursors[d]
+        assert (cur.seq, cur.applied, cur.floor, cur.gaps, cur.missing) == (36, 30, 7, 0, 0)
+    assert h.ingest.readings == 90
+
+
 def test_a_small_group_goes_reading_by_reading(h: Harness) -> None:
     """Below COLUMNS_MIN_BYTES of payload a group is not tried in columns (their fixed cost
     would be most of its time); from there it is."""

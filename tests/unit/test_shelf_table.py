@@ -349,6 +349,32 @@ def _count_applies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def test_a_new_shelf_fills_its_window_one_by_one_and_the_rest_goes_in_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shelf that never reported (a first start, a new shelf): its first readings, up to a
+    full window, go through `apply`; its other readings of the group in columns. Same states
+    and events as one by one."""
+    monkeypatch.setattr(shelf_table, "GROUP_COLUMNS_FROM", 0)
+    spec = spec_of("S", settle_window=5)
+    ours, ref, row = _twins(spec, 0)
+    ts = [1_000.0 + i for i in range(40)]
+    grams = [1_500.0 + (i % 2) for i in range(20)] + [1_912.0 + (i % 2) for i in range(20)]
+    want = [
+        ev
+        for t, w in zip(ts, grams, strict=True)
+        for ev in ref.table.apply(row, spec, t, w, ts[-1])
+    ]
+    calls = _count_applies(monkeypatch)
+    got, _ = ours.table.apply_group(
+        np.array([row] * len(ts), dtype=np.intp), np.array(ts), np.array(grams), {row: spec}, ts[-1]
+    )
+    assert len(calls) == 5  # the window's size
+    assert got == want
+    assert ours["S"].to_dict() == ref["S"].to_dict()
+    assert ours["S"].units == ref["S"].units is not None
+
+
 def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     """A shelf with a full window and readings in order goes through no `apply` call (the
     common case is the column path), and gives the state and events `apply` gives."""
