@@ -746,10 +746,35 @@ class ShelfTable:
         if fill_first:
             filling = np.flatnonzero((self.window_len[u] < size) & (self.pending_len[u] == 0))
             if len(filling):
-                return self._fill_windows(
-                    filling, size, starts, ends, order, u, rows, ts_s, weights_g, origin,
-                    specs, now_s, max_future_s,
-                ), saved  # fmt: skip
+                # Their first readings, up to a full window each, through `apply`; then the
+                # group's other readings as a group of their own (a shelf still not full then
+                # goes one by one). Shelves are independent and each shelf's readings keep
+                # their order, so the tags merge the two in arrival order.
+                take = np.minimum(
+                    size[filling] - self.window_len[u[filling]], ends[filling] - starts[filling] + 1
+                )
+                consumed = np.zeros(n, dtype=np.bool_)
+                ts_sorted, w_sorted = t.tolist(), w.tolist()
+                at = origin[order].tolist()
+                filled: list[tuple[int, int, ShelfEvent]] = []
+                for j, m in zip(filling.tolist(), take.tolist(), strict=True):
+                    row = ulist[j]
+                    spec = specs[row]
+                    first_i = int(starts[j])
+                    for i in range(first_i, first_i + m):
+                        for nth, ev in enumerate(
+                            self.apply(row, spec, ts_sorted[i], w_sorted[i], now_s, max_future_s)
+                        ):
+                            filled.append((at[i], nth, ev))
+                    consumed[first_i : first_i + m] = True
+                rest = np.sort(order[~consumed])  # their places in the input: arrival order
+                if len(rest):
+                    more, _ = self._tagged_group(
+                        rows[rest], ts_s[rest], weights_g[rest], origin[rest], specs, now_s,
+                        max_future_s, fill_first=False,
+                    )  # fmt: skip
+                    filled.extend(more)
+                return filled, saved
         stale = self.stale_after_s[u]
         last_u = self.last_ts_s[u]
         med_u = self.median_g[u]
@@ -911,53 +936,6 @@ class ShelfTable:
                     ):
                         tagged.append((order_list[i], nth, ev))
         return tagged, saved
-
-    def _fill_windows(
-        self,
-        filling: npt.NDArray[np.intp],
-        size: npt.NDArray[np.intp],
-        starts: npt.NDArray[np.intp],
-        ends: npt.NDArray[np.intp],
-        order: npt.NDArray[np.intp],
-        u: npt.NDArray[np.intp],
-        rows: npt.NDArray[np.intp],
-        ts_s: npt.NDArray[np.float64],
-        weights_g: npt.NDArray[np.float64],
-        origin: npt.NDArray[np.intp],
-        specs: Mapping[int, ShelfSpec],
-        now_s: float,
-        max_future_s: float,
-    ) -> list[tuple[int, int, ShelfEvent]]:
-        """The ``filling`` shelves' first readings (in `_tagged_group`'s sorted order), up to
-        a full window each, through `apply`; then the group's other readings as a group of
-        their own (a shelf still not full then goes one by one). Shelves are independent and
-        each shelf's readings keep their order, so the tags merge the two in arrival order."""
-        take = np.minimum(
-            size[filling] - self.window_len[u[filling]], ends[filling] - starts[filling] + 1
-        )
-        consumed = np.zeros(len(rows), dtype=np.bool_)
-        ts_sorted, w_sorted = ts_s[order].tolist(), weights_g[order].tolist()
-        at = origin[order].tolist()
-        tagged: list[tuple[int, int, ShelfEvent]] = []
-        ulist = u.tolist()
-        for j, m in zip(filling.tolist(), take.tolist(), strict=True):
-            row = ulist[j]
-            spec = specs[row]
-            first = int(starts[j])
-            for i in range(first, first + m):
-                for nth, ev in enumerate(
-                    self.apply(row, spec, ts_sorted[i], w_sorted[i], now_s, max_future_s)
-                ):
-                    tagged.append((at[i], nth, ev))
-            consumed[first : first + m] = True
-        rest = np.sort(order[~consumed])  # their places in the input: arrival order
-        if len(rest):
-            more, _ = self._tagged_group(
-                rows[rest], ts_s[rest], weights_g[rest], origin[rest], specs, now_s,
-                max_future_s, fill_first=False,
-            )  # fmt: skip
-            tagged.extend(more)
-        return tagged
 
     def check_stale(self, row: int, spec: ShelfSpec, now_s: float) -> tuple[ShelfEvent, ...]:
         """STALE (one event) when the row's newest reading is older than ``stale_after_s`` at

@@ -526,13 +526,17 @@ async def publish_apart(link: MqttLink, port: int, count: int, start: int = 0) -
         )
 
 
+@pytest.mark.parametrize(
+    ("from_msg_s", "batches", "held"), [(0.0, [3], 1), (1e9, [1, 1, 1], 0)], ids=["above", "below"]
+)
 async def test_under_load_small_reads_are_held_and_handed_over_as_one_batch(
-    broker: MosquittoBroker,
+    broker: MosquittoBroker, from_msg_s: float, batches: list[int], held: int
 ) -> None:
     """Above ``coalesce_from_msg_s`` (0: always) a small read waits up to ``coalesce_s`` for
-    the next ones, which join it: one ``on_messages`` call, in arrival order, all acked."""
+    the next ones, which join it: one ``on_messages`` call, in arrival order, all acked.
+    Below it (1e9: never) every read is handed over at once."""
     collector = Batches()
-    link = make_link(broker.port, collector, coalesce_s=1.0, coalesce_from_msg_s=0.0)
+    link = make_link(broker.port, collector, coalesce_s=1.0, coalesce_from_msg_s=from_msg_s)
     async with running(link):
         await link.wait_up(5)
         await publish_apart(link, broker.port, 3)
@@ -540,20 +544,9 @@ async def test_under_load_small_reads_are_held_and_handed_over_as_one_batch(
         await wait_for_condition(
             lambda: link.stats.acks_sent, 5, what="3 acks", until=lambda n: n >= 3
         )
-    assert collector.batches == [3]
+    assert collector.batches == batches
     assert collector.payloads() == [b"0", b"1", b"2"]
-    assert link.stats.reads_held == 1
-
-
-async def test_below_the_rate_every_read_is_handed_over_at_once(broker: MosquittoBroker) -> None:
-    collector = Batches()
-    link = make_link(broker.port, collector, coalesce_s=1.0, coalesce_from_msg_s=1e9)
-    async with running(link):
-        await link.wait_up(5)
-        await publish_apart(link, broker.port, 3)
-        await collector.wait_until(lambda ms: len(ms) >= 3)
-    assert collector.batches == [1, 1, 1]
-    assert link.stats.reads_held == 0
+    assert link.stats.reads_held == held
 
 
 async def test_held_reads_go_as_soon_as_they_reach_coalesce_bytes(

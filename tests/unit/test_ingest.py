@@ -662,13 +662,9 @@ def _columns_against_one_by_one(
         ref.journal.close()
 
 
-def test_a_steady_stream_goes_in_columns(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Readings next in their devices' sequences never reach the reading-by-reading path once
-    each device has a cursor; a gap sends its group there."""
-    ts = NOW
-    h.ingest.columns_min_bytes = 0
-    for device in _DEVICES:
-        h.send(h.msg(f"floorhand/demo/A/scale/{device}", reading(0, 1000.0, ts, device)))
+def _count_handled(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """A list that gets each message `IngestService._handle` is called with from now on (the
+    reading-by-reading path)."""
     handled: list[object] = []
     handle = IngestService._handle
 
@@ -677,6 +673,17 @@ def test_a_steady_stream_goes_in_columns(h: Harness, monkeypatch: pytest.MonkeyP
         handle(self, *args)
 
     monkeypatch.setattr(IngestService, "_handle", counting)
+    return handled
+
+
+def test_a_steady_stream_goes_in_columns(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readings next in their devices' sequences never reach the reading-by-reading path once
+    each device has a cursor; a gap sends its group there."""
+    ts = NOW
+    h.ingest.columns_min_bytes = 0
+    for device in _DEVICES:
+        h.send(h.msg(f"floorhand/demo/A/scale/{device}", reading(0, 1000.0, ts, device)))
+    handled = _count_handled(monkeypatch)
     for seq in range(1, 30):
         ts += 0.5
         h.now = ts
@@ -700,14 +707,7 @@ def test_a_first_group_of_new_devices_goes_in_columns(
     """Devices without a cursor (a first start, new scales) start it in the column path, as
     reading by reading would: their first reading's seq is the floor, every reading counts."""
     h.ingest.columns_min_bytes = 0
-    handled: list[object] = []
-    handle = IngestService._handle
-
-    def counting(self: IngestService, *args: Any) -> None:
-        handled.append(args[0])
-        handle(self, *args)
-
-    monkeypatch.setattr(IngestService, "_handle", counting)
+    handled = _count_handled(monkeypatch)
     ts = NOW
     msgs = []
     for seq in range(7, 37):

@@ -146,15 +146,24 @@ async def test_a_lost_command_is_unknown_until_a_person_resolves_it(tmp_path: Pa
         assert svc.stats["task_resolved_confirmed"] == 1
 
 
+async def _first_pick_then_age_the_belts(
+    svc: PickingService, sorter: Sorter
+) -> tuple[dict[str, float], float]:
+    """One pick (the belts are seen running), then both belts made past half their freshness,
+    still fresh: the executor's freshness map and the age given to them."""
+    svc.submit(PickRequest("W-1", (("K0", 1),), "PS1"), key="k1", principal="p")
+    await wait_for_condition(lambda: len(sorter.sent), 5.0, what="the first command")
+    fresh = svc.executor._belt_ok
+    aged = time.monotonic() - BELT_FRESH_S * 0.6
+    fresh["c1"] = fresh["s1"] = aged
+    return fresh, aged
+
+
 async def test_a_belt_past_half_its_freshness_is_read_in_the_background(tmp_path: Path) -> None:
     """While picks keep coming, the belts' status reads happen beside them, not on a pick's way
     to its sorter command; a belt found stopped is read (and started) on the next pick's way."""
     async with running(tmp_path) as (svc, belt, sorter):
-        svc.submit(PickRequest("W-1", (("K0", 1),), "PS1"), key="k1", principal="p")
-        await wait_for_condition(lambda: len(sorter.sent), 5.0, what="the first command")
-        fresh = svc.executor._belt_ok
-        aged = time.monotonic() - BELT_FRESH_S * 0.6  # still fresh, past half its freshness
-        fresh["c1"] = fresh["s1"] = aged
+        fresh, aged = await _first_pick_then_age_the_belts(svc, sorter)
         belt.gate.clear()  # a status read now waits
         belt.asked.clear()
         svc.submit(PickRequest("W-2", (("K0", 1),), "PS1"), key="k2", principal="p")
@@ -174,11 +183,7 @@ async def test_between_picks_the_belts_seen_running_are_kept_fresh(tmp_path: Pat
     """The first pick after a pause finds its belts fresh, as in a busy minute: belts seen
     running are read again past half their freshness, picks or not."""
     async with running(tmp_path) as (svc, belt, sorter):
-        svc.submit(PickRequest("W-1", (("K0", 1),), "PS1"), key="k1", principal="p")
-        await wait_for_condition(lambda: len(sorter.sent), 5.0, what="the first command")
-        fresh = svc.executor._belt_ok
-        aged = time.monotonic() - BELT_FRESH_S * 0.6  # still fresh, past half its freshness
-        fresh["c1"] = fresh["s1"] = aged
+        fresh, aged = await _first_pick_then_age_the_belts(svc, sorter)
         await wait_for_condition(
             lambda: min(fresh.get("c1", aged), fresh.get("s1", aged)),
             5.0,

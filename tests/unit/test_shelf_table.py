@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller.domain import shelf_table
+from controller.domain.events import ShelfEvent
 from controller.domain.model import ShelfSpec, ShelfStatus
 from controller.domain.shelf_table import ShelfTable
 from controller.domain.stock import ShelfState, ShelfStates, apply_weight, check_stale
@@ -349,6 +350,29 @@ def _count_applies(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _one_shelf_at_once_and_one_by_one(
+    monkeypatch: pytest.MonkeyPatch,
+    ours: ShelfStates,
+    ref: ShelfStates,
+    row: int,
+    spec: ShelfSpec,
+    ts: list[float],
+    grams: list[float],
+) -> tuple[list[int], list[ShelfEvent], list[ShelfEvent]]:
+    """One shelf's readings: ``ref`` one by one, then ``ours`` as one group (counting its
+    `apply` calls); the calls, our events and the reference's."""
+    want = [
+        ev
+        for t, w in zip(ts, grams, strict=True)
+        for ev in ref.table.apply(row, spec, t, w, ts[-1])
+    ]
+    calls = _count_applies(monkeypatch)
+    got, _ = ours.table.apply_group(
+        np.array([row] * len(ts), dtype=np.intp), np.array(ts), np.array(grams), {row: spec}, ts[-1]
+    )
+    return calls, got, want
+
+
 def test_a_new_shelf_fills_its_window_one_by_one_and_the_rest_goes_in_columns(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -360,14 +384,8 @@ def test_a_new_shelf_fills_its_window_one_by_one_and_the_rest_goes_in_columns(
     ours, ref, row = _twins(spec, 0)
     ts = [1_000.0 + i for i in range(40)]
     grams = [1_500.0 + (i % 2) for i in range(20)] + [1_912.0 + (i % 2) for i in range(20)]
-    want = [
-        ev
-        for t, w in zip(ts, grams, strict=True)
-        for ev in ref.table.apply(row, spec, t, w, ts[-1])
-    ]
-    calls = _count_applies(monkeypatch)
-    got, _ = ours.table.apply_group(
-        np.array([row] * len(ts), dtype=np.intp), np.array(ts), np.array(grams), {row: spec}, ts[-1]
+    calls, got, want = _one_shelf_at_once_and_one_by_one(
+        monkeypatch, ours, ref, row, spec, ts, grams
     )
     assert len(calls) == 5  # the window's size
     assert got == want
@@ -383,14 +401,8 @@ def test_a_steady_group_is_computed_in_columns(monkeypatch: pytest.MonkeyPatch) 
     ours, ref, row = _twins(spec, 5)
     ts = [1_005.0 + i for i in range(8)]
     grams = [1_501.0, 1_600.0, 1_600.0, 1_600.0, 1_601.0, 1_600.0, 1_600.0, 1_600.0]
-    want = [
-        ev
-        for t, w in zip(ts, grams, strict=True)
-        for ev in ref.table.apply(row, spec, t, w, ts[-1])
-    ]
-    calls = _count_applies(monkeypatch)
-    got, _ = ours.table.apply_group(
-        np.array([row] * len(ts), dtype=np.intp), np.array(ts), np.array(grams), {row: spec}, ts[-1]
+    calls, got, want = _one_shelf_at_once_and_one_by_one(
+        monkeypatch, ours, ref, row, spec, ts, grams
     )
     assert calls == []
     assert got == want
