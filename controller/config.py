@@ -384,6 +384,13 @@ class ProcessConfig(_Frozen):
     paid at every wake-up and every system call of those threads; a pick's first Modbus write
     under 16k msg/s of ingest took 335 ms at p99 with it and 30 ms with 0.2 ms
     (docs/performance.md)."""
+    gc_young_objects: Annotated[int, Field(ge=700, le=10_000_000)] = 50_000
+    """Python's generation-0 garbage-collection threshold (`gc.set_threshold`) while the
+    runtime runs: new container objects between two young collections. Every 100 young
+    collections a full one stops every thread; with Python's default of 700 that was every
+    0.5–2 s at 20k msg/s, 6–15 ms each (the slowest picks and alerts under load). Objects are
+    still freed by reference counting as soon as they are dropped; only reference cycles wait
+    for a collection."""
 
 
 class SkuConfig(_Frozen):

@@ -238,31 +238,45 @@ class _IngestLink:
         self._gate.release("journal")
 
 
-class _SwitchIntervals:
-    """The interpreter's switch interval while runtimes run in this process: the shortest
-    any running runtime asks for; the value from before the first is restored after the last
-    (a test process runs several runtimes, sometimes at once)."""
+class _InterpreterSetting:
+    """A process-wide interpreter setting while runtimes run in this process: of the values
+    the running runtimes ask for, the one ``pick`` chooses; the value from before the first is
+    restored after the last (a test process runs several runtimes, sometimes at once)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        get: Callable[[], float],
+        put: Callable[[float], None],
+        pick: Callable[[list[float]], float],
+    ) -> None:
+        self._get, self._put, self._pick = get, put, pick
         self._lock = threading.Lock()
         self._asked: list[float] = []
         self._before = 0.0
 
-    def enter(self, seconds: float) -> None:
+    def enter(self, value: float) -> None:
         with self._lock:
             if not self._asked:
-                self._before = sys.getswitchinterval()
-            self._asked.append(seconds)
-            sys.setswitchinterval(min(self._asked))
+                self._before = self._get()
+            self._asked.append(value)
+            self._put(self._pick(self._asked))
 
-    def leave(self, seconds: float) -> None:
+    def leave(self, value: float) -> None:
         with self._lock:
-            if seconds in self._asked:
-                self._asked.remove(seconds)
-            sys.setswitchinterval(min(self._asked) if self._asked else self._before)
+            if value in self._asked:
+                self._asked.remove(value)
+            self._put(self._pick(self._asked) if self._asked else self._before)
 
 
-_SWITCH_INTERVAL = _SwitchIntervals()
+def _set_gc_young(objects: float) -> None:
+    gc.set_threshold(int(objects), *gc.get_threshold()[1:])
+
+
+_SWITCH_INTERVAL = _InterpreterSetting(sys.getswitchinterval, sys.setswitchinterval, min)
+"""The shortest switch interval any running runtime asks for (``[process] switch_interval_ms``)."""
+_GC_YOUNG = _InterpreterSetting(lambda: gc.get_threshold()[0], _set_gc_young, max)
+"""The largest generation-0 threshold any running runtime asks for (``[process]
+gc_young_objects``)."""
 
 
 class Runtime:
@@ -620,6 +634,7 @@ class Runtime:
             # Shorter waits for the interpreter lock for the control and HTTP threads while
             # ingest holds it ([process] switch_interval_ms); the previous value is restored.
             _SWITCH_INTERVAL.enter(self.site.process.switch_interval_ms / 1000)
+            _GC_YOUNG.enter(self.site.process.gc_young_objects)
             self.catalogue_version = settle_catalogue(
                 self.site, self.journal.db, self.catalogue_version, self.clock
             )
@@ -675,6 +690,7 @@ class Runtime:
                 raise
         finally:
             _SWITCH_INTERVAL.leave(self.site.process.switch_interval_ms / 1000)
+            _GC_YOUNG.leave(self.site.process.gc_young_objects)
             stopped = self.control.close(timeout_s=0.5)
             self._main_loop = None
             self.ingest.close()

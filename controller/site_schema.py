@@ -44,6 +44,7 @@ UNITS: Final[dict[tuple[str, str], str]] = {
     ("MqttConfig", "receive_maximum"): "messages",
     ("MqttConfig", "coalesce_ms"): "ms",
     ("MqttConfig", "coalesce_from_msg_s"): "messages/s",
+    ("ProcessConfig", "gc_young_objects"): "objects",
     ("JournalConfig", "max_outbox_rows"): "rows",
     ("JournalConfig", "dead_letter_keep"): "rows",
     ("ApiConfig", "rate_burst"): "requests",

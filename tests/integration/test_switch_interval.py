@@ -1,10 +1,12 @@
 """The runtime shortens the interpreter's thread switch interval while it runs (``[process]
 switch_interval_ms``, default 0.2 ms) and gives the previous one back when it stops: the
 control loop's and the HTTP loop's threads wait that long, not Python's 5 ms, for the
-interpreter lock while ingest holds it."""
+interpreter lock while ingest holds it. The same for the garbage collector's young-generation
+threshold (``[process] gc_young_objects``)."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -72,3 +74,28 @@ async def test_two_runtimes_at_once_leave_the_interval_as_it_was(
     finally:
         await second.__aexit__(None, None, None)
     assert sys.getswitchinterval() == before
+
+
+async def test_the_runtime_runs_with_the_sites_gc_threshold_and_restores_it(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """``[process] gc_young_objects`` is Python's generation-0 threshold while the runtime
+    runs (default 50,000: a full collection, which stops every thread, every few million
+    allocations instead of every ~70,000); the previous thresholds are back after it."""
+    assert ProcessConfig().gc_young_objects == 50_000
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=1)
+    site.write_text(site.read_text() + "\n[process]\ngc_young_objects = 20000\n")
+    before = gc.get_threshold()
+    assert before[0] != 20_000
+    async with ops_server(site):
+        assert gc.get_threshold() == (20_000, *before[1:])
+    assert gc.get_threshold() == before
+
+
+def test_the_gc_threshold_is_bounded(tmp_path: Path) -> None:
+    site = write_small_site(tmp_path, mqtt_port=1883, scales=1)
+    text = site.read_text()
+    for bad in ("0", "699", "10000001", "1.5"):
+        site.write_text(text + f"\n[process]\ngc_young_objects = {bad}\n")
+        with pytest.raises(ConfigError, match="gc_young_objects"):
+            load_site(site)
