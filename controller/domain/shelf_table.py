@@ -758,14 +758,11 @@ class ShelfTable:
                 at = origin[order].tolist()
                 filled: list[tuple[int, int, ShelfEvent]] = []
                 for j, m in zip(filling.tolist(), take.tolist(), strict=True):
-                    row = ulist[j]
-                    spec = specs[row]
                     first_i = int(starts[j])
-                    for i in range(first_i, first_i + m):
-                        for nth, ev in enumerate(
-                            self.apply(row, spec, ts_sorted[i], w_sorted[i], now_s, max_future_s)
-                        ):
-                            filled.append((at[i], nth, ev))
+                    self._one_by_one(
+                        ulist[j], specs, range(first_i, first_i + m), ts_sorted, w_sorted, at,
+                        now_s, max_future_s, filled,
+                    )  # fmt: skip
                     consumed[first_i : first_i + m] = True
                 rest = np.sort(order[~consumed])  # their places in the input: arrival order
                 if len(rest):
@@ -928,14 +925,32 @@ class ShelfTable:
         if len(slow):
             t_list, w_list, order_list = t.tolist(), w.tolist(), at_of.tolist()
             for j in slow.tolist():
-                row = ulist[j]
-                spec = specs[row]
-                for i in range(int(starts[j]), int(ends[j]) + 1):
-                    for nth, ev in enumerate(
-                        self.apply(row, spec, t_list[i], w_list[i], now_s, max_future_s)
-                    ):
-                        tagged.append((order_list[i], nth, ev))
+                self._one_by_one(
+                    ulist[j], specs, range(int(starts[j]), int(ends[j]) + 1), t_list, w_list,
+                    order_list, now_s, max_future_s, tagged,
+                )  # fmt: skip
         return tagged, saved
+
+    def _one_by_one(
+        self,
+        row: int,
+        specs: Mapping[int, ShelfSpec],
+        readings: range,
+        ts_s: list[float],
+        weights_g: list[float],
+        at: list[int],
+        now_s: float,
+        max_future_s: float,
+        out: list[tuple[int, int, ShelfEvent]],
+    ) -> None:
+        """`apply` one shelf's ``readings`` (places in the sorted group), each event tagged
+        with its reading's place in the group (``at``) and its rank among that reading's."""
+        spec = specs[row]
+        for i in readings:
+            for nth, ev in enumerate(
+                self.apply(row, spec, ts_s[i], weights_g[i], now_s, max_future_s)
+            ):
+                out.append((at[i], nth, ev))
 
     def check_stale(self, row: int, spec: ShelfSpec, now_s: float) -> tuple[ShelfEvent, ...]:
         """STALE (one event) when the row's newest reading is older than ``stale_after_s`` at

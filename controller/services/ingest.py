@@ -109,6 +109,8 @@ _channels = operator.attrgetter("channels")
 _max_weight = operator.attrgetter("max_weight_g")
 _first_item = operator.itemgetter(0)
 _second = operator.itemgetter(1)
+_NO_CURSOR: Final = (0, -1)
+"""(epoch, seq) compared for a device without a cursor (its result is not used)."""
 """The column path's C-level field readers (`IngestService._in_columns`)."""
 
 # Per-reading rows built with tuple.__new__ straight: a NamedTuple's own __new__ is a Python
@@ -460,22 +462,16 @@ class IngestService:
         starts = np.searchsorted(codes[order], np.arange(len(names)))
         following = np.ones(n, dtype=np.bool_)
         following[starts] = False
+        known: list[Any] = [_NO_CURSOR if c is None else c for c in olds] if fresh else olds
+        first_ok = (seq_s[starts] == np.array(list(map(_second, known))) + 1) & (
+            epoch_s[starts] == np.array(list(map(_first_item, known)))
+        )
         if fresh:
-            known = [c is not None for c in olds]
-            old_seq = np.array([c[1] if c is not None else -1 for c in olds])
-            old_epoch = np.array([c[0] if c is not None else 0 for c in olds])
-            first_ok = (
-                ((seq_s[starts] == old_seq + 1) & (epoch_s[starts] == old_epoch)) | ~np.array(known)
-            ).all()
-        else:
-            first_ok = (
-                (seq_s[starts] == np.array(list(map(_second, olds))) + 1).all()  # type: ignore[arg-type]
-                and (epoch_s[starts] == np.array(list(map(_first_item, olds)))).all()  # type: ignore[arg-type]
-            )
+            first_ok |= np.array([c is None for c in olds])
         if not (
             (np.diff(seq_s) == 1)[following[1:]].all()
             and (np.diff(epoch_s) == 0)[following[1:]].all()
-            and first_ok
+            and first_ok.all()
         ):
             return False
 

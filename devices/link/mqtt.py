@@ -824,10 +824,6 @@ class MqttLink(LinkSupervisor):
             conn.linger.cancel()
         if not conn.closing:
             self._release(conn)
-        if conn.hold is not None:
-            conn.hold.cancel()
-            conn.hold = None
-        if not conn.closing:
             conn.closing = True
             conn.evicted = exc is None and conn.connected
             conn.close_reason = (
@@ -980,16 +976,21 @@ class MqttLink(LinkSupervisor):
         self.stats.reads_held += 1
         return True
 
-    def _release(self, conn: _Connection) -> None:
-        """Hand the held reads over (the hold's time is up, they are large enough, or the
-        connection is closing: they were received, so they are delivered)."""
+    def _drop_held(self, conn: _Connection) -> None:
+        """Forget the held reads (the consumer failed: they are not acked, the broker sends
+        them again) and their timer."""
         if conn.hold is not None:
             conn.hold.cancel()
             conn.hold = None
+        conn.held = []
+        conn.held_bytes = 0
+
+    def _release(self, conn: _Connection) -> None:
+        """Hand the held reads over (the hold's time is up, they are large enough, or the
+        connection is closing: they were received, so they are delivered)."""
         held = conn.held
+        self._drop_held(conn)
         if held:
-            conn.held = []
-            conn.held_bytes = 0
             self._hand_over(conn, held)
 
     def _arrive(self, messages: list[MqttMessage], parser: PacketParser) -> None:
@@ -1026,7 +1027,7 @@ class MqttLink(LinkSupervisor):
             # it could be acked on this connection either: close it (acks already sent stay
             # valid) and let the broker redeliver the batch and everything after it.
             self.stats.callback_errors += 1
-            conn.held = []
+            self._drop_held(conn)
             if self.stats.callback_errors == 1:
                 self._log.exception(
                     "%s on_messages failed; batch of %d not acked, reconnecting for its "
