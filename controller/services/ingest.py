@@ -399,15 +399,24 @@ class IngestService:
             grams_field = list(map(_grams_field, docs))
         except KeyError:
             return False
-        if set(map(len, docs)) == {4}:  # the four fields only: no "ch", no "epoch"
-            channels: list[Any] = [0] * len(docs)
+        # Each reading's device must be the scale of its message's topic (so the scale's
+        # limits are the device's): one list comparison, which also makes every device a str.
+        topic_ids = list(map(_id, scales))
+        if devices != (
+            topic_ids
+            if counts is None
+            else list(itertools.chain.from_iterable(map(itertools.repeat, topic_ids, counts)))
+        ):
+            return False
+        four = set(map(len, docs)) == {4}  # the four fields only: no "ch", no "epoch"
+        if four:
+            channels: list[Any] = []
             epochs: list[Any] = channels
         else:
             channels = [d.get("ch", 0) for d in docs]
             epochs = [d.get("epoch", 0) for d in docs]
         if (
-            set(map(type, devices)) != {str}
-            or set(map(type, seqs)) != {int}
+            set(map(type, seqs)) != {int}
             or not set(map(type, channels)) <= {int}
             or not set(map(type, epochs)) <= {int}
             or not set(map(type, ts_field)) <= {float, int}
@@ -416,25 +425,23 @@ class IngestService:
             return False
         try:
             seq_a = np.array(seqs, dtype=np.int64)
-            channel_a = np.array(channels, dtype=np.int64)
-            epoch_a = np.array(epochs, dtype=np.int64)
+            if four:
+                channel_a = np.zeros(len(docs), dtype=np.int64)
+                epoch_a = np.zeros(len(docs), dtype=np.int64)
+            else:
+                channel_a = np.array(channels, dtype=np.int64)
+                epoch_a = np.array(epochs, dtype=np.int64)
             ts_a = np.array(ts_field, dtype=np.float64)
             grams_a = np.array(grams_field, dtype=np.float64)
         except OverflowError:
             return False
-        # Devices by code (their order of first appearance); each reading's device must be
-        # the scale of its message's topic, so the scale's limits are the device's.
-        names = list(dict.fromkeys(devices))
+        # Devices by code, in their order of first appearance.
+        names = list(dict.fromkeys(topic_ids))
         code = dict(zip(names, range(len(names)), strict=True))
-        codes = np.array(list(map(code.__getitem__, devices)), dtype=np.intp)
-        topic_code = np.array(
-            list(map(code.get, map(_id, scales), itertools.repeat(-1))), dtype=np.intp
-        )
+        codes = np.array(list(map(code.__getitem__, topic_ids)), dtype=np.intp)
         if counts is not None:
-            topic_code = np.repeat(topic_code, counts)
-        if (codes != topic_code).any():
-            return False
-        scale_of = dict(zip(map(_id, scales), scales, strict=True))
+            codes = np.repeat(codes, counts)
+        scale_of = dict(zip(topic_ids, scales, strict=True))
         device_scales = list(map(scale_of.__getitem__, names))
         if max(map(len, names)) > 64:  # (a device name the payload rules refuse)
             return False

@@ -24,6 +24,7 @@ from controller.config import load_site
 from controller.domain.events import AlertNotice, AlertRaised, OrderException, OrderStateChanged
 from controller.domain.model import OrderState, ShelfStatus
 from controller.runtime import Runtime
+from controller.services import pick_executor
 from controller.services.picking import PickRequest
 from devices.link.state import LinkState
 from devices.registers import load_builtin_map
@@ -812,13 +813,17 @@ async def test_b7_stop_overtakes_a_flood_of_picks(
 
 
 async def test_b6_cmd_ids_move_above_a_plc_that_is_ahead(
-    mosquitto: MosquittoBroker, tmp_path: Path
+    mosquitto: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """B6: the sorter knows ids above the journal's counter (here: written by hand, as an
     integrator commissioning the mailbox would; a restored journal or a replaced host looks
     the same). On connect the counter moves above the PLC's ack_id, journaled, before the
     first pick; a hand write while connected, and one after a PLC restart (new epoch), are
     overtaken too: every pick executes exactly once, none is refused."""
+    # No background status read of the running belts between picks (`_keep_belts_fresh`):
+    # one that came between the hand write and the next pick would move the counter before
+    # it (also right, but not the path under test: the PLC's DUPLICATE and the renumbering).
+    monkeypatch.setattr(pick_executor, "BELT_FRESH_S", 3600.0)
     conveyor = ConveyorPlc("conveyor-1")
     sorter = SorterPlc("sorter-1", speed=20.0, lane_drain_s=0.0)
     body = {**ORDER, "lines": [{"sku": "K0", "qty": 1}]}

@@ -554,6 +554,7 @@ _element = st.tuples(
     st.sampled_from([10, 10, 10, 11, 30]),  # units on the shelf
     st.sampled_from([0.0, 0.0, 1.0, -1.0, 5.0, 900.0]),  # noise, a spike
     st.sampled_from([0.5, 0.5, 1.0, 0.0, 40.0]),  # seconds after the previous reading
+    st.sampled_from([False] * 40 + [True]),  # the reading names another device than its topic
 )
 _message = st.sampled_from([1] * 12 + [3] * 3 + [0]).flatmap(
     lambda n: st.lists(_element, min_size=n, max_size=n)  # 0: a poison message; 3: a batch
@@ -573,7 +574,7 @@ _message = st.sampled_from([1] * 12 + [3] * 3 + [0]).flatmap(
 def test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading(
     tmp_path_factory: pytest.TempPathFactory,
     site: SiteConfig,
-    groups: list[tuple[list[list[tuple[int, int, int, int, float, float]]], float]],
+    groups: list[tuple[list[list[tuple[int, int, int, int, float, float, bool]]], float]],
 ) -> None:
     base = tmp_path_factory.mktemp("columns")
     ours, ref = Harness(base / "ours", site), Harness(base / "ref", site)
@@ -586,7 +587,7 @@ def test_a_group_in_columns_is_journaled_and_published_as_reading_by_reading(
 def _columns_against_one_by_one(
     ours: Harness,
     ref: Harness,
-    groups: list[tuple[list[list[tuple[int, int, int, int, float, float]]], float]],
+    groups: list[tuple[list[list[tuple[int, int, int, int, float, float, bool]]], float]],
 ) -> None:
     for h in (ours, ref):
         # A scale factor on one channel (its grams are multiplied) and an unused channel
@@ -621,12 +622,13 @@ def _columns_against_one_by_one(
                     continue
                 device = _DEVICES[elements[0][0]]  # a message's readings are one device's
                 objs = []
-                for _, ch, step, units, noise, dt in elements:
+                for _, ch, step, units, noise, dt, other in elements:
                     seqs[device] = max(0, seqs[device] + step)
                     ts += dt
                     tare, unit = _UNIT.get((device, ch), (1000.0, 100.0))
+                    claimed = _DEVICES[(_DEVICES.index(device) + 1) % 3] if other else device
                     objs.append(
-                        {"device": device, "ch": ch, "seq": seqs[device], "ts": ts,
+                        {"device": claimed, "ch": ch, "seq": seqs[device], "ts": ts,
                          "grams": tare + units * unit + noise}
                     )  # fmt: skip
                 body = orjson.dumps(objs[0] if len(objs) == 1 else objs)

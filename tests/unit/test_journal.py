@@ -570,3 +570,76 @@ def test_a_group_in_columns_is_a_block_of_the_same_readings(tmp_path: Path) -> N
         j.commit(_columns(3, seq_type="i"))  # a 32-bit seq column is refused, not misread
     assert j.count("readings") == 7
     j.close()
+
+
+def _wal_salts(path: Path) -> bytes:
+    """The salts of the WAL's header: new ones each time the WAL starts over."""
+    with open(f"{path}-wal", "rb") as f:
+        return f.read(32)[16:24]
+
+
+def _order(n: int) -> dict[str, object]:
+    return {
+        "order_id": f"o-{n}", "channel": "api", "external_id": f"e-{n}", "state": "PICKING",
+        "updated_ts": 1.0, "tasks": [{"cmd_id": n, "tote": n}],
+    }  # fmt: skip
+
+
+def test_after_a_complete_checkpoint_the_checkpoint_thread_starts_the_wal_over(
+    tmp_path: Path,
+) -> None:
+    """SQLite starts the WAL over at the first commit that finds all of it copied, and that
+    commit syncs the new WAL header (~1 ms, even with synchronous=NORMAL): with a checkpoint
+    every 0.25 s, an order commit every few rounds paid it. On a quiet journal the checkpoint
+    thread starts it over first: the next order commits append to the WAL as it stands (its
+    salts stay), and a journal nobody writes is not written every round."""
+    path = tmp_path / "j.sqlite"
+    j = Journal(path)
+    j.open()
+    desk = j.second_connection(priority=True)
+    desk.open_second()
+    try:
+        for n in range(3):
+            desk.commit_orders([_order(n)], counters={"order": n})
+        wait_for_condition_sync(lambda: j.wal_prestarts, timeout_s=5.0, what="a WAL pre-start")
+        assert j.checkpoint_error is None
+        salts = _wal_salts(path)
+        desk.commit_orders([_order(3)], counters={"order": 3})
+        assert _wal_salts(path) == salts, "the order commit started the WAL over itself"
+        # A quiet journal: after the pre-start's frames are copied, no more pre-starts.
+        prestarts = j.wal_prestarts
+        rounds = j.checkpoints
+        wait_for_condition_sync(
+            lambda: j.checkpoints >= rounds + 3, timeout_s=5.0, what="three checkpoint rounds"
+        )
+        assert j.wal_prestarts <= prestarts + 1  # the one for order 3's commit
+        stable = j.wal_prestarts
+        rounds = j.checkpoints
+        wait_for_condition_sync(
+            lambda: j.checkpoints >= rounds + 3, timeout_s=5.0, what="three more rounds"
+        )
+        assert j.wal_prestarts == stable
+        assert desk.order_by_external("api", "e-3") is not None
+    finally:
+        desk.close()
+        j.close()
+
+
+def test_under_ingest_load_the_next_group_commit_starts_the_wal_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More ordinary commits in a round than WAL_PRESTART_MAX_TURNS: no pre-start (it would
+    sync ingest's unsynced frames while holding the writer turn)."""
+    monkeypatch.setattr(journal_module, "WAL_PRESTART_MAX_TURNS", -1)  # every round is busy
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    try:
+        for g in range(5):
+            j.commit([row(g * 100 + i) for i in range(100)])
+        rounds = j.checkpoints
+        wait_for_condition_sync(
+            lambda: j.checkpoints >= rounds + 3, timeout_s=5.0, what="three checkpoint rounds"
+        )
+        assert j.wal_prestarts == 0
+    finally:
+        j.close()
