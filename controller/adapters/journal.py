@@ -308,8 +308,8 @@ WAL_PRESTART_MAX_TURNS = 5
 """The checkpoint thread starts the WAL over itself (`Journal._prestart_wal`) after a round
 that ended in a complete checkpoint with at most this many ordinary commits (ingest's groups)
 in it. Under ingest load the next group commit starts the WAL over within milliseconds, and a
-pre-start there would sync the WAL with all of ingest's unsynced frames in it while holding
-the writer turn (several ms, which a pick's commit then waited for: measured)."""
+pre-start there held the writer turn for milliseconds (its sync, with ingest writing): the
+picks' commits waited for it, and their p99 under load doubled (measured)."""
 
 SECURE_DELETE = "FAST"
 """``PRAGMA secure_delete`` of the journal's connections. Debian's SQLite is built with
@@ -732,9 +732,9 @@ class Journal:
         self.checkpoints = 0
         self.wal_restarts = 0
         self.wal_prestarts = 0
-        self._taken_after_prestart = -1  # the writer turns taken when the last pre-start ended
         """WALs started over by the checkpoint thread after a complete checkpoint
         (`_prestart_wal`)."""
+        self._taken_after_prestart = -1  # the writer turns taken when the last pre-start ended
         self.wal_restarts_busy = 0
         """WAL restarts that gave up behind a reader on an older snapshot (`RESTART_RETRY_S`)."""
         self.wal_restart_s = 0.0
