@@ -14,6 +14,7 @@ body does not carry it.
 
 from __future__ import annotations
 
+import functools
 import typing
 from dataclasses import MISSING, dataclass, fields
 from enum import Enum
@@ -37,12 +38,10 @@ class Value:
         return cls(**{f.name: body[f.name] for f in fields(cls)})  # type: ignore[arg-type]
 
 
-_WIRE_FIELDS: dict[type, tuple[tuple[str, str, bool], ...]] = {}
-"""Per event class: (field, wire name, left off while None) of each field, in order; filled
-at a class's first ``as_dict`` (``dataclasses.fields`` per call was a tenth of an event's cost)."""
-
-
+@functools.cache
 def _wire_fields(cls: type[Event]) -> tuple[tuple[str, str, bool], ...]:
+    """Per event class: (field, wire name, left off while None) of each field, in order
+    (``dataclasses.fields`` per ``as_dict`` call was a tenth of an event's cost)."""
     return tuple(
         (f.name, cls.WIRE_NAMES.get(f.name, f.name), f.name in cls.OMIT_NONE)
         for f in fields(cls)  # type: ignore[arg-type]
@@ -68,10 +67,7 @@ class Event:
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe dict with ``kind`` first."""
         out: dict[str, Any] = {"kind": self.kind}
-        wire = _WIRE_FIELDS.get(type(self))
-        if wire is None:
-            wire = _WIRE_FIELDS[type(self)] = _wire_fields(type(self))
-        for name, wire_name, omit_none in wire:
+        for name, wire_name, omit_none in _wire_fields(type(self)):  # type: ignore[arg-type]
             value = getattr(self, name)
             if value is None:
                 if omit_none:

@@ -109,9 +109,9 @@ _channels = operator.attrgetter("channels")
 _max_weight = operator.attrgetter("max_weight_g")
 _first_item = operator.itemgetter(0)
 _second = operator.itemgetter(1)
+"""The column path's C-level field readers (`IngestService._in_columns`)."""
 _NO_CURSOR: Final = (0, -1)
 """(epoch, seq) compared for a device without a cursor (its result is not used)."""
-"""The column path's C-level field readers (`IngestService._in_columns`)."""
 
 # Per-reading rows built with tuple.__new__ straight: a NamedTuple's own __new__ is a Python
 # function (a frame per call); these are C calls. The argument is the fields' tuple, in order.
@@ -495,11 +495,20 @@ class IngestService:
         if fresh:
             first_seq = seq_s[starts].tolist()
             first_epoch = epoch_s[starts].tolist()
-            counts = (ends - starts + 1).tolist()
+            per_device = (ends - starts + 1).tolist()  # each device's readings in the group
             for i, cur in enumerate(olds):
                 if cur is None:
                     cursors[names[i]] = _cursor(
-                        (first_epoch[i], last_seq[i], newest[i], counts[i], first_seq[i], (), 0, 0)
+                        (
+                            first_epoch[i],
+                            last_seq[i],
+                            newest[i],
+                            per_device[i],
+                            first_seq[i],
+                            (),
+                            0,
+                            0,
+                        )
                     )
         for device, cur, seq, ts_s in zip(names, olds, last_seq, newest, strict=True):
             if cur is None:
