@@ -21,6 +21,7 @@ from tests.fork_server import ForkedController, ForkServer
 from tests.loadgen import AckedPublisher
 from tests.mosquitto import MosquittoBroker
 from tests.sites import write_small_site
+from tests.waiting import wait_for_condition
 
 pytestmark = pytest.mark.slow
 
@@ -97,8 +98,17 @@ async def test_broker_restart_under_load_resumes_the_session_and_loses_nothing(
     finally:
         await asyncio.to_thread(pub.stop)
     await ctl.wait_applied(pub.max_seq())
-    health = await ctl.get("/api/v1/health")
-    assert health["mqtt"]["state"] == "up"
+    # Everything applied does not mean the link is up yet: mosquitto sends a resumed
+    # session's queued messages before the SUBACK, and the link is "connecting" until that
+    # arrives (CI caught the health read in between once). Wait for the state, bounded.
+    health = await wait_for_condition(
+        lambda: ctl.get("/api/v1/health"),
+        10,
+        what="the MQTT link up again after the broker restart",
+        until=lambda h: h["mqtt"]["state"] == "up",
+        interval_s=0.05,
+        context=ctl.tail,
+    )
     assert health["mqtt"]["connects"] >= 2
     assert health["mqtt"]["session_present"] is True
     assert await ctl.stop() == 0

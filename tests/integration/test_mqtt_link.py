@@ -497,6 +497,39 @@ async def test_a_large_backlog_is_handed_over_in_bounded_slices_in_order(
     assert relink.stats.acks_sent == 3000
 
 
+async def test_a_resumed_backlog_is_handed_over_before_the_suback_while_connecting(
+    broker: MosquittoBroker,
+) -> None:
+    """mosquitto sends a resumed session's queued messages right after the CONNACK, before
+    it answers our SUBSCRIBE: the link hands them over (and acks them) while its state is
+    still CONNECTING, and is UP once the SUBACK arrives. So "every message applied" does not
+    imply "the link is up": a caller that needs UP waits for it (the broker-restart test in
+    test_ingest_faults.py read health in between once)."""
+    link = make_link(broker.port, Collector())
+    async with running(link):
+        await link.wait_up(5)
+    await publish(broker.port, numbered(2000))  # queued in the session while we are away
+
+    states: list[LinkState] = []
+    relink: MqttLink | None = None
+
+    class States(Collector):
+        def __call__(self, batch: list[MqttMessage]) -> None:
+            assert relink is not None
+            states.append(relink.state)
+            super().__call__(batch)
+
+    second = States()
+    relink = make_link(broker.port, second)
+    async with running(relink):
+        await second.wait_until(lambda ms: len(ms) >= 2000, 20)
+        await relink.wait_up(5)
+    assert relink.session_present
+    assert states[0] == LinkState.CONNECTING, states[:5]
+    assert [int(p) for p in second.payloads()] == list(range(2000))
+    assert relink.stats.acks_sent == 2000
+
+
 # -- small reads held under load (`coalesce_s`) -------------------------------------------------
 
 
