@@ -345,10 +345,60 @@ ROWS_PER_STATEMENT: Final = 256
 32,766)."""
 
 
-@functools.lru_cache(maxsize=64)
-def _rows_sql(head: str, width: int, rows: int, tail: str) -> str:
+def _values_sql(head: str, width: int, rows: int, tail: str = "") -> str:
     one = "(" + ",".join("?" * width) + ")"
     return f"{head} VALUES {','.join([one] * rows)}{tail}"
+
+
+_rows_sql = functools.lru_cache(maxsize=64)(_values_sql)
+
+
+_ORDER_COMMIT_OBJECTS: Final = (
+    "CREATE TEMP VIEW IF NOT EXISTS order_commit(kind, a, b, c, d, e, f, g) AS "
+    "SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL WHERE 0",
+    "CREATE TEMP TRIGGER IF NOT EXISTS order_commit_order INSTEAD OF INSERT ON order_commit "
+    "WHEN NEW.kind = 0 BEGIN "
+    "INSERT INTO orders(order_id, channel, external_id, state, open, updated_ts, body) "
+    "VALUES (NEW.a, NEW.b, NEW.c, NEW.d, NEW.e, NEW.f, NEW.g) "
+    "ON CONFLICT(order_id) DO UPDATE SET state=excluded.state, open=excluded.open, "
+    "updated_ts=excluded.updated_ts, body=excluded.body; END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS order_commit_counter INSTEAD OF INSERT ON order_commit "
+    "WHEN NEW.kind = 1 BEGIN "
+    "INSERT INTO counters(name, value) VALUES (NEW.a, NEW.b) "
+    "ON CONFLICT(name) DO UPDATE SET value=max(value, excluded.value); END",
+    # REPLACE: a key past its TTL may be used again (not yet trimmed here).
+    "CREATE TEMP TRIGGER IF NOT EXISTS order_commit_key INSTEAD OF INSERT ON order_commit "
+    "WHEN NEW.kind = 2 BEGIN "
+    "INSERT OR REPLACE INTO idempotency(key, principal, digest, status, order_id, created_ts) "
+    "VALUES (NEW.a, NEW.b, NEW.c, NEW.d, NEW.e, NEW.f); END",
+    "CREATE TEMP TRIGGER IF NOT EXISTS order_commit_event INSTEAD OF INSERT ON order_commit "
+    "WHEN NEW.kind = 3 BEGIN "
+    "INSERT INTO events(ts, kind, body) VALUES (NEW.a, NEW.b, NEW.c); END",
+)
+"""An order commit as rows of one INSERT into a view of the connection's own (TEMP: nothing
+in the file; made when the connection opens): a trigger per row kind (0 order, 1 counter, 2
+idempotency key, 3 event) writes it to its table, in the rows' order, with the values bound
+as they are (no text round trip). Why: an order commit is written on the control loop's
+thread, and Python's sqlite3 hands the interpreter lock to ingest around every statement
+step; under load each hand-back costs up to a switch interval. Up to `ROWS_PER_STATEMENT`
+rows, the commit is that one statement (its own transaction): one hand-back instead of eight
+(BEGIN, a statement per table and per piece of events, COMMIT)."""
+
+_ORDER_COMMIT_HEAD: Final = "INSERT INTO order_commit(kind, a, b, c, d, e, f, g)"
+
+_ORDER_COMMIT_WIDTH: Final = 8
+
+
+@functools.lru_cache(maxsize=32)
+def _order_commit_sql(rows: int) -> str:
+    """The one-statement order commit of ``rows`` rows (their own texts: ingest's statements
+    keep `_rows_sql`'s cache)."""
+    return _values_sql(_ORDER_COMMIT_HEAD, _ORDER_COMMIT_WIDTH, rows)
+
+
+def _prepare_order_commit(db: sqlite3.Connection) -> None:
+    for stmt in _ORDER_COMMIT_OBJECTS:
+        db.execute(stmt)
 
 
 def execute_rows(
@@ -650,6 +700,34 @@ def _read_head(path: Path, n: int) -> bytes:
         return b""
 
 
+def _order_commit_rows(
+    orders: Sequence[dict[str, Any]],
+    counters: dict[str, int] | None,
+    idempotency: Sequence[IdempotencyRow],
+) -> list[tuple[Any, ...]]:
+    """The ``order_commit`` rows (kind, a … g) of an order commit but its events: orders,
+    then counters, then idempotency keys, as the order desk hands them over."""
+    rows: list[tuple[Any, ...]] = [
+        (
+            0,
+            o["order_id"],
+            o["channel"],
+            o["external_id"],
+            o["state"],
+            1 if o["state"] in _OPEN_ORDER_STATES else 0,
+            o["updated_ts"],
+            orjson.dumps(o),
+        )
+        for o in orders
+    ]
+    if counters:
+        rows.extend(
+            (1, name, value, None, None, None, None, None) for name, value in counters.items()
+        )
+    rows.extend((2, *key, None) for key in idempotency)
+    return rows
+
+
 class WriterTurns:
     """The write transactions of one process, one at a time, and the priority ones first.
 
@@ -803,6 +881,7 @@ class Journal:
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.execute("PRAGMA wal_autocheckpoint=0")
             db.execute(f"PRAGMA secure_delete={SECURE_DELETE}")
+            _prepare_order_commit(db)
         except sqlite3.Error as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from exc
         self._db = db
@@ -865,6 +944,7 @@ class Journal:
             if integrity != "ok":
                 raise JournalError(f"journal {self.path} failed its integrity check: {integrity}")
             self.migrated = _migrate(db, self.path)
+            _prepare_order_commit(db)
         except sqlite3.Error as exc:
             db.close()
             self.close()
@@ -1089,10 +1169,15 @@ class Journal:
 
     # -- writes ----------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, what: str, *, one_statement: bool = False
+    ) -> Iterator[sqlite3.Connection]:
         """BEGIN … COMMIT; on any failure (a bad value included) roll back — never leave a
         transaction open — and raise JournalError (its cause is the original error):
-        JournalUnavailable when the file cannot be written just now."""
+        JournalUnavailable when the file cannot be written just now. ``one_statement``: the
+        block runs one statement, which is its own transaction (no BEGIN, no COMMIT: SQLite
+        takes the write lock, through the busy handler, before the statement writes, and
+        undoes all of it if it fails)."""
         db = self.db
         # The connections of this process take turns (`WriterTurns`) first: a waiter is
         # woken the moment the holder commits (SQLite's busy handler would poll with sleeps
@@ -1105,10 +1190,14 @@ class Journal:
             )
         try:
             # IMMEDIATE: the write lock is taken (through the busy handler) at BEGIN, so a
-            # second connection's commit can never make this one fail half-way.
-            db.execute("BEGIN IMMEDIATE")
-            yield db
-            db.execute("COMMIT")
+            # second connection's commit can never make this one fail half-way. A writing
+            # statement outside a transaction takes it the same way before it reads.
+            if one_statement:
+                yield db
+            else:
+                db.execute("BEGIN IMMEDIATE")
+                yield db
+                db.execute("COMMIT")
         except (sqlite3.Error, OverflowError, ValueError, TypeError) as exc:
             if db.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
@@ -1434,65 +1523,30 @@ class Journal:
     ) -> None:
         """Upsert order bodies (``Order.as_dict()``), counters (sorter cmd ids, totes),
         idempotency keys and their events in one transaction; JournalError if nothing was
-        written. A second order with the same (channel, external_id) is a JournalError too."""
+        written. A second order with the same (channel, external_id) is a JournalError too.
+
+        Written through the connection's ``order_commit`` view (`_ORDER_COMMIT_OBJECTS`): up
+        to `ROWS_PER_STATEMENT` rows as one statement, which SQLite commits on its own; more
+        in pieces inside BEGIN IMMEDIATE … COMMIT."""
+        rows = _order_commit_rows(orders, counters, idempotency)
+        rows.extend(
+            (3, e.ts_s, e.kind, orjson.dumps(e.body), None, None, None, None) for e in events
+        )
+        if not rows:
+            return
         try:
-            with self._transaction("order commit") as db:
-                self._commit_orders(db, orders, counters, idempotency, events)
+            if len(rows) <= ROWS_PER_STATEMENT:
+                with self._transaction("order commit", one_statement=True) as db:
+                    db.execute(_order_commit_sql(len(rows)), [v for row in rows for v in row])
+            else:
+                with self._transaction("order commit") as db:
+                    execute_rows(db, _ORDER_COMMIT_HEAD, _ORDER_COMMIT_WIDTH, rows)
         except JournalError as exc:
             cause = exc.__cause__
             if isinstance(cause, sqlite3.IntegrityError) and "orders.channel" in str(cause):
                 raise DuplicateOrderError(f"order commit refused: {cause}") from cause
             raise
         self._add_rows(len(events))
-
-    @staticmethod
-    def _commit_orders(
-        db: sqlite3.Connection,
-        orders: Sequence[dict[str, Any]],
-        counters: dict[str, int] | None,
-        idempotency: Sequence[IdempotencyRow],
-        events: Sequence[EventRow],
-    ) -> None:
-        # Multi-row statements (`execute_rows`): the order desk commits on the control loop's
-        # thread, and each statement step hands the interpreter lock to ingest.
-        if orders:
-            execute_rows(
-                db,
-                "INSERT INTO orders(order_id, channel, external_id, state, open, updated_ts, body)",
-                7,
-                [
-                    (
-                        o["order_id"],
-                        o["channel"],
-                        o["external_id"],
-                        o["state"],
-                        1 if o["state"] in _OPEN_ORDER_STATES else 0,
-                        o["updated_ts"],
-                        orjson.dumps(o),
-                    )
-                    for o in orders
-                ],
-                " ON CONFLICT(order_id) DO UPDATE SET state=excluded.state, open=excluded.open, "
-                "updated_ts=excluded.updated_ts, body=excluded.body",
-            )
-        if counters:
-            execute_rows(
-                db,
-                "INSERT INTO counters(name, value)",
-                2,
-                list(counters.items()),
-                " ON CONFLICT(name) DO UPDATE SET value=max(value, excluded.value)",
-            )
-        if idempotency:
-            execute_rows(
-                db,
-                # REPLACE: a key past its TTL may be used again (not yet trimmed here).
-                "INSERT OR REPLACE INTO idempotency(key, principal, digest, status, order_id, "
-                "created_ts)",
-                6,
-                idempotency,
-            )
-        _insert_events(db, events)
 
     def open_orders(self) -> list[dict[str, Any]]:
         """Bodies of the orders still open (restart reconciliation), oldest first."""

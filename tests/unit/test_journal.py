@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
 
 from controller import ports
@@ -642,4 +643,137 @@ def test_under_ingest_load_the_next_group_commit_starts_the_wal_over(
         )
         assert j.wal_prestarts == 0
     finally:
+        j.close()
+
+
+def _order_commit_inputs(
+    n: int, state: str = "PICKING"
+) -> tuple[list[dict[str, object]], dict[str, int], list[ports.IdempotencyRow], list[EventRow]]:
+    orders = [{**_order(i), "state": state, "updated_ts": 1.0 + i / 3} for i in range(n)]
+    # The second commit's counters are lower for some names: the higher value is kept.
+    counters = {f"cmd:s{i % 7}": i - 3 * (state != "PICKING") * (i % 2) for i in range(n)}
+    keys = [
+        ports.IdempotencyRow(f"k{i}", "floor", f"d{i}", 201, f"o-{i}", 2.0 + i / 7)
+        for i in range(n)
+    ]
+    events = [
+        EventRow(3.0 + i / 11, "order_state", {"order_id": f"o-{i}", "n": i}) for i in range(2 * n)
+    ]
+    return orders, counters, keys, events  # type: ignore[return-value]
+
+
+def _order_tables(db: sqlite3.Connection) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of the order commit's tables with each value's storage class."""
+    out = {}
+    for table, cols in (
+        ("orders", "order_id, channel, external_id, state, open, updated_ts, body"),
+        ("counters", "name, value"),
+        ("idempotency", "key, principal, digest, status, order_id, created_ts"),
+        ("events", "id, ts, kind, body"),
+    ):
+        typed = ", ".join(f"{c}, typeof({c})" for c in cols.split(", "))
+        out[table] = db.execute(f"SELECT {typed} FROM {table} ORDER BY rowid").fetchall()
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 60])  # 60: 300 rows, more than one statement carries
+def test_an_order_commit_writes_what_a_statement_per_table_wrote(tmp_path: Path, n: int) -> None:
+    """The order commit goes through the connection's ``order_commit`` view (a trigger per
+    row kind): the file holds the same rows, values and storage classes as the statements per
+    table wrote before (the previous version reads it), upserts included (a second commit
+    moves the orders on, keeps the higher counter, replaces the keys)."""
+    got, want = Journal(tmp_path / "got.sqlite"), Journal(tmp_path / "want.sqlite")
+    got.open()
+    want.open()
+    desk = got.second_connection(priority=True)
+    desk.open_second()
+    try:
+        for state in ("PICKING", "SORTED"):
+            orders, counters, keys, events = _order_commit_inputs(n, state)
+            desk.commit_orders(orders, counters=counters, idempotency=keys, events=events)
+            db = want.db
+            db.execute("BEGIN")
+            db.executemany(
+                "INSERT INTO orders(order_id, channel, external_id, state, open, updated_ts, "
+                "body) VALUES (?,?,?,?,?,?,?) ON CONFLICT(order_id) DO UPDATE SET "
+                "state=excluded.state, open=excluded.open, updated_ts=excluded.updated_ts, "
+                "body=excluded.body",
+                [
+                    (
+                        o["order_id"],
+                        o["channel"],
+                        o["external_id"],
+                        o["state"],
+                        int(o["state"] == "PICKING"),
+                        o["updated_ts"],
+                        orjson.dumps(o),
+                    )
+                    for o in orders
+                ],
+            )
+            db.executemany(
+                "INSERT INTO counters(name, value) VALUES (?,?) "
+                "ON CONFLICT(name) DO UPDATE SET value=max(value, excluded.value)",
+                list(counters.items()),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO idempotency(key, principal, digest, status, order_id, "
+                "created_ts) VALUES (?,?,?,?,?,?)",
+                keys,
+            )
+            db.executemany(
+                "INSERT INTO events(ts, kind, body) VALUES (?,?,?)",
+                [(e.ts_s, e.kind, orjson.dumps(e.body)) for e in events],
+            )
+            db.execute("COMMIT")
+        assert _order_tables(desk.db) == _order_tables(want.db)
+        assert len(_order_tables(desk.db)["events"]) == 4 * n
+    finally:
+        desk.close()
+        got.close()
+        want.close()
+
+
+def test_an_order_commit_is_one_statement(tmp_path: Path) -> None:
+    """A pick's order commit (an order, its counters, its key, its events) is one statement,
+    no BEGIN or COMMIT: on the control loop's thread each statement hands the interpreter
+    lock to ingest (up to a switch interval back under load)."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    desk = j.second_connection(priority=True)
+    desk.open_second()
+    try:
+        orders, counters, keys, events = _order_commit_inputs(1)
+        seen: list[str] = []
+        desk.db.set_trace_callback(seen.append)  # once per statement and per trigger run
+        desk.commit_orders(orders, counters=counters, idempotency=keys, events=events)
+        desk.db.set_trace_callback(None)
+        assert len(set(seen)) == 1, seen
+        assert seen[0].startswith("INSERT INTO order_commit"), seen[0]
+        assert not desk.db.in_transaction
+        assert desk.order("o-0") == orders[0]
+    finally:
+        desk.close()
+        j.close()
+
+
+@pytest.mark.parametrize("n", [2, 60])
+def test_a_refused_order_commit_writes_nothing(tmp_path: Path, n: int) -> None:
+    """One statement or several in a transaction: an order commit refused by its last order
+    (another order's channel and external id) leaves nothing of it behind."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    desk = j.second_connection(priority=True)
+    desk.open_second()
+    try:
+        desk.commit_orders([{**_order(999), "external_id": "taken"}])
+        before = _order_tables(desk.db)
+        orders, counters, keys, events = _order_commit_inputs(n)
+        orders[-1] = {**orders[-1], "external_id": "taken"}
+        with pytest.raises(journal_module.DuplicateOrderError):
+            desk.commit_orders(orders, counters=counters, idempotency=keys, events=events)
+        assert _order_tables(desk.db) == before
+        assert not desk.db.in_transaction
+    finally:
+        desk.close()
         j.close()
