@@ -321,8 +321,9 @@ holds no secrets that would need more."""
 
 STATE_LOG_FOLD = 256
 """Rows of the state log after which a commit folds it into the state tables; the folded
-rows are then deleted `STATE_LOG_DELETE_ROWS` per commit. `Journal.open` reads what the log
-holds on top of the tables: at most about twice this many rows."""
+rows are then deleted `STATE_LOG_DELETE_ROWS` per commit (the folding one included), so the
+log holds about this many rows at most, folded or not; `Journal.open` reads them on top of the
+tables."""
 
 STATE_LOG_DELETE_ROWS = 16
 """Folded state-log rows each commit deletes, oldest first (`Journal._write_states`). Emptying

@@ -368,6 +368,27 @@ def test_folded_rows_are_deleted_a_few_per_commit_and_change_nothing_meanwhile(
         db.close()
 
 
+@pytest.mark.parametrize(("fold", "delete"), [(4, 1), (32, 16), (256, 16)])
+def test_the_state_log_never_holds_more_than_state_log_fold_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fold: int, delete: int
+) -> None:
+    """Folded rows waiting to be deleted and unfolded ones together: at most `STATE_LOG_FOLD`
+    (what `Journal.open` reads on top of the tables; docs/architecture.md)."""
+    monkeypatch.setattr(journal_module, "STATE_LOG_FOLD", fold)
+    monkeypatch.setattr(journal_module, "STATE_LOG_DELETE_ROWS", delete)
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    try:
+        most = 0
+        for n in range(3 * fold + 5):
+            j.commit([], shelf_states={"s": {"u": n}})
+            most = max(most, j.db.execute("SELECT count(*) FROM state_log").fetchone()[0])
+        assert j.state_folds >= 3
+        assert fold - 1 <= most <= fold
+    finally:
+        j.close()
+
+
 def test_the_state_log_is_folded_past_state_log_fold_keys(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
