@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -16,7 +18,8 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,6 +280,64 @@ _SWITCH_INTERVAL = _InterpreterSetting(sys.getswitchinterval, sys.setswitchinter
 _GC_YOUNG = _InterpreterSetting(lambda: gc.get_threshold()[0], _set_gc_young, max)
 """The largest generation-0 threshold any running runtime asks for (``[process]
 gc_young_objects``)."""
+
+
+_RUNTIME_TASKS: contextvars.ContextVar[weakref.WeakSet[asyncio.Task[Any]] | None] = (
+    contextvars.ContextVar("floorhand_runtime_tasks", default=None)
+)
+"""The tasks of the runtime whose `Runtime.run` this context is in (tasks copy their creator's
+context: everything ``run`` starts, and what those start, is in it)."""
+
+
+class _TaskRecorder:
+    """While runtimes run on an event loop, its task factory: a new task created in a runtime's
+    context is added to that runtime's set (`_RUNTIME_TASKS`). So a runtime that stops cancels
+    again only tasks it started, never those of another runtime on the same loop (a test
+    process runs several at once). Python 3.11 cannot tell a task's context afterwards
+    (``Task.get_context`` is 3.12), hence the factory. It wraps the loop's previous factory,
+    given back when the last runtime on the loop stops."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users: dict[asyncio.AbstractEventLoop, tuple[int, Any]] = {}
+
+    def enter(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            users, previous = self._users.get(loop, (0, None))
+            if not users:
+                previous = loop.get_task_factory()
+                loop.set_task_factory(functools.partial(_record_task, previous))
+            self._users[loop] = (users + 1, previous)
+
+    def leave(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            users, previous = self._users.pop(loop, (0, None))
+            if users > 1:
+                self._users[loop] = (users - 1, previous)
+            elif users == 1:
+                loop.set_task_factory(previous)
+
+
+def _record_task(
+    previous: Any,
+    loop: asyncio.AbstractEventLoop,
+    coro: Any,
+    *,
+    context: contextvars.Context | None = None,
+) -> asyncio.Task[Any]:
+    if previous is not None:
+        task: asyncio.Task[Any] = (
+            previous(loop, coro) if context is None else previous(loop, coro, context=context)
+        )
+    else:
+        task = asyncio.Task(coro, loop=loop, context=context)
+    tasks = context.get(_RUNTIME_TASKS) if context is not None else _RUNTIME_TASKS.get()
+    if tasks is not None:
+        tasks.add(task)
+    return task
+
+
+_TASK_RECORDER = _TaskRecorder()
 
 
 class Runtime:
@@ -627,7 +688,22 @@ class Runtime:
     # -- lifecycle -----------------------------------------------------------------------------
     async def run(self, on_started: Callable[[], None] | None = None) -> None:
         t0 = time.monotonic()
-        older_tasks = asyncio.all_tasks()
+        loop = asyncio.get_running_loop()
+        started: weakref.WeakSet[asyncio.Task[Any]] = weakref.WeakSet()
+        recording = _RUNTIME_TASKS.set(started)
+        _TASK_RECORDER.enter(loop)
+        try:
+            await self._run(t0, started, on_started)
+        finally:
+            _TASK_RECORDER.leave(loop)
+            _RUNTIME_TASKS.reset(recording)
+
+    async def _run(
+        self,
+        t0: float,
+        started: weakref.WeakSet[asyncio.Task[Any]],
+        on_started: Callable[[], None] | None,
+    ) -> None:
         restored = self.journal.open()
         control: ControlTask | None = None
         try:
@@ -680,7 +756,7 @@ class Runtime:
                 # The control loop stops its tasks (the same bound) while this one does.
                 control.cancel()
                 stop_by = time.monotonic() + STOP_TASKS_S + 0.1
-                await self._stop_tasks(tasks, older_tasks)
+                await self._stop_tasks(tasks, lambda: list(started))
                 if not await control.wait(stop_by - time.monotonic()):
                     log.error("the control loop's tasks did not end within %.1f s", STOP_TASKS_S)
                 raise
@@ -698,18 +774,20 @@ class Runtime:
                 self.order_journal.close()  # else its thread may still use it: left open
             self.journal.close()
 
-    async def _stop_tasks(self, tasks: asyncio.Task[None], older: set[asyncio.Task[Any]]) -> None:
+    async def _stop_tasks(
+        self, tasks: asyncio.Task[None], started: Callable[[], Iterable[asyncio.Task[Any]]]
+    ) -> None:
         """Cancel the runtime's tasks and wait for them, at most STOP_TASKS_S. The runtime's
-        tasks and their helpers (every task started since the runtime began whose coroutine
-        is Floorhand code) still running are cancelled again every RECANCEL_EVERY_S: a
-        cancellation lost inside a library must not hold up the stop."""
+        tasks and their helpers (``started``: the tasks this runtime started, not another
+        runtime's on the same loop; those whose coroutine is Floorhand code) still running
+        are cancelled again every RECANCEL_EVERY_S: a cancellation lost inside a library must
+        not hold up the stop."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + STOP_TASKS_S
         me = asyncio.current_task()
 
         def running() -> list[asyncio.Task[Any]]:
-            newer = asyncio.all_tasks() - older
-            return [t for t in newer if t is not me and not t.done() and _is_ours(t)]
+            return [t for t in started() if t is not me and not t.done() and _is_ours(t)]
 
         tasks.cancel()
         while not tasks.done():
@@ -777,12 +855,13 @@ class Runtime:
     async def _run_control(self, reconcile: Sequence[Any]) -> None:
         """On the control loop: the PLC links and picking, in one group; cancelled, its
         tasks are stopped as the main loop's are (`_stop_tasks`, bounded)."""
+        # The control loop is this runtime's alone: every task started on it since is its.
         older = asyncio.all_tasks()
         tasks = asyncio.create_task(self._run_control_tasks(reconcile), name="control-tasks")
         try:
             await asyncio.shield(tasks)
         except asyncio.CancelledError:
-            await self._stop_tasks(tasks, older)
+            await self._stop_tasks(tasks, lambda: asyncio.all_tasks() - older)
             raise
 
     async def _run_control_tasks(self, reconcile: Sequence[Any]) -> None:
