@@ -1566,10 +1566,13 @@ class Journal:
         Written through the connection's ``order_commit`` view (`_ORDER_COMMIT_OBJECTS`): up
         to `ROWS_PER_STATEMENT` rows as one statement, which SQLite commits on its own; more
         in pieces inside BEGIN IMMEDIATE … COMMIT."""
-        rows = _order_commit_rows(orders, counters, idempotency)
-        rows.extend(
-            (3, e.ts_s, e.kind, orjson.dumps(e.body), None, None, None, None) for e in events
-        )
+        try:  # the bodies are encoded before the writer turn is taken
+            rows = _order_commit_rows(orders, counters, idempotency)
+            rows.extend(
+                (3, e.ts_s, e.kind, orjson.dumps(e.body), None, None, None, None) for e in events
+            )
+        except (TypeError, ValueError, KeyError) as exc:  # orjson's errors are TypeErrors
+            raise _failure("order commit", exc) from exc
         if not rows:
             return
         try:

@@ -829,6 +829,27 @@ def test_an_order_commit_is_one_statement(tmp_path: Path) -> None:
         j.close()
 
 
+def test_an_order_commit_the_journal_cannot_encode_is_a_journal_error(tmp_path: Path) -> None:
+    """A body orjson cannot encode is a JournalError (its cause the original), as any value
+    the journal cannot store; nothing is written and the writer turn is free."""
+    j = Journal(tmp_path / "j.sqlite")
+    j.open()
+    desk = j.second_connection(priority=True)
+    desk.open_second()
+    try:
+        with pytest.raises(JournalError, match="order commit failed") as info:
+            desk.commit_orders([{**_order(1), "bad": {1, 2}}])  # a set: not JSON
+        assert isinstance(info.value.__cause__, TypeError)
+        with pytest.raises(JournalError, match="order commit failed"):
+            desk.commit_orders([_order(2)], events=[EventRow(1.0, "k", {"x": object()})])
+        assert desk.db.execute("SELECT count(*) FROM orders").fetchone()[0] == 0
+        desk.commit_orders([_order(3)])  # the turn was given back
+        assert desk.order("o-3") is not None
+    finally:
+        desk.close()
+        j.close()
+
+
 @pytest.mark.parametrize("n", [2, 60])
 def test_a_refused_order_commit_writes_nothing(tmp_path: Path, n: int) -> None:
     """One statement or several in a transaction: an order commit refused by its last order
