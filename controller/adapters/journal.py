@@ -352,12 +352,10 @@ ROWS_PER_STATEMENT: Final = 256
 32,766)."""
 
 
-def _values_sql(head: str, width: int, rows: int, tail: str = "") -> str:
+@functools.lru_cache(maxsize=128)
+def _rows_sql(head: str, width: int, rows: int, tail: str = "") -> str:
     one = "(" + ",".join("?" * width) + ")"
     return f"{head} VALUES {','.join([one] * rows)}{tail}"
-
-
-_rows_sql = functools.lru_cache(maxsize=64)(_values_sql)
 
 
 _ORDER_COMMIT_OBJECTS: Final = (
@@ -394,13 +392,6 @@ rows, the commit is that one statement (its own transaction): one hand-back inst
 _ORDER_COMMIT_HEAD: Final = "INSERT INTO order_commit(kind, a, b, c, d, e, f, g)"
 
 _ORDER_COMMIT_WIDTH: Final = 8
-
-
-@functools.lru_cache(maxsize=32)
-def _order_commit_sql(rows: int) -> str:
-    """The one-statement order commit of ``rows`` rows (their own texts: ingest's statements
-    keep `_rows_sql`'s cache)."""
-    return _values_sql(_ORDER_COMMIT_HEAD, _ORDER_COMMIT_WIDTH, rows)
 
 
 def _prepare_order_commit(db: sqlite3.Connection) -> None:
@@ -712,9 +703,10 @@ def _order_commit_rows(
     orders: Sequence[dict[str, Any]],
     counters: dict[str, int] | None,
     idempotency: Sequence[IdempotencyRow],
+    events: Sequence[EventRow],
 ) -> list[tuple[Any, ...]]:
-    """The ``order_commit`` rows (kind, a … g) of an order commit but its events: orders,
-    then counters, then idempotency keys, as the order desk hands them over."""
+    """The ``order_commit`` rows (kind, a … g) of an order commit: orders, then counters,
+    then idempotency keys, then events, as the order desk hands them over."""
     rows: list[tuple[Any, ...]] = [
         (
             0,
@@ -733,6 +725,7 @@ def _order_commit_rows(
             (1, name, value, None, None, None, None, None) for name, value in counters.items()
         )
     rows.extend((2, *key, None) for key in idempotency)
+    rows.extend((3, e.ts_s, e.kind, orjson.dumps(e.body), None, None, None, None) for e in events)
     return rows
 
 
@@ -1567,10 +1560,7 @@ class Journal:
         to `ROWS_PER_STATEMENT` rows as one statement, which SQLite commits on its own; more
         in pieces inside BEGIN IMMEDIATE … COMMIT."""
         try:  # the bodies are encoded before the writer turn is taken
-            rows = _order_commit_rows(orders, counters, idempotency)
-            rows.extend(
-                (3, e.ts_s, e.kind, orjson.dumps(e.body), None, None, None, None) for e in events
-            )
+            rows = _order_commit_rows(orders, counters, idempotency, events)
         except (TypeError, ValueError, KeyError) as exc:  # orjson's errors are TypeErrors
             raise _failure("order commit", exc) from exc
         if not rows:
@@ -1578,7 +1568,10 @@ class Journal:
         try:
             if len(rows) <= ROWS_PER_STATEMENT:
                 with self._transaction("order commit", one_statement=True) as db:
-                    db.execute(_order_commit_sql(len(rows)), [v for row in rows for v in row])
+                    db.execute(
+                        _rows_sql(_ORDER_COMMIT_HEAD, _ORDER_COMMIT_WIDTH, len(rows)),
+                        [v for row in rows for v in row],
+                    )
             else:
                 with self._transaction("order commit") as db:
                     execute_rows(db, _ORDER_COMMIT_HEAD, _ORDER_COMMIT_WIDTH, rows)
