@@ -75,6 +75,7 @@ from benchmarks.ingest_e2e import (  # noqa: E402
     stage_live,
 )
 from benchmarks.loadgen import device_names, encode_readings, publish_all  # noqa: E402
+from controller.control import new_main_loop  # noqa: E402
 from tests.influx_servers import VictoriaMetrics  # noqa: E402
 from tests.mosquitto import MosquittoBroker  # noqa: E402
 
@@ -1333,7 +1334,9 @@ def main() -> None:
         return await run(args)
 
     try:
-        results = asyncio.run(main_task())
+        # The main loop `floorhand run` makes: the control loop's work goes first.
+        with asyncio.Runner(loop_factory=new_main_loop) as runner:
+            results = runner.run(main_task())
     except asyncio.CancelledError:
         say("interrupted: stopping what was started")
         left = reap_children()

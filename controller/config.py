@@ -384,6 +384,12 @@ class ProcessConfig(_Frozen):
     paid at every wake-up and every system call of those threads; a pick's first Modbus write
     under 16k msg/s of ingest took 335 ms at p99 with it and 30 ms with 0.2 ms
     (docs/performance.md)."""
+    control_precedence_ms: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] = 2.0
+    """How long the main loop (ingest, alerts, the historian) may pause for one burst of the
+    control loop's work (a pick from its submission to its first Modbus write, a heartbeat),
+    so that the control thread has the interpreter to itself meanwhile; 0: no pause. Only on
+    the main loop ``floorhand run`` makes (`controller.control.new_main_loop`). Nothing is
+    lost by a pause: the broker and the socket buffers hold what arrives meanwhile."""
     gc_young_objects: Annotated[int, Field(ge=700, le=10_000_000)] = 50_000
     """Python's generation-0 garbage-collection threshold (`gc.set_threshold`) while the
     runtime runs: new container objects between two young collections. Every 100 young

@@ -18,6 +18,15 @@ Crossing between the loops, in both directions, only through:
   cannot deadlock);
 * `ControlLoop.post` / `post_to`: a callback queued with ``call_soon_threadsafe`` (FIFO per
   target loop, so events keep their order).
+
+**Precedence.** With the GIL the control thread still shares one interpreter with ingest: while
+both run Python they take turns of a switch interval, so a pick's ~0.5 ms of Python took twice
+that and more under load. A main loop made by `new_main_loop` (``floorhand run``'s) therefore
+gives the control loop precedence (`Precedence`, `PRECEDENCE`): while a control loop runs
+callbacks (from the moment its selector returns until it next waits), the main loop pauses
+before its next iteration, at most ``max_pause_s`` per such burst (``[process]
+control_precedence_ms``), then goes on regardless. Nothing is lost by the pause: the broker and
+the socket buffers hold what arrives meanwhile.
 """
 
 from __future__ import annotations
@@ -27,15 +36,128 @@ import concurrent.futures
 import contextlib
 import inspect
 import logging
+import selectors
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 log = logging.getLogger("floorhand.control")
 
-__all__ = ["ControlLoop", "ControlTask"]
+__all__ = ["PRECEDENCE", "ControlLoop", "ControlTask", "Precedence", "new_main_loop"]
 
 T = TypeVar("T")
+
+
+class Precedence:
+    """The control loops' work before the main loop's (module doc): the control loops' selectors
+    report `busy` / `idle`; a main loop's selector calls `wait_turn` after each select."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._busy = 0
+        self._busy_since = 0.0
+        self.max_pause_s = 0.0
+        """The longest the main loop pauses for one burst of control-loop work (0: never)."""
+        self.pauses = 0
+        """Main-loop iterations that paused (waited for a control loop)."""
+        self.paused_s = 0.0
+        """Time the main loop spent paused, in total (s)."""
+        self.waiting = False
+        """Whether the main loop is paused now (tests watch it)."""
+
+    def set_max_pause(self, seconds: float) -> None:
+        self.max_pause_s = max(0.0, seconds)
+
+    @property
+    def busy_loops(self) -> int:
+        """Control loops running callbacks now."""
+        return self._busy
+
+    def busy(self) -> None:
+        """A control loop's selector returned: it runs callbacks from now on."""
+        with self._lock:
+            if not self._busy:
+                self._busy_since = time.monotonic()
+                self._idle.clear()
+            self._busy += 1
+
+    def idle(self) -> None:
+        """A control loop is about to wait (nothing left to run)."""
+        with self._lock:
+            self._busy = max(0, self._busy - 1)
+            if not self._busy:
+                self._idle.set()
+
+    def wait_turn(self) -> None:
+        """On the main loop's thread, between two iterations: while a control loop runs
+        callbacks, wait until it waits again, at most until ``max_pause_s`` after its burst
+        began."""
+        if self._idle.is_set() or self.max_pause_s <= 0.0:
+            return
+        now = time.monotonic()
+        left = self._busy_since + self.max_pause_s - now
+        if left <= 0.0:
+            return
+        self.waiting = True
+        try:
+            self._idle.wait(left)
+        finally:
+            self.waiting = False
+        self.pauses += 1
+        self.paused_s += time.monotonic() - now
+
+
+PRECEDENCE: Final = Precedence()
+"""The process's: every control loop reports to it, every `new_main_loop` loop waits on it."""
+
+
+class _ControlSelector(selectors.DefaultSelector):
+    """A control loop's selector: idle while it may block, busy from its return on."""
+
+    def __init__(self, precedence: Precedence) -> None:
+        super().__init__()
+        self._precedence = precedence
+        self._busy = False
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if timeout != 0 and self._busy:  # nothing ready to run: the loop may block
+            self._busy = False
+            self._precedence.idle()
+        try:
+            return super().select(timeout)
+        finally:
+            if not self._busy:
+                self._busy = True
+                self._precedence.busy()
+
+    def close(self) -> None:
+        if self._busy:
+            self._busy = False
+            self._precedence.idle()
+        super().close()
+
+
+class _MainSelector(selectors.DefaultSelector):
+    """A main loop's selector: after each select, the control loops' work goes first."""
+
+    def __init__(self, precedence: Precedence) -> None:
+        super().__init__()
+        self._precedence = precedence
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(timeout)
+        self._precedence.wait_turn()
+        return ready
+
+
+def new_main_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop for the runtime's main (home) thread that gives the control loops
+    precedence (module doc). ``floorhand run`` and the benchmarks run the runtime on one; on
+    any other loop the runtime works the same, without the precedence."""
+    return asyncio.SelectorEventLoop(_MainSelector(PRECEDENCE))
 
 
 class ControlTask:
@@ -117,7 +239,7 @@ class ControlLoop:
         self._ready.wait()
 
     def _main(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = asyncio.SelectorEventLoop(_ControlSelector(PRECEDENCE))
         self._loop = loop
         asyncio.set_event_loop(loop)
         loop.call_soon(self._ready.set)

@@ -32,7 +32,7 @@ from controller.adapters.sqlite_history import SqliteHistorySink
 from controller.bus import Bus
 from controller.catalog.start import is_inline, settle_catalogue, with_catalogue
 from controller.config import PlcConfig, SiteConfig
-from controller.control import ControlLoop, ControlTask
+from controller.control import PRECEDENCE, ControlLoop, ControlTask
 from controller.domain.events import BusEvent
 from controller.owner import OwnerProbe, SiteOwnership
 from controller.ports import HistorySink
@@ -277,6 +277,11 @@ def _set_gc_young(objects: float) -> None:
 
 _SWITCH_INTERVAL = _InterpreterSetting(sys.getswitchinterval, sys.setswitchinterval, min)
 """The shortest switch interval any running runtime asks for (``[process] switch_interval_ms``)."""
+_PRECEDENCE_PAUSE = _InterpreterSetting(
+    lambda: PRECEDENCE.max_pause_s, PRECEDENCE.set_max_pause, min
+)
+"""The shortest pause for the control loops any running runtime allows (``[process]
+control_precedence_ms``; `controller.control.Precedence`)."""
 _GC_YOUNG = _InterpreterSetting(lambda: gc.get_threshold()[0], _set_gc_young, max)
 """The largest generation-0 threshold any running runtime asks for (``[process]
 gc_young_objects``)."""
@@ -711,6 +716,7 @@ class Runtime:
             # ingest holds it ([process] switch_interval_ms); the previous value is restored.
             _SWITCH_INTERVAL.enter(self.site.process.switch_interval_ms / 1000)
             _GC_YOUNG.enter(self.site.process.gc_young_objects)
+            _PRECEDENCE_PAUSE.enter(self.site.process.control_precedence_ms / 1000)
             self.catalogue_version = settle_catalogue(
                 self.site, self.journal.db, self.catalogue_version, self.clock
             )
@@ -767,6 +773,7 @@ class Runtime:
         finally:
             _SWITCH_INTERVAL.leave(self.site.process.switch_interval_ms / 1000)
             _GC_YOUNG.leave(self.site.process.gc_young_objects)
+            _PRECEDENCE_PAUSE.leave(self.site.process.control_precedence_ms / 1000)
             stopped = self.control.close(timeout_s=0.5)
             self._main_loop = None
             self.ingest.close()

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from controller.api.auth import Role, public, require
 from controller.build import version
 from controller.bus import Bus
+from controller.control import PRECEDENCE
 from controller.domain.events import BusEvent, OrderStateChanged
 from controller.domain.model import OrderState
 from controller.runtime import Runtime
@@ -188,6 +189,17 @@ class RuntimeCollector(Collector):
         yield rejected
         yield _counter(
             "floorhand_ingest_oversize", "Messages above the payload limit.", ing.oversize
+        )
+        yield _counter(
+            "floorhand_main_loop_pauses",
+            "Main-loop iterations paused for the control loop's work ([process] "
+            "control_precedence_ms; the process's).",
+            PRECEDENCE.pauses,
+        )
+        yield _counter(
+            "floorhand_main_loop_paused_seconds",
+            "Time the main loop (ingest, alerts, history) spent paused for the control loop.",
+            PRECEDENCE.paused_s,
         )
         mqtt = h.mqtt
         yield _counter(

@@ -11,14 +11,16 @@ import gc
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from controller import runtime as runtime_module
 from controller.config import ConfigError, ProcessConfig, load_site
+from controller.control import PRECEDENCE
 from devices.link.state import LinkState
 from tests.integration.test_api_ops import ops_server
 from tests.mosquitto import MosquittoBroker
-from tests.sites import write_small_site
+from tests.sites import auth_headers, write_small_site
 
 
 async def test_the_runtime_runs_with_the_sites_switch_interval_and_restores_it(
@@ -45,6 +47,7 @@ def test_the_switch_interval_defaults_to_a_fifth_of_a_millisecond(tmp_path: Path
     [
         ("switch_interval_ms", ("0", "0.01", "101", "nan")),
         ("gc_young_objects", ("0", "699", "10000001", "1.5")),
+        ("control_precedence_ms", ("-1", "101", "nan", "inf")),
     ],
 )
 def test_the_process_settings_are_bounded(
@@ -113,3 +116,26 @@ async def test_the_runtime_runs_with_the_sites_gc_threshold_and_restores_it(
     async with ops_server(site):
         assert gc.get_threshold() == (20_000, *before[1:])
     assert gc.get_threshold() == before
+
+
+async def test_the_runtime_lets_the_control_loop_go_first_for_as_long_as_the_site_says(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """``[process] control_precedence_ms`` (default 2 ms) is how long a main loop made by
+    `new_main_loop` pauses for one burst of the control loop's work while the runtime runs
+    (`controller.control.Precedence`); no pause before and after it; 0 turns it off."""
+    assert ProcessConfig().control_precedence_ms == 2.0
+    assert PRECEDENCE.max_pause_s == 0.0
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=1)
+    async with ops_server(site) as srv:
+        assert PRECEDENCE.max_pause_s == pytest.approx(0.002)
+        async with httpx.AsyncClient(base_url=srv.base) as client:
+            r = await client.get("/metrics", headers=auth_headers("engineer"))
+        assert r.status_code == 200
+        assert f"floorhand_main_loop_pauses_total {float(PRECEDENCE.pauses)}" in r.text
+        assert "floorhand_main_loop_paused_seconds_total " in r.text
+    assert PRECEDENCE.max_pause_s == 0.0
+    site.write_text(site.read_text() + "\n[process]\ncontrol_precedence_ms = 0\n")
+    assert load_site(site).process.control_precedence_ms == 0.0
+    async with ops_server(site):
+        assert PRECEDENCE.max_pause_s == 0.0

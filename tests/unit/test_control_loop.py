@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from controller.adapters.journal import Journal, WriterTurns
-from controller.control import ControlLoop
+from controller.control import PRECEDENCE, ControlLoop, Precedence, new_main_loop
 from controller.ports import EventRow, JournalUnavailable
-from tests.waiting import wait_for_condition_sync
+from tests.waiting import wait_for_condition, wait_for_condition_sync
 
 
 @pytest.fixture
@@ -189,3 +190,124 @@ def test_the_control_loops_order_journal_commits_with_priority(tmp_path: Path) -
     finally:
         second.close()
         journal.close()
+
+
+# -- precedence: the control loop's work before the main loop's ------------------------------
+
+
+def test_a_main_loop_waits_while_a_control_loop_is_busy_until_it_is_idle() -> None:
+    precedence = Precedence()
+    precedence.set_max_pause(10.0)  # far longer than the test: only idle() ends the wait
+    precedence.busy()
+    released = threading.Event()
+
+    def release_once_waiting() -> None:
+        wait_for_condition_sync(lambda: precedence.waiting, 5.0, what="the main side waits")
+        released.set()
+        precedence.idle()
+
+    helper = threading.Thread(target=release_once_waiting)
+    helper.start()
+    try:
+        precedence.wait_turn()
+        assert released.is_set(), "wait_turn returned while the control loop was busy"
+        assert precedence.pauses == 1
+    finally:
+        helper.join(5.0)
+    precedence.wait_turn()  # idle: at once
+    assert precedence.pauses == 1
+
+
+def test_a_pause_is_bounded_per_burst_of_control_work() -> None:
+    """A control loop busy past ``max_pause_s`` holds the main loop once, that long: the next
+    iterations of the same burst go on at once."""
+    precedence = Precedence()
+    precedence.set_max_pause(0.02)
+    precedence.busy()
+    precedence.wait_turn()
+    assert precedence.pauses == 1
+    assert precedence.paused_s >= 0.02 * 0.9
+    precedence.wait_turn()
+    assert precedence.pauses == 1, "a second pause in the same burst"
+    precedence.idle()
+    precedence.busy()  # a new burst: its own pause
+    precedence.wait_turn()
+    assert precedence.pauses == 2
+
+
+def test_no_pause_when_the_runtime_allows_none() -> None:
+    precedence = Precedence()
+    precedence.busy()
+    precedence.wait_turn()  # max_pause_s 0: the default until a runtime sets it
+    assert precedence.pauses == 0
+    precedence.set_max_pause(-1.0)
+    assert precedence.max_pause_s == 0.0
+
+
+def test_two_control_loops_busy_keep_the_main_loop_waiting_until_both_are_idle() -> None:
+    precedence = Precedence()
+    precedence.busy()
+    precedence.busy()
+    precedence.idle()
+    assert precedence.busy_loops == 1
+    precedence.set_max_pause(0.01)
+    precedence.wait_turn()
+    assert precedence.pauses == 1  # still one busy: it waited
+    precedence.idle()
+    assert precedence.busy_loops == 0
+    precedence.busy()
+    precedence.idle()
+    precedence.wait_turn()
+    assert precedence.pauses == 1
+
+
+@pytest.mark.parametrize("main_loop", ["new_main_loop", "plain"])
+def test_while_the_control_loop_runs_a_callback_the_main_loop_makes_no_progress(
+    main_loop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real loops: a control loop's callback that runs Python for a while (0.2 s, with a
+    pause allowed of 1 s) sees the main loop (`new_main_loop`) make no iteration meanwhile;
+    a plain event loop in its place goes on (the test can fail)."""
+    monkeypatch.setattr(PRECEDENCE, "max_pause_s", 1.0)
+    control = ControlLoop("test-precedence")
+    control.start()
+    spins: list[int] = [0]
+
+    def busy_python() -> int:
+        # From when the main loop is held (bounded: a plain loop never is); an iteration
+        # it had begun before this loop woke may still end meanwhile.
+        held_by = time.monotonic() + 0.1
+        while not PRECEDENCE.waiting and time.monotonic() < held_by:
+            pass
+        start = spins[0]
+        deadline = time.monotonic() + 0.2
+        while time.monotonic() < deadline:  # Python work: the GIL is shared, not held
+            pass
+        return spins[0] - start
+
+    async def main() -> int:
+        stop = False
+
+        async def spin() -> None:
+            while not stop:
+                spins[0] += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(spin())
+        await wait_for_condition(lambda: spins[0] > 100, 5.0, what="the main loop spins")
+        try:
+            return await control.call(busy_python)
+        finally:
+            stop = True
+            await task
+
+    factory = new_main_loop if main_loop == "new_main_loop" else asyncio.new_event_loop
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            progress = runner.run(main())
+    finally:
+        assert control.close(timeout_s=2.0)
+    if main_loop == "new_main_loop":
+        assert progress == 0
+    else:
+        assert progress > 0

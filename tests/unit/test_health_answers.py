@@ -89,7 +89,11 @@ async def _answers(rt: Runtime, site: Any) -> dict[str, Any]:
             ln
             for ln in r.text.splitlines()
             if ln.startswith("floorhand_")
-            and not ln.startswith(("floorhand_http", "floorhand_pick", "floorhand_build_info"))
+            # Not the scene's: the HTTP and pick figures, and the process's main-loop pauses
+            # (`controller.control.Precedence`, added after the recording).
+            and not ln.startswith(
+                ("floorhand_http", "floorhand_pick", "floorhand_build_info", "floorhand_main_loop")
+            )
         ]
         got["/metrics"] = {"status": r.status_code, "lines": lines}
     hub = app.state.live
