@@ -300,10 +300,10 @@ def _server_class(notifier: Notifier | None = None) -> type[Any]:
 
 def _serve(server: Any, sock: socket.socket, app: Any, guard: StopGuard, http: LoopWatch) -> None:
     """The runtime on a new event loop of the main thread (the home loop: the app's lifespan
-    runs there; it gives the control loop precedence, `controller.control.new_main_loop`), uvicorn on a loop of its own in the ``http`` thread (`serve_apart`,
-    docs/architecture.md "Three event loops"); then cancel what is left on the home loop,
-    bounded (asyncio.run would wait for each task without limit, and for every
-    default-executor thread)."""
+    runs there; it gives the control loop precedence, `controller.control.new_main_loop`),
+    uvicorn on a loop of its own in the ``http`` thread (`serve_apart`, docs/architecture.md
+    "Three event loops"); then cancel what is left on the home loop, bounded (asyncio.run
+    would wait for each task without limit, and for every default-executor thread)."""
     from controller.api.loops import cancel_leftovers, serve_apart
     from controller.control import new_main_loop
 
