@@ -474,6 +474,7 @@ class Runtime:
             clock=clock,
             monotonic=time.monotonic,
             command_link=self.command_link,
+            main_loop=PRECEDENCE,
         )
         self.link.watch.add_listener(self.supervision.on_link_state)
         self.bus.add_listener(self.supervision.on_events)

@@ -33,7 +33,6 @@ from prometheus_client.registry import Collector
 from controller.api.auth import Role, public, require
 from controller.build import version
 from controller.bus import Bus
-from controller.control import PRECEDENCE
 from controller.domain.events import BusEvent, OrderStateChanged
 from controller.domain.model import OrderState
 from controller.runtime import Runtime
@@ -194,12 +193,12 @@ class RuntimeCollector(Collector):
             "floorhand_main_loop_pauses",
             "Main-loop iterations paused for the control loop's work ([process] "
             "control_precedence_ms; the process's).",
-            PRECEDENCE.pauses,
+            h.main_loop_pauses,
         )
         yield _counter(
             "floorhand_main_loop_paused_seconds",
             "Time the main loop (ingest, alerts, history) spent paused for the control loop.",
-            PRECEDENCE.paused_s,
+            h.main_loop_paused_s,
         )
         mqtt = h.mqtt
         yield _counter(

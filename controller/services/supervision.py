@@ -223,6 +223,16 @@ class BusFigures(Protocol):
     def published(self) -> int: ...
 
 
+class PauseFigures(Protocol):
+    """The main loop's pauses for the control loop (`controller.control.Precedence`)."""
+
+    @property
+    def pauses(self) -> int: ...
+
+    @property
+    def paused_s(self) -> float: ...
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 
@@ -361,6 +371,10 @@ class HealthReport:
     bus_events: int
     command_link: CommandLinkHealth | None = None
     """The pick command session (None: a runtime without one)."""
+    main_loop_pauses: int = 0
+    """Main-loop iterations paused for the control loop's work (the process's)."""
+    main_loop_paused_s: float = 0.0
+    """Their time in total (s)."""
 
     @property
     def stale_shelves(self) -> int:
@@ -470,8 +484,10 @@ class SupervisionService:
         clock: Callable[[], float],
         monotonic: Callable[[], float],
         command_link: SessionLink | None = None,
+        main_loop: PauseFigures | None = None,
     ) -> None:
         self.settings = settings
+        self._main_loop = main_loop
         self._link = link
         self._command_link = command_link
         self.gate = gate
@@ -761,6 +777,8 @@ class SupervisionService:
             plcs=plcs,
             bus_events=self._bus.published,
             command_link=command,
+            main_loop_pauses=0 if self._main_loop is None else self._main_loop.pauses,
+            main_loop_paused_s=0.0 if self._main_loop is None else self._main_loop.paused_s,
         )
 
     def _command_health(self) -> CommandLinkHealth | None:

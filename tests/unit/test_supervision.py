@@ -208,6 +208,7 @@ class Rig:
     plcs: dict[str, FakePlc] = field(default_factory=lambda: {"c1": FakePlc("c1")})
     bus: FakeBus = field(default_factory=FakeBus)
     keep_outbox_rows: int | None = None
+    main_loop: Any = None
 
     def service(self) -> SupervisionService:
         return SupervisionService(
@@ -229,6 +230,7 @@ class Rig:
             publish_events=self.bus.publish,
             clock=lambda: NOW_S,
             monotonic=lambda: 25.0,
+            main_loop=self.main_loop,
         )
 
 
@@ -495,3 +497,18 @@ async def test_hooks_run_after_every_tick_and_a_failing_one_stops_nothing(
             await task
     assert len(fed) >= 3
     assert "a supervision hook failed" in caplog.text
+
+
+def test_the_report_carries_the_main_loops_pauses_for_the_control_loop() -> None:
+    """The main loop's pauses (`controller.control.Precedence`) reach /metrics through the
+    report like every other figure; a service given none reports zeros."""
+
+    @dataclass
+    class Pauses:
+        pauses: int = 7
+        paused_s: float = 0.012
+
+    report = Rig().service().report()
+    assert (report.main_loop_pauses, report.main_loop_paused_s) == (0, 0.0)
+    report = Rig(main_loop=Pauses()).service().report()
+    assert (report.main_loop_pauses, report.main_loop_paused_s) == (7, 0.012)
