@@ -390,6 +390,13 @@ class ProcessConfig(_Frozen):
     so that the control thread has the interpreter to itself meanwhile; 0: no pause. Only on
     the main loop ``floorhand run`` makes (`controller.control.new_main_loop`). Nothing is
     lost by a pause: the broker and the socket buffers hold what arrives meanwhile."""
+    control_realtime_priority: Annotated[int, Field(ge=0, le=49)] = 10
+    """``SCHED_FIFO`` priority of the control loop's thread (PLC heartbeats, pick commands):
+    the kernel runs it the moment it has work instead of after a time slice of ingest, the
+    broker or anything else on the machine; 0: normal scheduling. Needs the right to it
+    (``LimitRTPRIO=`` in the systemd unit, ``ulimit -r``, or root); without it the controller
+    runs with normal scheduling and says so at start (log, ``/metrics``). At most 49: the
+    kernel's interrupt threads (priority 50) go first."""
     gc_young_objects: Annotated[int, Field(ge=700, le=10_000_000)] = 50_000
     """Python's generation-0 garbage-collection threshold (`gc.set_threshold`) while the
     runtime runs: new container objects between two young collections. Every 100 young

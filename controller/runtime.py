@@ -450,6 +450,9 @@ class Runtime:
                 name="history",
             )
         self.plcs: dict[str, PlcHandle] = {plc.id: build_plc(plc) for plc in site.plcs}
+        self.control = ControlLoop(
+            "control", realtime_priority=site.process.control_realtime_priority
+        )
         self.supervision = SupervisionService(
             SupervisionSettings(
                 site_id=site.site.id,
@@ -475,11 +478,11 @@ class Runtime:
             monotonic=time.monotonic,
             command_link=self.command_link,
             main_loop=PRECEDENCE,
+            control_loop=self.control,
         )
         self.link.watch.add_listener(self.supervision.on_link_state)
         self.bus.add_listener(self.supervision.on_events)
         self.supervision.track_shelf_statuses()
-        self.control = ControlLoop("control")
         self._main_loop: asyncio.AbstractEventLoop | None = None
         self._plcs_go = asyncio.Event()  # of the control loop (bound at its first wait)
         for plc_id, handle in self.plcs.items():
@@ -704,6 +707,21 @@ class Runtime:
             _TASK_RECORDER.leave(loop)
             _RUNTIME_TASKS.reset(recording)
 
+    def _log_control_scheduling(self) -> None:
+        """Say once how the control loop's thread is scheduled ([process]
+        control_realtime_priority)."""
+        c = self.control
+        if c.realtime_granted:
+            log.info("control loop: SCHED_FIFO priority %d", c.realtime_granted)
+        elif c.realtime_refused is not None:
+            log.warning(
+                "control loop: real-time priority %d refused (%s); it runs with normal "
+                "scheduling, so ingest and other processes can delay PLC commands and "
+                "heartbeats by a time slice. Allow it (LimitRTPRIO=%d in the systemd unit, "
+                "ulimit -r %d) or set [process] control_realtime_priority = 0 to silence this",
+                c.realtime_priority, c.realtime_refused, c.realtime_priority, c.realtime_priority,
+            )  # fmt: skip
+
     async def _run(
         self,
         t0: float,
@@ -750,6 +768,7 @@ class Runtime:
             # loop (docs/architecture.md, "Two event loops").
             self._main_loop = asyncio.get_running_loop()
             self.control.start()
+            self._log_control_scheduling()
             control = self.control.spawn(self._run_control(reconcile), name="control-main")
             if on_started is not None:
                 on_started()

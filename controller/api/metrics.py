@@ -200,6 +200,12 @@ class RuntimeCollector(Collector):
             "Time the main loop (ingest, alerts, history) spent paused for the control loop.",
             h.main_loop_paused_s,
         )
+        yield _gauge(
+            "floorhand_control_loop_realtime_priority",
+            "SCHED_FIFO priority of the control loop's thread; 0: normal scheduling ([process] "
+            "control_realtime_priority 0, or refused: see the start-up log).",
+            h.control_realtime_priority,
+        )
         mqtt = h.mqtt
         yield _counter(
             "floorhand_mqtt_oversize_in",

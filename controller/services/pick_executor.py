@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import ClassVar, Protocol
 
 from controller.config import PickingConfig
+from controller.control import run_next
 from controller.domain.events import BusEvent, PickTaskChanged, StockChanged
 from controller.domain.model import ShelfStatus
 from controller.domain.orders import (
@@ -234,9 +235,11 @@ class PickExecutor:
 
     # -- the desk's view (Execution) ----------------------------------------------------------
     def start(self, order: Order) -> None:
-        """Execute a newly journaled order: at once if `run` is running, else once it is."""
+        """Execute a newly journaled order: at once if `run` is running, else once it is. On
+        the control loop the order's task goes before the work already queued there
+        (`controller.control.run_next`): its first Modbus write follows the commit."""
         if self._tg is not None:
-            self._tg.create_task(self._execute(order), name=f"order:{order.order_id}")
+            run_next(self._tg.create_task(self._execute(order), name=f"order:{order.order_id}"))
         else:
             self._queue.put_nowait(order)
 

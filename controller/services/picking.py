@@ -196,7 +196,9 @@ class PickingService:
                 # sorter's Modbus write) before the caller serialises its answer.
                 await asyncio.sleep(0)
             return done
-        return await self._control.call_async(submit)
+        # At the head of the control loop's queue: a submission waits behind nothing queued
+        # there before it (module doc of controller.control, "Commands first").
+        return await self._control.call_first(submit)
 
     async def run(self, reconcile: Sequence[Order] = ()) -> None:
         """Execute orders (the reconciled ones, then each new one) and keep the desk tidy."""

@@ -233,6 +233,13 @@ class PauseFigures(Protocol):
     def paused_s(self) -> float: ...
 
 
+class ControlScheduling(Protocol):
+    """How the control loop's thread is scheduled (`controller.control.ControlLoop`)."""
+
+    @property
+    def realtime_granted(self) -> int: ...
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 
@@ -375,6 +382,9 @@ class HealthReport:
     """Main-loop iterations paused for the control loop's work (the process's)."""
     main_loop_paused_s: float = 0.0
     """Their time in total (s)."""
+    control_realtime_priority: int = 0
+    """The ``SCHED_FIFO`` priority the control loop's thread runs at; 0: normal scheduling
+    (``[process] control_realtime_priority`` 0, or refused)."""
 
     @property
     def stale_shelves(self) -> int:
@@ -485,9 +495,11 @@ class SupervisionService:
         monotonic: Callable[[], float],
         command_link: SessionLink | None = None,
         main_loop: PauseFigures | None = None,
+        control_loop: ControlScheduling | None = None,
     ) -> None:
         self.settings = settings
         self._main_loop = main_loop
+        self._control_loop = control_loop
         self._link = link
         self._command_link = command_link
         self.gate = gate
@@ -779,6 +791,9 @@ class SupervisionService:
             command_link=command,
             main_loop_pauses=0 if self._main_loop is None else self._main_loop.pauses,
             main_loop_paused_s=0.0 if self._main_loop is None else self._main_loop.paused_s,
+            control_realtime_priority=(
+                0 if self._control_loop is None else self._control_loop.realtime_granted
+            ),
         )
 
     def _command_health(self) -> CommandLinkHealth | None:

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
 
+from controller import control as control_module
 from controller import runtime as runtime_module
 from controller.config import ConfigError, ProcessConfig, load_site
 from controller.control import PRECEDENCE
@@ -48,6 +52,7 @@ def test_the_switch_interval_defaults_to_a_fifth_of_a_millisecond(tmp_path: Path
         ("switch_interval_ms", ("0", "0.01", "101", "nan")),
         ("gc_young_objects", ("0", "699", "10000001", "1.5")),
         ("control_precedence_ms", ("-1", "101", "nan", "inf")),
+        ("control_realtime_priority", ("-1", "50", "99", "1.5")),
     ],
 )
 def test_the_process_settings_are_bounded(
@@ -139,3 +144,55 @@ async def test_the_runtime_lets_the_control_loop_go_first_for_as_long_as_the_sit
     assert load_site(site).process.control_precedence_ms == 0.0
     async with ops_server(site):
         assert PRECEDENCE.max_pause_s == 0.0
+
+
+async def test_the_control_loop_runs_at_the_sites_realtime_priority_and_says_so(
+    tmp_path: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``[process] control_realtime_priority`` (default 10) is the control loop thread's
+    SCHED_FIFO priority: logged at start and in /metrics; 0 is normal scheduling."""
+    assert ProcessConfig().control_realtime_priority == 10
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=1)
+    caplog.set_level(logging.INFO, logger="floorhand")
+    async with ops_server(site) as srv:
+        tid = srv.rt.control.call_blocking(threading.get_native_id)
+        assert os.sched_getscheduler(tid) & ~os.SCHED_RESET_ON_FORK == os.SCHED_FIFO
+        assert os.sched_getparam(tid).sched_priority == 10
+        async with httpx.AsyncClient(base_url=srv.base) as client:
+            r = await client.get("/metrics", headers=auth_headers("engineer"))
+        assert r.status_code == 200
+        assert "floorhand_control_loop_realtime_priority 10.0" in r.text
+    assert "control loop: SCHED_FIFO priority 10" in caplog.text
+    site.write_text(site.read_text() + "\n[process]\ncontrol_realtime_priority = 0\n")
+    async with ops_server(site) as srv:
+        tid = srv.rt.control.call_blocking(threading.get_native_id)
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        async with httpx.AsyncClient(base_url=srv.base) as client:
+            r = await client.get("/metrics", headers=auth_headers("engineer"))
+        assert "floorhand_control_loop_realtime_priority 0.0" in r.text
+
+
+async def test_a_refused_realtime_priority_is_a_warning_and_the_controller_runs_on(
+    tmp_path: Path,
+    mosquitto: MosquittoBroker,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the right to SCHED_FIFO (no ``LimitRTPRIO``, not root) the controller starts
+    with normal scheduling and a warning that says how to allow it."""
+
+    def refuse(*_: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(control_module.os, "sched_setscheduler", refuse)
+    site = write_small_site(tmp_path, mqtt_port=mosquitto.port, scales=1)
+    async with ops_server(site) as srv:
+        assert srv.rt.control.realtime_refused == "Operation not permitted"
+        async with httpx.AsyncClient(base_url=srv.base) as client:
+            r = await client.get("/metrics", headers=auth_headers("engineer"))
+            assert (await client.get("/api/v1/ready")).status_code == 200
+        assert "floorhand_control_loop_realtime_priority 0.0" in r.text
+    warned = [r for r in caplog.records if "real-time priority 10 refused" in r.getMessage()]
+    assert len(warned) == 1
+    assert warned[0].levelno == logging.WARNING
+    assert "LimitRTPRIO=10" in warned[0].getMessage()

@@ -4,6 +4,7 @@ connection the control loop commits through."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from controller.adapters.journal import Journal, WriterTurns
-from controller.control import PRECEDENCE, ControlLoop, Precedence, new_main_loop
+from controller.control import PRECEDENCE, ControlLoop, Precedence, new_main_loop, run_next
 from controller.ports import EventRow, JournalUnavailable
 from tests.waiting import wait_for_condition, wait_for_condition_sync
 
@@ -311,3 +312,152 @@ def test_while_the_control_loop_runs_a_callback_the_main_loop_makes_no_progress(
         assert progress == 0
     else:
         assert progress > 0
+
+
+# -- commands first -----------------------------------------------------------------------------
+
+
+def _block(control: ControlLoop) -> threading.Event:
+    """Hold the control loop in a callback until the returned event is set."""
+    release, holding = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(10)
+
+    control.post(hold)
+    assert holding.wait(5)
+    return release
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["call_first", "call_async"])
+async def test_call_first_starts_before_the_work_already_queued_on_the_control_loop(
+    control: ControlLoop, first: bool
+) -> None:
+    release = _block(control)
+    seen: list[str] = []
+    for i in range(5):
+        control.post(seen.append, f"posted {i}")
+
+    async def submission() -> str:
+        seen.append("submission")
+        await asyncio.sleep(0)
+        return "answered"
+
+    call = control.call_first if first else control.call_async
+    answer = asyncio.create_task(call(submission))
+    queued = control.loop._ready  # type: ignore[attr-defined]
+
+    def call_queued() -> bool:  # the call's callback is in the blocked loop's queue
+        names = [getattr(h._callback, "__qualname__", "") for h in list(queued)]
+        ours = ("call_first.<locals>.start", "run_coroutine_threadsafe.<locals>.callback")
+        return any(n.endswith(ours) for n in names)
+
+    await wait_for_condition(call_queued, 5.0, what="the call queued")
+    release.set()
+    assert await asyncio.wait_for(answer, 5) == "answered"
+    posted = [f"posted {i}" for i in range(5)]
+    # call_async queues behind the posts (twice: its callback, then its task's first step).
+    assert seen == (["submission", *posted] if first else [*posted, "submission"])
+
+
+async def test_call_first_raises_its_error_and_a_cancelled_caller_cancels_it(
+    control: ControlLoop,
+) -> None:
+    async def boom() -> None:
+        raise ValueError("refused on the control loop")
+
+    with pytest.raises(ValueError, match="refused on the control loop"):
+        await control.call_first(boom)
+
+    started, cancelled = threading.Event(), threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    caller = asyncio.create_task(control.call_first(forever))
+    assert await asyncio.to_thread(started.wait, 5)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert await asyncio.to_thread(cancelled.wait, 5)
+
+
+async def _first_step_vs_queued(loop_check: asyncio.AbstractEventLoop) -> list[str]:
+    """On the running loop: five callbacks queued, then a task moved first with `run_next`."""
+    assert asyncio.get_running_loop() is loop_check
+    seen: list[str] = []
+    for i in range(5):
+        loop_check.call_soon(seen.append, f"queued {i}")
+
+    async def command() -> None:
+        seen.append("command")
+
+    task = asyncio.get_running_loop().create_task(command())
+    run_next(task)
+    await task
+    await asyncio.sleep(0)
+    return seen
+
+
+def test_run_next_puts_a_new_task_first_on_the_control_loop_only(control: ControlLoop) -> None:
+    queued = [f"queued {i}" for i in range(5)]
+    on_control = control.call_blocking(
+        lambda: asyncio.run_coroutine_threadsafe(_first_step_vs_queued(control.loop), control.loop)
+    ).result(5)
+    assert on_control == ["command", *queued]
+    # Any other loop keeps first-in, first-out (the same code, nothing moved).
+    plain = asyncio.new_event_loop()
+    try:
+        assert plain.run_until_complete(_first_step_vs_queued(plain)) == [*queued, "command"]
+    finally:
+        plain.close()
+
+
+# -- real-time priority -------------------------------------------------------------------------
+
+
+def _policy_of(thread_id: int) -> int:
+    return os.sched_getscheduler(thread_id) & ~os.SCHED_RESET_ON_FORK
+
+
+def test_the_control_thread_runs_sched_fifo_and_what_it_starts_does_not() -> None:
+    control = ControlLoop("test-realtime", realtime_priority=7)
+    control.start()
+    try:
+        assert (control.realtime_granted, control.realtime_refused) == (7, None)
+        tid = control.call_blocking(threading.get_native_id)
+        assert _policy_of(tid) == os.SCHED_FIFO
+        assert os.sched_getscheduler(tid) & os.SCHED_RESET_ON_FORK
+        assert os.sched_getparam(tid).sched_priority == 7
+        # A thread the control thread starts (an executor's) runs with normal scheduling.
+        child = control.call_blocking(
+            lambda: asyncio.run_coroutine_threadsafe(
+                asyncio.to_thread(threading.get_native_id), control.loop
+            )
+        ).result(5)
+        assert _policy_of(child) == os.SCHED_OTHER
+        assert _policy_of(threading.get_native_id()) == os.SCHED_OTHER  # the caller's unchanged
+    finally:
+        assert control.close(timeout_s=2.0)
+
+
+def test_a_refused_priority_leaves_the_control_loop_running_and_says_why() -> None:
+    control = ControlLoop("test-refused", realtime_priority=100)  # beyond SCHED_FIFO's range
+    control.start()
+    try:
+        assert control.realtime_granted == 0
+        assert control.realtime_refused == "Invalid argument"
+        assert _policy_of(control.call_blocking(threading.get_native_id)) == os.SCHED_OTHER
+    finally:
+        assert control.close(timeout_s=2.0)
+
+
+def test_no_priority_asked_means_normal_scheduling(control: ControlLoop) -> None:
+    assert (control.realtime_granted, control.realtime_refused) == (0, None)
+    assert _policy_of(control.call_blocking(threading.get_native_id)) == os.SCHED_OTHER

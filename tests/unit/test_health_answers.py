@@ -89,10 +89,17 @@ async def _answers(rt: Runtime, site: Any) -> dict[str, Any]:
             ln
             for ln in r.text.splitlines()
             if ln.startswith("floorhand_")
-            # Not the scene's: the HTTP and pick figures, and the process's main-loop pauses
-            # (`controller.control.Precedence`, added after the recording).
+            # Not the scene's: the HTTP and pick figures, the process's main-loop pauses
+            # (`controller.control.Precedence`) and the control thread's scheduling (both
+            # added after the recording).
             and not ln.startswith(
-                ("floorhand_http", "floorhand_pick", "floorhand_build_info", "floorhand_main_loop")
+                (
+                    "floorhand_http",
+                    "floorhand_pick",
+                    "floorhand_build_info",
+                    "floorhand_main_loop",
+                    "floorhand_control_loop",
+                )
             )
         ]
         got["/metrics"] = {"status": r.status_code, "lines": lines}

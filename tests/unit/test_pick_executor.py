@@ -12,7 +12,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import ClassVar
 
+import pytest
+
 from controller.adapters.journal import Journal
+from controller.control import ControlLoop
 from controller.domain.model import ShelfStatus
 from controller.domain.orders import Resolution
 from controller.domain.stock import ShelfState
@@ -211,3 +214,34 @@ async def test_a_plc_restart_ends_its_belts_freshness(tmp_path: Path) -> None:
             callback(7, 8)
         assert "s1" not in fresh
         assert "c1" in fresh
+
+
+async def _command_vs_queued(tmp_path: Path) -> list[int]:
+    """With the executor running: five callbacks queued on this loop, then an order submitted;
+    how many commands the sorter had been handed when each callback ran."""
+    async with running(tmp_path) as (svc, _, sorter):
+        svc.submit(PickRequest("W-0", (("K0", 1),), "PS1"), key="k0", principal="p")
+        await wait_for_condition(lambda: len(sorter.sent) == 1, 5.0, what="the first command")
+        loop = asyncio.get_running_loop()
+        seen: list[int] = []
+        for _ in range(5):
+            loop.call_soon(lambda: seen.append(len(sorter.sent)))
+        svc.submit(PickRequest("W-1", (("K0", 1),), "PS1"), key="k1", principal="p")
+        await wait_for_condition(lambda: len(seen) == 5, 5.0, what="the queued callbacks")
+        return seen
+
+
+@pytest.mark.parametrize("on_control_loop", [True, False], ids=["control-loop", "other-loop"])
+async def test_a_new_orders_command_goes_before_the_work_queued_on_the_control_loop(
+    tmp_path: Path, on_control_loop: bool
+) -> None:
+    if not on_control_loop:  # first-in, first-out: the queued work first
+        assert await _command_vs_queued(tmp_path) == [1] * 5
+        return
+    control = ControlLoop("test-executor")
+    control.start()
+    try:
+        task = control.spawn(_command_vs_queued(tmp_path), name="test")
+        assert await asyncio.wait_for(task.result(), 10) == [2] * 5
+    finally:
+        assert control.close(timeout_s=2.0)

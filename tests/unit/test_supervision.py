@@ -209,6 +209,7 @@ class Rig:
     bus: FakeBus = field(default_factory=FakeBus)
     keep_outbox_rows: int | None = None
     main_loop: Any = None
+    control_loop: Any = None
 
     def service(self) -> SupervisionService:
         return SupervisionService(
@@ -231,6 +232,7 @@ class Rig:
             clock=lambda: NOW_S,
             monotonic=lambda: 25.0,
             main_loop=self.main_loop,
+            control_loop=self.control_loop,
         )
 
 
@@ -512,3 +514,16 @@ def test_the_report_carries_the_main_loops_pauses_for_the_control_loop() -> None
     assert (report.main_loop_pauses, report.main_loop_paused_s) == (0, 0.0)
     report = Rig(main_loop=Pauses()).service().report()
     assert (report.main_loop_pauses, report.main_loop_paused_s) == (7, 0.012)
+
+
+def test_the_report_carries_the_control_loops_realtime_priority() -> None:
+    """The control thread's SCHED_FIFO priority (`controller.control.ControlLoop`) reaches
+    /metrics through the report; none given or not granted: 0."""
+
+    @dataclass
+    class Scheduling:
+        realtime_granted: int = 10
+
+    assert Rig().service().report().control_realtime_priority == 0
+    assert Rig(control_loop=Scheduling(0)).service().report().control_realtime_priority == 0
+    assert Rig(control_loop=Scheduling()).service().report().control_realtime_priority == 10
