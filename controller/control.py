@@ -50,7 +50,6 @@ import collections
 import concurrent.futures
 import contextlib
 import inspect
-import itertools
 import logging
 import os
 import selectors
@@ -196,12 +195,24 @@ class _ControlEventLoop(asyncio.SelectorEventLoop):
 
     def run_next(self, task: asyncio.Task[Any]) -> bool:
         """Move ``task``'s queued step to the head of the ready queue (from this loop's
-        thread, right after creating the task); whether it was found."""
+        thread, right after creating the task); whether it was found.
+
+        Other threads append to the queue meanwhile (``call_soon_threadsafe``): no iterator
+        over it (one fails with "deque mutated during iteration" when they do), only single
+        operations, each atomic under the interpreter lock — an index from the tail (the step
+        only moves further from it as others append) and ``remove`` by identity. Whatever
+        happens, the task runs: at worst in its first-in, first-out place."""
         ready: collections.deque[asyncio.Handle] = self._ready  # type: ignore[attr-defined]
-        for handle in itertools.islice(reversed(ready), self._SCAN):
+        for back in range(1, self._SCAN + 1):
+            try:
+                handle = ready[-back]
+            except IndexError:  # fewer queued than that (the loop's thread took some)
+                return False
             if getattr(handle._callback, "__self__", None) is task:  # type: ignore[attr-defined]
-                # remove() by identity, not by index: another thread may queue meanwhile.
-                ready.remove(handle)
+                try:
+                    ready.remove(handle)
+                except ValueError:  # already taken off (not by us: cannot happen, but safe)
+                    return False
                 ready.appendleft(handle)
                 return True
         return False
@@ -441,11 +452,11 @@ class ControlLoop:
             if future.cancelled():  # the caller gave up before its turn
                 return
             task: asyncio.Task[T] = loop.create_task(fn(*args))
-            run_next(task)
             task.add_done_callback(lambda t: _copy_outcome(t, future))
             future.add_done_callback(
                 lambda f: f.cancelled() and loop.call_soon_threadsafe(task.cancel)
             )
+            run_next(task)  # last: the answer is wired up whatever happens here
 
         loop.call_first_threadsafe(start)
         return await asyncio.wrap_future(future)

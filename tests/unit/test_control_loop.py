@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -461,3 +462,43 @@ def test_a_refused_priority_leaves_the_control_loop_running_and_says_why() -> No
 def test_no_priority_asked_means_normal_scheduling(control: ControlLoop) -> None:
     assert (control.realtime_granted, control.realtime_refused) == (0, None)
     assert _policy_of(control.call_blocking(threading.get_native_id)) == os.SCHED_OTHER
+
+
+async def test_call_first_answers_every_call_while_other_threads_keep_queueing(
+    control: ControlLoop,
+) -> None:
+    """`run_next` looks through the ready queue while other threads append to it (the main
+    loop's and the HTTP loop's posts): it must never fail a submission (a failure there once
+    left a pick request unanswered: "deque mutated during iteration")."""
+    errors: list[dict[str, object]] = []
+    control.call_blocking(
+        lambda: control.loop.set_exception_handler(lambda _, ctx: errors.append(ctx))
+    )
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as the interpreter allows
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            for _ in range(50):
+                control.post(lambda: None)
+            time.sleep(0)
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+
+    async def submission(i: int) -> int:
+        return i
+
+    try:
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(control.call_first(submission, i) for i in range(3000))), 20
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        sys.setswitchinterval(before)
+    assert answers == list(range(3000))
+    assert errors == []
