@@ -453,9 +453,13 @@ class ControlLoop:
                 return
             task: asyncio.Task[T] = loop.create_task(fn(*args))
             task.add_done_callback(lambda t: _copy_outcome(t, future))
-            future.add_done_callback(
-                lambda f: f.cancelled() and loop.call_soon_threadsafe(task.cancel)
-            )
+
+            def caller_done(f: concurrent.futures.Future[T]) -> None:
+                if f.cancelled():
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        loop.call_soon_threadsafe(task.cancel)
+
+            future.add_done_callback(caller_done)
             run_next(task)  # last: the answer is wired up whatever happens here
 
         loop.call_first_threadsafe(start)
