@@ -24,6 +24,7 @@ from controller.control import PRECEDENCE
 from devices.link.state import LinkState
 from tests.integration.test_api_ops import ops_server
 from tests.mosquitto import MosquittoBroker
+from tests.realtime import needs_fifo
 from tests.sites import auth_headers, write_small_site
 
 
@@ -146,6 +147,7 @@ async def test_the_runtime_lets_the_control_loop_go_first_for_as_long_as_the_sit
         assert PRECEDENCE.max_pause_s == 0.0
 
 
+@needs_fifo
 async def test_the_control_loop_runs_at_the_sites_realtime_priority_and_says_so(
     tmp_path: Path, mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
