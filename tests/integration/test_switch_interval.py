@@ -47,6 +47,15 @@ def test_the_switch_interval_defaults_to_a_fifth_of_a_millisecond(tmp_path: Path
     assert load_site(site).process.switch_interval_ms == 0.05
 
 
+def test_the_realtime_priority_defaults_to_10_and_takes_0_to_49(tmp_path: Path) -> None:
+    assert ProcessConfig().control_realtime_priority == 10
+    site = write_small_site(tmp_path, mqtt_port=1883, scales=1)
+    text = site.read_text()
+    for ok in (0, 1, 49):
+        site.write_text(text + f"\n[process]\ncontrol_realtime_priority = {ok}\n")
+        assert load_site(site).process.control_realtime_priority == ok
+
+
 @pytest.mark.parametrize(
     ("key", "bad_values"),
     [
