@@ -409,8 +409,8 @@ async def _first_step_vs_queued(loop_check: asyncio.AbstractEventLoop) -> list[s
 
 def test_run_next_puts_a_new_task_first_on_the_control_loop_only(control: ControlLoop) -> None:
     queued = [f"queued {i}" for i in range(5)]
-    on_control = control.call_blocking(
-        lambda: asyncio.run_coroutine_threadsafe(_first_step_vs_queued(control.loop), control.loop)
+    on_control = asyncio.run_coroutine_threadsafe(
+        _first_step_vs_queued(control.loop), control.loop
     ).result(5)
     assert on_control == ["command", *queued]
     # Any other loop keeps first-in, first-out (the same code, nothing moved).
@@ -439,10 +439,8 @@ def test_the_control_thread_runs_sched_fifo_and_what_it_starts_does_not() -> Non
         assert os.sched_getscheduler(tid) & os.SCHED_RESET_ON_FORK
         assert os.sched_getparam(tid).sched_priority == 7
         # A thread the control thread starts (an executor's) runs with normal scheduling.
-        child = control.call_blocking(
-            lambda: asyncio.run_coroutine_threadsafe(
-                asyncio.to_thread(threading.get_native_id), control.loop
-            )
+        child = asyncio.run_coroutine_threadsafe(
+            asyncio.to_thread(threading.get_native_id), control.loop
         ).result(5)
         assert _policy_of(child) == os.SCHED_OTHER
         assert _policy_of(threading.get_native_id()) == os.SCHED_OTHER  # the caller's unchanged
