@@ -30,7 +30,7 @@ the socket buffers hold what arrives meanwhile.
 
 **Commands first.** On the control loop itself a pick's command goes before work already
 queued: `ControlLoop.call_first` puts a submission at the head of the loop's ready queue (not
-behind a burst of earlier orders' completions: 20–40 callbacks, 2–4 ms, when a group of scale
+behind a burst of earlier orders' completions: 20–50 callbacks, 2–4 ms, when a group of scale
 confirmations arrives), and `run_next` does the same for the task that executes a new order, so
 the order's first Modbus write follows its commit directly.
 
